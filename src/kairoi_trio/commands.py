@@ -1,0 +1,180 @@
+"""The typed commands that protocol front ends and the dispatcher send to the core.
+
+Both KCP and gRPC translate their wire messages into these at the edge, so the
+command actor is the one place that validates and applies them. Every command
+gets exactly one result: a value, or a CommandError carrying a code that each
+protocol maps to its own error form (KCP `ERROR "<reason>"`, a gRPC status).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from kairoi_trio.model import Job, Rule, Status
+
+
+class ErrorCode(enum.Enum):
+    INVALID_ARGUMENT = "invalid_argument"
+    NOT_FOUND = "not_found"
+    FAILED_PRECONDITION = "failed_precondition"
+    UNAVAILABLE = "unavailable"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    UNAUTHENTICATED = "unauthenticated"
+
+
+class CommandError(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"CommandError({self.code.name}, {self.message!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, CommandError)
+            and other.code is self.code
+            and other.message == self.message
+        )
+
+    __hash__ = Exception.__hash__
+
+
+# -- jobs ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SetJob:
+    id: str
+    execute_at: int
+    payload: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class GetJob:
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteJob:
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListJobs:
+    """Jobs whose id starts with `prefix`, in id order, after id `after`."""
+
+    prefix: str = ""
+    status: Status | None = None
+    after: str = ""
+    limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class JobPage:
+    jobs: list[Job]
+    next_after: str  # "" when there is nothing more
+
+
+# -- rules --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SetRule:
+    rule: Rule
+
+
+@dataclass(frozen=True, slots=True)
+class GetRule:
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteRule:
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListRules:
+    prefix: str = ""
+    after: str = ""
+    limit: int = 1000
+
+
+# -- server -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GetInfo:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    version: str
+    started_at: int
+    jobs_by_status: dict[Status, int]
+    rules: int
+
+
+# -- internal: dispatcher and runners ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerDue:
+    """Mark up to `limit` jobs due at `now` as triggered; returns list[Dispatch]."""
+
+    now: int
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """A triggered job and the rule it was paired with, ready for a runner."""
+
+    job: Job
+    rule: Rule
+
+
+@dataclass(frozen=True, slots=True)
+class RecordOutcome:
+    """A run ended. `attempt` guards against outcomes of a superseded run."""
+
+    job_id: str
+    attempt: int
+    ok: bool
+    message: str = ""
+
+
+Command = (
+    SetJob
+    | GetJob
+    | DeleteJob
+    | ListJobs
+    | SetRule
+    | GetRule
+    | DeleteRule
+    | ListRules
+    | GetInfo
+    | TriggerDue
+    | RecordOutcome
+)
+
+Result = object  # the command's value, or a CommandError
+Reply = Callable[[list[Result]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What travels over the actor's channel: a batch of commands and one callback.
+
+    Batching lets a pipelining KCP connection or a gRPC SetJobs pay the channel
+    and group-commit costs once per batch. `reply` is called once, from the
+    actor's task, after the batch's writes are on disk; it must not block.
+    """
+
+    commands: Sequence[Command]
+    reply: Reply

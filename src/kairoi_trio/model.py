@@ -1,0 +1,139 @@
+"""Jobs, rules and runner specs: plain immutable data, no I/O.
+
+Times are integers of microseconds since the Unix epoch (UTC): exact, cheap to
+compare and to store, and the precision the protocol promises. Job and Rule are
+frozen so that a dict of them can be snapshotted for compaction with a plain
+shallow copy while the command actor keeps changing the live one.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+MICROS = 1_000_000
+MAX_JOB_ID_BYTES = 65_535
+
+
+class Status(enum.Enum):
+    PLANNED = "planned"
+    TRIGGERED = "triggered"
+    EXECUTED = "executed"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self is Status.EXECUTED or self is Status.FAILED
+
+
+@dataclass(frozen=True, slots=True)
+class ShellRunner:
+    """Run `sh <command> <job_id>`."""
+
+    command: str
+    kind = "shell"
+
+
+@dataclass(frozen=True, slots=True)
+class AmqpRunner:
+    """Publish the job id to `exchange` with `routing_key` on the broker at `dsn`."""
+
+    dsn: str
+    exchange: str
+    routing_key: str
+    kind = "amqp"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRunner:
+    """POST the job as JSON to `url`."""
+
+    url: str
+    kind = "http"
+
+
+RunnerSpec = ShellRunner | AmqpRunner | HttpRunner
+RUNNER_KINDS = ("shell", "amqp", "http")
+
+
+@dataclass(frozen=True, slots=True)
+class RulePolicy:
+    """Per-rule execution options; the defaults are Kairoi's behaviour (one try, no limits).
+
+    timeout_s: a run longer than this is cancelled and counts as a failure.
+    max_attempts: total tries including the first; >1 enables retries.
+    backoff_initial_s / backoff_max_s: delay before retry n is
+        min(backoff_max_s, backoff_initial_s * 2 ** (n - 1)).
+    stale_after_s: a job overdue by more than this when it comes up is failed
+        without running.
+    """
+
+    timeout_s: float | None = None
+    max_attempts: int = 1
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 300.0
+    stale_after_s: float | None = None
+
+    def retry_delay_us(self, attempt: int) -> int:
+        """Delay before the attempt after `attempt` (1-based) failed."""
+        delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (attempt - 1))
+        return int(delay * MICROS)
+
+
+DEFAULT_POLICY = RulePolicy()
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    id: str
+    pattern: str
+    runner: RunnerSpec
+    policy: RulePolicy = DEFAULT_POLICY
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One job. Replaced, never mutated, on every change.
+
+    attempts counts runs started since the job was last SET; last_outcome is a
+    short human-readable result of the last run ("" before any run).
+    updated_at is when the status last changed (retention of finished jobs
+    counts from it).
+    """
+
+    id: str
+    execute_at: int
+    status: Status = Status.PLANNED
+    payload: bytes = b""
+    attempts: int = 0
+    last_outcome: str = ""
+    updated_at: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    """A change of a job, as watchers see it (deleted jobs have status None)."""
+
+    job: Job
+    deleted: bool = False
+    at: int = field(default=0)
+
+
+def now_us() -> int:
+    """Wall-clock now in microseconds since the epoch."""
+    import time
+
+    return time.time_ns() // 1000
+
+
+def to_datetime(us: int) -> datetime:
+    return datetime.fromtimestamp(us // MICROS, UTC).replace(microsecond=us % MICROS)
+
+
+def from_datetime(dt: datetime) -> int:
+    """Naive datetimes are taken as UTC, as Kairoi does."""
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    delta = dt - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * MICROS + delta.microseconds
