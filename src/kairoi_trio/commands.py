@@ -12,7 +12,7 @@ import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from kairoi_trio.model import Job, Rule, Status
+from kairoi_trio.model import Job, JobEvent, Rule, Status
 
 
 class ErrorCode(enum.Enum):
@@ -120,6 +120,33 @@ class ServerInfo:
     rules: int
 
 
+# -- watching -------------------------------------------------------------------
+
+EventSink = Callable[[list[JobEvent]], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """Watch changes of jobs whose id starts with `prefix`.
+
+    From the commit of this command on, the actor calls `sink` (in its own task,
+    so it must not block) with each committed batch of matching events. The sink
+    returns False to end the subscription (its consumer went away or fell
+    behind). The result is the list of matching jobs at that instant when
+    `snapshot` is true, else an empty list; no event is lost or doubled between
+    the snapshot and the first batch.
+    """
+
+    prefix: str
+    snapshot: bool
+    sink: EventSink
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    sink: EventSink
+
+
 # -- internal: dispatcher and runners ------------------------------------------
 
 
@@ -159,6 +186,8 @@ Command = (
     | DeleteRule
     | ListRules
     | GetInfo
+    | Subscribe
+    | Unsubscribe
     | TriggerDue
     | RecordOutcome
 )

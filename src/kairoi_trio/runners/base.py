@@ -1,0 +1,37 @@
+"""What every runner kind provides to the runner pools."""
+
+from __future__ import annotations
+
+import abc
+
+import trio
+
+from kairoi_trio.model import Job, Rule
+
+
+class RunFailed(Exception):
+    """A run ended in failure; the message becomes the job's last outcome."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Runner(abc.ABC):
+    """One runner kind (shell, amqp, http).
+
+    `run` executes one job and returns a short success message, or raises
+    RunFailed. The pool applies the rule's timeout with a cancel scope around
+    `run`, so a run must be cancellable and clean up after itself (a shell run
+    kills its process). `serve` owns whatever lives longer than one run, such
+    as kept-alive broker connections; it is started with `nursery.start`.
+    """
+
+    kind: str
+
+    @abc.abstractmethod
+    async def run(self, job: Job, rule: Rule) -> str: ...
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await trio.sleep_forever()
