@@ -12,7 +12,7 @@ import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from kairoi_trio.model import Job, JobEvent, Rule, Status
+from kairoi_trio.model import DEFAULT_POLICY, Job, JobEvent, Rule, RulePolicy, Status
 
 
 class ErrorCode(enum.Enum):
@@ -152,10 +152,15 @@ class Unsubscribe:
 
 @dataclass(frozen=True, slots=True)
 class TriggerDue:
-    """Mark up to `limit` jobs due at `now` as triggered; returns list[Dispatch]."""
+    """Mark jobs due at `now` as triggered, oldest first.
+
+    `capacity` is how many more runs each runner kind can queue right now; a
+    due job whose runner kind is full stays planned (nothing is lost, and the
+    other kinds are not held up behind it). Returns a TriggerResult.
+    """
 
     now: int
-    limit: int
+    capacity: dict[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,13 +172,29 @@ class Dispatch:
 
 
 @dataclass(frozen=True, slots=True)
+class TriggerResult:
+    dispatches: list[Dispatch]
+    deferred: bool  # some due jobs wait for runner capacity
+
+
+@dataclass(frozen=True, slots=True)
 class RecordOutcome:
-    """A run ended. `attempt` guards against outcomes of a superseded run."""
+    """A run ended. `attempt` guards against outcomes of a superseded run;
+    `policy` is the rule's policy at trigger time (it decides on a retry)."""
 
     job_id: str
     attempt: int
     ok: bool
     message: str = ""
+    policy: RulePolicy = DEFAULT_POLICY
+
+
+@dataclass(frozen=True, slots=True)
+class ExpireFinished:
+    """Drop executed/failed jobs last changed before `before` (retention)."""
+
+    before: int
+    limit: int = 10_000
 
 
 Command = (
@@ -190,6 +211,7 @@ Command = (
     | Unsubscribe
     | TriggerDue
     | RecordOutcome
+    | ExpireFinished
 )
 
 Result = object  # the command's value, or a CommandError

@@ -1,0 +1,249 @@
+"""TOML configuration -> frozen dataclasses, with every option defaulted.
+
+Kairoi's keys keep their meaning (`[log] level`, `[controller] listen`,
+`[database] fsync_on_persist`, `[database] framerate`); new options live in
+their own tables. Unknown tables or keys and values of the wrong type are
+rejected with a one-line reason (ConfigError), because a typo in a scheduler's
+config silently ignored is a job that silently never runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A configuration problem, with a message fit for one line on stderr."""
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"  # debug, info, warning, error
+    format: str = "console"  # console or json
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """The KCP (Kairoi text protocol) listener."""
+
+    listen: str = "127.0.0.1:5678"
+    max_message_bytes: int = 1 << 20
+    max_connections: int = 1024
+    # Requests a connection may have in flight before the server stops reading
+    # from it: bounds memory for a client that sends and never reads.
+    max_pipelined: int = 4096
+    idle_timeout_s: float = 0.0  # 0 = never close idle connections
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    fsync_on_persist: bool = True
+    framerate: int = 0  # Kairoi's trigger tick; accepted, timing does not depend on it
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    directory: str = "kairoi-data"
+    # Compact when the log since the last snapshot is larger than this.
+    compact_after_bytes: int = 64 << 20
+    retention_s: float = 7 * 24 * 3600.0  # how long executed/failed jobs are kept
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    max_payload_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class GrpcConfig:
+    enabled: bool = True
+    listen: str = "127.0.0.1:5679"
+    max_message_bytes: int = 4 << 20
+    tls_cert: str = ""
+    tls_key: str = ""
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    listen: str = "127.0.0.1:9678"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    tokens: list[str] = field(default_factory=list)  # empty: no authentication
+
+
+@dataclass(frozen=True)
+class ShellRunnerConfig:
+    concurrency: int = 32
+    queue_size: int = 1024
+    output_limit_bytes: int = 64 << 10
+    # If not empty, a shell rule's command must be one of these (exact match).
+    allowed_commands: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AmqpRunnerConfig:
+    concurrency: int = 512
+    queue_size: int = 10_000
+    max_connections: int = 16
+    heartbeat_s: int = 30
+    connect_timeout_s: float = 10.0
+    confirm_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class HttpRunnerConfig:
+    concurrency: int = 64
+    queue_size: int = 10_000
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class RunnersConfig:
+    shell: ShellRunnerConfig = field(default_factory=ShellRunnerConfig)
+    amqp: AmqpRunnerConfig = field(default_factory=AmqpRunnerConfig)
+    http: HttpRunnerConfig = field(default_factory=HttpRunnerConfig)
+
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    # How long running jobs get to finish on SIGTERM before they are killed
+    # (a killed run stays `triggered` and runs again at the next start).
+    grace_period_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class Config:
+    log: LogConfig = field(default_factory=LogConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    runners: RunnersConfig = field(default_factory=RunnersConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+
+    @property
+    def data_directory(self) -> Path:
+        """Relative paths are taken from the working directory, as Kairoi did."""
+        return Path(self.storage.directory)
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and validate a config file; None gives the defaults."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    return parse_config(raw)
+
+
+def parse_config(raw: dict[str, Any]) -> Config:
+    config = _build(Config, raw, "")
+    _check(config)
+    return config
+
+
+def _build(cls: type, raw: object, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{where}] must be a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = f"{where}.{key}" if where else key
+        if key not in names:
+            kind = "table" if isinstance(value, dict) else "key"
+            section = f" in [{where}]" if where else ""
+            raise ConfigError(f"unknown {kind} {key!r}{section}")
+        values[key] = _convert(hints[key], value, name)
+    return cls(**values)
+
+
+def _convert(hint: Any, value: object, name: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, name)  # type: ignore[arg-type]
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list")
+        return [_convert(item, v, name) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = hint if not isinstance(hint, types.UnionType) else typing.get_args(hint)
+    if not isinstance(value, expected) or (hint is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{name} must be {_describe(hint)}, not {value!r}")
+    return value
+
+
+def _describe(hint: Any) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        hint, str(hint)
+    )
+
+
+def _check(config: Config) -> None:
+    if config.log.level.lower() not in ("debug", "info", "warning", "error", "critical"):
+        raise ConfigError(f"log.level must be debug, info, warning or error, not {config.log.level!r}")
+    if config.log.format not in ("console", "json"):
+        raise ConfigError(f"log.format must be console or json, not {config.log.format!r}")
+    for name, address in (
+        ("controller.listen", config.controller.listen),
+        ("grpc.listen", config.grpc.listen),
+        ("metrics.listen", config.metrics.listen),
+    ):
+        parse_address(address, name)
+    positive = {
+        "controller.max_message_bytes": config.controller.max_message_bytes,
+        "controller.max_connections": config.controller.max_connections,
+        "controller.max_pipelined": config.controller.max_pipelined,
+        "jobs.max_payload_bytes": config.jobs.max_payload_bytes,
+        "runners.shell.concurrency": config.runners.shell.concurrency,
+        "runners.shell.queue_size": config.runners.shell.queue_size,
+        "runners.amqp.concurrency": config.runners.amqp.concurrency,
+        "runners.amqp.queue_size": config.runners.amqp.queue_size,
+        "runners.amqp.max_connections": config.runners.amqp.max_connections,
+        "runners.http.concurrency": config.runners.http.concurrency,
+        "runners.http.queue_size": config.runners.http.queue_size,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name} must be positive, not {value}")
+    non_negative = {
+        "storage.retention_s": config.storage.retention_s,
+        "controller.idle_timeout_s": config.controller.idle_timeout_s,
+        "shutdown.grace_period_s": config.shutdown.grace_period_s,
+    }
+    for name, number in non_negative.items():
+        if number < 0:
+            raise ConfigError(f"{name} must not be negative, not {number}")
+    if not config.storage.directory:
+        raise ConfigError("storage.directory must not be empty")
+    if bool(config.grpc.tls_cert) != bool(config.grpc.tls_key):
+        raise ConfigError("grpc.tls_cert and grpc.tls_key go together")
+
+
+def parse_address(address: str, name: str = "address") -> tuple[str, int]:
+    """'host:port' (IPv6 as '[::1]:port') -> (host, port)."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{name} must be host:port, not {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port_text)

@@ -1,0 +1,425 @@
+"""The command actor: the single writer of jobs, rules and the log.
+
+Every front end (KCP, gRPC), the dispatcher and the runner pools send it
+`Request`s over one bounded memory channel. It takes whatever requests are
+waiting as one batch, applies them to the in-memory state, appends the
+resulting records to the log with one write and one fsync (group commit), and
+only then replies. While the fsync runs in a thread, new requests queue up and
+form the next batch, so throughput grows with load instead of being capped by
+one fsync per write.
+
+If the append fails (disk full, read-only), the batch's changes are undone in
+memory, every command of the batch that changed something gets an UNAVAILABLE
+error, and the actor goes on serving: reads still work, and writes work again
+once the disk does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import structlog
+import trio
+
+from kairoi_trio import __version__
+from kairoi_trio.commands import (
+    Command,
+    CommandError,
+    DeleteJob,
+    DeleteRule,
+    Dispatch,
+    ErrorCode,
+    EventSink,
+    ExpireFinished,
+    GetInfo,
+    GetJob,
+    GetRule,
+    JobPage,
+    ListJobs,
+    ListRules,
+    RecordOutcome,
+    Request,
+    Result,
+    ServerInfo,
+    SetJob,
+    SetRule,
+    Subscribe,
+    TriggerDue,
+    TriggerResult,
+    Unsubscribe,
+)
+from kairoi_trio.core.state import State
+from kairoi_trio.core.validation import RuleValidator, validate_job
+from kairoi_trio.model import MICROS, Job, JobEvent, Rule, Status, now_us
+from kairoi_trio.storage.records import JobDelete, JobPut, JobStatus, Record, RuleDelete, RulePut
+
+log = structlog.get_logger(__name__)
+
+# At most this many commands are applied per group commit, so one huge burst
+# cannot delay every reply behind a single enormous write.
+MAX_BATCH_COMMANDS = 8192
+
+
+class Log(Protocol):
+    """What the actor needs of storage (DurableLog provides it)."""
+
+    async def append(self, records: list[Record]) -> None: ...
+
+
+@dataclass
+class _Subscriber:
+    prefix: str
+    sink: EventSink
+    start: int  # index in the batch's event list from which it sees events
+
+
+class CommandActor:
+    def __init__(
+        self,
+        state: State,
+        log_: Log,
+        receive: trio.MemoryReceiveChannel[Request],
+        *,
+        max_payload_bytes: int = 1 << 20,
+        rule_validator: RuleValidator | None = None,
+        storage_errors: tuple[type[BaseException], ...] = (OSError,),
+        on_commit: Callable[[State], None] | None = None,
+        clock: Callable[[], int] = now_us,
+    ) -> None:
+        self.state = state
+        self._log = log_
+        self._receive = receive
+        self._max_payload = max_payload_bytes
+        self._validate_rule = rule_validator or RuleValidator()
+        self._storage_errors = storage_errors
+        self._on_commit = on_commit
+        self._clock = clock
+        self._subscribers: list[_Subscriber] = []
+        self.started_at = clock()
+        self.batches = 0  # for metrics and tests
+        self.commands = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve requests until every sender has closed its end of the channel."""
+        task_status.started()
+        receive = self._receive
+        async with receive:
+            while True:
+                try:
+                    first = await receive.receive()
+                except trio.EndOfChannel:
+                    return
+                batch = [first]
+                size = len(first.commands)
+                while size < MAX_BATCH_COMMANDS:
+                    try:
+                        request = receive.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    batch.append(request)
+                    size += len(request.commands)
+                await self._process(batch)
+
+    # -- one group commit ---------------------------------------------------------
+
+    async def _process(self, batch: list[Request]) -> None:
+        self._now = self._clock()
+        self._records: list[Record] = []
+        self._undo: list[tuple[str, str, Any]] = []
+        self._events: list[JobEvent] = []
+        self._new_subscribers: list[_Subscriber] = []
+        all_results: list[list[Result]] = []
+        writers: list[tuple[int, int]] = []  # (request index, command index) that wrote
+        for r, request in enumerate(batch):
+            results: list[Result] = []
+            for c, command in enumerate(request.commands):
+                before = len(self._records)
+                try:
+                    results.append(self._apply(command))
+                except CommandError as error:
+                    results.append(error)
+                except Exception as error:  # a bug must not take the scheduler down
+                    log.exception("command failed", command=type(command).__name__)
+                    results.append(CommandError(ErrorCode.UNAVAILABLE, f"internal error: {error}"))
+                if len(self._records) != before:
+                    writers.append((r, c))
+            all_results.append(results)
+            self.commands += len(request.commands)
+
+        if self._records:
+            try:
+                await self._log.append(self._records)
+            except self._storage_errors as error:
+                log.error("storage write failed", error=str(error), records=len(self._records))
+                self._rollback()
+                failure = CommandError(ErrorCode.UNAVAILABLE, f"storage write failed: {error}")
+                for r, c in writers:
+                    all_results[r][c] = failure
+        self.batches += 1
+
+        for request, results in zip(batch, all_results, strict=True):
+            try:
+                request.reply(results)
+            except Exception:
+                log.exception("reply callback failed")
+        self._publish()
+        if self._on_commit is not None:
+            self._on_commit(self.state)
+
+    def _rollback(self) -> None:
+        state = self.state
+        for kind, key, old in reversed(self._undo):
+            if kind == "job":
+                if old is None:
+                    state.delete_job(key)
+                else:
+                    state.put_job(old)
+            elif old is None:
+                state.delete_rule(key)
+            else:
+                state.put_rule(old)
+        self._events.clear()
+        self._subscribers = [s for s in self._subscribers if s not in self._new_subscribers]
+
+    def _publish(self) -> None:
+        if not self._subscribers:
+            return
+        events = self._events
+        kept = []
+        for sub in self._subscribers:
+            batch = [e for e in events[sub.start :] if e.job.id.startswith(sub.prefix)]
+            sub.start = 0
+            try:
+                keep = sub.sink(batch) if batch else True
+            except Exception:
+                log.exception("watch sink failed")
+                keep = False
+            if keep:
+                kept.append(sub)
+        self._subscribers = kept
+
+    # -- state changes (each records its undo, its log record and its event) -----------
+
+    def _put_job(self, job: Job, record: Record | None = None) -> None:
+        old = self.state.put_job(job)
+        self._undo.append(("job", job.id, old))
+        self._records.append(record if record is not None else JobPut(job))
+        self._events.append(JobEvent(job, at=self._now))
+
+    def _change_status(self, job: Job, status: Status, outcome: str, attempts: int) -> Job:
+        changed = replace(
+            job, status=status, last_outcome=outcome, attempts=attempts, updated_at=self._now
+        )
+        self._put_job(
+            changed, JobStatus(job.id, status, attempts, outcome, self._now)
+        )
+        return changed
+
+    def _delete_job(self, job: Job) -> None:
+        self.state.delete_job(job.id)
+        self._undo.append(("job", job.id, job))
+        self._records.append(JobDelete(job.id))
+        self._events.append(JobEvent(job, deleted=True, at=self._now))
+
+    def _put_rule(self, rule: Rule) -> None:
+        self._undo.append(("rule", rule.id, self.state.put_rule(rule)))
+        self._records.append(RulePut(rule))
+
+    # -- commands ---------------------------------------------------------------
+
+    def _apply(self, command: Command) -> Result:
+        handler = self._handlers[type(command)]
+        return handler(self, command)
+
+    def _set_job(self, command: SetJob) -> Job:
+        validate_job(command.id, command.payload, self._max_payload)
+        old = self.state.jobs.get(command.id)
+        if old is not None and old.status is Status.TRIGGERED:
+            raise CommandError(
+                ErrorCode.FAILED_PRECONDITION, f"job {command.id} is triggered: a run is in flight"
+            )
+        job = Job(command.id, command.execute_at, Status.PLANNED, command.payload, 0, "", self._now)
+        self._put_job(job)
+        return job
+
+    def _get_job(self, command: GetJob) -> Job:
+        job = self.state.jobs.get(command.id)
+        if job is None:
+            raise CommandError(ErrorCode.NOT_FOUND, f"no job {command.id}")
+        return job
+
+    def _delete_job_command(self, command: DeleteJob) -> None:
+        job = self._get_job(GetJob(command.id))
+        if job.status is Status.TRIGGERED:
+            raise CommandError(
+                ErrorCode.FAILED_PRECONDITION, f"job {command.id} is triggered: a run is in flight"
+            )
+        self._delete_job(job)
+
+    def _list_jobs(self, command: ListJobs) -> JobPage:
+        if command.limit <= 0:
+            raise CommandError(ErrorCode.INVALID_ARGUMENT, "page size must be positive")
+        jobs, next_after = self.state.list_jobs(
+            command.prefix, command.status, command.after, command.limit
+        )
+        return JobPage(jobs, next_after)
+
+    def _set_rule(self, command: SetRule) -> None:
+        self._validate_rule(command.rule)
+        self._put_rule(command.rule)
+
+    def _get_rule(self, command: GetRule) -> Rule:
+        rule = self.state.rules.get(command.id)
+        if rule is None:
+            raise CommandError(ErrorCode.NOT_FOUND, f"no rule {command.id}")
+        return rule
+
+    def _delete_rule(self, command: DeleteRule) -> None:
+        self._get_rule(GetRule(command.id))
+        self._undo.append(("rule", command.id, self.state.delete_rule(command.id)))
+        self._records.append(RuleDelete(command.id))
+
+    def _list_rules(self, command: ListRules) -> list[Rule]:
+        return self.state.list_rules(command.prefix, command.after, command.limit)
+
+    def _get_info(self, command: GetInfo) -> ServerInfo:
+        return ServerInfo(__version__, self.started_at, dict(self.state.counts), len(self.state.rules))
+
+    def _subscribe(self, command: Subscribe) -> list[Job]:
+        sub = _Subscriber(command.prefix, command.sink, start=len(self._events))
+        self._subscribers.append(sub)
+        self._new_subscribers.append(sub)
+        if not command.snapshot:
+            return []
+        return list(self.state.iter_prefix(command.prefix))
+
+    def _unsubscribe(self, command: Unsubscribe) -> None:
+        self._subscribers = [s for s in self._subscribers if s.sink is not command.sink]
+
+    def _trigger_due(self, command: TriggerDue) -> TriggerResult:
+        """Pair due jobs with rules and mark them triggered, oldest first."""
+        state = self.state
+        capacity = dict(command.capacity)
+        room = sum(capacity.values())
+        dispatches: list[Dispatch] = []
+        waiting: list[Job] = []
+        # Look a little past the jobs we can run, so that a full runner kind does
+        # not hide due jobs of other kinds behind it; bounded so one call stays short.
+        budget = room + 1024
+        for job in state.pop_due(command.now):
+            budget -= 1
+            rule = state.match_rule(job.id)
+            if rule is None:
+                self._change_status(job, Status.FAILED, "no rule matches this job", job.attempts)
+            elif not self._fresh(job, rule, command.now):
+                overdue = (command.now - job.execute_at) / MICROS
+                self._change_status(
+                    job, Status.FAILED, f"stale: overdue by {overdue:.3f}s", job.attempts
+                )
+            elif capacity.get(rule.runner.kind, 0) > 0:
+                capacity[rule.runner.kind] -= 1
+                room -= 1
+                triggered = self._change_status(job, Status.TRIGGERED, "", job.attempts + 1)
+                dispatches.append(Dispatch(triggered, rule))
+            elif rule.runner.kind not in capacity:
+                self._change_status(
+                    job, Status.FAILED, f"no {rule.runner.kind} runner is available", job.attempts
+                )
+            else:
+                waiting.append(job)
+            if room <= 0 or budget <= 0:
+                break
+        for job in waiting:
+            state.requeue(job)
+        return TriggerResult(dispatches, deferred=bool(waiting))
+
+    @staticmethod
+    def _fresh(job: Job, rule: Rule, now: int) -> bool:
+        stale_after = rule.policy.stale_after_s
+        return stale_after is None or now - job.execute_at <= stale_after * MICROS
+
+    def _record_outcome(self, command: RecordOutcome) -> None:
+        job = self.state.jobs.get(command.job_id)
+        if job is None or job.status is not Status.TRIGGERED or job.attempts != command.attempt:
+            return  # the outcome of a run that no longer matters (e.g. replaced while it ran)
+        if command.ok:
+            self._change_status(job, Status.EXECUTED, command.message, job.attempts)
+            return
+        policy = command.policy
+        if job.attempts < policy.max_attempts:
+            retry_at = self._now + policy.retry_delay_us(job.attempts)
+            outcome = f"attempt {job.attempts} failed: {command.message}"
+            self._put_job(
+                replace(
+                    job,
+                    status=Status.PLANNED,
+                    execute_at=retry_at,
+                    last_outcome=outcome,
+                    updated_at=self._now,
+                )
+            )
+            return
+        self._change_status(job, Status.FAILED, command.message, job.attempts)
+
+    def _expire_finished(self, command: ExpireFinished) -> int:
+        expired = self.state.expired_finished(command.before, command.limit)
+        for job_id in expired:
+            self._delete_job(self.state.jobs[job_id])
+        return len(expired)
+
+    _handlers: dict[type, Callable[[CommandActor, Any], Result]] = {
+        SetJob: _set_job,
+        GetJob: _get_job,
+        DeleteJob: _delete_job_command,
+        ListJobs: _list_jobs,
+        SetRule: _set_rule,
+        GetRule: _get_rule,
+        DeleteRule: _delete_rule,
+        ListRules: _list_rules,
+        GetInfo: _get_info,
+        Subscribe: _subscribe,
+        Unsubscribe: _unsubscribe,
+        TriggerDue: _trigger_due,
+        RecordOutcome: _record_outcome,
+        ExpireFinished: _expire_finished,
+    }
+
+
+class ActorClient:
+    """A sender's handle on the actor: awaitable calls for tasks inside Trio."""
+
+    def __init__(self, send: trio.MemorySendChannel[Request]) -> None:
+        self._send = send
+
+    def clone(self) -> ActorClient:
+        return ActorClient(self._send.clone())
+
+    async def submit(self, request: Request) -> None:
+        await self._send.send(request)
+
+    def submit_nowait(self, request: Request) -> None:
+        self._send.send_nowait(request)
+
+    async def call_many(self, commands: list[Command]) -> list[Result]:
+        done = trio.Event()
+        box: list[list[Result]] = []
+
+        def reply(results: list[Result]) -> None:
+            box.append(results)
+            done.set()
+
+        await self._send.send(Request(commands, reply))
+        await done.wait()
+        return box[0]
+
+    async def call(self, command: Command) -> Any:
+        """Run one command; its CommandError is raised."""
+        (result,) = await self.call_many([command])
+        if isinstance(result, CommandError):
+            raise result
+        return result
+
+    async def aclose(self) -> None:
+        await self._send.aclose()

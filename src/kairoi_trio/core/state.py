@@ -1,0 +1,189 @@
+"""The in-memory index of jobs and rules (pure: no I/O, no Trio).
+
+Costs, with n planned jobs and r rules:
+- set / get / delete a job: O(log n) (dict, a heap push, a sorted-id insert
+  only for a new id);
+- "what is due next" and popping due jobs: O(log n) each. The due heap uses
+  lazy deletion: a re-SET pushes a new entry and leaves the old one, which is
+  recognised as stale when it surfaces (its job is gone, not planned, or has
+  another time). The heap is rebuilt when stale entries outnumber live ones;
+- pairing a job with a rule: one dict look-up per distinct pattern length, not
+  a scan of all rules;
+- listing by id prefix: O(log n + page) thanks to a sorted id index.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+from sortedcontainers import SortedList
+
+from kairoi_trio.model import Job, Rule, Status
+
+# How many ids a ListJobs page may look at when a status filter skips most of
+# them: bounds the time one page holds the command actor.
+MAX_SCAN_PER_PAGE = 20_000
+
+
+class State:
+    def __init__(self, jobs: Iterable[Job] = (), rules: Iterable[Rule] = ()) -> None:
+        self.jobs: dict[str, Job] = {job.id: job for job in jobs}
+        self.rules: dict[str, Rule] = {}
+        self.counts: dict[Status, int] = dict.fromkeys(Status, 0)
+        for job in self.jobs.values():
+            self.counts[job.status] += 1
+        self._ids = SortedList(self.jobs)
+        self._due: list[tuple[int, str]] = [
+            (job.execute_at, job.id) for job in self.jobs.values() if job.status is Status.PLANNED
+        ]
+        heapq.heapify(self._due)
+        finished = sorted(
+            (job.updated_at, job.id) for job in self.jobs.values() if job.status.finished
+        )
+        self._finished: deque[tuple[int, str]] = deque(finished)
+        # pattern -> ids of the rules with that pattern, sorted (ties: smallest id wins)
+        self._patterns: dict[str, list[str]] = {}
+        self._pattern_lengths: list[int] = []  # distinct lengths, longest first
+        for rule in rules:
+            self.put_rule(rule)
+
+    # -- jobs -------------------------------------------------------------------
+
+    def put_job(self, job: Job) -> Job | None:
+        """Insert or replace a job; returns the job it replaced."""
+        old = self.jobs.get(job.id)
+        self.jobs[job.id] = job
+        if old is None:
+            self._ids.add(job.id)
+        else:
+            self.counts[old.status] -= 1
+        self.counts[job.status] += 1
+        if job.status is Status.PLANNED and not (
+            old is not None and old.status is Status.PLANNED and old.execute_at == job.execute_at
+        ):
+            heapq.heappush(self._due, (job.execute_at, job.id))
+            self._maybe_rebuild_due()
+        elif job.status.finished and not (old is not None and old.status.finished):
+            self._finished.append((job.updated_at, job.id))
+        return old
+
+    def delete_job(self, job_id: str) -> Job | None:
+        old = self.jobs.pop(job_id, None)
+        if old is not None:
+            self._ids.remove(job_id)
+            self.counts[old.status] -= 1
+        return old
+
+    def next_due(self) -> int | None:
+        """The earliest execute_at among planned jobs, or None."""
+        due = self._due
+        while due:
+            at, job_id = due[0]
+            if self._is_live(at, job_id):
+                return at
+            heapq.heappop(due)
+        return None
+
+    def pop_due(self, now: int) -> Iterator[Job]:
+        """Yield planned jobs with execute_at <= now, earliest first, removing them
+        from the due index. The caller must change each yielded job's status (or
+        push it back with `requeue`) before asking again."""
+        due = self._due
+        while due and due[0][0] <= now:
+            at, job_id = heapq.heappop(due)
+            if self._is_live(at, job_id):
+                yield self.jobs[job_id]
+
+    def requeue(self, job: Job) -> None:
+        """Put a planned job popped by pop_due back, untouched."""
+        heapq.heappush(self._due, (job.execute_at, job.id))
+
+    def _is_live(self, at: int, job_id: str) -> bool:
+        job = self.jobs.get(job_id)
+        return job is not None and job.status is Status.PLANNED and job.execute_at == at
+
+    def _maybe_rebuild_due(self) -> None:
+        planned = self.counts[Status.PLANNED]
+        if len(self._due) > 2 * planned + 1024:
+            self._due = [(j.execute_at, j.id) for j in self.jobs.values() if j.status is Status.PLANNED]
+            heapq.heapify(self._due)
+
+    def expired_finished(self, before: int, limit: int) -> list[str]:
+        """Ids of up to `limit` executed/failed jobs last changed before `before`."""
+        expired: list[str] = []
+        finished = self._finished
+        while finished and finished[0][0] < before and len(expired) < limit:
+            at, job_id = finished.popleft()
+            job = self.jobs.get(job_id)
+            if job is not None and job.status.finished and job.updated_at == at:
+                expired.append(job_id)
+        return expired
+
+    def list_jobs(
+        self, prefix: str, status: Status | None, after: str, limit: int
+    ) -> tuple[list[Job], str]:
+        """A page of jobs in id order; the second value is the id to continue
+        after, or "" when the listing is complete."""
+        start = max(prefix, after)
+        ids = self._ids.irange(minimum=start, inclusive=(after == "" or start != after, True))
+        page: list[Job] = []
+        scanned = 0
+        last = ""
+        for job_id in ids:
+            if not job_id.startswith(prefix):
+                return page, ""
+            if len(page) >= limit or scanned >= MAX_SCAN_PER_PAGE:
+                return page, last
+            scanned += 1
+            last = job_id
+            job = self.jobs[job_id]
+            if status is None or job.status is status:
+                page.append(job)
+        return page, ""
+
+    def iter_prefix(self, prefix: str) -> Iterator[Job]:
+        for job_id in self._ids.irange(minimum=prefix):
+            if not job_id.startswith(prefix):
+                return
+            yield self.jobs[job_id]
+
+    # -- rules ------------------------------------------------------------------
+
+    def put_rule(self, rule: Rule) -> Rule | None:
+        old = self.delete_rule(rule.id)
+        self.rules[rule.id] = rule
+        ids = self._patterns.setdefault(rule.pattern, [])
+        if not ids:
+            self._pattern_lengths = sorted({*self._pattern_lengths, len(rule.pattern)}, reverse=True)
+        ids.append(rule.id)
+        ids.sort()
+        return old
+
+    def delete_rule(self, rule_id: str) -> Rule | None:
+        old = self.rules.pop(rule_id, None)
+        if old is not None:
+            ids = self._patterns[old.pattern]
+            ids.remove(rule_id)
+            if not ids:
+                del self._patterns[old.pattern]
+                length = len(old.pattern)
+                if not any(len(p) == length for p in self._patterns):
+                    self._pattern_lengths.remove(length)
+        return old
+
+    def match_rule(self, job_id: str) -> Rule | None:
+        """The rule whose pattern is the longest prefix of job_id (smallest rule id on ties)."""
+        patterns = self._patterns
+        size = len(job_id)
+        for length in self._pattern_lengths:
+            if length <= size:
+                ids = patterns.get(job_id[:length])
+                if ids:
+                    return self.rules[ids[0]]
+        return None
+
+    def list_rules(self, prefix: str, after: str, limit: int) -> list[Rule]:
+        ids = sorted(i for i in self.rules if i.startswith(prefix) and i > after)
+        return [self.rules[i] for i in ids[:limit]]
