@@ -1,0 +1,913 @@
+"""A small Trio-native AMQP 0-9-1 publisher with publisher confirms, on pamqp.
+
+Why our own: trio-amqp (and its successor async-amqp) no longer import on
+current Trio and mishandle acks that cover several messages, so a publisher
+with many confirms in flight hangs. pamqp does all frame encoding and
+decoding; this module only does the I/O and the bookkeeping (see docs/amqp.md).
+
+Usage, either inside a nursery you own (the connection's tasks live there and
+the task returns once the connection is closed, never raising broker faults
+after it started)::
+
+    conn = await nursery.start(serve_amqp_connection, "amqp://guest:guest@localhost/")
+    await conn.publish("jobs", "due", b"job-1", timeout=30)
+    await conn.aclose()
+
+or as a context manager::
+
+    async with open_amqp_connection(url) as conn:
+        await conn.publish(...)
+
+Design in one paragraph: one reader task parses frames and settles waiters;
+one sender task writes every frame, in the order it was queued, so frames
+never interleave and a cancelled caller never leaves half a frame on the
+wire. A publish assigns its delivery tag and queues its frames in one step
+without a checkpoint, then waits for the broker's ack or nack; a caller that
+is cancelled simply stops waiting, and the confirm is dropped when it comes.
+Channel opening and exchange checks run as tasks of the connection, so their
+state never depends on whether the caller that asked for them is still there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from urllib.parse import unquote, urlsplit
+
+import structlog
+import trio
+from pamqp import body as pamqp_body
+from pamqp import commands, exceptions, frame, header, heartbeat
+from pamqp.base import Frame
+
+log = structlog.get_logger(__name__)
+
+Properties = commands.Basic.Properties
+
+_HEARTBEAT_FRAME = frame.marshal(heartbeat.Heartbeat(), 0)
+_RECEIVE_SIZE = 256 * 1024
+_MAX_SEND_BATCH = 1024 * 1024
+_CLOSE_GRACE_S = 1.0
+_NOT_FOUND = 404
+
+
+# --- errors -----------------------------------------------------------------
+
+
+class AmqpError(Exception):
+    """Any failure of the AMQP client; `reason` is one line, fit for a job's outcome."""
+
+    def __init__(self, reason: str, *, reply_code: int = 0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.reply_code = reply_code
+
+
+class AmqpConnectionError(AmqpError):
+    """The connection could not be opened, or it was lost or closed."""
+
+
+class AmqpChannelError(AmqpError):
+    """The broker closed a channel (e.g. 404 NOT_FOUND for a missing exchange)."""
+
+
+class AmqpNackError(AmqpError):
+    """The broker refused a published message (basic.nack)."""
+
+
+class AmqpTimeoutError(AmqpError):
+    """No answer (e.g. no confirm) from the broker in time."""
+
+
+# --- URL and options ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AmqpUrl:
+    """amqp[s]://user:password@host:port/vhost, with RabbitMQ's defaults.
+
+    An empty path or "/" means the default vhost "/"; otherwise the path is
+    percent-decoded ("%2F" is "/", "/prod" is "prod").
+    """
+
+    host: str
+    port: int
+    username: str
+    password: str
+    vhost: str
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> AmqpUrl:
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise AmqpConnectionError(f"invalid AMQP URL: {exc}") from None
+        if parts.scheme not in ("amqp", "amqps"):
+            raise AmqpConnectionError(f"invalid AMQP URL: scheme must be amqp or amqps: {url!r}")
+        tls = parts.scheme == "amqps"
+        path = parts.path
+        vhost = "/" if path in ("", "/") else unquote(path[1:])
+        return cls(
+            host=parts.hostname or "localhost",
+            port=port or (5671 if tls else 5672),
+            username=unquote(parts.username) if parts.username is not None else "guest",
+            password=unquote(parts.password) if parts.password is not None else "guest",
+            vhost=vhost,
+            tls=tls,
+        )
+
+    def redacted(self) -> str:
+        """The URL without the password, for logs and error messages."""
+        scheme = "amqps" if self.tls else "amqp"
+        vhost = "" if self.vhost == "/" else self.vhost
+        return f"{scheme}://{self.username}@{self.host}:{self.port}/{vhost}"
+
+
+@dataclass(frozen=True, slots=True)
+class AmqpOptions:
+    """Connection options.
+
+    heartbeat_s: the heartbeat we ask for (0 disables it). A connection that
+        receives nothing for two intervals is declared dead.
+    connect_timeout_s: for TCP connect, TLS and the AMQP handshake together,
+        and for each channel open or exchange check.
+    ssl_context: for amqps:// (default: the system's trust store).
+    """
+
+    heartbeat_s: int = 30
+    connect_timeout_s: float = 10.0
+    frame_max: int = 131_072
+    channel_max: int = 2047
+    connection_name: str = "kairoi-trio"
+    ssl_context: ssl.SSLContext | None = None
+
+
+# --- internal bookkeeping -----------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Waiter:
+    """One caller waiting for one answer (a confirm, or a reply to a method)."""
+
+    event: trio.Event = field(default_factory=trio.Event)
+    result: Frame | None = None
+    error: AmqpError | None = None
+
+    def resolve(self, result: Frame | None = None, error: AmqpError | None = None) -> None:
+        if not self.event.is_set():
+            self.result, self.error = result, error
+            self.event.set()
+
+
+@dataclass(slots=True)
+class _Channel:
+    id: int
+    is_open: bool = False
+    next_tag: int = 1
+    # Unconfirmed publishes by delivery tag, in ascending order (dict order).
+    unconfirmed: dict[int, _Waiter] = field(default_factory=dict)
+    # Replies to synchronous methods arrive in order; one waiter per call.
+    rpc: deque[_Waiter] = field(default_factory=deque)
+
+
+@dataclass(slots=True)
+class _ExchangeCheck:
+    done: trio.Event = field(default_factory=trio.Event)
+    exists: bool = False
+    error: AmqpError | None = None
+
+
+class _Eof(Exception):
+    pass
+
+
+class _FrameReader:
+    """Split the byte stream into frames and let pamqp decode each one."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self._buf = bytearray()
+        self._ready: deque[tuple[int, object]] = deque()
+
+    async def receive(self) -> list[tuple[int, object]]:
+        """At least one (channel, frame) pair; raises _Eof when the peer closed."""
+        while not self._ready:
+            data = await self._stream.receive_some(_RECEIVE_SIZE)
+            if not data:
+                raise _Eof
+            self._buf += data
+            self._parse()
+        frames = list(self._ready)
+        self._ready.clear()
+        return frames
+
+    async def next(self) -> tuple[int, object]:
+        if not self._ready:
+            self._ready.extend(await self.receive())
+        return self._ready.popleft()
+
+    def _parse(self) -> None:
+        buf, pos, size_all = self._buf, 0, len(self._buf)
+        while size_all - pos >= 7:
+            if buf[pos : pos + 4] == b"AMQP":
+                raise AmqpConnectionError("the server does not speak AMQP 0-9-1")
+            end = pos + 8 + int.from_bytes(buf[pos + 3 : pos + 7], "big")
+            if end > size_all:
+                break
+            try:
+                _, channel, value = frame.unmarshal(bytes(buf[pos:end]))
+            except exceptions.UnmarshalingException as exc:
+                raise AmqpConnectionError(f"undecodable frame from broker: {exc}") from None
+            self._ready.append((channel, value))
+            pos = end
+        del buf[:pos]
+
+
+def _close_reason(method: commands.Connection.Close | commands.Channel.Close) -> str:
+    return f"{method.reply_code} {method.reply_text}".strip()
+
+
+def _os_error_text(exc: OSError) -> str:
+    """The OS's words for a socket error (trio wraps them in longer messages)."""
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        # A failed connect to several addresses: one OSError per address.
+        first = cause.exceptions[0]
+        if isinstance(first, OSError):
+            exc = first
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc) or type(exc).__name__
+
+
+# --- the connection -----------------------------------------------------------
+
+
+class AmqpConnection:
+    """One AMQP connection with one confirm-mode publishing channel.
+
+    Create it with `serve_amqp_connection` or `open_amqp_connection`, not
+    directly. Safe to use from many tasks at once.
+    """
+
+    def __init__(self, url: str, options: AmqpOptions | None = None) -> None:
+        self.url = AmqpUrl.parse(url)
+        self.options = options or AmqpOptions()
+        self.heartbeat_s = 0
+        self.frame_max = self.options.frame_max
+        self.channel_max = self.options.channel_max
+        self.server_properties: dict[str, object] = {}
+        self._log = log.bind(amqp=self.url.redacted())
+        self._stream: trio.abc.Stream | None = None
+        self._reader: _FrameReader | None = None
+        self._nursery: trio.Nursery | None = None
+        self._send_tx, self._send_rx = trio.open_memory_channel[bytes](math.inf)
+        self._sender_done = trio.Event()
+        self._error: AmqpConnectionError | None = None
+        self._closed = trio.Event()
+        self._finished = trio.Event()
+        self._close_ok = trio.Event()
+        self._awaiting_close_ok = False
+        self._open = False
+        self._last_recv = 0.0
+        self._last_send = 0.0
+        self._blocked_reason: str | None = None
+        self._unblocked = trio.Event()
+        self._unblocked.set()
+        self._channels: dict[int, _Channel] = {}
+        self._last_channel_id = 0
+        self._publish_channel: _Channel | None = None
+        self._publish_channel_ready: trio.Event | None = None
+        self._publish_channel_error: AmqpError | None = None
+        self._exchange_checks: dict[str, _ExchangeCheck] = {}
+        self._known_exchanges: set[str] = set()
+        self._in_flight = 0
+        self._idle: trio.Event | None = None
+
+    # -- public state
+
+    @property
+    def is_open(self) -> bool:
+        return self._open and self._error is None
+
+    @property
+    def close_reason(self) -> str | None:
+        """Why the connection is closed, or None while it is open."""
+        return self._error.reason if self._error is not None else None
+
+    @property
+    def is_blocked(self) -> bool:
+        """True while the broker has blocked publishing (connection.blocked, e.g. low memory)."""
+        return self._blocked_reason is not None
+
+    @property
+    def in_flight(self) -> int:
+        """Publishes sent and not yet confirmed."""
+        return self._in_flight
+
+    # -- public operations
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        properties: Properties | None = None,
+        mandatory: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109 - a deadline that also covers blocking
+    ) -> None:
+        """Publish one message and wait for the broker's confirm.
+
+        Raises AmqpNackError on a nack, AmqpChannelError when the broker closes
+        the channel (e.g. the exchange does not exist), AmqpConnectionError when
+        the connection is or becomes closed, AmqpTimeoutError after `timeout`
+        seconds (counted from the call, including time spent blocked). The
+        message may still have reached the broker in all but the first case.
+        """
+        waiter: _Waiter | None = None
+        with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+            while self._blocked_reason is not None and self._error is None:
+                await self._unblocked.wait()
+            channel = await self._ready_publish_channel()
+            frames = self._publish_frames(
+                channel.id, exchange, routing_key, body, properties, mandatory
+            )
+            # From here to _send_nowait there is no checkpoint: the tag we take
+            # is the one the broker will count for this message.
+            tag = channel.next_tag
+            channel.next_tag += 1
+            waiter = _Waiter()
+            channel.unconfirmed[tag] = waiter
+            self._in_flight += 1
+            self._send_nowait(frames)
+            await waiter.event.wait()
+        if scope.cancelled_caught:
+            what = "a confirm" if waiter is not None else "the broker to accept publishes"
+            if self._blocked_reason is not None:
+                what += f" (connection blocked: {self._blocked_reason})"
+            raise AmqpTimeoutError(f"no answer within {timeout:g}s waiting for {what}")
+        assert waiter is not None
+        if waiter.error is not None:
+            raise waiter.error
+
+    async def exchange_exists(
+        self,
+        name: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - raises AmqpTimeoutError, not TooSlow
+    ) -> bool:
+        """Whether `name` exists, by a passive declare on a throwaway channel.
+
+        Positive answers are cached for the life of the connection (and
+        forgotten when a publish hits 404). Concurrent checks of the same name
+        share one declare.
+        """
+        if name == "" or name in self._known_exchanges:
+            return True
+        self._check_open()
+        check = self._exchange_checks.get(name)
+        if check is None:
+            check = _ExchangeCheck()
+            self._exchange_checks[name] = check
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_exchange_check, name, check)
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            await check.done.wait()
+        if not check.done.is_set():
+            raise AmqpTimeoutError(f"no answer within {timeout:g}s checking exchange {name!r}")
+        if check.error is not None:
+            raise check.error
+        return check.exists
+
+    async def wait_idle(self) -> None:
+        """Return once no publish is waiting for a confirm (or the connection closed)."""
+        while self._in_flight and self._error is None:
+            self._idle = trio.Event()
+            await self._idle.wait()
+
+    async def aclose(self) -> None:
+        """Close politely (connection.close, wait briefly for close-ok); idempotent.
+
+        Unconfirmed publishes fail with "connection closed by client".
+        """
+        if self._error is None:
+            self._fail(
+                AmqpConnectionError("connection closed by client"),
+                final_frame=frame.marshal(
+                    commands.Connection.Close(
+                        reply_code=200, reply_text="Normal shutdown", class_id=0, method_id=0
+                    ),
+                    0,
+                ),
+                graceful=True,
+            )
+        await self._finished.wait()
+
+    # -- startup
+
+    async def _connect(self) -> None:
+        """TCP (and TLS), protocol header, start/tune/open; raises AmqpConnectionError."""
+        url, opts = self.url, self.options
+        where = f"{url.host}:{url.port}"
+        try:
+            with trio.fail_after(opts.connect_timeout_s):
+                stream: trio.abc.Stream = await trio.open_tcp_stream(url.host, url.port)
+                self._stream = stream
+                if url.tls:
+                    context = opts.ssl_context or ssl.create_default_context()
+                    stream = trio.SSLStream(stream, context, server_hostname=url.host)
+                    self._stream = stream
+                    await stream.do_handshake()
+                self._reader = _FrameReader(stream)
+                await self._handshake(stream)
+        except trio.TooSlowError:
+            await self._abort_stream()
+            raise AmqpConnectionError(
+                f"cannot connect to {url.redacted()}: timed out after {opts.connect_timeout_s:g}s"
+            ) from None
+        except AmqpConnectionError as exc:
+            await self._abort_stream()
+            raise AmqpConnectionError(
+                f"cannot connect to {url.redacted()}: {exc.reason}", reply_code=exc.reply_code
+            ) from None
+        except _Eof:
+            await self._abort_stream()
+            raise AmqpConnectionError(
+                f"cannot connect to {url.redacted()}: broker closed the connection during the "
+                "handshake"
+            ) from None
+        except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
+            await self._abort_stream()
+            text = _os_error_text(exc) if isinstance(exc, OSError) else str(exc)
+            raise AmqpConnectionError(f"cannot connect to {where}: {text}") from None
+        except BaseException:
+            await self._abort_stream()
+            raise
+        self._last_recv = self._last_send = trio.current_time()
+        self._open = True
+
+    async def _handshake(self, stream: trio.abc.Stream) -> None:
+        url, opts = self.url, self.options
+        await stream.send_all(frame.marshal(header.ProtocolHeader(), 0))
+        start = await self._expect(commands.Connection.Start)
+        mechanisms = (start.mechanisms or "").split()
+        if "PLAIN" not in mechanisms:
+            raise AmqpConnectionError(f"broker does not offer PLAIN login (offers {mechanisms})")
+        self.server_properties = dict(start.server_properties or {})
+        client_properties = {
+            "product": "kairoi-trio",
+            "platform": "Python/Trio",
+            "connection_name": opts.connection_name,
+            "capabilities": {
+                "publisher_confirms": True,
+                "basic.nack": True,
+                "connection.blocked": True,
+                "authentication_failure_close": True,
+            },
+        }
+        start_ok = commands.Connection.StartOk(
+            client_properties=client_properties,
+            mechanism="PLAIN",
+            response=f"\0{url.username}\0{url.password}",
+            locale="en_US",
+        )
+        await stream.send_all(frame.marshal(start_ok, 0))
+        tune = await self._expect(commands.Connection.Tune)
+        self.channel_max = min(tune.channel_max or 65535, opts.channel_max)
+        self.frame_max = min(tune.frame_max or 2**31, opts.frame_max)
+        self.heartbeat_s = opts.heartbeat_s
+        tune_ok = commands.Connection.TuneOk(
+            channel_max=self.channel_max, frame_max=self.frame_max, heartbeat=self.heartbeat_s
+        )
+        try:
+            open_vhost = commands.Connection.Open(virtual_host=url.vhost)
+        except ValueError as exc:
+            raise AmqpConnectionError(f"invalid vhost {url.vhost!r}: {exc}") from None
+        await stream.send_all(frame.marshal(tune_ok, 0) + frame.marshal(open_vhost, 0))
+        await self._expect(commands.Connection.OpenOk)
+
+    async def _expect(self, kind: type[Frame]) -> Frame:
+        assert self._reader is not None
+        channel, value = await self._reader.next()
+        if isinstance(value, commands.Connection.Close):
+            raise AmqpConnectionError(_close_reason(value), reply_code=value.reply_code)
+        if channel != 0 or not isinstance(value, kind):
+            name = getattr(value, "name", type(value).__name__)
+            raise AmqpConnectionError(f"unexpected {name} during the handshake")
+        return value
+
+    async def _abort_stream(self) -> None:
+        if self._stream is not None:
+            await trio.aclose_forcefully(self._stream)
+
+    # -- the running connection
+
+    async def _serve(
+        self, task_status: trio.TaskStatus[AmqpConnection] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._read_loop)
+                nursery.start_soon(self._send_loop)
+                if self.heartbeat_s > 0:
+                    nursery.start_soon(self._heartbeat_loop)
+                self._log.info("amqp.connected", heartbeat_s=self.heartbeat_s)
+                task_status.started(self)
+                await self._closed.wait()
+                # Let the sender flush a last close or close-ok frame, then stop.
+                with trio.move_on_after(_CLOSE_GRACE_S):
+                    await self._sender_done.wait()
+                    if self._awaiting_close_ok:
+                        await self._close_ok.wait()
+                nursery.cancel_scope.cancel()
+        except Exception as exc:  # a bug in here must not take the owner's nursery down
+            self._log.exception("amqp.internal_error")
+            self._fail(AmqpConnectionError(f"internal error in AMQP client: {exc!r}"))
+        finally:
+            self._fail(AmqpConnectionError("connection closed"))
+            with trio.CancelScope(shield=True):
+                await self._abort_stream()
+            self._finished.set()
+
+    async def _read_loop(self) -> None:
+        assert self._reader is not None
+        try:
+            while True:
+                frames = await self._reader.receive()
+                self._last_recv = trio.current_time()
+                for channel_id, value in frames:
+                    self._dispatch(channel_id, value)
+        except _Eof:
+            self._fail(AmqpConnectionError("connection closed by the broker"))
+        except AmqpConnectionError as exc:
+            self._fail(exc)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
+            text = _os_error_text(exc) if isinstance(exc, OSError) else str(exc) or "broken"
+            self._fail(AmqpConnectionError(f"connection lost: {text}"))
+
+    async def _send_loop(self) -> None:
+        assert self._stream is not None
+        try:
+            async for data in self._send_rx:
+                batch = [data]
+                size = len(data)
+                while size < _MAX_SEND_BATCH:
+                    try:
+                        more = self._send_rx.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    batch.append(more)
+                    size += len(more)
+                await self._stream.send_all(b"".join(batch) if len(batch) > 1 else data)
+                self._last_send = trio.current_time()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
+            text = _os_error_text(exc) if isinstance(exc, OSError) else str(exc) or "broken"
+            self._fail(AmqpConnectionError(f"connection lost: {text}"))
+        finally:
+            self._sender_done.set()
+
+    async def _heartbeat_loop(self) -> None:
+        """Heartbeat when we have been quiet; the broker is dead after 2 silent intervals."""
+        interval = self.heartbeat_s / 2
+        while True:
+            await trio.sleep(interval)
+            if self._error is not None:
+                return
+            now = trio.current_time()
+            silent = now - self._last_recv
+            if silent > 2 * self.heartbeat_s:
+                self._fail(
+                    AmqpConnectionError(
+                        f"broker missed heartbeats: nothing received for {silent:.1f}s "
+                        f"(heartbeat {self.heartbeat_s}s)"
+                    )
+                )
+                return
+            if now - self._last_send >= interval:
+                self._send_nowait(_HEARTBEAT_FRAME)
+
+    def _send_nowait(self, data: bytes) -> None:
+        self._check_open()
+        self._send_tx.send_nowait(data)
+
+    def _check_open(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if not self._open:
+            raise AmqpConnectionError("connection not open")
+
+    # -- incoming frames
+
+    def _dispatch(self, channel_id: int, value: object) -> None:
+        if isinstance(value, heartbeat.Heartbeat):
+            return
+        if channel_id == 0:
+            self._dispatch_connection(value)
+            return
+        channel = self._channels.get(channel_id)
+        if channel is None:
+            return  # late frames for a channel we already gave up
+        if isinstance(value, commands.Basic.Ack):
+            self._settle(channel, value.delivery_tag, value.multiple, None)
+        elif isinstance(value, commands.Basic.Nack):
+            error = AmqpNackError("broker refused the message (nack)")
+            self._settle(channel, value.delivery_tag, value.multiple, error)
+        elif isinstance(value, commands.Channel.Close):
+            self._send_nowait(frame.marshal(commands.Channel.CloseOk(), channel_id))
+            reason = _close_reason(value)
+            self._log.warning("amqp.channel_closed_by_broker", channel=channel_id, reason=reason)
+            error = AmqpChannelError(
+                f"channel closed by broker: {reason}", reply_code=value.reply_code
+            )
+            if value.reply_code == _NOT_FOUND:
+                self._known_exchanges.clear()  # something we believed in is gone
+            self._drop_channel(channel, error)
+        elif isinstance(value, commands.Channel.CloseOk):
+            self._resolve_rpc(channel, value)
+            self._drop_channel(channel, AmqpChannelError("channel closed"))
+        elif isinstance(value, Frame) and value.name.endswith("Ok"):
+            self._resolve_rpc(channel, value)
+        # Anything else (basic.return, flow) does not concern a publisher.
+
+    def _dispatch_connection(self, value: object) -> None:
+        if isinstance(value, commands.Connection.Close):
+            reason = _close_reason(value)
+            self._fail(
+                AmqpConnectionError(
+                    f"connection closed by broker: {reason}", reply_code=value.reply_code
+                ),
+                final_frame=frame.marshal(commands.Connection.CloseOk(), 0),
+            )
+        elif isinstance(value, commands.Connection.CloseOk):
+            self._close_ok.set()
+        elif isinstance(value, commands.Connection.Blocked):
+            self._blocked_reason = value.reason or "blocked"
+            self._unblocked = trio.Event()
+            self._log.warning("amqp.blocked", reason=self._blocked_reason)
+        elif isinstance(value, commands.Connection.Unblocked):
+            self._blocked_reason = None
+            self._unblocked.set()
+            self._log.info("amqp.unblocked")
+
+    def _settle(self, channel: _Channel, tag: int, multiple: bool, error: AmqpError | None) -> None:
+        if multiple:
+            tags = []
+            for pending in channel.unconfirmed:  # ascending: stop at the first one above `tag`
+                if pending > tag:
+                    break
+                tags.append(pending)
+        else:
+            tags = [tag] if tag in channel.unconfirmed else []
+        for pending in tags:
+            channel.unconfirmed.pop(pending).resolve(error=error)
+        self._release(len(tags))
+
+    def _release(self, count: int) -> None:
+        self._in_flight -= count
+        if self._in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    def _resolve_rpc(self, channel: _Channel, value: Frame) -> None:
+        if channel.rpc:
+            channel.rpc.popleft().resolve(result=value)
+
+    def _drop_channel(self, channel: _Channel, error: AmqpError) -> None:
+        """Forget a channel and fail everything that waits on it."""
+        channel.is_open = False
+        self._channels.pop(channel.id, None)
+        if self._publish_channel is channel:
+            self._publish_channel = None
+        waiters = list(channel.unconfirmed.values())
+        channel.unconfirmed.clear()
+        self._release(len(waiters))
+        waiters.extend(channel.rpc)
+        channel.rpc.clear()
+        for waiter in waiters:
+            waiter.resolve(error=error)
+
+    def _fail(
+        self,
+        error: AmqpConnectionError,
+        *,
+        final_frame: bytes | None = None,
+        graceful: bool = False,
+    ) -> None:
+        """Mark the connection closed (first reason wins) and fail every waiter."""
+        if self._error is not None:
+            return
+        self._error = error
+        if self._open and not graceful:
+            self._log.warning("amqp.connection_failed", reason=error.reason)
+        elif graceful:
+            self._log.info("amqp.connection_closed")
+        if final_frame is not None:
+            self._send_tx.send_nowait(final_frame)
+            self._awaiting_close_ok = graceful
+        self._send_tx.close()
+        for channel in list(self._channels.values()):
+            self._drop_channel(channel, error)
+        for check in self._exchange_checks.values():
+            if not check.done.is_set():
+                check.error = error
+                check.done.set()
+        if self._publish_channel_ready is not None:
+            self._publish_channel_error = error
+            self._publish_channel_ready.set()
+        self._unblocked.set()
+        if self._idle is not None:
+            self._idle.set()
+        self._closed.set()
+
+    # -- channels
+
+    def _new_channel(self) -> _Channel:
+        for _ in range(self.channel_max):
+            self._last_channel_id = self._last_channel_id % self.channel_max + 1
+            if self._last_channel_id not in self._channels:
+                channel = _Channel(self._last_channel_id)
+                self._channels[channel.id] = channel
+                return channel
+        raise AmqpConnectionError(f"all {self.channel_max} channels in use")
+
+    async def _call(self, channel: _Channel, method: Frame, reply: type[Frame]) -> Frame:
+        """Send a synchronous method on `channel` and wait for its reply (bounded)."""
+        waiter = _Waiter()
+        channel.rpc.append(waiter)
+        self._send_nowait(frame.marshal(method, channel.id))
+        timeout = self.options.connect_timeout_s
+        with trio.move_on_after(timeout):
+            await waiter.event.wait()
+        if not waiter.event.is_set():
+            # The channel's state is unknown now; a broker this slow is not usable.
+            error = AmqpConnectionError(f"broker did not answer {method.name} within {timeout:g}s")
+            self._fail(error)
+            raise error
+        if waiter.error is not None:
+            raise waiter.error
+        if not isinstance(waiter.result, reply):
+            raise AmqpConnectionError(f"expected {reply.name}, got {waiter.result!r}")
+        return waiter.result
+
+    async def _ready_publish_channel(self) -> _Channel:
+        """The open confirm-mode channel, opening one (in the background) if needed."""
+        while True:
+            self._check_open()
+            channel = self._publish_channel
+            if channel is not None and channel.is_open:
+                return channel
+            if self._publish_channel_ready is None:
+                self._publish_channel_ready = trio.Event()
+                self._publish_channel_error = None
+                assert self._nursery is not None
+                self._nursery.start_soon(self._open_publish_channel, self._publish_channel_ready)
+            ready = self._publish_channel_ready
+            await ready.wait()
+            if self._publish_channel_error is not None:
+                raise self._publish_channel_error
+
+    async def _open_publish_channel(self, ready: trio.Event) -> None:
+        try:
+            channel = self._new_channel()
+            await self._call(channel, commands.Channel.Open(), commands.Channel.OpenOk)
+            await self._call(channel, commands.Confirm.Select(), commands.Confirm.SelectOk)
+            channel.is_open = True
+            self._publish_channel = channel
+        except AmqpError as exc:
+            self._publish_channel_error = exc
+        finally:
+            self._publish_channel_ready = None
+            ready.set()
+
+    async def _run_exchange_check(self, name: str, check: _ExchangeCheck) -> None:
+        """Passive declare on its own channel: a failed one closes the channel it runs on."""
+        channel: _Channel | None = None
+        try:
+            channel = self._new_channel()
+            await self._call(channel, commands.Channel.Open(), commands.Channel.OpenOk)
+            channel.is_open = True
+            try:
+                declare = commands.Exchange.Declare(exchange=name, passive=True)
+            except ValueError:
+                raise AmqpChannelError(f"invalid exchange name {name!r}") from None
+            await self._call(channel, declare, commands.Exchange.DeclareOk)
+            check.exists = True
+            self._known_exchanges.add(name)
+        except AmqpError as exc:
+            if exc.reply_code == _NOT_FOUND:
+                check.exists = False
+            else:
+                check.error = exc
+        finally:
+            self._exchange_checks.pop(name, None)
+            check.done.set()
+        if channel is not None and channel.is_open and self._error is None:
+            try:
+                close = commands.Channel.Close(
+                    reply_code=200, reply_text="done", class_id=0, method_id=0
+                )
+                await self._call(channel, close, commands.Channel.CloseOk)
+            except AmqpError:
+                pass
+
+    # -- encoding
+
+    def _publish_frames(
+        self,
+        channel_id: int,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: Properties | None,
+        mandatory: bool,
+    ) -> bytes:
+        try:
+            method = commands.Basic.Publish(
+                exchange=exchange, routing_key=routing_key, mandatory=mandatory
+            )
+            content = header.ContentHeader(0, len(body), properties or Properties())
+            parts = [frame.marshal(method, channel_id), frame.marshal(content, channel_id)]
+            chunk = self.frame_max - 8  # frame header (7) and frame end (1)
+            for start in range(0, len(body), chunk):
+                part = pamqp_body.ContentBody(body[start : start + chunk])
+                parts.append(frame.marshal(part, channel_id))
+        except (ValueError, TypeError) as exc:
+            raise AmqpError(f"cannot encode message: {exc}") from None
+        return b"".join(parts)
+
+
+# --- entry points -------------------------------------------------------------
+
+
+async def serve_amqp_connection(
+    url: str,
+    options: AmqpOptions | None = None,
+    *,
+    task_status: trio.TaskStatus[AmqpConnection] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Open a connection and serve it until it closes; use with `nursery.start`.
+
+    `nursery.start` returns the open AmqpConnection, or raises
+    AmqpConnectionError if it could not be opened. Once started, this task
+    never raises broker faults: it returns when the connection is closed
+    (by `aclose`, by the broker, or because it was lost), leaving the reason
+    in `conn.close_reason`.
+    """
+    conn = AmqpConnection(url, options)
+    await conn._connect()
+    await conn._serve(task_status)
+
+
+@asynccontextmanager
+async def open_amqp_connection(
+    url: str, options: AmqpOptions | None = None
+) -> AsyncIterator[AmqpConnection]:
+    """`async with open_amqp_connection(url) as conn:`; closes the connection on exit.
+
+    Raises AmqpConnectionError on entry if the connection cannot be opened.
+    """
+    conn = AmqpConnection(url, options)
+    await conn._connect()  # outside the nursery, so its error is not wrapped in a group
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(conn._serve)
+            try:
+                yield conn
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_GRACE_S * 2):
+                    await conn.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The connection's tasks never raise, so a lone exception is the body's own.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
+def message_properties(
+    *,
+    content_type: str | None = None,
+    message_id: str | None = None,
+    headers: dict[str, object] | None = None,
+    persistent: bool = True,
+    timestamp: float | None = None,
+) -> Properties:
+    """Basic.Properties for the common cases (timestamp in epoch seconds, default now)."""
+    when = datetime.fromtimestamp(time.time() if timestamp is None else timestamp, UTC)
+    return Properties(
+        content_type=content_type,
+        message_id=message_id,
+        headers=headers,
+        delivery_mode=2 if persistent else 1,
+        timestamp=when,
+    )
