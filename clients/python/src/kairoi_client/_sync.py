@@ -1,0 +1,233 @@
+"""The synchronous client, for plain Python code and (through trio.to_thread) Trio code."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
+from typing import Any, ParamSpec, TypeVar
+
+import grpc
+
+from kairoi.v1 import scheduler_pb2 as pb
+from kairoi.v1 import scheduler_pb2_grpc as pb_grpc
+from kairoi_client import _types as t
+from kairoi_client._types import (
+    BulkResult,
+    Job,
+    JobEvent,
+    JobLike,
+    JobStatus,
+    Rule,
+    ServerInfo,
+    SetJobResult,
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+DEFAULT_TARGET = "127.0.0.1:5679"
+
+
+def _translating(fn: Callable[P, R]) -> Callable[P, R]:
+    """Raise KairoiError subclasses instead of grpc.RpcError."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except grpc.RpcError as error:
+            raise t.from_rpc_error(error) from None
+
+    return wrapper
+
+
+class Client:
+    """A connection to a kairoi-trio server's gRPC API.
+
+    `token` is sent as `authorization: Bearer <token>` on every call;
+    `credentials` (e.g. grpc.ssl_channel_credentials()) switches to TLS;
+    `timeout` bounds each unary call in seconds (watches are not bounded).
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        timeout: float | None = 30.0,
+        options: Iterable[tuple[str, Any]] = (),
+    ) -> None:
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=list(options))
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=list(options))
+        self._stub = pb_grpc.SchedulerStub(self._channel)
+        self._metadata = t.metadata(token)
+        self._timeout = timeout
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _kw(self) -> dict[str, Any]:
+        return {"metadata": self._metadata, "timeout": self._timeout}
+
+    # -- jobs ------------------------------------------------------------------
+
+    @_translating
+    def set_job(self, id: str, execute_at: datetime, payload: bytes = b"") -> Job:
+        request = t.new_job_to_pb(t.NewJob(id, execute_at, payload))
+        return t.job_from_pb(self._stub.SetJob(request, **self._kw()).job)
+
+    @_translating
+    def set_jobs(self, jobs: Iterable[JobLike]) -> list[SetJobResult]:
+        """One call for the whole list; one result per job, in order."""
+        request = t.new_jobs_to_pb(jobs)
+        return t.set_job_results(request, self._stub.SetJobs(request, **self._kw()))
+
+    def set_jobs_batched(self, jobs: Iterable[JobLike], batch_size: int = 1000) -> BulkResult:
+        """Set any number of jobs with one SetJobs call per `batch_size` jobs."""
+        result = BulkResult()
+        for batch in t.batched(jobs, batch_size):
+            for item in self.set_jobs(batch):
+                if item.ok:
+                    result.accepted += 1
+                else:
+                    result.failures.append(item)
+        return result
+
+    @_translating
+    def stream_set_jobs(self, jobs: Iterable[JobLike], batch_size: int = 1000) -> BulkResult:
+        """Set any number of jobs over one client-streaming call (StreamSetJobs)."""
+        requests = (t.new_jobs_to_pb(batch) for batch in t.batched(jobs, batch_size))
+        response = self._stub.StreamSetJobs(requests, metadata=self._metadata)
+        return BulkResult(response.accepted, [t.failure_from_pb(f) for f in response.failures])
+
+    @_translating
+    def get_job(self, id: str) -> Job:
+        return t.job_from_pb(self._stub.GetJob(pb.GetJobRequest(id=id), **self._kw()).job)
+
+    @_translating
+    def delete_job(self, id: str) -> None:
+        self._stub.DeleteJob(pb.DeleteJobRequest(id=id), **self._kw())
+
+    @_translating
+    def list_jobs_page(
+        self,
+        prefix: str = "",
+        status: JobStatus | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[Job], str]:
+        """One page and the token of the next ("" at the end)."""
+        request = pb.ListJobsRequest(
+            prefix=prefix,
+            status=t.status_filter(status),
+            page_size=page_size,
+            page_token=page_token,
+        )
+        response = self._stub.ListJobs(request, **self._kw())
+        return [t.job_from_pb(job) for job in response.jobs], response.next_page_token
+
+    def list_jobs(
+        self, prefix: str = "", status: JobStatus | None = None, page_size: int = 0
+    ) -> Iterator[Job]:
+        """All matching jobs in id order; pages are fetched as the iteration goes."""
+        token = ""
+        while True:
+            jobs, token = self.list_jobs_page(prefix, status, page_size, token)
+            yield from jobs
+            if not token:
+                return
+
+    # -- rules -----------------------------------------------------------------
+
+    @_translating
+    def set_rule(self, rule: Rule) -> Rule:
+        response = self._stub.SetRule(pb.SetRuleRequest(rule=t.rule_to_pb(rule)), **self._kw())
+        return t.rule_from_pb(response.rule)
+
+    @_translating
+    def get_rule(self, id: str) -> Rule:
+        return t.rule_from_pb(self._stub.GetRule(pb.GetRuleRequest(id=id), **self._kw()).rule)
+
+    @_translating
+    def delete_rule(self, id: str) -> None:
+        self._stub.DeleteRule(pb.DeleteRuleRequest(id=id), **self._kw())
+
+    @_translating
+    def _rules_page(self, prefix: str, token: str) -> tuple[list[Rule], str]:
+        request = pb.ListRulesRequest(prefix=prefix, page_token=token)
+        response = self._stub.ListRules(request, **self._kw())
+        return [t.rule_from_pb(rule) for rule in response.rules], response.next_page_token
+
+    def list_rules(self, prefix: str = "") -> Iterator[Rule]:
+        token = ""
+        while True:
+            rules, token = self._rules_page(prefix, token)
+            yield from rules
+            if not token:
+                return
+
+    # -- watching and info -----------------------------------------------------
+
+    def watch_jobs(self, prefix: str = "", include_snapshot: bool = False) -> JobWatch:
+        """A live iterator of job events; it returns once the server registered the watch."""
+        call = self._stub.WatchJobs(
+            pb.WatchJobsRequest(prefix=prefix, include_snapshot=include_snapshot),
+            metadata=self._metadata,
+        )
+        return JobWatch(call)
+
+    @_translating
+    def server_info(self) -> ServerInfo:
+        response = self._stub.GetServerInfo(pb.GetServerInfoRequest(), **self._kw())
+        return t.server_info_from_pb(response)
+
+
+class JobWatch:
+    """Iterates over JobEvents (snapshot first, if asked); `cancel()` or `with` ends it.
+
+    The iteration raises Unavailable when the server shuts down (watch again to
+    resume) and ResourceExhausted if this reader fell too far behind.
+    """
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._batches = self._read()
+        try:
+            call.initial_metadata()  # blocks until the server registered the watch (or failed)
+        except grpc.RpcError as error:
+            raise t.from_rpc_error(error) from None
+
+    def _read(self) -> Iterator[list[JobEvent]]:
+        try:
+            for message in self._call:
+                yield t.events_from_pb(message)
+        except grpc.RpcError as error:
+            if error.code() is grpc.StatusCode.CANCELLED and self._call.cancelled():
+                return  # we cancelled it ourselves
+            raise t.from_rpc_error(error) from None
+
+    def batches(self) -> Iterator[list[JobEvent]]:
+        """The events message by message, as the server batched them (one per tick)."""
+        return self._batches
+
+    def __iter__(self) -> Iterator[JobEvent]:
+        for batch in self._batches:
+            yield from batch
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def __enter__(self) -> JobWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()

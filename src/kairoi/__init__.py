@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of the kairoi API (proto/kairoi/...)."""

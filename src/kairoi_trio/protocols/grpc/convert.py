@@ -1,0 +1,266 @@
+"""Protobuf messages <-> the project's commands and model, at the edge only.
+
+The core never sees generated code: requests are turned into typed commands
+here, and results back into messages. What the wire allows but the model
+cannot hold (an enum number we do not know, a missing runner, a negative
+duration, a timestamp outside 0001..9999) is refused here with a CommandError,
+so the same error path as the actor's own validation reports it.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from kairoi.v1 import scheduler_pb2 as pb
+from kairoi_trio import commands as c
+from kairoi_trio.commands import CommandError, ErrorCode
+from kairoi_trio.model import (
+    MICROS,
+    AmqpRunner,
+    HttpRunner,
+    Job,
+    JobEvent,
+    Rule,
+    RulePolicy,
+    RunnerSpec,
+    ShellRunner,
+    Status,
+)
+
+DEFAULT_JOB_PAGE = 100
+MAX_JOB_PAGE = 1000
+DEFAULT_RULE_PAGE = 1000
+MAX_RULE_PAGE = 1000
+
+# google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z.
+_MIN_TS_SECONDS = -62_135_596_800
+_MAX_TS_SECONDS = 253_402_300_799
+
+STATUS_CODES: dict[ErrorCode, grpc.StatusCode] = {
+    ErrorCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+}
+
+_TO_PB_STATUS = {
+    Status.PLANNED: pb.JOB_STATUS_PLANNED,
+    Status.TRIGGERED: pb.JOB_STATUS_TRIGGERED,
+    Status.EXECUTED: pb.JOB_STATUS_EXECUTED,
+    Status.FAILED: pb.JOB_STATUS_FAILED,
+}
+_FROM_PB_STATUS = {v: k for k, v in _TO_PB_STATUS.items()}
+
+_EVENT_TYPES = {
+    Status.PLANNED: pb.JOB_EVENT_TYPE_SET,
+    Status.TRIGGERED: pb.JOB_EVENT_TYPE_TRIGGERED,
+    Status.EXECUTED: pb.JOB_EVENT_TYPE_EXECUTED,
+    Status.FAILED: pb.JOB_EVENT_TYPE_FAILED,
+}
+
+
+def invalid(message: str) -> CommandError:
+    return CommandError(ErrorCode.INVALID_ARGUMENT, message)
+
+
+def status_code(error: CommandError) -> grpc.StatusCode:
+    """The gRPC status for a command error (UNKNOWN for a code added later and not mapped)."""
+    return STATUS_CODES.get(error.code, grpc.StatusCode.UNKNOWN)
+
+
+def error_status(error: CommandError) -> pb.Status:
+    """A batch entry's error as a google.rpc-like Status (code number + message)."""
+    return pb.Status(code=status_code(error).value[0], message=error.message)
+
+
+# -- times ---------------------------------------------------------------------
+
+
+def micros_from_timestamp(ts: Timestamp, field: str) -> int:
+    """Microseconds since the epoch; nanoseconds below a microsecond are dropped."""
+    if not (_MIN_TS_SECONDS <= ts.seconds <= _MAX_TS_SECONDS) or not (0 <= ts.nanos < 10**9):
+        raise invalid(f"{field} is not a valid timestamp (years 0001 to 9999)")
+    return ts.seconds * MICROS + ts.nanos // 1000
+
+
+def timestamp_from_micros(us: int) -> Timestamp:
+    return Timestamp(seconds=us // MICROS, nanos=(us % MICROS) * 1000)
+
+
+def seconds_from_duration(d: Duration, field: str) -> float:
+    if d.seconds < 0 or d.nanos < 0 or d.nanos >= 10**9:
+        raise invalid(f"{field} must be a non-negative duration")
+    return d.seconds + d.nanos / 1e9
+
+
+def duration_from_seconds(s: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(round(s * 1e9))
+    return d
+
+
+# -- jobs ------------------------------------------------------------------------
+
+
+def job_status_from_pb(value: int) -> Status | None:
+    """A status filter: UNSPECIFIED means any status (None)."""
+    if value == pb.JOB_STATUS_UNSPECIFIED:
+        return None
+    try:
+        return _FROM_PB_STATUS[value]  # type: ignore[index]
+    except KeyError:
+        raise invalid(f"unknown job status {value}") from None
+
+
+def set_job_from_pb(request: pb.SetJobRequest) -> c.SetJob:
+    if not request.HasField("execute_at"):
+        raise invalid("execute_at is required")
+    return c.SetJob(
+        id=request.id,
+        execute_at=micros_from_timestamp(request.execute_at, "execute_at"),
+        payload=request.payload,
+    )
+
+
+def job_to_pb(job: Job) -> pb.Job:
+    message = pb.Job(
+        id=job.id,
+        execute_at=timestamp_from_micros(job.execute_at),
+        status=_TO_PB_STATUS[job.status],
+        payload=job.payload,
+        attempts=job.attempts,
+        last_outcome=job.last_outcome,
+    )
+    if job.updated_at:
+        message.updated_at.CopyFrom(timestamp_from_micros(job.updated_at))
+    return message
+
+
+def list_jobs_from_pb(request: pb.ListJobsRequest) -> c.ListJobs:
+    return c.ListJobs(
+        prefix=request.prefix,
+        status=job_status_from_pb(request.status),
+        after=request.page_token,
+        limit=page_size(request.page_size, DEFAULT_JOB_PAGE, MAX_JOB_PAGE),
+    )
+
+
+def page_size(requested: int, default: int, maximum: int) -> int:
+    if requested < 0:
+        raise invalid("page_size must not be negative")
+    return min(requested or default, maximum)
+
+
+def job_event_to_pb(event: JobEvent) -> pb.JobEvent:
+    kind = pb.JOB_EVENT_TYPE_DELETED if event.deleted else _EVENT_TYPES[event.job.status]
+    message = pb.JobEvent(type=kind, job=job_to_pb(event.job))
+    if event.at:
+        message.at.CopyFrom(timestamp_from_micros(event.at))
+    return message
+
+
+def snapshot_event_to_pb(job: Job) -> pb.JobEvent:
+    return pb.JobEvent(type=_EVENT_TYPES[job.status], job=job_to_pb(job))
+
+
+# -- rules -----------------------------------------------------------------------
+
+
+def runner_from_pb(rule: pb.Rule) -> RunnerSpec:
+    kind = rule.WhichOneof("runner")
+    if kind == "shell":
+        return ShellRunner(command=rule.shell.command)
+    if kind == "amqp":
+        return AmqpRunner(
+            dsn=rule.amqp.dsn, exchange=rule.amqp.exchange, routing_key=rule.amqp.routing_key
+        )
+    if kind == "http":
+        return HttpRunner(url=rule.http.url)
+    raise invalid("a rule needs a runner: shell, amqp or http")
+
+
+def policy_from_pb(policy: pb.RulePolicy) -> RulePolicy:
+    """Unset fields keep RulePolicy's defaults (Kairoi's behaviour)."""
+    defaults = RulePolicy()
+
+    def seconds(name: str, default: float | None) -> float | None:
+        if not policy.HasField(name):
+            return default
+        return seconds_from_duration(getattr(policy, name), f"policy.{name}")
+
+    backoff_initial = seconds("backoff_initial", defaults.backoff_initial_s)
+    backoff_max = seconds("backoff_max", defaults.backoff_max_s)
+    assert backoff_initial is not None and backoff_max is not None
+    return RulePolicy(
+        timeout_s=seconds("timeout", defaults.timeout_s),
+        max_attempts=policy.max_attempts or defaults.max_attempts,
+        backoff_initial_s=backoff_initial,
+        backoff_max_s=backoff_max,
+        stale_after_s=seconds("stale_after", defaults.stale_after_s),
+    )
+
+
+def rule_from_pb(rule: pb.Rule) -> Rule:
+    return Rule(
+        id=rule.id,
+        pattern=rule.pattern,
+        runner=runner_from_pb(rule),
+        policy=policy_from_pb(rule.policy),
+    )
+
+
+def policy_to_pb(policy: RulePolicy) -> pb.RulePolicy:
+    message = pb.RulePolicy(
+        max_attempts=policy.max_attempts,
+        backoff_initial=duration_from_seconds(policy.backoff_initial_s),
+        backoff_max=duration_from_seconds(policy.backoff_max_s),
+    )
+    if policy.timeout_s is not None:
+        message.timeout.CopyFrom(duration_from_seconds(policy.timeout_s))
+    if policy.stale_after_s is not None:
+        message.stale_after.CopyFrom(duration_from_seconds(policy.stale_after_s))
+    return message
+
+
+def rule_to_pb(rule: Rule) -> pb.Rule:
+    message = pb.Rule(id=rule.id, pattern=rule.pattern, policy=policy_to_pb(rule.policy))
+    runner = rule.runner
+    if isinstance(runner, ShellRunner):
+        message.shell.command = runner.command
+    elif isinstance(runner, AmqpRunner):
+        message.amqp.CopyFrom(
+            pb.AmqpRunner(dsn=runner.dsn, exchange=runner.exchange, routing_key=runner.routing_key)
+        )
+    else:
+        message.http.url = runner.url
+    return message
+
+
+def list_rules_from_pb(request: pb.ListRulesRequest) -> c.ListRules:
+    return c.ListRules(
+        prefix=request.prefix,
+        after=request.page_token,
+        limit=page_size(request.page_size, DEFAULT_RULE_PAGE, MAX_RULE_PAGE),
+    )
+
+
+# -- server ----------------------------------------------------------------------
+
+
+def server_info_to_pb(info: c.ServerInfo) -> pb.GetServerInfoResponse:
+    counts = info.jobs_by_status
+    return pb.GetServerInfoResponse(
+        version=info.version,
+        started_at=timestamp_from_micros(info.started_at),
+        jobs=pb.JobCounts(
+            planned=counts.get(Status.PLANNED, 0),
+            triggered=counts.get(Status.TRIGGERED, 0),
+            executed=counts.get(Status.EXECUTED, 0),
+            failed=counts.get(Status.FAILED, 0),
+        ),
+        rules=info.rules,
+    )

@@ -1,0 +1,620 @@
+"""The gRPC front end: a grpc.aio server in its own thread, bridged to the Trio command actor.
+
+grpcio's server runs on asyncio, the rest of kairoi-trio on Trio. Rather than
+mixing the two event loops in one thread, the gRPC server gets a plain thread
+with its own asyncio loop, and the two sides meet in exactly two places:
+
+- asyncio -> Trio: a handler builds a `Request(commands, reply)` and hands it to
+  the actor's memory channel with `TrioToken.run_sync_soon` + `send_nowait`.
+  A full channel answers RESOURCE_EXHAUSTED, a closed one (or a finished Trio
+  run) UNAVAILABLE; nothing ever blocks the Trio thread.
+- Trio -> asyncio: the actor calls `reply` (and watch sinks) in the Trio
+  thread; they only schedule work on the asyncio loop with
+  `loop.call_soon_threadsafe`, which completes the handler's future.
+
+The thread is a plain `threading.Thread` (not `trio.to_thread`), because it
+lives as long as the server and must not hold a worker-thread token; Trio waits
+for it through a `trio.Event` that the thread sets on its way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+import structlog
+import trio
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from kairoi.v1 import scheduler_pb2 as pb
+from kairoi.v1 import scheduler_pb2_grpc as pb_grpc
+from kairoi_trio import commands as c
+from kairoi_trio.commands import CommandError, ErrorCode, Request, Result
+from kairoi_trio.model import JobEvent
+from kairoi_trio.protocols.grpc import convert
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name  # "kairoi.v1.Scheduler"
+WATCH_TICK_S = 0.05  # at most one WatchJobs message per tick, carrying all its events
+WATCH_BUFFER_EVENTS = 100_000  # events a watcher may have unsent before it is dropped
+_STOP_MARGIN_S = 5.0  # how long past grace_s Trio waits for the thread before giving up
+_SIZE_MARGIN = 1024  # room for a message's own fields next to its repeated ones
+
+T = TypeVar("T")
+
+
+async def serve_grpc(
+    requests: trio.MemorySendChannel[Request],
+    *,
+    listen: str = "127.0.0.1:5679",
+    grace_s: float = 5.0,
+    tokens: Sequence[str] = (),
+    max_message_bytes: int = 4 << 20,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve kairoi.v1.Scheduler, health and reflection until cancelled.
+
+    `task_status.started(port)` reports the bound port (useful with port 0) once
+    the server listens and health says SERVING. On cancellation: health goes
+    NOT_SERVING, open WatchJobs streams end with UNAVAILABLE, the server stops
+    accepting and in-flight calls get `grace_s` to finish (the actor must still
+    be running meanwhile: close its channel only after this returns).
+    """
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("gRPC TLS needs both a certificate and a key")
+    credentials = None
+    if tls_cert is not None and tls_key is not None:
+        key, cert = await trio.Path(tls_key).read_bytes(), await trio.Path(tls_cert).read_bytes()
+        credentials = grpc.ssl_server_credentials([(key, cert)])
+
+    thread = _ServerThread(
+        _Settings(listen, grace_s, tuple(tokens), max_message_bytes, credentials),
+        trio.lowlevel.current_trio_token(),
+        requests,
+    )
+    thread.start()
+    try:
+        await thread.started.wait()
+        if thread.port is None:
+            raise OSError(f"gRPC server could not start on {listen}: {thread.error}")
+        log.info("grpc.listening", listen=listen, port=thread.port, tls=credentials is not None)
+        task_status.started(thread.port)
+        await thread.done.wait()
+        raise RuntimeError(f"gRPC server thread stopped unexpectedly: {thread.error!r}")
+    finally:
+        thread.request_stop()
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(grace_s + _STOP_MARGIN_S):
+                await thread.done.wait()
+            if not thread.done.is_set():
+                log.error("grpc.stop_timeout", grace_s=grace_s)
+            else:
+                log.info("grpc.stopped")
+
+
+class _Settings:
+    def __init__(
+        self,
+        listen: str,
+        grace_s: float,
+        tokens: tuple[str, ...],
+        max_message_bytes: int,
+        credentials: grpc.ServerCredentials | None,
+    ) -> None:
+        self.listen = listen
+        self.grace_s = grace_s
+        self.tokens = tokens
+        self.max_message_bytes = max_message_bytes
+        self.credentials = credentials
+
+
+class _ServerThread(threading.Thread):
+    """Owns the asyncio loop and the grpc.aio server; reports to Trio through events."""
+
+    def __init__(
+        self,
+        settings: _Settings,
+        token: trio.lowlevel.TrioToken,
+        requests: trio.MemorySendChannel[Request],
+    ) -> None:
+        super().__init__(name="grpc-server", daemon=True)
+        self.settings = settings
+        self.token = token
+        self.requests = requests
+        self.started = trio.Event()  # set (in Trio) once port or error is known
+        self.done = trio.Event()  # set (in Trio) when the thread ends
+        self.port: int | None = None
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._stop_requested = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+
+    # -- called from Trio ------------------------------------------------------
+
+    def request_stop(self) -> None:
+        with self._lock:
+            self._stop_requested = True
+            if self._loop is not None and self._stop is not None:
+                try:
+                    self._loop.call_soon_threadsafe(self._stop.set)
+                except RuntimeError:  # the loop is already closed
+                    pass
+
+    # -- the thread ------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # reported to Trio, which raises or logs it
+            self.error = exc
+            if self.port is not None:
+                log.exception("grpc.thread_crashed")
+        finally:
+            self._to_trio(self.started.set)
+            self._to_trio(self.done.set)
+
+    def _to_trio(self, fn: Callable[[], object]) -> None:
+        try:
+            self.token.run_sync_soon(fn)
+        except trio.RunFinishedError:
+            pass
+
+    async def _main(self) -> None:
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._loop = loop
+            self._stop = asyncio.Event()
+            if self._stop_requested:
+                self._stop.set()
+        stop = self._stop
+
+        server = grpc.aio.server(
+            interceptors=[_AuthInterceptor(settings.tokens)] if settings.tokens else None,
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                ("grpc.so_reuseport", 0),  # a port in use is an error, not a shared port
+            ],
+        )
+        scheduler = SchedulerServicer(_Bridge(self.token, self.requests, loop), settings)
+        pb_grpc.add_SchedulerServicer_to_server(scheduler, server)
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        reflection.enable_server_reflection(
+            [
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
+        if settings.credentials is not None:
+            port = server.add_secure_port(settings.listen, settings.credentials)
+        else:
+            port = server.add_insecure_port(settings.listen)
+        await server.start()
+        for service in ("", SERVICE_NAME):
+            await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.port = port
+        self._to_trio(self.started.set)
+
+        await stop.wait()
+        log.info("grpc.stopping", grace_s=settings.grace_s)
+        await health.enter_graceful_shutdown()
+        scheduler.close_watches()
+        await server.stop(settings.grace_s)
+
+
+class _Bridge:
+    """Hands command batches to the Trio actor and awaits their results on the asyncio side."""
+
+    def __init__(
+        self,
+        token: trio.lowlevel.TrioToken,
+        requests: trio.MemorySendChannel[Request],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._token = token
+        self._requests = requests
+        self._loop = loop
+
+    def call(self, commands: Sequence[c.Command]) -> asyncio.Future[list[Result]]:
+        """A future of the batch's results; a CommandError if the actor can't take the batch."""
+        loop = self._loop
+        future: asyncio.Future[list[Result]] = loop.create_future()
+
+        def reply(results: list[Result]) -> None:  # Trio thread, called once by the actor
+            self._call_soon(_resolve, future, results)
+
+        def fail(code: ErrorCode, message: str) -> None:  # Trio thread
+            self._call_soon(_reject, future, CommandError(code, message))
+
+        request = Request(commands, reply)
+
+        def send() -> None:  # Trio thread; must not raise
+            try:
+                self._requests.send_nowait(request)
+            except trio.WouldBlock:
+                fail(ErrorCode.RESOURCE_EXHAUSTED, "server busy: too many requests, retry later")
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                fail(ErrorCode.UNAVAILABLE, "server is shutting down")
+
+        try:
+            self._token.run_sync_soon(send)
+        except trio.RunFinishedError:
+            future.set_exception(CommandError(ErrorCode.UNAVAILABLE, "server is shutting down"))
+        return future
+
+    def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the asyncio loop is closed: the call was abandoned at shutdown
+            pass
+
+
+def _resolve(future: asyncio.Future[list[Result]], results: list[Result]) -> None:
+    if not future.done():  # the caller may have gone away (cancelled)
+        future.set_result(results)
+
+
+def _reject(future: asyncio.Future[list[Result]], error: CommandError) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+# -- the service ------------------------------------------------------------------
+
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+def _rpc(handler: Handler) -> Handler:
+    """Turn a CommandError raised anywhere in a handler into the matching gRPC status."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: SchedulerServicer, request: Any, context: Any) -> Any:
+        try:
+            return await handler(self, request, context)
+        except CommandError as error:
+            log.debug(
+                "grpc.error", method=handler.__name__, code=error.code.name, msg=error.message
+            )
+            await context.abort(convert.status_code(error), error.message)
+
+    return wrapper
+
+
+class SchedulerServicer(pb_grpc.SchedulerServicer):
+    """kairoi.v1.Scheduler: converts each call into commands and the results back."""
+
+    def __init__(self, bridge: _Bridge, settings: _Settings) -> None:
+        self._bridge = bridge
+        self._budget = settings.max_message_bytes - _SIZE_MARGIN
+        self._watches: set[_Watch] = set()
+        self._closing = False
+
+    async def _call(self, commands: Sequence[c.Command]) -> list[Result]:
+        return await self._bridge.call(commands)
+
+    async def _one(self, command: c.Command) -> Any:
+        """The result of one command; a CommandError result is raised."""
+        [result] = await self._call([command])
+        if isinstance(result, CommandError):
+            raise result
+        return result
+
+    # -- jobs ------------------------------------------------------------------
+
+    @_rpc
+    async def SetJob(self, request: pb.SetJobRequest, context: Any) -> pb.SetJobResponse:
+        job = await self._one(convert.set_job_from_pb(request))
+        return pb.SetJobResponse(job=convert.job_to_pb(job))
+
+    async def _set_batch(self, requests: Iterable[pb.SetJobRequest]) -> list[pb.SetJobResult]:
+        """One result per job: conversion errors stay local, the rest go to the actor together."""
+        results: list[pb.SetJobResult] = []
+        commands: list[c.Command] = []
+        slots: list[int] = []
+        for request in requests:
+            try:
+                commands.append(convert.set_job_from_pb(request))
+                slots.append(len(results))
+                results.append(pb.SetJobResult())
+            except CommandError as error:
+                results.append(pb.SetJobResult(status=convert.error_status(error)))
+        if commands:
+            for slot, value in zip(slots, await self._call(commands), strict=True):
+                if isinstance(value, CommandError):
+                    results[slot] = pb.SetJobResult(status=convert.error_status(value))
+                else:
+                    results[slot] = pb.SetJobResult(
+                        status=pb.Status(code=0), job=convert.job_to_pb(value)
+                    )
+        return results
+
+    @_rpc
+    async def SetJobs(self, request: pb.SetJobsRequest, context: Any) -> pb.SetJobsResponse:
+        return pb.SetJobsResponse(results=await self._set_batch(request.jobs))
+
+    @_rpc
+    async def StreamSetJobs(
+        self, request_iterator: AsyncIterator[pb.SetJobsRequest], context: Any
+    ) -> pb.StreamSetJobsResponse:
+        response = pb.StreamSetJobsResponse()
+        index = 0
+        async for batch in request_iterator:
+            results = await self._retry_busy(lambda b=batch: self._set_batch(b.jobs))
+            for result, job in zip(results, batch.jobs, strict=True):
+                if result.status.code == 0:
+                    response.accepted += 1
+                else:
+                    response.failures.add(index=index, id=job.id, status=result.status)
+                index += 1
+        return response
+
+    async def _retry_busy(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """A bulk stream waits out a full actor queue instead of failing the whole stream."""
+        delay = 0.005
+        while True:
+            try:
+                return await attempt()
+            except CommandError as error:
+                if error.code is not ErrorCode.RESOURCE_EXHAUSTED:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    @_rpc
+    async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.GetJobResponse:
+        job = await self._one(c.GetJob(request.id))
+        return pb.GetJobResponse(job=convert.job_to_pb(job))
+
+    @_rpc
+    async def DeleteJob(self, request: pb.DeleteJobRequest, context: Any) -> pb.DeleteJobResponse:
+        await self._one(c.DeleteJob(request.id))
+        return pb.DeleteJobResponse()
+
+    @_rpc
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
+        page: c.JobPage = await self._one(convert.list_jobs_from_pb(request))
+        messages = [convert.job_to_pb(job) for job in page.jobs]
+        first = next(_chunks(messages, self._budget), [])
+        if len(first) < len(messages):  # cut short to fit the message size limit
+            return pb.ListJobsResponse(jobs=first, next_page_token=first[-1].id)
+        return pb.ListJobsResponse(jobs=messages, next_page_token=page.next_after)
+
+    # -- rules -----------------------------------------------------------------
+
+    @_rpc
+    async def SetRule(self, request: pb.SetRuleRequest, context: Any) -> pb.SetRuleResponse:
+        rule = convert.rule_from_pb(request.rule)
+        await self._one(c.SetRule(rule))
+        return pb.SetRuleResponse(rule=convert.rule_to_pb(rule))
+
+    @_rpc
+    async def GetRule(self, request: pb.GetRuleRequest, context: Any) -> pb.GetRuleResponse:
+        rule = await self._one(c.GetRule(request.id))
+        return pb.GetRuleResponse(rule=convert.rule_to_pb(rule))
+
+    @_rpc
+    async def DeleteRule(
+        self, request: pb.DeleteRuleRequest, context: Any
+    ) -> pb.DeleteRuleResponse:
+        await self._one(c.DeleteRule(request.id))
+        return pb.DeleteRuleResponse()
+
+    @_rpc
+    async def ListRules(self, request: pb.ListRulesRequest, context: Any) -> pb.ListRulesResponse:
+        command = convert.list_rules_from_pb(request)
+        rules = await self._one(command)
+        more = len(rules) >= command.limit
+        return pb.ListRulesResponse(
+            rules=[convert.rule_to_pb(rule) for rule in rules],
+            next_page_token=rules[-1].id if more and rules else "",
+        )
+
+    # -- server ----------------------------------------------------------------
+
+    @_rpc
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: Any
+    ) -> pb.GetServerInfoResponse:
+        return convert.server_info_to_pb(await self._one(c.GetInfo()))
+
+    # -- watching --------------------------------------------------------------
+
+    @_rpc
+    async def WatchJobs(self, request: pb.WatchJobsRequest, context: Any) -> None:
+        if self._closing:
+            raise CommandError(ErrorCode.UNAVAILABLE, "server is shutting down")
+        watch = _Watch(asyncio.get_running_loop())
+        self._watches.add(watch)
+        try:
+            snapshot = await self._one(
+                c.Subscribe(request.prefix, request.include_snapshot, watch.sink)
+            )
+            await context.send_initial_metadata(())  # tells the client the watch is registered
+            if request.include_snapshot:
+                events = [convert.snapshot_event_to_pb(job) for job in snapshot]
+                for chunk in _chunks(events, self._budget, at_least_one=True):
+                    await context.write(pb.WatchJobsResponse(events=chunk, snapshot=True))
+            while True:
+                await watch.wait()
+                if watch.closing:
+                    raise CommandError(ErrorCode.UNAVAILABLE, "server is shutting down")
+                events = [convert.job_event_to_pb(event) for event in watch.take()]
+                for chunk in _chunks(events, self._budget):
+                    await context.write(pb.WatchJobsResponse(events=chunk))
+                if watch.overflowed:
+                    raise CommandError(ErrorCode.RESOURCE_EXHAUSTED, "watch fell behind")
+                await asyncio.sleep(WATCH_TICK_S)
+        finally:
+            self._watches.discard(watch)
+            watch.end()
+            self._bridge.call([c.Unsubscribe(watch.sink)]).add_done_callback(_ignore_result)
+
+    def close_watches(self) -> None:
+        """End every open watch (with UNAVAILABLE) and refuse new ones: part of shutdown."""
+        self._closing = True
+        for watch in list(self._watches):
+            watch.close()
+
+
+def _ignore_result(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieve it, so asyncio does not log "never retrieved"
+
+
+def _chunks(messages: list[Any], budget: int, *, at_least_one: bool = False) -> Iterator[list[Any]]:
+    """Split messages into runs whose encoded size stays under budget (at least one each)."""
+    chunk: list[Message] = []
+    size = 0
+    for message in messages:
+        item = message.ByteSize() + 6  # the field tag and length prefix of a repeated entry
+        if chunk and size + item > budget:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(message)
+        size += item
+    if chunk or at_least_one:
+        yield chunk
+
+
+class _Watch:
+    """One WatchJobs stream's buffer between the actor (Trio thread) and its handler (asyncio).
+
+    The actor calls `sink` with each committed batch; it must not block, so it
+    only counts the events against the bound (under a lock shared with `take`)
+    and schedules them onto the asyncio loop. Past the bound the sink answers
+    False, which ends the subscription, and the handler ends the stream with
+    RESOURCE_EXHAUSTED after sending what it had.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int = WATCH_BUFFER_EVENTS) -> None:
+        self._loop = loop
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._pending = 0  # handed over by the sink and not yet taken
+        self._ended = False
+        self._events: deque[JobEvent] = deque()  # asyncio thread only
+        self._wake = asyncio.Event()
+        self.overflowed = False
+        self.closing = False
+
+    def sink(self, events: list[JobEvent]) -> bool:  # Trio thread
+        with self._lock:
+            if self._ended:
+                return False
+            if self._pending + len(events) > self._limit:
+                self._ended = self.overflowed = True
+                self._schedule(self._wake.set)
+                return False
+            self._pending += len(events)
+        return self._schedule(self._push, events)
+
+    def _schedule(self, fn: Callable[..., None], *args: Any) -> bool:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+            return True
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            return False
+
+    def _push(self, events: list[JobEvent]) -> None:
+        self._events.extend(events)
+        self._wake.set()
+
+    async def wait(self) -> None:
+        await self._wake.wait()
+
+    def take(self) -> list[JobEvent]:
+        events = list(self._events)
+        self._events.clear()
+        self._wake.clear()
+        with self._lock:
+            self._pending -= len(events)
+        return events
+
+    def close(self) -> None:  # asyncio thread
+        self.closing = True
+        self.end()
+        self._wake.set()
+
+    def end(self) -> None:
+        with self._lock:
+            self._ended = True
+
+
+# -- authentication ---------------------------------------------------------------------
+
+
+class _AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Require `authorization: Bearer <token>` on kairoi.v1 calls; health and reflection stay open.
+
+    Health and reflection are exempt so that load balancers, probes and grpcurl
+    can discover and check the server without holding a token; they reveal
+    nothing about jobs or rules.
+    """
+
+    def __init__(self, tokens: Sequence[str]) -> None:
+        self._accepted = [f"Bearer {token}".encode() for token in tokens]
+
+    def _authorized(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
+        for key, value in metadata or ():
+            if key == "authorization":
+                given = value.encode() if isinstance(value, str) else value
+                # compare with every token, in constant time, so timing reveals nothing
+                matches = [hmac.compare_digest(given, token) for token in self._accepted]
+                return any(matches)
+        return False
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method or ""
+        if handler is None or not method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        if self._authorized(handler_call_details.invocation_metadata):
+            return handler
+        return _deny(handler)
+
+
+def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that answers UNAUTHENTICATED."""
+
+    async def abort(_request: Any, context: Any) -> NoReturn:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid token")
+        raise AssertionError("unreachable")
+
+    async def abort_stream(_request: Any, context: Any) -> AsyncIterator[Any]:
+        await abort(_request, context)
+        yield  # pragma: no cover - makes this an async generator
+
+    codecs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort_stream, **codecs)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort, **codecs)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort_stream, **codecs)
+    return grpc.unary_unary_rpc_method_handler(abort, **codecs)
