@@ -16,7 +16,7 @@ once the disk does.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -67,6 +67,18 @@ class Log(Protocol):
 
     async def append(self, records: list[Record]) -> None: ...
 
+    @property
+    def bytes_since_snapshot(self) -> int: ...
+
+    @property
+    def snapshot_bytes(self) -> int: ...
+
+    async def rotate(self) -> int: ...
+
+    async def write_snapshot(
+        self, seq: int, jobs: Mapping[str, Job], rules: Mapping[str, Rule]
+    ) -> None: ...
+
 
 @dataclass
 class _Subscriber:
@@ -86,6 +98,7 @@ class CommandActor:
         rule_validator: RuleValidator | None = None,
         storage_errors: tuple[type[BaseException], ...] = (OSError,),
         on_commit: Callable[[State], None] | None = None,
+        compact_after_bytes: int = 0,
         clock: Callable[[], int] = now_us,
     ) -> None:
         self.state = state
@@ -97,20 +110,23 @@ class CommandActor:
         self._on_commit = on_commit
         self._clock = clock
         self._subscribers: list[_Subscriber] = []
+        self._compact_after = compact_after_bytes  # 0: never
+        self._compacting = False
+        self._background: trio.Nursery | None = None
         self.started_at = clock()
         self.batches = 0  # for metrics and tests
         self.commands = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve requests until every sender has closed its end of the channel."""
-        task_status.started()
         receive = self._receive
-        async with receive:
+        async with receive, trio.open_nursery() as self._background:
+            task_status.started()
             while True:
                 try:
                     first = await receive.receive()
                 except trio.EndOfChannel:
-                    return
+                    break
                 batch = [first]
                 size = len(first.commands)
                 while size < MAX_BATCH_COMMANDS:
@@ -121,6 +137,42 @@ class CommandActor:
                     batch.append(request)
                     size += len(request.commands)
                 await self._process(batch)
+                if self._should_compact():
+                    await self._start_compaction()
+
+    # -- compaction ---------------------------------------------------------------
+
+    def _should_compact(self) -> bool:
+        return (
+            self._compact_after > 0
+            and not self._compacting
+            # a log twice the live data or more, and at least the configured size
+            and self._log.bytes_since_snapshot >= max(self._compact_after, self._log.snapshot_bytes)
+        )
+
+    async def _start_compaction(self) -> None:
+        """Rotate the log between two appends, then write the snapshot in the
+        background from shallow copies (Jobs and Rules are immutable, so the
+        copies are a consistent view of the state at the rotation)."""
+        try:
+            seq = await self._log.rotate()
+        except self._storage_errors as error:
+            log.error("log rotation failed", error=str(error))
+            return
+        self._compacting = True
+        assert self._background is not None
+        self._background.start_soon(
+            self._write_snapshot, seq, dict(self.state.jobs), dict(self.state.rules)
+        )
+
+    async def _write_snapshot(self, seq: int, jobs: dict[str, Job], rules: dict[str, Rule]) -> None:
+        try:
+            await self._log.write_snapshot(seq, jobs, rules)
+            log.info("log compacted", segment=seq, jobs=len(jobs), rules=len(rules))
+        except self._storage_errors as error:
+            log.error("compaction failed", error=str(error))
+        finally:
+            self._compacting = False
 
     # -- one group commit ---------------------------------------------------------
 
@@ -395,6 +447,11 @@ class ActorClient:
 
     def clone(self) -> ActorClient:
         return ActorClient(self._send.clone())
+
+    @property
+    def channel(self) -> trio.MemorySendChannel[Request]:
+        """The raw channel, for the gRPC bridge's send_nowait from another thread's callbacks."""
+        return self._send
 
     async def submit(self, request: Request) -> None:
         await self._send.send(request)

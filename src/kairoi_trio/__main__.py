@@ -1,0 +1,5 @@
+import sys
+
+from kairoi_trio.cli import main
+
+sys.exit(main())

@@ -1,0 +1,203 @@
+"""serve(): the whole server in one nursery tree, started and stopped in order.
+
+    core      the command actor (single writer of state and log), housekeeping
+    work      runner pools, then the dispatcher that feeds them
+    front     the protocol listeners (KCP, gRPC)
+
+Start-up goes core -> work -> front, so nothing accepts a request before the
+log is replayed. Shutdown goes the other way: stop accepting, stop
+triggering, give running jobs the grace period, and let the actor answer what
+is still in flight before the log is closed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import structlog
+import trio
+
+from kairoi_trio import __version__
+from kairoi_trio.commands import ExpireFinished, Request
+from kairoi_trio.config import Config
+from kairoi_trio.core.actor import ActorClient, CommandActor
+from kairoi_trio.core.state import State
+from kairoi_trio.core.validation import RuleValidator
+from kairoi_trio.dispatch import Dispatcher, DueTimer
+from kairoi_trio.model import MICROS, Job, Status, now_us
+from kairoi_trio.protocols.kcp.server import KcpServer
+from kairoi_trio.runners.pool import RunnerPool, RunnerPools
+from kairoi_trio.runners.shell import ShellRunnerBackend
+from kairoi_trio.storage.log import DurableLog, StorageError
+
+log = structlog.get_logger(__name__)
+
+REQUEST_QUEUE = 1024  # requests waiting for the actor (each may carry many commands)
+HOUSEKEEPING_INTERVAL_S = 60.0
+
+
+@dataclass(frozen=True)
+class Ports:
+    kcp: int
+    grpc: int | None
+
+
+def load_state(store: DurableLog) -> State:
+    """Replay the log; jobs left `triggered` by the last run are planned again
+    (at-least-once: their run may or may not have happened)."""
+    started = time.monotonic()
+    loaded = store.load()
+    jobs = loaded.jobs
+    retriggered = 0
+    for job_id, job in jobs.items():
+        if job.status is Status.TRIGGERED:
+            jobs[job_id] = _replan(job)
+            retriggered += 1
+    state = State(jobs.values(), loaded.rules.values())
+    log.info(
+        "log replayed",
+        jobs=len(jobs),
+        rules=len(loaded.rules),
+        retriggered=retriggered,
+        repaired_tail_bytes=loaded.repaired_tail_bytes,
+        seconds=round(time.monotonic() - started, 3),
+    )
+    return state
+
+
+def _replan(job: Job) -> Job:
+    return replace(job, status=Status.PLANNED)
+
+
+def build_pools(config: Config, actor: ActorClient) -> RunnerPools:
+    shell = config.runners.shell
+    pools = {
+        "shell": RunnerPool(
+            ShellRunnerBackend(output_limit_bytes=shell.output_limit_bytes),
+            actor.clone(),
+            concurrency=shell.concurrency,
+            queue_size=shell.queue_size,
+        )
+    }
+    try:
+        from kairoi_trio.runners.amqp import AmqpRunnerBackend
+    except ImportError:  # pragma: no cover - the amqp runner is part of the package
+        pass
+    else:
+        amqp = config.runners.amqp
+        pools["amqp"] = RunnerPool(
+            AmqpRunnerBackend(
+                max_connections=amqp.max_connections,
+                heartbeat_s=amqp.heartbeat_s,
+                connect_timeout_s=amqp.connect_timeout_s,
+                confirm_timeout_s=amqp.confirm_timeout_s,
+            ),
+            actor.clone(),
+            concurrency=amqp.concurrency,
+            queue_size=amqp.queue_size,
+        )
+    return RunnerPools(pools)
+
+
+async def housekeeping(actor: ActorClient, retention_s: float) -> None:
+    """Drop finished jobs past their retention, a bounded number per command."""
+    while True:
+        before = now_us() - int(retention_s * MICROS)
+        try:
+            while await actor.call(ExpireFinished(before)):
+                pass
+        except Exception as error:  # storage down: try again next round
+            log.warning("retention pass failed", error=str(error))
+        await trio.sleep(HOUSEKEEPING_INTERVAL_S)
+
+
+async def serve(
+    config: Config,
+    stop: trio.Event,
+    *,
+    task_status: trio.TaskStatus[Ports] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    store = DurableLog(config.data_directory, fsync=config.database.fsync_on_persist)
+    state = await trio.to_thread.run_sync(load_state, store)
+    try:
+        await _serve_state(config, stop, store, state, task_status)
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.aclose()
+    log.info("stopped")
+
+
+async def _serve_state(
+    config: Config,
+    stop: trio.Event,
+    store: DurableLog,
+    state: State,
+    task_status: trio.TaskStatus[Ports],
+) -> None:
+    timer = DueTimer()
+    send, receive = trio.open_memory_channel[Request](REQUEST_QUEUE)
+    actor = CommandActor(
+        state,
+        store,
+        receive,
+        max_payload_bytes=config.jobs.max_payload_bytes,
+        rule_validator=RuleValidator(config.runners.shell.allowed_commands),
+        storage_errors=(StorageError,),
+        on_commit=lambda s: timer.update(s.next_due()),
+        compact_after_bytes=config.storage.compact_after_bytes,
+    )
+    timer.update(state.next_due())
+    client = ActorClient(send)
+    async with trio.open_nursery() as core:
+        await core.start(actor.run)
+        core.start_soon(housekeeping, client.clone(), config.storage.retention_s)
+        pools = build_pools(config, client)
+        async with trio.open_nursery() as work:
+            for pool in pools.pools.values():
+                await work.start(pool.run)
+            dispatching = trio.CancelScope()
+            dispatcher = Dispatcher(client.clone(), timer, pools)
+            work.start_soon(_run_in_scope, dispatching, dispatcher.run)
+            async with trio.open_nursery() as front:
+                kcp = KcpServer(client.clone(), config.controller, tokens=config.auth.tokens)
+                kcp_port = await front.start(kcp.serve)
+                grpc_port = await _start_grpc(front, config, client)
+                log.info("ready", version=__version__, kcp_port=kcp_port, grpc_port=grpc_port)
+                task_status.started(Ports(kcp_port, grpc_port))
+                await stop.wait()
+                log.info("stopping")
+                front.cancel_scope.cancel()
+            dispatching.cancel()
+            await pools.drain(config.shutdown.grace_period_s)
+        core.cancel_scope.cancel()
+
+
+async def _run_in_scope(scope: trio.CancelScope, fn: Callable[[], Awaitable[None]]) -> None:
+    with scope:
+        await fn()
+
+
+async def _start_grpc(nursery: trio.Nursery, config: Config, client: ActorClient) -> int | None:
+    if not config.grpc.enabled:
+        return None
+    try:
+        from kairoi_trio.protocols.grpc.server import serve_grpc
+    except ImportError as error:  # pragma: no cover
+        log.warning("grpc disabled", error=str(error))
+        return None
+    port: int = await nursery.start(
+        lambda task_status: serve_grpc(
+            client.clone().channel,
+            listen=config.grpc.listen,
+            grace_s=config.shutdown.grace_period_s,
+            tokens=config.auth.tokens,
+            max_message_bytes=config.grpc.max_message_bytes,
+            tls_cert=Path(config.grpc.tls_cert) if config.grpc.tls_cert else None,
+            tls_key=Path(config.grpc.tls_key) if config.grpc.tls_key else None,
+            task_status=task_status,
+        )
+    )
+    return port

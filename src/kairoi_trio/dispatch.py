@@ -1,0 +1,75 @@
+"""The dispatcher: sleeps until the earliest planned job is due, then has the
+command actor mark due jobs triggered (durably) and hands them to runner pools.
+
+There is no polling tick. The actor tells the DueTimer the earliest due time
+after every commit; the timer's sleep is a cancel scope whose deadline is moved
+in place, so a job set for earlier than everything else wakes the dispatcher
+at once, at no cost for the jobs that change nothing.
+"""
+
+from __future__ import annotations
+
+import structlog
+import trio
+
+from kairoi_trio.commands import TriggerDue, TriggerResult
+from kairoi_trio.core.actor import ActorClient
+from kairoi_trio.model import MICROS, now_us
+from kairoi_trio.runners.pool import RunnerPools
+
+log = structlog.get_logger(__name__)
+
+# Sleep at most this long at a time, so that a wall-clock step (NTP, a VM
+# resumed) delays a trigger by at most this much.
+MAX_SLEEP_S = 1.0
+
+
+class DueTimer:
+    def __init__(self) -> None:
+        self._next_due: int | None = None
+        self._scope: trio.CancelScope | None = None
+
+    def update(self, next_due: int | None) -> None:
+        """Called by the actor after each commit with the earliest due time."""
+        self._next_due = next_due
+        if self._scope is not None:
+            self._scope.deadline = self._deadline()
+
+    def _deadline(self) -> float:
+        if self._next_due is None:
+            return trio.current_time() + MAX_SLEEP_S
+        delay = (self._next_due - now_us()) / MICROS
+        return trio.current_time() + min(max(delay, 0.0), MAX_SLEEP_S)
+
+    async def wait_due(self) -> None:
+        """Return once a planned job is due."""
+        while self._next_due is None or self._next_due > now_us():
+            with trio.CancelScope(deadline=self._deadline()) as scope:
+                self._scope = scope
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    self._scope = None
+
+
+class Dispatcher:
+    def __init__(self, actor: ActorClient, timer: DueTimer, pools: RunnerPools) -> None:
+        self._actor = actor
+        self._timer = timer
+        self._pools = pools
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._timer.wait_due()
+            capacity = self._pools.capacity()
+            if not any(capacity.values()):
+                await self._pools.wait_for_capacity()
+                continue
+            result: TriggerResult = await self._actor.call(TriggerDue(now_us(), capacity))
+            for dispatch in result.dispatches:
+                self._pools.submit_nowait(dispatch)
+            if result.deferred and not result.dispatches:
+                # Due jobs wait for a full runner kind: sleep until a slot frees up.
+                with trio.move_on_after(MAX_SLEEP_S):
+                    await self._pools.wait_for_capacity()

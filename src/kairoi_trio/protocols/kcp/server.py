@@ -1,0 +1,214 @@
+"""The KCP listener: Trio I/O around the sans-io codec, one task pair per connection.
+
+Each connection has a reader and a writer. The reader parses everything a
+receive brought, answers what it can itself (PING, syntax errors), and sends
+the rest to the actor as ONE request, so a pipelining client pays the channel
+and group-commit costs once per chunk, not per message. Answers are slots in a
+FIFO; the writer sends the head slots as soon as they are filled, which keeps
+responses in request order whatever order the work completes in.
+
+Memory per connection is bounded: the reader stops reading while
+`max_pipelined` answers are waiting to be written, so a client that sends and
+never reads fills its own TCP window, not the server's memory.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import structlog
+import trio
+
+from kairoi_trio.commands import Command, CommandError, Request, Result
+from kairoi_trio.config import ControllerConfig, parse_address
+from kairoi_trio.core.actor import ActorClient
+from kairoi_trio.protocols.kcp import codec
+from kairoi_trio.protocols.kcp.instructions import Answer, Authenticate, render, translate
+
+log = structlog.get_logger(__name__)
+
+_NOT_YET = object()
+RECEIVE_SIZE = 65536
+
+
+class _Slot:
+    """One answer to come, in request order."""
+
+    __slots__ = ("id", "result", "data")
+
+    def __init__(self, id: str, data: bytes | None = None) -> None:
+        self.id = id
+        self.data = data  # the encoded answer, once known
+        self.result: object = _NOT_YET  # the actor's result, rendered by the writer
+
+    def ready(self) -> bool:
+        return self.data is not None or self.result is not _NOT_YET
+
+    def encode(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        result = self.result
+        if isinstance(result, CommandError):
+            return codec.error(self.id, result.message)
+        return codec.ok(self.id, *render(result))
+
+
+class KcpServer:
+    def __init__(
+        self,
+        actor: ActorClient,
+        config: ControllerConfig,
+        *,
+        tokens: Sequence[str] = (),
+    ) -> None:
+        self._actor = actor
+        self._config = config
+        self._tokens = [t.encode() for t in tokens]
+        self.connections = 0
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen until cancelled; started() gives the bound port (useful with port 0)."""
+        host, port = parse_address(self._config.listen)
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()[1]
+        log.info("kcp listening", host=host, port=bound)
+        task_status.started(bound)
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        try:
+            async with stream:
+                if self.connections > self._config.max_connections:
+                    await stream.send_all(codec.error(None, "too many connections"))
+                    return
+                await _Connection(self, stream).serve()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away
+        except Exception:  # one connection's bug must not stop the listener
+            log.exception("kcp connection failed")
+        finally:
+            self.connections -= 1
+
+    def check_token(self, token: str) -> bool:
+        given = token.encode()
+        return any(hmac.compare_digest(given, t) for t in self._tokens)
+
+
+class _Connection:
+    def __init__(self, server: KcpServer, stream: trio.SocketStream) -> None:
+        self.server = server
+        self.stream = stream
+        self.config = server._config
+        self.parser = codec.KcpParser(self.config.max_message_bytes)
+        self.pending: deque[_Slot] = deque()
+        self.authenticated = not server._tokens
+        self.reading = True
+        self.answered = trio.Event()  # set when a slot gets its answer
+        self.written = trio.Event()  # set when the writer freed slots
+
+    async def serve(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._write_loop, nursery.cancel_scope)
+            try:
+                await self._read_loop()
+            finally:
+                self.reading = False
+                self.answered.set()
+
+    # -- reading ----------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        idle = self.config.idle_timeout_s or float("inf")
+        limit = self.config.max_pipelined
+        while True:
+            while len(self.pending) >= limit:
+                await self.written.wait()
+            data = b""
+            with trio.move_on_after(idle) as idle_scope:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            if idle_scope.cancelled_caught:
+                self.pending.append(_Slot("*", codec.error(None, "idle timeout")))
+                return
+            if not data:
+                await self._handle_events(self.parser.close())
+                return
+            self.parser.feed(data)
+            if not await self._handle_events(self.parser.events()):
+                return
+
+    async def _handle_events(self, events: list) -> bool:
+        """Queue answers for one receive's worth of events; False: stop reading."""
+        commands: list[Command] = []
+        slots: list[_Slot] = []
+        keep_reading = True
+        for event in events:
+            if isinstance(event, codec.Message):
+                slot = _Slot(event.id)
+                self.pending.append(slot)
+                command = self._translate(event, slot)
+                if command is not None:
+                    commands.append(command)
+                    slots.append(slot)
+            elif isinstance(event, codec.BadMessage):
+                self.pending.append(_Slot("*", codec.error(event.id, event.reason)))
+            else:  # FatalError: answer, then close once earlier answers are out
+                self.pending.append(_Slot("*", codec.error(None, event.reason)))
+                keep_reading = False
+                break
+        if commands:
+            await self.server._actor.submit(Request(commands, self._replier(slots)))
+        if self.pending and self.pending[0].ready():
+            self.answered.set()
+        return keep_reading
+
+    def _translate(self, message: codec.Message, slot: _Slot) -> Command | None:
+        try:
+            action = translate(message.args)
+        except CommandError as error:
+            slot.data = codec.error(message.id, error.message)
+            return None
+        if isinstance(action, Answer):
+            slot.data = codec.ok(message.id, *action.args)
+        elif isinstance(action, Authenticate):
+            if self.server.check_token(action.token):
+                self.authenticated = True
+                slot.data = codec.ok(message.id)
+            else:
+                slot.data = codec.error(message.id, "invalid token")
+        elif not self.authenticated:
+            slot.data = codec.error(message.id, "authentication required: send AUTH <token>")
+        else:
+            return action
+        return None
+
+    def _replier(self, slots: list[_Slot]) -> Callable[[list[Result]], None]:
+        def reply(results: list[Result]) -> None:
+            for slot, result in zip(slots, results, strict=True):
+                slot.result = result
+            self.answered.set()  # the writer's current event, read at call time
+
+        return reply
+
+    # -- writing ----------------------------------------------------------------
+
+    async def _write_loop(self, connection_scope: trio.CancelScope) -> None:
+        pending = self.pending
+        try:
+            while True:
+                self.answered = trio.Event()
+                out = []
+                while pending and pending[0].ready():
+                    out.append(pending.popleft().encode())
+                if out:
+                    await self.stream.send_all(b"".join(out))
+                    self.written.set()
+                    self.written = trio.Event()
+                    continue
+                if not self.reading and not pending:
+                    return
+                await self.answered.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            connection_scope.cancel()  # the client is gone: stop reading too

@@ -1,0 +1,150 @@
+"""Bounded runner pools: a queue and a fixed number of workers per runner kind.
+
+A burst of due jobs waits in the queue instead of spawning without limit; the
+dispatcher only triggers as many jobs of a kind as that kind's queue has room
+for, so a slow or broken runner kind never holds up the others.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import structlog
+import trio
+
+from kairoi_trio.commands import CommandError, Dispatch, RecordOutcome
+from kairoi_trio.core.actor import ActorClient
+from kairoi_trio.runners.base import Runner, RunFailed
+
+log = structlog.get_logger(__name__)
+
+
+class RunnerPool:
+    def __init__(self, runner: Runner, actor: ActorClient, *, concurrency: int, queue_size: int):
+        self.runner = runner
+        self.kind = runner.kind
+        self.concurrency = concurrency
+        self.queue_size = queue_size
+        self._actor = actor
+        self._send, self._receive = trio.open_memory_channel[Dispatch](queue_size)
+        self.running = 0
+        self.capacity_changed = trio.Event()
+        # Cancelled at the end of the grace period: stops the runs still going.
+        self._runs_scope = trio.CancelScope()
+        self.completed = 0
+        self._closing = False
+
+    @property
+    def queued(self) -> int:
+        return self._receive.statistics().current_buffer_used
+
+    @property
+    def free(self) -> int:
+        return self.queue_size - self.queued
+
+    def submit_nowait(self, dispatch: Dispatch) -> None:
+        self._send.send_nowait(dispatch)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the runner's own service and the workers until cancelled."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.runner.serve)
+            with self._runs_scope:
+                async with trio.open_nursery() as workers:
+                    for _ in range(self.concurrency):
+                        workers.start_soon(self._worker)
+                    task_status.started()
+            nursery.cancel_scope.cancel()
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop taking queued jobs, give running ones `grace_s`, then cancel them.
+
+        Jobs still queued or cancelled stay `triggered` in the log and run again
+        at the next start (at-least-once)."""
+        self._closing = True
+        self._send.close()
+        with trio.move_on_after(grace_s):
+            while self.running:
+                await self._wait_capacity_change()
+        if self.running:
+            log.warning("cancelling runs at the end of the grace period", kind=self.kind, running=self.running)
+        self._runs_scope.cancel()
+
+    async def _worker(self) -> None:
+        while True:
+            try:
+                dispatch = await self._receive.receive()
+            except trio.EndOfChannel:
+                return
+            if self._closing:  # shutting down: leave it triggered for the next start
+                continue
+            self.running += 1
+            self._signal()
+            try:
+                await self._run_one(dispatch)
+            finally:
+                self.running -= 1
+                self.completed += 1
+                self._signal()
+
+    def _signal(self) -> None:
+        self.capacity_changed.set()
+        self.capacity_changed = trio.Event()
+
+    async def _wait_capacity_change(self) -> None:
+        await self.capacity_changed.wait()
+
+    async def _run_one(self, dispatch: Dispatch) -> None:
+        job, rule = dispatch.job, dispatch.rule
+        timeout = rule.policy.timeout_s
+        started = time.monotonic()
+        ok, message = False, ""
+        with trio.move_on_after(timeout if timeout is not None else float("inf")) as scope:
+            try:
+                message = await self.runner.run(job, rule)
+                ok = True
+            except RunFailed as failure:
+                message = failure.message
+            except Exception as error:  # a runner bug fails the job, not the server
+                log.exception("runner crashed", kind=self.kind, job=job.id)
+                message = f"runner error: {error!r}"
+        if scope.cancelled_caught:
+            message = f"timed out after {timeout}s"
+        elapsed = time.monotonic() - started
+        log.info(
+            "job run", job=job.id, rule=rule.id, kind=self.kind, ok=ok,
+            outcome=message, seconds=round(elapsed, 6), attempt=job.attempts,
+        )
+        try:
+            await self._actor.call(RecordOutcome(job.id, job.attempts, ok, message, rule.policy))
+        except CommandError as error:  # storage failed: the job stays triggered, runs again at start
+            log.error("could not record outcome", job=job.id, error=error.message)
+
+
+class RunnerPools:
+    """All pools, by kind, as the dispatcher sees them."""
+
+    def __init__(self, pools: Mapping[str, RunnerPool]) -> None:
+        self.pools = dict(pools)
+
+    def capacity(self) -> dict[str, int]:
+        return {kind: pool.free for kind, pool in self.pools.items()}
+
+    def submit_nowait(self, dispatch: Dispatch) -> None:
+        self.pools[dispatch.rule.runner.kind].submit_nowait(dispatch)
+
+    async def wait_for_capacity(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for pool in self.pools.values():
+                nursery.start_soon(self._first_signal, pool, nursery.cancel_scope)
+
+    @staticmethod
+    async def _first_signal(pool: RunnerPool, scope: trio.CancelScope) -> None:
+        await pool.capacity_changed.wait()
+        scope.cancel()
+
+    async def drain(self, grace_s: float) -> None:
+        async with trio.open_nursery() as nursery:
+            for pool in self.pools.values():
+                nursery.start_soon(pool.drain, grace_s)

@@ -1,0 +1,107 @@
+"""The shell runner: `sh <command> <job_id>`, as Kairoi ran it.
+
+Exit status 0 means executed; anything else, or a failure to start, means
+failed. The process gets its own session so that a timeout or a shutdown kills
+the whole process group, not just `sh`, and its stdout+stderr are captured up
+to a bound for the logs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+
+import structlog
+import trio
+
+from kairoi_trio.model import Job, Rule, ShellRunner
+from kairoi_trio.runners.base import Runner, RunFailed
+
+log = structlog.get_logger(__name__)
+
+
+class ShellRunnerBackend(Runner):
+    kind = "shell"
+
+    def __init__(self, *, output_limit_bytes: int = 64 << 10, cwd: str | None = None) -> None:
+        self.output_limit = output_limit_bytes
+        self.cwd = cwd
+
+    async def run(self, job: Job, rule: Rule) -> str:
+        assert isinstance(rule.runner, ShellRunner)
+        env = dict(os.environ, KAIROI_JOB_ID=job.id)
+        payload_file = None
+        if job.payload:
+            payload_file = await trio.to_thread.run_sync(_write_temp, job.payload)
+            env["KAIROI_PAYLOAD_FILE"] = payload_file
+        try:
+            status, output = await self._execute(["sh", rule.runner.command, job.id], env)
+        finally:
+            if payload_file is not None:
+                await trio.to_thread.run_sync(_remove, payload_file)
+        text = output.decode("utf-8", "replace").strip()
+        if text:
+            log.info("shell output", job=job.id, rule=rule.id, exit_status=status, output=text)
+        if status != 0:
+            reason = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+            raise RunFailed(reason)
+        return "exit status 0"
+
+    async def _execute(self, argv: list[str], env: dict[str, str]) -> tuple[int, bytes]:
+        try:
+            process = await trio.lowlevel.open_process(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.cwd,
+                start_new_session=True,
+            )
+        except OSError as error:
+            raise RunFailed(f"cannot start sh: {error.strerror}") from None
+        output = bytearray()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._capture, process.stdout, output)
+                status = await process.wait()
+                # The script may have left children holding the pipe open: do not wait for them.
+                nursery.cancel_scope.deadline = trio.current_time() + 0.1
+        finally:
+            if process.returncode is None:  # cancelled: a timeout or the end of the grace period
+                _kill_group(process.pid)
+                with trio.CancelScope(shield=True):
+                    await process.wait()
+        return status, bytes(output)
+
+    async def _capture(self, stream: trio.abc.ReceiveStream | None, output: bytearray) -> None:
+        if stream is None:
+            return
+        async with stream:
+            while chunk := await stream.receive_some(65536):
+                room = self.output_limit - len(output)
+                if room > 0:
+                    output += chunk[:room]
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _write_temp(payload: bytes) -> str:
+    fd, path = tempfile.mkstemp(prefix="kairoi-payload-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(payload)
+    return path
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

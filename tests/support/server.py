@@ -1,0 +1,126 @@
+"""Run `kairoi-trio serve` as a separate process, as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+READY_TIMEOUT_S = 30.0
+
+
+class ServerProcess:
+    """One server process with its own data directory and config.
+
+    Ports are chosen by the OS (port 0) and read back from the JSON "ready" log
+    line, so parallel test runs never collide.
+    """
+
+    def __init__(self, workdir: Path, extra_config: str = "") -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = workdir / "data"
+        self.config_path = workdir / "configuration.toml"
+        self.extra_config = extra_config
+        self.process: subprocess.Popen[bytes] | None = None
+        self.lines: list[str] = []
+        self.kcp_port = 0
+        self.grpc_port: int | None = None
+        self._ready = threading.Event()
+
+    def config_text(self) -> str:
+        base = {
+            "log": 'level = "info"\nformat = "json"',
+            "controller": 'listen = "127.0.0.1:0"',
+            "grpc": 'listen = "127.0.0.1:0"',
+            "metrics": 'listen = "127.0.0.1:0"',
+            "storage": f'directory = "{self.data_dir}"',
+            "shutdown": "grace_period_s = 2.0",
+        }
+        extra = _parse_tables(self.extra_config)
+        for table, body in extra.items():
+            base[table] = (base.get(table, "") + "\n" + body).strip()
+        return "\n".join(f"[{table}]\n{body}\n" for table, body in base.items())
+
+    def start(self) -> ServerProcess:
+        self.config_path.write_text(self.config_text())
+        self.lines = []
+        self._ready = threading.Event()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "kairoi_trio", "serve", "-c", str(self.config_path)],
+            cwd=self.workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        threading.Thread(target=self._read_logs, args=(self.process,), daemon=True).start()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not self._ready.wait(0.05):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_text()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"server not ready in {READY_TIMEOUT_S}s:\n{self.log_text()}")
+        return self
+
+    def _read_logs(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stderr is not None
+        for raw in process.stderr:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.lines.append(line)
+            event = self._parse(line)
+            if event.get("event") == "ready":
+                self.kcp_port = event["kcp_port"]
+                self.grpc_port = event.get("grpc_port")
+                self._ready.set()
+
+    @staticmethod
+    def _parse(line: str) -> dict:
+        try:
+            value = json.loads(line)
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    def events(self, name: str | None = None) -> list[dict]:
+        parsed = [self._parse(line) for line in list(self.lines)]
+        return [e for e in parsed if e and (name is None or e.get("event") == name)]
+
+    def log_text(self) -> str:
+        return "\n".join(self.lines)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait: the clean shutdown path."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def restart(self) -> ServerProcess:
+        if self.process is not None and self.process.poll() is None:
+            self.stop()
+        return self.start()
+
+
+def _parse_tables(text: str) -> dict[str, str]:
+    tables: dict[str, str] = {}
+    current = None
+    for line in text.strip().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            current = stripped[1:-1]
+            tables.setdefault(current, "")
+        elif current is not None:
+            tables[current] += line + "\n"
+    return {k: v.strip() for k, v in tables.items()}
