@@ -395,6 +395,10 @@ class AmqpConnection:
             self._idle = trio.Event()
             await self._idle.wait()
 
+    async def wait_closed(self) -> None:
+        """Return once the connection is closed, whoever closed it (see `close_reason`)."""
+        await self._closed.wait()
+
     async def aclose(self) -> None:
         """Close politely (connection.close, wait briefly for close-ok); idempotent.
 

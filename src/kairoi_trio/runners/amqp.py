@@ -1,0 +1,211 @@
+"""The `amqp` runner: publish each due job's id to RabbitMQ; executed once the broker confirms.
+
+Connections are opened on first use per DSN string, kept alive, shared by every
+rule with that DSN, and bounded: beyond `max_connections` the least recently
+used is closed (after its in-flight confirms settle). A connection that dies is
+dropped; the next run reopens it, and if that fails the DSN goes into backoff
+(0.5 s doubling to 30 s) during which runs fail at once with the last error, so
+a down broker is not hammered. See docs/amqp.md.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import structlog
+import trio
+
+from kairoi_trio.model import AmqpRunner, Job, Rule, to_datetime
+from kairoi_trio.runners.amqp_client import (
+    AmqpConnection,
+    AmqpError,
+    AmqpOptions,
+    AmqpUrl,
+    Properties,
+    serve_amqp_connection,
+)
+from kairoi_trio.runners.base import RunFailed, Runner
+
+log = structlog.get_logger(__name__)
+
+_MAX_SHORTSTR = 255
+
+
+@dataclass(slots=True)
+class _Slot:
+    """What we keep per DSN: its connection, or why there is none and when to retry."""
+
+    url: AmqpUrl
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    conn: AmqpConnection | None = None
+    failures: int = 0
+    retry_at: float = 0.0
+    last_error: str = ""
+
+
+class AmqpRunnerBackend(Runner):
+    """Publishes jobs for `amqp` rules; start `serve` with `nursery.start` before `run`."""
+
+    kind = "amqp"
+    backoff_initial_s = 0.5
+    backoff_max_s = 30.0
+
+    def __init__(
+        self,
+        *,
+        max_connections: int = 16,
+        heartbeat_s: int = 30,
+        connect_timeout_s: float = 10,
+        confirm_timeout_s: float = 30,
+    ) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        self.max_connections = max_connections
+        self.confirm_timeout_s = confirm_timeout_s
+        self._options = AmqpOptions(heartbeat_s=heartbeat_s, connect_timeout_s=connect_timeout_s)
+        self._slots: OrderedDict[str, _Slot] = OrderedDict()  # least recently used first
+        self._nursery: trio.Nursery | None = None
+
+    # -- lifecycle
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the nursery the connections live in; cancel it to drop them all."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            self._slots.clear()
+
+    async def aclose(self) -> None:
+        """Close every connection politely (for a graceful shutdown, before cancelling serve)."""
+        slots = list(self._slots.values())
+        self._slots.clear()
+        async with trio.open_nursery() as nursery:
+            for slot in slots:
+                if slot.conn is not None:
+                    nursery.start_soon(slot.conn.aclose)
+
+    @property
+    def open_connections(self) -> list[str]:
+        """Open connections (password-free DSNs), least recently used first."""
+        return [
+            slot.url.redacted()
+            for slot in self._slots.values()
+            if slot.conn is not None and slot.conn.is_open
+        ]
+
+    # -- running a job
+
+    async def run(self, job: Job, rule: Rule) -> str:
+        spec = rule.runner
+        if not isinstance(spec, AmqpRunner):
+            raise RunFailed(f"amqp runner given a {spec.kind} rule")
+        target = f"{spec.exchange}/{spec.routing_key}"
+        conn = await self._connection(spec.dsn)
+        where = conn.url.redacted()
+        try:
+            if not await conn.exchange_exists(spec.exchange, timeout=self.confirm_timeout_s):
+                raise self._failed(job, f"exchange {spec.exchange!r} does not exist on {where}")
+            await conn.publish(
+                spec.exchange,
+                spec.routing_key,
+                job.id.encode(),
+                properties=_properties(job),
+                timeout=self.confirm_timeout_s,
+            )
+        except AmqpError as exc:
+            reason = f"publish to {target} on {where} failed: {exc.reason}"
+            raise self._failed(job, reason) from None
+        return f"published to {target}"
+
+    def _failed(self, job: Job, reason: str) -> RunFailed:
+        log.warning("amqp.run_failed", job=job.id, reason=reason)
+        return RunFailed(reason)
+
+    async def _connection(self, dsn: str) -> AmqpConnection:
+        """The open connection for `dsn`, opening it (once, for all waiting runs) if needed."""
+        slot = self._slots.get(dsn)
+        if slot is None:
+            try:
+                url = AmqpUrl.parse(dsn)
+            except AmqpError as exc:
+                raise RunFailed(exc.reason) from None
+            slot = self._slots[dsn] = _Slot(url)
+        self._slots.move_to_end(dsn)
+        if slot.conn is not None and slot.conn.is_open:
+            return slot.conn
+        async with slot.lock:
+            if slot.conn is not None:
+                if slot.conn.is_open:
+                    return slot.conn
+                slot.last_error = slot.conn.close_reason or "connection closed"
+                slot.conn = None
+            wait = slot.retry_at - trio.current_time()
+            if wait > 0:
+                raise RunFailed(f"{slot.last_error} (next connection attempt in {wait:.1f}s)")
+            if self._nursery is None:
+                raise RunFailed("amqp runner is not running")
+            try:
+                conn: AmqpConnection = await self._nursery.start(
+                    serve_amqp_connection, dsn, self._options
+                )
+            except AmqpError as exc:
+                slot.failures += 1
+                delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (slot.failures - 1))
+                slot.retry_at = trio.current_time() + delay
+                slot.last_error = exc.reason
+                log.warning("amqp.connect_failed", reason=exc.reason, retry_in_s=delay)
+                raise RunFailed(exc.reason) from None
+            slot.conn = conn
+            slot.failures = 0
+            slot.retry_at = 0.0
+        # Evicted while we were connecting? Put it back as the most recently used.
+        self._slots[dsn] = slot
+        self._slots.move_to_end(dsn)
+        self._evict()
+        return conn
+
+    def _evict(self) -> None:
+        while len(self._slots) > self.max_connections:
+            _, slot = self._slots.popitem(last=False)
+            if slot.conn is not None and slot.conn.is_open and self._nursery is not None:
+                log.info("amqp.connection_evicted", amqp=slot.url.redacted())
+                self._nursery.start_soon(self._retire, slot.conn)
+
+    async def _retire(self, conn: AmqpConnection) -> None:
+        """Close an evicted connection once the publishes already on it are confirmed."""
+        with trio.move_on_after(self.confirm_timeout_s):
+            await conn.wait_idle()
+        await conn.aclose()
+
+
+def _properties(job: Job) -> Properties:
+    headers: dict[str, object] = {
+        "kairoi-execute-at": to_datetime(job.execute_at).isoformat(),
+        "kairoi-attempt": job.attempts,
+    }
+    if job.payload:
+        headers["kairoi-payload"] = _header_bytes(job.payload)
+    # message_id is a short string; a longer id is still the body.
+    message_id = job.id if len(job.id.encode()) <= _MAX_SHORTSTR else None
+    return Properties(
+        content_type="text/plain",
+        message_id=message_id,
+        timestamp=datetime.now(UTC),
+        delivery_mode=2,
+        headers=headers,
+    )
+
+
+def _header_bytes(payload: bytes) -> str | bytearray:
+    """The payload's exact bytes: a long string when it is UTF-8 (as most clients expect),
+    else a byte array."""
+    try:
+        return payload.decode()
+    except UnicodeDecodeError:
+        return bytearray(payload)

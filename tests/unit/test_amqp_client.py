@@ -1,0 +1,239 @@
+"""The pamqp-based publisher against a real RabbitMQ (scripts/rabbitmq.sh starts it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from kairoi_trio.runners.amqp_client import (
+    AmqpChannelError,
+    AmqpConnectionError,
+    AmqpOptions,
+    AmqpTimeoutError,
+    AmqpUrl,
+    message_properties,
+    open_amqp_connection,
+    serve_amqp_connection,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import amqp_broker as broker  # noqa: E402
+from amqp_broker import Admin, Route  # noqa: E402
+
+
+@pytest.fixture
+def admin() -> Iterator[Admin]:
+    broker.ensure_broker()
+    admin = Admin()
+    yield admin
+    admin.close()
+
+
+@pytest.fixture
+def route(admin: Admin) -> Iterator[Route]:
+    route = broker.make_route(admin, "client")
+    yield route
+    broker.remove_route(route)
+
+
+# --- URLs (no broker needed) ----------------------------------------------------
+
+
+def test_url_defaults_and_vhost_decoding() -> None:
+    url = AmqpUrl.parse("amqp://localhost")
+    assert (url.host, url.port, url.username, url.password, url.vhost, url.tls) == (
+        "localhost",
+        5672,
+        "guest",
+        "guest",
+        "/",
+        False,
+    )
+    assert AmqpUrl.parse("amqp://u:p@h/").vhost == "/"
+    assert AmqpUrl.parse("amqp://u:p@h/%2F").vhost == "/"
+    assert AmqpUrl.parse("amqp://u:p@h/prod").vhost == "prod"
+    tls = AmqpUrl.parse("amqps://u:p%40ss@h/")
+    assert (tls.port, tls.tls, tls.password) == (5671, True, "p@ss")
+    assert AmqpUrl.parse("amqp://u:secret@h:1/v").redacted() == "amqp://u@h:1/v"
+
+
+def test_url_rejects_other_schemes() -> None:
+    with pytest.raises(AmqpConnectionError, match="scheme"):
+        AmqpUrl.parse("http://localhost/")
+
+
+# --- publishing -------------------------------------------------------------------
+
+
+async def test_publish_is_confirmed_and_arrives(admin: Admin, route: Route) -> None:
+    headers = {"kairoi-payload": "hé", "raw": bytearray(b"\xff\x00"), "n": 3}
+    props = message_properties(content_type="text/plain", message_id="m-1", headers=headers)
+    async with open_amqp_connection(broker.URL) as conn:
+        assert conn.is_open
+        await conn.publish(route.exchange, route.routing_key, b"job-1", properties=props)
+        assert conn.in_flight == 0
+    assert not conn.is_open
+    assert conn.close_reason == "connection closed by client"
+    [message] = await trio.to_thread.run_sync(admin.drain, route.queue)
+    assert message.body == b"job-1"
+    assert message.properties.message_id == "m-1"
+    assert message.properties.content_type == "text/plain"
+    assert message.properties.delivery_mode == 2
+    assert message.properties.timestamp is not None
+    assert message.properties.headers["kairoi-payload"] == "hé"
+    assert message.properties.headers["raw"] == bytearray(b"\xff\x00")
+    assert message.properties.headers["n"] == 3
+
+
+async def test_a_thousand_concurrent_publishes_all_confirmed_once(
+    admin: Admin, route: Route
+) -> None:
+    count = 1000
+    async with open_amqp_connection(broker.URL) as conn:
+
+        async def publish(i: int) -> None:
+            props = message_properties(message_id=str(i))
+            await conn.publish(route.exchange, route.routing_key, b"%d" % i, properties=props)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(count):
+                nursery.start_soon(publish, i)
+        assert conn.in_flight == 0
+    messages = await trio.to_thread.run_sync(admin.drain, route.queue)
+    bodies = sorted(int(m.body) for m in messages)
+    assert bodies == list(range(count))
+
+
+async def test_missing_exchange_closes_only_the_channel(admin: Admin, route: Route) -> None:
+    missing = broker.unique("missing")
+    async with open_amqp_connection(broker.URL) as conn:
+        assert await conn.exchange_exists(route.exchange)
+        assert not await conn.exchange_exists(missing)
+        with pytest.raises(AmqpChannelError) as info:
+            await conn.publish(missing, "rk", b"lost")
+        assert info.value.reply_code == 404
+        assert missing in info.value.reason
+        assert conn.is_open
+        await conn.publish(route.exchange, route.routing_key, b"after")
+    [message] = await trio.to_thread.run_sync(admin.drain, route.queue)
+    assert message.body == b"after"
+
+
+# --- failing to connect -------------------------------------------------------------
+
+
+async def test_wrong_password_is_a_clear_error() -> None:
+    broker.ensure_broker()
+    with pytest.raises(AmqpConnectionError) as info:
+        async with open_amqp_connection(f"amqp://guest:wrong@{broker.HOST}:{broker.PORT}/"):
+            pass
+    assert info.value.reply_code == 403
+    assert "ACCESS_REFUSED" in info.value.reason
+    assert "wrong" not in info.value.reason  # no password in messages
+
+
+async def test_unknown_vhost_is_a_clear_error() -> None:
+    broker.ensure_broker()
+    vhost = broker.unique("vhost")
+    with pytest.raises(AmqpConnectionError) as info:
+        async with open_amqp_connection(f"{broker.URL}{vhost}"):
+            pass
+    assert info.value.reply_code == 530
+    assert f"vhost {vhost} not found" in info.value.reason
+
+
+async def test_unreachable_port_fails_fast() -> None:
+    started = time.monotonic()
+    with pytest.raises(AmqpConnectionError, match="Connection refused"):
+        async with open_amqp_connection("amqp://guest:guest@127.0.0.1:1/"):
+            pass
+    assert time.monotonic() - started < 2
+
+
+# --- broker faults on an open connection -----------------------------------------------
+
+
+async def test_broker_closing_the_connection_fails_in_flight_publishes(
+    nursery: trio.Nursery, route: Route
+) -> None:
+    conn = await nursery.start(serve_amqp_connection, broker.URL)
+    await conn.publish(route.exchange, route.routing_key, b"before")
+    name = "kairoi-close-test"
+    await trio.to_thread.run_sync(broker.rabbitmqctl, "close_all_connections", name)
+    with trio.fail_after(5):
+        await conn.wait_closed()
+    assert "CONNECTION_FORCED" in conn.close_reason
+    with pytest.raises(AmqpConnectionError, match="CONNECTION_FORCED"):
+        await conn.publish(route.exchange, route.routing_key, b"after")
+
+
+async def test_frozen_broker_is_detected_by_heartbeats(nursery: trio.Nursery, route: Route) -> None:
+    conn = await nursery.start(serve_amqp_connection, broker.URL, AmqpOptions(heartbeat_s=2))
+    await conn.publish(route.exchange, route.routing_key, b"warm-up")
+    pid = broker.beam_pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(AmqpConnectionError, match="missed heartbeats"):
+            with trio.fail_after(10):
+                await conn.publish(route.exchange, route.routing_key, b"into the void")
+        assert time.monotonic() - started < 7
+        assert not conn.is_open
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+async def test_blocked_connection_holds_publishes_until_unblocked(
+    nursery: trio.Nursery, admin: Admin, route: Route
+) -> None:
+    conn = await nursery.start(serve_amqp_connection, broker.URL)
+    await trio.to_thread.run_sync(broker.rabbitmqctl, "set_vm_memory_high_watermark", "0.000001")
+    try:
+        with trio.fail_after(10):
+            while not conn.is_blocked:
+                try:
+                    await conn.publish(route.exchange, route.routing_key, b"x", timeout=0.5)
+                except AmqpTimeoutError:
+                    pass
+        with pytest.raises(AmqpTimeoutError, match="blocked"):
+            await conn.publish(route.exchange, route.routing_key, b"held", timeout=0.5)
+    finally:
+        await trio.to_thread.run_sync(broker.rabbitmqctl, "set_vm_memory_high_watermark", "0.4")
+    with trio.fail_after(10):
+        await conn.publish(route.exchange, route.routing_key, b"through")
+    assert not conn.is_blocked
+    bodies = [m.body for m in await trio.to_thread.run_sync(admin.drain, route.queue)]
+    assert b"through" in bodies
+
+
+# --- cancellation ------------------------------------------------------------------------
+
+
+async def test_cancelled_publishes_leave_the_connection_usable(admin: Admin, route: Route) -> None:
+    async with open_amqp_connection(broker.URL) as conn:
+        await conn.publish(route.exchange, route.routing_key, b"open the channel")
+        # Cancelled after its frames were queued: the confirm comes back to nobody.
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await conn.publish(route.exchange, route.routing_key, b"cancelled-after-queueing")
+        # A burst cut short at random points.
+        with trio.move_on_after(0.005):
+            async with trio.open_nursery() as nursery:
+                for i in range(300):
+                    nursery.start_soon(conn.publish, route.exchange, route.routing_key, b"b%d" % i)
+        await conn.publish(route.exchange, route.routing_key, b"last")
+        with trio.fail_after(5):
+            await conn.wait_idle()
+        assert conn.is_open
+    bodies = [m.body for m in await trio.to_thread.run_sync(admin.drain, route.queue)]
+    assert bodies[0] == b"open the channel"
+    assert b"cancelled-after-queueing" in bodies
+    assert bodies[-1] == b"last"
+    assert len(bodies) == len(set(bodies))
