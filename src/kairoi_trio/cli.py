@@ -48,6 +48,9 @@ def run_server(config: Config) -> int:
     from kairoi_trio.observability.logging import configure_logging
 
     configure_logging(config.log.level, config.log.format)
+    # A file-size limit (ulimit -f) must fail a write with EFBIG, like a full
+    # disk, instead of killing the scheduler.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         trio.run(_serve_until_signal, config)
     except BaseException as error:

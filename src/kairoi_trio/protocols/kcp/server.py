@@ -25,7 +25,13 @@ from kairoi_trio.commands import Command, CommandError, Request, Result
 from kairoi_trio.config import ControllerConfig, parse_address
 from kairoi_trio.core.actor import ActorClient
 from kairoi_trio.protocols.kcp import codec
-from kairoi_trio.protocols.kcp.instructions import Answer, Authenticate, render, translate
+from kairoi_trio.protocols.kcp.instructions import (
+    Answer,
+    Authenticate,
+    render,
+    renders_data,
+    translate,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -36,10 +42,11 @@ RECEIVE_SIZE = 65536
 class _Slot:
     """One answer to come, in request order."""
 
-    __slots__ = ("id", "result", "data")
+    __slots__ = ("id", "result", "data", "with_data")
 
     def __init__(self, id: str, data: bytes | None = None) -> None:
         self.id = id
+        self.with_data = False  # GET and RULE GET answer OK with data; the rest a bare OK
         self.data = data  # the encoded answer, once known
         self.result: object = _NOT_YET  # the actor's result, rendered by the writer
 
@@ -52,7 +59,7 @@ class _Slot:
         result = self.result
         if isinstance(result, CommandError):
             return codec.error(self.id, result.message)
-        return codec.ok(self.id, *render(result))
+        return codec.ok(self.id, *render(result)) if self.with_data else codec.ok(self.id)
 
 
 class KcpServer:
@@ -150,6 +157,7 @@ class _Connection:
                 self.pending.append(slot)
                 command = self._translate(event, slot)
                 if command is not None:
+                    slot.with_data = renders_data(command)
                     commands.append(command)
                     slots.append(slot)
             elif isinstance(event, codec.BadMessage):
