@@ -442,7 +442,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     async def WatchJobs(self, request: pb.WatchJobsRequest, context: Any) -> None:
         if self._closing:
             raise CommandError(ErrorCode.UNAVAILABLE, "server is shutting down")
-        watch = _Watch(asyncio.get_running_loop())
+        watch = _Watch(asyncio.get_running_loop(), WATCH_BUFFER_EVENTS)
         self._watches.add(watch)
         try:
             snapshot = await self._one(
@@ -505,7 +505,7 @@ class _Watch:
     RESOURCE_EXHAUSTED after sending what it had.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int = WATCH_BUFFER_EVENTS) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int) -> None:
         self._loop = loop
         self._limit = limit
         self._lock = threading.Lock()
