@@ -162,11 +162,11 @@ class DurableLog:
     def load(self) -> LoadedState:
         """Lock the directory, replay it, repair a torn tail, and open the active segment.
 
-        BLOCKING: run it with trio.to_thread.run_sync. The garbage collector is
-        paused while replaying and everything alive afterwards is gc.freeze()d
-        (a million long-lived jobs otherwise cost full collections of ~0.3 s). Raises DirectoryLockedError
+        BLOCKING: run it with trio.to_thread.run_sync. Raises DirectoryLockedError
         if the directory is in use, CorruptLogError if it cannot be read safely,
-        OSError for I/O failures.
+        OSError for I/O failures. The garbage collector is paused while replaying
+        and everything alive afterwards is gc.freeze()d: a million long-lived jobs
+        would otherwise cost full collections of ~0.3 s now and then.
         """
         if self._lock_fd is not None or self._closed:
             raise RuntimeError("DurableLog.load() can only be called once")

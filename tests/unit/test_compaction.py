@@ -1,0 +1,259 @@
+"""Compaction keeps the latest state, shrinks the directory, and survives a crash anywhere."""
+
+from __future__ import annotations
+
+import errno
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from kairoi_trio.model import Job, Rule, ShellRunner, Status
+from kairoi_trio.storage import compaction
+from kairoi_trio.storage.compaction import segment_path, snapshot_path
+from kairoi_trio.storage.log import CorruptLogError, DurableLog, LoadedState, StorageError
+from kairoi_trio.storage.records import JobDelete, JobPut, JobStatus, RulePut, apply_record
+
+RULE = Rule("r1", "app.", ShellRunner("/bin/true"))
+
+
+class Model:
+    """The state a command actor would hold, kept next to the log it writes."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, Job] = {}
+        self.rules: dict[str, Rule] = {}
+
+    async def append(self, log: DurableLog, records: list) -> None:
+        await log.append(records)
+        for record in records:
+            apply_record(self.jobs, self.rules, record)
+
+
+async def open_log(directory: Path) -> tuple[DurableLog, LoadedState]:
+    log = DurableLog(directory)
+    state = await trio.to_thread.run_sync(log.load)
+    return log, state
+
+
+def load(directory: Path) -> LoadedState:
+    log = DurableLog(directory)
+    state = log.load()
+    log._close_blocking()
+    return state
+
+
+def names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name != "LOCK")
+
+
+def directory_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir())
+
+
+async def churn(log: DurableLog, model: Model, rounds: int = 20) -> None:
+    """Many overwrites of a few jobs: a log that compacts well."""
+    for r in range(rounds):
+        await model.append(
+            log,
+            [JobPut(Job(f"j{i}", r, payload=b"p" * 200)) for i in range(10)]
+            + [JobStatus("j0", Status.TRIGGERED, r, "", r), JobDelete("j9"), RulePut(RULE)],
+        )
+
+
+async def test_compaction_keeps_the_latest_state_and_shrinks_the_directory(tmp_path: Path) -> None:
+    log, _ = await open_log(tmp_path)
+    model = Model()
+    await churn(log, model)
+    before = directory_bytes(tmp_path)
+    assert log.bytes_since_snapshot > 20 * 10 * 200
+    await log.compact(dict(model.jobs), dict(model.rules))
+    assert names(tmp_path) == ["segment-0000000002.log", "snapshot-0000000001.snap"]
+    assert directory_bytes(tmp_path) < before / 10
+    assert log.bytes_since_snapshot < 100 and log.snapshot_bytes > 9 * 200
+    await model.append(log, [JobPut(Job("after", 1))])
+    await log.aclose()
+    state = load(tmp_path)
+    assert state.jobs == model.jobs and state.rules == model.rules
+    assert state.snapshot_seq == 1
+    assert state.jobs["j0"].status is Status.TRIGGERED and state.jobs["j0"].payload == b"p" * 200
+
+
+async def test_second_compaction_replaces_the_first(tmp_path: Path) -> None:
+    log, _ = await open_log(tmp_path)
+    model = Model()
+    for _ in range(3):
+        await churn(log, model, rounds=2)
+        await log.compact(dict(model.jobs), dict(model.rules))
+    assert names(tmp_path) == ["segment-0000000004.log", "snapshot-0000000003.snap"]
+    await log.aclose()
+    assert load(tmp_path).jobs == model.jobs
+
+
+async def test_appends_continue_while_the_snapshot_is_written(tmp_path: Path, monkeypatch) -> None:
+    log, _ = await open_log(tmp_path)
+    model = Model()
+    await churn(log, model, rounds=3)
+    release = threading.Event()
+    real = compaction.write_snapshot
+
+    def slow_write_snapshot(*args, **kwargs):
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compaction, "write_snapshot", slow_write_snapshot)
+    seq = await log.rotate()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(log.write_snapshot, seq, dict(model.jobs), dict(model.rules))
+        await trio.sleep(0.05)
+        assert log.compacting
+        with pytest.raises(RuntimeError, match="already running"):
+            await log.compact(dict(model.jobs), dict(model.rules))
+        await model.append(log, [JobPut(Job("during", 7)), JobDelete("j1")])
+        release.set()
+    assert not log.compacting
+    await model.append(log, [JobPut(Job("later", 8))])
+    await log.aclose()
+    state = load(tmp_path)
+    assert state.jobs == model.jobs and "during" in state.jobs and "j1" not in state.jobs
+
+
+async def test_write_snapshot_rejects_a_segment_that_is_not_sealed(tmp_path: Path) -> None:
+    log, _ = await open_log(tmp_path)
+    with pytest.raises(ValueError):
+        await log.write_snapshot(log.active_segment, {}, {})
+    await log.aclose()
+
+
+async def test_failed_snapshot_changes_nothing(tmp_path: Path, monkeypatch) -> None:
+    log, _ = await open_log(tmp_path)
+    model = Model()
+    await churn(log, model, rounds=2)
+    real = compaction.write_snapshot_tmp
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(compaction, "write_snapshot_tmp", disk_full)
+    with pytest.raises(StorageError, match="disk full"):
+        await log.compact(dict(model.jobs), dict(model.rules))
+    assert not log.compacting
+    assert names(tmp_path) == ["segment-0000000001.log", "segment-0000000002.log"]
+    monkeypatch.setattr(compaction, "write_snapshot_tmp", real)
+    await model.append(log, [JobPut(Job("x", 1))])
+    await log.compact(dict(model.jobs), dict(model.rules))
+    await log.aclose()
+    assert load(tmp_path).jobs == model.jobs
+
+
+# -- crash safety: stop after each step, then start up ------------------------------------
+
+
+async def _prepare(directory: Path) -> tuple[int, Model, Model]:
+    """A log with a snapshot, later segments, and a rotation for the next compaction.
+
+    Returns the sealed segment number and the state as of the end of it. The
+    log is closed afterwards, which for the files is the same as a crash: every
+    write is a direct os.pwrite, nothing is buffered in the process.
+    """
+    log, _ = await open_log(directory)
+    model = Model()
+    await churn(log, model, rounds=3)
+    await log.compact(dict(model.jobs), dict(model.rules))  # snapshot 1, segment 2 active
+    await churn(log, model, rounds=2)
+    seq = await log.rotate()  # seals 2
+    snapshot = Model()
+    snapshot.jobs, snapshot.rules = dict(model.jobs), dict(model.rules)
+    await model.append(log, [JobPut(Job("after-rotate", 5)), JobDelete("j2")])  # into segment 3
+    await log.aclose()
+    return seq, snapshot, model
+
+
+def _check_recovers(directory: Path, model: Model) -> None:
+    state = load(directory)
+    assert state.jobs == model.jobs and state.rules == model.rules
+    assert not [p for p in directory.iterdir() if p.name.endswith(".tmp")]
+    assert state.warnings == []
+    # Start-up after the crash leaves a clean directory: no covered segment, one snapshot.
+    snapshot = state.snapshot_seq
+    assert [p.name for p in directory.glob("snapshot-*")] == [
+        snapshot_path(directory, snapshot).name
+    ]
+    assert min(int(p.stem.split("-")[1]) for p in directory.glob("segment-*")) == snapshot + 1
+
+
+async def test_crash_after_rotation(tmp_path: Path) -> None:
+    _seq, _snapshot, model = await _prepare(tmp_path)
+    _check_recovers(tmp_path, model)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+async def test_crash_while_or_after_writing_the_temporary_snapshot(
+    tmp_path: Path, fraction: float
+) -> None:
+    seq, snapshot, model = await _prepare(tmp_path)
+    tmp = compaction.write_snapshot_tmp(tmp_path, seq, snapshot.jobs, snapshot.rules)
+    data = tmp.read_bytes()
+    tmp.write_bytes(data[: int(len(data) * fraction)])
+    _check_recovers(tmp_path, model)
+    assert load(tmp_path).snapshot_seq == 1
+
+
+async def test_crash_after_the_rename(tmp_path: Path) -> None:
+    seq, snapshot, model = await _prepare(tmp_path)
+    tmp = compaction.write_snapshot_tmp(tmp_path, seq, snapshot.jobs, snapshot.rules)
+    compaction.publish_snapshot(tmp)
+    assert segment_path(tmp_path, seq).exists() and snapshot_path(tmp_path, 1).exists()
+    _check_recovers(tmp_path, model)
+    assert load(tmp_path).snapshot_seq == seq
+
+
+async def test_crash_while_deleting_covered_files(tmp_path: Path) -> None:
+    seq, snapshot, model = await _prepare(tmp_path)
+    tmp = compaction.write_snapshot_tmp(tmp_path, seq, snapshot.jobs, snapshot.rules)
+    compaction.publish_snapshot(tmp)
+    snapshot_path(tmp_path, 1).unlink()  # deleted the old snapshot, not yet segment 2
+    _check_recovers(tmp_path, model)
+
+
+async def test_crash_after_all_steps(tmp_path: Path) -> None:
+    seq, snapshot, model = await _prepare(tmp_path)
+    compaction.write_snapshot(tmp_path, seq, snapshot.jobs, snapshot.rules)
+    assert names(tmp_path) == ["segment-0000000003.log", "snapshot-0000000002.snap"]
+    _check_recovers(tmp_path, model)
+
+
+# -- damaged snapshots ------------------------------------------------------------------
+
+
+async def _one_snapshot(directory: Path) -> Path:
+    log, _ = await open_log(directory)
+    model = Model()
+    await churn(log, model, rounds=1)
+    await log.compact(dict(model.jobs), dict(model.rules))
+    await log.aclose()
+    return snapshot_path(directory, 1)
+
+
+async def test_truncated_snapshot_is_corruption(tmp_path: Path) -> None:
+    path = await _one_snapshot(tmp_path)
+    path.write_bytes(path.read_bytes()[:-30])
+    with pytest.raises(CorruptLogError, match=str(path)):
+        load(tmp_path)
+
+
+async def test_snapshot_without_end_record_is_corruption(tmp_path: Path) -> None:
+    path = await _one_snapshot(tmp_path)
+    path.write_bytes(path.read_bytes()[:-25])  # exactly the SnapshotEnd frame
+    with pytest.raises(CorruptLogError, match="without its end record"):
+        load(tmp_path)
+
+
+async def test_flipped_byte_in_snapshot_is_corruption(tmp_path: Path) -> None:
+    path = await _one_snapshot(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptLogError, match=rf"{path}: offset \d+"):
+        load(tmp_path)
