@@ -539,7 +539,8 @@ class AmqpConnection:
             self._log.exception("amqp.internal_error")
             self._fail(AmqpConnectionError(f"internal error in AMQP client: {exc!r}"))
         finally:
-            self._fail(AmqpConnectionError("connection closed"))
+            # Reached first only when our owner cancelled us: a normal shutdown.
+            self._fail(AmqpConnectionError("connection closed"), graceful=True)
             with trio.CancelScope(shield=True):
                 await self._abort_stream()
             self._finished.set()

@@ -1,0 +1,310 @@
+"""The `amqp` runner against a real RabbitMQ: confirms, failures, recovery, LRU, cancellation."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import trio
+
+from kairoi_trio.model import AmqpRunner, Job, Rule, ShellRunner, now_us, to_datetime
+from kairoi_trio.runners.amqp import AmqpRunnerBackend
+from kairoi_trio.runners.base import RunFailed
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import amqp_broker as broker  # noqa: E402
+from amqp_broker import Admin, Route  # noqa: E402
+
+
+@pytest.fixture
+def admin() -> Iterator[Admin]:
+    broker.ensure_broker()
+    admin = Admin()
+    yield admin
+    admin.close()
+
+
+@pytest.fixture
+def route(admin: Admin) -> Iterator[Route]:
+    route = broker.make_route(admin, "runner")
+    yield route
+    broker.remove_route(route)
+
+
+async def start_backend(nursery: trio.Nursery, **options: float) -> AmqpRunnerBackend:
+    backend = AmqpRunnerBackend(**options)  # type: ignore[arg-type]
+    await nursery.start(backend.serve)
+    return backend
+
+
+def rule_for(route: Route, dsn: str = broker.URL, exchange: str | None = None) -> Rule:
+    target = AmqpRunner(dsn, route.exchange if exchange is None else exchange, route.routing_key)
+    return Rule(id="r", pattern="*", runner=target)
+
+
+def job(job_id: str, payload: bytes = b"") -> Job:
+    return Job(id=job_id, execute_at=now_us(), payload=payload, attempts=1)
+
+
+def assert_one_line(reason: str) -> None:
+    assert "\n" not in reason and "Traceback" not in reason
+    assert "guest:" not in reason  # no password
+
+
+async def test_run_publishes_the_job_with_its_headers(
+    nursery: trio.Nursery, admin: Admin, route: Route
+) -> None:
+    backend = await start_backend(nursery)
+    the_job = job("job/ä-1", payload=b"payload \x00 bytes")
+    outcome = await backend.run(the_job, rule_for(route))
+    assert outcome == f"published to {route.exchange}/{route.routing_key}"
+    await backend.run(job("job-2", payload=b"\xff\xfe not utf-8"), rule_for(route))
+    await backend.run(job("job-3"), rule_for(route))
+
+    first, second, third = await trio.to_thread.run_sync(admin.drain, route.queue)
+    assert first.body == "job/ä-1".encode()
+    props = first.properties
+    assert props.message_id == "job/ä-1"
+    assert props.content_type == "text/plain"
+    assert props.delivery_mode == 2
+    assert abs(props.timestamp.timestamp() - time.time()) < 60
+    assert props.headers["kairoi-payload"] == "payload \x00 bytes"
+    assert props.headers["kairoi-attempt"] == 1
+    execute_at = datetime.fromisoformat(props.headers["kairoi-execute-at"])
+    assert execute_at == to_datetime(the_job.execute_at)
+    assert second.properties.headers["kairoi-payload"] == bytearray(b"\xff\xfe not utf-8")
+    assert "kairoi-payload" not in third.properties.headers
+
+
+async def test_a_thousand_concurrent_runs_share_one_connection(
+    nursery: trio.Nursery, admin: Admin, route: Route
+) -> None:
+    backend = await start_backend(nursery)
+    rule = rule_for(route)
+    outcomes: list[str] = []
+
+    async def run(i: int) -> None:
+        outcomes.append(await backend.run(job(f"j{i}"), rule))
+
+    async with trio.open_nursery() as runs:
+        for i in range(1000):
+            runs.start_soon(run, i)
+    assert len(outcomes) == 1000
+    assert backend.open_connections == ["amqp://guest@127.0.0.1:5672/"]
+    messages = await trio.to_thread.run_sync(admin.drain, route.queue)
+    assert sorted(m.body for m in messages) == sorted(f"j{i}".encode() for i in range(1000))
+
+
+async def test_missing_exchange_fails_the_run_and_keeps_the_connection(
+    nursery: trio.Nursery, admin: Admin, route: Route
+) -> None:
+    backend = await start_backend(nursery)
+    missing = broker.unique("missing")
+    await backend.run(job("before"), rule_for(route))
+    with pytest.raises(RunFailed) as info:
+        await backend.run(job("lost"), rule_for(route, exchange=missing))
+    assert f"exchange '{missing}' does not exist" in info.value.message
+    assert_one_line(info.value.message)
+    await backend.run(job("after"), rule_for(route))
+    assert len(backend.open_connections) == 1
+    bodies = [m.body for m in await trio.to_thread.run_sync(admin.drain, route.queue)]
+    assert bodies == [b"before", b"after"]
+
+
+async def test_exchange_deleted_after_it_was_checked(
+    nursery: trio.Nursery, admin: Admin, route: Route
+) -> None:
+    """The cached check is stale: the broker's 404 on publish fails the run, naming it."""
+    backend = await start_backend(nursery)
+    other = broker.make_route(admin, "deleted")
+    await backend.run(job("ok"), rule_for(other))
+    broker.remove_route(other)
+    with pytest.raises(RunFailed, match=f"404 NOT_FOUND - no exchange '{other.exchange}'"):
+        await backend.run(job("lost"), rule_for(other))
+    await backend.run(job("still fine"), rule_for(route))
+    with pytest.raises(RunFailed, match="does not exist"):
+        await backend.run(job("lost again"), rule_for(other))
+
+
+async def test_wrong_password_and_unknown_vhost_are_clear(nursery: trio.Nursery) -> None:
+    broker.ensure_broker()
+    backend = await start_backend(nursery)
+    target = Route("amq.direct", "", "rk")
+    with pytest.raises(RunFailed) as info:
+        await backend.run(job("a"), rule_for(target, dsn="amqp://guest:nope@127.0.0.1:5672/"))
+    assert "ACCESS_REFUSED" in info.value.message
+    assert_one_line(info.value.message)
+    vhost = broker.unique("vhost")
+    with pytest.raises(RunFailed) as info:
+        await backend.run(job("b"), rule_for(target, dsn=f"{broker.URL}{vhost}"))
+    assert f"NOT_ALLOWED - vhost {vhost} not found" in info.value.message
+    assert_one_line(info.value.message)
+
+
+async def test_unreachable_broker_fails_fast_then_backs_off(nursery: trio.Nursery) -> None:
+    backend = await start_backend(nursery)
+    rule = rule_for(Route("x", "", "rk"), dsn="amqp://guest:guest@127.0.0.1:1/")
+    started = time.monotonic()
+    with pytest.raises(RunFailed, match="cannot connect to 127.0.0.1:1: Connection refused"):
+        await backend.run(job("a"), rule)
+    with pytest.raises(RunFailed, match=r"Connection refused \(next connection attempt in"):
+        await backend.run(job("b"), rule)
+    assert time.monotonic() - started < 2
+    with pytest.raises(RunFailed, match="invalid AMQP URL"):
+        await backend.run(job("c"), rule_for(Route("x", "", "rk"), dsn="http://nowhere/"))
+
+
+async def test_a_non_amqp_rule_is_refused(nursery: trio.Nursery) -> None:
+    backend = await start_backend(nursery)
+    rule = Rule(id="r", pattern="*", runner=ShellRunner("true"))
+    with pytest.raises(RunFailed, match="amqp runner given a shell rule"):
+        await backend.run(job("a"), rule)
+
+
+async def test_broker_stopped_mid_burst_then_back(nursery: trio.Nursery, route: Route) -> None:
+    backend = await start_backend(nursery, confirm_timeout_s=10)
+    backend.backoff_initial_s, backend.backoff_max_s = 0.2, 1.0
+    rule = rule_for(route)
+    await backend.run(job("warm-up"), rule)
+    before = backend._slots[broker.URL].conn
+    confirmed: list[str] = []
+    failures: list[str] = []
+    stop_now = trio.Event()
+    stopped = trio.Event()
+
+    async def worker(w: int) -> None:
+        """Publish continuously until the broker's app has been stopped."""
+        i = 0
+        while not stopped.is_set():
+            i += 1
+            try:
+                await backend.run(job(f"w{w}-{i}"), rule)
+                confirmed.append(f"w{w}-{i}")
+            except RunFailed as failure:
+                failures.append(failure.message)
+                await trio.sleep(0.01)
+            if len(confirmed) >= 300:
+                stop_now.set()
+
+    async def stop_broker() -> None:
+        await stop_now.wait()
+        await trio.to_thread.run_sync(broker.stop_app)
+        stopped.set()
+
+    try:
+        with trio.fail_after(40):  # no hang: every run ends, one way or the other
+            async with trio.open_nursery() as burst:
+                burst.start_soon(stop_broker)
+                for w in range(100):
+                    burst.start_soon(worker, w)
+        assert failures, "the broker stopped mid-burst, some runs must fail"
+        for reason in set(failures):
+            assert_one_line(reason)
+        assert any("CONNECTION_FORCED" in r or "connection" in r for r in failures)
+    finally:
+        await trio.to_thread.run_sync(broker.start_app)
+
+    # Back: a new run succeeds over a fresh connection (after the backoff).
+    with trio.fail_after(20):
+        while True:
+            try:
+                await backend.run(job("after"), rule)
+                break
+            except RunFailed:
+                await trio.sleep(0.2)
+    assert backend._slots[broker.URL].conn is not before
+    admin = Admin()
+    try:
+        arrived = {m.body.decode() for m in await trio.to_thread.run_sync(admin.drain, route.queue)}
+    finally:
+        admin.close()
+    assert "after" in arrived
+    assert set(confirmed) <= arrived  # every confirmed job is in the (durable) queue
+
+
+async def test_frozen_broker_is_detected_and_runs_fail(nursery: trio.Nursery, route: Route) -> None:
+    backend = await start_backend(nursery, heartbeat_s=2, confirm_timeout_s=30)
+    backend.backoff_initial_s, backend.backoff_max_s = 0.2, 1.0
+    rule = rule_for(route)
+    await backend.run(job("warm-up"), rule)
+    pid = broker.beam_pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with trio.fail_after(12):
+            with pytest.raises(RunFailed, match="missed heartbeats"):
+                await backend.run(job("frozen"), rule)
+        assert time.monotonic() - started < 7
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    with trio.fail_after(20):
+        while True:
+            try:
+                await backend.run(job("thawed"), rule)
+                break
+            except RunFailed:
+                await trio.sleep(0.2)
+
+
+async def test_least_recently_used_connection_is_evicted(
+    nursery: trio.Nursery, route: Route
+) -> None:
+    backend = await start_backend(nursery, max_connections=2)
+    a = "amqp://guest:guest@127.0.0.1:5672/"
+    b = "amqp://guest:guest@localhost:5672/"
+    c = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    for dsn in (a, b, a):  # a becomes the most recently used
+        await backend.run(job(dsn), rule_for(route, dsn=dsn))
+    conn_b = backend._slots[b].conn
+    assert conn_b is not None and conn_b.is_open
+    await backend.run(job("c"), rule_for(route, dsn=c))
+    with trio.fail_after(5):
+        await conn_b.wait_closed()
+    assert conn_b.close_reason == "connection closed by client"
+    assert backend.open_connections == [
+        "amqp://guest@127.0.0.1:5672/",
+        "amqp://guest@127.0.0.1:5672/",
+    ]
+    assert list(backend._slots) == [a, c]
+    await backend.run(job("b again"), rule_for(route, dsn=b))
+    assert list(backend._slots) == [c, b]
+
+
+async def test_cancelled_runs_leave_the_connection_usable(
+    nursery: trio.Nursery, admin: Admin, route: Route
+) -> None:
+    backend = await start_backend(nursery)
+    rule = rule_for(route)
+    await backend.run(job("first"), rule)
+    conn = backend._slots[broker.URL].conn
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await backend.run(job("cancelled"), rule)
+    with trio.move_on_after(0.01):  # like the pool's timeout, mid-burst
+        async with trio.open_nursery() as runs:
+            for i in range(500):
+                runs.start_soon(backend.run, job(f"c{i}"), rule)
+    assert await backend.run(job("last"), rule) == f"published to {route.exchange}/rk"
+    assert backend._slots[broker.URL].conn is conn and conn.is_open
+    with trio.fail_after(5):
+        await conn.wait_idle()
+    bodies = [m.body for m in await trio.to_thread.run_sync(admin.drain, route.queue)]
+    assert bodies[0] == b"first" and bodies[-1] == b"last"
+    assert len(bodies) == len(set(bodies))
+
+
+async def test_cancelled_connect_leaves_no_connection_behind(nursery: trio.Nursery) -> None:
+    """A run cancelled while connecting (the pool's timeout) neither leaks nor backs off."""
+    broker.ensure_broker()
+    backend = await start_backend(nursery)
+    rule = rule_for(Route("amq.direct", "", "rk"))
+    with trio.move_on_after(0.001):
+        await backend.run(job("cancelled"), rule)
+    assert backend._slots[broker.URL].failures == 0
+    assert await backend.run(job("next"), rule) == "published to amq.direct/rk"
