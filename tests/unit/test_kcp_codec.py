@@ -402,8 +402,12 @@ def test_responses_parse_back() -> None:
 
 # -- properties ------------------------------------------------------------------
 
-# Any text, biased towards the characters that matter to the syntax.
-syntax_text = st.text(st.sampled_from(' "\\\n\r\tx\u00e9') | st.characters(), max_size=12)
+# Any text (UTF-8 cannot encode lone surrogates), biased towards the
+# characters that matter to the syntax.
+syntax_text = st.text(
+    st.sampled_from(' "\\\n\r\tx\u00e9') | st.characters(exclude_categories=["Cs"]),
+    max_size=12,
+)
 
 
 @given(st.text(), st.lists(st.text(), min_size=1))
