@@ -13,7 +13,7 @@ lets the same code serve the server, clients and tests.
 
 It is the server's hot path, so it works on whole buffers with C-level bytes
 operations (find/split/decode) and only falls back to a regex tokenizer for
-messages with backslashes inside quotes or with errors; nothing is parsed
+messages with escapes, strings spanning lines, or errors; nothing is parsed
 character by character in Python.
 """
 
