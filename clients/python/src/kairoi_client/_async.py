@@ -7,6 +7,7 @@ should use the synchronous Client through `trio.to_thread.run_sync`.
 from __future__ import annotations
 
 import functools
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
@@ -196,8 +197,10 @@ class AsyncJobWatch:
 
     def __init__(self, call: Any) -> None:
         self._call = call
+        self._batches = self._read()
+        self._pending: deque[JobEvent] = deque()
 
-    async def batches(self) -> AsyncIterator[list[JobEvent]]:
+    async def _read(self) -> AsyncIterator[list[JobEvent]]:
         try:
             async for message in self._call:
                 yield t.events_from_pb(message)
@@ -206,10 +209,20 @@ class AsyncJobWatch:
                 return
             raise t.from_rpc_error(error) from None
 
-    async def __aiter__(self) -> AsyncIterator[JobEvent]:
-        async for batch in self.batches():
-            for event in batch:
-                yield event
+    async def batches(self) -> AsyncIterator[list[JobEvent]]:
+        """The events message by message, as the server batched them (one per tick)."""
+        while self._pending:
+            yield [self._pending.popleft() for _ in range(len(self._pending))]
+        async for batch in self._batches:
+            yield batch
+
+    def __aiter__(self) -> AsyncJobWatch:
+        return self
+
+    async def __anext__(self) -> JobEvent:
+        while not self._pending:
+            self._pending.extend(await anext(self._batches))  # StopAsyncIteration ends it
+        return self._pending.popleft()
 
     def cancel(self) -> None:
         self._call.cancel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
@@ -201,6 +202,7 @@ class JobWatch:
     def __init__(self, call: Any) -> None:
         self._call = call
         self._batches = self._read()
+        self._pending: deque[JobEvent] = deque()
         try:
             call.initial_metadata()  # blocks until the server registered the watch (or failed)
         except grpc.RpcError as error:
@@ -217,11 +219,18 @@ class JobWatch:
 
     def batches(self) -> Iterator[list[JobEvent]]:
         """The events message by message, as the server batched them (one per tick)."""
-        return self._batches
+        while self._pending:  # events already read by next() come first
+            yield [self._pending.popleft() for _ in range(len(self._pending))]
+        for batch in self._batches:  # not `yield from`: closing this must not close the stream
+            yield batch
 
-    def __iter__(self) -> Iterator[JobEvent]:
-        for batch in self._batches:
-            yield from batch
+    def __iter__(self) -> JobWatch:
+        return self
+
+    def __next__(self) -> JobEvent:
+        while not self._pending:
+            self._pending.extend(next(self._batches))  # StopIteration ends the iteration
+        return self._pending.popleft()
 
     def cancel(self) -> None:
         self._call.cancel()

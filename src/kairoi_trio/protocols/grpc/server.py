@@ -90,7 +90,7 @@ async def serve_grpc(
         await thread.started.wait()
         if thread.port is None:
             raise OSError(f"gRPC server could not start on {listen}: {thread.error}")
-        log.info("grpc.listening", listen=listen, port=thread.port, tls=credentials is not None)
+        log.info("grpc listening", listen=listen, port=thread.port, tls=credentials is not None)
         task_status.started(thread.port)
         await thread.done.wait()
         raise RuntimeError(f"gRPC server thread stopped unexpectedly: {thread.error!r}")
@@ -100,9 +100,9 @@ async def serve_grpc(
             with trio.move_on_after(grace_s + _STOP_MARGIN_S):
                 await thread.done.wait()
             if not thread.done.is_set():
-                log.error("grpc.stop_timeout", grace_s=grace_s)
+                log.error("grpc stop timed out", grace_s=grace_s)
             else:
-                log.info("grpc.stopped")
+                log.info("grpc stopped")
 
 
 class _Settings:
@@ -162,7 +162,7 @@ class _ServerThread(threading.Thread):
         except BaseException as exc:  # reported to Trio, which raises or logs it
             self.error = exc
             if self.port is not None:
-                log.exception("grpc.thread_crashed")
+                log.exception("grpc thread crashed")
         finally:
             self._to_trio(self.started.set)
             self._to_trio(self.done.set)
@@ -214,7 +214,7 @@ class _ServerThread(threading.Thread):
         self._to_trio(self.started.set)
 
         await stop.wait()
-        log.info("grpc.stopping", grace_s=settings.grace_s)
+        log.info("grpc stopping", grace_s=settings.grace_s)
         await health.enter_graceful_shutdown()
         scheduler.close_watches()
         await server.stop(settings.grace_s)
@@ -292,7 +292,7 @@ def _rpc(handler: Handler) -> Handler:
             return await handler(self, request, context)
         except CommandError as error:
             log.debug(
-                "grpc.error", method=handler.__name__, code=error.code.name, msg=error.message
+                "grpc error", method=handler.__name__, code=error.code.name, msg=error.message
             )
             await context.abort(convert.status_code(error), error.message)
 

@@ -1,0 +1,462 @@
+"""The gRPC API against a real `kairoi-trio serve` process.
+
+Clients run in the test process (the server is another process): the typed
+Python client from clients/python, the raw generated stubs where a test needs
+to send what the typed client would never build, KCP for cross-protocol
+checks, and the Node.js example through node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support.kcp_client import KcpClient
+from support.server import ServerProcess
+from support.waiting import wait_for
+
+from kairoi.v1 import scheduler_pb2 as pb
+from kairoi.v1 import scheduler_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "clients" / "python" / "src"))  # the client package, uninstalled
+
+from kairoi_client import (  # noqa: E402
+    AmqpRunner,
+    AsyncClient,
+    Client,
+    EventType,
+    FailedPrecondition,
+    HttpRunner,
+    InvalidArgument,
+    JobEvent,
+    JobStatus,
+    JobWatch,
+    NotFound,
+    Rule,
+    RulePolicy,
+    ShellRunner,
+    Unauthenticated,
+    Unavailable,
+)
+
+LATER = datetime(2040, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
+PAST = datetime(2020, 5, 26, 22, 26, 18)  # naive: UTC
+
+
+@pytest.fixture
+def client(server: ServerProcess) -> Iterator[Client]:
+    with Client(f"127.0.0.1:{server.grpc_port}") as c:
+        yield c
+
+
+@pytest.fixture
+def stub(server: ServerProcess) -> Iterator[pb_grpc.SchedulerStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        yield pb_grpc.SchedulerStub(channel)
+
+
+@pytest.fixture
+def scripts(tmp_path: Path) -> dict[str, str]:
+    """Shell runner commands: `sh <command> <job_id>` runs these scripts."""
+    paths = {}
+    for name, body in {"ok": "exit 0", "fail": "exit 3", "slow": "sleep 30"}.items():
+        path = tmp_path / f"{name}.sh"
+        path.write_text(body + "\n")
+        paths[name] = str(path)
+    return paths
+
+
+def code_of(fn: Callable[[], object]) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    return info.value.code()
+
+
+def collect(watch: JobWatch, count: int, into: list[JobEvent]) -> threading.Thread:
+    """Read `count` events from a watch in a thread (the iterator blocks)."""
+
+    def run() -> None:
+        for event in watch:
+            into.append(event)
+            if len(into) >= count:
+                return
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+# -- jobs -------------------------------------------------------------------------------------
+
+
+def test_set_get_delete_job(client: Client) -> None:
+    job = client.set_job("app.a", LATER, b"\x00payload")
+    assert (job.id, job.execute_at, job.status, job.payload) == (
+        "app.a",
+        LATER,
+        JobStatus.PLANNED,
+        b"\x00payload",
+    )
+    assert job.attempts == 0 and job.updated_at is not None
+    assert client.get_job("app.a") == job
+    replaced = client.set_job("app.a", PAST.replace(year=2041))
+    assert replaced.execute_at == datetime(2041, 5, 26, 22, 26, 18, tzinfo=UTC)
+    assert replaced.payload == b""
+    client.delete_job("app.a")
+    with pytest.raises(NotFound, match="no job app.a"):
+        client.get_job("app.a")
+    with pytest.raises(NotFound):
+        client.delete_job("app.a")
+
+
+def test_job_errors(make_server: Callable[..., ServerProcess], scripts: dict[str, str]) -> None:
+    server = make_server("[jobs]\nmax_payload_bytes = 16")
+    with Client(f"127.0.0.1:{server.grpc_port}") as client:
+        with pytest.raises(InvalidArgument, match="empty"):
+            client.set_job("", LATER)
+        with pytest.raises(InvalidArgument, match="payload"):
+            client.set_job("big", LATER, b"x" * 17)
+        with pytest.raises(InvalidArgument, match="65535"):
+            client.set_job("x" * 65_536, LATER)
+        client.set_rule(Rule("slow", "slow.", ShellRunner(scripts["slow"])))
+        client.set_job("slow.1", PAST)
+        wait_for(lambda: client.get_job("slow.1").status is JobStatus.TRIGGERED)
+        with pytest.raises(FailedPrecondition, match="triggered"):
+            client.set_job("slow.1", LATER)
+        with pytest.raises(FailedPrecondition):
+            client.delete_job("slow.1")
+
+
+def test_raw_requests_the_typed_client_would_not_send(stub: pb_grpc.SchedulerStub) -> None:
+    no_time = pb.SetJobRequest(id="a")
+    assert code_of(lambda: stub.SetJob(no_time)) is grpc.StatusCode.INVALID_ARGUMENT
+    year_10000 = pb.SetJobRequest(id="a", execute_at=Timestamp(seconds=253_402_300_800))
+    assert code_of(lambda: stub.SetJob(year_10000)) is grpc.StatusCode.INVALID_ARGUMENT
+    bad_status = pb.ListJobsRequest(status=17)
+    assert code_of(lambda: stub.ListJobs(bad_status)) is grpc.StatusCode.INVALID_ARGUMENT
+    negative = pb.ListJobsRequest(page_size=-1)
+    assert code_of(lambda: stub.ListJobs(negative)) is grpc.StatusCode.INVALID_ARGUMENT
+    no_runner = pb.SetRuleRequest(rule=pb.Rule(id="r", pattern="a"))
+    assert code_of(lambda: stub.SetRule(no_runner)) is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_batch_with_good_and_bad_jobs(client: Client, scripts: dict[str, str]) -> None:
+    client.set_rule(Rule("slow", "slow.", ShellRunner(scripts["slow"])))
+    client.set_job("slow.1", PAST)
+    wait_for(lambda: client.get_job("slow.1").status is JobStatus.TRIGGERED)
+    results = client.set_jobs(
+        [
+            ("b.1", LATER),
+            ("", LATER),
+            ("b.2", LATER, b"p"),
+            ("slow.1", LATER),
+            ("b.1", LATER + timedelta(days=1)),  # a later entry for the same id wins
+        ]
+    )
+    assert [r.ok for r in results] == [True, False, True, False, True]
+    assert isinstance(results[1].error, InvalidArgument)
+    assert isinstance(results[3].error, FailedPrecondition)
+    assert client.get_job("b.1").execute_at == LATER + timedelta(days=1)
+    assert client.get_job("b.2").payload == b"p"
+    assert client.get_job("slow.1").status is JobStatus.TRIGGERED
+
+
+def test_bulk_stream(client: Client) -> None:
+    jobs = [(f"bulk.{i:05d}", LATER) for i in range(5000)]
+    jobs[1234] = ("", LATER)
+    result = client.stream_set_jobs(jobs, batch_size=700)
+    assert result.accepted == 4999
+    assert [(f.id, type(f.error)) for f in result.failures] == [("", InvalidArgument)]
+    assert client.server_info().jobs_by_status[JobStatus.PLANNED] == 4999
+
+
+def test_pagination_over_10000_jobs(client: Client) -> None:
+    result = client.set_jobs_batched((f"page.{i:05d}", LATER) for i in range(10_000))
+    assert (result.accepted, result.failures) == (10_000, [])
+    client.set_jobs_batched([("other.1", LATER), ("pagf", LATER)])
+
+    ids = [job.id for job in client.list_jobs("page.", page_size=1000)]
+    assert ids == [f"page.{i:05d}" for i in range(10_000)]
+
+    first, token = client.list_jobs_page("page.")  # default page size
+    assert len(first) == 100 and token
+    second, _ = client.list_jobs_page("page.", page_token=token)
+    assert second[0].id == "page.00100"
+
+    capped, _ = client.list_jobs_page("page.", page_size=50_000)
+    assert len(capped) == 1000
+    assert sum(1 for _ in client.list_jobs()) == 10_002
+    assert list(client.list_jobs("page.", status=JobStatus.EXECUTED)) == []
+    assert sum(1 for _ in client.list_jobs("page.", status=JobStatus.PLANNED)) == 10_000
+
+
+# -- rules ------------------------------------------------------------------------------------
+
+
+def test_rules(client: Client) -> None:
+    policy = RulePolicy(
+        timeout=timedelta(seconds=5),
+        max_attempts=3,
+        backoff_initial=timedelta(milliseconds=250),
+        backoff_max=timedelta(minutes=1),
+        stale_after=timedelta(hours=1),
+    )
+    shell = client.set_rule(Rule("r.shell", "app.", ShellRunner("/srv/run.sh"), policy))
+    assert shell.policy == policy
+    amqp = client.set_rule(Rule("r.amqp", "q.", AmqpRunner("amqp://u:p@h:5672/v", "ex", "rk")))
+    assert amqp.policy.max_attempts == 1 and amqp.policy.timeout is None  # defaults filled in
+    client.set_rule(Rule("r.http", "h.", HttpRunner("http://127.0.0.1:9/hook")))
+    assert client.get_rule("r.shell") == shell
+    assert [r.id for r in client.list_rules()] == ["r.amqp", "r.http", "r.shell"]
+    assert [r.id for r in client.list_rules("r.s")] == ["r.shell"]
+    client.set_rule(Rule("r.shell", "app.", ShellRunner("/srv/other.sh")))  # replaces
+    assert client.get_rule("r.shell").runner == ShellRunner("/srv/other.sh")
+    client.delete_rule("r.shell")
+    with pytest.raises(NotFound):
+        client.get_rule("r.shell")
+    with pytest.raises(NotFound):
+        client.delete_rule("r.shell")
+    with pytest.raises(InvalidArgument, match="amqp"):
+        client.set_rule(Rule("bad", "x", AmqpRunner("http://nope", "e", "k")))
+    with pytest.raises(InvalidArgument):
+        client.set_rule(Rule("", "x", ShellRunner("/srv/run.sh")))
+    with pytest.raises(InvalidArgument, match="shell command"):
+        client.set_rule(Rule("bad", "x", ShellRunner("")))
+
+
+def test_server_info(client: Client) -> None:
+    client.set_jobs_batched([("i.1", LATER), ("i.2", LATER)])
+    client.set_rule(Rule("r", "i.", ShellRunner("/bin/x")))
+    info = client.server_info()
+    assert info.version and info.version != "0.0.0+unknown"
+    assert datetime.now(UTC) - timedelta(minutes=5) < info.started_at <= datetime.now(UTC)
+    assert info.jobs_by_status[JobStatus.PLANNED] == 2
+    assert info.rules == 1
+
+
+# -- watching ---------------------------------------------------------------------------------
+
+
+def test_watch_sees_kcp_jobs_set_trigger_and_run(
+    client: Client, kcp: KcpClient, scripts: dict[str, str]
+) -> None:
+    assert kcp.request("RULE", "SET", "ok", "w.ok.", "shell", scripts["ok"]) == ["OK"]
+    assert kcp.request("RULE", "SET", "fail", "w.fail.", "shell", scripts["fail"]) == ["OK"]
+    events: list[JobEvent] = []
+    with client.watch_jobs("w.") as watch:
+        reader = collect(watch, 8, events)
+        assert kcp.request("SET", "w.ok.1", "2020-05-26 22:26:18") == ["OK"]
+        assert kcp.request("SET", "w.fail.1", "2020-05-26 22:26:18") == ["OK"]
+        assert kcp.request("SET", "other.1", "2020-05-26 22:26:18") == ["OK"]  # not watched
+        assert kcp.request("SET", "w.later", "2040-01-01 00:00:00") == ["OK"]
+        assert kcp.request("UNSET", "w.later") == ["OK"]
+        reader.join(15)
+    by_job: dict[str, list[EventType]] = {}
+    for event in events:
+        by_job.setdefault(event.job.id, []).append(event.type)
+        assert event.at is not None and not event.snapshot
+    assert by_job == {
+        "w.ok.1": [EventType.SET, EventType.TRIGGERED, EventType.EXECUTED],
+        "w.fail.1": [EventType.SET, EventType.TRIGGERED, EventType.FAILED],
+        "w.later": [EventType.SET, EventType.DELETED],
+    }
+    failed = next(e for e in events if e.type is EventType.FAILED)
+    assert failed.job.last_outcome and failed.job.attempts == 1
+
+
+def test_watch_snapshot_then_changes(client: Client) -> None:
+    client.set_jobs_batched([("s.1", LATER), ("s.2", LATER), ("t.1", LATER)])
+    with client.watch_jobs("s.", include_snapshot=True) as watch:
+        snapshot = next(watch.batches())
+        assert [(e.job.id, e.type, e.snapshot) for e in snapshot] == [
+            ("s.1", EventType.SET, True),
+            ("s.2", EventType.SET, True),
+        ]
+        client.set_job("s.3", LATER)
+        event = next(watch)
+        assert (event.job.id, event.type, event.snapshot) == ("s.3", EventType.SET, False)
+    with client.watch_jobs("none.", include_snapshot=True) as watch:
+        assert next(watch.batches()) == []  # an empty snapshot still says "snapshot done"
+
+
+def test_watch_keeps_up_with_a_burst(client: Client) -> None:
+    events: list[JobEvent] = []
+    with client.watch_jobs("burst.") as watch:
+        reader = collect(watch, 20_000, events)
+        client.set_jobs_batched((f"burst.{i:05d}", LATER) for i in range(20_000))
+        reader.join(30)
+    assert len(events) == 20_000
+    assert [e.job.id for e in events] == [f"burst.{i:05d}" for i in range(20_000)]
+
+
+# -- standard services, auth, other clients -----------------------------------------------------
+
+
+def test_health_and_reflection(server: ServerProcess) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "kairoi.v1.Scheduler"):
+            response = health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        requests = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="kairoi.v1.Scheduler"),
+        ]
+        listed, described = list(reflect.ServerReflectionInfo(iter(requests)))
+    names = {s.name for s in listed.list_services_response.service}
+    assert {"kairoi.v1.Scheduler", "grpc.health.v1.Health"} <= names
+    assert described.file_descriptor_response.file_descriptor_proto  # grpcurl can describe it
+
+
+def test_tokens(make_server: Callable[..., ServerProcess]) -> None:
+    server = make_server('[auth]\ntokens = ["s3cret"]')
+    target = f"127.0.0.1:{server.grpc_port}"
+    with Client(target) as anonymous, Client(target, token="wrong") as wrong:
+        with pytest.raises(Unauthenticated):
+            anonymous.get_job("x")
+        with pytest.raises(Unauthenticated):
+            wrong.set_job("x", LATER)
+        with pytest.raises(Unauthenticated):
+            next(iter(anonymous.watch_jobs()))
+    with Client(target, token="s3cret") as allowed:
+        allowed.set_job("x", LATER)
+        assert allowed.get_job("x").id == "x"
+    with grpc.insecure_channel(target) as channel:  # health stays open for probes
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest()).status == 1
+
+
+def test_async_client(server: ServerProcess) -> None:
+    async def main() -> list[str]:
+        async with AsyncClient(f"127.0.0.1:{server.grpc_port}") as client:
+            watch = await client.watch_jobs("async.")
+            await client.set_job("async.1", LATER, b"a")
+            assert (await client.get_job("async.1")).payload == b"a"
+            result = await client.set_jobs_batched((f"async.{i}", LATER) for i in range(2, 1500))
+            assert result.accepted == 1498
+            ids = [job.id async for job in client.list_jobs("async.", page_size=500)]
+            assert len(ids) == 1499
+            try:
+                await client.get_job("async.nope")
+            except NotFound:
+                pass
+            seen = []
+            async for event in watch:
+                seen.append(event.job.id)
+                if len(seen) == 1499:
+                    break
+            watch.cancel()
+            return seen
+
+    seen = asyncio.run(main())
+    assert seen[0] == "async.1" and len(set(seen)) == 1499
+
+
+def test_node_example(server: ServerProcess, tmp_path: Path) -> None:
+    npm, node = shutil.which("npm"), shutil.which("node")
+    if npm is None or node is None:
+        pytest.skip("npm and node are needed for the Node.js example")
+    example = ROOT / "clients" / "node"
+    if not (example / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        subprocess.run(
+            [npm, "ci" if (example / "package-lock.json").exists() else "install"]
+            + ["--no-audit", "--no-fund", "--ignore-scripts"],
+            cwd=example,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+    done = subprocess.run(
+        [node, "example.js", f"127.0.0.1:{server.grpc_port}", "node.job.1"],
+        cwd=example,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert '"id":"node.job.1"' in done.stdout and '"status":"JOB_STATUS_PLANNED"' in done.stdout
+    with Client(f"127.0.0.1:{server.grpc_port}") as client:
+        assert client.get_job("node.job.1").payload == b"hello from node"
+
+
+# -- both protocols, one state ----------------------------------------------------------------
+
+
+def test_cross_protocol_consistency(
+    client: Client, kcp: KcpClient, scripts: dict[str, str]
+) -> None:
+    # A job set over KCP is visible and deletable over gRPC.
+    assert kcp.request("SET", "x.kcp", "2040-01-01 12:00:00.000001", "pay load") == ["OK"]
+    job = client.get_job("x.kcp")
+    assert job.execute_at == datetime(2040, 1, 1, 12, 0, 0, 1, tzinfo=UTC)
+    assert job.payload == b"pay load"
+    client.delete_job("x.kcp")
+    assert kcp.request("GET", "x.kcp")[0] == "ERROR"
+
+    # And the other way round.
+    client.set_job("x.grpc", datetime(2040, 1, 1, 12, 0, 0), b"p")
+    assert kcp.request("GET", "x.grpc")[:2] == ["OK", "planned"]
+    assert kcp.request("UNSET", "x.grpc") == ["OK"]
+    with pytest.raises(NotFound):
+        client.get_job("x.grpc")
+
+    # Rules set either way pair jobs set either way.
+    assert kcp.request("RULE", "SET", "kr", "k.", "shell", scripts["ok"]) == ["OK"]
+    client.set_rule(Rule("gr", "g.", ShellRunner(scripts["ok"])))
+    assert client.get_rule("kr").runner == ShellRunner(scripts["ok"])
+    assert kcp.request("RULE", "GET", "gr")[0] == "OK"
+    client.set_job("k.from-grpc", PAST)
+    assert kcp.request("SET", "g.from-kcp", "2020-05-26 22:26:18") == ["OK"]
+    for job_id in ("k.from-grpc", "g.from-kcp"):
+        wait_for(lambda job_id=job_id: client.get_job(job_id).status is JobStatus.EXECUTED)
+        assert kcp.request("GET", job_id)[:2] == ["OK", "executed"]
+
+
+# -- shutdown ---------------------------------------------------------------------------------
+
+
+def test_clean_shutdown_with_watch_streams_open(server: ServerProcess) -> None:
+    target = f"127.0.0.1:{server.grpc_port}"
+    clients = [Client(target) for _ in range(3)]
+    outcomes: list[BaseException | None] = []
+
+    def drain(watch: JobWatch) -> None:
+        try:
+            for _ in watch:
+                pass
+            outcomes.append(None)
+        except BaseException as error:  # noqa: BLE001 - recorded for the assertion
+            outcomes.append(error)
+
+    watches = [c.watch_jobs(prefix) for c, prefix in zip(clients, ("", "a.", "b."), strict=True)]
+    threads = [threading.Thread(target=drain, args=(w,), daemon=True) for w in watches]
+    for thread in threads:
+        thread.start()
+    clients[0].set_job("a.1", LATER)
+    assert server.stop(timeout=10) == 0
+    for thread in threads:
+        thread.join(5)
+        assert not thread.is_alive(), "a watch stream did not end"
+    assert len(outcomes) == 3
+    assert all(isinstance(o, Unavailable) for o in outcomes), outcomes
+    assert "Traceback" not in server.log_text()
+    assert [e["event"] for e in server.events() if e["event"].startswith("grpc")] == [
+        "grpc listening",
+        "grpc stopping",
+        "grpc stopped",
+    ]
+    for c in clients:
+        c.close()
