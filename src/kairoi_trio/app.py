@@ -28,6 +28,12 @@ from kairoi_trio.core.state import State
 from kairoi_trio.core.validation import RuleValidator
 from kairoi_trio.dispatch import Dispatcher, DueTimer
 from kairoi_trio.model import MICROS, Job, Status, now_us
+from kairoi_trio.observability.metrics import (
+    MetricsObserver,
+    observe_run,
+    register_state,
+    serve_metrics,
+)
 from kairoi_trio.protocols.kcp.server import KcpServer
 from kairoi_trio.runners.pool import RunnerPool, RunnerPools
 from kairoi_trio.runners.shell import ShellRunnerBackend
@@ -43,6 +49,7 @@ HOUSEKEEPING_INTERVAL_S = 60.0
 class Ports:
     kcp: int
     grpc: int | None
+    metrics: int | None
 
 
 def load_state(store: DurableLog) -> State:
@@ -80,6 +87,7 @@ def build_pools(config: Config, actor: ActorClient) -> RunnerPools:
             actor.clone(),
             concurrency=shell.concurrency,
             queue_size=shell.queue_size,
+            observe_run=observe_run,
         )
     }
     try:
@@ -98,6 +106,7 @@ def build_pools(config: Config, actor: ActorClient) -> RunnerPools:
             actor.clone(),
             concurrency=amqp.concurrency,
             queue_size=amqp.queue_size,
+            observe_run=observe_run,
         )
     return RunnerPools(pools)
 
@@ -148,6 +157,7 @@ async def _serve_state(
         storage_errors=(StorageError,),
         on_commit=lambda s: timer.update(s.next_due()),
         compact_after_bytes=config.storage.compact_after_bytes,
+        observer=MetricsObserver(),
     )
     timer.update(state.next_due())
     client = ActorClient(send)
@@ -165,14 +175,37 @@ async def _serve_state(
                 kcp = KcpServer(client.clone(), config.controller, tokens=config.auth.tokens)
                 kcp_port = await front.start(kcp.serve)
                 grpc_port = await _start_grpc(front, config, client)
-                log.info("ready", version=__version__, kcp_port=kcp_port, grpc_port=grpc_port)
-                task_status.started(Ports(kcp_port, grpc_port))
+                metrics_port = None
+                if config.metrics.enabled:
+                    register_state(lambda: _live_values(actor, pools, kcp))
+                    metrics_port = await front.start(
+                        serve_metrics, config.metrics.listen, lambda: not stop.is_set()
+                    )
+                log.info(
+                    "ready",
+                    version=__version__,
+                    kcp_port=kcp_port,
+                    grpc_port=grpc_port,
+                    metrics_port=metrics_port,
+                )
+                task_status.started(Ports(kcp_port, grpc_port, metrics_port))
                 await stop.wait()
                 log.info("stopping")
                 front.cancel_scope.cancel()
             dispatching.cancel()
             await pools.drain(config.shutdown.grace_period_s)
         core.cancel_scope.cancel()
+
+
+def _live_values(actor: CommandActor, pools: RunnerPools, kcp: KcpServer) -> dict[str, object]:
+    return {
+        "jobs_by_status": {status.value: n for status, n in actor.state.counts.items()},
+        "rules": len(actor.state.rules),
+        "commands": actor.commands,
+        "batches": actor.batches,
+        "pools": {kind: (p.queued, p.running) for kind, p in pools.pools.items()},
+        "kcp_connections": kcp.connections,
+    }
 
 
 async def _run_in_scope(scope: trio.CancelScope, fn: Callable[[], Awaitable[None]]) -> None:

@@ -31,6 +31,7 @@ class ServerProcess:
         self.lines: list[str] = []
         self.kcp_port = 0
         self.grpc_port: int | None = None
+        self.metrics_port: int | None = None
         self._ready = threading.Event()
 
     def config_text(self) -> str:
@@ -78,6 +79,7 @@ class ServerProcess:
             if event.get("event") == "ready":
                 self.kcp_port = event["kcp_port"]
                 self.grpc_port = event.get("grpc_port")
+                self.metrics_port = event.get("metrics_port")
                 self._ready.set()
 
     @staticmethod

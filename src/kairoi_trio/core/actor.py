@@ -16,6 +16,7 @@ once the disk does.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -80,6 +81,19 @@ class Log(Protocol):
     ) -> None: ...
 
 
+class Observer:
+    """Hooks for metrics; the default does nothing, so the core needs no metrics library."""
+
+    def appended(self, seconds: float, records: int) -> None:
+        pass
+
+    def append_failed(self) -> None:
+        pass
+
+    def triggered(self, lateness_s: float) -> None:
+        pass
+
+
 @dataclass
 class _Subscriber:
     prefix: str
@@ -99,6 +113,7 @@ class CommandActor:
         storage_errors: tuple[type[BaseException], ...] = (OSError,),
         on_commit: Callable[[State], None] | None = None,
         compact_after_bytes: int = 0,
+        observer: Observer | None = None,
         clock: Callable[[], int] = now_us,
     ) -> None:
         self.state = state
@@ -110,6 +125,7 @@ class CommandActor:
         self._on_commit = on_commit
         self._clock = clock
         self._subscribers: list[_Subscriber] = []
+        self._observer = observer or Observer()
         self._compact_after = compact_after_bytes  # 0: never
         self._compacting = False
         self._background: trio.Nursery | None = None
@@ -201,9 +217,12 @@ class CommandActor:
             self.commands += len(request.commands)
 
         if self._records:
+            started = time.perf_counter()
             try:
                 await self._log.append(self._records)
+                self._observer.appended(time.perf_counter() - started, len(self._records))
             except self._storage_errors as error:
+                self._observer.append_failed()
                 log.error("storage write failed", error=str(error), records=len(self._records))
                 self._rollback()
                 failure = CommandError(ErrorCode.UNAVAILABLE, f"storage write failed: {error}")
@@ -375,6 +394,10 @@ class CommandActor:
                 room -= 1
                 triggered = self._change_status(job, Status.TRIGGERED, "", job.attempts + 1)
                 dispatches.append(Dispatch(triggered, rule))
+                # Late since the job became due: its time, or when it was set if that was later.
+                lateness = (command.now - max(job.execute_at, job.updated_at)) / MICROS
+                self._observer.triggered(lateness)
+                log.debug("job triggered", job=job.id, rule=rule.id, lateness_us=int(lateness * MICROS))
             elif rule.runner.kind not in capacity:
                 self._change_status(
                     job, Status.FAILED, f"no {rule.runner.kind} runner is available", job.attempts

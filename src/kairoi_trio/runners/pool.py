@@ -8,7 +8,7 @@ for, so a slow or broken runner kind never holds up the others.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import structlog
 import trio
@@ -21,12 +21,21 @@ log = structlog.get_logger(__name__)
 
 
 class RunnerPool:
-    def __init__(self, runner: Runner, actor: ActorClient, *, concurrency: int, queue_size: int):
+    def __init__(
+        self,
+        runner: Runner,
+        actor: ActorClient,
+        *,
+        concurrency: int,
+        queue_size: int,
+        observe_run: Callable[[str, bool, float], None] | None = None,
+    ) -> None:
         self.runner = runner
         self.kind = runner.kind
         self.concurrency = concurrency
         self.queue_size = queue_size
         self._actor = actor
+        self._observe_run = observe_run
         self._send, self._receive = trio.open_memory_channel[Dispatch](queue_size)
         self.running = 0
         self.capacity_changed = trio.Event()
@@ -112,6 +121,8 @@ class RunnerPool:
         if scope.cancelled_caught:
             message = f"timed out after {timeout}s"
         elapsed = time.monotonic() - started
+        if self._observe_run is not None:
+            self._observe_run(self.kind, ok, elapsed)
         log.info(
             "job run", job=job.id, rule=rule.id, kind=self.kind, ok=ok,
             outcome=message, seconds=round(elapsed, 6), attempt=job.attempts,

@@ -1,0 +1,161 @@
+"""Prometheus metrics and the /metrics, /live, /ready HTTP endpoint.
+
+Hot paths do not touch metric objects per command: counts that the actor and
+the pools keep anyway (jobs by status, commands, queue depths) are read at
+scrape time by a collector. Only per-run and per-commit observations (trigger
+lateness, run duration, fsync latency) are histograms fed as they happen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import structlog
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from kairoi_trio.config import parse_address
+from kairoi_trio.core.actor import Observer
+
+log = structlog.get_logger(__name__)
+
+REGISTRY = CollectorRegistry()
+
+TRIGGER_LATENESS = Histogram(
+    "kairoi_trigger_lateness_seconds",
+    "Time from a job's execute_at to its trigger (for jobs not overdue at start-up)",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30),
+    registry=REGISTRY,
+)
+APPEND_SECONDS = Histogram(
+    "kairoi_log_append_seconds",
+    "Duration of one group commit (write + fsync)",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+    registry=REGISTRY,
+)
+RUN_SECONDS = Histogram(
+    "kairoi_run_duration_seconds",
+    "Duration of job runs",
+    ["kind", "outcome"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 600),
+    registry=REGISTRY,
+)
+STORAGE_FAILURES = Counter(
+    "kairoi_storage_failures", "Group commits that failed to write", registry=REGISTRY
+)
+
+
+class _StateCollector(Collector):
+    """Reads the live counters of the running server at scrape time."""
+
+    def __init__(self, read: Callable[[], dict[str, object]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        values = self._read()
+        jobs = GaugeMetricFamily("kairoi_jobs", "Jobs by status", labels=["status"])
+        for status, count in values["jobs_by_status"].items():  # type: ignore[attr-defined]
+            jobs.add_metric([status], count)
+        yield jobs
+        yield GaugeMetricFamily("kairoi_rules", "Rules", value=values["rules"])  # type: ignore[arg-type]
+        yield CounterMetricFamily(
+            "kairoi_commands", "Commands applied by the actor", value=values["commands"]  # type: ignore[arg-type]
+        )
+        yield CounterMetricFamily(
+            "kairoi_group_commits", "Batches applied by the actor", value=values["batches"]  # type: ignore[arg-type]
+        )
+        queue = GaugeMetricFamily("kairoi_runner_queue_depth", "Jobs waiting", labels=["kind"])
+        running = GaugeMetricFamily("kairoi_runner_running", "Jobs running", labels=["kind"])
+        for kind, (queued, active) in values["pools"].items():  # type: ignore[attr-defined]
+            queue.add_metric([kind], queued)
+            running.add_metric([kind], active)
+        yield queue
+        yield running
+        yield GaugeMetricFamily(
+            "kairoi_kcp_connections", "Open KCP connections", value=values["kcp_connections"]  # type: ignore[arg-type]
+        )
+
+
+def register_state(read: Callable[[], dict[str, object]]) -> None:
+    REGISTRY.register(_StateCollector(read))
+
+
+MAX_REQUEST_BYTES = 8192
+REQUEST_TIMEOUT_S = 5.0
+
+
+async def serve_metrics(
+    listen: str,
+    ready: Callable[[], bool],
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A minimal HTTP/1.0 endpoint: GET /metrics, /live, /ready. Anything else: 404."""
+    host, port = parse_address(listen)
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[1]
+    task_status.started(bound)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            async with stream:
+                request = b""
+                with trio.move_on_after(REQUEST_TIMEOUT_S):
+                    while b"\r\n\r\n" not in request and b"\n\n" not in request:
+                        chunk = await stream.receive_some(4096)
+                        if not chunk:
+                            break
+                        request += chunk
+                        if len(request) > MAX_REQUEST_BYTES:
+                            break
+                parts = request.split(b"\r\n", 1)[0].split()
+                path = parts[1].decode("ascii", "replace") if len(parts) >= 2 else ""
+                if len(parts) < 2 or parts[0] != b"GET":
+                    await _respond(stream, 405, b"only GET\n")
+                elif path == "/metrics":
+                    await _respond(stream, 200, generate_latest(REGISTRY), b"text/plain; version=0.0.4")
+                elif path == "/live":
+                    await _respond(stream, 200, b"ok\n")
+                elif path == "/ready":
+                    ok = ready()
+                    await _respond(stream, 200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                else:
+                    await _respond(stream, 404, b"not found\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            log.exception("metrics request failed")
+
+    await trio.serve_listeners(handle, listeners)
+
+
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+async def _respond(
+    stream: trio.SocketStream, status: int, body: bytes, content_type: bytes = b"text/plain"
+) -> None:
+    head = (
+        f"HTTP/1.0 {status} {_REASONS[status]}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+    ).encode() + b"Content-Type: " + content_type + b"\r\n\r\n"
+    await stream.send_all(head + body)
+
+
+class MetricsObserver(Observer):
+    """The actor's hooks, fed into the histograms above."""
+
+    def appended(self, seconds: float, records: int) -> None:
+        APPEND_SECONDS.observe(seconds)
+
+    def append_failed(self) -> None:
+        STORAGE_FAILURES.inc()
+
+    def triggered(self, lateness_s: float) -> None:
+        TRIGGER_LATENESS.observe(max(lateness_s, 0.0))
+
+
+def observe_run(kind: str, ok: bool, seconds: float) -> None:
+    RUN_SECONDS.labels(kind, "executed" if ok else "failed").observe(seconds)
