@@ -276,6 +276,24 @@ async def test_least_recently_used_connection_is_evicted(
     assert list(backend._slots) == [c, b]
 
 
+async def test_busy_connections_are_not_evicted_under_them(
+    nursery: trio.Nursery, admin: Admin, route: Route
+) -> None:
+    """More DSNs in concurrent use than max_connections: no run fails, the limit holds after."""
+    backend = await start_backend(nursery, max_connections=1)
+    dsns = [broker.URL, "amqp://guest:guest@localhost:5672/", f"{broker.URL}%2F"]
+
+    async def run(i: int) -> None:
+        await backend.run(job(f"t{i}"), rule_for(route, dsn=dsns[i % 3]))
+
+    async with trio.open_nursery() as runs:
+        for i in range(300):
+            runs.start_soon(run, i)
+    assert len(backend._slots) == 1
+    messages = await trio.to_thread.run_sync(admin.drain, route.queue)
+    assert sorted(m.body for m in messages) == sorted(f"t{i}".encode() for i in range(300))
+
+
 async def test_cancelled_runs_leave_the_connection_usable(
     nursery: trio.Nursery, admin: Admin, route: Route
 ) -> None:

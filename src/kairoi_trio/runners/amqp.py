@@ -43,6 +43,7 @@ class _Slot:
     failures: int = 0
     retry_at: float = 0.0
     last_error: str = ""
+    users: int = 0  # runs using the connection right now; such a slot is not evicted
 
 
 class AmqpRunnerBackend(Runner):
@@ -106,7 +107,7 @@ class AmqpRunnerBackend(Runner):
         if not isinstance(spec, AmqpRunner):
             raise RunFailed(f"amqp runner given a {spec.kind} rule")
         target = f"{spec.exchange}/{spec.routing_key}"
-        conn = await self._connection(spec.dsn)
+        slot, conn = await self._connection(spec.dsn)
         where = conn.url.redacted()
         try:
             if not await conn.exchange_exists(spec.exchange, timeout=self.confirm_timeout_s):
@@ -121,14 +122,21 @@ class AmqpRunnerBackend(Runner):
         except AmqpError as exc:
             reason = f"publish to {target} on {where} failed: {exc.reason}"
             raise self._failed(job, reason) from None
+        finally:
+            slot.users -= 1
+            if len(self._slots) > self.max_connections:
+                self._evict()
         return f"published to {target}"
 
     def _failed(self, job: Job, reason: str) -> RunFailed:
         log.warning("amqp.run_failed", job=job.id, reason=reason)
         return RunFailed(reason)
 
-    async def _connection(self, dsn: str) -> AmqpConnection:
-        """The open connection for `dsn`, opening it (once, for all waiting runs) if needed."""
+    async def _connection(self, dsn: str) -> tuple[_Slot, AmqpConnection]:
+        """The open connection for `dsn`, opening it (once, for all waiting runs) if needed.
+
+        Counts the caller as a user of the slot; the caller must decrement `users`.
+        """
         slot = self._slots.get(dsn)
         if slot is None:
             try:
@@ -138,11 +146,13 @@ class AmqpRunnerBackend(Runner):
             slot = self._slots[dsn] = _Slot(url)
         self._slots.move_to_end(dsn)
         if slot.conn is not None and slot.conn.is_open:
-            return slot.conn
+            slot.users += 1
+            return slot, slot.conn
         async with slot.lock:
             if slot.conn is not None:
                 if slot.conn.is_open:
-                    return slot.conn
+                    slot.users += 1
+                    return slot, slot.conn
                 slot.last_error = slot.conn.close_reason or "connection closed"
                 slot.conn = None
             wait = slot.retry_at - trio.current_time()
@@ -164,15 +174,23 @@ class AmqpRunnerBackend(Runner):
             slot.conn = conn
             slot.failures = 0
             slot.retry_at = 0.0
-        # Evicted while we were connecting? Put it back as the most recently used.
-        self._slots[dsn] = slot
-        self._slots.move_to_end(dsn)
+            slot.users += 1
         self._evict()
-        return conn
+        return slot, conn
 
     def _evict(self) -> None:
+        """Drop least recently used DSNs beyond max_connections, skipping busy ones.
+
+        A slot that is connecting or in use by a run is left alone; the limit is
+        enforced again when runs finish.
+        """
         while len(self._slots) > self.max_connections:
-            _, slot = self._slots.popitem(last=False)
+            idle = ((d, s) for d, s in self._slots.items() if not s.users and not s.lock.locked())
+            victim = next(idle, None)
+            if victim is None:
+                return
+            dsn, slot = victim
+            del self._slots[dsn]
             if slot.conn is not None and slot.conn.is_open and self._nursery is not None:
                 log.info("amqp.connection_evicted", amqp=slot.url.redacted())
                 self._nursery.start_soon(self._retire, slot.conn)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import ssl
 import time
 from collections import deque
@@ -244,6 +245,8 @@ def _os_error_text(exc: OSError) -> str:
         first = cause.exceptions[0]
         if isinstance(first, OSError):
             exc = first
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve host: {exc.strerror}"
     if exc.errno:
         return os.strerror(exc.errno)
     return str(exc) or type(exc).__name__
@@ -392,7 +395,8 @@ class AmqpConnection:
     async def wait_idle(self) -> None:
         """Return once no publish is waiting for a confirm (or the connection closed)."""
         while self._in_flight and self._error is None:
-            self._idle = trio.Event()
+            if self._idle is None or self._idle.is_set():
+                self._idle = trio.Event()
             await self._idle.wait()
 
     async def wait_closed(self) -> None:
