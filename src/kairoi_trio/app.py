@@ -120,7 +120,7 @@ async def housekeeping(actor: ActorClient, retention_s: float) -> None:
                 pass
         except Exception as error:  # storage down: try again next round
             log.warning("retention pass failed", error=str(error))
-        await trio.sleep(HOUSEKEEPING_INTERVAL_S)
+        await trio.sleep(min(HOUSEKEEPING_INTERVAL_S, max(retention_s / 10, 0.1)))
 
 
 async def serve(

@@ -35,18 +35,20 @@ class ServerProcess:
         self._ready = threading.Event()
 
     def config_text(self) -> str:
-        base = {
-            "log": 'level = "info"\nformat = "json"',
-            "controller": 'listen = "127.0.0.1:0"',
-            "grpc": 'listen = "127.0.0.1:0"',
-            "metrics": 'listen = "127.0.0.1:0"',
-            "storage": f'directory = "{self.data_dir}"',
-            "shutdown": "grace_period_s = 2.0",
+        tables: dict[str, dict[str, str]] = {
+            "log": {"level": '"info"', "format": '"json"'},
+            "controller": {"listen": '"127.0.0.1:0"'},
+            "grpc": {"listen": '"127.0.0.1:0"'},
+            "metrics": {"listen": '"127.0.0.1:0"'},
+            "storage": {"directory": f'"{self.data_dir}"'},
+            "shutdown": {"grace_period_s": "2.0"},
         }
-        extra = _parse_tables(self.extra_config)
-        for table, body in extra.items():
-            base[table] = (base.get(table, "") + "\n" + body).strip()
-        return "\n".join(f"[{table}]\n{body}\n" for table, body in base.items())
+        for table, entries in _parse_tables(self.extra_config).items():
+            tables.setdefault(table, {}).update(entries)  # the test's values win
+        return "\n".join(
+            f"[{table}]\n" + "".join(f"{key} = {value}\n" for key, value in entries.items())
+            for table, entries in tables.items()
+        )
 
     def start(self) -> ServerProcess:
         self.config_path.write_text(self.config_text())
@@ -115,14 +117,15 @@ class ServerProcess:
         return self.start()
 
 
-def _parse_tables(text: str) -> dict[str, str]:
-    tables: dict[str, str] = {}
-    current = None
+def _parse_tables(text: str) -> dict[str, dict[str, str]]:
+    """A tiny reader for the tests' TOML snippets: [table] then key = value lines."""
+    tables: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
     for line in text.strip().splitlines():
         stripped = line.strip()
         if stripped.startswith("[") and stripped.endswith("]"):
-            current = stripped[1:-1]
-            tables.setdefault(current, "")
-        elif current is not None:
-            tables[current] += line + "\n"
-    return {k: v.strip() for k, v in tables.items()}
+            current = tables.setdefault(stripped[1:-1], {})
+        elif "=" in stripped and current is not None:
+            key, value = stripped.split("=", 1)
+            current[key.strip()] = value.strip()
+    return tables

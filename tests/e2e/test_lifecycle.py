@@ -1,0 +1,87 @@
+"""Shutdown, retention and compaction of a real server process."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from support.kcp_client import KcpClient
+from support.waiting import wait_for
+
+FUTURE = "2099-01-01 00:00:00"
+PAST = "2020-01-01 00:00:00"
+
+
+def test_sigint_stops_cleanly_too(server):
+    server.process.send_signal(signal.SIGINT)
+    assert server.process.wait(20) == 0
+
+
+def test_run_outliving_the_grace_period_is_killed_and_runs_again(make_server, tmp_path):
+    runs = tmp_path / "runs.txt"
+    script = tmp_path / "slow.sh"
+    script.write_text(
+        f'#!/bin/sh\necho "$1" >> {runs}\n'
+        f'if [ "$(wc -l < {runs})" -eq 1 ]; then sleep 60; fi\n'
+    )
+    server = make_server("[shutdown]\ngrace_period_s = 0.5")
+    with KcpClient(server.kcp_port) as kcp:
+        assert kcp.request("RULE", "SET", "r", "app.", "shell", str(script)) == ["OK"]
+        assert kcp.request("SET", "app.slow", PAST) == ["OK"]
+        wait_for(lambda: runs.exists())
+    started = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - started < 10  # the grace period, not the script's 60 s
+    server.start()
+    with KcpClient(server.kcp_port) as kcp:
+        wait_for(lambda: kcp.request("GET", "app.slow")[1] == "executed")
+    assert runs.read_text().splitlines() == ["app.slow", "app.slow"]
+
+
+def test_run_finishing_within_the_grace_period_is_recorded(make_server, tmp_path):
+    started_flag = tmp_path / "started"
+    script = tmp_path / "short.sh"
+    script.write_text(f"#!/bin/sh\ntouch {started_flag}\nsleep 1\n")
+    server = make_server("[shutdown]\ngrace_period_s = 10")
+    with KcpClient(server.kcp_port) as kcp:
+        assert kcp.request("RULE", "SET", "r", "app.", "shell", str(script)) == ["OK"]
+        assert kcp.request("SET", "app.short", PAST) == ["OK"]
+        wait_for(started_flag.exists)
+    assert server.stop() == 0
+    server.start()
+    with KcpClient(server.kcp_port) as kcp:
+        assert kcp.request("GET", "app.short")[1] == "executed"
+
+
+def test_finished_jobs_are_dropped_after_retention(make_server, tmp_path):
+    ok = tmp_path / "ok.sh"
+    ok.write_text("exit 0\n")
+    server = make_server("[storage]\nretention_s = 1.0")
+    with KcpClient(server.kcp_port) as kcp:
+        assert kcp.request("RULE", "SET", "r", "app.", "shell", str(ok)) == ["OK"]
+        assert kcp.request("SET", "app.done", PAST) == ["OK"]
+        assert kcp.request("SET", "app.later", FUTURE) == ["OK"]
+        wait_for(lambda: kcp.request("GET", "app.done")[1] == "executed")
+        wait_for(lambda: kcp.request("GET", "app.done")[0] == "ERROR", timeout=10)
+        assert kcp.request("GET", "app.later") == ["OK", "planned", FUTURE]
+    server.kill()
+    server.start()  # the removal is durable
+    with KcpClient(server.kcp_port) as kcp:
+        assert kcp.request("GET", "app.done")[0] == "ERROR"
+
+
+def test_compaction_bounds_the_log_and_keeps_the_latest_state(make_server):
+    server = make_server("[storage]\ncompact_after_bytes = 65536")
+    with KcpClient(server.kcp_port) as kcp:
+        for round_ in range(10):  # the same 500 jobs rewritten 10 times
+            moment = f"2099-01-01 00:00:{round_:02d}"
+            requests = [("SET", f"job.{i}", moment, "p" * 50) for i in range(500)]
+            assert kcp.pipeline(requests) == [["OK"]] * 500
+        wait_for(lambda: list(server.data_dir.glob("snapshot-*")))
+    total = sum(f.stat().st_size for f in server.data_dir.iterdir())
+    assert total < 600_000, sorted(server.data_dir.iterdir())  # ~10 rounds of ~60 KiB would be more
+    server.kill()
+    server.start()
+    with KcpClient(server.kcp_port) as kcp:
+        answers = kcp.pipeline([("GET", f"job.{i}") for i in range(500)])
+    assert answers == [["OK", "planned", "2099-01-01 00:00:09", "p" * 50]] * 500
