@@ -88,12 +88,10 @@ class Status(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class SetJobResult(_message.Message):
-    __slots__ = ("status", "job")
+    __slots__ = ("status",)
     STATUS_FIELD_NUMBER: _ClassVar[int]
-    JOB_FIELD_NUMBER: _ClassVar[int]
     status: Status
-    job: Job
-    def __init__(self, status: _Optional[_Union[Status, _Mapping]] = ..., job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+    def __init__(self, status: _Optional[_Union[Status, _Mapping]] = ...) -> None: ...
 
 class SetJobsResponse(_message.Message):
     __slots__ = ("results",)

@@ -221,7 +221,8 @@ class JobWatch:
         """The events message by message, as the server batched them (one per tick)."""
         while self._pending:  # events already read by next() come first
             yield [self._pending.popleft() for _ in range(len(self._pending))]
-        for batch in self._batches:  # not `yield from`: closing this must not close the stream
+        # not `yield from`: closing this generator must not close the stream
+        for batch in self._batches:  # noqa: UP028
             yield batch
 
     def __iter__(self) -> JobWatch:

@@ -183,11 +183,10 @@ def from_rpc_error(error: grpc.RpcError) -> KairoiError:
 
 @dataclass(frozen=True, slots=True)
 class SetJobResult:
-    """One job of a batch: `job` when it was set, else `error`."""
+    """One job of a batch: `error` is None when it was set."""
 
     id: str
-    job: Job | None
-    error: KairoiError | None
+    error: KairoiError | None = None
 
     @property
     def ok(self) -> bool:
@@ -247,14 +246,16 @@ def job_from_pb(message: pb.Job) -> Job:
 
 
 def set_job_results(request: pb.SetJobsRequest, response: pb.SetJobsResponse) -> list[SetJobResult]:
-    results = []
-    for sent, result in zip(request.jobs, response.results, strict=True):
-        if result.status.code == 0:
-            results.append(SetJobResult(sent.id, job_from_pb(result.job), None))
-        else:
-            code = _CODES_BY_NUMBER.get(result.status.code, grpc.StatusCode.UNKNOWN)
-            results.append(SetJobResult(sent.id, None, error_for(code, result.status.message)))
-    return results
+    return [
+        SetJobResult(sent.id, _status_error(result.status))
+        for sent, result in zip(request.jobs, response.results, strict=True)
+    ]
+
+
+def _status_error(status: pb.Status) -> KairoiError | None:
+    if status.code == 0:
+        return None
+    return error_for(_CODES_BY_NUMBER.get(status.code, grpc.StatusCode.UNKNOWN), status.message)
 
 
 def rule_to_pb(rule: Rule) -> pb.Rule:
@@ -331,8 +332,7 @@ def server_info_from_pb(message: pb.GetServerInfoResponse) -> ServerInfo:
 
 
 def failure_from_pb(failure: pb.SetJobFailure) -> SetJobResult:
-    code = _CODES_BY_NUMBER.get(failure.status.code, grpc.StatusCode.UNKNOWN)
-    return SetJobResult(failure.id, None, error_for(code, failure.status.message))
+    return SetJobResult(failure.id, _status_error(failure.status))
 
 
 def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:

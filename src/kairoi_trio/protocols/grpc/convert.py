@@ -117,13 +117,15 @@ def job_status_from_pb(value: int) -> Status | None:
 
 
 def set_job_from_pb(request: pb.SetJobRequest) -> c.SetJob:
-    if not request.HasField("execute_at"):
+    # Hot path of SetJobs (one call per job): read the timestamp once, and ask
+    # HasField only when it looks unset.
+    ts = request.execute_at
+    seconds, nanos = ts.seconds, ts.nanos
+    if seconds == 0 and nanos == 0 and not request.HasField("execute_at"):
         raise invalid("execute_at is required")
-    return c.SetJob(
-        id=request.id,
-        execute_at=micros_from_timestamp(request.execute_at, "execute_at"),
-        payload=request.payload,
-    )
+    if not (_MIN_TS_SECONDS <= seconds <= _MAX_TS_SECONDS) or not (0 <= nanos < 10**9):
+        raise invalid("execute_at is not a valid timestamp (years 0001 to 9999)")
+    return c.SetJob(request.id, seconds * MICROS + nanos // 1000, request.payload)
 
 
 def job_to_pb(job: Job) -> pb.Job:

@@ -52,6 +52,7 @@ _STOP_MARGIN_S = 5.0  # how long past grace_s Trio waits for the thread before g
 _SIZE_MARGIN = 1024  # room for a message's own fields next to its repeated ones
 
 T = TypeVar("T")
+_OK = pb.Status(code=0)
 
 
 async def serve_grpc(
@@ -325,31 +326,28 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         job = await self._one(convert.set_job_from_pb(request))
         return pb.SetJobResponse(job=convert.job_to_pb(job))
 
-    async def _set_batch(self, requests: Iterable[pb.SetJobRequest]) -> list[pb.SetJobResult]:
-        """One result per job: conversion errors stay local, the rest go to the actor together."""
-        results: list[pb.SetJobResult] = []
+    async def _set_batch(self, requests: Iterable[pb.SetJobRequest]) -> list[pb.Status]:
+        """One status per job: conversion errors stay local, the rest go to the actor together."""
+        statuses: list[pb.Status] = []
         commands: list[c.Command] = []
         slots: list[int] = []
         for request in requests:
             try:
                 commands.append(convert.set_job_from_pb(request))
-                slots.append(len(results))
-                results.append(pb.SetJobResult())
+                slots.append(len(statuses))
+                statuses.append(_OK)
             except CommandError as error:
-                results.append(pb.SetJobResult(status=convert.error_status(error)))
+                statuses.append(convert.error_status(error))
         if commands:
             for slot, value in zip(slots, await self._call(commands), strict=True):
                 if isinstance(value, CommandError):
-                    results[slot] = pb.SetJobResult(status=convert.error_status(value))
-                else:
-                    results[slot] = pb.SetJobResult(
-                        status=pb.Status(code=0), job=convert.job_to_pb(value)
-                    )
-        return results
+                    statuses[slot] = convert.error_status(value)
+        return statuses
 
     @_rpc
     async def SetJobs(self, request: pb.SetJobsRequest, context: Any) -> pb.SetJobsResponse:
-        return pb.SetJobsResponse(results=await self._set_batch(request.jobs))
+        statuses = await self._set_batch(request.jobs)
+        return pb.SetJobsResponse(results=[pb.SetJobResult(status=status) for status in statuses])
 
     @_rpc
     async def StreamSetJobs(
@@ -358,12 +356,12 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         response = pb.StreamSetJobsResponse()
         index = 0
         async for batch in request_iterator:
-            results = await self._retry_busy(lambda b=batch: self._set_batch(b.jobs))
-            for result, job in zip(results, batch.jobs, strict=True):
-                if result.status.code == 0:
+            statuses = await self._retry_busy(lambda b=batch: self._set_batch(b.jobs))
+            for status, job in zip(statuses, batch.jobs, strict=True):
+                if status.code == 0:
                     response.accepted += 1
                 else:
-                    response.failures.add(index=index, id=job.id, status=result.status)
+                    response.failures.add(index=index, id=job.id, status=status)
                 index += 1
         return response
 
