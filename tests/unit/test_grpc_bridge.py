@@ -453,7 +453,9 @@ async def test_shutdown_drains_calls_and_ends_watches(capfd) -> None:
         argv, env = client_command(
             server.port,
             """
-            import threading
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+            health = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            next(health)  # SERVING
             watch = stub.WatchJobs(pb.WatchJobsRequest())
             watch.initial_metadata()
             slow = stub.SetJob.future(pb.SetJobRequest(id="slow", execute_at={"seconds": 1}))
@@ -465,6 +467,7 @@ async def test_shutdown_drains_calls_and_ends_watches(capfd) -> None:
             except grpc.RpcError as e:
                 out([e.code().name, e.details()])
             out(MessageToDict(slow.result())["job"]["id"])
+            out([health_pb2.HealthCheckResponse.ServingStatus.Name(r.status) for r in health])
             """,
         )
         async with trio.open_nursery() as nursery:
@@ -481,8 +484,10 @@ async def test_shutdown_drains_calls_and_ends_watches(capfd) -> None:
             elapsed = trio.current_time() - start
             watch_end = await lines.__anext__()
             slow = await lines.__anext__()
+            health = await lines.__anext__()
     assert watch_end == ["UNAVAILABLE", "server is shutting down"]
     assert slow == "slow"  # the in-flight call finished during the drain
+    assert health == ["NOT_SERVING"]  # then the health watch ended normally
     assert elapsed < 2.0  # no waiting out the grace period for the open watch
     captured = capfd.readouterr()
     assert "Traceback" not in captured.out + captured.err

@@ -49,6 +49,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name  # "kairoi.
 WATCH_TICK_S = 0.05  # at most one WatchJobs message per tick, carrying all its events
 WATCH_BUFFER_EVENTS = 100_000  # events a watcher may have unsent before it is dropped
 _STOP_MARGIN_S = 5.0  # how long past grace_s Trio waits for the thread before giving up
+_HEALTH_SETTLE_S = 0.05  # time for health watchers to send NOT_SERVING before they end
 _SIZE_MARGIN = 1024  # room for a message's own fields next to its repeated ones
 
 T = TypeVar("T")
@@ -194,7 +195,7 @@ class _ServerThread(threading.Thread):
         )
         scheduler = SchedulerServicer(_Bridge(self.token, self.requests, loop), settings)
         pb_grpc.add_SchedulerServicer_to_server(scheduler, server)
-        health = HealthServicer()
+        health = _Health()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(
             [
@@ -216,9 +217,37 @@ class _ServerThread(threading.Thread):
 
         await stop.wait()
         log.info("grpc stopping", grace_s=settings.grace_s)
-        await health.enter_graceful_shutdown()
+        await health.shut_down()
         scheduler.close_watches()
         await server.stop(settings.grace_s)
+
+
+class _Health(HealthServicer):
+    """grpcio-health-checking's servicer, whose Watch streams also end at shutdown.
+
+    Left alone, a probe's Watch stream never ends, so it would hold the drain
+    for the whole grace period and then be cancelled (grpcio prints a traceback
+    for that). Here watchers get NOT_SERVING, then their stream ends normally.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._closed = asyncio.Event()
+
+    async def Watch(self, request: Any, context: Any) -> None:
+        inner = asyncio.ensure_future(super().Watch(request, context))
+        closed = asyncio.ensure_future(self._closed.wait())
+        try:
+            await asyncio.wait({inner, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            inner.cancel()  # parked on its condition by now, not in the middle of a write
+            await asyncio.gather(inner, return_exceptions=True)
+
+    async def shut_down(self) -> None:
+        await self.enter_graceful_shutdown()  # every service NOT_SERVING, watchers notified
+        await asyncio.sleep(_HEALTH_SETTLE_S)  # let watchers send it
+        self._closed.set()
 
 
 class _Bridge:
@@ -356,7 +385,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         response = pb.StreamSetJobsResponse()
         index = 0
         async for batch in request_iterator:
-            statuses = await self._retry_busy(lambda b=batch: self._set_batch(b.jobs))
+            statuses = await self._retry_busy(functools.partial(self._set_batch, batch.jobs))
             for status, job in zip(statuses, batch.jobs, strict=True):
                 if status.code == 0:
                     response.accepted += 1
