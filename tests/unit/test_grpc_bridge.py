@@ -315,6 +315,37 @@ async def test_batch_answers_each_job_and_bulk_stream_summarises() -> None:
     assert len(page2["jobs"]) == 19 and "nextPageToken" not in page2
 
 
+async def test_pages_and_snapshots_stay_under_the_message_size_limit() -> None:
+    async with running_server(max_message_bytes=64 * 1024) as server:
+        for i in range(20):
+            server.actor.jobs[f"big.{i:02d}"] = Job(f"big.{i:02d}", 0, payload=b"x" * 10_000)
+        pages, snapshot = await run_client(
+            server.port,
+            """
+            pages, token = [], ""
+            while True:
+                page = stub.ListJobs(pb.ListJobsRequest(prefix="big.", page_token=token))
+                pages.append([job.id for job in page.jobs])
+                token = page.next_page_token
+                if not token:
+                    break
+            out(pages)
+            watch = stub.WatchJobs(pb.WatchJobsRequest(prefix="big.", include_snapshot=True))
+            sizes = []
+            for message in watch:
+                if not message.snapshot:
+                    break
+                sizes.append(len(message.events))
+                if sum(sizes) == 20:
+                    break
+            out(sizes)
+            """,
+        )
+    assert [job_id for page in pages for job_id in page] == [f"big.{i:02d}" for i in range(20)]
+    assert 1 < len(pages) and all(len(page) <= 6 for page in pages)
+    assert sum(snapshot) == 20 and len(snapshot) > 1
+
+
 async def test_full_channel_answers_resource_exhausted() -> None:
     actor = FakeActor(paused=True)  # it takes one request and sits on it: the channel fills
     async with running_server(capacity=1, actor=actor) as server:
