@@ -25,6 +25,7 @@ import hmac
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -33,7 +34,7 @@ import structlog
 import trio
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from kairoi.v1 import scheduler_pb2 as pb
@@ -107,20 +108,13 @@ async def serve_grpc(
                 log.info("grpc stopped")
 
 
+@dataclass(frozen=True)
 class _Settings:
-    def __init__(
-        self,
-        listen: str,
-        grace_s: float,
-        tokens: tuple[str, ...],
-        max_message_bytes: int,
-        credentials: grpc.ServerCredentials | None,
-    ) -> None:
-        self.listen = listen
-        self.grace_s = grace_s
-        self.tokens = tokens
-        self.max_message_bytes = max_message_bytes
-        self.credentials = credentials
+    listen: str
+    grace_s: float
+    tokens: tuple[str, ...]
+    max_message_bytes: int
+    credentials: grpc.ServerCredentials | None
 
 
 class _ServerThread(threading.Thread):
@@ -222,7 +216,7 @@ class _ServerThread(threading.Thread):
         await server.stop(settings.grace_s)
 
 
-class _Health(HealthServicer):
+class _Health(health_aio.HealthServicer):
     """grpcio-health-checking's servicer, whose Watch streams also end at shutdown.
 
     Left alone, a probe's Watch stream never ends, so it would hold the drain
