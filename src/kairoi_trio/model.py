@@ -9,7 +9,7 @@ shallow copy while the command actor keeps changing the live one.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 
 MICROS = 1_000_000
@@ -21,6 +21,11 @@ class Status(enum.Enum):
     TRIGGERED = "triggered"
     EXECUTED = "executed"
     FAILED = "failed"
+
+    # Members are singletons: identity hashing is correct, and C-level, where
+    # Enum's own __hash__ is a Python call on every dict operation of the
+    # command actor's hot path.
+    __hash__ = object.__hash__
 
     @property
     def finished(self) -> bool:
@@ -109,6 +114,42 @@ class Job:
     attempts: int = 0
     last_outcome: str = ""
     updated_at: int = 0
+
+
+# Job(...) goes through the frozen dataclass's __init__ (object.__setattr__ per
+# field); new_job sets the slots directly, about twice as fast, with the same
+# result. Used where jobs are made by the million: log replay and the actor.
+JOB_SLOT_SETTERS = tuple(
+    Job.__dict__[name].__set__
+    for name in ("id", "execute_at", "status", "payload", "attempts", "last_outcome", "updated_at")
+)
+if tuple(f.name for f in fields(Job)) != (
+    "id", "execute_at", "status", "payload", "attempts", "last_outcome", "updated_at"
+):  # pragma: no cover - guards edits of Job
+    raise ImportError("model.Job changed: update JOB_SLOT_SETTERS and the JobPut encoding")
+
+
+def new_job(
+    id: str,
+    execute_at: int,
+    status: Status,
+    payload: bytes,
+    attempts: int,
+    last_outcome: str,
+    updated_at: int,
+) -> Job:
+    job = Job.__new__(Job)
+    set_id, set_at, set_status, set_payload, set_attempts, set_outcome, set_updated = (
+        JOB_SLOT_SETTERS
+    )
+    set_id(job, id)
+    set_at(job, execute_at)
+    set_status(job, status)
+    set_payload(job, payload)
+    set_attempts(job, attempts)
+    set_outcome(job, last_outcome)
+    set_updated(job, updated_at)
+    return job
 
 
 @dataclass(frozen=True, slots=True)

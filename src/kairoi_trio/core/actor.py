@@ -53,10 +53,12 @@ from kairoi_trio.commands import (
 )
 from kairoi_trio.core.state import State
 from kairoi_trio.core.validation import RuleValidator, validate_job
-from kairoi_trio.model import MICROS, Job, JobEvent, Rule, Status, now_us
+from kairoi_trio.model import MICROS, Job, JobEvent, Rule, Status, new_job, now_us
 from kairoi_trio.storage.records import JobDelete, JobPut, JobStatus, Record, RuleDelete, RulePut
 
 log = structlog.get_logger(__name__)
+
+PLANNED, TRIGGERED = Status.PLANNED, Status.TRIGGERED
 
 # At most this many commands are applied per group commit, so one huge burst
 # cannot delay every reply behind a single enormous write.
@@ -277,22 +279,21 @@ class CommandActor:
         old = self.state.put_job(job)
         self._undo.append(("job", job.id, old))
         self._records.append(record if record is not None else JobPut(job))
-        self._events.append(JobEvent(job, at=self._now))
+        if self._subscribers:
+            self._events.append(JobEvent(job, at=self._now))
 
     def _change_status(self, job: Job, status: Status, outcome: str, attempts: int) -> Job:
-        changed = replace(
-            job, status=status, last_outcome=outcome, attempts=attempts, updated_at=self._now
-        )
-        self._put_job(
-            changed, JobStatus(job.id, status, attempts, outcome, self._now)
-        )
+        now = self._now
+        changed = new_job(job.id, job.execute_at, status, job.payload, attempts, outcome, now)
+        self._put_job(changed, JobStatus(job.id, status, attempts, outcome, now))
         return changed
 
     def _delete_job(self, job: Job) -> None:
         self.state.delete_job(job.id)
         self._undo.append(("job", job.id, job))
         self._records.append(JobDelete(job.id))
-        self._events.append(JobEvent(job, deleted=True, at=self._now))
+        if self._subscribers:
+            self._events.append(JobEvent(job, deleted=True, at=self._now))
 
     def _put_rule(self, rule: Rule) -> None:
         self._undo.append(("rule", rule.id, self.state.put_rule(rule)))
@@ -307,11 +308,11 @@ class CommandActor:
     def _set_job(self, command: SetJob) -> Job:
         validate_job(command.id, command.payload, self._max_payload)
         old = self.state.jobs.get(command.id)
-        if old is not None and old.status is Status.TRIGGERED:
+        if old is not None and old.status is TRIGGERED:
             raise CommandError(
                 ErrorCode.FAILED_PRECONDITION, f"job {command.id} is triggered: a run is in flight"
             )
-        job = Job(command.id, command.execute_at, Status.PLANNED, command.payload, 0, "", self._now)
+        job = new_job(command.id, command.execute_at, PLANNED, command.payload, 0, "", self._now)
         self._put_job(job)
         return job
 

@@ -26,6 +26,9 @@ from kairoi_trio.model import Job, Rule, Status
 # them: bounds the time one page holds the command actor.
 MAX_SCAN_PER_PAGE = 20_000
 
+_PLANNED = Status.PLANNED
+_FINISHED = frozenset((Status.EXECUTED, Status.FAILED))
+
 
 class State:
     def __init__(self, jobs: Iterable[Job] = (), rules: Iterable[Rule] = ()) -> None:
@@ -53,20 +56,22 @@ class State:
 
     def put_job(self, job: Job) -> Job | None:
         """Insert or replace a job; returns the job it replaced."""
-        old = self.jobs.get(job.id)
-        self.jobs[job.id] = job
+        job_id, status = job.id, job.status
+        old = self.jobs.get(job_id)
+        self.jobs[job_id] = job
+        counts = self.counts
         if old is None:
-            self._ids.add(job.id)
+            self._ids.add(job_id)
         else:
-            self.counts[old.status] -= 1
-        self.counts[job.status] += 1
-        if job.status is Status.PLANNED and not (
-            old is not None and old.status is Status.PLANNED and old.execute_at == job.execute_at
-        ):
-            heapq.heappush(self._due, (job.execute_at, job.id))
-            self._maybe_rebuild_due()
-        elif job.status.finished and not (old is not None and old.status.finished):
-            self._finished.append((job.updated_at, job.id))
+            counts[old.status] -= 1
+        counts[status] += 1
+        if status is _PLANNED:
+            if old is None or old.status is not _PLANNED or old.execute_at != job.execute_at:
+                heapq.heappush(self._due, (job.execute_at, job_id))
+                if len(self._due) > 2 * counts[_PLANNED] + 1024:
+                    self._rebuild_due()
+        elif status in _FINISHED and (old is None or old.status not in _FINISHED):
+            self._finished.append((job.updated_at, job_id))
         return old
 
     def delete_job(self, job_id: str) -> Job | None:
@@ -102,24 +107,23 @@ class State:
 
     def _is_live(self, at: int, job_id: str) -> bool:
         job = self.jobs.get(job_id)
-        return job is not None and job.status is Status.PLANNED and job.execute_at == at
+        return job is not None and job.status is _PLANNED and job.execute_at == at
 
-    def _maybe_rebuild_due(self) -> None:
-        planned = self.counts[Status.PLANNED]
-        if len(self._due) > 2 * planned + 1024:
-            self._due = [(j.execute_at, j.id) for j in self.jobs.values() if j.status is Status.PLANNED]
-            heapq.heapify(self._due)
+    def _rebuild_due(self) -> None:
+        """Drop the stale entries once they outnumber the live ones."""
+        self._due = [(j.execute_at, j.id) for j in self.jobs.values() if j.status is _PLANNED]
+        heapq.heapify(self._due)
 
     def expired_finished(self, before: int, limit: int) -> list[str]:
         """Ids of up to `limit` executed/failed jobs last changed before `before`."""
-        expired: list[str] = []
+        expired: dict[str, None] = {}  # ordered, and an id restored by a rollback can be queued twice
         finished = self._finished
         while finished and finished[0][0] < before and len(expired) < limit:
             at, job_id = finished.popleft()
             job = self.jobs.get(job_id)
             if job is not None and job.status.finished and job.updated_at == at:
-                expired.append(job_id)
-        return expired
+                expired[job_id] = None
+        return list(expired)
 
     def list_jobs(
         self, prefix: str, status: Status | None, after: str, limit: int

@@ -28,6 +28,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
 from kairoi_trio.model import (
+    JOB_SLOT_SETTERS,
+    new_job,
     AmqpRunner,
     HttpRunner,
     Job,
@@ -255,42 +257,8 @@ class DecodeResult:
     error: FrameError | None
 
 
-_job_new = Job.__new__
-_set_id = Job.__dict__["id"].__set__
-_set_execute_at = Job.__dict__["execute_at"].__set__
-_set_status = Job.__dict__["status"].__set__
-_set_payload = Job.__dict__["payload"].__set__
-_set_attempts = Job.__dict__["attempts"].__set__
-_set_last_outcome = Job.__dict__["last_outcome"].__set__
-_set_updated_at = Job.__dict__["updated_at"].__set__
-_JOB_FIELDS = ("id", "execute_at", "status", "payload", "attempts", "last_outcome", "updated_at")
-if tuple(f.name for f in fields(Job)) != _JOB_FIELDS:  # pragma: no cover - guards model edits
-    raise ImportError("model.Job changed: update records.make_job and the JobPut encoding")
-
-
-def make_job(
-    id: str,
-    execute_at: int,
-    status: Status,
-    payload: bytes,
-    attempts: int,
-    last_outcome: str,
-    updated_at: int,
-) -> Job:
-    """Job(...) without the frozen-dataclass __init__ overhead (about 2x faster).
-
-    Sets exactly the slots the generated __init__ would set; replay builds a
-    million of these, so the difference is a visible part of start-up time.
-    """
-    job = _job_new(Job)
-    _set_id(job, id)
-    _set_execute_at(job, execute_at)
-    _set_status(job, status)
-    _set_payload(job, payload)
-    _set_attempts(job, attempts)
-    _set_last_outcome(job, last_outcome)
-    _set_updated_at(job, updated_at)
-    return job
+# The fast Job constructor and its slot setters live with Job in model.py.
+make_job = new_job
 
 
 # Outcomes repeat ("exit 0", "HTTP 500" ...): share one str per distinct value.
@@ -538,10 +506,10 @@ def replay_into(
     last_head = size - head
     by_code = _STATUS_BY_CODE
     outcome = _outcome
-    new = _job_new
-    set_id, set_execute_at, set_status = _set_id, _set_execute_at, _set_status
-    set_payload, set_attempts = _set_payload, _set_attempts
-    set_last_outcome, set_updated_at = _set_last_outcome, _set_updated_at
+    new = Job.__new__
+    set_id, set_execute_at, set_status, set_payload, set_attempts, set_last_outcome, set_updated_at = (
+        JOB_SLOT_SETTERS
+    )
     while pos < size:
         if pos <= last_head:
             length, crc, kind, code, execute_at, updated_at, attempts, id_len, pl_len, out_len = (

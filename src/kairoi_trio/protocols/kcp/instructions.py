@@ -8,6 +8,7 @@ arguments that follow `OK`.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,16 +62,22 @@ def parse_time(text: str) -> int:
     match = _TIME.match(text)
     if match is None:
         raise invalid(f"invalid time {text!r}: expected \"Y-m-d H:i:s[.ffffff]\"")
-    year, month, day, hour, minute, second, fraction = match.groups()
-    try:
-        days = date(int(year), int(month), int(day)).toordinal() - _EPOCH_ORDINAL
-    except ValueError:
-        raise invalid(f"invalid date {text!r}") from None
-    h, m, s = int(hour), int(minute), int(second)
+    days = _days_since_epoch(text[:10])
+    h, m, s = int(text[11:13]), int(text[14:16]), int(text[17:19])
     if h > 23 or m > 59 or s > 59:
         raise invalid(f"invalid time of day {text!r}")
+    fraction = match.group(7)
     micros = int(fraction.ljust(6, "0")) if fraction else 0
     return (days * 86_400 + h * 3600 + m * 60 + s) * MICROS + micros
+
+
+@functools.lru_cache(maxsize=4096)
+def _days_since_epoch(day: str) -> int:
+    """'Y-m-d' -> days since 1970-01-01; cached because jobs cluster on few days."""
+    try:
+        return date(int(day[0:4]), int(day[5:7]), int(day[8:10])).toordinal() - _EPOCH_ORDINAL
+    except ValueError:
+        raise invalid(f"invalid date {day!r}") from None
 
 
 def format_time(us: int) -> str:
@@ -176,4 +183,7 @@ def render(result: object) -> tuple[str, ...]:
 
 def renders_data(command: Command) -> bool:
     """Whether the command's OK carries data (GET, RULE GET); SET answers a bare OK."""
-    return isinstance(command, GetJob | GetRule)
+    return isinstance(command, _DATA_COMMANDS)
+
+
+_DATA_COMMANDS = (GetJob, GetRule)
