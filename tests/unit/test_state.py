@@ -379,12 +379,6 @@ def test_expired_finished_skips_jobs_set_again_or_deleted() -> None:
     assert state.expired_finished(before=41, limit=10) == ["later"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: put_job of a finished job over a non-finished one appends a second "
-    "(updated_at, id) entry to _finished even when the first is still valid (as the actor's "
-    "rollback does), so expired_finished returns the id twice",
-)
 def test_expired_finished_lists_a_restored_job_once() -> None:
     state = State()
     finished = job("a", 0, EXECUTED, updated_at=10)
