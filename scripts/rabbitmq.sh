@@ -92,6 +92,17 @@ start() {
     log "started (pid $(node_pid))"
 }
 
+epmd_pids() {
+    # PIDs of epmd processes owned by the rabbitmq user (from /proc: no procps needed).
+    local dir uid
+    uid="$(id -u rabbitmq 2>/dev/null)" || return 0
+    for dir in /proc/[0-9]*; do
+        [ "$(cat "$dir/comm" 2>/dev/null)" = epmd ] || continue
+        [ "$(stat -c %u "$dir" 2>/dev/null)" = "$uid" ] || continue
+        echo "${dir#/proc/}"
+    done
+}
+
 stop() {
     if command -v rabbitmqctl >/dev/null 2>&1 && node_pid >/dev/null; then
         log "stopping node $RABBITMQ_NODENAME"
@@ -104,7 +115,7 @@ stop() {
         local names pid
         names="$(epmd -names 2>/dev/null | grep -c '^name ' || true)"
         if [ "${names:-0}" = 0 ]; then
-            for pid in $(pgrep -u rabbitmq -x epmd 2>/dev/null || true); do
+            for pid in $(epmd_pids); do
                 kill "$pid" 2>/dev/null || true
             done
         fi
