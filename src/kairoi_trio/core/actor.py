@@ -201,7 +201,7 @@ class CommandActor:
         self._events: list[JobEvent] = []
         self._new_subscribers: list[_Subscriber] = []
         all_results: list[list[Result]] = []
-        writers: list[tuple[int, int]] = []  # (request index, command index) that wrote
+        first_write: tuple[int, int] | None = None  # (request, command) of the batch's first change
         for r, request in enumerate(batch):
             results: list[Result] = []
             for c, command in enumerate(request.commands):
@@ -213,12 +213,13 @@ class CommandActor:
                 except Exception as error:  # a bug must not take the scheduler down
                     log.exception("command failed", command=type(command).__name__)
                     results.append(CommandError(ErrorCode.UNAVAILABLE, f"internal error: {error}"))
-                if len(self._records) != before:
-                    writers.append((r, c))
+                if first_write is None and len(self._records) != before:
+                    first_write = (r, c)
+                    self._subscribers_before_write = len(self._new_subscribers)
             all_results.append(results)
             self.commands += len(request.commands)
 
-        if self._records:
+        if first_write is not None:
             started = time.perf_counter()
             try:
                 await self._log.append(self._records)
@@ -227,9 +228,14 @@ class CommandActor:
                 self._observer.append_failed()
                 log.error("storage write failed", error=str(error), records=len(self._records))
                 self._rollback()
+                # Everything from the first change on failed: the writes, and the
+                # reads that saw them (no dirty reads of what was rolled back).
                 failure = CommandError(ErrorCode.UNAVAILABLE, f"storage write failed: {error}")
-                for r, c in writers:
-                    all_results[r][c] = failure
+                first_r, first_c = first_write
+                for r in range(first_r, len(batch)):
+                    results = all_results[r]
+                    for c in range(first_c if r == first_r else 0, len(results)):
+                        results[c] = failure
         self.batches += 1
 
         for request, results in zip(batch, all_results, strict=True):
@@ -254,7 +260,10 @@ class CommandActor:
             else:
                 state.put_rule(old)
         self._events.clear()
-        self._subscribers = [s for s in self._subscribers if s not in self._new_subscribers]
+        # Subscriptions answered with an error (after the first change) are dropped;
+        # the ones answered before it stand.
+        failed = self._new_subscribers[self._subscribers_before_write :]
+        self._subscribers = [s for s in self._subscribers if s not in failed]
 
     def _publish(self) -> None:
         if not self._subscribers:

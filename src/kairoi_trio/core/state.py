@@ -15,7 +15,6 @@ Costs, with n planned jobs and r rules:
 from __future__ import annotations
 
 import heapq
-from collections import deque
 from collections.abc import Iterable, Iterator
 
 from sortedcontainers import SortedList
@@ -45,7 +44,8 @@ class State:
         finished = sorted(
             (job.updated_at, job.id) for job in self.jobs.values() if job.status.finished
         )
-        self._finished: deque[tuple[int, str]] = deque(finished)
+        # a heap, not a queue: a rollback can put back a job that finished earlier
+        self._finished: list[tuple[int, str]] = finished
         # pattern -> ids of the rules with that pattern, sorted (ties: smallest id wins)
         self._patterns: dict[str, list[str]] = {}
         self._pattern_lengths: list[int] = []  # distinct lengths, longest first
@@ -71,7 +71,7 @@ class State:
                 if len(self._due) > 2 * counts[_PLANNED] + 1024:
                     self._rebuild_due()
         elif status in _FINISHED and (old is None or old.status not in _FINISHED):
-            self._finished.append((job.updated_at, job_id))
+            heapq.heappush(self._finished, (job.updated_at, job_id))
         return old
 
     def delete_job(self, job_id: str) -> Job | None:
@@ -119,7 +119,7 @@ class State:
         expired: dict[str, None] = {}  # ordered, and an id restored by a rollback can be queued twice
         finished = self._finished
         while finished and finished[0][0] < before and len(expired) < limit:
-            at, job_id = finished.popleft()
+            at, job_id = heapq.heappop(finished)
             job = self.jobs.get(job_id)
             if job is not None and job.status.finished and job.updated_at == at:
                 expired[job_id] = None
