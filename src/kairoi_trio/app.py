@@ -35,6 +35,8 @@ from kairoi_trio.observability.metrics import (
     serve_metrics,
 )
 from kairoi_trio.protocols.kcp.server import KcpServer
+from kairoi_trio.runners.amqp import AmqpRunnerBackend
+from kairoi_trio.runners.http import HttpRunnerBackend
 from kairoi_trio.runners.pool import RunnerPool, RunnerPools
 from kairoi_trio.runners.shell import ShellRunnerBackend
 from kairoi_trio.storage.log import DurableLog, StorageError
@@ -90,24 +92,27 @@ def build_pools(config: Config, actor: ActorClient) -> RunnerPools:
             observe_run=observe_run,
         )
     }
-    try:
-        from kairoi_trio.runners.amqp import AmqpRunnerBackend
-    except ImportError:  # pragma: no cover - the amqp runner is part of the package
-        pass
-    else:
-        amqp = config.runners.amqp
-        pools["amqp"] = RunnerPool(
-            AmqpRunnerBackend(
-                max_connections=amqp.max_connections,
-                heartbeat_s=amqp.heartbeat_s,
-                connect_timeout_s=amqp.connect_timeout_s,
-                confirm_timeout_s=amqp.confirm_timeout_s,
-            ),
-            actor.clone(),
-            concurrency=amqp.concurrency,
-            queue_size=amqp.queue_size,
-            observe_run=observe_run,
-        )
+    amqp = config.runners.amqp
+    pools["amqp"] = RunnerPool(
+        AmqpRunnerBackend(
+            max_connections=amqp.max_connections,
+            heartbeat_s=amqp.heartbeat_s,
+            connect_timeout_s=amqp.connect_timeout_s,
+            confirm_timeout_s=amqp.confirm_timeout_s,
+        ),
+        actor.clone(),
+        concurrency=amqp.concurrency,
+        queue_size=amqp.queue_size,
+        observe_run=observe_run,
+    )
+    http = config.runners.http
+    pools["http"] = RunnerPool(
+        HttpRunnerBackend(timeout_s=http.timeout_s, max_connections=http.concurrency),
+        actor.clone(),
+        concurrency=http.concurrency,
+        queue_size=http.queue_size,
+        observe_run=observe_run,
+    )
     return RunnerPools(pools)
 
 
