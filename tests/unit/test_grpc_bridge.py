@@ -346,6 +346,25 @@ async def test_pages_and_snapshots_stay_under_the_message_size_limit() -> None:
     assert sum(snapshot) == 20 and len(snapshot) > 1
 
 
+async def test_bulk_stream_keeps_order_through_a_full_queue() -> None:
+    actor = FakeActor(delay_s=0.01)  # slow enough that a one-slot queue is often full
+    async with running_server(capacity=1, actor=actor) as server:
+        [summary] = await run_client(
+            server.port,
+            """
+            batches = [
+                pb.SetJobsRequest(jobs=[
+                    pb.SetJobRequest(id=f"o.{i}", execute_at={"seconds": b}) for i in range(10)
+                ])
+                for b in range(1, 31)
+            ]
+            out(call("StreamSetJobs", iter(batches)))
+            """,
+        )
+        assert summary == {"accepted": "300"}
+        assert {job.execute_at for job in actor.jobs.values()} == {30_000_000}  # last batch won
+
+
 async def test_full_channel_answers_resource_exhausted() -> None:
     actor = FakeActor(paused=True)  # it takes one request and sits on it: the channel fills
     async with running_server(capacity=1, actor=actor) as server:

@@ -47,6 +47,7 @@ from kairoi_trio.protocols.grpc import convert
 log = structlog.get_logger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name  # "kairoi.v1.Scheduler"
+STREAM_WINDOW = 4  # StreamSetJobs batches in flight at once
 WATCH_TICK_S = 0.05  # at most one WatchJobs message per tick, carrying all its events
 WATCH_BUFFER_EVENTS = 100_000  # events a watcher may have unsent before it is dropped
 _STOP_MARGIN_S = 5.0  # how long past grace_s Trio waits for the thread before giving up
@@ -55,6 +56,7 @@ _SIZE_MARGIN = 1024  # room for a message's own fields next to its repeated ones
 
 T = TypeVar("T")
 _OK = pb.Status(code=0)
+_OK_RESULT = pb.SetJobResult(status=_OK)
 
 
 async def serve_grpc(
@@ -257,8 +259,13 @@ class _Bridge:
         self._requests = requests
         self._loop = loop
 
-    def call(self, commands: Sequence[c.Command]) -> asyncio.Future[list[Result]]:
-        """A future of the batch's results; a CommandError if the actor can't take the batch."""
+    def call(
+        self, commands: Sequence[c.Command], *, queued: asyncio.Future[None] | None = None
+    ) -> asyncio.Future[list[Result]]:
+        """A future of the batch's results; a CommandError if the actor can't take the batch.
+
+        `queued`, if given, is resolved once the batch is in the actor's channel.
+        """
         loop = self._loop
         future: asyncio.Future[list[Result]] = loop.create_future()
 
@@ -273,6 +280,8 @@ class _Bridge:
         def send() -> None:  # Trio thread; must not raise
             try:
                 self._requests.send_nowait(request)
+                if queued is not None:
+                    self._call_soon(_resolve, queued, None)
             except trio.WouldBlock:
                 fail(ErrorCode.RESOURCE_EXHAUSTED, "server busy: too many requests, retry later")
             except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -291,9 +300,9 @@ class _Bridge:
             pass
 
 
-def _resolve(future: asyncio.Future[list[Result]], results: list[Result]) -> None:
+def _resolve(future: asyncio.Future[T], value: T) -> None:
     if not future.done():  # the caller may have gone away (cancelled)
-        future.set_result(results)
+        future.set_result(value)
 
 
 def _reject(future: asyncio.Future[list[Result]], error: CommandError) -> None:
@@ -351,52 +360,69 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     async def _set_batch(self, requests: Iterable[pb.SetJobRequest]) -> list[pb.Status]:
         """One status per job: conversion errors stay local, the rest go to the actor together."""
-        statuses: list[pb.Status] = []
-        commands: list[c.Command] = []
-        slots: list[int] = []
-        for request in requests:
-            try:
-                commands.append(convert.set_job_from_pb(request))
-                slots.append(len(statuses))
-                statuses.append(_OK)
-            except CommandError as error:
-                statuses.append(convert.error_status(error))
-        if commands:
-            for slot, value in zip(slots, await self._call(commands), strict=True):
-                if isinstance(value, CommandError):
-                    statuses[slot] = convert.error_status(value)
-        return statuses
+        batch = _JobBatch(requests)
+        if batch.commands:
+            batch.settle(await self._call(batch.commands))
+        return batch.statuses
 
     @_rpc
     async def SetJobs(self, request: pb.SetJobsRequest, context: Any) -> pb.SetJobsResponse:
         statuses = await self._set_batch(request.jobs)
-        return pb.SetJobsResponse(results=[pb.SetJobResult(status=status) for status in statuses])
+        response = pb.SetJobsResponse()
+        # Copying one prebuilt OK result is several times cheaper than building each one.
+        response.results.extend(
+            _OK_RESULT if status is _OK else pb.SetJobResult(status=status) for status in statuses
+        )
+        return response
 
     @_rpc
     async def StreamSetJobs(
         self, request_iterator: AsyncIterator[pb.SetJobsRequest], context: Any
     ) -> pb.StreamSetJobsResponse:
+        """Up to STREAM_WINDOW batches in flight, handed to the actor strictly in stream order.
+
+        While the actor applies and fsyncs one batch, the next ones are read and
+        converted. A batch is only handed over once the previous one is in the
+        actor's queue, so a full queue (waited out, not failed) cannot reorder them.
+        """
         response = pb.StreamSetJobsResponse()
-        index = 0
-        async for batch in request_iterator:
-            statuses = await self._retry_busy(functools.partial(self._set_batch, batch.jobs))
-            for status, job in zip(statuses, batch.jobs, strict=True):
+        in_flight: deque[tuple[_JobBatch, asyncio.Future[list[Result]] | None]] = deque()
+
+        async def settle_oldest() -> None:
+            batch, results = in_flight.popleft()
+            if results is not None:
+                batch.settle(await results)
+            for status, request in zip(batch.statuses, batch.requests, strict=True):
                 if status.code == 0:
                     response.accepted += 1
                 else:
-                    response.failures.add(index=index, id=job.id, status=status)
-                index += 1
+                    index = response.accepted + len(response.failures)
+                    response.failures.add(index=index, id=request.id, status=status)
+
+        async for message in request_iterator:
+            batch = _JobBatch(message.jobs)
+            results = await self._hand_over(batch.commands) if batch.commands else None
+            in_flight.append((batch, results))
+            if len(in_flight) >= STREAM_WINDOW:
+                await settle_oldest()
+        while in_flight:
+            await settle_oldest()
         return response
 
-    async def _retry_busy(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        """A bulk stream waits out a full actor queue instead of failing the whole stream."""
+    async def _hand_over(self, commands: Sequence[c.Command]) -> asyncio.Future[list[Result]]:
+        """Put a batch in the actor's queue, waiting out a full queue; returns its results."""
+        loop = asyncio.get_running_loop()
         delay = 0.005
         while True:
-            try:
-                return await attempt()
-            except CommandError as error:
-                if error.code is not ErrorCode.RESOURCE_EXHAUSTED:
-                    raise
+            queued: asyncio.Future[None] = loop.create_future()
+            results = self._bridge.call(commands, queued=queued)
+            either: set[asyncio.Future[Any]] = {queued, results}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if queued.done():
+                return results
+            error = results.exception()
+            if not (isinstance(error, CommandError) and error.code is ErrorCode.RESOURCE_EXHAUSTED):
+                return results  # UNAVAILABLE and the like: raised when awaited
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.2)
 
@@ -494,6 +520,28 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         self._closing = True
         for watch in list(self._watches):
             watch.close()
+
+
+class _JobBatch:
+    """A SetJobs batch on its way through: commands for the actor, one status per job."""
+
+    def __init__(self, requests: Iterable[pb.SetJobRequest]) -> None:
+        self.requests = list(requests)
+        self.statuses: list[pb.Status] = []
+        self.commands: list[c.Command] = []
+        self._slots: list[int] = []  # status index of each command
+        for request in self.requests:
+            try:
+                self.commands.append(convert.set_job_from_pb(request))
+                self._slots.append(len(self.statuses))
+                self.statuses.append(_OK)
+            except CommandError as error:  # refused at the edge; the others go ahead
+                self.statuses.append(convert.error_status(error))
+
+    def settle(self, results: list[Result]) -> None:
+        for slot, value in zip(self._slots, results, strict=True):
+            if isinstance(value, CommandError):
+                self.statuses[slot] = convert.error_status(value)
 
 
 def _ignore_result(future: asyncio.Future[Any]) -> None:
