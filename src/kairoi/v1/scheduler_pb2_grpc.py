@@ -123,9 +123,11 @@ class SchedulerServicer:
 
     def StreamSetJobs(self, request_iterator, context):
         """Bulk load: stream batches of jobs, get one summary at the end. Each
-        message is applied as one batch before the next is read, so a fast client
-        is slowed down instead of filling the server's memory. Use it to load
-        millions of jobs without keeping one response per job.
+        message is applied as one batch, in stream order; only a few batches are
+        in flight at once, so a fast client is slowed down (flow control) instead
+        of filling the server's memory, and a busy server makes the stream wait
+        rather than fail. Use it to load millions of jobs without keeping one
+        response per job.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
