@@ -68,15 +68,32 @@ node_pid() {
     echo "$pid"
 }
 
-is_running() {
-    node_pid >/dev/null && ctl status >/dev/null 2>&1
+node_up() {
+    # The Erlang node answers (its RabbitMQ app may be stopped, e.g. by stop_app).
+    command -v rabbitmqctl >/dev/null 2>&1 && ctl ping >/dev/null 2>&1
+}
+
+app_running() {
+    # On RabbitMQ 3.10 `status` needs the app running.
+    ctl status >/dev/null 2>&1
+}
+
+ensure_pid_file() {
+    # Tests find the beam through the pid file; rewrite it if it went missing.
+    node_pid >/dev/null && return 0
+    ctl eval 'os:getpid().' | tr -d '"[:space:]' >"$RABBITMQ_PID_FILE"
+    chown rabbitmq:rabbitmq "$RABBITMQ_PID_FILE" 2>/dev/null || true
 }
 
 start() {
     install_if_missing
-    if is_running; then
-        # Running but with its app stopped (a test's stop_app): start the app.
-        ctl start_app >/dev/null 2>&1 || true
+    if node_up; then
+        if ! app_running; then
+            log "node up with its app stopped: starting the app"
+            ctl start_app >/dev/null
+            ctl await_startup >/dev/null
+        fi
+        ensure_pid_file
         log "already running (pid $(node_pid))"
         return
     fi
@@ -104,9 +121,13 @@ epmd_pids() {
 }
 
 stop() {
-    if command -v rabbitmqctl >/dev/null 2>&1 && node_pid >/dev/null; then
+    if node_up; then
         log "stopping node $RABBITMQ_NODENAME"
-        ctl stop "$RABBITMQ_PID_FILE" >/dev/null 2>&1 || ctl stop >/dev/null 2>&1 || true
+        if node_pid >/dev/null; then
+            ctl stop "$RABBITMQ_PID_FILE" >/dev/null 2>&1 || ctl stop >/dev/null 2>&1 || true
+        else
+            ctl stop >/dev/null 2>&1 || true
+        fi
     fi
     rm -f "$RABBITMQ_PID_FILE"
     # The node leaves epmd running. Kill the rabbitmq user's epmd by its PID,
@@ -124,7 +145,7 @@ stop() {
 }
 
 status() {
-    if is_running; then
+    if node_up && app_running; then
         echo "running (pid $(node_pid))"
     else
         echo "not running"
