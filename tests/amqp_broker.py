@@ -11,6 +11,8 @@ directly in setup, where blocking for a few milliseconds is harmless).
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import socket
 import subprocess
 import uuid
@@ -30,8 +32,17 @@ URL = f"amqp://guest:guest@{HOST}:{PORT}/"
 
 @functools.cache
 def ensure_broker() -> None:
-    """Start the broker once per test session (a no-op when it already runs)."""
+    """Start the broker once per test session (a no-op when it already runs).
+
+    Also undoes what an interrupted earlier run may have left: a SIGSTOPped
+    broker, or the tiny memory watermark that blocks every publisher.
+    """
+    try:
+        os.kill(beam_pid(), signal.SIGCONT)
+    except (OSError, ValueError):
+        pass
     subprocess.run([str(SCRIPT), "start"], check=True, timeout=600)
+    rabbitmqctl("set_vm_memory_high_watermark", "0.4")
 
 
 def rabbitmqctl(*args: str, timeout: float = 60) -> str:
