@@ -132,6 +132,18 @@ async def test_exchange_deleted_after_it_was_checked(
         await backend.run(job("lost again"), rule_for(other))
 
 
+async def test_payload_too_large_for_a_header_fails_only_that_run(
+    nursery: trio.Nursery, admin: Admin, route: Route
+) -> None:
+    backend = await start_backend(nursery)
+    with pytest.raises(RunFailed, match="too large: .* frame size limit of 131072"):
+        await backend.run(job("big", payload=b"x" * 200_000), rule_for(route))
+    await backend.run(job("fine", payload=b"x" * 100_000), rule_for(route))
+    [message] = await trio.to_thread.run_sync(admin.drain, route.queue)
+    assert message.body == b"fine"
+    assert len(message.properties.headers["kairoi-payload"]) == 100_000
+
+
 async def test_wrong_password_and_unknown_vhost_are_clear(nursery: trio.Nursery) -> None:
     broker.ensure_broker()
     backend = await start_backend(nursery)

@@ -845,7 +845,14 @@ class AmqpConnection:
                 exchange=exchange, routing_key=routing_key, mandatory=mandatory
             )
             content = header.ContentHeader(0, len(body), properties or Properties())
-            parts = [frame.marshal(method, channel_id), frame.marshal(content, channel_id)]
+            content_frame = frame.marshal(content, channel_id)
+            if len(content_frame) > self.frame_max:
+                # Sent anyway, the broker would close the whole connection.
+                raise AmqpError(
+                    f"message properties and headers too large: {len(content_frame)} bytes, "
+                    f"over the broker's frame size limit of {self.frame_max}"
+                )
+            parts = [frame.marshal(method, channel_id), content_frame]
             chunk = self.frame_max - 8  # frame header (7) and frame end (1)
             for start in range(0, len(body), chunk):
                 part = pamqp_body.ContentBody(body[start : start + chunk])
