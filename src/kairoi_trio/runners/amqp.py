@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 import structlog
 import trio
+from pamqp.common import FieldTable
 
 from kairoi_trio.model import AmqpRunner, Job, Rule, to_datetime
 from kairoi_trio.runners.amqp_client import (
@@ -203,7 +204,7 @@ class AmqpRunnerBackend(Runner):
 
 
 def _properties(job: Job) -> Properties:
-    headers: dict[str, object] = {
+    headers: FieldTable = {
         "kairoi-execute-at": to_datetime(job.execute_at).isoformat(),
         "kairoi-attempt": job.attempts,
     }

@@ -40,6 +40,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
 import structlog
@@ -47,10 +48,12 @@ import trio
 from pamqp import body as pamqp_body
 from pamqp import commands, exceptions, frame, header, heartbeat
 from pamqp.base import Frame
+from pamqp.common import FieldTable
 
 log = structlog.get_logger(__name__)
 
 Properties = commands.Basic.Properties
+_F = TypeVar("_F", bound=Frame)
 
 _HEARTBEAT_FRAME = frame.marshal(heartbeat.Heartbeat(), 0)
 _RECEIVE_SIZE = 256 * 1024
@@ -472,7 +475,7 @@ class AmqpConnection:
         if "PLAIN" not in mechanisms:
             raise AmqpConnectionError(f"broker does not offer PLAIN login (offers {mechanisms})")
         self.server_properties = dict(start.server_properties or {})
-        client_properties = {
+        client_properties: FieldTable = {
             "product": "kairoi-trio",
             "platform": "Python/Trio",
             "connection_name": opts.connection_name,
@@ -504,11 +507,11 @@ class AmqpConnection:
         await stream.send_all(frame.marshal(tune_ok, 0) + frame.marshal(open_vhost, 0))
         await self._expect(commands.Connection.OpenOk)
 
-    async def _expect(self, kind: type[Frame]) -> Frame:
+    async def _expect(self, kind: type[_F]) -> _F:
         assert self._reader is not None
         channel, value = await self._reader.next()
         if isinstance(value, commands.Connection.Close):
-            raise AmqpConnectionError(_close_reason(value), reply_code=value.reply_code)
+            raise AmqpConnectionError(_close_reason(value), reply_code=value.reply_code or 0)
         if channel != 0 or not isinstance(value, kind):
             name = getattr(value, "name", type(value).__name__)
             raise AmqpConnectionError(f"unexpected {name} during the handshake")
@@ -630,18 +633,18 @@ class AmqpConnection:
         if isinstance(value, commands.Basic.Ack):
             self._settle(channel, value.delivery_tag, value.multiple, None)
         elif isinstance(value, commands.Basic.Nack):
-            error = AmqpNackError("broker refused the message (nack)")
-            self._settle(channel, value.delivery_tag, value.multiple, error)
+            nack = AmqpNackError("broker refused the message (nack)")
+            self._settle(channel, value.delivery_tag, value.multiple, nack)
         elif isinstance(value, commands.Channel.Close):
             self._send_nowait(frame.marshal(commands.Channel.CloseOk(), channel_id))
             reason = _close_reason(value)
             self._log.warning("amqp.channel_closed_by_broker", channel=channel_id, reason=reason)
-            error = AmqpChannelError(
-                f"channel closed by broker: {reason}", reply_code=value.reply_code
+            closed = AmqpChannelError(
+                f"channel closed by broker: {reason}", reply_code=value.reply_code or 0
             )
             if value.reply_code == _NOT_FOUND:
                 self._known_exchanges.clear()  # something we believed in is gone
-            self._drop_channel(channel, error)
+            self._drop_channel(channel, closed)
         elif isinstance(value, commands.Channel.CloseOk):
             self._resolve_rpc(channel, value)
             self._drop_channel(channel, AmqpChannelError("channel closed"))
@@ -654,7 +657,7 @@ class AmqpConnection:
             reason = _close_reason(value)
             self._fail(
                 AmqpConnectionError(
-                    f"connection closed by broker: {reason}", reply_code=value.reply_code
+                    f"connection closed by broker: {reason}", reply_code=value.reply_code or 0
                 ),
                 final_frame=frame.marshal(commands.Connection.CloseOk(), 0),
             )
@@ -914,7 +917,7 @@ def message_properties(
     *,
     content_type: str | None = None,
     message_id: str | None = None,
-    headers: dict[str, object] | None = None,
+    headers: FieldTable | None = None,
     persistent: bool = True,
     timestamp: float | None = None,
 ) -> Properties:
