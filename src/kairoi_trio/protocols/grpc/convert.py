@@ -132,7 +132,7 @@ def job_to_pb(job: Job) -> pb.Job:
     message = pb.Job(
         id=job.id,
         execute_at=timestamp_from_micros(job.execute_at),
-        status=_TO_PB_STATUS[job.status],
+        status=_TO_PB_STATUS.get(job.status, pb.JOB_STATUS_UNSPECIFIED),
         payload=job.payload,
         attempts=job.attempts,
         last_outcome=job.last_outcome,
