@@ -148,6 +148,8 @@ def test_raw_requests_the_typed_client_would_not_send(stub: pb_grpc.SchedulerStu
     assert code_of(lambda: stub.ListJobs(bad_status)) is grpc.StatusCode.INVALID_ARGUMENT
     negative = pb.ListJobsRequest(page_size=-1)
     assert code_of(lambda: stub.ListJobs(negative)) is grpc.StatusCode.INVALID_ARGUMENT
+    negative_rules = pb.ListRulesRequest(page_size=-5)
+    assert code_of(lambda: stub.ListRules(negative_rules)) is grpc.StatusCode.INVALID_ARGUMENT
     no_runner = pb.SetRuleRequest(rule=pb.Rule(id="r", pattern="a"))
     assert code_of(lambda: stub.SetRule(no_runner)) is grpc.StatusCode.INVALID_ARGUMENT
 
