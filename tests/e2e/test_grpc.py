@@ -9,6 +9,7 @@ checks, and the Node.js example through node.
 from __future__ import annotations
 
 import asyncio
+import resource
 import shutil
 import subprocess
 import sys
@@ -202,6 +203,26 @@ def test_pagination_over_10000_jobs(client: Client) -> None:
     assert sum(1 for _ in client.list_jobs()) == 10_002
     assert list(client.list_jobs("page.", status=JobStatus.EXECUTED)) == []
     assert sum(1 for _ in client.list_jobs("page.", status=JobStatus.PLANNED)) == 10_000
+
+
+def test_storage_failure_is_unavailable_and_reads_go_on(server: ServerProcess) -> None:
+    with Client(f"127.0.0.1:{server.grpc_port}") as client:
+        client.set_job("kept", LATER)
+        # Let the server's files grow no further: writes fail with EFBIG, as on a full disk.
+        size = max(f.stat().st_size for f in server.data_dir.glob("segment-*.log"))
+        pid = server.process.pid
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (size + 10, resource.RLIM_INFINITY))
+        try:
+            with pytest.raises(Unavailable, match="storage"):
+                client.set_job("lost", LATER, b"x" * 100)
+            results = client.set_jobs([("lost.1", LATER), ("lost.2", LATER)])
+            assert [type(r.error) for r in results] == [Unavailable, Unavailable]
+            with pytest.raises(NotFound):
+                client.get_job("lost")  # nothing half-applied
+            assert client.get_job("kept").execute_at == LATER  # reads still served
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+        client.set_job("after", LATER)  # writes work again
 
 
 # -- rules ------------------------------------------------------------------------------------
