@@ -374,7 +374,10 @@ async def test_full_channel_answers_resource_exhausted() -> None:
             import concurrent.futures
             pool = concurrent.futures.ThreadPoolExecutor(8)
             calls = [pool.submit(call, "GetJob", pb.GetJobRequest(id="x")) for _ in range(8)]
-            time.sleep(1.0)
+            deadline = time.monotonic() + 10
+            while sum(f.done() for f in calls) < 6 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.3)  # a seventh answer would show up now
             refused = [f for f in calls if f.done() and "RESOURCE_EXHAUSTED" in str(f.result())]
             out(len(refused))
             os._exit(0)  # do not wait for the two calls the paused actor holds
