@@ -97,7 +97,9 @@ def _run(stub: pb_grpc.SchedulerStub, args: argparse.Namespace, md: tuple) -> It
     command = (args.command, getattr(args, "action", None))
     if command == ("job", "set"):
         at = timestamp_from_micros(parse_time(args.time))
-        stub.SetJob(pb.SetJobRequest(id=args.id, execute_at=at, payload=args.payload.encode()), metadata=md)
+        stub.SetJob(
+            pb.SetJobRequest(id=args.id, execute_at=at, payload=args.payload.encode()), metadata=md
+        )
         yield "OK"
     elif command == ("job", "get"):
         yield _job_line(stub.GetJob(pb.GetJobRequest(id=args.id), metadata=md).job)
@@ -105,13 +107,11 @@ def _run(stub: pb_grpc.SchedulerStub, args: argparse.Namespace, md: tuple) -> It
         stub.DeleteJob(pb.DeleteJobRequest(id=args.id), metadata=md)
         yield "OK"
     elif command == ("job", "list"):
-        status = 0
-        if args.status:
-            status = pb.JobStatus.Value(f"JOB_STATUS_{args.status.upper()}")
+        wanted = f"JOB_STATUS_{args.status.upper()}" if args.status else "JOB_STATUS_UNSPECIFIED"
         token = ""
         while True:
             page = stub.ListJobs(
-                pb.ListJobsRequest(prefix=args.prefix, status=status, page_token=token), metadata=md
+                pb.ListJobsRequest(prefix=args.prefix, status=wanted, page_token=token), metadata=md
             )
             yield from (_job_line(job) for job in page.jobs)
             token = page.next_page_token
@@ -129,7 +129,9 @@ def _run(stub: pb_grpc.SchedulerStub, args: argparse.Namespace, md: tuple) -> It
     elif command == ("rule", "list"):
         token = ""
         while True:
-            page = stub.ListRules(pb.ListRulesRequest(prefix=args.prefix, page_token=token), metadata=md)
+            page = stub.ListRules(
+                pb.ListRulesRequest(prefix=args.prefix, page_token=token), metadata=md
+            )
             yield from (_rule_line(rule) for rule in page.rules)
             token = page.next_page_token
             if not token:
@@ -144,8 +146,8 @@ def _run(stub: pb_grpc.SchedulerStub, args: argparse.Namespace, md: tuple) -> It
         info = stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=md)
         yield f"version\t{info.version}"
         yield f"started_at\t{format_time(micros_from_timestamp(info.started_at, 'started_at'))}"
-        for status in Status:
-            yield f"jobs.{status.value}\t{getattr(info.jobs, status.value)}"
+        for name in _STATUS_NAMES:
+            yield f"jobs.{name}\t{getattr(info.jobs, name)}"
         yield f"rules\t{info.rules}"
 
 

@@ -200,7 +200,9 @@ def _describe(hint: Any) -> str:
 
 def _check(config: Config) -> None:
     if config.log.level.lower() not in ("debug", "info", "warning", "error", "critical"):
-        raise ConfigError(f"log.level must be debug, info, warning or error, not {config.log.level!r}")
+        raise ConfigError(
+            f"log.level must be debug, info, warning or error, not {config.log.level!r}"
+        )
     if config.log.format not in ("console", "json"):
         raise ConfigError(f"log.format must be console or json, not {config.log.format!r}")
     for name, address in (

@@ -124,7 +124,13 @@ JOB_SLOT_SETTERS = tuple(
     for name in ("id", "execute_at", "status", "payload", "attempts", "last_outcome", "updated_at")
 )
 if tuple(f.name for f in fields(Job)) != (
-    "id", "execute_at", "status", "payload", "attempts", "last_outcome", "updated_at"
+    "id",
+    "execute_at",
+    "status",
+    "payload",
+    "attempts",
+    "last_outcome",
+    "updated_at",
 ):  # pragma: no cover - guards edits of Job
     raise ImportError("model.Job changed: update JOB_SLOT_SETTERS and the JobPut encoding")
 

@@ -10,12 +10,19 @@ import sys
 def cli(server, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, KAIROI_SERVER=f"127.0.0.1:{server.grpc_port}")
     return subprocess.run(
-        [sys.executable, "-m", "kairoi_trio", *args], capture_output=True, text=True, env=env, timeout=30
+        [sys.executable, "-m", "kairoi_trio", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
     )
 
 
 def test_job_and_rule_subcommands(server):
-    assert cli(server, "job", "set", "app.1", "2099-01-01 00:00:00", "--payload", "hi").stdout == "OK\n"
+    assert (
+        cli(server, "job", "set", "app.1", "2099-01-01 00:00:00", "--payload", "hi").stdout
+        == "OK\n"
+    )
     got = cli(server, "job", "get", "app.1")
     assert got.returncode == 0
     assert got.stdout.split("\t")[:3] == ["app.1", "planned", "2099-01-01 00:00:00"]

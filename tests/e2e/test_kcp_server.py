@@ -60,7 +60,12 @@ def test_spec_examples_parse_over_the_wire(server, kcp):
 
 def test_fractional_seconds_and_payload_round_trip(kcp):
     assert kcp.request("SET", "app.p", "2099-01-01 00:00:00.000250", "hello world") == ["OK"]
-    assert kcp.request("GET", "app.p") == ["OK", "planned", "2099-01-01 00:00:00.000250", "hello world"]
+    assert kcp.request("GET", "app.p") == [
+        "OK",
+        "planned",
+        "2099-01-01 00:00:00.000250",
+        "hello world",
+    ]
 
 
 def test_unset_and_rules_crud(kcp):
@@ -74,7 +79,12 @@ def test_unset_and_rules_crud(kcp):
         "RULE", "SET", "r2", "q.", "amqp", "amqp://guest:guest@localhost:5672/", "ex", "rk"
     ) == ["OK"]
     assert kcp.request("RULE", "GET", "r2") == [
-        "OK", "q.", "amqp", "amqp://guest:guest@localhost:5672/", "ex", "rk",
+        "OK",
+        "q.",
+        "amqp",
+        "amqp://guest:guest@localhost:5672/",
+        "ex",
+        "rk",
     ]
     assert kcp.request("RULE", "UNSET", "r1") == ["OK"]
     assert kcp.request("RULE", "GET", "r1")[0] == "ERROR"
@@ -225,7 +235,9 @@ def test_future_job_fires_close_to_its_time(kcp, tmp_path):
     run = script(tmp_path, "when.sh", f"date +%s.%N > {out}")
     assert kcp.request("RULE", "SET", "r", "app.", "shell", run) == ["OK"]
     due = time.time() + 1.0
-    assert kcp.request("SET", "app.soon", datetime.fromtimestamp(due, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")) == ["OK"]
+    assert kcp.request(
+        "SET", "app.soon", datetime.fromtimestamp(due, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    ) == ["OK"]
     assert status_of(kcp, "app.soon") == "planned"
     wait_for(out.exists)
     ran = float(out.read_text())

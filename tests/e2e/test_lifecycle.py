@@ -21,8 +21,7 @@ def test_run_outliving_the_grace_period_is_killed_and_runs_again(make_server, tm
     runs = tmp_path / "runs.txt"
     script = tmp_path / "slow.sh"
     script.write_text(
-        f'#!/bin/sh\necho "$1" >> {runs}\n'
-        f'if [ "$(wc -l < {runs})" -eq 1 ]; then sleep 60; fi\n'
+        f'#!/bin/sh\necho "$1" >> {runs}\nif [ "$(wc -l < {runs})" -eq 1 ]; then sleep 60; fi\n'
     )
     server = make_server("[shutdown]\ngrace_period_s = 0.5")
     with KcpClient(server.kcp_port) as kcp:

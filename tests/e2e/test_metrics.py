@@ -11,7 +11,9 @@ from support.waiting import wait_for
 
 def fetch(server, path: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}{path}", timeout=5) as r:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{server.metrics_port}{path}", timeout=5
+        ) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()

@@ -66,7 +66,9 @@ class ServerProcess:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not self._ready.wait(0.05):
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_text()}")
+                raise RuntimeError(
+                    f"server exited with {self.process.returncode}:\n{self.log_text()}"
+                )
             if time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"server not ready in {READY_TIMEOUT_S}s:\n{self.log_text()}")

@@ -366,7 +366,9 @@ class CommandActor:
         return self.state.list_rules(command.prefix, command.after, command.limit)
 
     def _get_info(self, command: GetInfo) -> ServerInfo:
-        return ServerInfo(__version__, self.started_at, dict(self.state.counts), len(self.state.rules))
+        return ServerInfo(
+            __version__, self.started_at, dict(self.state.counts), len(self.state.rules)
+        )
 
     def _subscribe(self, command: Subscribe) -> list[Job]:
         sub = _Subscriber(command.prefix, command.sink, start=len(self._events))
@@ -407,7 +409,9 @@ class CommandActor:
                 # Late since the job became due: its time, or when it was set if that was later.
                 lateness = (command.now - max(job.execute_at, job.updated_at)) / MICROS
                 self._observer.triggered(lateness)
-                log.debug("job triggered", job=job.id, rule=rule.id, lateness_us=int(lateness * MICROS))
+                log.debug(
+                    "job triggered", job=job.id, rule=rule.id, lateness_us=int(lateness * MICROS)
+                )
             elif rule.runner.kind not in capacity:
                 self._change_status(
                     job, Status.FAILED, f"no {rule.runner.kind} runner is available", job.attempts

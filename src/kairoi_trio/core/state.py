@@ -116,7 +116,9 @@ class State:
 
     def expired_finished(self, before: int, limit: int) -> list[str]:
         """Ids of up to `limit` executed/failed jobs last changed before `before`."""
-        expired: dict[str, None] = {}  # ordered, and an id restored by a rollback can be queued twice
+        expired: dict[
+            str, None
+        ] = {}  # ordered, and an id restored by a rollback can be queued twice
         finished = self._finished
         while finished and finished[0][0] < before and len(expired) < limit:
             at, job_id = heapq.heappop(finished)
@@ -160,7 +162,9 @@ class State:
         self.rules[rule.id] = rule
         ids = self._patterns.setdefault(rule.pattern, [])
         if not ids:
-            self._pattern_lengths = sorted({*self._pattern_lengths, len(rule.pattern)}, reverse=True)
+            self._pattern_lengths = sorted(
+                {*self._pattern_lengths, len(rule.pattern)}, reverse=True
+            )
         ids.append(rule.id)
         ids.sort()
         return old

@@ -33,7 +33,10 @@ class RuleValidator:
     def __call__(self, rule: Rule) -> None:
         if not rule.id:
             raise invalid("rule id must not be empty")
-        if len(rule.id.encode()) > MAX_JOB_ID_BYTES or len(rule.pattern.encode()) > MAX_JOB_ID_BYTES:
+        if (
+            len(rule.id.encode()) > MAX_JOB_ID_BYTES
+            or len(rule.pattern.encode()) > MAX_JOB_ID_BYTES
+        ):
             raise invalid(f"rule id and pattern must be at most {MAX_JOB_ID_BYTES} bytes")
         runner = rule.runner
         if isinstance(runner, ShellRunner):

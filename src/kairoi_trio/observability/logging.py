@@ -28,4 +28,8 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
         cache_logger_on_first_use=True,
     )
     # Libraries (trio's accept loop, grpc) log through the standard library.
-    logging.basicConfig(level=max(numeric, logging.INFO), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=max(numeric, logging.INFO),
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )

@@ -61,10 +61,14 @@ class _StateCollector(Collector):
         yield jobs
         yield GaugeMetricFamily("kairoi_rules", "Rules", value=values["rules"])  # type: ignore[arg-type]
         yield CounterMetricFamily(
-            "kairoi_commands", "Commands applied by the actor", value=values["commands"]  # type: ignore[arg-type]
+            "kairoi_commands",
+            "Commands applied by the actor",
+            value=values["commands"],  # type: ignore[arg-type]
         )
         yield CounterMetricFamily(
-            "kairoi_group_commits", "Batches applied by the actor", value=values["batches"]  # type: ignore[arg-type]
+            "kairoi_group_commits",
+            "Batches applied by the actor",
+            value=values["batches"],  # type: ignore[arg-type]
         )
         queue = GaugeMetricFamily("kairoi_runner_queue_depth", "Jobs waiting", labels=["kind"])
         running = GaugeMetricFamily("kairoi_runner_running", "Jobs running", labels=["kind"])
@@ -74,7 +78,9 @@ class _StateCollector(Collector):
         yield queue
         yield running
         yield GaugeMetricFamily(
-            "kairoi_kcp_connections", "Open KCP connections", value=values["kcp_connections"]  # type: ignore[arg-type]
+            "kairoi_kcp_connections",
+            "Open KCP connections",
+            value=values["kcp_connections"],  # type: ignore[arg-type]
         )
 
 
@@ -115,7 +121,9 @@ async def serve_metrics(
                 if len(parts) < 2 or parts[0] != b"GET":
                     await _respond(stream, 405, b"only GET\n")
                 elif path == "/metrics":
-                    await _respond(stream, 200, generate_latest(REGISTRY), b"text/plain; version=0.0.4")
+                    await _respond(
+                        stream, 200, generate_latest(REGISTRY), b"text/plain; version=0.0.4"
+                    )
                 elif path == "/live":
                     await _respond(stream, 200, b"ok\n")
                 elif path == "/ready":
@@ -138,9 +146,14 @@ async def _respond(
     stream: trio.SocketStream, status: int, body: bytes, content_type: bytes = b"text/plain"
 ) -> None:
     head = (
-        f"HTTP/1.0 {status} {_REASONS[status]}\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n"
-    ).encode() + b"Content-Type: " + content_type + b"\r\n\r\n"
+        (
+            f"HTTP/1.0 {status} {_REASONS[status]}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+        ).encode()
+        + b"Content-Type: "
+        + content_type
+        + b"\r\n\r\n"
+    )
     await stream.send_all(head + body)
 
 

@@ -16,7 +16,7 @@ import httpx
 import trio
 
 from kairoi_trio.model import HttpRunner, Job, Rule, to_datetime
-from kairoi_trio.runners.base import Runner, RunFailed
+from kairoi_trio.runners.base import RunFailed, Runner
 
 
 class HttpRunnerBackend(Runner):
@@ -61,7 +61,9 @@ class HttpRunnerBackend(Runner):
         except httpx.TimeoutException:
             raise RunFailed(f"no answer from {rule.runner.url} within {self._timeout}s") from None
         except httpx.HTTPError as error:
-            raise RunFailed(f"POST {rule.runner.url} failed: {error or type(error).__name__}") from None
+            raise RunFailed(
+                f"POST {rule.runner.url} failed: {error or type(error).__name__}"
+            ) from None
         if not 200 <= response.status_code < 300:
             raise RunFailed(f"HTTP {response.status_code} from {rule.runner.url}")
         return f"HTTP {response.status_code}"

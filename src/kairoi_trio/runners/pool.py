@@ -15,7 +15,7 @@ import trio
 
 from kairoi_trio.commands import CommandError, Dispatch, RecordOutcome
 from kairoi_trio.core.actor import ActorClient
-from kairoi_trio.runners.base import Runner, RunFailed
+from kairoi_trio.runners.base import RunFailed, Runner
 
 log = structlog.get_logger(__name__)
 
@@ -77,7 +77,11 @@ class RunnerPool:
             while self.running:
                 await self._wait_capacity_change()
         if self.running:
-            log.warning("cancelling runs at the end of the grace period", kind=self.kind, running=self.running)
+            log.warning(
+                "cancelling runs at the end of the grace period",
+                kind=self.kind,
+                running=self.running,
+            )
         self._runs_scope.cancel()
 
     async def _worker(self) -> None:
@@ -124,12 +128,20 @@ class RunnerPool:
         if self._observe_run is not None:
             self._observe_run(self.kind, ok, elapsed)
         log.info(
-            "job run", job=job.id, rule=rule.id, kind=self.kind, ok=ok,
-            outcome=message, seconds=round(elapsed, 6), attempt=job.attempts,
+            "job run",
+            job=job.id,
+            rule=rule.id,
+            kind=self.kind,
+            ok=ok,
+            outcome=message,
+            seconds=round(elapsed, 6),
+            attempt=job.attempts,
         )
         try:
             await self._actor.call(RecordOutcome(job.id, job.attempts, ok, message, rule.policy))
-        except CommandError as error:  # storage failed: the job stays triggered, runs again at start
+        except (
+            CommandError
+        ) as error:  # storage failed: the job stays triggered, runs again at start
             log.error("could not record outcome", job=job.id, error=error.message)
 
 

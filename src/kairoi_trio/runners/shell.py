@@ -17,7 +17,7 @@ import structlog
 import trio
 
 from kairoi_trio.model import Job, Rule, ShellRunner
-from kairoi_trio.runners.base import Runner, RunFailed
+from kairoi_trio.runners.base import RunFailed, Runner
 
 log = structlog.get_logger(__name__)
 

@@ -29,7 +29,6 @@ from dataclasses import dataclass, fields
 
 from kairoi_trio.model import (
     JOB_SLOT_SETTERS,
-    new_job,
     AmqpRunner,
     HttpRunner,
     Job,
@@ -38,6 +37,7 @@ from kairoi_trio.model import (
     RunnerSpec,
     ShellRunner,
     Status,
+    new_job,
 )
 
 # -- record types ---------------------------------------------------------------
@@ -507,9 +507,15 @@ def replay_into(
     by_code = _STATUS_BY_CODE
     outcome = _outcome
     new = Job.__new__
-    set_id, set_execute_at, set_status, set_payload, set_attempts, set_last_outcome, set_updated_at = (
-        JOB_SLOT_SETTERS
-    )
+    (
+        set_id,
+        set_execute_at,
+        set_status,
+        set_payload,
+        set_attempts,
+        set_last_outcome,
+        set_updated_at,
+    ) = JOB_SLOT_SETTERS
     while pos < size:
         if pos <= last_head:
             length, crc, kind, code, execute_at, updated_at, attempts, id_len, pl_len, out_len = (
@@ -550,7 +556,7 @@ def replay_into(
         if isinstance(result, FrameError):
             return ReplayResult(pos, result, count, orphans)
         record, end = result
-        if type(record) is SnapshotEnd:
+        if isinstance(record, SnapshotEnd):
             return ReplayResult(end, None, count, orphans, record)
         count += 1
         if not apply_record(jobs, rules, record):

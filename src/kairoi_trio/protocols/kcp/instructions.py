@@ -61,7 +61,7 @@ def parse_time(text: str) -> int:
     """'Y-m-d H:i:s' or 'Y-m-d H:i:s.ffffff', UTC -> microseconds since the epoch."""
     match = _TIME.match(text)
     if match is None:
-        raise invalid(f"invalid time {text!r}: expected \"Y-m-d H:i:s[.ffffff]\"")
+        raise invalid(f'invalid time {text!r}: expected "Y-m-d H:i:s[.ffffff]"')
     days = _days_since_epoch(text[:10])
     h, m, s = int(text[11:13]), int(text[14:16]), int(text[17:19])
     if h > 23 or m > 59 or s > 59:
