@@ -158,7 +158,9 @@ async def _serve_state(
         store,
         receive,
         max_payload_bytes=config.jobs.max_payload_bytes,
-        rule_validator=RuleValidator(config.runners.shell.allowed_commands),
+        rule_validator=RuleValidator(
+            config.runners.shell.allowed_commands, config.policy.to_policy()
+        ),
         storage_errors=(StorageError,),
         on_commit=lambda s: timer.update(s.next_due()),
         compact_after_bytes=config.storage.compact_after_bytes,

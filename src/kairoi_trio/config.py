@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kairoi_trio.model import RulePolicy
+
 
 class ConfigError(Exception):
     """A configuration problem, with a message fit for one line on stderr."""
@@ -114,6 +116,27 @@ class RunnersConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """The policy of rules that do not bring their own (every KCP rule, and gRPC
+    rules without a policy). 0 means "none" for the timeout and staleness."""
+
+    timeout_s: float = 0.0
+    max_attempts: int = 1
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 300.0
+    stale_after_s: float = 0.0
+
+    def to_policy(self) -> RulePolicy:
+        return RulePolicy(
+            timeout_s=self.timeout_s or None,
+            max_attempts=self.max_attempts,
+            backoff_initial_s=self.backoff_initial_s,
+            backoff_max_s=self.backoff_max_s,
+            stale_after_s=self.stale_after_s or None,
+        )
+
+
+@dataclass(frozen=True)
 class ShutdownConfig:
     # How long running jobs get to finish on SIGTERM before they are killed
     # (a killed run stays `triggered` and runs again at the next start).
@@ -131,6 +154,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     runners: RunnersConfig = field(default_factory=RunnersConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
 
     @property
@@ -227,7 +251,13 @@ def _check(config: Config) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{name} must be positive, not {value}")
+    if config.policy.max_attempts < 1:
+        raise ConfigError("policy.max_attempts must be at least 1")
     non_negative = {
+        "policy.timeout_s": config.policy.timeout_s,
+        "policy.stale_after_s": config.policy.stale_after_s,
+        "policy.backoff_initial_s": config.policy.backoff_initial_s,
+        "policy.backoff_max_s": config.policy.backoff_max_s,
         "storage.retention_s": config.storage.retention_s,
         "controller.idle_timeout_s": config.controller.idle_timeout_s,
         "shutdown.grace_period_s": config.shutdown.grace_period_s,

@@ -272,3 +272,30 @@ def test_sigterm_stops_cleanly_with_status_zero(server, kcp):
     assert kcp.request("SET", "app.a", FUTURE) == ["OK"]
     assert server.stop() == 0
     assert not [e for e in server.events() if e.get("level") in ("error", "critical")]
+
+
+def test_configured_default_policy_retries_kcp_rules(make_server, tmp_path):
+    server = make_server("[policy]\nmax_attempts = 3\nbackoff_initial_s = 0.1\nbackoff_max_s = 0.2")
+    runs = tmp_path / "runs.txt"
+    run = script(tmp_path, "flaky.sh", f'echo "$1" >> {runs}; [ "$(wc -l < {runs})" -ge 3 ]')
+    with KcpClient(server.kcp_port) as kcp:
+        assert kcp.request("RULE", "SET", "r", "app.", "shell", run) == ["OK"]
+        assert kcp.request("SET", "app.retry", PAST) == ["OK"]
+        wait_for(lambda: status_of(kcp, "app.retry") == "executed")
+    assert runs.read_text().splitlines() == ["app.retry"] * 3
+    outcomes = [e["outcome"] for e in server.events("job run") if e["job"] == "app.retry"]
+    assert outcomes == ["exit status 1", "exit status 1", "exit status 0"]
+
+
+def test_rule_timeout_kills_the_run_and_fails_the_job(make_server, tmp_path):
+    server = make_server("[policy]\ntimeout_s = 0.5")
+    pid_file = tmp_path / "pid"
+    run = script(tmp_path, "hang.sh", f"echo $$ > {pid_file}; sleep 30")
+    with KcpClient(server.kcp_port) as kcp:
+        assert kcp.request("RULE", "SET", "r", "app.", "shell", run) == ["OK"]
+        assert kcp.request("SET", "app.hang", PAST) == ["OK"]
+        wait_for(lambda: status_of(kcp, "app.hang") == "failed")
+    outcome = [e["outcome"] for e in server.events("job run") if e["job"] == "app.hang"]
+    assert outcome == ["timed out after 0.5s"]
+    pid = int(pid_file.read_text())
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower())

@@ -347,9 +347,11 @@ class CommandActor:
         )
         return JobPage(jobs, next_after)
 
-    def _set_rule(self, command: SetRule) -> None:
-        self._validate_rule(command.rule)
-        self._put_rule(command.rule)
+    def _set_rule(self, command: SetRule) -> Rule:
+        rule = self._validate_rule.with_default_policy(command.rule)
+        self._validate_rule(rule)
+        self._put_rule(rule)
+        return rule
 
     def _get_rule(self, command: GetRule) -> Rule:
         rule = self.state.rules.get(command.id)

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from urllib.parse import urlsplit
 
 from kairoi_trio.commands import CommandError, ErrorCode
-from kairoi_trio.model import MAX_JOB_ID_BYTES, AmqpRunner, HttpRunner, Rule, ShellRunner
+from kairoi_trio.model import (
+    DEFAULT_POLICY,
+    MAX_JOB_ID_BYTES,
+    AmqpRunner,
+    HttpRunner,
+    Rule,
+    RulePolicy,
+    ShellRunner,
+)
 
 
 def invalid(message: str) -> CommandError:
@@ -27,8 +36,17 @@ class RuleValidator:
     commands a rule may run (a client that can set rules can otherwise run any
     command on the server)."""
 
-    def __init__(self, allowed_commands: Sequence[str] = ()) -> None:
+    def __init__(
+        self, allowed_commands: Sequence[str] = (), default_policy: RulePolicy = DEFAULT_POLICY
+    ) -> None:
         self.allowed_commands = frozenset(allowed_commands)
+        self.default_policy = default_policy
+
+    def with_default_policy(self, rule: Rule) -> Rule:
+        """A rule that brings no policy of its own gets the configured default."""
+        if rule.policy == DEFAULT_POLICY and self.default_policy != DEFAULT_POLICY:
+            return replace(rule, policy=self.default_policy)
+        return rule
 
     def __call__(self, rule: Rule) -> None:
         if not rule.id:

@@ -35,3 +35,6 @@ class Runner(abc.ABC):
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         await trio.sleep_forever()
+
+    async def aclose(self) -> None:
+        """Release long-lived resources politely once no run is left (graceful shutdown)."""

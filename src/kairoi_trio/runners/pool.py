@@ -64,6 +64,8 @@ class RunnerPool:
                     for _ in range(self.concurrency):
                         workers.start_soon(self._worker)
                     task_status.started()
+            with trio.move_on_after(5):  # e.g. close broker connections politely
+                await self.runner.aclose()
             nursery.cancel_scope.cancel()
 
     async def drain(self, grace_s: float) -> None:
