@@ -15,6 +15,11 @@ from dataclasses import dataclass
 from kairoi_trio.model import DEFAULT_POLICY, Job, JobEvent, Rule, RulePolicy, Status
 
 
+# Commands and results are messages: never changed after they are made. They are
+# not frozen dataclasses only because a frozen __init__ costs about four times as
+# much, and a SetJob is made for every job a client sends.
+
+
 class ErrorCode(enum.Enum):
     INVALID_ARGUMENT = "invalid_argument"
     NOT_FOUND = "not_found"
@@ -46,24 +51,24 @@ class CommandError(Exception):
 # -- jobs ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SetJob:
     id: str
     execute_at: int
     payload: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GetJob:
     id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DeleteJob:
     id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ListJobs:
     """Jobs whose id starts with `prefix`, in id order, after id `after`."""
 
@@ -73,7 +78,7 @@ class ListJobs:
     limit: int = 100
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class JobPage:
     jobs: list[Job]
     next_after: str  # "" when there is nothing more
@@ -82,22 +87,22 @@ class JobPage:
 # -- rules --------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SetRule:
     rule: Rule
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GetRule:
     id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DeleteRule:
     id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ListRules:
     prefix: str = ""
     after: str = ""
@@ -107,12 +112,12 @@ class ListRules:
 # -- server -------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GetInfo:
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ServerInfo:
     version: str
     started_at: int
@@ -125,7 +130,7 @@ class ServerInfo:
 EventSink = Callable[[list[JobEvent]], bool]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Subscribe:
     """Watch changes of jobs whose id starts with `prefix`.
 
@@ -142,7 +147,7 @@ class Subscribe:
     sink: EventSink
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Unsubscribe:
     sink: EventSink
 
@@ -150,7 +155,7 @@ class Unsubscribe:
 # -- internal: dispatcher and runners ------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TriggerDue:
     """Mark jobs due at `now` as triggered, oldest first.
 
@@ -163,7 +168,7 @@ class TriggerDue:
     capacity: dict[str, int]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Dispatch:
     """A triggered job and the rule it was paired with, ready for a runner."""
 
@@ -171,13 +176,13 @@ class Dispatch:
     rule: Rule
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TriggerResult:
     dispatches: list[Dispatch]
     deferred: bool  # some due jobs wait for runner capacity
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RecordOutcome:
     """A run ended. `attempt` guards against outcomes of a superseded run;
     `policy` is the rule's policy at trigger time (it decides on a retry)."""
@@ -189,7 +194,7 @@ class RecordOutcome:
     policy: RulePolicy = DEFAULT_POLICY
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ExpireFinished:
     """Drop executed/failed jobs last changed before `before` (retention)."""
 
@@ -218,7 +223,7 @@ Result = object  # the command's value, or a CommandError
 Reply = Callable[[list[Result]], None]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
     """What travels over the actor's channel: a batch of commands and one callback.
 

@@ -97,7 +97,7 @@ class FakeActor:
                 return c.JobPage(page, page[-1].id if more else "")
             case c.SetRule():
                 self.rules[command.rule.id] = command.rule
-                return None
+                return command.rule
             case c.GetRule():
                 if command.id not in self.rules:
                     raise CommandError(ErrorCode.NOT_FOUND, f"no rule {command.id}")

@@ -449,9 +449,8 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     @_rpc
     async def SetRule(self, request: pb.SetRuleRequest, context: Any) -> pb.SetRuleResponse:
-        rule = convert.rule_from_pb(request.rule)
-        await self._one(c.SetRule(rule))
-        return pb.SetRuleResponse(rule=convert.rule_to_pb(rule))
+        stored = await self._one(c.SetRule(convert.rule_from_pb(request.rule)))
+        return pb.SetRuleResponse(rule=convert.rule_to_pb(stored))
 
     @_rpc
     async def GetRule(self, request: pb.GetRuleRequest, context: Any) -> pb.GetRuleResponse:
