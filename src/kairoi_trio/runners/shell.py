@@ -40,7 +40,8 @@ class ShellRunnerBackend(Runner):
             status, output = await self._execute(["sh", rule.runner.command, job.id], env)
         finally:
             if payload_file is not None:
-                await trio.to_thread.run_sync(_remove, payload_file)
+                with trio.CancelScope(shield=True):  # also after a timeout or a shutdown
+                    await trio.to_thread.run_sync(_remove, payload_file)
         text = output.decode("utf-8", "replace").strip()
         if text:
             log.info("shell output", job=job.id, rule=rule.id, exit_status=status, output=text)
