@@ -239,7 +239,7 @@ def test_future_job_fires_close_to_its_time(kcp, tmp_path):
         "SET", "app.soon", datetime.fromtimestamp(due, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
     ) == ["OK"]
     assert status_of(kcp, "app.soon") == "planned"
-    wait_for(out.exists)
+    wait_for(lambda: out.exists() and out.read_text().endswith("\n"))
     ran = float(out.read_text())
     assert due <= ran < due + 2.0  # not early; late only by process start-up
 

@@ -8,6 +8,7 @@ to a bound for the logs.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -51,36 +52,47 @@ class ShellRunnerBackend(Runner):
         return "exit status 0"
 
     async def _execute(self, argv: list[str], env: dict[str, str]) -> tuple[int, bytes]:
-        try:
-            process = await trio.lowlevel.open_process(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=self.cwd,
-                start_new_session=True,
-            )
-        except OSError as error:
-            raise RunFailed(f"cannot start sh: {error.strerror}") from None
+        # Popen forks and then waits for the child's exec in the calling thread:
+        # about a millisecond that must not be spent in the event loop. Shielded,
+        # so that a cancel cannot lose the process between its start and the
+        # `try` that kills it.
+        spawn = functools.partial(
+            subprocess.Popen,
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.cwd,
+            start_new_session=True,
+        )
+        with trio.CancelScope(shield=True):
+            try:
+                process = await trio.to_thread.run_sync(spawn)
+            except OSError as error:
+                raise RunFailed(f"cannot start sh: {error.strerror}") from None
+        assert process.stdout is not None
         output = bytearray()
+        pidfd = os.pidfd_open(process.pid)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._capture, process.stdout, output)
-                status = await process.wait()
+                nursery.start_soon(self._capture, os.dup(process.stdout.fileno()), output)
+                await trio.lowlevel.wait_readable(pidfd)  # readable once the process exited
+                status = process.wait()
                 # The script may have left children holding the pipe open: do not wait for them.
                 nursery.cancel_scope.deadline = trio.current_time() + 0.1
         finally:
             if process.returncode is None:  # cancelled: a timeout or the end of the grace period
                 _kill_group(process.pid)
                 with trio.CancelScope(shield=True):
-                    await process.wait()
+                    await trio.lowlevel.wait_readable(pidfd)
+                process.wait()
+            os.close(pidfd)
+            process.stdout.close()
         return status, bytes(output)
 
-    async def _capture(self, stream: trio.abc.ReceiveStream | None, output: bytearray) -> None:
-        if stream is None:
-            return
-        async with stream:
+    async def _capture(self, fd: int, output: bytearray) -> None:
+        async with trio.lowlevel.FdStream(fd) as stream:
             while chunk := await stream.receive_some(65536):
                 room = self.output_limit - len(output)
                 if room > 0:

@@ -41,16 +41,18 @@ from kairoi_trio.model import (
 )
 
 # -- record types ---------------------------------------------------------------
+# Messages, never changed once made; not frozen because the actor makes one per
+# SET and a frozen dataclass's __init__ costs several times as much.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class JobPut:
     """The full state of a job (created, replaced, or re-planned)."""
 
     job: Job
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class JobStatus:
     """A status change applied onto the existing job, so a run does not rewrite its payload."""
 
@@ -61,22 +63,22 @@ class JobStatus:
     updated_at: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class JobDelete:
     id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RulePut:
     rule: Rule
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RuleDelete:
     id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SnapshotEnd:
     """Last record of a snapshot file: proves the snapshot is complete. Never in segments."""
 
