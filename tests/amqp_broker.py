@@ -194,6 +194,49 @@ class Admin:
             messages.append(message)
         return messages
 
+    def consume(
+        self, queue: str, expected: int, timeout: float = 30, settle_s: float = 0.5
+    ) -> list[Message]:
+        """Every message of a queue with basic.consume (auto-ack): far faster than
+        `drain` for thousands. Reads until `expected` have arrived, then for
+        `settle_s` more (to catch any extra, e.g. duplicates), or until nothing
+        has arrived for `timeout` seconds."""
+        tag = f"kairoi-test-{uuid.uuid4().hex[:8]}"
+        self._call(
+            commands.Basic.Consume(queue=queue, consumer_tag=tag, no_ack=True),
+            commands.Basic.ConsumeOk,
+        )
+        messages: list[Message] = []
+        self._sock.settimeout(timeout)
+        try:
+            while True:
+                if len(messages) >= expected:
+                    self._sock.settimeout(settle_s)
+                try:
+                    value = self._read_frame()
+                except TimeoutError:
+                    break
+                assert isinstance(value, commands.Basic.Deliver), value
+                messages.append(self._read_content(value.redelivered))
+            self._sock.settimeout(10)
+            self._send_method(commands.Basic.Cancel(consumer_tag=tag))
+            while not isinstance(value := self._read_frame(), commands.Basic.CancelOk):
+                assert isinstance(value, commands.Basic.Deliver), value
+                messages.append(self._read_content(value.redelivered))
+        finally:
+            self._sock.settimeout(10)
+        return messages
+
+    def _read_content(self, redelivered: bool) -> Message:
+        content = self._read_frame()
+        assert isinstance(content, header.ContentHeader), content
+        body = b""
+        while len(body) < content.body_size:
+            part = self._read_frame()
+            assert isinstance(part, pamqp_body.ContentBody)
+            body += part.value
+        return Message(body, content.properties, redelivered)
+
     def close(self) -> None:
         try:
             close = commands.Connection.Close(
@@ -204,6 +247,35 @@ class Admin:
         except (OSError, AssertionError, RuntimeError, ConnectionError):
             pass
         self._sock.close()
+
+
+def broker_connections_of(pid: int) -> list[int]:
+    """Local ports of the established TCP connections from process `pid` to the
+    broker's port, read from /proc (the server under test, not the shared
+    broker's other clients)."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        return []
+    ports = []
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+            if inode in inodes and state == "01" and int(remote.rsplit(":", 1)[1], 16) == PORT:
+                ports.append(int(local.rsplit(":", 1)[1], 16))
+    return sorted(ports)
 
 
 @dataclass
