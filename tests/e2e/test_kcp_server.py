@@ -298,4 +298,38 @@ def test_rule_timeout_kills_the_run_and_fails_the_job(make_server, tmp_path):
     outcome = [e["outcome"] for e in server.events("job run") if e["job"] == "app.hang"]
     assert outcome == ["timed out after 0.5s"]
     pid = int(pid_file.read_text())
-    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower())
+    wait_for(
+        lambda: (
+            not os.path.exists(f"/proc/{pid}")
+            or "zombie" in open(f"/proc/{pid}/status").read().lower()
+        )
+    )
+
+
+def test_connections_beyond_the_limit_are_refused_with_a_reason(make_server):
+    server = make_server("[controller]\nmax_connections = 2")
+    first, second = KcpClient(server.kcp_port), KcpClient(server.kcp_port)
+    assert first.request("PING") == ["OK", "PONG"] and second.request("PING") == ["OK", "PONG"]
+    with KcpClient(server.kcp_port) as third:
+        refused = third.read_message()
+        assert (refused.id, refused.args) == ("*", ["ERROR", "too many connections"])
+    first.close()
+    wait_for(lambda: _ping_works(server.kcp_port))
+    second.close()
+
+
+def _ping_works(port: int) -> bool:
+    with KcpClient(port) as client:
+        try:
+            return client.request("PING") == ["OK", "PONG"]
+        except (AssertionError, ConnectionError):
+            return False
+
+
+def test_idle_connections_are_closed_with_a_reason(make_server):
+    server = make_server("[controller]\nidle_timeout_s = 0.3")
+    with KcpClient(server.kcp_port) as kcp:
+        assert kcp.request("PING") == ["OK", "PONG"]
+        closing = kcp.read_message()  # after 0.3 s of silence
+        assert (closing.id, closing.args) == ("*", ["ERROR", "idle timeout"])
+        assert kcp.sock.recv(10) == b""
