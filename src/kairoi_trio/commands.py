@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from kairoi_trio.model import DEFAULT_POLICY, Job, JobEvent, Rule, RulePolicy, Status
 
-
 # Commands and results are messages: never changed after they are made. They are
 # not frozen dataclasses only because a frozen __init__ costs about four times as
 # much, and a SetJob is made for every job a client sends.
