@@ -358,8 +358,12 @@ async def test_storage_failure_fails_writers_and_rolls_back_exactly() -> None:
         committed = len(h.log.batches)
         h.log.fail = True
         results = await h.results(
-            GetJob("app.1"),  # a read of committed data
+            # before the batch's first change: answered as usual
+            GetJob("app.1"),
             ListRules(),
+            SetJob("", at(1)),  # invalid
+            GetJob("missing"),
+            # from the first change on: all UNAVAILABLE
             SetJob("new", at(5)),  # create
             SetJob("app.2", at(50), b"changed"),  # replace a planned job
             SetJob("app.done", at(60)),  # replan a finished job
@@ -370,12 +374,11 @@ async def test_storage_failure_fails_writers_and_rolls_back_exactly() -> None:
             TriggerDue(at(10), ALL_KINDS),  # would trigger app.2 and web.1, fail "new"
             RecordOutcome("app.1", 1, ok=True),
             ExpireFinished(before=at(100)),
-            SetJob("", at(1)),  # invalid: keeps its own error
-            GetJob("missing"),
+            GetJob("new"),  # would be a dirty read of the failed SetJob
         )
-        get, rules, *writes, invalid, missing = results
-        assert [error_code(r) for r in writes] == [ErrorCode.UNAVAILABLE] * len(writes)
-        assert all("storage" in r.message for r in writes)
+        get, rules, invalid, missing, *failed = results
+        assert [error_code(r) for r in failed] == [ErrorCode.UNAVAILABLE] * len(failed)
+        assert all("storage" in r.message for r in failed)
         assert get == before["jobs"]["app.1"]
         assert [r.id for r in rules] == ["r.http", "r.old", "r.shell"]
         assert error_code(invalid) is ErrorCode.INVALID_ARGUMENT
@@ -402,11 +405,12 @@ async def test_storage_failure_fails_every_request_of_the_batch() -> None:
         replies: dict[str, list] = {}
         await h.client.submit(Request([SetJob("a", at(1))], lambda r: replies.setdefault("a", r)))
         await trio.testing.wait_all_tasks_blocked()
+        # the next batch: a read, then writes
+        await h.client.submit(Request([GetJob("kept")], lambda r: replies.setdefault("read", r)))
         for name in ["b", "c"]:
             await h.client.submit(
                 Request([SetJob(name, at(1))], lambda r, n=name: replies.setdefault(n, r))
             )
-        await h.client.submit(Request([GetJob("kept")], lambda r: replies.setdefault("read", r)))
         h.log.gate.set()
         await trio.testing.wait_all_tasks_blocked()
         for name in ["a", "b", "c"]:
@@ -433,11 +437,6 @@ async def test_a_storage_error_other_than_oserror_is_not_swallowed_as_success() 
         assert h.state.jobs == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: reads later in a failed batch see its uncommitted writes (dirty read): "
-    "GetJob answers a job that the rollback then removes",
-)
 async def test_a_read_in_a_failed_batch_does_not_see_the_writes_that_failed() -> None:
     async with running_actor() as h:
         h.log.fail = True
@@ -458,12 +457,6 @@ async def test_expire_after_a_failed_set_of_a_finished_job() -> None:
         assert "app.done" not in h.state.jobs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the rollback of a failed ExpireFinished appends the restored jobs at the end of "
-    "State._finished (out of updated_at order), so a later ExpireFinished stops at a newer "
-    "job and keeps the old ones past their retention",
-)
 async def test_expire_after_a_failed_expire_still_expires_the_old_jobs() -> None:
     async with running_actor() as h:
         await h.call(SetRule(SHELL))
@@ -866,25 +859,24 @@ async def test_no_events_for_a_failed_batch() -> None:
         assert sink.events == [("c", Status.PLANNED, False)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _rollback drops the subscribers added in the failed batch, yet their "
-    "Subscribe is answered with a snapshot (not an error): the watcher silently never "
-    "gets an event",
-)
-async def test_a_subscription_answered_in_a_failed_batch_still_gets_events() -> None:
+async def test_subscriptions_in_a_failed_batch_stand_if_and_only_if_answered() -> None:
     async with running_actor() as h:
         await h.call(SetJob("kept", at(1)))
-        sink = Sink()
+        before, after = Sink(), Sink()
         h.log.fail = True
-        failed, snapshot = await h.results(
-            SetJob("x", at(1)), Subscribe("", snapshot=True, sink=sink)
+        snapshot, failed, refused = await h.results(
+            Subscribe("", snapshot=True, sink=before),  # answered before the first change
+            SetJob("x", at(1)),
+            Subscribe("", snapshot=True, sink=after),  # answered with the batch's failure
         )
+        assert [j.id for j in snapshot] == ["kept"]
         assert error_code(failed) is ErrorCode.UNAVAILABLE
-        assert not isinstance(snapshot, CommandError)  # the client believes it is watching
+        assert error_code(refused) is ErrorCode.UNAVAILABLE
         h.log.fail = False
         await h.call(SetJob("y", at(1)))
-        assert sink.events == [("y", Status.PLANNED, False)]
+        # the client told it is watching gets events; the one told it failed gets none
+        assert before.events == [("y", Status.PLANNED, False)]
+        assert after.batches == []
 
 
 # -- compaction and commit hooks -------------------------------------------------------------

@@ -129,12 +129,6 @@ async def test_the_payload_file_is_removed_after_a_failure_too(tmp_path: Path) -
     assert not payload_file_left(out)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ShellRunnerBackend.run removes the payload file in `finally` with "
-    "`await trio.to_thread.run_sync(_remove, ...)`, which raises Cancelled at once in a "
-    "cancelled scope: after a timeout or shutdown the payload file is left behind",
-)
 async def test_the_payload_file_is_removed_after_a_cancel(tmp_path: Path) -> None:
     out = tmp_path / "out"
     rule = script(tmp_path, f'echo "$KAIROI_PAYLOAD_FILE" > {out}\nsleep 30\n')
