@@ -10,6 +10,7 @@ config silently ignored is a job that silently never runs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -174,6 +175,8 @@ def load_config(path: Path | None) -> Config:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     return parse_config(raw)
 
 
@@ -210,6 +213,8 @@ def _convert(hint: Any, value: object, name: str) -> Any:
         return [_convert(item, v, name) for v in value]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, not {value!r}")
     expected = hint if not isinstance(hint, types.UnionType) else typing.get_args(hint)
     if not isinstance(value, expected) or (hint is not bool and isinstance(value, bool)):
         raise ConfigError(f"{name} must be {_describe(hint)}, not {value!r}")
@@ -247,6 +252,12 @@ def _check(config: Config) -> None:
         "runners.amqp.max_connections": config.runners.amqp.max_connections,
         "runners.http.concurrency": config.runners.http.concurrency,
         "runners.http.queue_size": config.runners.http.queue_size,
+        "runners.http.timeout_s": config.runners.http.timeout_s,
+        "runners.amqp.connect_timeout_s": config.runners.amqp.connect_timeout_s,
+        "runners.amqp.confirm_timeout_s": config.runners.amqp.confirm_timeout_s,
+        "grpc.max_message_bytes": config.grpc.max_message_bytes,
+        "storage.compact_after_bytes": config.storage.compact_after_bytes,
+        "runners.shell.output_limit_bytes": config.runners.shell.output_limit_bytes,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -254,6 +265,7 @@ def _check(config: Config) -> None:
     if config.policy.max_attempts < 1:
         raise ConfigError("policy.max_attempts must be at least 1")
     non_negative = {
+        "runners.amqp.heartbeat_s": config.runners.amqp.heartbeat_s,  # 0: no heartbeats
         "policy.timeout_s": config.policy.timeout_s,
         "policy.stale_after_s": config.policy.stale_after_s,
         "policy.backoff_initial_s": config.policy.backoff_initial_s,

@@ -115,11 +115,6 @@ def test_serve_with_a_missing_config_exits_with_one_line(runs: dict[str, Run]) -
     assert not (result.cwd / "kairoi-data").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a config file that is not UTF-8 raises UnicodeDecodeError out of "
-    "load_config: the CLI prints a traceback",
-)
 def test_serve_with_a_config_that_is_not_utf8_exits_with_one_line(runs: dict[str, Run]) -> None:
     assert_one_line_error(runs["latin1"], "latin1.toml")
 

@@ -160,12 +160,6 @@ def test_parse_address(address: str, parsed: tuple[str, int]) -> None:
     assert parse_address(address) == parsed
 
 
-UNCHECKED = (
-    "BUG: config._check does not check this option; a negative timeout makes every run raise "
-    "ValueError in trio.move_on_after/fail_after, a negative size breaks the gRPC server"
-)
-
-
 @pytest.mark.parametrize(
     "text",
     [
@@ -180,34 +174,12 @@ UNCHECKED = (
         "[runners.amqp]\nconcurrency = -1\n",
         "[runners.amqp]\nmax_connections = 0\n",
         "[runners.http]\nqueue_size = 0\n",
-        pytest.param(
-            "[runners.amqp]\nconnect_timeout_s = -1\n",
-            marks=pytest.mark.xfail(strict=True, reason=UNCHECKED),
-        ),
-        pytest.param(
-            "[runners.amqp]\nconfirm_timeout_s = -1\n",
-            marks=pytest.mark.xfail(strict=True, reason=UNCHECKED),
-        ),
-        pytest.param(
-            "[runners.amqp]\nheartbeat_s = -1\n",
-            marks=pytest.mark.xfail(strict=True, reason=UNCHECKED),
-        ),
-        pytest.param(
-            "[runners.http]\ntimeout_s = -1\n",
-            marks=pytest.mark.xfail(strict=True, reason=UNCHECKED),
-        ),
-        pytest.param(
-            "[grpc]\nmax_message_bytes = -1\n",
-            marks=pytest.mark.xfail(strict=True, reason=UNCHECKED),
-        ),
-        pytest.param(
-            "[shutdown]\ngrace_period_s = nan\n",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: nan passes the `< 0` check, and trio.move_on_after(nan) raises "
-                "ValueError at shutdown",
-            ),
-        ),
+        "[runners.amqp]\nconnect_timeout_s = -1\n",
+        "[runners.amqp]\nconfirm_timeout_s = -1\n",
+        "[runners.amqp]\nheartbeat_s = -1\n",
+        "[runners.http]\ntimeout_s = -1\n",
+        "[grpc]\nmax_message_bytes = -1\n",
+        "[shutdown]\ngrace_period_s = nan\n",
     ],
     ids=lambda text: " ".join(text.split()),
 )
@@ -259,11 +231,6 @@ def test_a_missing_file_is_a_config_error_naming_it(tmp_path: Path) -> None:
         load_config(tmp_path)  # a directory
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: load_config catches OSError and TOMLDecodeError but not the "
-    "UnicodeDecodeError tomllib raises for a file that is not UTF-8",
-)
 def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "latin1.toml"
     path.write_bytes("# caf\u00e9 configuration\n[log]\nlevel = 'info'\n".encode("latin-1"))
