@@ -165,8 +165,8 @@ class DurableLog:
         BLOCKING: run it with trio.to_thread.run_sync. Raises DirectoryLockedError
         if the directory is in use, CorruptLogError if it cannot be read safely,
         OSError for I/O failures. The garbage collector is paused while replaying
-        and everything alive afterwards is gc.freeze()d: a million long-lived jobs
-        would otherwise cost full collections of ~0.3 s now and then.
+        (a million new long-lived objects would trigger many useless collections);
+        freezing them afterwards is the caller's call (see app.load_state).
         """
         if self._lock_fd is not None or self._closed:
             raise RuntimeError("DurableLog.load() can only be called once")
@@ -183,10 +183,6 @@ class DurableLog:
             raise
         finally:
             if gc_was_enabled:
-                # The loaded jobs live as long as the server: move them out of the
-                # collector's sight, or re-enabling it would start a full
-                # collection over all of them now and again every so often.
-                gc.freeze()
                 gc.enable()
         state.seconds = time.perf_counter() - started
         log.info(
