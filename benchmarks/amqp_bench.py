@@ -107,7 +107,7 @@ def machine() -> dict:
 
 
 class Server:
-    def __init__(self, workdir: Path, *, fsync: bool, concurrency: int) -> None:
+    def __init__(self, workdir: Path, *, fsync: bool, concurrency: int, extra: str = "") -> None:
         self.workdir = workdir
         self.config = workdir / "configuration.toml"
         self.config.write_text(
@@ -118,7 +118,7 @@ class Server:
             f"[database]\nfsync_on_persist = {'true' if fsync else 'false'}\n"
             f'[storage]\ndirectory = "{workdir / "data"}"\n'
             f"[runners.amqp]\nconcurrency = {concurrency}\n"
-            "[shutdown]\ngrace_period_s = 5.0\n"
+            "[shutdown]\ngrace_period_s = 5.0\n" + extra.replace("\\n", "\n") + "\n"
         )
         self.lines: list[str] = []
         self.kcp_port = 0
@@ -241,7 +241,9 @@ def run(args: argparse.Namespace) -> dict:
     route = broker.make_route(admin, "bench")
     admin.close()
     workdir = Path(tempfile.mkdtemp(prefix="kairoi-amqp-bench-"))
-    server = Server(workdir, fsync=not args.no_fsync, concurrency=args.concurrency)
+    server = Server(
+        workdir, fsync=not args.no_fsync, concurrency=args.concurrency, extra=args.config
+    )
     profiler = None
     try:
         kcp = Kcp(server.kcp_port)
@@ -327,6 +329,7 @@ def run(args: argparse.Namespace) -> dict:
             "jobs": n,
             "fsync": not args.no_fsync,
             "concurrency": args.concurrency,
+            "extra_config": args.config,
             "set_per_s": round(n / set_s),
             "runs_ok": ok,
             "failed_outcomes": dict(outcomes.most_common(5)),
@@ -392,6 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lead", type=float, default=6.0, help="seconds from now to the due time")
     parser.add_argument("--concurrency", type=int, default=512, help="[runners.amqp] concurrency")
     parser.add_argument("--no-fsync", action="store_true", help="fsync_on_persist = false")
+    parser.add_argument(
+        "--config",
+        default="",
+        help=r"extra TOML tables for the server, e.g. '[runners.shell]\nqueue_size = 1'",
+    )
     parser.add_argument("--timeout", type=float, default=180.0, help="bound on the run phase")
     parser.add_argument("--profile", metavar="OUT", help="py-spy record -f raw into OUT")
     parser.add_argument("--keep", action="store_true", help="keep the server's directory")

@@ -235,7 +235,7 @@ class Burst:
         amqp_rule(self.kcp, "b", "burst.", route)
         amqp_rule(self.kcp, "p", "probe.", route)
         amqp_rule(self.kcp, "a", "after.", route)
-        start = 0.5
+        start = 1.0
         set_jobs(self.kcp, self.ids, [kcp_time(start + over_s * i / count) for i in range(count)])
 
     def executed_count(self) -> int:
@@ -245,7 +245,7 @@ class Burst:
 def test_broker_stopped_mid_burst_fails_or_retries_every_job_then_recovers(
     amqp_server, make_route
 ) -> None:
-    count, over_s = 3000, 4.0
+    count, over_s = 2400, 8.0
     no_retry = Burst(
         amqp_server("[runners.amqp]\nconfirm_timeout_s = 10.0\n", "no-retry"),
         make_route("e2e-stop-a"),
@@ -255,7 +255,7 @@ def test_broker_stopped_mid_burst_fails_or_retries_every_job_then_recovers(
     retry = Burst(
         amqp_server(
             "[runners.amqp]\nconfirm_timeout_s = 10.0\n"
-            "[policy]\nmax_attempts = 30\nbackoff_initial_s = 0.5\nbackoff_max_s = 1.0\n",
+            "[policy]\nmax_attempts = 40\nbackoff_initial_s = 1.0\nbackoff_max_s = 2.0\n",
             "retry",
         ),
         make_route("e2e-stop-b"),
@@ -267,7 +267,7 @@ def test_broker_stopped_mid_burst_fails_or_retries_every_job_then_recovers(
     stopped_at = 0.0
     try:
         # Stop the broker once both bursts are well under way.
-        wait_for(lambda: all(b.executed_count() >= 300 for b in bursts), timeout=20)
+        wait_for(lambda: all(b.executed_count() >= 200 for b in bursts), timeout=20)
         stopped_at = time.monotonic()
         broker.stop_app()
         # Without retries, every job of the burst ends: executed before the stop,
@@ -277,7 +277,7 @@ def test_broker_stopped_mid_burst_fails_or_retries_every_job_then_recovers(
         broker.start_app()
     outage_s = time.monotonic() - stopped_at
     counts = Counter(final.values())
-    assert counts["failed"] > 0 and counts["executed"] >= 300, counts
+    assert counts["failed"] > 0 and counts["executed"] >= 200, counts
     by_job = runs(no_retry.server)
     for job_id, status in final.items():
         [event] = by_job[job_id]  # one run each: max_attempts = 1
@@ -427,7 +427,7 @@ def test_20000_jobs_due_at_once_arrive_exactly_once(amqp_server, make_route) -> 
     ids = [f"bulk.{i:05d}-{uuid.uuid4().hex[:6]}" for i in range(count)]
     with KcpClient(server.kcp_port, timeout=60) as kcp:
         amqp_rule(kcp, "bulk", "bulk.", route)
-        due = kcp_time(2.0)
+        due = kcp_time(4.0)  # after the last SET: all due at the same instant
         started = time.monotonic()
         set_jobs(kcp, ids, due)
         set_s = time.monotonic() - started
