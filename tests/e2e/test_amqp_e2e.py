@@ -263,11 +263,12 @@ def test_broker_stopped_mid_burst_fails_or_retries_every_job_then_recovers(
         over_s,
     )
     bursts = (no_retry, retry)
-    ports_before = {b: set(broker.broker_connections_of(b.server.process.pid)) for b in bursts}
     stopped_at = 0.0
     try:
         # Stop the broker once both bursts are well under way.
         wait_for(lambda: all(b.executed_count() >= 200 for b in bursts), timeout=20)
+        ports_before = {b: set(broker.broker_connections_of(b.server.process.pid)) for b in bursts}
+        assert all(ports_before.values()), ports_before
         stopped_at = time.monotonic()
         broker.stop_app()
         # Without retries, every job of the burst ends: executed before the stop,
