@@ -178,7 +178,8 @@ class Dispatch:
 @dataclass(slots=True)
 class TriggerResult:
     dispatches: list[Dispatch]
-    deferred: bool  # some due jobs wait for runner capacity
+    deferred: frozenset[str]  # runner kinds whose due jobs wait for room
+    more_due: bool = False  # the call stopped early: ask again at once
 
 
 @dataclass(slots=True)

@@ -9,6 +9,8 @@ at once, at no cost for the jobs that change nothing.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import structlog
 import trio
 
@@ -60,16 +62,28 @@ class Dispatcher:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        backlog: frozenset[str] = frozenset()  # kinds whose due jobs wait for room
         while True:
-            await self._timer.wait_due()
-            capacity = self._pools.capacity()
-            if not any(capacity.values()):
-                await self._pools.wait_for_capacity()
-                continue
-            result: TriggerResult = await self._actor.call(TriggerDue(now_us(), capacity))
+            if not backlog:
+                await self._timer.wait_due()
+            elif not any(self._pools.capacity().get(kind) for kind in backlog):
+                await self._first_of(self._timer.wait_due, self._pools.wait_for_capacity)
+            result: TriggerResult = await self._actor.call(
+                TriggerDue(now_us(), self._pools.capacity())
+            )
             for dispatch in result.dispatches:
                 self._pools.submit_nowait(dispatch)
-            if result.deferred and not result.dispatches:
-                # Due jobs wait for a full runner kind: sleep until a slot frees up.
-                with trio.move_on_after(MAX_SLEEP_S):
-                    await self._pools.wait_for_capacity()
+            backlog = result.deferred
+            if result.more_due:
+                await trio.lowlevel.checkpoint()
+
+    @staticmethod
+    async def _first_of(*waits: Callable[[], Awaitable[None]]) -> None:
+        async with trio.open_nursery() as nursery:
+            for wait in waits:
+                nursery.start_soon(_then_cancel, wait, nursery.cancel_scope)
+
+
+async def _then_cancel(wait: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
+    await wait()
+    scope.cancel()

@@ -39,7 +39,7 @@ from kairoi_trio.commands import (
     TriggerResult,
     Unsubscribe,
 )
-from kairoi_trio.core.actor import ActorClient, CommandActor
+from kairoi_trio.core.actor import MAX_POPS_PER_TRIGGER, ActorClient, CommandActor
 from kairoi_trio.core.state import State
 from kairoi_trio.core.validation import RuleValidator
 from kairoi_trio.model import (
@@ -530,18 +530,50 @@ async def test_a_full_runner_kind_defers_its_jobs_and_not_the_others() -> None:
             await h.call(SetJob(f"web.{i}", at(10 + i)))
         result = await h.call(TriggerDue(at(20), {"shell": 1, "http": 10, "amqp": 10}))
         assert [d.job.id for d in result.dispatches] == ["app.0", "web.0", "web.1"]
-        assert result.deferred
+        assert result.deferred == {"shell"}
         for i in (1, 2, 3):
             assert h.state.jobs[f"app.{i}"].status is Status.PLANNED
-        assert h.state.next_due() == at(1)
+        # They wait in the shell line, in order, out of the due heap (popped once only).
+        assert [job.id for job in h.state.waiting["shell"]] == ["app.1", "app.2", "app.3"]
+        assert h.state.next_due() is None
 
         result = await h.call(TriggerDue(at(20), {"shell": 0, "http": 10, "amqp": 10}))
-        assert (result.dispatches, result.deferred) == ([], True)
+        assert (result.dispatches, result.deferred) == ([], {"shell"})
 
         result = await h.call(TriggerDue(at(21), {"shell": 5, "http": 10, "amqp": 10}))
         assert [d.job.id for d in result.dispatches] == ["app.1", "app.2", "app.3"]
         assert not result.deferred
         assert h.state.next_due() is None
+
+
+async def test_a_waiting_job_that_changed_meanwhile_is_served_as_it_is_now() -> None:
+    async with running_actor() as h:
+        await h.call(SetRule(SHELL))
+        for job_id in ("app.a", "app.b", "app.c"):
+            await h.call(SetJob(job_id, at(1)))
+        result = await h.call(TriggerDue(at(5), {"shell": 0}))
+        assert result.deferred == {"shell"}
+        await h.call(DeleteJob("app.a"))  # gone: skipped
+        await h.call(SetJob("app.b", at(100)))  # no longer due: waits for its new time
+        await h.call(SetJob("app.c", at(1), b"new payload"))  # same time, new payload
+        result = await h.call(TriggerDue(at(5), {"shell": 10}))
+        assert [(d.job.id, d.job.payload) for d in result.dispatches] == [("app.c", b"new payload")]
+        result = await h.call(TriggerDue(at(100), {"shell": 10}))
+        assert [d.job.id for d in result.dispatches] == ["app.b"]
+        result = await h.call(TriggerDue(at(200), {"shell": 10}))
+        assert result.dispatches == [] and not result.deferred
+
+
+async def test_a_large_backlog_is_taken_from_the_heap_in_bounded_steps() -> None:
+    async with running_actor() as h:
+        await h.call(SetRule(SHELL))
+        await h.results(*[SetJob(f"app.{i:05d}", at(1)) for i in range(MAX_POPS_PER_TRIGGER + 10)])
+        first = await h.call(TriggerDue(at(2), {"shell": 3}))
+        assert first.more_due and len(first.dispatches) == 3
+        second = await h.call(TriggerDue(at(2), {"shell": 3}))
+        assert not second.more_due
+        ids = [d.job.id for d in first.dispatches + second.dispatches]
+        assert ids == [f"app.{i:05d}" for i in range(6)]  # oldest first, across calls
 
 
 async def test_a_job_whose_runner_kind_is_not_configured_fails() -> None:
@@ -577,7 +609,7 @@ async def test_trigger_with_nothing_due_changes_nothing() -> None:
         await h.call(SetJob("app.1", at(10)))
         calls = h.log.append_calls
         result = await h.call(TriggerDue(at(9), ALL_KINDS))
-        assert result == TriggerResult([], False)
+        assert result == TriggerResult([], frozenset())
         assert h.log.append_calls == calls
 
 

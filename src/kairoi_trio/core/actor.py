@@ -60,6 +60,9 @@ log = structlog.get_logger(__name__)
 
 PLANNED, TRIGGERED = Status.PLANNED, Status.TRIGGERED
 
+# At most this many due jobs are taken from the heap per TriggerDue.
+MAX_POPS_PER_TRIGGER = 4096
+
 # At most this many commands are applied per group commit, so one huge burst
 # cannot delay every reply behind a single enormous write.
 MAX_BATCH_COMMANDS = 8192
@@ -384,47 +387,57 @@ class CommandActor:
         self._subscribers = [s for s in self._subscribers if s.sink is not command.sink]
 
     def _trigger_due(self, command: TriggerDue) -> TriggerResult:
-        """Pair due jobs with rules and mark them triggered, oldest first."""
+        """Pair due jobs with rules and mark them triggered, oldest first.
+
+        A due job whose runner kind is full waits, still planned, in that kind's
+        line (State.waiting) instead of going back into the due heap, so each
+        job is popped once however long the backlog: the next calls serve each
+        kind's line first, then newly due jobs.
+        """
         state = self.state
         capacity = dict(command.capacity)
-        room = sum(capacity.values())
         dispatches: list[Dispatch] = []
-        waiting: list[Job] = []
-        # Look a little past the jobs we can run, so that a full runner kind does
-        # not hide due jobs of other kinds behind it; bounded so one call stays short.
-        budget = room + 1024
+        for kind, line in state.waiting.items():
+            while line and capacity.get(kind, 0) > 0:
+                job = state.jobs.get(line.popleft().id)
+                if job is not None and job.status is PLANNED and job.execute_at <= command.now:
+                    self._dispatch(job, command.now, capacity, dispatches)
+        popped = 0
+        more_due = False
         for job in state.pop_due(command.now):
-            budget -= 1
-            rule = state.match_rule(job.id)
-            if rule is None:
-                self._change_status(job, Status.FAILED, "no rule matches this job", job.attempts)
-            elif not self._fresh(job, rule, command.now):
-                overdue = (command.now - job.execute_at) / MICROS
-                self._change_status(
-                    job, Status.FAILED, f"stale: overdue by {overdue:.3f}s", job.attempts
-                )
-            elif capacity.get(rule.runner.kind, 0) > 0:
-                capacity[rule.runner.kind] -= 1
-                room -= 1
-                triggered = self._change_status(job, Status.TRIGGERED, "", job.attempts + 1)
-                dispatches.append(Dispatch(triggered, rule))
-                # Late since the job became due: its time, or when it was set if that was later.
-                lateness = (command.now - max(job.execute_at, job.updated_at)) / MICROS
-                self._observer.triggered(lateness)
-                log.debug(
-                    "job triggered", job=job.id, rule=rule.id, lateness_us=int(lateness * MICROS)
-                )
-            elif rule.runner.kind not in capacity:
-                self._change_status(
-                    job, Status.FAILED, f"no {rule.runner.kind} runner is available", job.attempts
-                )
-            else:
-                waiting.append(job)
-            if room <= 0 or budget <= 0:
+            self._dispatch(job, command.now, capacity, dispatches)
+            popped += 1
+            if popped >= MAX_POPS_PER_TRIGGER:
+                more_due = True  # bounded, so that one call keeps the actor short
                 break
-        for job in waiting:
-            state.requeue(job)
-        return TriggerResult(dispatches, deferred=bool(waiting))
+        deferred = frozenset(kind for kind, line in state.waiting.items() if line)
+        return TriggerResult(dispatches, deferred=deferred, more_due=more_due)
+
+    def _dispatch(
+        self, job: Job, now: int, capacity: dict[str, int], dispatches: list[Dispatch]
+    ) -> None:
+        rule = self.state.match_rule(job.id)
+        if rule is None:
+            self._change_status(job, Status.FAILED, "no rule matches this job", job.attempts)
+            return
+        kind = rule.runner.kind
+        if not self._fresh(job, rule, now):
+            overdue = (now - job.execute_at) / MICROS
+            self._change_status(
+                job, Status.FAILED, f"stale: overdue by {overdue:.3f}s", job.attempts
+            )
+        elif kind not in capacity:
+            self._change_status(job, Status.FAILED, f"no {kind} runner is available", job.attempts)
+        elif capacity[kind] > 0:
+            capacity[kind] -= 1
+            triggered = self._change_status(job, TRIGGERED, "", job.attempts + 1)
+            dispatches.append(Dispatch(triggered, rule))
+            # Late since the job became due: its time, or when it was set if that was later.
+            lateness = (now - max(job.execute_at, job.updated_at)) / MICROS
+            self._observer.triggered(lateness)
+            log.debug("job triggered", job=job.id, rule=rule.id, lateness_us=int(lateness * MICROS))
+        else:
+            self.state.hold(kind, job)
 
     @staticmethod
     def _fresh(job: Job, rule: Rule, now: int) -> bool:

@@ -15,6 +15,7 @@ Costs, with n planned jobs and r rules:
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from collections.abc import Iterable, Iterator
 
 from sortedcontainers import SortedList
@@ -46,6 +47,8 @@ class State:
         )
         # a heap, not a queue: a rollback can put back a job that finished earlier
         self._finished: list[tuple[int, str]] = finished
+        # due jobs popped from the heap whose runner kind was full, per kind
+        self.waiting: dict[str, deque[Job]] = {}
         # pattern -> ids of the rules with that pattern, sorted (ties: smallest id wins)
         self._patterns: dict[str, list[str]] = {}
         self._pattern_lengths: list[int] = []  # distinct lengths, longest first
@@ -104,6 +107,13 @@ class State:
     def requeue(self, job: Job) -> None:
         """Put a planned job popped by pop_due back, untouched."""
         heapq.heappush(self._due, (job.execute_at, job.id))
+
+    def hold(self, kind: str, job: Job) -> None:
+        """Keep a due job popped by pop_due in its runner kind's line (FIFO) until
+        that kind has room. It stays planned; whoever takes it from the line
+        checks that it still is (it may have been re-set or deleted meanwhile,
+        which also gave it a new heap entry when needed)."""
+        self.waiting.setdefault(kind, deque()).append(job)
 
     def _is_live(self, at: int, job_id: str) -> bool:
         job = self.jobs.get(job_id)

@@ -160,6 +160,7 @@ class RunnerPools:
         self.pools[dispatch.rule.runner.kind].submit_nowait(dispatch)
 
     async def wait_for_capacity(self) -> None:
+        """Return once any pool took a job from its queue (room freed up)."""
         async with trio.open_nursery() as nursery:
             for pool in self.pools.values():
                 nursery.start_soon(self._first_signal, pool, nursery.cancel_scope)

@@ -37,9 +37,7 @@ from kairoi_trio.model import (
     to_datetime,
 )
 
-_TIME = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?\Z", re.ASCII
-)
+_TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?\Z", re.ASCII)
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 
 
