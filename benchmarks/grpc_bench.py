@@ -590,6 +590,16 @@ def main(argv: list[str] | None = None) -> int:
         gc_log = workdir / "gc.log"
         server_env = {"PYTHONPATH": str(probe_dir), "KAIROI_BENCH_GC_LOG": str(gc_log)}
     kairoi = KairoiServer(workdir / "kairoi", server_env)
+    servers = 0
+
+    def fresh_kairoi() -> KairoiServer:
+        """Stop the current kairoi server and start one with an empty data directory."""
+        nonlocal kairoi, servers
+        kairoi.stop()
+        servers += 1
+        kairoi = KairoiServer(workdir / f"kairoi{servers}", server_env).start()
+        return kairoi
+
     echo = EchoServer()
     results: dict[str, Any] = {"started": started, "machine": info, "load_start": load_start}
     profiles: dict[str, Any] = {}
@@ -622,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         batches: dict[int, list[Run]] = {}
         for rep in range(args.reps):
             for callers in (1, 4):
+                fresh_kairoi()  # every run starts from an empty server
                 run = batch_run(
                     kairoi.pid,
                     kairoi.grpc_port,
@@ -642,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         # 4: WatchJobs at a controlled rate
         watches: list[Run] = []
         for rep in range(args.reps):
+            fresh_kairoi()
             run = watch_run(
                 kairoi.pid, kairoi.grpc_port, args.watch_rate, 200, args.watch_seconds, f"w{rep}."
             )
@@ -697,6 +709,7 @@ def main(argv: list[str] | None = None) -> int:
             profiles["unary SetJob, 16 callers"] = run.profile
         if want["setjobs"]:
             log("profiling kairoi: SetJobs x4")
+            fresh_kairoi()
             run = batch_run(
                 kairoi.pid,
                 kairoi.grpc_port,
@@ -710,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
             profiles["SetJobs, 4 callers"] = run.profile
         if want["watch"]:
             log("profiling kairoi: WatchJobs")
+            fresh_kairoi()
             run = watch_run(
                 kairoi.pid,
                 kairoi.grpc_port,
@@ -849,7 +863,7 @@ def report(
     add(
         f"{args.batches} batches of {args.batch_size:,} new jobs (execute_at in 2030 and later, 16-byte payloads) per run, "
         "split over the callers, requests serialized before the clock starts; every job's status is checked. "
-        "The server keeps the jobs of earlier runs (one server for the whole benchmark)."
+        "Every run starts a fresh server with an empty data directory, so runs are comparable."
     )
     add("")
     add(
@@ -874,7 +888,8 @@ def report(
         f"{args.watch_seconds:g} s as `SetJobs` batches of 200 every {200 / args.watch_rate * 1000:g} ms, each job's "
         "payload carrying the loader's CLOCK_MONOTONIC time just before the batch was built and sent. "
         "Lag = the watcher's receipt time minus that send time (same clock, same machine). Events/s = events "
-        "delivered / (last delivery - first send)."
+        "delivered / (last delivery - first send). Every run starts a fresh server (empty data directory); "
+        '"jobs held" is the server\'s job count at the end of the run.'
     )
     add("")
     add(
