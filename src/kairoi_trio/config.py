@@ -94,7 +94,9 @@ class ShellRunnerConfig:
 
 @dataclass(frozen=True)
 class AmqpRunnerConfig:
-    concurrency: int = 512
+    # Publishes in flight. A persistent message is confirmed only once the broker
+    # has synced it (~100 ms here), so throughput is about concurrency / latency.
+    concurrency: int = 2048
     queue_size: int = 10_000
     max_connections: int = 16
     heartbeat_s: int = 30
