@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=50_000)
     parser.add_argument("--lead", type=float, default=6.0, help="seconds from now to the due time")
-    parser.add_argument("--concurrency", type=int, default=512, help="[runners.amqp] concurrency")
+    parser.add_argument("--concurrency", type=int, default=2048, help="[runners.amqp] concurrency")
     parser.add_argument("--no-fsync", action="store_true", help="fsync_on_persist = false")
     parser.add_argument(
         "--config",
