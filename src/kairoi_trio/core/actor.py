@@ -384,7 +384,8 @@ class CommandActor:
         return list(self.state.iter_prefix(command.prefix))
 
     def _unsubscribe(self, command: Unsubscribe) -> None:
-        self._subscribers = [s for s in self._subscribers if s.sink is not command.sink]
+        # == and not `is`: a sink is often a bound method, a new object at each access
+        self._subscribers = [s for s in self._subscribers if s.sink != command.sink]
 
     def _trigger_due(self, command: TriggerDue) -> TriggerResult:
         """Pair due jobs with rules and mark them triggered, oldest first.

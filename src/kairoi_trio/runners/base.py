@@ -36,5 +36,5 @@ class Runner(abc.ABC):
         task_status.started()
         await trio.sleep_forever()
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, most runners hold nothing
         """Release long-lived resources politely once no run is left (graceful shutdown)."""
