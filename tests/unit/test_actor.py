@@ -879,6 +879,18 @@ async def test_unsubscribe_stops_events() -> None:
         assert [e[0] for e in sink.events] == ["a"]
 
 
+async def test_unsubscribe_with_a_bound_method_sink() -> None:
+    """The gRPC bridge passes `watch.sink`, a new bound-method object at each access."""
+    async with running_actor() as h:
+        sink = Sink()
+        await h.call(Subscribe("", snapshot=False, sink=sink.__call__))
+        await h.call(SetJob("a", at(1)))
+        await h.call(Unsubscribe(sink.__call__))
+        await h.call(SetJob("b", at(1)))
+        assert [e[0] for e in sink.events] == ["a"]
+        assert not h.actor._subscribers
+
+
 async def test_no_events_for_a_failed_batch() -> None:
     async with running_actor() as h:
         sink = Sink()
