@@ -499,16 +499,19 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                 events = [convert.snapshot_event_to_pb(job) for job in snapshot]
                 for chunk in _chunks(events, self._budget, at_least_one=True):
                     await context.write(pb.WatchJobsResponse(events=chunk, snapshot=True))
+            loop = asyncio.get_running_loop()
             while True:
                 await watch.wait()
                 if watch.closing:
                     raise CommandError(ErrorCode.UNAVAILABLE, "server is shutting down")
+                next_tick = loop.time() + WATCH_TICK_S
                 events = [convert.job_event_to_pb(event) for event in watch.take()]
                 for chunk in _chunks(events, self._budget):
                     await context.write(pb.WatchJobsResponse(events=chunk))
                 if watch.overflowed:
                     raise CommandError(ErrorCode.RESOURCE_EXHAUSTED, "watch fell behind")
-                await asyncio.sleep(WATCH_TICK_S)
+                # The rest of the tick (the conversion and the writes took part of it).
+                await asyncio.sleep(max(0.0, next_tick - loop.time()))
         finally:
             self._watches.discard(watch)
             watch.end()
