@@ -16,6 +16,7 @@ import gc
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -23,7 +24,7 @@ import trio
 
 from kairoi_trio import __version__
 from kairoi_trio.commands import ExpireFinished, Request
-from kairoi_trio.config import Config
+from kairoi_trio.config import AmqpRunnerConfig, Config, HttpRunnerConfig, ShellRunnerConfig
 from kairoi_trio.core.actor import ActorClient, CommandActor
 from kairoi_trio.core.state import State
 from kairoi_trio.core.validation import RuleValidator
@@ -35,8 +36,10 @@ from kairoi_trio.observability.metrics import (
     register_state,
     serve_metrics,
 )
+from kairoi_trio.protocols.grpc.server import serve_grpc
 from kairoi_trio.protocols.kcp.server import KcpServer
 from kairoi_trio.runners.amqp import AmqpRunnerBackend
+from kairoi_trio.runners.base import Runner
 from kairoi_trio.runners.http import HttpRunnerBackend
 from kairoi_trio.runners.pool import RunnerPool, RunnerPools
 from kairoi_trio.runners.shell import ShellRunnerBackend
@@ -123,38 +126,43 @@ class HeapFreezer:
 
 
 def build_pools(config: Config, actor: ActorClient) -> RunnerPools:
-    shell = config.runners.shell
-    pools = {
-        "shell": RunnerPool(
-            ShellRunnerBackend(output_limit_bytes=shell.output_limit_bytes),
+    runners = config.runners
+
+    def pool(
+        runner: Runner, sizes: ShellRunnerConfig | AmqpRunnerConfig | HttpRunnerConfig
+    ) -> RunnerPool:
+        return RunnerPool(
+            runner,
             actor.clone(),
-            concurrency=shell.concurrency,
-            queue_size=shell.queue_size,
+            concurrency=sizes.concurrency,
+            queue_size=sizes.queue_size,
             observe_run=observe_run,
         )
-    }
-    amqp = config.runners.amqp
-    pools["amqp"] = RunnerPool(
-        AmqpRunnerBackend(
-            max_connections=amqp.max_connections,
-            heartbeat_s=amqp.heartbeat_s,
-            connect_timeout_s=amqp.connect_timeout_s,
-            confirm_timeout_s=amqp.confirm_timeout_s,
-        ),
-        actor.clone(),
-        concurrency=amqp.concurrency,
-        queue_size=amqp.queue_size,
-        observe_run=observe_run,
+
+    amqp = runners.amqp
+    return RunnerPools(
+        {
+            "shell": pool(
+                ShellRunnerBackend(output_limit_bytes=runners.shell.output_limit_bytes),
+                runners.shell,
+            ),
+            "amqp": pool(
+                AmqpRunnerBackend(
+                    max_connections=amqp.max_connections,
+                    heartbeat_s=amqp.heartbeat_s,
+                    connect_timeout_s=amqp.connect_timeout_s,
+                    confirm_timeout_s=amqp.confirm_timeout_s,
+                ),
+                amqp,
+            ),
+            "http": pool(
+                HttpRunnerBackend(
+                    timeout_s=runners.http.timeout_s, max_connections=runners.http.concurrency
+                ),
+                runners.http,
+            ),
+        }
     )
-    http = config.runners.http
-    pools["http"] = RunnerPool(
-        HttpRunnerBackend(timeout_s=http.timeout_s, max_connections=http.concurrency),
-        actor.clone(),
-        concurrency=http.concurrency,
-        queue_size=http.queue_size,
-        observe_run=observe_run,
-    )
-    return RunnerPools(pools)
 
 
 async def housekeeping(actor: ActorClient, retention_s: float) -> None:
@@ -270,21 +278,17 @@ async def _run_in_scope(scope: trio.CancelScope, fn: Callable[[], Awaitable[None
 async def _start_grpc(nursery: trio.Nursery, config: Config, client: ActorClient) -> int | None:
     if not config.grpc.enabled:
         return None
-    try:
-        from kairoi_trio.protocols.grpc.server import serve_grpc
-    except ImportError as error:  # pragma: no cover
-        log.warning("grpc disabled", error=str(error))
-        return None
+    grpc = config.grpc
     port: int = await nursery.start(
-        lambda task_status: serve_grpc(
+        partial(
+            serve_grpc,
             client.clone().channel,
-            listen=config.grpc.listen,
+            listen=grpc.listen,
             grace_s=config.shutdown.grace_period_s,
             tokens=config.auth.tokens,
-            max_message_bytes=config.grpc.max_message_bytes,
-            tls_cert=Path(config.grpc.tls_cert) if config.grpc.tls_cert else None,
-            tls_key=Path(config.grpc.tls_key) if config.grpc.tls_key else None,
-            task_status=task_status,
+            max_message_bytes=grpc.max_message_bytes,
+            tls_cert=Path(grpc.tls_cert) if grpc.tls_cert else None,
+            tls_key=Path(grpc.tls_key) if grpc.tls_key else None,
         )
     )
     return port

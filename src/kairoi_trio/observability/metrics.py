@@ -170,5 +170,11 @@ class MetricsObserver(Observer):
         TRIGGER_LATENESS.observe(max(lateness_s, 0.0))
 
 
+_RUN_SERIES: dict[tuple[str, bool], Histogram] = {}
+
+
 def observe_run(kind: str, ok: bool, seconds: float) -> None:
-    RUN_SECONDS.labels(kind, "executed" if ok else "failed").observe(seconds)
+    series = _RUN_SERIES.get((kind, ok))
+    if series is None:  # .labels() is a look-up under a lock: once per series, not per run
+        series = _RUN_SERIES[kind, ok] = RUN_SECONDS.labels(kind, "executed" if ok else "failed")
+    series.observe(seconds)

@@ -141,9 +141,8 @@ class RunnerPool:
         )
         try:
             await self._actor.call(RecordOutcome(job.id, job.attempts, ok, message, rule.policy))
-        except (
-            CommandError
-        ) as error:  # storage failed: the job stays triggered, runs again at start
+        except CommandError as error:
+            # Storage failed: the job stays triggered and runs again at the next start.
             log.error("could not record outcome", job=job.id, error=error.message)
 
 
