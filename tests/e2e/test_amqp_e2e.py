@@ -41,13 +41,6 @@ def _broker() -> None:
 
 
 @pytest.fixture
-def admin() -> Iterator[Admin]:
-    admin = Admin()
-    yield admin
-    admin.close()
-
-
-@pytest.fixture
 def make_route(admin: Admin) -> Iterator[Callable[[str], Route]]:
     routes: list[Route] = []
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
+import amqp_broker as broker
 import pytest
 import trio
+from amqp_broker import Admin, Route
 
 from kairoi_trio.runners.amqp_client import (
     AmqpChannelError,
@@ -22,26 +21,6 @@ from kairoi_trio.runners.amqp_client import (
     open_amqp_connection,
     serve_amqp_connection,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import amqp_broker as broker  # noqa: E402
-from amqp_broker import Admin, Route  # noqa: E402
-
-
-@pytest.fixture
-def admin() -> Iterator[Admin]:
-    broker.ensure_broker()
-    admin = Admin()
-    yield admin
-    admin.close()
-
-
-@pytest.fixture
-def route(admin: Admin) -> Iterator[Route]:
-    route = broker.make_route(admin, "client")
-    yield route
-    broker.remove_route(route)
-
 
 # --- URLs (no broker needed) ----------------------------------------------------
 

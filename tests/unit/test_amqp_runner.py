@@ -4,37 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
-from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 
+import amqp_broker as broker
 import pytest
 import trio
+from amqp_broker import Admin, Route
 
 from kairoi_trio.model import AmqpRunner, Job, Rule, ShellRunner, now_us, to_datetime
 from kairoi_trio.runners.amqp import AmqpRunnerBackend
 from kairoi_trio.runners.base import RunFailed
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import amqp_broker as broker  # noqa: E402
-from amqp_broker import Admin, Route  # noqa: E402
-
-
-@pytest.fixture
-def admin() -> Iterator[Admin]:
-    broker.ensure_broker()
-    admin = Admin()
-    yield admin
-    admin.close()
-
-
-@pytest.fixture
-def route(admin: Admin) -> Iterator[Route]:
-    route = broker.make_route(admin, "runner")
-    yield route
-    broker.remove_route(route)
 
 
 async def start_backend(nursery: trio.Nursery, **options: float) -> AmqpRunnerBackend:
