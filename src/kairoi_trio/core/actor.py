@@ -17,7 +17,7 @@ once the disk does.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -512,7 +512,7 @@ class ActorClient:
     def submit_nowait(self, request: Request) -> None:
         self._send.send_nowait(request)
 
-    async def call_many(self, commands: list[Command]) -> list[Result]:
+    async def call_many(self, commands: Sequence[Command]) -> list[Result]:
         done = trio.Event()
         box: list[list[Result]] = []
 

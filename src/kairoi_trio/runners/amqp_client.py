@@ -30,6 +30,7 @@ state never depends on whether the caller that asked for them is still there.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import socket
@@ -844,9 +845,7 @@ class AmqpConnection:
         mandatory: bool,
     ) -> bytes:
         try:
-            method = commands.Basic.Publish(
-                exchange=exchange, routing_key=routing_key, mandatory=mandatory
-            )
+            method_frame = _publish_method_frame(channel_id, exchange, routing_key, mandatory)
             content = header.ContentHeader(0, len(body), properties or Properties())
             content_frame = frame.marshal(content, channel_id)
             if len(content_frame) > self.frame_max:
@@ -855,7 +854,7 @@ class AmqpConnection:
                     f"message properties and headers too large: {len(content_frame)} bytes, "
                     f"over the broker's frame size limit of {self.frame_max}"
                 )
-            parts = [frame.marshal(method, channel_id), content_frame]
+            parts = [method_frame, content_frame]
             chunk = self.frame_max - 8  # frame header (7) and frame end (1)
             for start in range(0, len(body), chunk):
                 part = pamqp_body.ContentBody(body[start : start + chunk])
@@ -863,6 +862,15 @@ class AmqpConnection:
         except (ValueError, TypeError) as exc:
             raise AmqpError(f"cannot encode message: {exc}") from None
         return b"".join(parts)
+
+
+@functools.lru_cache(maxsize=1024)
+def _publish_method_frame(
+    channel_id: int, exchange: str, routing_key: str, mandatory: bool
+) -> bytes:
+    """The basic.publish frame: the same bytes for every job of a rule, so encoded once."""
+    method = commands.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory)
+    return frame.marshal(method, channel_id)
 
 
 # --- entry points -------------------------------------------------------------

@@ -44,6 +44,10 @@ class RunnerPool:
         self._runs_scope = trio.CancelScope()
         self.completed = 0
         self._closing = False
+        # Outcomes wait here for the recorder task, which sends them to the actor in
+        # batches: a worker takes its next job without waiting for an fsync.
+        self._outcomes: list[RecordOutcome] = []
+        self._outcomes_waiting = trio.Event()
 
     @property
     def queued(self) -> int:
@@ -60,14 +64,31 @@ class RunnerPool:
         """Run the runner's own service and the workers until cancelled."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.runner.serve)
+            nursery.start_soon(self._record_outcomes)
             with self._runs_scope:
                 async with trio.open_nursery() as workers:
                     for _ in range(self.concurrency):
                         workers.start_soon(self._worker)
                     task_status.started()
+            await self._send_outcomes()  # those of the runs that ended in the grace period
             with trio.move_on_after(5):  # e.g. close broker connections politely
                 await self.runner.aclose()
             nursery.cancel_scope.cancel()
+
+    async def _record_outcomes(self) -> None:
+        while True:
+            await self._outcomes_waiting.wait()
+            self._outcomes_waiting = trio.Event()
+            await self._send_outcomes()
+
+    async def _send_outcomes(self) -> None:
+        batch, self._outcomes = self._outcomes, []
+        if not batch:
+            return
+        for outcome, result in zip(batch, await self._actor.call_many(batch), strict=True):
+            if isinstance(result, CommandError):
+                # Storage failed: the job stays triggered and runs again at the next start.
+                log.error("could not record outcome", job=outcome.job_id, error=result.message)
 
     async def drain(self, grace_s: float) -> None:
         """Stop taking queued jobs, give running ones `grace_s`, then cancel them.
@@ -134,11 +155,8 @@ class RunnerPool:
             seconds=round(elapsed, 6),
             attempt=job.attempts,
         )
-        try:
-            await self._actor.call(RecordOutcome(job.id, job.attempts, ok, message, rule.policy))
-        except CommandError as error:
-            # Storage failed: the job stays triggered and runs again at the next start.
-            log.error("could not record outcome", job=job.id, error=error.message)
+        self._outcomes.append(RecordOutcome(job.id, job.attempts, ok, message, rule.policy))
+        self._outcomes_waiting.set()
 
     async def _attempt(self, job: Job, rule: Rule) -> tuple[bool, str]:
         try:
