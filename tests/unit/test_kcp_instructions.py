@@ -261,3 +261,13 @@ def test_only_gets_answer_with_data() -> None:
     for command in [SetJob("a", 0), DeleteJob("a"), SetRule(Rule("r", "", HttpRunner("x")))]:
         assert not renders_data(command)
     assert render(None) == ()
+
+
+def test_set_rule_word_order_of_kairois_runner_docs_is_rule_set() -> None:
+    from kairoi_trio.commands import SetRule
+    from kairoi_trio.model import Rule, ShellRunner
+
+    command = translate(["SET", "RULE", "app.default.rule", "app.job.0", "shell", "script.sh"])
+    assert command == SetRule(Rule("app.default.rule", "app.job.0", ShellRunner("script.sh")))
+    # A job whose id is RULE is still a job.
+    assert translate(["SET", "RULE", "2020-01-01 00:00:00"]).id == "RULE"

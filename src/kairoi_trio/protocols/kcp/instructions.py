@@ -90,6 +90,10 @@ def format_time(us: int) -> str:
 
 
 def _set(args: list[str]) -> Command:
+    if len(args) >= 4 and args[0] == "RULE":
+        # `SET RULE <id> <pattern> <runner> ...`, as Kairoi's runner documentation
+        # writes it, is RULE SET (a job SET never has more than 3 arguments).
+        return _rule_set(args[1:])
     if len(args) not in (2, 3):
         raise invalid("SET takes <job_id> <time> [<payload>]")
     payload = args[2].encode() if len(args) == 3 else b""
