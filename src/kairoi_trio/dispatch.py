@@ -11,15 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-import structlog
 import trio
 
 from kairoi_trio.commands import TriggerDue, TriggerResult
 from kairoi_trio.core.actor import ActorClient
 from kairoi_trio.model import MICROS, now_us
 from kairoi_trio.runners.pool import RunnerPools
-
-log = structlog.get_logger(__name__)
 
 # Sleep at most this long at a time, so that a wall-clock step (NTP, a VM
 # resumed) delays a trigger by at most this much.
