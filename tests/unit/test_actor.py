@@ -39,7 +39,12 @@ from kairoi_trio.commands import (
     TriggerResult,
     Unsubscribe,
 )
-from kairoi_trio.core.actor import MAX_POPS_PER_TRIGGER, ActorClient, CommandActor
+from kairoi_trio.core.actor import (
+    COMPACTION_RETRY_S,
+    MAX_POPS_PER_TRIGGER,
+    ActorClient,
+    CommandActor,
+)
 from kairoi_trio.core.state import State
 from kairoi_trio.core.validation import RuleValidator
 from kairoi_trio.model import (
@@ -75,6 +80,7 @@ class FakeLog:
         self.rotations = 0
         self.snapshots: list[tuple[int, dict, dict]] = []
         self.snapshot_gate: trio.Event | None = None
+        self.snapshot_fail = False
 
     @property
     def records(self) -> list:
@@ -100,6 +106,8 @@ class FakeLog:
     ) -> None:
         if self.snapshot_gate is not None:
             await self.snapshot_gate.wait()
+        if self.snapshot_fail:
+            raise OSError(errno.ENOSPC, "No space left on device")
         self.snapshots.append((seq, dict(jobs), dict(rules)))
 
 
@@ -997,3 +1005,23 @@ async def test_the_actor_stops_when_every_sender_has_closed() -> None:
             assert (await other.call(GetJob("a"))).id == "a"
             await other.aclose()
     assert "a" in actor.state.jobs
+
+
+async def test_a_failed_compaction_is_retried_after_a_pause_not_after_every_batch(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with running_actor(compact_after_bytes=500) as h:
+        h.log.snapshot_fail = True
+        h.log.record_bytes = 1000  # every batch crosses the threshold
+        await h.call(SetJob("a", at(1)))
+        await trio.testing.wait_all_tasks_blocked()
+        assert h.log.rotations == 1 and h.log.snapshots == []
+        for i in range(5):  # no new attempt while the pause lasts
+            await h.call(SetJob(f"b{i}", at(1)))
+            await trio.testing.wait_all_tasks_blocked()
+        assert h.log.rotations == 1
+        h.log.snapshot_fail = False
+        await trio.sleep(COMPACTION_RETRY_S + 1)
+        await h.call(SetJob("c", at(1)))
+        await trio.testing.wait_all_tasks_blocked()
+        assert h.log.rotations == 2 and len(h.log.snapshots) == 1

@@ -60,6 +60,10 @@ log = structlog.get_logger(__name__)
 
 PLANNED, TRIGGERED = Status.PLANNED, Status.TRIGGERED
 
+# After a failed compaction (disk full...), wait this long before the next try
+# instead of trying again after every batch.
+COMPACTION_RETRY_S = 60.0
+
 # At most this many due jobs are taken from the heap per TriggerDue.
 MAX_POPS_PER_TRIGGER = 4096
 
@@ -133,6 +137,7 @@ class CommandActor:
         self._observer = observer or Observer()
         self._compact_after = compact_after_bytes  # 0: never
         self._compacting = False
+        self._compaction_retry_at = 0.0  # trio clock; after a failure, wait before trying again
         self._background: trio.Nursery | None = None
         self.started_at = clock()
         self.batches = 0  # for metrics and tests
@@ -167,6 +172,7 @@ class CommandActor:
         return (
             self._compact_after > 0
             and not self._compacting
+            and trio.current_time() >= self._compaction_retry_at
             # a log twice the live data or more, and at least the configured size
             and self._log.bytes_since_snapshot >= max(self._compact_after, self._log.snapshot_bytes)
         )
@@ -179,6 +185,7 @@ class CommandActor:
             seq = await self._log.rotate()
         except self._storage_errors as error:
             log.error("log rotation failed", error=str(error))
+            self._compaction_retry_at = trio.current_time() + COMPACTION_RETRY_S
             return
         self._compacting = True
         assert self._background is not None
@@ -192,6 +199,7 @@ class CommandActor:
             log.info("log compacted", segment=seq, jobs=len(jobs), rules=len(rules))
         except self._storage_errors as error:
             log.error("compaction failed", error=str(error))
+            self._compaction_retry_at = trio.current_time() + COMPACTION_RETRY_S
         finally:
             self._compacting = False
 
