@@ -84,3 +84,29 @@ def test_compaction_bounds_the_log_and_keeps_the_latest_state(make_server):
     with KcpClient(server.kcp_port) as kcp:
         answers = kcp.pipeline([("GET", f"job.{i}") for i in range(500)])
     assert answers == [["OK", "planned", "2099-01-01 00:00:09", "p" * 50]] * 500
+
+
+def test_a_port_in_use_is_a_one_line_start_error(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "c.toml"
+        config.write_text(
+            f'[controller]\nlisten = "127.0.0.1:{port}"\n[grpc]\nlisten = "127.0.0.1:0"\n'
+            f'[metrics]\nlisten = "127.0.0.1:0"\n[storage]\ndirectory = "{tmp_path / "data"}"\n'
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "kairoi_trio", "serve", "-c", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("kairoi-trio: cannot start:") and f"127.0.0.1:{port}" in last
+    assert "Traceback" not in result.stderr

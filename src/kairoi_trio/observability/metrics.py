@@ -100,7 +100,10 @@ async def serve_metrics(
 ) -> None:
     """A minimal HTTP/1.0 endpoint: GET /metrics, /live, /ready. Anything else: 404."""
     host, port = parse_address(listen)
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as error:
+        raise OSError(error.errno, f"metrics cannot listen on {listen}: {error.strerror}") from None
     bound = listeners[0].socket.getsockname()[1]
     task_status.started(bound)
 

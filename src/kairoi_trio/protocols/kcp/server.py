@@ -78,7 +78,11 @@ class KcpServer:
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; started() gives the bound port (useful with port 0)."""
         host, port = parse_address(self._config.listen)
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as error:
+            message = f"KCP cannot listen on {self._config.listen}: {error.strerror}"
+            raise OSError(error.errno, message) from None
         bound = listeners[0].socket.getsockname()[1]
         log.info("kcp listening", host=host, port=bound)
         task_status.started(bound)
