@@ -36,3 +36,36 @@ def test_job_and_rule_subcommands(server):
     assert missing.returncode == 1 and missing.stderr.startswith("kairoi-trio: NOT_FOUND")
     bad = cli(server, "job", "set", "x", "2020-02-30 00:00:00")
     assert bad.returncode == 1 and "invalid date" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_watch_prints_the_snapshot_then_changes(server):
+    import threading
+
+    from support.kcp_client import KcpClient
+    from support.waiting import wait_for
+
+    with KcpClient(server.kcp_port) as kcp:
+        assert kcp.request("SET", "app.a", "2099-01-01 00:00:00") == ["OK"]
+        env = dict(os.environ, KAIROI_SERVER=f"127.0.0.1:{server.grpc_port}")
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "kairoi_trio", "watch", "--prefix", "app.", "--snapshot"],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(watch.stdout), daemon=True).start()
+        try:
+            wait_for(lambda: lines)  # the snapshot: the watch is registered
+            assert kcp.request("SET", "app.b", "2099-01-01 00:00:00") == ["OK"]
+            assert kcp.request("SET", "other", "2099-01-01 00:00:00") == ["OK"]
+            assert kcp.request("UNSET", "app.a") == ["OK"]
+            wait_for(lambda: len(lines) >= 3)
+        finally:
+            watch.terminate()
+            watch.wait(10)
+    assert [line.split("\t")[:2] for line in lines] == [
+        ["set", "app.a"],
+        ["set", "app.b"],
+        ["deleted", "app.a"],
+    ]
