@@ -69,16 +69,30 @@ def _git(*args: str) -> str:
 
 def loadgen(server: Server, count: int, conns: int, window: int, prefix: str) -> dict:
     argv = [
-        sys.executable, "-m", "benchmarks.loadgen",
-        "--port", str(server.kcp_port), "--count", str(count), "--conns", str(conns),
-        "--window", str(window), "--prefix", prefix, "--server-pid", str(server.pid),
+        sys.executable,
+        "-m",
+        "benchmarks.loadgen",
+        "--port",
+        str(server.kcp_port),
+        "--count",
+        str(count),
+        "--conns",
+        str(conns),
+        "--window",
+        str(window),
+        "--prefix",
+        prefix,
+        "--server-pid",
+        str(server.pid),
     ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=LOADGEN_TIMEOUT_S)
     if done.returncode != 0 and not done.stdout.strip():
         raise RuntimeError(f"loadgen failed ({done.returncode}): {done.stderr[-2000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if result["errors"]:
-        raise RuntimeError(f"{result['errors']} SETs answered ERROR, e.g. {result['first_error']!r}")
+        raise RuntimeError(
+            f"{result['errors']} SETs answered ERROR, e.g. {result['first_error']!r}"
+        )
     return result
 
 
@@ -100,12 +114,26 @@ def preload(work: Path, jobs: int, window: int) -> dict:
         rss = server.peak_rss_mib()
     size = sum(p.stat().st_size for p in data.iterdir()) / 2**20
     log(f"preloaded: {result['sets_per_s']:,.0f} SET/s, data directory {size:.0f} MiB")
-    return {"jobs": jobs, "dir": str(data), "load": result, "peak_rss_mib": rss, "data_mib": size,
-            "files": sorted(p.name for p in data.iterdir())}
+    return {
+        "jobs": jobs,
+        "dir": str(data),
+        "load": result,
+        "peak_rss_mib": rss,
+        "data_mib": size,
+        "files": sorted(p.name for p in data.iterdir()),
+    }
 
 
-def set_once(work: Path, name: str, source: Path | None, fsync: bool, conns: int, count: int,
-             window: int, profile_dir: Path | None) -> dict:
+def set_once(
+    work: Path,
+    name: str,
+    source: Path | None,
+    fsync: bool,
+    conns: int,
+    count: int,
+    window: int,
+    profile_dir: Path | None,
+) -> dict:
     case_dir = work / name
     data = case_dir / "data"
     if source is not None:
@@ -119,28 +147,55 @@ def set_once(work: Path, name: str, source: Path | None, fsync: bool, conns: int
         profile = profiler.stop() if profiler else None
         rss_after = server.peak_rss_mib()
     shutil.rmtree(case_dir, ignore_errors=True)
-    out = {"jobs_at_start": jobs, "ready_s": ready_s, "peak_rss_mib_at_ready": rss_ready,
-           "peak_rss_mib_after": rss_after, **result}
+    out = {
+        "jobs_at_start": jobs,
+        "ready_s": ready_s,
+        "peak_rss_mib_at_ready": rss_ready,
+        "peak_rss_mib_after": rss_after,
+        **result,
+    }
     if profile is not None:
         out["profile"] = top(profile)
         out["profile_file"] = str(profile)
-    log(f"{name}: {result['sets_per_s']:,.0f} SET/s, {result['sets_per_server_cpu_s'] or 0:,.0f} "
+    log(
+        f"{name}: {result['sets_per_s']:,.0f} SET/s, {result['sets_per_server_cpu_s'] or 0:,.0f} "
         f"SET per server-CPU-s (server CPU {result['server_cpu_s']:.2f}s in {result['seconds']:.2f}s, "
-        f"other processes {result['other_cpu_s'] or 0:.2f} CPU-s)")
+        f"other processes {result['other_cpu_s'] or 0:.2f} CPU-s)"
+    )
     return out
 
 
-def set_case(work: Path, store: str, source: Path | None, fsync: bool, conns: int, count: int,
-             window: int, repeat: int, profile_dir: Path | None) -> dict:
+def set_case(
+    work: Path,
+    store: str,
+    source: Path | None,
+    fsync: bool,
+    conns: int,
+    count: int,
+    window: int,
+    repeat: int,
+    profile_dir: Path | None,
+) -> dict:
     name = f"set-{store}-{'fsync' if fsync else 'nofsync'}-{conns}c"
     runs = [
-        set_once(work, f"{name}-{i + 1}", source, fsync, conns, count, window,
-                 profile_dir if i == 0 else None)
+        set_once(
+            work,
+            f"{name}-{i + 1}",
+            source,
+            fsync,
+            conns,
+            count,
+            window,
+            profile_dir if i == 0 else None,
+        )
         for i in range(repeat)
     ]
     med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
     out = {
-        "case": name, "store": store, "fsync": fsync, "conns": conns,
+        "case": name,
+        "store": store,
+        "fsync": fsync,
+        "conns": conns,
         "jobs_at_start": runs[0]["jobs_at_start"],
         "sets_per_s": max(r["sets_per_s"] for r in runs),
         "sets_per_s_median": med("sets_per_s"),
@@ -173,15 +228,17 @@ def restarts(work: Path, source: Path, times: int) -> list[dict]:
             rss = server.rss_mib()
             replayed = server.events("log replayed")
             loaded = server.events("log loaded")
-        out.append({
-            "ready_s": ready,
-            "replay_s": replayed[-1]["seconds"] if replayed else None,
-            "load_s": loaded[-1]["seconds"] if loaded else None,
-            "jobs": replayed[-1]["jobs"] if replayed else None,
-            "peak_rss_mib_at_ready": hwm_ready,
-            "peak_rss_mib_2s_later": hwm,
-            "rss_mib_2s_later": rss,
-        })
+        out.append(
+            {
+                "ready_s": ready,
+                "replay_s": replayed[-1]["seconds"] if replayed else None,
+                "load_s": loaded[-1]["seconds"] if loaded else None,
+                "jobs": replayed[-1]["jobs"] if replayed else None,
+                "peak_rss_mib_at_ready": hwm_ready,
+                "peak_rss_mib_2s_later": hwm,
+                "rss_mib_2s_later": rss,
+            }
+        )
         log(f"restart {i + 1}: ready in {ready:.2f}s, VmHWM {hwm:.0f} MiB, jobs {out[-1]['jobs']}")
     shutil.rmtree(case_dir, ignore_errors=True)
     return out
@@ -203,10 +260,14 @@ def report(results: dict) -> str:
     lines: list[str] = []
     add = lines.append
     m = results["machine"]
-    add(f"Date {m['date']}; {m['nproc']} CPUs, {m['cpu']}; Python {m['python']}; kernel {m['kernel']}")
+    add(
+        f"Date {m['date']}; {m['nproc']} CPUs, {m['cpu']}; Python {m['python']}; kernel {m['kernel']}"
+    )
     add(f"Command: {results['command']}")
-    add(f"Code: commit {m['commit']} ({m['src_modified_files']} uncommitted files under src/); "
-        f"load average at start {' '.join(m['loadavg'])}")
+    add(
+        f"Code: commit {m['commit']} ({m['src_modified_files']} uncommitted files under src/); "
+        f"load average at start {' '.join(m['loadavg'])}"
+    )
     if "preload" in results:
         p = results["preload"]
         prog = p["load"].get("progress") or []
@@ -216,19 +277,27 @@ def report(results: dict) -> str:
             for t, n in prog:
                 rates.append(f"{(n - last_n) / (t - last_t) / 1000:.0f}k" if t > last_t else "-")
                 last_t, last_n = t, n
-            add(f"Preload rate per tenth of the {p['jobs']:,} SETs (SET/s as the store grows): "
-                + " ".join(rates))
-        add(f"Preload: {p['jobs']:,} SETs on 1 connection with fsync off: "
+            add(
+                f"Preload rate per tenth of the {p['jobs']:,} SETs (SET/s as the store grows): "
+                + " ".join(rates)
+            )
+        add(
+            f"Preload: {p['jobs']:,} SETs on 1 connection with fsync off: "
             f"{p['load']['sets_per_s']:,.0f} SET/s; data directory {p['data_mib']:.0f} MiB "
-            f"({', '.join(p['files'])})")
+            f"({', '.join(p['files'])})"
+        )
     if "set" in results:
         add("")
-        add(f"Pipelined SET ({results['params']['count']:,} SETs per run, window "
+        add(
+            f"Pipelined SET ({results['params']['count']:,} SETs per run, window "
             f"{results['params']['window']:,} per connection, {results['params']['repeat']} runs per case "
-            f"on a fresh server each; SET/s best (median); CPU figures are medians)")
+            f"on a fresh server each; SET/s best (median); CPU figures are medians)"
+        )
         add("")
-        add("| store | fsync | conns | SET/s best (median) | vs empty (best) | server CPU s | "
-            "SET per server-CPU-s | vs empty | client CPU s | other processes CPU s |")
+        add(
+            "| store | fsync | conns | SET/s best (median) | vs empty (best) | server CPU s | "
+            "SET per server-CPU-s | vs empty | client CPU s | other processes CPU s |"
+        )
         add("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
         base = {(r["fsync"], r["conns"]): r for r in results["set"] if r["store"] == "empty"}
         for r in results["set"]:
@@ -236,74 +305,123 @@ def report(results: dict) -> str:
             rel = rel_cpu = ""
             if ref and r["store"] != "empty":
                 rel = f"{(r['sets_per_s'] / ref['sets_per_s'] - 1) * 100:+.0f}%"
-                rel_cpu = f"{(r['sets_per_server_cpu_s'] / ref['sets_per_server_cpu_s'] - 1) * 100:+.0f}%"
-            add(f"| {r['store']} ({r['jobs_at_start']:,} jobs) | {'on' if r['fsync'] else 'off'} | "
+                rel_cpu = (
+                    f"{(r['sets_per_server_cpu_s'] / ref['sets_per_server_cpu_s'] - 1) * 100:+.0f}%"
+                )
+            add(
+                f"| {r['store']} ({r['jobs_at_start']:,} jobs) | {'on' if r['fsync'] else 'off'} | "
                 f"{r['conns']} | {r['sets_per_s']:,.0f} ({r['sets_per_s_median']:,.0f}) | {rel} | "
                 f"{r['server_cpu_s']:.2f} | {r['sets_per_server_cpu_s']:,.0f} | {rel_cpu} | "
-                f"{r['client_cpu_s']:.2f} | {r['other_cpu_s'] or 0:.2f} |")
+                f"{r['client_cpu_s']:.2f} | {r['other_cpu_s'] or 0:.2f} |"
+            )
     if "lateness" in results:
         for run in results["lateness"]:
             add("")
             add(f"Trigger lateness, fsync {'on' if run['fsync'] else 'off'} (ms; p50 / p99 / max)")
             add("")
-            add("| scenario | marked triggered (server clock) | run start (pool, before fork) | "
-                "script ran (after sh + date spawn) | WatchJobs event received |")
+            add(
+                "| scenario | marked triggered (server clock) | run start (pool, before fork) | "
+                "script ran (after sh + date spawn) | WatchJobs event received |"
+            )
             add("|---|---|---|---|---|")
             for s in run["scenarios"]:
-                def cell(key: str) -> str:
+
+                def cell(key: str, s: dict = s) -> str:
                     v = s[key]
-                    return f"{v['p50_ms']:.2f} / {v['p99_ms']:.2f} / {v['max_ms']:.2f}" if v else "-"
-                label = ("1,000 due at one instant" if s["scenario"] == "burst"
-                         else f"{s['jobs']} jobs 10 ms apart")
-                add(f"| {label} | {cell('marked')} | {cell('run_start')} | {cell('script')} | "
-                    f"{cell('watch_received')} |")
+                    return (
+                        f"{v['p50_ms']:.2f} / {v['p99_ms']:.2f} / {v['max_ms']:.2f}" if v else "-"
+                    )
+
+                label = (
+                    "1,000 due at one instant"
+                    if s["scenario"] == "burst"
+                    else f"{s['jobs']} jobs 10 ms apart"
+                )
+                add(
+                    f"| {label} | {cell('marked')} | {cell('run_start')} | {cell('script')} | "
+                    f"{cell('watch_received')} |"
+                )
     if "restart" in results:
         rs = results["restart"]
         add("")
-        add(f"Restart to ready with {rs[0]['jobs']:,} planned jobs ({len(rs)} restarts; page cache warm)")
+        add(
+            f"Restart to ready with {rs[0]['jobs']:,} planned jobs ({len(rs)} restarts; page cache warm)"
+        )
         add("")
-        add("| # | ready s (fork to 'ready' line) | log load s | replay+index s | VmHWM at ready MiB | VmHWM 2 s later MiB | VmRSS MiB |")
+        add(
+            "| # | ready s (fork to 'ready' line) | log load s | replay+index s | VmHWM at ready MiB | VmHWM 2 s later MiB | VmRSS MiB |"
+        )
         add("|---|---:|---:|---:|---:|---:|---:|")
         for i, r in enumerate(rs, 1):
-            add(f"| {i} | {r['ready_s']:.2f} | {r['load_s']} | {r['replay_s']} | "
-                f"{r['peak_rss_mib_at_ready']:.0f} | {r['peak_rss_mib_2s_later']:.0f} | {r['rss_mib_2s_later']:.0f} |")
+            add(
+                f"| {i} | {r['ready_s']:.2f} | {r['load_s']} | {r['replay_s']} | "
+                f"{r['peak_rss_mib_at_ready']:.0f} | {r['peak_rss_mib_2s_later']:.0f} | {r['rss_mib_2s_later']:.0f} |"
+            )
         if "empty_start" in results:
             e = results["empty_start"]
-            add(f"Empty store for comparison: ready in {e['ready_s']:.2f} s, VmHWM {e['peak_rss_mib_at_ready']:.0f} MiB")
+            add(
+                f"Empty store for comparison: ready in {e['ready_s']:.2f} s, VmHWM {e['peak_rss_mib_at_ready']:.0f} MiB"
+            )
     profiled = [r for r in results.get("set", []) if "profile" in r]
-    profiled += [{"case": f"lateness burst, fsync {'on' if r['fsync'] else 'off'}", "profile": r["profile"]}
-                 for r in results.get("lateness", []) if "profile" in r]
+    profiled += [
+        {"case": f"lateness burst, fsync {'on' if r['fsync'] else 'off'}", "profile": r["profile"]}
+        for r in results.get("lateness", [])
+        if "profile" in r
+    ]
     for r in profiled:
         if "profile" in r:
             add("")
-            add(f"py-spy, {r['case']} ({r['profile']['samples']} samples of the server's busy threads): self time")
+            add(
+                f"py-spy, {r['case']} ({r['profile']['samples']} samples of the server's busy threads): self time"
+            )
             for name, share in r["profile"]["self"][:12]:
                 add(f"  {share * 100:5.1f}%  {name}")
             add("  hottest lines:")
             for name, share in r["profile"]["self_lines"][:8]:
                 add(f"  {share * 100:5.1f}%  {name}")
             add("  inclusive (kairoi_trio functions):")
-            shown = [(n, v) for n, v in r["profile"]["inclusive"]
-                     if "kairoi_trio/" in n and "cli.py" not in n and "__main__" not in n]
+            shown = [
+                (n, v)
+                for n, v in r["profile"]["inclusive"]
+                if "kairoi_trio/" in n and "cli.py" not in n and "__main__" not in n
+            ]
             for name, share in shown[:10]:
                 add(f"  {share * 100:5.1f}%  {name}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", nargs="?", default="all", choices=["all", "set", "lateness", "restart"])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "what", nargs="?", default="all", choices=["all", "set", "lateness", "restart"]
+    )
     parser.add_argument("--count", type=int, default=200_000, help="SETs per throughput case")
-    parser.add_argument("--preload", type=int, default=1_000_000, help="planned jobs in the loaded store")
-    parser.add_argument("--window", type=int, default=10_000, help="outstanding requests per connection")
+    parser.add_argument(
+        "--preload", type=int, default=1_000_000, help="planned jobs in the loaded store"
+    )
+    parser.add_argument(
+        "--window", type=int, default=10_000, help="outstanding requests per connection"
+    )
     parser.add_argument("--restarts", type=int, default=3)
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="runs of each SET case, each on a fresh server (best and median reported)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs of each SET case, each on a fresh server (best and median reported)",
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
-    parser.add_argument("--profile", action="store_true",
-                        help="record py-spy during each SET case and print the hotspots")
-    parser.add_argument("--workdir", type=Path, help="where data goes (default: a new temporary dir)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="record py-spy during each SET case and print the hotspots",
+    )
+    parser.add_argument(
+        "--workdir", type=Path, help="where data goes (default: a new temporary dir)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--json", type=Path, help="also write all results to this file")
     args = parser.parse_args(argv)
@@ -317,9 +435,15 @@ def main(argv: list[str] | None = None) -> int:
         profile_dir.mkdir(exist_ok=True)
     results: dict = {
         "machine": machine(),
-        "command": " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])]),
-        "params": {"count": args.count, "preload": args.preload, "window": args.window,
-                   "repeat": args.repeat},
+        "command": " ".join(
+            ["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "params": {
+            "count": args.count,
+            "preload": args.preload,
+            "window": args.window,
+            "repeat": args.repeat,
+        },
     }
     started = time.monotonic()
     try:
@@ -332,8 +456,17 @@ def main(argv: list[str] | None = None) -> int:
             results["empty_start"] = empty_start(work)
         if args.what in ("all", "set"):
             results["set"] = [
-                set_case(work, store, src, fsync, conns, args.count, args.window, args.repeat,
-                         profile_dir)
+                set_case(
+                    work,
+                    store,
+                    src,
+                    fsync,
+                    conns,
+                    args.count,
+                    args.window,
+                    args.repeat,
+                    profile_dir,
+                )
                 for store, src in (("empty", None), (f"{args.preload // 1000}k", source))
                 for fsync in (True, False)
                 for conns in (1, 4)
@@ -342,10 +475,16 @@ def main(argv: list[str] | None = None) -> int:
             results["lateness"] = []
             for fsync in (True, False):
                 log(f"lateness, fsync {'on' if fsync else 'off'}")
-                results["lateness"].append(lateness.measure(
-                    work / f"lateness-{fsync}", fsync=fsync,
-                    profile=profile_dir / f"lateness-burst-{'fsync' if fsync else 'nofsync'}.txt"
-                    if profile_dir else None))
+                results["lateness"].append(
+                    lateness.measure(
+                        work / f"lateness-{fsync}",
+                        fsync=fsync,
+                        profile=profile_dir
+                        / f"lateness-burst-{'fsync' if fsync else 'nofsync'}.txt"
+                        if profile_dir
+                        else None,
+                    )
+                )
     finally:
         if not args.keep:
             keep = [profile_dir] if profile_dir else []

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import grpc
 
-from kairoi.v1 import scheduler_pb2 as pb
-from kairoi.v1 import scheduler_pb2_grpc as pb_grpc
 from benchmarks.profile import Profiler, top
 from benchmarks.server import Server
+from kairoi.v1 import scheduler_pb2 as pb
+from kairoi.v1 import scheduler_pb2_grpc as pb_grpc
 
 LEAD_S = 2.0  # jobs are set this long before the first is due
 
@@ -67,7 +67,9 @@ class Watch:
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = pb_grpc.SchedulerStub(self.channel)
         self.call = stub.WatchJobs(pb.WatchJobsRequest(prefix=prefix, include_snapshot=True))
-        self.triggered: dict[str, tuple[int, int, int]] = {}  # id -> (execute_at, updated_at, received)
+        self.triggered: dict[
+            str, tuple[int, int, int]
+        ] = {}  # id -> (execute_at, updated_at, received)
         self.finished: dict[str, int] = {}  # id -> event type
         self.registered = threading.Event()
         self.changed = threading.Condition()
@@ -87,7 +89,11 @@ class Watch:
                     for event in message.events:
                         job = event.job
                         if event.type == pb.JOB_EVENT_TYPE_TRIGGERED:
-                            self.triggered[job.id] = (ts_us(job.execute_at), ts_us(job.updated_at), received)
+                            self.triggered[job.id] = (
+                                ts_us(job.execute_at),
+                                ts_us(job.updated_at),
+                                received,
+                            )
                         elif event.type in (pb.JOB_EVENT_TYPE_EXECUTED, pb.JOB_EVENT_TYPE_FAILED):
                             self.finished[job.id] = event.type
                     self.changed.notify_all()
@@ -101,7 +107,9 @@ class Watch:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     missing = len(ids - self.finished.keys())
-                    raise TimeoutError(f"{missing} of {len(ids)} jobs not finished after {timeout}s")
+                    raise TimeoutError(
+                        f"{missing} of {len(ids)} jobs not finished after {timeout}s"
+                    )
                 self.changed.wait(left)
 
     def close(self) -> None:
@@ -128,12 +136,15 @@ def run_scenario(
     server: Server, watch: Watch, fired_file: Path, name: str, due: list[int], timeout: float
 ) -> dict:
     ids = [f"lat.{name}.{i}" for i in range(len(due))]
-    lines = [f'{i} SET {job_id} "{fmt_time(at)}"\n' for i, (job_id, at) in enumerate(zip(ids, due))]
+    lines = [
+        f'{i} SET {job_id} "{fmt_time(at)}"\n'
+        for i, (job_id, at) in enumerate(zip(ids, due, strict=True))
+    ]
     kcp_pipeline(server.kcp_port, lines)
     watch.wait_finished(set(ids), timeout)
     time.sleep(0.3)  # let the last "job run" log lines and script lines arrive
     wanted = set(ids)
-    execute_at = dict(zip(ids, due))
+    execute_at = dict(zip(ids, due, strict=True))
 
     marked, observed = [], []
     for job_id in ids:
@@ -169,8 +180,15 @@ def run_scenario(
     }
 
 
-def measure(workdir: Path, *, fsync: bool, burst: int = 1000, spaced: int = 200, gap_ms: int = 10,
-            profile: Path | None = None) -> dict:
+def measure(
+    workdir: Path,
+    *,
+    fsync: bool,
+    burst: int = 1000,
+    spaced: int = 200,
+    gap_ms: int = 10,
+    profile: Path | None = None,
+) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     fired = workdir / "fired.txt"
     fired.write_text("")

@@ -37,7 +37,9 @@ def build_chunks(prefix: str, conn: int, start: int, count: int) -> list[tuple[i
         for i in range(base, end):
             # a cheap scramble so that times are not in id order
             at = BASE_TIME + (i * 2_654_435_761) % SPREAD_S
-            parts.append(f'{i} SET {prefix}{conn}.{i} "{strftime("%Y-%m-%d %H:%M:%S", gmtime(at))}"\n')
+            parts.append(
+                f'{i} SET {prefix}{conn}.{i} "{strftime("%Y-%m-%d %H:%M:%S", gmtime(at))}"\n'
+            )
         chunks.append((end - base, "".join(parts).encode()))
     return chunks
 
@@ -104,7 +106,9 @@ class Conn:
         return self.received >= self.total
 
 
-def run(port: int, count: int, conns: int, window: int, prefix: str, server_pid: int | None) -> dict:
+def run(
+    port: int, count: int, conns: int, window: int, prefix: str, server_pid: int | None
+) -> dict:
     per = [count // conns + (1 if k < count % conns else 0) for k in range(conns)]
     built = time.perf_counter()
     connections = [Conn(port, build_chunks(prefix, k, 0, n), window) for k, n in enumerate(per)]

@@ -30,8 +30,20 @@ class Profiler:
         if exe is None:
             print("py-spy not found: no profile", file=sys.stderr)
             return
-        argv = [exe, "record", "--pid", str(pid), "--format", "raw", "--rate", str(rate),
-                "--output", str(path), "--threads", "--nonblocking"]
+        argv = [
+            exe,
+            "record",
+            "--pid",
+            str(pid),
+            "--format",
+            "raw",
+            "--rate",
+            str(rate),
+            "--output",
+            str(path),
+            "--threads",
+            "--nonblocking",
+        ]
         if idle:
             argv.append("--idle")
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -96,8 +108,10 @@ def top(path: Path, limit: int = 40) -> dict:
             if name not in seen:
                 seen.add(name)
                 inclusive[name] += count
+
     def shares(counter: Counter[str]) -> list[tuple[str, float]]:
         return [(name, n / total) for name, n in counter.most_common(limit)] if total else []
+
     return {
         "samples": total,
         "self": shares(own),

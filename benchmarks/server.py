@@ -101,7 +101,9 @@ class Server:
         while not self._ready.wait(0.01):
             if self.process.poll() is not None:
                 self._reader.join(2)
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_text()}")
+                raise RuntimeError(
+                    f"server exited with {self.process.returncode}:\n{self.log_text()}"
+                )
             if time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"server not ready in {READY_TIMEOUT_S}s:\n{self.log_text()}")
