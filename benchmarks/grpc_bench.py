@@ -172,14 +172,7 @@ class KairoiServer:
         return self.process.pid
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
+        stop_process(self.process, 20)
 
 
 # Loaded into the server (only) through PYTHONPATH when --gc-log is on (the default): logs
@@ -247,14 +240,19 @@ class EchoServer:
         return self.process.pid
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
+        stop_process(self.process, 10)
+
+
+def stop_process(process: subprocess.Popen | None, timeout: float) -> None:
+    """SIGTERM, then SIGKILL if it is still there after `timeout` seconds."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
 
 
 def _readline(process: subprocess.Popen[str], timeout: float) -> str:
