@@ -154,20 +154,16 @@ def test_a_finished_job_set_again_is_due_again() -> None:
     assert drain(state, 10) == ["a"]
 
 
-def test_requeue_puts_a_popped_job_back() -> None:
+def test_hold_keeps_popped_jobs_in_their_kinds_line_in_order() -> None:
     state = State()
     state.put_job(job("a", 10))
     state.put_job(job("b", 20))
     state.put_job(job("c", 30))
-    waiting = []
     for due in state.pop_due(25):
-        waiting.append(due)
-    assert [j.id for j in waiting] == ["a", "b"]
-    assert state.next_due() == 30  # popped, not yet put back
-    for due in waiting:
-        state.requeue(due)
-    assert state.next_due() == 10
-    assert drain(state, 1000) == ["a", "b", "c"]
+        state.hold("shell", due)
+    assert [j.id for j in state.waiting["shell"]] == ["a", "b"]
+    assert state.next_due() == 30  # held jobs are out of the heap: popped once only
+    assert drain(state, 1000) == ["c"]
 
 
 def test_stopping_pop_due_early_leaves_the_rest_due() -> None:

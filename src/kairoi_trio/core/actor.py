@@ -211,6 +211,7 @@ class CommandActor:
         self._undo: list[tuple[str, str, Any]] = []
         self._events: list[JobEvent] = []
         self._new_subscribers: list[_Subscriber] = []
+        self._subscribers_before_write = 0  # new subscribers answered before the first change
         all_results: list[list[Result]] = []
         first_write: tuple[int, int] | None = None  # (request, command) of the batch's first change
         for r, request in enumerate(batch):

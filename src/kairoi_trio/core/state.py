@@ -97,16 +97,12 @@ class State:
     def pop_due(self, now: int) -> Iterator[Job]:
         """Yield planned jobs with execute_at <= now, earliest first, removing them
         from the due index. The caller must change each yielded job's status (or
-        push it back with `requeue`) before asking again."""
+        `hold` it) before asking again."""
         due = self._due
         while due and due[0][0] <= now:
             at, job_id = heapq.heappop(due)
             if self._is_live(at, job_id):
                 yield self.jobs[job_id]
-
-    def requeue(self, job: Job) -> None:
-        """Put a planned job popped by pop_due back, untouched."""
-        heapq.heappush(self._due, (job.execute_at, job.id))
 
     def hold(self, kind: str, job: Job) -> None:
         """Keep a due job popped by pop_due in its runner kind's line (FIFO) until

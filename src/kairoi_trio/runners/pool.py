@@ -42,7 +42,6 @@ class RunnerPool:
         self.capacity_changed = trio.Event()
         # Cancelled at the end of the grace period: stops the runs still going.
         self._runs_scope = trio.CancelScope()
-        self.completed = 0
         self._closing = False
         # Outcomes wait here for the recorder task, which sends them to the actor in
         # batches: a worker takes its next job without waiting for an fsync.
@@ -99,7 +98,7 @@ class RunnerPool:
         self._send.close()
         with trio.move_on_after(grace_s):
             while self.running:
-                await self._wait_capacity_change()
+                await self.capacity_changed.wait()
         if self.running:
             log.warning(
                 "cancelling runs at the end of the grace period",
@@ -122,15 +121,11 @@ class RunnerPool:
                 await self._run_one(dispatch)
             finally:
                 self.running -= 1
-                self.completed += 1
                 self._signal()
 
     def _signal(self) -> None:
         self.capacity_changed.set()
         self.capacity_changed = trio.Event()
-
-    async def _wait_capacity_change(self) -> None:
-        await self.capacity_changed.wait()
 
     async def _run_one(self, dispatch: Dispatch) -> None:
         job, rule = dispatch.job, dispatch.rule
