@@ -11,37 +11,63 @@ from pathlib import Path
 import trio
 
 from kairoi_trio import __version__
-from kairoi_trio.config import Config, ConfigError, load_config
+from kairoi_trio.config import Config, ConfigError, find_config, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="kairoi-trio",
-        description="A time-based job scheduler server (Kairoi-compatible, with a gRPC API).",
-    )
-    parser.add_argument("--version", action="version", version=f"kairoi-trio {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    serve = commands.add_parser("serve", help="run the server")
-    serve.add_argument("-c", "--config", type=Path, help="TOML configuration file")
-    check = commands.add_parser("check-config", help="validate a configuration file and exit")
-    check.add_argument("-c", "--config", type=Path, required=True)
-    _add_client_commands(commands)
-    args = parser.parse_args(argv)
+    """Run the command line; returns the exit status.
 
-    if args.command is None:
-        parser.print_help()
-        return 2
-    if args.command in ("serve", "check-config"):
+    As Kairoi's binary: `kairoi-trio`, `kairoi-trio -c FILE` and
+    `kairoi-trio --config FILE` start the server (`serve` is the explicit form),
+    and `-V`/`--version` print the version. Exit status 2: a bad configuration
+    or command line; 1: the server could not start.
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    command = args.command or "serve"  # no subcommand: Kairoi's behaviour, run the server
+    if command in ("serve", "check-config"):
         try:
             config = load_config(args.config)
         except ConfigError as error:
             print(f"kairoi-trio: {error}", file=sys.stderr)
             return 2
-        if args.command == "check-config":
-            print("configuration is valid")
+        if command == "check-config":
+            found = find_config(args.config)
+            print(f"configuration is valid ({found or 'no file: the defaults'})")
             return 0
         return run_server(config)
     return _run_client_command(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kairoi-trio",
+        description=(
+            "A time-based job scheduler server (Kairoi-compatible, with a gRPC API). "
+            "Without a command, runs the server, as Kairoi does."
+        ),
+        epilog=(
+            "Configuration: -c FILE, else ./configuration.toml when it exists, else the "
+            "defaults. A FILE that does not exist is also looked for with a .toml extension."
+        ),
+    )
+    version = f"kairoi-trio {__version__}"
+    parser.add_argument("-V", "--version", action="version", version=version)
+    config_help = "TOML configuration file (default: ./configuration.toml if it exists)"
+    parser.add_argument("-c", "--config", type=Path, metavar="FILE", help=config_help)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # SUPPRESS: a -c given before the command is not reset by the subcommand's default.
+    for name, help_text in (
+        ("serve", "run the server (the default command)"),
+        ("check-config", "validate the configuration and exit"),
+    ):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument(
+            "-c", "--config", type=Path, metavar="FILE", default=argparse.SUPPRESS, help=config_help
+        )
+    _add_import_command(commands)
+    _add_client_commands(commands)
+    return parser
 
 
 def run_server(config: Config) -> int:
@@ -96,6 +122,10 @@ async def _watch_signals(
             scope.cancel()
             return
         stop.set()
+
+
+def _add_import_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    pass
 
 
 def _add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -25,9 +25,13 @@ class ConfigError(Exception):
     """A configuration problem, with a message fit for one line on stderr."""
 
 
+# Kairoi's levels (its `LogLevel`, lowercase), plus the names Python users write.
+LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "critical", "off")
+
+
 @dataclass(frozen=True)
 class LogConfig:
-    level: str = "info"  # debug, info, warning, error
+    level: str = "info"  # one of LOG_LEVELS, as Kairoi: trace, debug, info, warn, error, off
     format: str = "console"  # console or json
 
 
@@ -47,7 +51,9 @@ class ControllerConfig:
 @dataclass(frozen=True)
 class DatabaseConfig:
     fsync_on_persist: bool = True
-    framerate: int = 0  # Kairoi's trigger tick; accepted, timing does not depend on it
+    # Kairoi's database cycles per second (1-65535). Validated as Kairoi does so that
+    # a file Kairoi refuses is refused here too; timing does not depend on it.
+    framerate: int = 512
 
 
 @dataclass(frozen=True)
@@ -166,19 +172,51 @@ class Config:
         return Path(self.storage.directory)
 
 
-def load_config(path: Path | None) -> Config:
-    """Read and validate a config file; None gives the defaults."""
+DEFAULT_CONFIG_PATH = Path("configuration.toml")
+
+
+def find_config(path: Path | None) -> Path | None:
+    """The file `-c PATH` names, found the way Kairoi's loader (config-rs 0.11) finds it.
+
+    - PATH given: PATH itself when it is a file, else PATH with its extension
+      replaced by `.toml` (config-rs's `set_extension`): `-c production` reads
+      `production.toml`. Neither exists: ConfigError (Kairoi silently ran on
+      defaults; a typo in `-c` should not start a server with other settings).
+    - No PATH: `./configuration.toml` when it exists, else None (defaults), as
+      Kairoi, whose file is optional.
+    """
     if path is None:
+        return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise ConfigError(f"cannot read {path}: it is a directory")
+    with_toml = path.with_suffix(".toml") if path.name not in ("", ".", "..") else path
+    if with_toml != path and with_toml.is_file():
+        return with_toml
+    tried = f" (nor {with_toml})" if with_toml != path else ""
+    raise ConfigError(f"cannot read {path}: no such file{tried}")
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and validate the configuration `-c PATH` names (see find_config).
+
+    No PATH and no ./configuration.toml gives the defaults. Raises ConfigError
+    with a one-line reason for a missing or unreadable file, invalid TOML, an
+    unknown key or a bad value.
+    """
+    found = find_config(path)
+    if found is None:
         return Config()
     try:
-        with open(path, "rb") as f:
+        with open(found, "rb") as f:
             raw = tomllib.load(f)
     except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+        raise ConfigError(f"cannot read {found}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        raise ConfigError(f"{found}: invalid TOML: {e}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
+        raise ConfigError(f"{found}: not UTF-8 text") from None
     return parse_config(raw)
 
 
@@ -230,9 +268,13 @@ def _describe(hint: Any) -> str:
 
 
 def _check(config: Config) -> None:
-    if config.log.level.lower() not in ("debug", "info", "warning", "error", "critical"):
+    if config.log.level.lower() not in LOG_LEVELS:
         raise ConfigError(
-            f"log.level must be debug, info, warning or error, not {config.log.level!r}"
+            f"log.level must be trace, debug, info, warn, error or off, not {config.log.level!r}"
+        )
+    if not 1 <= config.database.framerate <= 65535:
+        raise ConfigError(
+            f"database.framerate must be from 1 to 65535, not {config.database.framerate}"
         )
     if config.log.format not in ("console", "json"):
         raise ConfigError(f"log.format must be console or json, not {config.log.format!r}")

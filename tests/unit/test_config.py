@@ -15,7 +15,10 @@ def load_text(tmp_path: Path, text: str) -> Config:
     return load_config(path)
 
 
-def test_no_file_and_an_empty_file_give_the_documented_defaults(tmp_path: Path) -> None:
+def test_no_file_and_an_empty_file_give_the_documented_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no ./configuration.toml
     for config in (load_config(None), load_text(tmp_path, "")):
         assert config == Config()
         assert config.controller.listen == "127.0.0.1:5678"
@@ -25,6 +28,7 @@ def test_no_file_and_an_empty_file_give_the_documented_defaults(tmp_path: Path) 
         assert config.data_directory == Path("kairoi-data")
         assert config.log.level == "info"
         assert config.database.fsync_on_persist is True
+        assert config.database.framerate == 512  # Kairoi's default
         assert config.jobs.max_payload_bytes == 1 << 20
         assert config.auth.tokens == []
         assert config.runners.shell.allowed_commands == []

@@ -7,9 +7,34 @@ import sys
 
 import structlog
 
+# Kairoi's level names (Rust's `log` crate) on Python's numeric levels. `trace`
+# also lets libraries' debug lines through; `off` is above every level.
+TRACE = logging.NOTSET  # everything
+OFF = logging.CRITICAL + 10
+_LEVELS = {
+    "trace": TRACE,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "off": OFF,
+}
+
+
+def level_number(level: str) -> int:
+    """`[log] level` (any case) -> Python's numeric level; KeyError if unknown."""
+    return _LEVELS[level.lower()]
+
 
 def configure_logging(level: str = "info", fmt: str = "console") -> None:
-    numeric = logging.getLevelNamesMapping()[level.upper()]
+    """Send structlog and the standard library's logging to stderr at `level`.
+
+    level: trace, debug, info, warn (warning), error, critical or off.
+    fmt: "console" (human-readable lines) or "json" (one object per line).
+    """
+    numeric = level_number(level)
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
@@ -23,13 +48,19 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # structlog filters at the standard levels only: `off` keeps the cheapest
+        # filter and writes what passes it nowhere.
+        wrapper_class=structlog.make_filtering_bound_logger(min(numeric, logging.CRITICAL)),
+        logger_factory=(
+            structlog.ReturnLoggerFactory()
+            if numeric == OFF
+            else structlog.PrintLoggerFactory(sys.stderr)
+        ),
         cache_logger_on_first_use=True,
     )
     # Libraries (trio's accept loop, grpc) log through the standard library.
     logging.basicConfig(
-        level=max(numeric, logging.INFO),
+        level=numeric if numeric in (TRACE, OFF) else max(numeric, logging.INFO),
         stream=sys.stderr,
         format="%(levelname)s %(name)s: %(message)s",
     )
