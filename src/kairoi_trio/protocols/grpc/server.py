@@ -32,10 +32,11 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 import structlog
 import trio
+from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from kairoi.v1 import scheduler_pb2 as pb
 from kairoi.v1 import scheduler_pb2_grpc as pb_grpc
@@ -193,13 +194,9 @@ class _ServerThread(threading.Thread):
         pb_grpc.add_SchedulerServicer_to_server(scheduler, server)
         health = _Health()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        reflection.enable_server_reflection(
-            [
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
+        _enable_reflection(
             server,
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
         )
         if settings.credentials is not None:
             port = server.add_secure_port(settings.listen, settings.credentials)
@@ -628,6 +625,65 @@ class _Watch:
     def end(self) -> None:
         with self._lock:
             self._ended = True
+
+
+# -- reflection -------------------------------------------------------------------------
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _enable_reflection(server: grpc.aio.Server, services: Sequence[str]) -> None:
+    """Serve server reflection as grpc.reflection.v1 and v1alpha, both listing every service.
+
+    grpcio-reflection only implements v1alpha, but current tools (grpcurl,
+    Postman, grpc-java's and grpc-go's clients) ask for v1 first. The two
+    protocols are the same messages with the same field numbers under another
+    package, so one servicer answers both: v1 requests are decoded with the
+    v1alpha classes (identical on the wire) under v1's method name.
+    """
+    _add_reflection_v1_descriptor()
+    names = [*services, reflection.SERVICE_NAME, REFLECTION_V1]
+    servicer = reflection.aio.ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    handlers = {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        )
+    }
+    v1 = grpc.method_handlers_generic_handler(REFLECTION_V1, handlers)
+    server.add_generic_rpc_handlers((v1,))
+
+
+def _add_reflection_v1_descriptor() -> None:
+    """Put grpc/reflection/v1/reflection.proto in the default pool, derived from v1alpha's.
+
+    With it, a client can describe the v1 service by reflection as it can any
+    other. Adding the same file again (a second server in the process) is a no-op.
+    """
+    old, new = reflection_pb2.DESCRIPTOR.package, REFLECTION_V1.rsplit(".", 1)[0]
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    proto.name = "grpc/reflection/v1/reflection.proto"
+    proto.package = new
+    proto.ClearField("options")  # v1alpha's: deprecated, and its Java/Go package names
+
+    def rename(type_name: str) -> str:
+        return type_name.replace(f".{old}.", f".{new}.", 1)
+
+    messages = list(proto.message_type)
+    while messages:
+        message = messages.pop()
+        messages.extend(message.nested_type)
+        for field in message.field:
+            if field.HasField("type_name"):  # message and enum fields only
+                field.type_name = rename(field.type_name)
+    for service in proto.service:
+        for method in service.method:
+            method.input_type = rename(method.input_type)
+            method.output_type = rename(method.output_type)
+    descriptor_pool.Default().AddSerializedFile(proto.SerializeToString())
 
 
 # -- authentication ---------------------------------------------------------------------
