@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"configuration is valid ({found or 'no file: the defaults'})")
             return 0
         return run_server(config)
+    if command == "import-kairoi":
+        from kairoi_trio.migration.kairoi_import import run_import_command
+
+        return run_import_command(args)
     return _run_client_command(args)
 
 
@@ -125,7 +129,9 @@ async def _watch_signals(
 
 
 def _add_import_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    pass
+    from kairoi_trio.migration.kairoi_import import add_import_command
+
+    add_import_command(commands)
 
 
 def _add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
