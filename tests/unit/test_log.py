@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from kairoi_trio.model import Job, Rule, ShellRunner, Status
+from kairoi_trio.model import (
+    AmqpRunner,
+    HttpRunner,
+    Job,
+    Rule,
+    RulePolicy,
+    ShellRunner,
+    Status,
+)
 from kairoi_trio.storage.compaction import segment_path
 from kairoi_trio.storage.log import (
     CorruptLogError,
@@ -383,3 +392,70 @@ async def test_append_before_load_or_after_close_is_a_programming_error(tmp_path
     await log.aclose()  # idempotent
     with pytest.raises(RuntimeError):
         await log.append([JobPut(job("a"))])
+
+
+# -- format version 1, as the first release wrote it ------------------------------------
+
+FIXTURE_V1 = Path(__file__).parent.parent / "fixtures" / "data-v1"
+T0 = 1_800_000_000_000_000
+# What tests/fixtures/make_data_v1.py left in data-v1 (snapshot 1, segments 2 and 3).
+EXPECTED_V1_JOBS = {
+    "app.amqp.payload": Job(
+        "app.amqp.payload",
+        T0 + 2_000_000,
+        Status.EXECUTED,
+        b"\x00\x01binary\xff payload",
+        2,
+        "published",
+        T0 + 2_200_000,
+    ),
+    "app.http.failed": Job(
+        "app.http.failed",
+        T0 + 7_000_000,
+        Status.FAILED,
+        b'{"n": 7}',
+        1,
+        "HTTP 500 — échec",
+        T0 + 7_200_000,
+    ),
+    "app.shell.executed": Job(
+        "app.shell.executed", T0 + 6_000_000, Status.EXECUTED, b"", 1, "exit 0", T0 + 6_500_000
+    ),
+    "app.shell.last": Job("app.shell.last", T0 + 9_000_000),
+    "app.shell.planned": Job("app.shell.planned", T0 + 1_000_000),
+    "app.shell.replaced": Job("app.shell.replaced", T0 + 5_000_000, payload=b"second version"),
+    "app.shell.été-✓": Job("app.shell.été-✓", T0 + 8_000_000, payload="données ✓".encode()),
+}
+EXPECTED_V1_RULES = {
+    "rule.amqp": Rule(
+        "rule.amqp",
+        "app.amqp.",
+        AmqpRunner("amqp://guest:guest@127.0.0.1:5672/%2f", "jobs", "due"),
+        RulePolicy(timeout_s=2.5, max_attempts=4, backoff_initial_s=0.5, backoff_max_s=60.0),
+    ),
+    "rule.http": Rule(
+        "rule.http",
+        "app.http.",
+        HttpRunner("http://127.0.0.1:8080/run"),
+        RulePolicy(stale_after_s=3600.0),
+    ),
+    "rule.shell": Rule("rule.shell", "app.shell.", ShellRunner("/usr/local/bin/run-job")),
+}
+
+
+def v1_copy(tmp_path: Path) -> Path:
+    directory = tmp_path / "data-v1"
+    shutil.copytree(FIXTURE_V1, directory)
+    return directory
+
+
+def test_v1_data_directory_loads_to_exactly_its_state(tmp_path: Path) -> None:
+    directory = v1_copy(tmp_path)
+    state = load(directory)
+    assert state.jobs == EXPECTED_V1_JOBS
+    assert state.rules == EXPECTED_V1_RULES
+    assert state.snapshot_seq == 1 and state.segments == 2
+    assert state.warnings == [] and state.repaired_tail_bytes == 0
+    # Loading changed no file of the release that wrote them.
+    for name in ("snapshot-0000000001.snap", "segment-0000000002.log"):
+        assert (directory / name).read_bytes() == (FIXTURE_V1 / name).read_bytes()
