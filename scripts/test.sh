@@ -1,16 +1,31 @@
 #!/usr/bin/env bash
-# Set up everything the tests need (virtualenv, packages, a loopback RabbitMQ
-# from Debian's packages), run the whole suite, and stop the broker again.
+# Set up everything the tests need (virtualenv, packages, RabbitMQ from
+# Debian's packages), start a private RabbitMQ node for this run, run pytest,
+# and stop that node whatever happened.
 #   scripts/test.sh [pytest arguments]
+#
+# The node (scripts/rabbitmq.sh) has its own name, free ports, epmd, cookie and
+# a temporary directory; the tests learn it from the KAIROI_TEST_RABBITMQ_*
+# variables exported here. A broker already running on this machine (say
+# rabbit@localhost on 127.0.0.1:5672) is never stopped, frozen or reconfigured.
+# See docs/testing.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/private-node.sh
+. scripts/private-node.sh
+PRIVATE_LOG_NAME=test.sh
+
 scripts/setup.sh test
-started_broker=0
-if ! scripts/rabbitmq.sh status >/dev/null 2>&1; then
-    scripts/rabbitmq.sh start
-    started_broker=1
-fi
-stop_broker() { if [ "$started_broker" = 1 ]; then scripts/rabbitmq.sh stop || true; fi; }
-trap stop_broker EXIT
-export KAIROI_TEST_RABBITMQ=1
-.venv/bin/python -m pytest "$@"
+
+rabbitmq_dir="$(private_tmp_dir rabbitmq)"
+stop_nodes() { scripts/rabbitmq.sh stop "$rabbitmq_dir" || true; }
+# The trap is set before anything starts; signals exit through it too.
+trap stop_nodes EXIT
+trap 'exit 129' HUP
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+scripts/rabbitmq.sh start "$rabbitmq_dir" --owner $$
+eval "$(scripts/rabbitmq.sh env "$rabbitmq_dir")"
+
+.venv/bin/python -m pytest "$@" # its exit status is the script's; the trap still runs

@@ -1,20 +1,35 @@
-"""The real RabbitMQ for the AMQP tests: start it, poke it, read what arrived.
+"""The real RabbitMQ for the AMQP tests: a private node, poke it, read what arrived.
 
-`ensure_broker()` starts the loopback broker with scripts/rabbitmq.sh (which
-installs it from Debian's packages when missing). `Admin` is a deliberately
-dumb blocking client written with pamqp, independent of the client under
-test, that declares and deletes exchanges and queues and fetches messages with
-basic.get. Tests call its methods through `trio.to_thread.run_sync` (or
-directly in setup, where blocking for a few milliseconds is harmless).
+The tests run against a RabbitMQ node of their own (scripts/rabbitmq.sh): its
+own name, port, epmd, cookie and data directory. They never touch another
+broker, in particular not a developer's on 127.0.0.1:5672: every helper here
+(`rabbitmqctl`, `stop_app`, `start_app`, `beam_pid`) addresses that node only.
+
+- Under scripts/test.sh, the node is already running and the script exported
+  its settings (KAIROI_TEST_RABBITMQ_DIR, _NODE, _PORT, _PID_FILE, ...); the
+  script stops it at the end.
+- Under plain pytest (no KAIROI_TEST_RABBITMQ_DIR), `ensure_broker()` starts a
+  node in a fresh temporary directory on the port chosen when this module was
+  imported, and `stop_started_node()` (at session end, and at exit) stops it
+  and removes the directory.
+
+`Admin` is a deliberately dumb blocking client written with pamqp, independent
+of the client under test, that declares and deletes exchanges and queues and
+fetches messages with basic.get. Tests call its methods through
+`trio.to_thread.run_sync` (or directly in setup, where blocking for a few
+milliseconds is harmless). See docs/testing.md.
 """
 
 from __future__ import annotations
 
-import functools
+import atexit
+import errno
 import os
+import random
 import signal
 import socket
 import subprocess
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,30 +39,141 @@ from pamqp import commands, frame, header
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "rabbitmq.sh"
-NODE = "rabbit@localhost"
-PID_FILE = Path("/var/lib/rabbitmq/kairoi-test.pid")
-HOST, PORT = "127.0.0.1", 5672
-URL = f"amqp://guest:guest@{HOST}:{PORT}/"
+DEFAULT_PORT = 5672  # a developer's broker, never ours
+HOST = "127.0.0.1"
 
 
-@functools.cache
+def free_port() -> int:
+    """A port free on loopback, drawn like scripts/private-node.sh does (20000-32767,
+    below Linux's ephemeral range)."""
+    for port in random.sample(range(20000, 32768), 12768):
+        if _bindable(port):
+            return port
+    raise RuntimeError("no free port on 127.0.0.1")
+
+
+def _bindable(port: int) -> bool:
+    for family, host in ((socket.AF_INET, HOST), (socket.AF_INET6, "::1")):
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            continue
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            if family == socket.AF_INET6 and error.errno == errno.EADDRNOTAVAIL:
+                continue
+            return False
+        finally:
+            sock.close()
+    return True
+
+
+_env = os.environ
+#: Started by someone else (scripts/test.sh, or by hand): we use it, never stop it.
+EXTERNAL = "KAIROI_TEST_RABBITMQ_DIR" in _env
+if EXTERNAL:
+    PORT = int(_env["KAIROI_TEST_RABBITMQ_PORT"])
+    NODE = _env["KAIROI_TEST_RABBITMQ_NODE"]
+    _directory: Path | None = Path(_env["KAIROI_TEST_RABBITMQ_DIR"])
+else:
+    PORT = free_port()
+    NODE = f"kairoi-test-{PORT}@localhost"
+    _directory = None  # made by ensure_broker()
+
+
+def url(*, password: str | None = "guest", host: str = HOST, vhost: str = "") -> str:
+    """The private node's AMQP URL (user guest). password=None gives the redacted
+    form the server logs; host="localhost" another spelling of the same broker."""
+    auth = "guest" if password is None else f"guest:{password}"
+    return f"amqp://{auth}@{host}:{PORT}/{vhost}"
+
+
+URL = url()
+
+
+def directory() -> Path:
+    """The node's directory (data in mnesia/, logs in log/, node.env, beam.pid)."""
+    if _directory is None:
+        raise RuntimeError("the test broker is not started: call ensure_broker() first")
+    return _directory
+
+
+def pid_file() -> Path:
+    configured = _env.get("KAIROI_TEST_RABBITMQ_PID_FILE") if EXTERNAL else None
+    return Path(configured) if configured else directory() / "beam.pid"
+
+
+_started: BaseException | bool = False
+
+
 def ensure_broker() -> None:
-    """Start the broker once per test session (a no-op when it already runs).
+    """Start the private node once per session (under scripts/test.sh: check it runs).
 
-    Also undoes what an interrupted earlier run may have left: a SIGSTOPped
-    broker, or the tiny memory watermark that blocks every publisher.
+    Also undoes what an interrupted test may have left on that node: a
+    SIGSTOPped beam, a stopped app, the tiny memory watermark that blocks every
+    publisher. A failed start fails every later call at once.
     """
+    global _started, _directory
+    if isinstance(_started, BaseException):
+        raise RuntimeError(f"the test broker did not start: {_started}") from _started
+    if _started:
+        return
+    try:
+        if PORT == DEFAULT_PORT or NODE.startswith("rabbit@"):
+            raise RuntimeError(
+                f"refusing to run the tests against {NODE} on port {PORT}: "
+                "that is where a developer's own broker lives (see docs/testing.md)"
+            )
+        if EXTERNAL:
+            _reset_external_node()
+        else:
+            _directory = Path(tempfile.mkdtemp(prefix="kairoi-rabbitmq."))
+            atexit.register(stop_started_node)
+            command = ["start", str(_directory), "--port", str(PORT), "--owner", str(os.getpid())]
+            _script(*command, timeout=600)
+    except BaseException as error:
+        _started = error
+        raise
+    _started = True
+
+
+def _reset_external_node() -> None:
+    """A node kept across runs (started by hand) may still be as an interrupted
+    test left it: frozen, its app stopped, its memory watermark tiny."""
     try:
         os.kill(beam_pid(), signal.SIGCONT)
-    except (OSError, ValueError):
-        pass
-    subprocess.run([str(SCRIPT), "start"], check=True, timeout=600)
+    except (OSError, ValueError) as error:
+        raise RuntimeError(
+            f"no test broker runs in KAIROI_TEST_RABBITMQ_DIR={directory()} ({error}); "
+            f"start one with: {SCRIPT} start DIR"
+        ) from error
+    status = subprocess.run([SCRIPT, "status", str(directory())], capture_output=True, timeout=60)
+    if status.returncode:
+        start_app()
     rabbitmqctl("set_vm_memory_high_watermark", "0.4")
 
 
-def rabbitmqctl(*args: str, timeout: float = 60) -> str:
+def stop_started_node() -> None:
+    """Stop the node ensure_broker() started (not one scripts/test.sh started) and
+    remove its directory. Safe to call more than once."""
+    if EXTERNAL or _directory is None or not _directory.exists():
+        return
+    _script("stop", str(_directory), timeout=180)
+
+
+def _script(*args: str, timeout: float) -> str:
     result = subprocess.run(
-        ["rabbitmqctl", "-n", NODE, *args],
+        [SCRIPT, *args], check=True, stdout=subprocess.PIPE, text=True, timeout=timeout
+    )
+    return result.stdout
+
+
+def rabbitmqctl(*args: str, timeout: float = 60) -> str:
+    """rabbitmqctl on the private node (through scripts/rabbitmq.sh ctl: its own
+    epmd and cookie, so no other node can be reached)."""
+    result = subprocess.run(
+        [SCRIPT, "ctl", str(directory()), *args],
         check=True,
         capture_output=True,
         text=True,
@@ -67,8 +193,68 @@ def start_app() -> None:
 
 
 def beam_pid() -> int:
-    """The broker's OS process, for SIGSTOP / SIGCONT."""
-    return int(PID_FILE.read_text().strip())
+    """The private node's OS process, for SIGSTOP / SIGCONT. Checked against its
+    command line (`-home <its directory>`), so a stale or reused pid is refused."""
+    pid = int(pid_file().read_text().strip())
+    if f" -home {directory()} " not in process_cmdline(pid):
+        raise ValueError(f"pid {pid} is not the test broker of {directory()}")
+    return pid
+
+
+def process_cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return " " + raw.replace(b"\0", b" ").decode(errors="replace")
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A process listening on a loopback TCP port (pid None: not ours to see)."""
+
+    pid: int | None
+    frozen: bool
+
+
+def listener(port: int) -> Listener | None:
+    """Who listens on `port` (any address), from /proc; None when nobody does.
+    Reads only: never connects."""
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    if not inodes:
+        return None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = list((entry / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                pid = int(entry.name)
+                return Listener(pid, _process_state(pid) == "T")
+    return Listener(None, False)
+
+
+def _process_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "?"
 
 
 def unique(prefix: str) -> str:
@@ -89,7 +275,8 @@ class Admin:
         self._sock = socket.create_connection((host, port), timeout=10)
         self._buf = b""
         self._send(frame.marshal(header.ProtocolHeader(), 0))
-        self._expect(commands.Connection.Start)
+        start = self._expect(commands.Connection.Start)
+        self.server_properties: dict = dict(start.server_properties)  # type: ignore[attr-defined]
         self._send_method(
             commands.Connection.StartOk(
                 client_properties={"product": "kairoi-test-admin"},

@@ -9,9 +9,29 @@ import pytest
 from amqp_broker import Admin, Route
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _leave_the_default_broker_alone() -> Iterator[None]:
+    """Whatever broker listens on the default port 5672 (a developer's own) is
+    still listening and not frozen after the run: the tests use a private node
+    (tests/amqp_broker.py) and must never stop, freeze or reconfigure another.
+    Read from /proc only: the default broker is never even connected to."""
+    before = broker.listener(broker.DEFAULT_PORT)
+    yield
+    try:
+        if before is None:
+            return
+        after = broker.listener(broker.DEFAULT_PORT)
+        assert after is not None, "the broker on 127.0.0.1:5672 stopped listening during the tests"
+        assert before.frozen or not after.frozen, (
+            f"the broker on 127.0.0.1:5672 (pid {after.pid}) was left frozen (SIGSTOP)"
+        )
+    finally:
+        broker.stop_started_node()
+
+
 @pytest.fixture
 def admin() -> Iterator[Admin]:
-    """A management connection to the real local RabbitMQ (started if it is not running)."""
+    """A management connection to the suite's private RabbitMQ node (started if needed)."""
     broker.ensure_broker()
     admin = Admin()
     yield admin

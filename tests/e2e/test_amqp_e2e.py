@@ -202,7 +202,7 @@ def test_missing_exchange_fails_the_job_with_its_name(amqp_server, make_route) -
             "gone.2": "failed",
             "ok.1": "executed",  # the same connection goes on serving other rules
         }
-    expected = f"exchange '{missing.exchange}' does not exist on amqp://guest@127.0.0.1:5672/"
+    expected = f"exchange '{missing.exchange}' does not exist on {broker.url(password=None)}"
     by_job = runs(server)
     assert [e["outcome"] for e in by_job["gone.1"]] == [expected]
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
@@ -279,7 +279,7 @@ def test_broker_stopped_mid_burst_fails_or_retries_every_job_then_recovers(
         if status == "failed":
             reason = event["outcome"]
             assert "\n" not in reason and "guest:guest" not in reason
-            assert "127.0.0.1:5672" in reason, reason
+            assert f"127.0.0.1:{broker.PORT}" in reason, reason
     reasons = {e["outcome"] for evs in by_job.values() for e in evs if not e["ok"]}
     assert any("CONNECTION_FORCED" in r or "Connection refused" in r for r in reasons), reasons
 
@@ -350,7 +350,7 @@ def test_wrong_credentials_and_unknown_vhost_give_clear_reasons(amqp_server, mak
     server = amqp_server()
     route = make_route("e2e-auth")
     vhost = broker.unique("vhost")
-    bad_password = "amqp://guest:s3cret-wrong@127.0.0.1:5672/"
+    bad_password = broker.url(password="s3cret-wrong")
     with KcpClient(server.kcp_port) as kcp:
         amqp_rule(kcp, "pw", "pw.", route, dsn=bad_password)
         amqp_rule(kcp, "vh", "vh.", route, dsn=f"{broker.URL}{vhost}")
@@ -358,10 +358,10 @@ def test_wrong_credentials_and_unknown_vhost_give_clear_reasons(amqp_server, mak
         assert wait_final(kcp, ["pw.1", "vh.1"], 15) == {"pw.1": "failed", "vh.1": "failed"}
     by_job = runs(server)
     refused = by_job["pw.1"][0]["outcome"]
-    assert refused.startswith("cannot connect to amqp://guest@127.0.0.1:5672/: 403 ACCESS_REFUSED")
+    assert refused.startswith(f"cannot connect to {broker.url(password=None)}: 403 ACCESS_REFUSED")
     unknown = by_job["vh.1"][0]["outcome"]
     assert unknown == (
-        f"cannot connect to amqp://guest@127.0.0.1:5672/{vhost}: "
+        f"cannot connect to {broker.url(password=None, vhost=vhost)}: "
         f"530 NOT_ALLOWED - vhost {vhost} not found"
     )
     text = server.log_text()
@@ -375,9 +375,9 @@ def test_more_dsns_than_max_connections_evicts_the_least_recently_used(
     server = amqp_server("[runners.amqp]\nmax_connections = 2\n")
     pid = server.process.pid
     route = make_route("e2e-lru")
-    a = "amqp://guest:guest@127.0.0.1:5672/"
-    b = "amqp://guest:guest@localhost:5672/"
-    c = "amqp://guest:guest@127.0.0.1:5672/%2F"  # the same vhost, another DSN string
+    a = broker.URL
+    b = broker.url(host="localhost")
+    c = broker.url(vhost="%2F")  # the same vhost, another DSN string
     with KcpClient(server.kcp_port) as kcp:
         for name, dsn in (("a", a), ("b", b), ("c", c)):
             amqp_rule(kcp, name, f"{name}.", route, dsn=dsn)
@@ -393,7 +393,7 @@ def test_more_dsns_than_max_connections_evicts_the_least_recently_used(
         assert not server.events("amqp.connection_evicted")
         run("c.1")
         evicted = wait_for(lambda: server.events("amqp.connection_evicted"))
-        assert [e["amqp"] for e in evicted] == ["amqp://guest@localhost:5672/"]
+        assert [e["amqp"] for e in evicted] == [broker.url(password=None, host="localhost")]
         wait_for(lambda: len(broker.broker_connections_of(pid)) == 2, timeout=10)
         run("b.2")  # b comes back and evicts a (c was used after it)
         evicted = wait_for(
@@ -402,7 +402,7 @@ def test_more_dsns_than_max_connections_evicts_the_least_recently_used(
                 and server.events("amqp.connection_evicted")
             )
         )
-        assert evicted[1]["amqp"] == "amqp://guest@127.0.0.1:5672/"
+        assert evicted[1]["amqp"] == broker.url(password=None)
         wait_for(lambda: len(broker.broker_connections_of(pid)) == 2, timeout=10)
         time.sleep(0.3)
         assert len(broker.broker_connections_of(pid)) == 2

@@ -76,7 +76,7 @@ async def test_a_thousand_concurrent_runs_share_one_connection(
         for i in range(1000):
             runs.start_soon(run, i)
     assert len(outcomes) == 1000
-    assert backend.open_connections == ["amqp://guest@127.0.0.1:5672/"]
+    assert backend.open_connections == [broker.url(password=None)]
     messages = await trio.to_thread.run_sync(admin.drain, route.queue)
     assert sorted(m.body for m in messages) == sorted(f"j{i}".encode() for i in range(1000))
 
@@ -129,7 +129,7 @@ async def test_wrong_password_and_unknown_vhost_are_clear(nursery: trio.Nursery)
     backend = await start_backend(nursery)
     target = Route("amq.direct", "", "rk")
     with pytest.raises(RunFailed) as info:
-        await backend.run(job("a"), rule_for(target, dsn="amqp://guest:nope@127.0.0.1:5672/"))
+        await backend.run(job("a"), rule_for(target, dsn=broker.url(password="nope")))
     assert "ACCESS_REFUSED" in info.value.message
     assert_one_line(info.value.message)
     vhost = broker.unique("vhost")
@@ -248,9 +248,9 @@ async def test_least_recently_used_connection_is_evicted(
     nursery: trio.Nursery, route: Route
 ) -> None:
     backend = await start_backend(nursery, max_connections=2)
-    a = "amqp://guest:guest@127.0.0.1:5672/"
-    b = "amqp://guest:guest@localhost:5672/"
-    c = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    a = broker.URL
+    b = broker.url(host="localhost")
+    c = broker.url(vhost="%2F")
     for dsn in (a, b, a):  # a becomes the most recently used
         await backend.run(job(dsn), rule_for(route, dsn=dsn))
     conn_b = backend._slots[b].conn
@@ -259,10 +259,7 @@ async def test_least_recently_used_connection_is_evicted(
     with trio.fail_after(5):
         await conn_b.wait_closed()
     assert conn_b.close_reason == "connection closed by client"
-    assert backend.open_connections == [
-        "amqp://guest@127.0.0.1:5672/",
-        "amqp://guest@127.0.0.1:5672/",
-    ]
+    assert backend.open_connections == [broker.url(password=None), broker.url(password=None)]
     assert list(backend._slots) == [a, c]
     await backend.run(job("b again"), rule_for(route, dsn=b))
     assert list(backend._slots) == [c, b]
@@ -273,7 +270,7 @@ async def test_busy_connections_are_not_evicted_under_them(
 ) -> None:
     """More DSNs in concurrent use than max_connections: no run fails, the limit holds after."""
     backend = await start_backend(nursery, max_connections=1)
-    dsns = [broker.URL, "amqp://guest:guest@localhost:5672/", f"{broker.URL}%2F"]
+    dsns = [broker.URL, broker.url(host="localhost"), broker.url(vhost="%2F")]
 
     async def run(i: int) -> None:
         await backend.run(job(f"t{i}"), rule_for(route, dsn=dsns[i % 3]))
