@@ -204,3 +204,58 @@ async def test_a_background_child_holding_the_output_does_not_hold_the_run(
         child = int(await wait_for_file(pids))
         if not gone(child):
             os.kill(child, signal.SIGKILL)
+
+
+# Ids every protocol accepts; the script must get each one byte for byte.
+HOSTILE_IDS = [
+    "h.é",
+    "h.with  two spaces ",
+    "h.\"double\" 'single' `back` $(echo no) ${HOME} \\",
+    "h.cr\rlf\nend\n",
+    "h.ctl\x01\x07\x1b[31m\x7f",
+    "-h.leading-dash",
+    "--",
+    "-c",
+    "h.*?[glob]",
+    "h." + "x" * 65_533,  # 65,535 bytes, the longest id
+    "h." + "é" * 32_766,  # 65,534 bytes of two-byte characters
+]
+
+
+@pytest.mark.parametrize("job_id", HOSTILE_IDS, ids=range(len(HOSTILE_IDS)))
+async def test_every_id_reaches_the_script_exactly(tmp_path: Path, job_id: str) -> None:
+    rule = script(
+        tmp_path,
+        f"printf '%s' \"$1\" > {tmp_path}/arg\n"
+        f"printf '%s' \"$KAIROI_JOB_ID\" > {tmp_path}/env\n"
+        f"printf '%s' \"$#\" > {tmp_path}/count\n",
+    )
+    assert await ShellRunnerBackend().run(Job(job_id, 0), rule) == "exit status 0"
+    assert (tmp_path / "arg").read_bytes() == job_id.encode()  # noqa: ASYNC240
+    assert (tmp_path / "env").read_bytes() == job_id.encode()  # noqa: ASYNC240
+    assert (tmp_path / "count").read_text() == "1"  # noqa: ASYNC240
+
+
+async def test_a_nul_in_the_id_fails_the_run_with_a_reason(tmp_path: Path) -> None:
+    rule = script(tmp_path, f"touch {tmp_path}/ran\n")
+    with pytest.raises(RunFailed) as failure:
+        await ShellRunnerBackend().run(Job("h.nul\x00inside", 0), rule)
+    assert failure.value.message == (
+        "the job id contains a NUL character, which no process can receive"
+    )
+    assert not (tmp_path / "ran").exists()  # noqa: ASYNC240
+
+
+async def test_a_command_starting_with_a_dash_is_a_script_not_options(tmp_path: Path) -> None:
+    (tmp_path / "-job.sh").write_text(f"printf '%s' \"$1\" > {tmp_path}/arg\n")
+    rule = Rule("r", "", ShellRunner("-job.sh"))
+    runner = ShellRunnerBackend(cwd=str(tmp_path))
+    assert await runner.run(Job("app.1", 0), rule) == "exit status 0"
+    assert (tmp_path / "arg").read_text() == "app.1"  # noqa: ASYNC240
+
+
+async def test_a_binary_payload_reaches_the_script_exactly(tmp_path: Path) -> None:
+    payload = bytes(range(256)) * 4096  # every byte value, 1 MiB
+    rule = script(tmp_path, f'cat "$KAIROI_PAYLOAD_FILE" > {tmp_path}/payload\n')
+    await ShellRunnerBackend().run(Job("j", 0, payload=payload), rule)
+    assert (tmp_path / "payload").read_bytes() == payload  # noqa: ASYNC240

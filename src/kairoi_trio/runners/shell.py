@@ -1,4 +1,13 @@
-"""The shell runner: `sh <command> <job_id>`, as Kairoi ran it.
+"""The shell runner: `sh -- <command> <job_id>`, as Kairoi ran it (`--` added).
+
+argv is ["sh", "--", command, job_id]: the id is always the script's $1,
+byte for byte, whatever it holds (spaces, quotes, newlines, a leading "-"),
+and `--` keeps a command that starts with "-" or "+" from being read as sh
+options. The environment adds KAIROI_JOB_ID (the id again) and, when the job
+has a payload, KAIROI_PAYLOAD_FILE (a temporary file with its exact bytes,
+removed afterwards). Linux takes an argument or variable of up to 128 KiB, so
+the longest id (65,535 bytes) fits in both. The only id no process can get is
+one with a NUL character: that run fails with a reason instead.
 
 Exit status 0 means executed; anything else, or a failure to start, means
 failed. The process gets its own session so that a timeout or a shutdown kills
@@ -32,13 +41,17 @@ class ShellRunnerBackend(Runner):
 
     async def run(self, job: Job, rule: Rule) -> str:
         assert isinstance(rule.runner, ShellRunner)
+        if "\0" in job.id or "\0" in rule.runner.command:
+            # execve takes C strings: a NUL would cut the id short, so refuse it.
+            what = "job id" if "\0" in job.id else "rule's command"
+            raise RunFailed(f"the {what} contains a NUL character, which no process can receive")
         env = dict(os.environ, KAIROI_JOB_ID=job.id)
         payload_file = None
         if job.payload:
             payload_file = await trio.to_thread.run_sync(_write_temp, job.payload)
             env["KAIROI_PAYLOAD_FILE"] = payload_file
         try:
-            status, output = await self._execute(["sh", rule.runner.command, job.id], env)
+            status, output = await self._execute(["sh", "--", rule.runner.command, job.id], env)
         finally:
             if payload_file is not None:
                 with trio.CancelScope(shield=True):  # also after a timeout or a shutdown
