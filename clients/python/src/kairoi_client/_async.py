@@ -15,9 +15,9 @@ from typing import Any, ParamSpec, TypeVar
 import grpc
 import grpc.aio
 
-from kairoi.v1 import scheduler_pb2 as pb
-from kairoi.v1 import scheduler_pb2_grpc as pb_grpc
 from kairoi_client import _types as t
+from kairoi_client._proto import scheduler_pb2 as pb
+from kairoi_client._proto import scheduler_pb2_grpc as pb_grpc
 from kairoi_client._sync import DEFAULT_TARGET
 from kairoi_client._types import (
     BulkResult,

@@ -17,7 +17,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from kairoi.v1 import scheduler_pb2 as pb
+from kairoi_client._proto import scheduler_pb2 as pb
 
 T = TypeVar("T")
 
@@ -344,7 +344,7 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield batch
 
 
-def status_filter(status: JobStatus | None) -> int:
+def status_filter(status: JobStatus | None) -> pb.JobStatus:
     return pb.JOB_STATUS_UNSPECIFIED if status is None else status.value
 
 
