@@ -15,6 +15,7 @@ from kairoi_trio.runners.amqp_client import (
     AmqpChannelError,
     AmqpConnectionError,
     AmqpOptions,
+    AmqpReturnedError,
     AmqpTimeoutError,
     AmqpUrl,
     message_properties,
@@ -46,6 +47,24 @@ def test_url_defaults_and_vhost_decoding() -> None:
 def test_url_rejects_other_schemes() -> None:
     with pytest.raises(AmqpConnectionError, match="scheme"):
         AmqpUrl.parse("http://localhost/")
+
+
+def test_url_query_parameters() -> None:
+    """RabbitMQ's URI parameters (Kairoi's DSNs may have them) are accepted and
+    ignored; the caller's own are accepted; any other is a clear error."""
+    url = AmqpUrl.parse(
+        "amqp://h/v?heartbeat=5&channel_max=10&mandatory=false", frozenset({"mandatory"})
+    )
+    assert (url.host, url.vhost, url.ignored) == ("h", "v", ("heartbeat", "channel_max"))
+    assert AmqpUrl.parse("amqp://h/").ignored == ()
+    with pytest.raises(AmqpConnectionError, match="unknown query parameter 'mandatory'"):
+        AmqpUrl.parse("amqp://h/?mandatory=false")
+    with pytest.raises(AmqpConnectionError) as info:
+        AmqpUrl.parse("amqp://h/?hearbeat=5", frozenset({"mandatory"}))
+    assert info.value.reason.startswith(
+        "invalid AMQP URL: unknown query parameter 'hearbeat' (known: auth_mechanism, "
+    )
+    assert "mandatory" in info.value.reason
 
 
 # --- publishing -------------------------------------------------------------------
@@ -103,6 +122,49 @@ async def test_missing_exchange_closes_only_the_channel(admin: Admin, route: Rou
         await conn.publish(route.exchange, route.routing_key, b"after")
     [message] = await trio.to_thread.run_sync(admin.drain, route.queue)
     assert message.body == b"after"
+
+
+async def test_a_mandatory_message_no_queue_receives_comes_back(admin: Admin, route: Route) -> None:
+    lost = broker.unique("unbound")
+    async with open_amqp_connection(broker.URL) as conn:
+        with pytest.raises(AmqpReturnedError) as info:
+            await conn.publish(route.exchange, lost, b"returned", mandatory=True)
+        assert info.value.reply_code == 312
+        assert info.value.reply == "312 NO_ROUTE"
+        assert info.value.reason == "unroutable: the broker returned the message (312 NO_ROUTE)"
+        # Without mandatory, the broker drops it and confirms: the caller cannot know.
+        await conn.publish(route.exchange, lost, b"dropped")
+        # Returned or not, the channel and the connection go on.
+        await conn.publish(route.exchange, route.routing_key, b"routed", mandatory=True)
+        assert conn.is_open and conn.in_flight == 0
+    assert [m.body for m in await trio.to_thread.run_sync(admin.drain, route.queue)] == [b"routed"]
+
+
+async def test_returns_are_matched_to_their_own_publish(admin: Admin, route: Route) -> None:
+    """Returns carry no delivery tag: with many routed and unroutable publishes in
+    flight, exactly the unroutable ones fail, large bodies (several frames) too."""
+    lost = broker.unique("unbound")
+    results: dict[int, bool] = {}
+    async with open_amqp_connection(broker.URL) as conn:
+
+        async def publish(i: int) -> None:
+            key = lost if i % 4 == 1 else route.routing_key
+            body = b"%d:" % i + (b"x" * 300_000 if i % 50 == 1 else b"")
+            try:
+                await conn.publish(route.exchange, key, body, mandatory=True)
+                results[i] = True
+            except AmqpReturnedError:
+                results[i] = False
+
+        async with trio.open_nursery() as nursery:
+            for i in range(1000):
+                nursery.start_soon(publish, i)
+        assert conn.in_flight == 0
+    assert {i for i, ok in results.items() if not ok} == set(range(1, 1000, 4))
+    messages = await trio.to_thread.run_sync(admin.drain, route.queue)
+    assert sorted(int(m.body.split(b":")[0]) for m in messages) == [
+        i for i in range(1000) if i % 4 != 1
+    ]
 
 
 # --- failing to connect -------------------------------------------------------------

@@ -42,7 +42,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import structlog
 import trio
@@ -61,6 +61,25 @@ _RECEIVE_SIZE = 256 * 1024
 _MAX_SEND_BATCH = 1024 * 1024
 _CLOSE_GRACE_S = 1.0
 _NOT_FOUND = 404
+
+# Query parameters of RabbitMQ's URI spec (https://www.rabbitmq.com/docs/uri-query-parameters)
+# that Kairoi's client (amiquip) read. They are accepted so that Kairoi's DSNs keep
+# working, and ignored: the server's [runners.amqp] settings apply to every connection.
+IGNORED_URL_PARAMETERS = frozenset(
+    {
+        "heartbeat",
+        "connection_timeout",
+        "channel_max",
+        "frame_max",
+        "auth_mechanism",
+        "cacertfile",
+        "certfile",
+        "keyfile",
+        "verify",
+        "fail_if_no_peer_cert",
+        "server_name_indication",
+    }
+)
 
 
 # --- errors -----------------------------------------------------------------
@@ -87,6 +106,20 @@ class AmqpNackError(AmqpError):
     """The broker refused a published message (basic.nack)."""
 
 
+class AmqpReturnedError(AmqpError):
+    """The broker returned a mandatory message it could not route to any queue (basic.return).
+
+    `reply` is the broker's code and text ("312 NO_ROUTE" on RabbitMQ); the
+    broker still confirms the message, which was delivered nowhere.
+    """
+
+    def __init__(self, reply: str, *, reply_code: int = 0) -> None:
+        super().__init__(
+            f"unroutable: the broker returned the message ({reply})", reply_code=reply_code
+        )
+        self.reply = reply
+
+
 class AmqpTimeoutError(AmqpError):
     """No answer (e.g. no confirm) from the broker in time."""
 
@@ -100,6 +133,11 @@ class AmqpUrl:
 
     An empty path or "/" means the default vhost "/"; otherwise the path is
     percent-decoded ("%2F" is "/", "/prod" is "prod").
+
+    Query parameters: `extra_parameters` names the ones the caller handles
+    itself (the runner's `mandatory`); those of IGNORED_URL_PARAMETERS are
+    accepted and listed in `ignored`; any other one raises
+    AmqpConnectionError, so that a typo is not silently dropped.
     """
 
     host: str
@@ -108,9 +146,10 @@ class AmqpUrl:
     password: str
     vhost: str
     tls: bool
+    ignored: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, url: str) -> AmqpUrl:
+    def parse(cls, url: str, extra_parameters: frozenset[str] = frozenset()) -> AmqpUrl:
         try:
             parts = urlsplit(url)
             port = parts.port
@@ -118,6 +157,15 @@ class AmqpUrl:
             raise AmqpConnectionError(f"invalid AMQP URL: {exc}") from None
         if parts.scheme not in ("amqp", "amqps"):
             raise AmqpConnectionError(f"invalid AMQP URL: scheme must be amqp or amqps: {url!r}")
+        ignored = []
+        for name, _ in parse_qsl(parts.query, keep_blank_values=True):
+            if name in IGNORED_URL_PARAMETERS:
+                ignored.append(name)
+            elif name not in extra_parameters:
+                known = ", ".join(sorted(extra_parameters | IGNORED_URL_PARAMETERS))
+                raise AmqpConnectionError(
+                    f"invalid AMQP URL: unknown query parameter {name!r} (known: {known})"
+                )
         tls = parts.scheme == "amqps"
         path = parts.path
         vhost = "/" if path in ("", "/") else unquote(path[1:])
@@ -128,6 +176,7 @@ class AmqpUrl:
             password=unquote(parts.password) if parts.password is not None else "guest",
             vhost=vhost,
             tls=tls,
+            ignored=tuple(ignored),
         )
 
     def redacted(self) -> str:
@@ -173,15 +222,43 @@ class _Waiter:
             self.event.set()
 
 
+# What a basic.return carries back to tell which message it is: the exchange, the
+# routing key and the body (the return has no delivery tag).
+_ReturnKey = tuple[str, str, bytes]
+
+
+@dataclass(slots=True)
+class _Confirm(_Waiter):
+    """One publish waiting for its confirm; `key` is set for mandatory ones."""
+
+    key: _ReturnKey | None = None
+
+
+@dataclass(slots=True)
+class _Returned:
+    """A basic.return whose content header and body frames are still arriving."""
+
+    method: commands.Basic.Return
+    size: int = -1  # from the content header; -1 until it came
+    body: bytearray = field(default_factory=bytearray)
+
+
 @dataclass(slots=True)
 class _Channel:
     id: int
     is_open: bool = False
     next_tag: int = 1
     # Unconfirmed publishes by delivery tag, in ascending order (dict order).
-    unconfirmed: dict[int, _Waiter] = field(default_factory=dict)
+    unconfirmed: dict[int, _Confirm] = field(default_factory=dict)
     # Replies to synchronous methods arrive in order; one waiter per call.
     rpc: deque[_Waiter] = field(default_factory=deque)
+    # Unconfirmed mandatory publishes by what a return carries, tags ascending. The
+    # broker returns messages in publish order and before their confirm, so a
+    # return belongs to the oldest unconfirmed publish with its key.
+    returnable: dict[_ReturnKey, deque[int]] = field(default_factory=dict)
+    # Tags the broker returned, failed when their confirm arrives.
+    returned: dict[int, AmqpReturnedError] = field(default_factory=dict)
+    incoming: _Returned | None = None
 
 
 @dataclass(slots=True)
@@ -335,13 +412,18 @@ class AmqpConnection:
     ) -> None:
         """Publish one message and wait for the broker's confirm.
 
+        With `mandatory`, a message that no queue receives comes back
+        (basic.return, before its confirm) and raises AmqpReturnedError;
+        without it the broker drops such a message and confirms it all the same.
         Raises AmqpNackError on a nack, AmqpChannelError when the broker closes
         the channel (e.g. the exchange does not exist), AmqpConnectionError when
         the connection is or becomes closed, AmqpTimeoutError after `timeout`
         seconds (counted from the call, including time spent blocked). The
-        message may still have reached the broker in all but the first case.
+        message may still have reached the broker in the last three cases.
+        Mandatory messages that are byte for byte the same (exchange, routing
+        key, body) and in flight together are told apart by order only.
         """
-        waiter: _Waiter | None = None
+        waiter: _Confirm | None = None
         with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
             while self._blocked_reason is not None and self._error is None:
                 await self._unblocked.wait()
@@ -353,8 +435,11 @@ class AmqpConnection:
             # is the one the broker will count for this message.
             tag = channel.next_tag
             channel.next_tag += 1
-            waiter = _Waiter()
+            waiter = _Confirm()
             channel.unconfirmed[tag] = waiter
+            if mandatory:
+                waiter.key = (exchange, routing_key, body)
+                channel.returnable.setdefault(waiter.key, deque()).append(tag)
             self._in_flight += 1
             self._send_nowait(frames)
             await waiter.event.wait()
@@ -634,7 +719,12 @@ class AmqpConnection:
         if isinstance(value, commands.Basic.Ack):
             self._settle(channel, value.delivery_tag, value.multiple, None)
         elif isinstance(value, commands.Basic.Nack):
-            nack = AmqpNackError("broker refused the message (nack)")
+            # RabbitMQ nacks when a queue refuses the message (at its length limit
+            # with overflow reject-publish) or on an internal error.
+            nack = AmqpNackError(
+                "broker refused the message (nack: a queue at its length limit with "
+                "overflow reject-publish, or a broker error)"
+            )
             self._settle(channel, value.delivery_tag, value.multiple, nack)
         elif isinstance(value, commands.Channel.Close):
             self._send_nowait(frame.marshal(commands.Channel.CloseOk(), channel_id))
@@ -646,12 +736,26 @@ class AmqpConnection:
             if value.reply_code == _NOT_FOUND:
                 self._known_exchanges.clear()  # something we believed in is gone
             self._drop_channel(channel, closed)
+        elif isinstance(value, commands.Basic.Return):
+            channel.incoming = _Returned(value)
+        elif isinstance(value, header.ContentHeader | pamqp_body.ContentBody):
+            self._returned_content(channel, value)
         elif isinstance(value, commands.Channel.CloseOk):
             self._resolve_rpc(channel, value)
             self._drop_channel(channel, AmqpChannelError("channel closed"))
+        elif isinstance(value, commands.Channel.Flow):
+            # RabbitMQ uses connection.blocked instead; a broker that sends flow
+            # must get flow-ok, and closes the channel if we publish regardless,
+            # which fails those publishes with its reason.
+            self._send_nowait(
+                frame.marshal(commands.Channel.FlowOk(active=value.active), channel_id)
+            )
+            self._log.warning("amqp.channel_flow", channel=channel_id, active=value.active)
         elif isinstance(value, Frame) and value.name.endswith("Ok"):
             self._resolve_rpc(channel, value)
-        # Anything else (basic.return, flow) does not concern a publisher.
+        else:
+            # We never consume, so deliveries and consumer cancels cannot concern us.
+            self._log.warning("amqp.unexpected_frame", channel=channel_id, frame=repr(value))
 
     def _dispatch_connection(self, value: object) -> None:
         if isinstance(value, commands.Connection.Close):
@@ -677,14 +781,65 @@ class AmqpConnection:
         if multiple:
             tags = []
             for pending in channel.unconfirmed:  # ascending: stop at the first one above `tag`
-                if pending > tag:
+                if pending > tag > 0:  # tag 0 with multiple: every outstanding one
                     break
                 tags.append(pending)
         else:
             tags = [tag] if tag in channel.unconfirmed else []
         for pending in tags:
-            channel.unconfirmed.pop(pending).resolve(error=error)
+            waiter = channel.unconfirmed.pop(pending)
+            returned = channel.returned.pop(pending, None) if channel.returned else None
+            if waiter.key is not None:
+                self._forget_returnable(channel, waiter.key, pending)
+            waiter.resolve(error=error or returned)
         self._release(len(tags))
+
+    @staticmethod
+    def _forget_returnable(channel: _Channel, key: _ReturnKey, tag: int) -> None:
+        tags = channel.returnable.get(key)
+        if tags is None:
+            return
+        if tags and tags[0] == tag:  # confirms mostly come in order
+            tags.popleft()
+        elif tag in tags:
+            tags.remove(tag)
+        if not tags:
+            del channel.returnable[key]
+
+    def _returned_content(
+        self, channel: _Channel, value: header.ContentHeader | pamqp_body.ContentBody
+    ) -> None:
+        """Collect a returned message's header and body; match it once complete."""
+        incoming = channel.incoming
+        if incoming is None:
+            self._log.warning("amqp.unexpected_content", channel=channel.id)
+            return
+        if isinstance(value, header.ContentHeader):
+            incoming.size = value.body_size
+        else:
+            incoming.body += value.value
+        if 0 <= incoming.size <= len(incoming.body):
+            channel.incoming = None
+            self._match_return(channel, incoming)
+
+    def _match_return(self, channel: _Channel, incoming: _Returned) -> None:
+        method = incoming.method
+        key = (method.exchange or "", method.routing_key or "", bytes(incoming.body))
+        tags = channel.returnable.get(key)
+        reply = f"{method.reply_code} {method.reply_text}".strip()
+        if not tags:
+            # A return for a publish we no longer track (its channel was replaced).
+            self._log.warning(
+                "amqp.unmatched_return",
+                exchange=method.exchange,
+                routing_key=method.routing_key,
+                reply=reply,
+            )
+            return
+        tag = tags.popleft()
+        if not tags:
+            del channel.returnable[key]
+        channel.returned[tag] = AmqpReturnedError(reply, reply_code=method.reply_code or 0)
 
     def _release(self, count: int) -> None:
         self._in_flight -= count
@@ -701,8 +856,11 @@ class AmqpConnection:
         self._channels.pop(channel.id, None)
         if self._publish_channel is channel:
             self._publish_channel = None
-        waiters = list(channel.unconfirmed.values())
+        waiters: list[_Waiter] = list(channel.unconfirmed.values())
         channel.unconfirmed.clear()
+        channel.returnable.clear()
+        channel.returned.clear()
+        channel.incoming = None
         self._release(len(waiters))
         waiters.extend(channel.rpc)
         channel.rpc.clear()
