@@ -1,11 +1,15 @@
-"""The amqp runner end to end: N jobs due at one instant, published to the local RabbitMQ.
+"""The amqp runner end to end: N jobs due at one instant, published to a private RabbitMQ.
 
     .venv/bin/python -m benchmarks.amqp_bench [--jobs 50000] [--no-fsync] [--profile out.txt]
 
 What happens:
-1. The loopback broker is started with scripts/rabbitmq.sh when it is not
-   running. A fresh durable direct exchange and a durable queue bound to it are
-   declared (and deleted at the end).
+1. A private RabbitMQ node is started for the run (tests/amqp_broker.py:
+   scripts/rabbitmq.sh, a free port, its own epmd and temporary directory) and
+   stopped at exit; a broker already running (say on 5672) is never used or
+   touched. With KAIROI_TEST_RABBITMQ_* set (`eval "$(scripts/rabbitmq.sh env
+   DIR)"`), the node started in DIR is used instead, and left running. A fresh
+   durable direct exchange and a durable queue bound to it are declared (and
+   deleted at the end).
 2. A real `kairoi-trio serve` process starts (port 0 everywhere, JSON log).
 3. One KCP connection sets the rule (`amqp`, guest@127.0.0.1) and then the N
    jobs, pipelined in chunks of 2,000, all with the SAME due time T, chosen
@@ -27,8 +31,7 @@ What is measured:
 - `run` duration p50/p99: the event's `seconds` (publish -> confirm only);
 - CPU: utime+stime from /proc/<pid>/stat of the server process and of the
   broker's beam.smp, sampled just before T and once every job is `executed`
-  (all outcomes recorded); divided by N. The broker also serves whatever else
-  runs on this machine, so its figure is an upper bound.
+  (all outcomes recorded); divided by N. The node serves the benchmark only.
 - After the run: every job is checked `executed` over KCP and the queue is
   consumed: it must hold exactly N messages with N distinct ids.
 
@@ -74,7 +77,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def machine() -> dict:
+def machine(rabbit: str) -> dict:
     cpu = ""
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -83,15 +86,6 @@ def machine() -> dict:
                 break
     with open("/proc/meminfo") as f:
         mem_kib = int(f.readline().split()[1])
-    try:
-        rabbit = subprocess.run(
-            ["rabbitmqctl", "-n", broker.NODE, "version"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        rabbit = "?"
     return {
         "nproc": os.cpu_count(),
         "cpu": cpu,
@@ -226,16 +220,21 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def ensure_broker() -> None:
-    status = subprocess.run([str(broker.SCRIPT), "status"], capture_output=True, timeout=60)
-    if status.returncode != 0:
-        log("starting the broker (scripts/rabbitmq.sh start)")
-    broker.ensure_broker()  # SIGCONT, start when needed, normal memory watermark
+def ensure_broker() -> str:
+    """Start the private node (once); answer its RabbitMQ version."""
+    if not broker.EXTERNAL:
+        log(f"starting a private RabbitMQ node on 127.0.0.1:{broker.PORT}")
+    broker.ensure_broker()
+    admin = broker.Admin()
+    try:
+        return str(admin.server_properties.get("version", "?"))
+    finally:
+        admin.close()
 
 
 def run(args: argparse.Namespace) -> dict:
     n = args.jobs
-    ensure_broker()
+    broker.ensure_broker()  # started by main(); idempotent
     beam = broker.beam_pid()
     admin = broker.Admin()
     route = broker.make_route(admin, "bench")
@@ -404,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", metavar="OUT", help="py-spy record -f raw into OUT")
     parser.add_argument("--keep", action="store_true", help="keep the server's directory")
     args = parser.parse_args(argv)
-    info = machine()
+    info = machine(ensure_broker())
     log(f"machine: {info}")
     result = run(args)
     result["machine"] = info
