@@ -95,6 +95,7 @@ private_claim() {
     if [ ! -e "$dir/$PRIVATE_MARKER" ] && [ -n "$(ls -A "$dir")" ]; then
         private_die "$dir is not empty and not a node directory: left alone"
     fi
+    chmod 700 "$dir"
     touch "$dir/$PRIVATE_MARKER"
 }
 
@@ -105,14 +106,15 @@ private_remove() {
     private_claimed "$1" && rm -rf "$1"
 }
 
-# A process's start time (field 22 of /proc/PID/stat): with the pid, it names
-# the process even after the pid has been reused.
+# A running process's start time (field 22 of /proc/PID/stat): with the pid, it
+# names the process even after the pid has been reused. Fails for a zombie.
 private_start_time() {
     local stat
     stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
     stat="${stat##*) }"
     # shellcheck disable=SC2086 # split the fields on purpose
     set -- $stat
+    [ "$1" != Z ] || return 1
     echo "${20}"
 }
 

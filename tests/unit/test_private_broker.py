@@ -9,12 +9,16 @@ that a broker listening on 5672 still listens and is not frozen.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import amqp_broker as broker
 import pytest
-from amqp_broker import Admin
+from amqp_broker import Admin, Listener
 from support.waiting import wait_for
 
 
@@ -56,3 +60,24 @@ def test_stopping_the_suite_broker_leaves_the_default_broker_up() -> None:
     finally:
         broker.start_app()
     assert broker.listener(broker.PORT) is not None
+
+
+def test_a_frozen_or_closed_listener_is_seen_without_connecting() -> None:
+    """What the session check in tests/conftest.py reads about the broker on 5672,
+    tried on a stand-in: a process listening on a free port, frozen, then gone."""
+    port = broker.free_port()
+    code = (
+        "import socket, time; s = socket.socket(); "
+        f"s.bind(('127.0.0.1', {port})); s.listen(); print('up', flush=True); time.sleep(60)"
+    )
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert process.stdout is not None and process.stdout.readline() == b"up\n"
+        assert broker.listener(port) == Listener(process.pid, frozen=False)
+        os.kill(process.pid, signal.SIGSTOP)
+        wait_for(lambda: broker.listener(port) == Listener(process.pid, frozen=True), interval=0.1)
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+        process.kill()
+        process.wait()
+    assert broker.listener(port) is None
