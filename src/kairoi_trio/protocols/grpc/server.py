@@ -496,6 +496,9 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                 events = [convert.snapshot_event_to_pb(job) for job in snapshot]
                 for chunk in _chunks(events, self._budget, at_least_one=True):
                     await context.write(pb.WatchJobsResponse(events=chunk, snapshot=True))
+                # An empty change message ends the snapshot, however many messages it
+                # took, so a client knows it has caught up before the first change.
+                await context.write(pb.WatchJobsResponse())
             loop = asyncio.get_running_loop()
             while True:
                 await watch.wait()
