@@ -1,34 +1,135 @@
-"""The http runner (extension): POST the job as JSON; a 2xx answer means executed.
+"""The http runner (extension): POST the job as JSON; a complete 2xx answer means executed.
 
-Body: {"id": ..., "execute_at": "2026-12-01T09:00:00.000000Z", "attempt": n,
-"payload": "<UTF-8 text>" or null}; a payload that is not UTF-8 is sent as
-"payload_base64" instead. Headers `X-Kairoi-Job-Id` and `X-Kairoi-Attempt`
-let the receiver deduplicate (delivery is at least once). Built on httpx,
-which runs on Trio through anyio and keeps connections alive per host.
+The request (docs/runners.md has the details and the reasons)::
+
+    POST <rule url>
+    Content-Type: application/json
+    X-Kairoi-Job-Id: <the id, percent-encoded (header_job_id); absent when too long>
+    X-Kairoi-Attempt: <n>
+
+    {"id": "<the id, exactly>", "execute_at": "2026-12-01T09:00:00.000000Z",
+     "attempt": n, "payload": "<UTF-8 text>" or null}
+
+A payload that is not UTF-8 goes as "payload_base64" (standard base64) with
+"payload": null. Delivery is at least once: the headers let the receiver
+deduplicate.
+
+The run succeeds when the answer is 2xx and complete, body included, within
+`timeout_s` (one deadline for connecting, sending, the headers and the whole
+body) and with a body of at most `max_response_bytes`. The body is counted,
+not kept: only its first bytes are, for the outcome of a failed run. Built on
+httpx, which runs on Trio through anyio and keeps connections alive per host.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+from dataclasses import dataclass, field
+from urllib.parse import quote
 
 import httpx
 import trio
 
+from kairoi_trio import __version__
 from kairoi_trio.model import HttpRunner, Job, Rule, to_datetime
 from kairoi_trio.runners.base import RunFailed, Runner
+
+DEFAULT_MAX_RESPONSE_BYTES = 1 << 20
+# Longer ids go in the JSON body only: common servers refuse header lines of
+# 8 KiB (nginx) or header blocks of 16 KiB (Node.js), and Python's http.server
+# lines of 64 KiB.
+MAX_ID_HEADER_BYTES = 4096
+_EXCERPT_BYTES = 200  # of a failed answer's body, for its outcome
+# Visible ASCII stays as it is, except the escape character itself and "+",
+# which form decoders read as a space.
+_ID_HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in "%+")
+
+
+def header_job_id(job_id: str) -> str | None:
+    """The value of X-Kairoi-Job-Id for `job_id`, or None when it would be too long.
+
+    The id's UTF-8 bytes with every byte that is not visible ASCII (0x21-0x7E),
+    and "%" and "+", written as %XX (RFC 3986 percent-encoding): any id fits in
+    a header this way, and decodeURIComponent / urllib.parse.unquote give it
+    back exactly. None when the result is over MAX_ID_HEADER_BYTES.
+    """
+    encoded = quote(job_id, safe=_ID_HEADER_SAFE)
+    return encoded if len(encoded) <= MAX_ID_HEADER_BYTES else None
+
+
+def request_body(job: Job) -> bytes:
+    """The JSON document POSTed for `job` (ASCII: every other character is escaped)."""
+    body: dict[str, object] = {
+        "id": job.id,
+        "execute_at": _rfc3339(job.execute_at),
+        "attempt": job.attempts,
+        "payload": None,
+    }
+    if job.payload:
+        try:
+            body["payload"] = job.payload.decode()
+        except UnicodeDecodeError:
+            body["payload_base64"] = base64.b64encode(job.payload).decode()
+    return json.dumps(body).encode()
+
+
+def _rfc3339(us: int) -> str:
+    """RFC 3339, UTC, four-digit year, microseconds: "2026-12-01T09:00:00.000000Z".
+
+    (strftime's "%Y" writes year 1 as "1" on Linux.) To be replaced by
+    model.format_time, the one formatter for every time the server writes.
+    """
+    t = to_datetime(us)
+    day = f"{t.year:04d}-{t.month:02d}-{t.day:02d}"
+    return f"{day}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}.{t.microsecond:06d}Z"
+
+
+class _TooLarge(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class _Answer:
+    """How far the endpoint's answer got: its status, body bytes counted, the start of the body."""
+
+    status: int | None = None
+    received: int = 0
+    excerpt: bytearray = field(default_factory=bytearray)
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+    def failed_status(self, url: str) -> str:
+        text = self.excerpt.decode("utf-8", "replace")
+        text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+        return f"HTTP {self.status} from {url}" + (f": {text}" if text else "")
 
 
 class HttpRunnerBackend(Runner):
     kind = "http"
 
-    def __init__(self, *, timeout_s: float = 30.0, max_connections: int = 100) -> None:
+    def __init__(
+        self,
+        *,
+        timeout_s: float = 30.0,
+        max_connections: int = 100,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> None:
         self._timeout = timeout_s
+        self._max_response_bytes = max_response_bytes
         self._limits = httpx.Limits(max_connections=max_connections)
         self._client: httpx.AsyncClient | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with httpx.AsyncClient(timeout=self._timeout, limits=self._limits) as client:
+        # No httpx timeouts: they bound each read and write, where one deadline
+        # must bound the whole exchange (see run).
+        async with httpx.AsyncClient(
+            timeout=None,
+            limits=self._limits,
+            headers={"User-Agent": f"kairoi-trio/{__version__}"},
+        ) as client:
             self._client = client
             task_status.started()
             try:
@@ -37,33 +138,57 @@ class HttpRunnerBackend(Runner):
                 self._client = None
 
     async def run(self, job: Job, rule: Rule) -> str:
+        """POST `job` to the rule's URL; "HTTP <status>" on success, else RunFailed."""
         assert isinstance(rule.runner, HttpRunner)
+        url = rule.runner.url
+        headers = {
+            "Content-Type": "application/json",
+            # Counted bytes are wire bytes, and no decompression bomb can go off.
+            "Accept-Encoding": "identity",
+            "X-Kairoi-Attempt": str(job.attempts),
+        }
+        encoded_id = header_job_id(job.id)
+        if encoded_id is not None:
+            headers["X-Kairoi-Job-Id"] = encoded_id
+        answer = _Answer()
+        with trio.move_on_after(self._timeout):
+            return await self._post(url, request_body(job), headers, answer)
+        if answer.status is None:
+            raise RunFailed(f"no answer from {url} within {self._timeout:g}s")
+        if not answer.ok:
+            raise RunFailed(answer.failed_status(url))
+        raise RunFailed(
+            f"no complete answer from {url} within {self._timeout:g}s "
+            f"(HTTP {answer.status}, body unfinished after {answer.received} bytes)"
+        )
+
+    async def _post(
+        self, url: str, content: bytes, headers: dict[str, str], answer: _Answer
+    ) -> str:
         if self._client is None:
             raise RunFailed("the http runner is not running")
-        body: dict[str, object] = {
-            "id": job.id,
-            "execute_at": to_datetime(job.execute_at).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-            "attempt": job.attempts,
-            "payload": None,
-        }
-        if job.payload:
-            try:
-                body["payload"] = job.payload.decode()
-            except UnicodeDecodeError:
-                body["payload_base64"] = base64.b64encode(job.payload).decode()
-        headers = {"X-Kairoi-Job-Id": job.id, "X-Kairoi-Attempt": str(job.attempts)}
+        limit = self._max_response_bytes
         try:
-            response = await self._client.post(
-                rule.runner.url,
-                content=json.dumps(body).encode(),
-                headers={"Content-Type": "application/json", **headers},
-            )
-        except httpx.TimeoutException:
-            raise RunFailed(f"no answer from {rule.runner.url} within {self._timeout}s") from None
-        except httpx.HTTPError as error:
+            async with self._client.stream("POST", url, content=content, headers=headers) as reply:
+                answer.status = reply.status_code
+                declared = reply.headers.get("Content-Length", "")
+                if declared.isdigit() and int(declared) > limit:
+                    raise _TooLarge
+                async for chunk in reply.aiter_raw():
+                    answer.received += len(chunk)
+                    if answer.received > limit:
+                        raise _TooLarge  # leaving the block drops the connection
+                    room = _EXCERPT_BYTES - len(answer.excerpt)
+                    if room > 0:
+                        answer.excerpt += chunk[:room]
+        except _TooLarge:
+            if not answer.ok:
+                raise RunFailed(answer.failed_status(url)) from None
             raise RunFailed(
-                f"POST {rule.runner.url} failed: {error or type(error).__name__}"
+                f"answer from {url} too large: HTTP {answer.status} with a body over {limit} bytes"
             ) from None
-        if not 200 <= response.status_code < 300:
-            raise RunFailed(f"HTTP {response.status_code} from {rule.runner.url}")
-        return f"HTTP {response.status_code}"
+        except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as error:
+            raise RunFailed(f"POST {url} failed: {error or type(error).__name__}") from None
+        if not answer.ok:
+            raise RunFailed(answer.failed_status(url))
+        return f"HTTP {answer.status}"

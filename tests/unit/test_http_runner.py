@@ -1,0 +1,372 @@
+"""The http runner (runners/http.py) against a real HTTP endpoint on a real socket.
+
+The endpoint is a Trio task in the test: h11 parses each request exactly as it
+arrived on the wire, and each test writes the answer byte by byte, so that it
+can be slow, endless, oversized or cut short. Time is Trio's autojump clock:
+the 1.5 s between two bytes of a slow body pass at once, in the order they
+would have, so that the tests are about outcomes and never about speed.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+import h11
+import pytest
+import trio
+import trio.testing
+
+from kairoi_trio.model import HttpRunner, Job, Rule
+from kairoi_trio.runners.base import RunFailed
+from kairoi_trio.runners.http import MAX_ID_HEADER_BYTES, HttpRunnerBackend, header_job_id
+
+MIN_TIME_US = -62_135_596_800_000_000  # 0001-01-01T00:00:00Z
+MAX_TIME_US = 253_402_300_800_000_000 - 1  # 9999-12-31T23:59:59.999999Z
+
+# Ids every protocol accepts (NUL too, until the protocols refuse it at input:
+# the runner must not be where it fails).
+HOSTILE_IDS = [
+    "h.é",
+    "h.with space",
+    "h.\"double\" 'single' `back`",
+    "h.cr\rlf\nend\r\n",
+    "h.ctl\x01\x07\x1b[31m\x7f",
+    "-h.leading-dash",
+    "h.percent%41+plus&amp;=",
+    "h.\u2028\u200b\ufeff\U0001f600",
+    "h.nul\x00inside",
+    "h." + "x" * 65_533,  # 65,535 bytes, the longest id
+    "h." + "é" * 32_766,  # 65,534 bytes of two-byte characters
+]
+
+
+@dataclass
+class Request:
+    method: bytes
+    target: bytes
+    headers: dict[bytes, bytes]
+    body: bytes
+
+
+Respond = Callable[[trio.SocketStream, Request], Awaitable[bool]]  # True: keep the connection
+
+
+class Endpoint:
+    """An HTTP/1.1 server on 127.0.0.1 that records requests and answers with `respond`."""
+
+    def __init__(self, respond: Respond) -> None:
+        self.respond = respond
+        self.requests: list[Request] = []
+        self.connections = 0
+        self.url = ""
+
+    async def start(self, nursery: trio.Nursery) -> Endpoint:
+        serve = functools.partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1")
+        listeners = await nursery.start(serve)
+        self.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/hook"
+        return self
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                request = await self._read_request(stream, conn)
+                if request is None:
+                    return
+                self.requests.append(request)
+                if not await self.respond(stream, request):
+                    return
+                leftover, _ = conn.trailing_data
+                conn = h11.Connection(h11.SERVER)  # the answer was written raw: a new cycle
+                if leftover:  # (b"" would tell h11 the peer closed)
+                    conn.receive_data(leftover)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the runner hung up, as it should on a timeout or an oversized body
+        finally:
+            await stream.aclose()
+
+    @staticmethod
+    async def _read_request(stream: trio.SocketStream, conn: h11.Connection) -> Request | None:
+        head: h11.Request | None = None
+        body = bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Request):
+                head = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                assert head is not None
+                headers = {name: value for name, value in head.headers}
+                return Request(head.method, head.target, headers, bytes(body))
+            elif isinstance(event, h11.ConnectionClosed):
+                return None
+
+
+def answer(status: int = 200, body: bytes = b"", reason: bytes = b"OK") -> Respond:
+    async def respond(stream: trio.SocketStream, request: Request) -> bool:
+        head = b"HTTP/1.1 %d %s\r\nContent-Length: %d\r\n\r\n" % (status, reason, len(body))
+        await stream.send_all(head + body)
+        return True
+
+    return respond
+
+
+def slow_body(length: int, every_s: float) -> Respond:
+    """200 with Content-Length `length`, then one byte every `every_s` seconds."""
+
+    async def respond(stream: trio.SocketStream, request: Request) -> bool:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % length)
+        for _ in range(length):
+            await trio.sleep(every_s)
+            await stream.send_all(b"x")
+        return True
+
+    return respond
+
+
+def endless_body(chunk: bytes, every_s: float, status: int = 200) -> Respond:
+    """A chunked body that never ends: `chunk` every `every_s` seconds (0: flat out)."""
+
+    async def respond(stream: trio.SocketStream, request: Request) -> bool:
+        await stream.send_all(b"HTTP/1.1 %d X\r\nTransfer-Encoding: chunked\r\n\r\n" % status)
+        frame = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+        while True:
+            await stream.send_all(frame)
+            await trio.sleep(every_s)
+
+    return respond
+
+
+async def no_answer(stream: trio.SocketStream, request: Request) -> bool:
+    await trio.sleep_forever()
+    return False
+
+
+async def cut_short(stream: trio.SocketStream, request: Request) -> bool:
+    await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    return False
+
+
+def rule_for(url: str) -> Rule:
+    return Rule("r", "", HttpRunner(url))
+
+
+def job(job_id: str = "j", payload: bytes = b"", execute_at: int = 0) -> Job:
+    return Job(job_id, execute_at, payload=payload, attempts=1)
+
+
+async def start_runner(nursery: trio.Nursery, **options: float) -> HttpRunnerBackend:
+    runner = HttpRunnerBackend(**options)  # type: ignore[arg-type]
+    await nursery.start(runner.serve)
+    return runner
+
+
+async def failure_of(runner: HttpRunnerBackend, url: str, the_job: Job | None = None) -> str:
+    with pytest.raises(RunFailed) as failure:
+        await runner.run(the_job or job(), rule_for(url))
+    reason = failure.value.message
+    assert "\n" not in reason and "Traceback" not in reason
+    return reason
+
+
+# --- what is sent ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("job_id", HOSTILE_IDS, ids=range(len(HOSTILE_IDS)))
+async def test_every_id_is_delivered_exactly_in_the_body_and_decodably_in_the_header(
+    nursery: trio.Nursery, job_id: str
+) -> None:
+    endpoint = await Endpoint(answer()).start(nursery)
+    runner = await start_runner(nursery)
+    assert await runner.run(job(job_id), rule_for(endpoint.url)) == "HTTP 200"
+    [request] = endpoint.requests
+    assert json.loads(request.body)["id"] == job_id
+    encoded = request.headers.get(b"x-kairoi-job-id")
+    if len(job_id.encode()) < MAX_ID_HEADER_BYTES // 3:  # fits even if every byte is escaped
+        assert encoded is not None
+        assert all(0x21 <= byte <= 0x7E for byte in encoded)  # visible ASCII only
+        assert unquote(encoded.decode("ascii"), errors="strict") == job_id
+    else:
+        assert encoded is None  # too long for a header: the body alone carries it
+    assert request.headers[b"x-kairoi-attempt"] == b"1"
+
+
+def test_the_header_form_of_an_id() -> None:
+    assert header_job_id("web.1") == "web.1"  # common ids stay readable
+    assert header_job_id("app:invoice/42?x=1") == "app:invoice/42?x=1"
+    assert header_job_id("a b+c%d") == "a%20b%2Bc%25d"
+    assert header_job_id("é\r\n\x00") == "%C3%A9%0D%0A%00"
+    assert header_job_id("x" * MAX_ID_HEADER_BYTES) == "x" * MAX_ID_HEADER_BYTES
+    assert header_job_id("x" * (MAX_ID_HEADER_BYTES + 1)) is None
+    assert header_job_id("é" * (MAX_ID_HEADER_BYTES // 6 + 1)) is None  # 6 bytes encoded each
+
+
+async def test_the_json_body(nursery: trio.Nursery) -> None:
+    endpoint = await Endpoint(answer()).start(nursery)
+    runner = await start_runner(nursery)
+    rule = rule_for(endpoint.url)
+    await runner.run(job("t", payload='données \x00 "q"'.encode(), execute_at=500), rule)
+    await runner.run(job("b", payload=b"\xff\xfe\x00binary"), rule)
+    await runner.run(job("n"), rule)
+    text, binary, none = (json.loads(r.body) for r in endpoint.requests)
+    assert text == {
+        "id": "t",
+        "execute_at": "1970-01-01T00:00:00.000500Z",
+        "attempt": 1,
+        "payload": 'données \x00 "q"',
+    }
+    assert binary["payload"] is None
+    assert base64.b64decode(binary["payload_base64"]) == b"\xff\xfe\x00binary"
+    assert none["payload"] is None and "payload_base64" not in none
+    request = endpoint.requests[0]
+    assert request.method == b"POST" and request.target == b"/hook"
+    assert request.headers[b"content-type"] == b"application/json"
+    assert request.headers[b"user-agent"].startswith(b"kairoi-trio/")
+
+
+@pytest.mark.parametrize(
+    ("execute_at", "text"),
+    [
+        (MIN_TIME_US, "0001-01-01T00:00:00.000000Z"),
+        (-1, "1969-12-31T23:59:59.999999Z"),
+        (MAX_TIME_US, "9999-12-31T23:59:59.999999Z"),
+    ],
+)
+async def test_execute_at_is_rfc3339_with_four_digit_years(
+    nursery: trio.Nursery, execute_at: int, text: str
+) -> None:
+    endpoint = await Endpoint(answer()).start(nursery)
+    runner = await start_runner(nursery)
+    await runner.run(job(execute_at=execute_at), rule_for(endpoint.url))
+    assert json.loads(endpoint.requests[0].body)["execute_at"] == text
+
+
+# --- what counts as an answer -----------------------------------------------------------
+
+
+async def test_a_complete_2xx_answer_is_success_and_the_connection_is_kept(
+    nursery: trio.Nursery,
+) -> None:
+    endpoint = await Endpoint(answer(204, b"")).start(nursery)
+    runner = await start_runner(nursery)
+    for _ in range(3):
+        assert await runner.run(job(), rule_for(endpoint.url)) == "HTTP 204"
+    assert endpoint.connections == 1
+
+
+async def test_a_non_2xx_answer_fails_with_the_start_of_its_body(nursery: trio.Nursery) -> None:
+    body = b"Service\r\n  down \x1b[0m for maintenance" + b"." * 1000
+    endpoint = await Endpoint(answer(503, body, b"Unavailable")).start(nursery)
+    runner = await start_runner(nursery)
+    reason = await failure_of(runner, endpoint.url)
+    assert reason.startswith(f"HTTP 503 from {endpoint.url}: Service down [0m for maintenance..")
+    assert len(reason) < 300
+    redirect = await Endpoint(answer(302, b"")).start(nursery)
+    assert await failure_of(runner, redirect.url) == f"HTTP 302 from {redirect.url}"
+
+
+async def test_the_timeout_bounds_a_slow_body(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The issue's case: 200, Content-Length 3, one byte every 1.5 s, timeout 2 s."""
+    endpoint = await Endpoint(slow_body(3, 1.5)).start(nursery)
+    runner = await start_runner(nursery, timeout_s=2)
+    started = trio.current_time()
+    reason = await failure_of(runner, endpoint.url)
+    assert reason == (
+        f"no complete answer from {endpoint.url} within 2s "
+        "(HTTP 200, body unfinished after 1 bytes)"
+    )
+    assert trio.current_time() - started == pytest.approx(2)  # virtual time: the deadline
+
+
+async def test_the_timeout_bounds_an_endless_slow_body(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    endpoint = await Endpoint(endless_body(b"tick", 0.5)).start(nursery)
+    runner = await start_runner(nursery, timeout_s=2)
+    reason = await failure_of(runner, endpoint.url)
+    assert reason.startswith(f"no complete answer from {endpoint.url} within 2s (HTTP 200")
+
+
+async def test_the_timeout_bounds_waiting_for_the_headers(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    endpoint = await Endpoint(no_answer).start(nursery)
+    runner = await start_runner(nursery, timeout_s=2)
+    assert await failure_of(runner, endpoint.url) == f"no answer from {endpoint.url} within 2s"
+
+
+async def test_a_slow_failing_answer_still_says_its_status(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    endpoint = await Endpoint(endless_body(b"error ", 0.5, status=500)).start(nursery)
+    runner = await start_runner(nursery, timeout_s=2)
+    reason = await failure_of(runner, endpoint.url)
+    assert reason.startswith(f"HTTP 500 from {endpoint.url}: error error")
+
+
+async def test_an_endless_fast_body_is_cut_at_the_size_bound(nursery: trio.Nursery) -> None:
+    endpoint = await Endpoint(endless_body(b"x" * 65536, 0)).start(nursery)
+    runner = await start_runner(nursery, timeout_s=3600, max_response_bytes=1 << 20)
+    reason = await failure_of(runner, endpoint.url)
+    assert reason == (
+        f"answer from {endpoint.url} too large: HTTP 200 with a body over 1048576 bytes"
+    )
+    # The connection was dropped, not left half read: the next run gets a fresh one.
+    endpoint.respond = answer()
+    assert await runner.run(job(), rule_for(endpoint.url)) == "HTTP 200"
+    assert endpoint.connections == 2
+
+
+async def test_a_declared_oversized_body_is_not_read(nursery: trio.Nursery) -> None:
+    async def huge(stream: trio.SocketStream, request: Request) -> bool:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000001\r\n\r\n")
+        await trio.sleep_forever()
+        return False
+
+    endpoint = await Endpoint(huge).start(nursery)
+    runner = await start_runner(nursery, timeout_s=3600, max_response_bytes=1_000_000)
+    reason = await failure_of(runner, endpoint.url)
+    assert reason.endswith("too large: HTTP 200 with a body over 1000000 bytes")
+
+
+async def test_a_body_at_the_bound_is_fine(nursery: trio.Nursery) -> None:
+    endpoint = await Endpoint(answer(200, b"y" * 1000)).start(nursery)
+    runner = await start_runner(nursery, max_response_bytes=1000)
+    assert await runner.run(job(), rule_for(endpoint.url)) == "HTTP 200"
+
+
+async def test_an_answer_cut_short_fails(nursery: trio.Nursery) -> None:
+    endpoint = await Endpoint(cut_short).start(nursery)
+    runner = await start_runner(nursery)
+    reason = await failure_of(runner, endpoint.url)
+    assert reason.startswith(f"POST {endpoint.url} failed: ")
+
+
+async def test_nothing_listening_fails(nursery: trio.Nursery) -> None:
+    runner = await start_runner(nursery)
+    reason = await failure_of(runner, "http://127.0.0.1:9/")
+    assert reason.startswith("POST http://127.0.0.1:9/ failed: ")
+
+
+async def test_a_cancelled_run_leaves_the_runner_usable(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The pool's rule timeout cancels a run from outside, at any point."""
+    endpoint = await Endpoint(slow_body(3, 1.5)).start(nursery)
+    runner = await start_runner(nursery)
+    with trio.move_on_after(2) as scope:
+        await runner.run(job(), rule_for(endpoint.url))
+    assert scope.cancelled_caught
+    endpoint.respond = answer()
+    assert await runner.run(job(), rule_for(endpoint.url)) == "HTTP 200"
