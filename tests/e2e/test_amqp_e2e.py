@@ -23,6 +23,7 @@ import amqp_broker as broker
 import grpc
 import pytest
 from amqp_broker import Admin, Route
+from pamqp import commands
 from support.kcp_client import KcpClient
 from support.server import ServerProcess
 from support.waiting import wait_for
@@ -211,6 +212,72 @@ def test_missing_exchange_fails_the_job_with_its_name(amqp_server, make_route) -
     assert job.last_outcome == expected
     assert [m.body for m in consume(route, 1)] == [b"ok.1"]
     assert_clean_log(server)
+
+
+def test_unroutable_jobs_fail_or_retry_unless_the_dsn_says_mandatory_false(
+    amqp_server, make_route
+) -> None:
+    """The issue's case: amq.direct with a routing key no queue is bound with. The
+    job fails as `unroutable`, after its retries; `?mandatory=false` keeps Kairoi's
+    fire-and-forget; routed jobs on the same connection are untouched."""
+    server = amqp_server("[policy]\nmax_attempts = 2\nbackoff_initial_s = 0.1\n")
+    route = make_route("e2e-unroutable")
+    nobody = broker.unique("nobody")
+    with KcpClient(server.kcp_port) as kcp:
+        amqp_rule(kcp, "lost", "lost.", Route("amq.direct", "", nobody))
+        forget = Route("amq.direct", "", nobody)
+        amqp_rule(kcp, "forget", "forget.", forget, dsn=f"{broker.URL}?mandatory=false")
+        amqp_rule(kcp, "ok", "ok.", route)
+        set_jobs(kcp, ["lost.1", "forget.1", "ok.1"])
+        assert wait_final(kcp, ["lost.1", "forget.1", "ok.1"], 15) == {
+            "lost.1": "failed",
+            "forget.1": "executed",
+            "ok.1": "executed",
+        }
+    unroutable = (
+        f"unroutable: amq.direct/{nobody} on {broker.url(password=None)} routes to no queue "
+        "(the broker returned the message: 312 NO_ROUTE)"
+    )
+    by_job = runs(server)
+    assert [(e["attempt"], e["outcome"]) for e in by_job["lost.1"]] == [
+        (1, unroutable),
+        (2, unroutable),
+    ]
+    assert [e["outcome"] for e in by_job["forget.1"]] == [f"published to amq.direct/{nobody}"]
+    assert [e["outcome"] for e in by_job["ok.1"]] == [f"published to {route.exchange}/rk"]
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        job = pb_grpc.SchedulerStub(channel).GetJob(pb.GetJobRequest(id="lost.1")).job
+    assert job.status == pb.JOB_STATUS_FAILED and job.last_outcome == unroutable
+    assert [m.body for m in consume(route, 1)] == [b"ok.1"]
+    assert_clean_log(server)
+
+
+def test_a_nack_fails_the_job_with_its_reason(amqp_server, make_route, admin: Admin) -> None:
+    """A queue at its length limit with overflow reject-publish: the broker nacks."""
+    route = make_route("e2e-nack")
+    full = broker.unique("e2e-full-q")
+    admin._call(
+        commands.Queue.Declare(
+            queue=full, durable=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        ),
+        commands.Queue.DeclareOk,
+    )
+    try:
+        admin.bind(full, route.exchange, "full")
+        server = amqp_server()
+        with KcpClient(server.kcp_port) as kcp:
+            amqp_rule(kcp, "full", "full.", Route(route.exchange, full, "full"))
+            set_jobs(kcp, ["full.1"])
+            assert wait_final(kcp, ["full.1"], 15) == {"full.1": "failed"}
+        [run] = runs(server)["full.1"]
+        assert run["outcome"] == (
+            f"publish to {route.exchange}/full on {broker.url(password=None)} failed: broker "
+            "refused the message (nack: a queue at its length limit with overflow "
+            "reject-publish, or a broker error)"
+        )
+        assert_clean_log(server)
+    finally:
+        admin.delete_queue(full)
 
 
 # -- faults

@@ -9,8 +9,10 @@ from datetime import datetime
 
 import amqp_broker as broker
 import pytest
+import structlog.testing
 import trio
 from amqp_broker import Admin, Route
+from pamqp import commands
 
 from kairoi_trio.model import AmqpRunner, Job, Rule, ShellRunner, now_us, to_datetime
 from kairoi_trio.runners.amqp import AmqpRunnerBackend
@@ -306,12 +308,191 @@ async def test_cancelled_runs_leave_the_connection_usable(
     assert len(bodies) == len(set(bodies))
 
 
-async def test_cancelled_connect_leaves_no_connection_behind(nursery: trio.Nursery) -> None:
+async def test_cancelled_connect_leaves_no_connection_behind(
+    nursery: trio.Nursery, route: Route
+) -> None:
     """A run cancelled while connecting (the pool's timeout) neither leaks nor backs off."""
-    broker.ensure_broker()
     backend = await start_backend(nursery)
-    rule = rule_for(Route("amq.direct", "", "rk"))
+    rule = rule_for(route)
     with trio.move_on_after(0.001):
         await backend.run(job("cancelled"), rule)
     assert backend._slots[broker.URL].failures == 0
-    assert await backend.run(job("next"), rule) == "published to amq.direct/rk"
+    assert await backend.run(job("next"), rule) == f"published to {route.exchange}/rk"
+
+
+# --- what the broker answers: every refusal fails the run with its reason ------------------
+
+
+def unbound(route: Route) -> Rule:
+    """A rule to the route's exchange with a routing key no queue is bound with."""
+    return rule_for(Route(route.exchange, route.queue, broker.unique("unbound")))
+
+
+async def test_an_unroutable_message_fails_the_run_as_unroutable(
+    nursery: trio.Nursery, admin: Admin, route: Route
+) -> None:
+    backend = await start_backend(nursery)
+    rule = unbound(route)
+    with pytest.raises(RunFailed) as info:
+        await backend.run(job("lost"), rule)
+    target = f"{route.exchange}/{rule.runner.routing_key}"  # type: ignore[union-attr]
+    assert info.value.message == (
+        f"unroutable: {target} on {broker.url(password=None)} routes to no queue "
+        "(the broker returned the message: 312 NO_ROUTE)"
+    )
+    # The default exchange too: a routing key that names no queue.
+    with pytest.raises(RunFailed, match="^unroutable: /nowhere on .* 312 NO_ROUTE"):
+        await backend.run(job("lost"), rule_for(Route("", "", "nowhere")))
+    # Only that run: the connection goes on serving routable jobs.
+    assert await backend.run(job("kept"), rule_for(route)) == f"published to {route.exchange}/rk"
+    assert len(backend.open_connections) == 1
+    assert [m.body for m in await trio.to_thread.run_sync(admin.drain, route.queue)] == [b"kept"]
+
+
+async def test_mandatory_false_in_the_dsn_keeps_fire_and_forget(
+    nursery: trio.Nursery, route: Route
+) -> None:
+    backend = await start_backend(nursery)
+    rule = unbound(route)
+    forget = Rule("r", "*", AmqpRunner(f"{broker.URL}?mandatory=false", route.exchange, "x"))
+    assert await backend.run(job("dropped"), forget) == f"published to {route.exchange}/x"
+    explicit = Rule("r", "*", AmqpRunner(f"{broker.URL}?mandatory=true", route.exchange, "x"))
+    with pytest.raises(RunFailed, match="^unroutable: "):
+        await backend.run(job("lost"), explicit)
+    with pytest.raises(RunFailed, match="^unroutable: "):
+        await backend.run(job("lost"), rule)
+    # `mandatory` is the runner's: all three rules share one connection.
+    assert list(backend._slots) == [broker.URL]
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("mandatory=no", "invalid AMQP URL: mandatory must be true or false, not 'no'"),
+        ("mandatroy=false", "invalid AMQP URL: unknown query parameter 'mandatroy' (known: "),
+    ],
+)
+async def test_a_bad_dsn_parameter_fails_the_run_with_a_reason(
+    nursery: trio.Nursery, route: Route, query: str, reason: str
+) -> None:
+    backend = await start_backend(nursery)
+    rule = Rule("r", "*", AmqpRunner(f"{broker.URL}?{query}", route.exchange, "rk"))
+    with pytest.raises(RunFailed) as info:
+        await backend.run(job("j"), rule)
+    assert info.value.message.startswith(reason)
+
+
+async def test_kairoi_dsn_parameters_are_accepted_and_ignored(
+    nursery: trio.Nursery, admin: Admin, route: Route
+) -> None:
+    backend = await start_backend(nursery)
+    dsn = f"{broker.URL}?heartbeat=5&connection_timeout=1000"
+    with structlog.testing.capture_logs() as logs:
+        await backend.run(job("j"), rule_for(route, dsn=dsn))
+    [ignored] = [e for e in logs if e["event"] == "amqp.dsn_parameters_ignored"]
+    assert ignored["parameters"] == ["heartbeat", "connection_timeout"]
+    assert [m.body for m in await trio.to_thread.run_sync(admin.drain, route.queue)] == [b"j"]
+
+
+async def test_routed_and_unroutable_runs_in_flight_together_are_told_apart(
+    nursery: trio.Nursery, admin: Admin, route: Route
+) -> None:
+    """A return carries no delivery tag: each must still fail its own run, and only it,
+    while confirms of the routed ones (persistent, slower) are coalesced around them."""
+    backend = await start_backend(nursery)
+    routed, lost = rule_for(route), unbound(route)
+    outcomes: dict[str, str] = {}
+
+    async def run(i: int) -> None:
+        name = f"j{i}"
+        try:
+            outcomes[name] = await backend.run(job(name), lost if i % 3 == 0 else routed)
+        except RunFailed as failure:
+            outcomes[name] = failure.message
+
+    async with trio.open_nursery() as runs:
+        for i in range(900):
+            runs.start_soon(run, i)
+    failed = {name for name, outcome in outcomes.items() if outcome.startswith("unroutable: ")}
+    assert failed == {f"j{i}" for i in range(0, 900, 3)}
+    arrived = {m.body.decode() for m in await trio.to_thread.run_sync(admin.drain, route.queue)}
+    assert arrived == set(outcomes) - failed
+
+
+async def test_a_nack_fails_the_run_with_a_reason(
+    nursery: trio.Nursery, admin: Admin, route: Route
+) -> None:
+    """A queue at its length limit with overflow reject-publish makes the broker nack."""
+    full = broker.unique("full-q")
+    arguments = {"x-max-length": 0, "x-overflow": "reject-publish"}
+    admin._call(
+        commands.Queue.Declare(queue=full, durable=True, arguments=arguments),
+        commands.Queue.DeclareOk,
+    )
+    try:
+        admin.bind(full, route.exchange, "full")
+        backend = await start_backend(nursery)
+        rule = rule_for(Route(route.exchange, full, "full"))
+        with pytest.raises(RunFailed) as info:
+            await backend.run(job("refused"), rule)
+        assert info.value.message == (
+            f"publish to {route.exchange}/full on {broker.url(password=None)} failed: broker "
+            "refused the message (nack: a queue at its length limit with overflow "
+            "reject-publish, or a broker error)"
+        )
+        assert (
+            await backend.run(job("fine"), rule_for(route)) == f"published to {route.exchange}/rk"
+        )
+    finally:
+        admin.delete_queue(full)
+
+
+# --- every id and payload a protocol accepts is delivered ----------------------------------------
+
+HOSTILE_IDS = [
+    "h.é",
+    "h.with space",
+    "h.\"double\" 'single'",
+    "h.cr\rlf\nend",
+    "h.ctl\x01\x1b[31m\x7f",
+    "-h.leading-dash",
+    "h.nul\x00inside",
+    "h." + "x" * 253,  # 255 bytes: the longest message_id
+    "h." + "x" * 254,  # 256 bytes: too long for message_id, still the body
+    "h." + "x" * 65_533,  # 65,535 bytes, the longest id
+    "h." + "é" * 32_766,
+]
+
+
+async def test_every_id_and_payload_is_delivered_exactly(
+    nursery: trio.Nursery, admin: Admin, route: Route
+) -> None:
+    backend = await start_backend(nursery)
+    payloads = [b"", "données\r\n\x00".encode(), bytes(range(256)), b"\xff" * 100_000]
+    sent = [
+        job(job_id, payload=payloads[i % len(payloads)]) for i, job_id in enumerate(HOSTILE_IDS)
+    ]
+    for the_job in sent:
+        await backend.run(the_job, rule_for(route))
+    messages = await trio.to_thread.run_sync(admin.drain, route.queue)
+    assert [m.body for m in messages] == [j.id.encode() for j in sent]
+    for the_job, message in zip(sent, messages, strict=True):
+        props = message.properties
+        fits = len(the_job.id.encode()) <= 255
+        assert props.message_id == (the_job.id if fits else None)
+        execute_at = to_datetime(the_job.execute_at).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        assert props.headers["kairoi-execute-at"] == execute_at
+        if the_job.payload:
+            value = props.headers["kairoi-payload"]
+            assert (value.encode() if isinstance(value, str) else bytes(value)) == the_job.payload
+        else:
+            assert "kairoi-payload" not in props.headers
+
+
+async def test_execute_at_has_four_digit_years(
+    nursery: trio.Nursery, admin: Admin, route: Route
+) -> None:
+    backend = await start_backend(nursery)
+    await backend.run(Job("old", -62_135_596_800_000_000, attempts=1), rule_for(route))
+    [message] = await trio.to_thread.run_sync(admin.drain, route.queue)
+    assert message.properties.headers["kairoi-execute-at"] == "0001-01-01T00:00:00.000000Z"

@@ -1,18 +1,23 @@
 """The `amqp` runner: publish each due job's id to RabbitMQ; executed once the broker confirms.
 
-Connections are opened on first use per DSN string, kept alive, shared by every
-rule with that DSN, and bounded: beyond `max_connections` the least recently
-used is closed (after its in-flight confirms settle). A connection that dies is
+Messages are published `mandatory`: one that no queue receives comes back and
+fails the run with reason `unroutable`, unless the rule's DSN says
+`?mandatory=false` (Kairoi's fire-and-forget). Connections are opened on first
+use per DSN string (without `mandatory`), kept alive, shared by every rule with
+that DSN, and bounded: beyond `max_connections` the least recently used is
+closed (after its in-flight confirms settle). A connection that dies is
 dropped; the next run reopens it, and if that fails the DSN goes into backoff
 (0.5 s doubling to 30 s) during which runs fail at once with the last error, so
-a down broker is not hammered. See docs/amqp.md.
+a down broker is not hammered. See docs/amqp.md and docs/runners.md.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 import structlog
 import trio
@@ -23,6 +28,7 @@ from kairoi_trio.runners.amqp_client import (
     AmqpConnection,
     AmqpError,
     AmqpOptions,
+    AmqpReturnedError,
     AmqpUrl,
     Properties,
     serve_amqp_connection,
@@ -32,6 +38,7 @@ from kairoi_trio.runners.base import RunFailed, Runner
 log = structlog.get_logger(__name__)
 
 _MAX_SHORTSTR = 255
+MANDATORY = "mandatory"  # the DSN's query parameter read by the runner, not the connection
 
 
 @dataclass(slots=True)
@@ -108,7 +115,11 @@ class AmqpRunnerBackend(Runner):
         if not isinstance(spec, AmqpRunner):
             raise RunFailed(f"amqp runner given a {spec.kind} rule")
         target = f"{spec.exchange}/{spec.routing_key}"
-        slot, conn = await self._connection(spec.dsn)
+        try:
+            dsn, mandatory = split_dsn(spec.dsn)
+        except ValueError as exc:
+            raise RunFailed(str(exc)) from None
+        slot, conn = await self._connection(dsn)
         where = conn.url.redacted()
         try:
             if not await conn.exchange_exists(spec.exchange, timeout=self.confirm_timeout_s):
@@ -118,8 +129,16 @@ class AmqpRunnerBackend(Runner):
                 spec.routing_key,
                 job.id.encode(),
                 properties=_properties(job),
+                mandatory=mandatory,
                 timeout=self.confirm_timeout_s,
             )
+        except AmqpReturnedError as exc:
+            # "unroutable" first: the word users and alerts look for.
+            reason = (
+                f"unroutable: {target} on {where} routes to no queue "
+                f"(the broker returned the message: {exc.reply})"
+            )
+            raise self._failed(job, reason) from None
         except AmqpError as exc:
             reason = f"publish to {target} on {where} failed: {exc.reason}"
             raise self._failed(job, reason) from None
@@ -141,9 +160,16 @@ class AmqpRunnerBackend(Runner):
         slot = self._slots.get(dsn)
         if slot is None:
             try:
-                url = AmqpUrl.parse(dsn)
+                url = AmqpUrl.parse(dsn, frozenset({MANDATORY}))
             except AmqpError as exc:
                 raise RunFailed(exc.reason) from None
+            if url.ignored:
+                log.warning(
+                    "amqp.dsn_parameters_ignored",
+                    amqp=url.redacted(),
+                    parameters=list(url.ignored),
+                    why="the [runners.amqp] settings apply to every connection",
+                )
             slot = self._slots[dsn] = _Slot(url)
         self._slots.move_to_end(dsn)
         if slot.conn is not None and slot.conn.is_open:
@@ -203,9 +229,48 @@ class AmqpRunnerBackend(Runner):
         await conn.aclose()
 
 
+def _rfc3339(us: int) -> str:
+    """RFC 3339, UTC, four-digit year, microseconds: "2026-12-01T09:00:00.000000Z".
+
+    (strftime's "%Y" writes year 1 as "1" on Linux.) To be replaced by
+    model.format_time, the one formatter for every time the server writes.
+    """
+    t = to_datetime(us)
+    day = f"{t.year:04d}-{t.month:02d}-{t.day:02d}"
+    return f"{day}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}.{t.microsecond:06d}Z"
+
+
+@functools.lru_cache(maxsize=1024)
+def split_dsn(dsn: str) -> tuple[str, bool]:
+    """A rule's DSN as (the DSN its connection is kept under, publish mandatory?).
+
+    `mandatory=true|false` in the query (default true) is the runner's own
+    option: it is removed from the connection's DSN, so that rules with and
+    without it share one connection. Raises ValueError for another value.
+    """
+    parts = urlsplit(dsn)
+    if not parts.query:
+        return dsn, True
+    pairs = parts.query.split("&")
+    kept = []
+    mandatory = True
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if unquote_plus(name) != MANDATORY:
+            kept.append(pair)
+            continue
+        value = unquote_plus(value)
+        if value not in ("true", "false"):
+            raise ValueError(f"invalid AMQP URL: {MANDATORY} must be true or false, not {value!r}")
+        mandatory = value == "true"  # the last one wins, as in any query string
+    if len(kept) == len(pairs):
+        return dsn, True
+    return urlunsplit(parts._replace(query="&".join(kept))), mandatory
+
+
 def _properties(job: Job) -> Properties:
     headers: FieldTable = {
-        "kairoi-execute-at": to_datetime(job.execute_at).isoformat(),
+        "kairoi-execute-at": _rfc3339(job.execute_at),
         "kairoi-attempt": job.attempts,
     }
     if job.payload:
