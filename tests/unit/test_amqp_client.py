@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -10,6 +11,7 @@ import amqp_broker as broker
 import pytest
 import trio
 from amqp_broker import Admin, Route
+from pamqp import commands, frame
 
 from kairoi_trio.runners.amqp_client import (
     AmqpChannelError,
@@ -196,6 +198,50 @@ async def test_unreachable_port_fails_fast() -> None:
         async with open_amqp_connection("amqp://guest:guest@127.0.0.1:1/"):
             pass
     assert time.monotonic() - started < 2
+
+
+# --- a broker that sends what it must not ---------------------------------------------------
+
+
+async def fake_broker(nursery: trio.Nursery, after_open: bytes) -> str:
+    """A TCP server that does the AMQP handshake right (pamqp frames), then answers
+    the first frame after it with `after_open` and holds the connection."""
+
+    async def serve(stream: trio.SocketStream) -> None:
+        async def read_frame() -> None:
+            head = b""
+            while len(head) < 7:
+                head += await stream.receive_some(7 - len(head))
+            rest = int.from_bytes(head[3:7], "big") + 1
+            while rest:
+                rest -= len(await stream.receive_some(rest))
+
+        assert await stream.receive_some(8) == b"AMQP\x00\x00\x09\x01"
+        start = commands.Connection.Start(mechanisms="PLAIN", locales="en_US")
+        await stream.send_all(frame.marshal(start, 0))
+        await read_frame()  # start-ok
+        await stream.send_all(frame.marshal(commands.Connection.Tune(0, 131072, 0), 0))
+        await read_frame()  # tune-ok
+        await read_frame()  # open
+        await stream.send_all(frame.marshal(commands.Connection.OpenOk(), 0))
+        await read_frame()  # channel.open, from the first publish
+        await stream.send_all(after_open)
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    return f"amqp://guest:guest@127.0.0.1:{listeners[0].socket.getsockname()[1]}/"
+
+
+async def test_a_frame_over_frame_max_closes_the_connection_unbuffered(
+    nursery: trio.Nursery,
+) -> None:
+    """The broker announces a 100 MB frame: refused at its 7-byte header, not held."""
+    url = await fake_broker(nursery, b"\x01\x00\x01" + (100_000_000).to_bytes(4, "big"))
+    conn = await nursery.start(serve_amqp_connection, url, AmqpOptions(heartbeat_s=0))
+    with pytest.raises(AmqpConnectionError) as info:
+        await conn.publish("", "q", b"never sent")
+    assert info.value.reason == "frame of 100000008 bytes from broker, over frame_max 131072"
+    assert conn.close_reason == info.value.reason
 
 
 # --- broker faults on an open connection -----------------------------------------------

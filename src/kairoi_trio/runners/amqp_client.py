@@ -60,6 +60,7 @@ _HEARTBEAT_FRAME = frame.marshal(heartbeat.Heartbeat(), 0)
 _RECEIVE_SIZE = 256 * 1024
 _MAX_SEND_BATCH = 1024 * 1024
 _CLOSE_GRACE_S = 1.0
+_MIN_FRAME = 4096  # AMQP's frame-min-size: what peers must accept before tuning
 _NOT_FOUND = 404
 
 # Query parameters of RabbitMQ's URI spec (https://www.rabbitmq.com/docs/uri-query-parameters)
@@ -241,6 +242,8 @@ class _Returned:
     method: commands.Basic.Return
     size: int = -1  # from the content header; -1 until it came
     body: bytearray = field(default_factory=bytearray)
+    received: int = 0
+    keep: bool = True  # False: longer than anything we could have sent, only counted
 
 
 @dataclass(slots=True)
@@ -259,6 +262,9 @@ class _Channel:
     # Tags the broker returned, failed when their confirm arrives.
     returned: dict[int, AmqpReturnedError] = field(default_factory=dict)
     incoming: _Returned | None = None
+    # The longest body published mandatory on this channel: a returned body
+    # longer than it matches nothing and is counted, not kept.
+    longest_returnable: int = 0
 
 
 @dataclass(slots=True)
@@ -273,10 +279,16 @@ class _Eof(Exception):
 
 
 class _FrameReader:
-    """Split the byte stream into frames and let pamqp decode each one."""
+    """Split the byte stream into frames and let pamqp decode each one.
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    A frame larger than `max_frame` bytes (header and end octet included, as
+    AMQP counts frame_max) is refused before it is buffered: a broker cannot
+    make us hold more than one frame of the size we agreed to.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, max_frame: int) -> None:
         self._stream = stream
+        self.max_frame = max_frame
         self._buf = bytearray()
         self._ready: deque[tuple[int, object]] = deque()
 
@@ -303,6 +315,10 @@ class _FrameReader:
             if buf[pos : pos + 4] == b"AMQP":
                 raise AmqpConnectionError("the server does not speak AMQP 0-9-1")
             end = pos + 8 + int.from_bytes(buf[pos + 3 : pos + 7], "big")
+            if end - pos > self.max_frame:
+                raise AmqpConnectionError(
+                    f"frame of {end - pos} bytes from broker, over frame_max {self.max_frame}"
+                )
             if end > size_all:
                 break
             try:
@@ -440,6 +456,7 @@ class AmqpConnection:
             if mandatory:
                 waiter.key = (exchange, routing_key, body)
                 channel.returnable.setdefault(waiter.key, deque()).append(tag)
+                channel.longest_returnable = max(channel.longest_returnable, len(body))
             self._in_flight += 1
             self._send_nowait(frames)
             await waiter.event.wait()
@@ -525,7 +542,7 @@ class AmqpConnection:
                     stream = trio.SSLStream(stream, context, server_hostname=url.host)
                     self._stream = stream
                     await stream.do_handshake()
-                self._reader = _FrameReader(stream)
+                self._reader = _FrameReader(stream, max(self.frame_max, _MIN_FRAME))
                 await self._handshake(stream)
         except trio.TooSlowError:
             await self._abort_stream()
@@ -581,7 +598,9 @@ class AmqpConnection:
         await stream.send_all(frame.marshal(start_ok, 0))
         tune = await self._expect(commands.Connection.Tune)
         self.channel_max = min(tune.channel_max or 65535, opts.channel_max)
-        self.frame_max = min(tune.frame_max or 2**31, opts.frame_max)
+        self.frame_max = max(min(tune.frame_max or 2**31, opts.frame_max), _MIN_FRAME)
+        assert self._reader is not None
+        self._reader.max_frame = self.frame_max
         self.heartbeat_s = opts.heartbeat_s
         tune_ok = commands.Connection.TuneOk(
             channel_max=self.channel_max, frame_max=self.frame_max, heartbeat=self.heartbeat_s
@@ -816,11 +835,17 @@ class AmqpConnection:
             return
         if isinstance(value, header.ContentHeader):
             incoming.size = value.body_size
+            incoming.keep = incoming.size <= channel.longest_returnable
         else:
-            incoming.body += value.value
-        if 0 <= incoming.size <= len(incoming.body):
+            incoming.received += len(value.value)
+            if incoming.keep:
+                incoming.body += value.value
+        if 0 <= incoming.size <= incoming.received:
             channel.incoming = None
-            self._match_return(channel, incoming)
+            if incoming.keep:
+                self._match_return(channel, incoming)
+            else:
+                self._log.warning("amqp.unmatched_return", size=incoming.size)
 
     def _match_return(self, channel: _Channel, incoming: _Returned) -> None:
         method = incoming.method
