@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, fields
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 
 MICROS = 1_000_000
 MAX_JOB_ID_BYTES = 65_535
+
+# The supported range of times, the one of RFC 3339 with four-digit years and of
+# google.protobuf.Timestamp: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999Z.
+# Every time the server stores or computes stays inside it.
+MIN_TIME_US = -62_135_596_800 * MICROS
+MAX_TIME_US = 253_402_300_800 * MICROS - 1
 
 
 class Status(enum.Enum):
@@ -62,6 +68,11 @@ RunnerSpec = ShellRunner | AmqpRunner | HttpRunner
 RUNNER_KINDS = ("shell", "amqp", "http")
 
 
+# Past this many doublings any backoff_initial_s above 1e-298 s has reached any
+# backoff_max_s; one more and 2.0 ** n overflows.
+MAX_BACKOFF_EXPONENT = 1023
+
+
 @dataclass(frozen=True, slots=True)
 class RulePolicy:
     """Per-rule execution options; the defaults are Kairoi's behaviour (one try, no limits).
@@ -81,8 +92,19 @@ class RulePolicy:
     stale_after_s: float | None = None
 
     def retry_delay_us(self, attempt: int) -> int:
-        """Delay before the attempt after `attempt` (1-based) failed."""
-        delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (attempt - 1))
+        """Delay in microseconds before the attempt after `attempt` (1-based) failed.
+
+        Total for every attempt: the exponent is capped (2.0 ** 1024 overflows a
+        float, where 2 ** 1024 as an int overflowed the conversion). Raises
+        ValueError when the policy's own values give a delay that is not a
+        finite span of the supported time range (a policy that was never
+        validated, e.g. replayed from an old log); core/validation.py bounds
+        every policy a client or the configuration brings.
+        """
+        exponent = min(max(attempt - 1, 0), MAX_BACKOFF_EXPONENT)
+        delay = min(self.backoff_max_s, self.backoff_initial_s * 2.0**exponent)
+        if not 0 <= delay <= (MAX_TIME_US - MIN_TIME_US) / MICROS:  # also false for NaN
+            raise ValueError(f"retry delay {delay!r}s is out of range")
         return int(delay * MICROS)
 
 
@@ -174,8 +196,47 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+_DAY_US = 86_400 * MICROS
+
+
+def check_time(us: int, what: str = "time") -> int:
+    """`us` itself if it lies in MIN_TIME_US..MAX_TIME_US; else ValueError naming `what`."""
+    if not MIN_TIME_US <= us <= MAX_TIME_US:
+        raise ValueError(f"{what} is outside the supported range 0001-01-01 to 9999-12-31")
+    return us
+
+
 def to_datetime(us: int) -> datetime:
-    return datetime.fromtimestamp(us // MICROS, UTC).replace(microsecond=us % MICROS)
+    """An aware UTC datetime; ValueError outside the supported range."""
+    return _EPOCH + timedelta(microseconds=check_time(us))
+
+
+def format_time(us: int, *, sep: str = "T", zone: str = "Z", fraction: bool = True) -> str:
+    """A time as RFC 3339 text, always with a four-digit year: the one formatter
+    for every time the server writes (protocols, runners, logs, the CLI).
+
+    us: microseconds since the epoch, UTC.
+    sep, zone: "T" and "Z" give RFC 3339 ("2026-12-01T09:00:00.000000Z");
+        KCP writes Kairoi's form with " " and "" ("2026-12-01 09:00:00").
+    fraction: True writes the six microsecond digits always; False only when
+        they are not all zero.
+    Raises ValueError outside 0001-01-01T00:00:00Z..9999-12-31T23:59:59.999999Z.
+
+    strftime is not used: on Linux, "%Y" writes year 1 as "1", not "0001".
+    """
+    days, rest = divmod(check_time(us), _DAY_US)
+    day = date.fromordinal(_EPOCH_ORDINAL + days)
+    seconds, micros = divmod(rest, MICROS)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    text = (
+        f"{day.year:04d}-{day.month:02d}-{day.day:02d}{sep}{hours:02d}:{minutes:02d}:{seconds:02d}"
+    )
+    if fraction or micros:
+        text += f".{micros:06d}"
+    return text + zone
 
 
 def from_datetime(dt: datetime) -> int:

@@ -34,8 +34,8 @@ from kairoi_trio.model import (
     Rule,
     RunnerSpec,
     ShellRunner,
-    to_datetime,
 )
+from kairoi_trio.model import format_time as model_format_time
 
 _TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?\Z", re.ASCII)
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
@@ -81,12 +81,9 @@ def _days_since_epoch(day: str) -> int:
 
 
 def format_time(us: int) -> str:
-    """The inverse of parse_time; the fraction only when there is one."""
-    dt = to_datetime(us)
-    text = dt.strftime("%Y-%m-%d %H:%M:%S")
-    if dt.year < 1000:  # strftime does not pad years on every platform
-        text = f"{dt.year:04d}" + text[text.index("-") :]
-    return f"{text}.{dt.microsecond:06d}" if dt.microsecond else text
+    """The inverse of parse_time ("Y-m-d H:i:s", the fraction only when there is
+    one, four-digit years); ValueError outside 0001..9999."""
+    return model_format_time(us, sep=" ", zone="", fraction=False)
 
 
 def _set(args: list[str]) -> Command:
