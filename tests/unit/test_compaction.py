@@ -245,7 +245,7 @@ async def test_truncated_snapshot_is_corruption(tmp_path: Path) -> None:
 
 async def test_snapshot_without_end_record_is_corruption(tmp_path: Path) -> None:
     path = await _one_snapshot(tmp_path)
-    path.write_bytes(path.read_bytes()[:-25])  # exactly the SnapshotEnd frame
+    path.write_bytes(path.read_bytes()[:-29])  # exactly the SnapshotEnd frame (12 + 17 bytes)
     with pytest.raises(CorruptLogError, match="without its end record"):
         load(tmp_path)
 

@@ -7,9 +7,16 @@ Directory layout (see docs/storage.md for the byte format and the crash-safety a
     segment-0000000008.log        records appended after it, in order
     segment-0000000009.log        the active segment (the only one written to)
 
-Start-up (`load`) replays the newest snapshot and the later segments. A torn
-record at the end of the last segment (a crash mid-write) is cut off with a
-warning; any other damage raises CorruptLogError naming the file and offset.
+Start-up (`load`) replays the newest snapshot and the later segments. An
+unfinished write at the end of the last segment (a crash mid-append, see
+records.torn_tail) is cut off with a warning; any other damage raises
+CorruptLogError naming the file and offset, and nothing is changed.
+
+Files of format version 1 (the first release) are read as they are; new
+segments and snapshots are written in the current version, and a version-1
+segment that was still the active one is sealed at start-up (appends go to a
+new segment), so that no file mixes versions. `read_state` replays a directory
+without locking or changing it (backup verification).
 
 Appends are group commits: the caller hands over a batch of records, they are
 encoded, written with one pwrite and made durable with one fdatasync, all in one
@@ -29,6 +36,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import gc
+import mmap
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -42,20 +50,23 @@ from kairoi_trio.model import Job, Rule
 from kairoi_trio.storage import compaction
 from kairoi_trio.storage.compaction import (
     LOCK_NAME,
+    TMP_SUFFIX,
     fsync_directory,
     list_directory,
     segment_path,
 )
 from kairoi_trio.storage.records import (
+    FORMAT_VERSION,
     HEADER_SIZE,
     SEGMENT_MAGIC,
     SNAPSHOT_MAGIC,
-    FrameError,
     Record,
-    check_header,
     encode_header,
     encode_records,
+    read_header,
     replay_into,
+    torn_tail,
+    zero_tail_start,
 )
 
 log = structlog.get_logger(__name__)
@@ -81,6 +92,12 @@ class CorruptLogError(Exception):
     """The log cannot be read safely: start-up must stop. The message names file, offset, cause."""
 
 
+REPAIR_HINT = (
+    "the files were left as they are; `kairoi-trio repair` copies every readable record "
+    "into a new directory (docs/operations.md, Backup and repair)"
+)
+
+
 @dataclass
 class LoadedState:
     """What `load` found: the state, and figures worth logging at start-up."""
@@ -92,6 +109,7 @@ class LoadedState:
     warnings: list[str] = field(default_factory=list)
     snapshot_seq: int = 0  # 0 when no snapshot was used
     segments: int = 0  # segment files replayed
+    versions: dict[str, int] = field(default_factory=dict)  # file name -> format version read
     bytes_read: int = 0
     orphan_status_records: int = 0  # JobStatus records for jobs that did not exist
     seconds: float = 0.0
@@ -115,6 +133,7 @@ class DurableLog:
     def __init__(self, directory: Path, *, fsync: bool = True) -> None:
         self._dir = Path(directory)
         self._fsync = fsync
+        self._read_only = False  # read_state(): replay only, change nothing
         self._lock_fd: int | None = None
         self._fd: int | None = None  # active segment, opened read-write
         self._active_seq = 0
@@ -178,6 +197,9 @@ class DurableLog:
         gc.disable()
         try:
             state = self._replay()
+        except CorruptLogError as exc:
+            self._unlock()
+            raise CorruptLogError(f"{exc}; {REPAIR_HINT}") from None
         except BaseException:
             self._unlock()
             raise
@@ -224,17 +246,20 @@ class DurableLog:
     def _replay(self) -> LoadedState:
         state = LoadedState(jobs={}, rules={})
         listing = list_directory(self._dir)
-        for tmp in listing.temporary:
-            log.info("removing an unfinished temporary file", path=str(tmp))
-            tmp.unlink(missing_ok=True)
+        if not self._read_only:
+            for tmp in listing.temporary:
+                log.info("removing an unfinished temporary file", path=str(tmp))
+                tmp.unlink(missing_ok=True)
 
+        previous: int | None = None  # format version of the newest file read so far
         if listing.snapshots:
             seq = max(listing.snapshots)
-            self._replay_snapshot(listing.snapshots[seq], seq, state)
+            previous = self._replay_snapshot(listing.snapshots[seq], seq, state)
             state.snapshot_seq = self._snapshot_seq = seq
             self._snapshot_bytes = listing.snapshots[seq].stat().st_size
-            # Leftovers of a compaction interrupted after its snapshot became durable.
-            compaction.remove_covered(self._dir, seq, fsync=self._fsync)
+            if not self._read_only:
+                # Leftovers of a compaction interrupted after its snapshot became durable.
+                compaction.remove_covered(self._dir, seq, fsync=self._fsync)
 
         segments = sorted(s for s in listing.segments if s > self._snapshot_seq)
         expected = self._snapshot_seq + 1
@@ -247,41 +272,59 @@ class DurableLog:
                 )
             expected += 1
 
-        for seq in segments:
+        for seq in list(segments):
             is_last = seq == segments[-1]
-            size = self._replay_segment(segment_path(self._dir, seq), seq, state, is_last=is_last)
+            path = segment_path(self._dir, seq)
+            replayed = self._replay_segment(path, seq, state, is_last=is_last, previous=previous)
+            if replayed is None:  # an unfinished segment of the previous release, removed
+                segments.pop()
+                break
+            self._sealed[seq], previous = replayed
             state.segments += 1
-            if not is_last:
-                self._sealed[seq] = size
 
-        if segments:
-            self._active_seq = segments[-1]
-            self._active_size = os.stat(segment_path(self._dir, self._active_seq)).st_size
-            self._fd = os.open(segment_path(self._dir, self._active_seq), os.O_RDWR)
-        else:
-            self._active_seq = self._snapshot_seq + 1
-            self._fd, self._active_size = self._create_segment(self._active_seq)
         if state.orphan_status_records:
             state.warnings.append(
                 f"{state.orphan_status_records} status records for unknown jobs were skipped"
             )
         for warning in state.warnings:
             log.warning(warning)
+        if self._read_only:
+            return state
+
+        if segments and previous == FORMAT_VERSION:
+            self._active_seq = segments[-1]
+            self._active_size = self._sealed.pop(self._active_seq)
+            self._fd = os.open(segment_path(self._dir, self._active_seq), os.O_RDWR)
+        else:
+            # No segment yet, or the newest is of an older format version: append to
+            # a new segment of the current one, so that no file mixes versions.
+            self._active_seq = (segments[-1] if segments else self._snapshot_seq) + 1
+            self._fd, self._active_size = self._create_segment(self._active_seq)
+            if segments:
+                log.info(
+                    "continuing in a new segment of the current format",
+                    segment=self._active_seq,
+                    format_version=FORMAT_VERSION,
+                    sealed=segments[-1],
+                    sealed_format_version=previous,
+                )
         return state
 
-    def _replay_snapshot(self, path: Path, seq: int, state: LoadedState) -> None:
+    def _replay_snapshot(self, path: Path, seq: int, state: LoadedState) -> int:
+        """Apply snapshot `seq` to `state`; return its format version."""
         with open(path, "rb", buffering=0) as f:
-            header = f.read(HEADER_SIZE)
-            problem = check_header(header, SNAPSHOT_MAGIC, seq)
-            if problem is not None:
-                raise CorruptLogError(f"{path}: offset 0: {problem}")
+            header = read_header(f.read(HEADER_SIZE), SNAPSHOT_MAGIC, seq)
+            if header.problem is not None:
+                raise CorruptLogError(f"{path}: offset 0: {header.problem}")
+            version = header.version
+            state.versions[path.name] = version
             size = os.fstat(f.fileno()).st_size
             buffer = b""
             base = HEADER_SIZE
             while True:
                 chunk = f.read(_READ_BLOCK)
                 buffer = buffer + chunk if buffer else chunk
-                result = replay_into(buffer, 0, state.jobs, state.rules)
+                result = replay_into(buffer, 0, state.jobs, state.rules, version)
                 state.records += result.records
                 state.orphan_status_records += result.orphan_status
                 state.bytes_read += result.end
@@ -297,9 +340,10 @@ class DurableLog:
                             f"{path}: offset {offset}: snapshot promises {end.jobs} jobs and "
                             f"{end.rules} rules, holds {len(state.jobs)} and {len(state.rules)}"
                         )
-                    return
+                    return version
                 error = result.error
                 if error is not None and not (error.incomplete and chunk):
+                    # A snapshot is complete before it is renamed: nothing in it is torn.
                     raise CorruptLogError(f"{path}: offset {base + error.offset}: {error.reason}")
                 if not chunk:
                     raise CorruptLogError(
@@ -308,24 +352,37 @@ class DurableLog:
                 base += result.end
                 buffer = buffer[result.end :]
 
-    def _replay_segment(self, path: Path, seq: int, state: LoadedState, *, is_last: bool) -> int:
-        """Apply one segment to `state`; return its (possibly repaired) size."""
+    def _replay_segment(
+        self, path: Path, seq: int, state: LoadedState, *, is_last: bool, previous: int | None
+    ) -> tuple[int, int] | None:
+        """Apply one segment to `state`: its (possibly repaired) size and format version.
+
+        None if it was an unfinished segment of the previous release, now removed.
+        `previous` is the format version of the file before it (None: no file).
+        """
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
-            header = f.read(HEADER_SIZE)
-            problem = check_header(header, SEGMENT_MAGIC, seq)
-            if problem is not None:
-                if is_last and (size < HEADER_SIZE or self._zeros_from(f, 0)):
-                    # Crash while rotation was creating this file: nothing was ever appended.
-                    self._repair_tail(path, 0, size, state, rewrite_header=seq)
-                    return HEADER_SIZE
-                raise CorruptLogError(f"{path}: offset 0: {problem}")
+            raw = f.read(HEADER_SIZE)
+            header = read_header(raw, SEGMENT_MAGIC, seq)
+            if header.problem is not None:
+                if is_last and previous == 1 and self._unfinished_v1_segment(raw, size):
+                    self._remove_unfinished(path, size, state)
+                    return None
+                hint = ""
+                if size <= HEADER_SIZE or zero_tail_start(raw) == 0:
+                    hint = (
+                        " (this release creates a segment whole under a temporary name, so "
+                        "this one was cut or overwritten later: records may be missing)"
+                    )
+                raise CorruptLogError(f"{path}: offset 0: {header.problem}{hint}")
+            version = header.version
+            state.versions[path.name] = version
             buffer = b""
             base = HEADER_SIZE  # file offset of buffer[0]
             while True:
                 chunk = f.read(_READ_BLOCK)
                 buffer = buffer + chunk if buffer else chunk
-                result = replay_into(buffer, 0, state.jobs, state.rules)
+                result = replay_into(buffer, 0, state.jobs, state.rules, version)
                 state.records += result.records
                 state.orphan_status_records += result.orphan_status
                 state.bytes_read += result.end
@@ -336,7 +393,7 @@ class DurableLog:
                 error = result.error
                 if error is None:
                     if not chunk:
-                        return size
+                        return size, version
                     base += len(buffer)
                     buffer = b""
                     continue
@@ -345,63 +402,56 @@ class DurableLog:
                     buffer = buffer[result.end :]
                     continue
                 offset = base + error.offset
-                if is_last and self._is_torn_tail(f, error, offset, buffer, size):
-                    self._repair_tail(path, offset, size, state, reason=error.reason)
-                    return offset
+                if is_last:
+                    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                        torn = torn_tail(view, offset, version)
+                    if torn is not None:
+                        self._repair_tail(path, offset, size, state, reason=torn)
+                        return offset, version
                 raise CorruptLogError(f"{path}: offset {offset}: {error.reason}")
 
     @staticmethod
-    def _is_torn_tail(f, error: FrameError, offset: int, buffer: bytes, size: int) -> bool:
-        """Can the bad frame at `offset` be the unfinished last write rather than corruption?
+    def _unfinished_v1_segment(raw: bytes, size: int) -> bool:
+        """Did the previous release die while creating this segment (so it holds no record)?
 
-        Yes if the file ends inside it (and its start is consistent, which
-        decode checked), if it is the very last frame (its checksum failed
-        because only part of it reached the disk), or if everything from it to
-        the end of the file is zero bytes (a file extended but never written).
+        That release created a segment in place with one 24-byte write: a crash
+        before its fsync leaves an empty file or one of zeros (a write of one
+        sector is never half done). This release creates segments under a
+        temporary name, so only a version-1 directory can hold one; anything
+        else (a file of 10 bytes...) was cut after it was written.
         """
-        if error.incomplete:
-            return True
-        rel = error.offset
-        if len(buffer) - rel >= 8:
-            frame_end = offset + 8 + int.from_bytes(buffer[rel : rel + 4], "little")
-            if frame_end == size and error.reason == "checksum mismatch":
-                return True
-        return DurableLog._zeros_from(f, offset)
+        return size <= HEADER_SIZE and raw.count(0) == len(raw) == size
 
-    @staticmethod
-    def _zeros_from(f, offset: int) -> bool:
-        """True if the file holds only zero bytes from `offset` to its end."""
-        f.seek(offset)
-        while chunk := f.read(_READ_BLOCK):
-            if chunk.count(0) != len(chunk):
-                return False
-        return True
+    def _remove_unfinished(self, path: Path, size: int, state: LoadedState) -> None:
+        state.warnings.append(
+            f"{path}: {'ignored' if self._read_only else 'removed'} a segment the previous "
+            f"release left unfinished while creating it ({size} bytes, no records)"
+        )
+        if self._read_only:
+            return
+        path.unlink()
+        if self._fsync:
+            fsync_directory(self._dir)
 
     def _repair_tail(
-        self,
-        path: Path,
-        offset: int,
-        size: int,
-        state: LoadedState,
-        *,
-        reason: str = "",
-        rewrite_header: int | None = None,
+        self, path: Path, offset: int, size: int, state: LoadedState, *, reason: str
     ) -> None:
+        """Cut the unfinished write at `offset` off the last segment (read_state: report it)."""
+        if self._read_only:
+            state.warnings.append(
+                f"{path}: an unfinished write at the end of the log at offset {offset} "
+                f"({size - offset} bytes: {reason}) is not part of the state"
+            )
+            return
         with open(path, "r+b", buffering=0) as f:
-            if rewrite_header is not None:
-                f.write(encode_header(SEGMENT_MAGIC, rewrite_header))
-                f.truncate(HEADER_SIZE)
-                message = f"{path}: rewrote an unfinished segment header ({size} bytes found)"
-            else:
-                f.truncate(offset)
-                message = (
-                    f"{path}: cut {size - offset} bytes of a torn record at the end of the log "
-                    f"at offset {offset} ({reason})"
-                )
+            f.truncate(offset)
             if self._fsync:
                 os.fsync(f.fileno())
-        state.repaired_tail_bytes += max(size - offset, 0)
-        state.warnings.append(message)
+        state.repaired_tail_bytes += size - offset
+        state.warnings.append(
+            f"{path}: cut {size - offset} bytes of a torn record at the end of the log "
+            f"at offset {offset} ({reason})"
+        )
 
     # -- appending --------------------------------------------------------------
 
@@ -492,16 +542,27 @@ class DurableLog:
         return old_seq
 
     def _create_segment(self, seq: int) -> tuple[int, int]:
+        """Create segment `seq` holding only its header; (read-write fd, size).
+
+        Written under a temporary name and renamed, so that a segment file
+        always has a whole header: a shorter one is damage, never a crash
+        (start-up deletes a leftover *.tmp).
+        """
         path = segment_path(self._dir, seq)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        tmp = path.with_name(path.name + TMP_SUFFIX)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.write(fd, encode_header(SEGMENT_MAGIC, seq))
+            header = encode_header(SEGMENT_MAGIC, seq)
+            if os.write(fd, header) != len(header):
+                raise OSError(errno.EIO, "short write of a segment header")
             if self._fsync:
                 os.fsync(fd)
+            os.rename(tmp, path)
+            if self._fsync:
                 fsync_directory(self._dir)
         except BaseException:
             os.close(fd)
-            path.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         return fd, HEADER_SIZE
 
@@ -589,3 +650,22 @@ class DurableLog:
             log.warning("could not sync the log on close", error=_describe(exc))
         finally:
             self._unlock()
+
+
+def read_state(directory: Path) -> LoadedState:
+    """Replay a data directory without locking or changing it: the state a server would load.
+
+    BLOCKING. Same checks as DurableLog.load, but nothing is written: an
+    unfinished write at the end of the last segment is left out of the state
+    and reported in `warnings` instead of being cut, leftover temporary and
+    compacted files are ignored. Raises CorruptLogError, FileNotFoundError if
+    `directory` does not exist, OSError. Used to verify backups.
+    """
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no such data directory", str(directory))
+    reader = DurableLog(directory)
+    reader._read_only = True
+    started = time.perf_counter()
+    state = reader._replay()
+    state.seconds = time.perf_counter() - started
+    return state

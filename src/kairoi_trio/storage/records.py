@@ -1,31 +1,39 @@
 """Log records: what the storage layer writes, and how it is framed on disk.
 
 Pure code, no I/O: the record types the command actor appends, their binary
-encoding, the frame around each encoded record, and the file headers. See
-docs/storage.md for the byte layout.
+encoding, the frame around each encoded record, the file headers, and the
+rules that tell an unfinished final write from damage. See docs/storage.md
+for the byte layout and the reasons behind it.
 
-Every record is one *frame*:
+Every record is one *frame*. Format version 2 (written by this release):
+
+    u32 LE payload length | u32 LE crc32(length field) | u32 LE crc32(payload) | payload
+
+The length checks itself, so a damaged length is never mistaken for a write
+that was cut short. Format version 1 (the first release; read, never written):
 
     u32 LE payload length | u32 LE crc32(payload) | payload
 
-and every payload starts with a one-byte record type. Job records (the bulk of
+Every payload starts with a one-byte record type. Job records (the bulk of
 the log) use a fixed little-endian struct followed by the variable-length
 fields; rules are rare and are stored as JSON.
 
 Decoding is the start-up hot path (a million records must replay in a couple
-of seconds), so `decode_records` avoids per-record allocation where it can: it
-shares the Status members and the empty payload, caches outcome strings, and
-builds Job objects through the slot descriptors (half the cost of the frozen
-dataclass __init__, same result).
+of seconds), so `replay_into` decodes JobPut frames inline: it shares the
+Status members and the empty payload, caches outcome strings and the length
+checks (lengths repeat), and builds Job objects through the slot descriptors
+(half the cost of the frozen dataclass __init__, same result).
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
+from typing import TypeAlias
 
 from kairoi_trio.model import (
     JOB_SLOT_SETTERS,
@@ -39,6 +47,9 @@ from kairoi_trio.model import (
     Status,
     new_job,
 )
+
+# Anything decoding reads from: bytes, or a read-only mmap of a file.
+Buffer: TypeAlias = bytes | mmap.mmap
 
 # -- record types ---------------------------------------------------------------
 # Messages, never changed once made; not frozen because the actor makes one per
@@ -98,8 +109,12 @@ T_SNAPSHOT_END = 6
 
 # -- framing --------------------------------------------------------------------
 
-FRAME = struct.Struct("<II")  # payload length, crc32(payload)
+# Format version 2 frame header: payload length, crc32 of the 4 length bytes, crc32(payload).
+FRAME = struct.Struct("<III")
 FRAME_SIZE = FRAME.size
+# Format version 1 frame header: payload length, crc32(payload).
+FRAME_V1 = struct.Struct("<II")
+FRAME_V1_SIZE = FRAME_V1.size
 # Upper bound on one payload: a 64 KiB id plus a payload far above any sane cap.
 # A length field above it can only be corruption.
 MAX_PAYLOAD_BYTES = 256 * 1024 * 1024
@@ -122,11 +137,29 @@ _STATUS_BY_CODE: tuple[Status | None, ...] = (
 _crc32 = zlib.crc32
 _frame_pack = FRAME.pack
 _job_put_pack = _JOB_PUT.pack
+_LENGTH = struct.Struct("<I")
+
+# crc32 of a length field, by length. Lengths repeat (jobs of one application are
+# alike), so replay looks the check up instead of computing a CRC per frame.
+# Bounded: a log of all-different lengths computes the rest.
+_length_checks: dict[int, int] = {}
+_LENGTH_CHECKS_MAX = 1 << 16
+
+
+def length_check(length: int) -> int:
+    """The check value of a version-2 frame header: crc32 of the u32 LE length field."""
+    check = _length_checks.get(length)
+    if check is None:
+        check = _crc32(_LENGTH.pack(length))
+        if len(_length_checks) < _LENGTH_CHECKS_MAX:
+            _length_checks[length] = check
+    return check
 
 
 def frame(payload: bytes) -> bytes:
-    """Wrap one encoded record in its length + checksum header."""
-    return _frame_pack(len(payload), _crc32(payload)) + payload
+    """Wrap one encoded record in its (format version 2) frame header."""
+    length = len(payload)
+    return _frame_pack(length, length_check(length), _crc32(payload)) + payload
 
 
 def encode_job(job: Job) -> bytes:
@@ -149,7 +182,8 @@ def encode_job(job: Job) -> bytes:
         + payload
         + outb
     )
-    return _frame_pack(len(body), _crc32(body)) + body
+    length = len(body)
+    return _frame_pack(length, length_check(length), _crc32(body)) + body
 
 
 def encode_rule(rule: Rule) -> bytes:
@@ -202,27 +236,60 @@ def encode_snapshot_end(jobs: int, rules: int) -> bytes:
 
 SEGMENT_MAGIC = b"KTRIOLOG"
 SNAPSHOT_MAGIC = b"KTRIOSNP"
-FORMAT_VERSION = 1
+# The version this release writes, and the ones it reads (each file says which it is).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _HEADER = struct.Struct("<8sIIQ")  # magic, version, reserved (0), sequence number
 HEADER_SIZE = _HEADER.size
 
 
 def encode_header(magic: bytes, seq: int) -> bytes:
+    """A file header of the current format version."""
     return _HEADER.pack(magic, FORMAT_VERSION, 0, seq)
 
 
-def check_header(data: bytes, magic: bytes, seq: int) -> str | None:
-    """What is wrong with a file header, or None if it is the expected one."""
+def frame_header_size(version: int) -> int:
+    """Bytes before the payload of each frame in a file of format `version`."""
+    return FRAME_SIZE if version >= 2 else FRAME_V1_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class FileHeader:
+    """A parsed file header. `problem` says what is wrong with it (None: it is as expected)."""
+
+    version: int
+    problem: str | None
+
+
+def read_header(data: bytes, magic: bytes, seq: int) -> FileHeader:
+    """Check the first HEADER_SIZE bytes of a segment or snapshot named with `seq`.
+
+    Every field is checked (the reserved one must be 0), so that any single
+    damaged bit in a header is reported rather than misread.
+    """
     if len(data) < HEADER_SIZE:
-        return f"file header is {len(data)} bytes, expected {HEADER_SIZE}"
-    found_magic, version, _reserved, found_seq = _HEADER.unpack_from(data, 0)
+        return FileHeader(0, f"file header is {len(data)} bytes, expected {HEADER_SIZE}")
+    found_magic, version, reserved, found_seq = _HEADER.unpack_from(data, 0)
     if found_magic != magic:
-        return f"bad magic {found_magic!r}, expected {magic!r}"
-    if version != FORMAT_VERSION:
-        return f"format version {version} is not supported (expected {FORMAT_VERSION})"
+        return FileHeader(version, f"bad magic {found_magic!r}, expected {magic!r}")
+    if version not in READABLE_VERSIONS:
+        return FileHeader(
+            version,
+            f"format version {version} is not supported (this release reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; a newer release wrote it?)",
+        )
+    if reserved != 0:
+        return FileHeader(version, f"reserved header field is {reserved:#x}, expected 0")
     if found_seq != seq:
-        return f"header sequence number {found_seq} does not match the file name ({seq})"
-    return None
+        return FileHeader(
+            version, f"header sequence number {found_seq} does not match the file name ({seq})"
+        )
+    return FileHeader(version, None)
+
+
+def check_header(data: bytes, magic: bytes, seq: int) -> str | None:
+    """What is wrong with a file header, or None if it is a readable one."""
+    return read_header(data, magic, seq).problem
 
 
 # -- decoding -------------------------------------------------------------------
@@ -237,9 +304,11 @@ class FrameError:
     """Why decoding stopped before the end of the data.
 
     offset: where the bad frame starts (its length field), relative to the data.
-    incomplete: the data ends inside this frame and what is there is a plausible
-        prefix of a real frame: a torn write at the end of a file, or just the end of
-        a read block. False means the frame itself is bad (checksum, content).
+    incomplete: the data ends inside this frame and what is there is a
+        trustworthy prefix of a real frame (version 2: its header checks out, or
+        is itself cut short): a write cut short at the end of a file, or just the
+        end of a read block. False means the frame itself is bad (header,
+        checksum, content).
     """
 
     offset: int
@@ -289,47 +358,84 @@ def _decode_runner(doc: dict) -> RunnerSpec:
     raise MalformedRecord(f"unknown runner kind {kind!r}")
 
 
-def decode_payload(body: bytes) -> Record | SnapshotEnd:
-    """Decode one record payload (checksum already verified). Raises MalformedRecord."""
+def _decode_job_put(body: bytes) -> JobPut:
+    return JobPut(_decode_job(body))
+
+
+def _decode_job_status(body: bytes) -> JobStatus:
+    _t, code, updated_at, attempts, id_len, out_len = _JOB_STATUS.unpack_from(body, 0)
+    start = _JOB_STATUS.size
+    if start + id_len + out_len != len(body):
+        raise MalformedRecord("JobStatus field lengths do not add up to the frame length")
+    status = _STATUS_BY_CODE[code] if code < len(_STATUS_BY_CODE) else None
+    if status is None:
+        raise MalformedRecord(f"unknown status code {code}")
+    return JobStatus(
+        body[start : start + id_len].decode(),
+        status,
+        attempts,
+        _outcome(body[start + id_len :]),
+        updated_at,
+    )
+
+
+def _decode_job_delete(body: bytes) -> JobDelete:
+    return JobDelete(body[1:].decode())
+
+
+def _decode_rule_put(body: bytes) -> RulePut:
+    doc = json.loads(body[1:])
+    return RulePut(
+        Rule(
+            id=doc["id"],
+            pattern=doc["pattern"],
+            runner=_decode_runner(doc["runner"]),
+            policy=RulePolicy(**doc["policy"]),
+        )
+    )
+
+
+def _decode_rule_delete(body: bytes) -> RuleDelete:
+    return RuleDelete(body[1:].decode())
+
+
+def _decode_snapshot_end(body: bytes) -> SnapshotEnd:
+    if len(body) != _SNAPSHOT_END.size:
+        raise MalformedRecord("SnapshotEnd has the wrong length")
+    _t, jobs, rules = _SNAPSHOT_END.unpack(body)
+    return SnapshotEnd(jobs, rules)
+
+
+# The payload decoder of each record type. A new record type gets a new number
+# here (and in apply_record); a file holding a type this table lacks is refused
+# as corruption, naming the type and the file's format version.
+DECODERS: dict[int, Callable[[bytes], Record | SnapshotEnd]] = {
+    T_JOB_PUT: _decode_job_put,
+    T_JOB_STATUS: _decode_job_status,
+    T_JOB_DELETE: _decode_job_delete,
+    T_RULE_PUT: _decode_rule_put,
+    T_RULE_DELETE: _decode_rule_delete,
+    T_SNAPSHOT_END: _decode_snapshot_end,
+}
+
+
+def decode_payload(body: bytes, version: int = FORMAT_VERSION) -> Record | SnapshotEnd:
+    """Decode one record payload (checksum already verified). Raises MalformedRecord.
+
+    `version` is the format version of the file, named in the message of an
+    unknown record type.
+    """
+    if not body:
+        raise MalformedRecord("empty record")
+    decoder = DECODERS.get(body[0])
+    if decoder is None:
+        known = ", ".join(str(t) for t in sorted(DECODERS))
+        raise MalformedRecord(
+            f"unknown record type {body[0]} in a format-version-{version} file "
+            f"(this release reads types {known}; a newer release wrote it?)"
+        )
     try:
-        kind = body[0]
-        if kind == T_JOB_PUT:
-            return JobPut(_decode_job(body))
-        if kind == T_JOB_STATUS:
-            _t, code, updated_at, attempts, id_len, out_len = _JOB_STATUS.unpack_from(body, 0)
-            start = _JOB_STATUS.size
-            if start + id_len + out_len != len(body):
-                raise MalformedRecord("JobStatus field lengths do not add up to the frame length")
-            status = _STATUS_BY_CODE[code]
-            if status is None:
-                raise MalformedRecord(f"unknown status code {code}")
-            return JobStatus(
-                body[start : start + id_len].decode(),
-                status,
-                attempts,
-                _outcome(body[start + id_len :]),
-                updated_at,
-            )
-        if kind == T_JOB_DELETE:
-            return JobDelete(body[1:].decode())
-        if kind == T_RULE_PUT:
-            doc = json.loads(body[1:])
-            return RulePut(
-                Rule(
-                    id=doc["id"],
-                    pattern=doc["pattern"],
-                    runner=_decode_runner(doc["runner"]),
-                    policy=RulePolicy(**doc["policy"]),
-                )
-            )
-        if kind == T_RULE_DELETE:
-            return RuleDelete(body[1:].decode())
-        if kind == T_SNAPSHOT_END:
-            if len(body) != _SNAPSHOT_END.size:
-                raise MalformedRecord("SnapshotEnd has the wrong length")
-            _t, jobs, rules = _SNAPSHOT_END.unpack(body)
-            return SnapshotEnd(jobs, rules)
-        raise MalformedRecord(f"unknown record type {kind}")
+        return decoder(body)
     except MalformedRecord:
         raise
     except (ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
@@ -346,7 +452,7 @@ def _decode_job(body: bytes) -> Job:
     c = b + pl_len
     if c + out_len != len(body):
         raise MalformedRecord("JobPut field lengths do not add up to the frame length")
-    status = _STATUS_BY_CODE[code]
+    status = _STATUS_BY_CODE[code] if code < len(_STATUS_BY_CODE) else None
     if status is None:
         raise MalformedRecord(f"unknown status code {code}")
     return make_job(
@@ -360,16 +466,15 @@ def _decode_job(body: bytes) -> Job:
     )
 
 
-def _plausible_prefix(data: bytes | memoryview, offset: int, length: int) -> str | None:
-    """Check the start of an incomplete frame against its length field.
+def _plausible_prefix_v1(data: Buffer, offset: int, length: int) -> str | None:
+    """Check the start of an incomplete version-1 frame against its length field.
 
-    A torn write leaves a prefix of a real frame; a corrupted length field in the
-    middle of a file also looks "incomplete" when it points past the end. Job
-    records carry their own field lengths, so when enough of the record header is
-    present we can tell the two apart. Returns a reason if the prefix is not
-    plausible, None if it is.
+    Version 1 lengths carry no check of their own; job records carry their own
+    field lengths, so when enough of the record header is present a damaged
+    length can still be told from a cut write. Returns a reason if the prefix
+    is not plausible, None if it is.
     """
-    start = offset + FRAME_SIZE
+    start = offset + FRAME_V1_SIZE
     available = len(data) - start
     if available < 1:
         return None
@@ -380,7 +485,7 @@ def _plausible_prefix(data: bytes | memoryview, offset: int, length: int) -> str
     elif kind == T_JOB_STATUS and available >= _JOB_STATUS.size:
         fields_ = _JOB_STATUS.unpack_from(data, start)
         expected = _JOB_STATUS.size + fields_[4] + fields_[5]
-    elif kind in (T_JOB_PUT, T_JOB_STATUS, T_JOB_DELETE, T_RULE_PUT, T_RULE_DELETE):
+    elif kind in DECODERS and kind != T_SNAPSHOT_END:
         return None
     else:
         return f"unknown record type {kind} in an incomplete frame"
@@ -389,52 +494,180 @@ def _plausible_prefix(data: bytes | memoryview, offset: int, length: int) -> str
     return None
 
 
-def decode_frame(data: bytes, pos: int) -> tuple[Record | SnapshotEnd, int] | FrameError:
-    """Decode the frame at `pos`: (record, offset after it), or what is wrong with it."""
-    size = len(data)
-    if size - pos < FRAME_SIZE:
-        return FrameError(pos, f"frame header cut after {size - pos} of {FRAME_SIZE} bytes", True)
-    length, crc = FRAME.unpack_from(data, pos)
-    start = pos + FRAME_SIZE
-    end = start + length
+def frame_header(data: Buffer, pos: int, version: int) -> tuple[int, int] | FrameError:
+    """(payload length, payload crc32) of the frame header at `pos`, or what is wrong with it.
+
+    Only the header is looked at: the payload may be absent. Version 2 headers
+    check their own length; version 1 lengths are only bounded.
+    """
+    available = len(data) - pos
+    if version >= 2:
+        if available < FRAME_SIZE:
+            return FrameError(
+                pos, f"frame header cut after {available} of {FRAME_SIZE} bytes", True
+            )
+        length, check, crc = FRAME.unpack_from(data, pos)
+        if check != length_check(length):
+            return FrameError(pos, "frame header checksum mismatch (damaged length field)", False)
+    else:
+        if available < FRAME_V1_SIZE:
+            return FrameError(
+                pos, f"frame header cut after {available} of {FRAME_V1_SIZE} bytes", True
+            )
+        length, crc = FRAME_V1.unpack_from(data, pos)
     if length == 0:
         return FrameError(pos, "empty frame (length 0)", False)
     if length > MAX_PAYLOAD_BYTES:
         return FrameError(pos, f"frame length {length} is impossibly large", False)
-    if end > size:
-        reason = _plausible_prefix(data, pos, length)
-        if reason is not None:
-            return FrameError(pos, reason, False)
-        return FrameError(pos, f"frame of {length} bytes cut after {size - start} bytes", True)
+    return length, crc
+
+
+def decode_frame(
+    data: Buffer, pos: int, version: int = FORMAT_VERSION
+) -> tuple[Record | SnapshotEnd, int] | FrameError:
+    """Decode the frame at `pos`: (record, offset after it), or what is wrong with it."""
+    header = frame_header(data, pos, version)
+    if isinstance(header, FrameError):
+        return header
+    length, crc = header
+    start = pos + frame_header_size(version)
+    end = start + length
+    if end > len(data):
+        if version < 2:
+            reason = _plausible_prefix_v1(data, pos, length)
+            if reason is not None:
+                return FrameError(pos, reason, False)
+        return FrameError(pos, f"frame of {length} bytes cut after {len(data) - start} bytes", True)
     body = data[start:end]
     if _crc32(body) != crc:
         return FrameError(pos, "checksum mismatch", False)
     try:
-        return decode_payload(body), end
+        return decode_payload(body, version), end
     except MalformedRecord as exc:
         return FrameError(pos, str(exc), False)
 
 
-def decode_records(data: bytes | memoryview, offset: int = 0) -> DecodeResult:
+def decode_records(data: Buffer, offset: int = 0, version: int = FORMAT_VERSION) -> DecodeResult:
     """Decode consecutive frames of `data` from `offset` until the end or the first bad frame.
 
     Never raises for bad input: the result says how far the good frames go
     (`end`) and, if decoding stopped early, which frame is bad and why. Whether an
     incomplete frame is a torn tail (cut it) or corruption (refuse to start) is
-    the caller's decision, since only the caller knows if this is the end of the
-    last file.
+    the caller's decision (see torn_tail), since only the caller knows if this
+    is the end of the last file.
     """
     if isinstance(data, memoryview):
         data = data.tobytes()
     records: list[Record | SnapshotEnd] = []
     pos = offset
     while pos < len(data):
-        result = decode_frame(data, pos)
+        result = decode_frame(data, pos, version)
         if isinstance(result, FrameError):
             return DecodeResult(records, pos, result)
         record, pos = result
         records.append(record)
     return DecodeResult(records, pos, None)
+
+
+# -- damage: torn tails and resynchronisation -------------------------------------
+
+# Storage writes whole sectors: the part of a write that never reached the disk
+# reads back as zeros from a sector boundary on (or is cut off by the file size).
+SECTOR_BYTES = 512
+_SCAN_BLOCK = 1 << 20
+
+
+def zero_tail_start(data: Buffer, lo: int = 0) -> int:
+    """The offset (>= lo) from which `data` holds only zero bytes (len(data) if none)."""
+    end = len(data)
+    while end > lo:
+        start = max(lo, end - _SCAN_BLOCK)
+        kept = len(bytes(data[start:end]).rstrip(b"\0"))
+        if kept:
+            return start + kept
+        end = start
+    return lo
+
+
+def torn_tail(data: Buffer, offset: int, version: int) -> str | None:
+    """Is the bad frame at `offset` an unfinished final write? Its description if so, else None.
+
+    `data` is a whole file (bytes or an mmap) that is the LAST segment of a
+    log; every frame before `offset` decoded. Only an append that never
+    finished (and so was never acknowledged) may be cut, and it can only have
+    left, from `offset` to the end of the file:
+
+    - zeros only (the file grew but the data never arrived), or a frame header
+      cut short, then nothing or zeros;
+    - a frame whose header checks out (version 1: whose length agrees with the
+      record header, and after which no valid frame starts), with the file
+      ending inside it, or with its payload ending in zeros from a sector
+      boundary to the end of the file (the last sectors never arrived).
+
+    Anything else (a bad frame header, a complete frame with a bad checksum,
+    non-zero bytes after the bad frame) is damage: None.
+    """
+    size = len(data)
+    zeros = zero_tail_start(data, offset)
+    hsize = frame_header_size(version)
+    if zeros - offset <= hsize:  # not one payload byte arrived (a payload never starts with 0)
+        if zeros == offset:
+            return f"{size - offset} zero bytes after the last record"
+        return f"a frame header cut after {zeros - offset} bytes" + (
+            f" then {size - zeros} zero bytes" if zeros < size else ""
+        )
+    header = frame_header(data, offset, version)
+    if isinstance(header, FrameError):
+        return None
+    length, _crc = header
+    end = offset + hsize + length
+    if end > size:
+        if version < 2 and (
+            _plausible_prefix_v1(data, offset, length) is not None
+            or find_frame(data, offset + 1, version) is not None
+        ):
+            return None  # a damaged length: valid records follow
+        return f"a frame of {length} bytes cut after {size - offset - hsize} bytes"
+    sector = -(-zeros // SECTOR_BYTES) * SECTOR_BYTES
+    if sector < end:
+        return f"a frame of {length} bytes whose last {end - zeros} bytes are zeros"
+    return None
+
+
+def find_frame(data: Buffer, start: int, version: int, stop: int | None = None) -> int | None:
+    """The first offset in start..stop-1 where a whole valid frame begins, or None.
+
+    Valid: the header checks out, the payload is all there and its checksum
+    matches, and it decodes. Used to resynchronise after damage: for version 2
+    a random position passes both checks with a chance of 2**-64. Runs of zero
+    bytes (the usual damage) are skipped at once.
+    """
+    size = len(data)
+    stop = size if stop is None else min(stop, size)
+    hsize = frame_header_size(version)
+    pos = start
+    while pos < stop:
+        if data[pos] == 0:
+            # A frame can start with zero bytes (a length that is a multiple of
+            # 256) but never with more than three: its length is below 2**28.
+            run_end = pos + 1
+            while run_end < stop:
+                chunk = bytes(data[run_end : min(stop, run_end + _SCAN_BLOCK)])
+                zeros = len(chunk) - len(chunk.lstrip(b"\0"))
+                run_end += zeros
+                if zeros < len(chunk):
+                    break
+            if run_end - pos > 3:
+                pos = run_end - 3
+        if size - pos < hsize:
+            return None
+        header = frame_header(data, pos, version)
+        if not isinstance(header, FrameError) and pos + hsize + header[0] <= size:
+            result = decode_frame(data, pos, version)
+            if not isinstance(result, FrameError):
+                return pos
+        pos += 1
+    return None
 
 
 # -- applying records to state --------------------------------------------------
@@ -484,27 +717,63 @@ class ReplayResult:
 
 
 # Frame header + JobPut header in one unpack: the fast path of replay.
-_FRAMED_JOB_PUT = struct.Struct("<II" + _JOB_PUT.format[1:])
-_FRAMED_JOB_PUT_SIZE = _FRAMED_JOB_PUT.size
+_FRAMED_JOB_PUT = struct.Struct("<III" + _JOB_PUT.format[1:])
+_FRAMED_JOB_PUT_V1 = struct.Struct("<II" + _JOB_PUT.format[1:])
 
 
 def replay_into(
-    data: bytes, offset: int, jobs: dict[str, Job], rules: dict[str, Rule]
+    data: Buffer,
+    offset: int,
+    jobs: dict[str, Job],
+    rules: dict[str, Rule],
+    version: int = FORMAT_VERSION,
 ) -> ReplayResult:
-    """Decode frames of `data` from `offset` and apply them to `jobs` and `rules` in place.
+    """Decode frames of `data` (format `version`) from `offset` and apply them in place.
 
     Same stopping rules as decode_records (it stops at the first bad or
     incomplete frame and reports it), but JobPut frames, which are almost all of
     a log or snapshot, are decoded inline without intermediate objects. Stops
     after a SnapshotEnd record.
     """
+    if version >= 2:
+        return _replay_v2(data, offset, jobs, rules)
+    return _replay_v1(data, offset, jobs, rules)
+
+
+def _replay_general(
+    data: Buffer,
+    pos: int,
+    jobs: dict[str, Job],
+    rules: dict[str, Rule],
+    version: int,
+    result: ReplayResult,
+) -> int | None:
+    """Apply the one frame at `pos` the fast path did not take; its end, or None to stop."""
+    decoded = decode_frame(data, pos, version)
+    if isinstance(decoded, FrameError):
+        result.end, result.error = pos, decoded
+        return None
+    record, end = decoded
+    if isinstance(record, SnapshotEnd):
+        result.end, result.snapshot_end = end, record
+        return None
+    result.records += 1
+    if not apply_record(jobs, rules, record):
+        result.orphan_status += 1
+    return end
+
+
+def _replay_v2(
+    data: Buffer, offset: int, jobs: dict[str, Job], rules: dict[str, Rule]
+) -> ReplayResult:
+    result = ReplayResult(offset, None)
     size = len(data)
     pos = offset
     count = 0
-    orphans = 0
     crc32 = _crc32
+    checks = _length_checks.get
     unpack = _FRAMED_JOB_PUT.unpack_from
-    head = _FRAMED_JOB_PUT_SIZE
+    head = _FRAMED_JOB_PUT.size
     last_head = size - head
     by_code = _STATUS_BY_CODE
     outcome = _outcome
@@ -520,16 +789,27 @@ def replay_into(
     ) = JOB_SLOT_SETTERS
     while pos < size:
         if pos <= last_head:
-            length, crc, kind, code, execute_at, updated_at, attempts, id_len, pl_len, out_len = (
-                unpack(data, pos)
-            )
-            end = pos + FRAME_SIZE + length
+            (
+                length,
+                check,
+                crc,
+                kind,
+                code,
+                execute_at,
+                updated_at,
+                attempts,
+                id_len,
+                pl_len,
+                out_len,
+            ) = unpack(data, pos)
+            end = pos + 12 + length  # 12 = FRAME_SIZE
             if (
                 kind == 1  # T_JOB_PUT
                 and end <= size
                 and 34 + id_len + pl_len + out_len == length  # 34 = _JOB_PUT.size
                 and 0 < code < 5
-                and crc32(data[pos + FRAME_SIZE : end]) == crc
+                and check == (checks(length) or length_check(length))
+                and crc32(data[pos + 12 : end]) == crc
             ):
                 a = pos + head
                 b = a + id_len
@@ -538,9 +818,10 @@ def replay_into(
                     job_id = data[a:b].decode()
                     last = outcome(data[c:end]) if out_len else ""
                 except UnicodeDecodeError:
-                    return ReplayResult(
-                        pos, FrameError(pos, "invalid UTF-8 in a JobPut", False), count, orphans
-                    )
+                    result.records = count
+                    result.end = pos
+                    result.error = FrameError(pos, "invalid UTF-8 in a JobPut", False)
+                    return result
                 job = new(Job)
                 set_id(job, job_id)
                 set_execute_at(job, execute_at)
@@ -554,14 +835,72 @@ def replay_into(
                 pos = end
                 continue
         # Anything else (other record types, errors, the last few bytes): the general path.
-        result = decode_frame(data, pos)
-        if isinstance(result, FrameError):
-            return ReplayResult(pos, result, count, orphans)
-        record, end = result
-        if isinstance(record, SnapshotEnd):
-            return ReplayResult(end, None, count, orphans, record)
-        count += 1
-        if not apply_record(jobs, rules, record):
-            orphans += 1
-        pos = end
-    return ReplayResult(pos, None, count, orphans)
+        result.records = count
+        after = _replay_general(data, pos, jobs, rules, 2, result)
+        if after is None:
+            return result
+        count = result.records
+        pos = after
+    result.records = count
+    result.end = pos
+    return result
+
+
+def _replay_v1(
+    data: Buffer, offset: int, jobs: dict[str, Job], rules: dict[str, Rule]
+) -> ReplayResult:
+    result = ReplayResult(offset, None)
+    size = len(data)
+    pos = offset
+    count = 0
+    crc32 = _crc32
+    unpack = _FRAMED_JOB_PUT_V1.unpack_from
+    head = _FRAMED_JOB_PUT_V1.size
+    last_head = size - head
+    by_code = _STATUS_BY_CODE
+    outcome = _outcome
+    while pos < size:
+        if pos <= last_head:
+            length, crc, kind, code, execute_at, updated_at, attempts, id_len, pl_len, out_len = (
+                unpack(data, pos)
+            )
+            end = pos + 8 + length  # 8 = FRAME_V1_SIZE
+            if (
+                kind == 1  # T_JOB_PUT
+                and end <= size
+                and 34 + id_len + pl_len + out_len == length  # 34 = _JOB_PUT.size
+                and 0 < code < 5
+                and crc32(data[pos + 8 : end]) == crc
+            ):
+                a = pos + head
+                b = a + id_len
+                c = b + pl_len
+                try:
+                    job_id = data[a:b].decode()
+                    last = outcome(data[c:end]) if out_len else ""
+                except UnicodeDecodeError:
+                    result.records = count
+                    result.end = pos
+                    result.error = FrameError(pos, "invalid UTF-8 in a JobPut", False)
+                    return result
+                jobs[job_id] = make_job(
+                    job_id,
+                    execute_at,
+                    by_code[code],  # type: ignore[arg-type]
+                    data[b:c] if pl_len else b"",
+                    attempts,
+                    last,
+                    updated_at,
+                )
+                count += 1
+                pos = end
+                continue
+        result.records = count
+        after = _replay_general(data, pos, jobs, rules, 1, result)
+        if after is None:
+            return result
+        count = result.records
+        pos = after
+    result.records = count
+    result.end = pos
+    return result
