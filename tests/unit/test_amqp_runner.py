@@ -14,7 +14,16 @@ import trio
 from amqp_broker import Admin, Route
 from pamqp import commands
 
-from kairoi_trio.model import AmqpRunner, Job, Rule, ShellRunner, now_us, to_datetime
+from kairoi_trio.model import (
+    MIN_TIME_US,
+    AmqpRunner,
+    Job,
+    Rule,
+    ShellRunner,
+    format_time,
+    now_us,
+    to_datetime,
+)
 from kairoi_trio.runners.amqp import AmqpRunnerBackend
 from kairoi_trio.runners.base import RunFailed
 
@@ -480,8 +489,7 @@ async def test_every_id_and_payload_is_delivered_exactly(
         props = message.properties
         fits = len(the_job.id.encode()) <= 255
         assert props.message_id == (the_job.id if fits else None)
-        execute_at = to_datetime(the_job.execute_at).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        assert props.headers["kairoi-execute-at"] == execute_at
+        assert props.headers["kairoi-execute-at"] == format_time(the_job.execute_at)
         if the_job.payload:
             value = props.headers["kairoi-payload"]
             assert (value.encode() if isinstance(value, str) else bytes(value)) == the_job.payload
@@ -493,6 +501,6 @@ async def test_execute_at_has_four_digit_years(
     nursery: trio.Nursery, admin: Admin, route: Route
 ) -> None:
     backend = await start_backend(nursery)
-    await backend.run(Job("old", -62_135_596_800_000_000, attempts=1), rule_for(route))
+    await backend.run(Job("old", MIN_TIME_US, attempts=1), rule_for(route))
     [message] = await trio.to_thread.run_sync(admin.drain, route.queue)
     assert message.properties.headers["kairoi-execute-at"] == "0001-01-01T00:00:00.000000Z"

@@ -21,12 +21,9 @@ import pytest
 import trio
 import trio.testing
 
-from kairoi_trio.model import HttpRunner, Job, Rule
+from kairoi_trio.model import MAX_TIME_US, MIN_TIME_US, HttpRunner, Job, Rule
 from kairoi_trio.runners.base import RunFailed
 from kairoi_trio.runners.http import MAX_ID_HEADER_BYTES, HttpRunnerBackend, header_job_id
-
-MIN_TIME_US = -62_135_596_800_000_000  # 0001-01-01T00:00:00Z
-MAX_TIME_US = 253_402_300_800_000_000 - 1  # 9999-12-31T23:59:59.999999Z
 
 # Ids every protocol accepts (NUL too, until the protocols refuse it at input:
 # the runner must not be where it fails).

@@ -23,7 +23,7 @@ import structlog
 import trio
 from pamqp.common import FieldTable
 
-from kairoi_trio.model import AmqpRunner, Job, Rule, to_datetime
+from kairoi_trio.model import AmqpRunner, Job, Rule, format_time
 from kairoi_trio.runners.amqp_client import (
     AmqpConnection,
     AmqpError,
@@ -229,17 +229,6 @@ class AmqpRunnerBackend(Runner):
         await conn.aclose()
 
 
-def _rfc3339(us: int) -> str:
-    """RFC 3339, UTC, four-digit year, microseconds: "2026-12-01T09:00:00.000000Z".
-
-    (strftime's "%Y" writes year 1 as "1" on Linux.) To be replaced by
-    model.format_time, the one formatter for every time the server writes.
-    """
-    t = to_datetime(us)
-    day = f"{t.year:04d}-{t.month:02d}-{t.day:02d}"
-    return f"{day}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}.{t.microsecond:06d}Z"
-
-
 @functools.lru_cache(maxsize=1024)
 def split_dsn(dsn: str) -> tuple[str, bool]:
     """A rule's DSN as (the DSN its connection is kept under, publish mandatory?).
@@ -270,7 +259,7 @@ def split_dsn(dsn: str) -> tuple[str, bool]:
 
 def _properties(job: Job) -> Properties:
     headers: FieldTable = {
-        "kairoi-execute-at": _rfc3339(job.execute_at),
+        "kairoi-execute-at": format_time(job.execute_at),
         "kairoi-attempt": job.attempts,
     }
     if job.payload:

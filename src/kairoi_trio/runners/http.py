@@ -32,7 +32,7 @@ import httpx
 import trio
 
 from kairoi_trio import __version__
-from kairoi_trio.model import HttpRunner, Job, Rule, to_datetime
+from kairoi_trio.model import HttpRunner, Job, Rule, format_time
 from kairoi_trio.runners.base import RunFailed, Runner
 
 DEFAULT_MAX_RESPONSE_BYTES = 1 << 20
@@ -62,7 +62,7 @@ def request_body(job: Job) -> bytes:
     """The JSON document POSTed for `job` (ASCII: every other character is escaped)."""
     body: dict[str, object] = {
         "id": job.id,
-        "execute_at": _rfc3339(job.execute_at),
+        "execute_at": format_time(job.execute_at),
         "attempt": job.attempts,
         "payload": None,
     }
@@ -72,17 +72,6 @@ def request_body(job: Job) -> bytes:
         except UnicodeDecodeError:
             body["payload_base64"] = base64.b64encode(job.payload).decode()
     return json.dumps(body).encode()
-
-
-def _rfc3339(us: int) -> str:
-    """RFC 3339, UTC, four-digit year, microseconds: "2026-12-01T09:00:00.000000Z".
-
-    (strftime's "%Y" writes year 1 as "1" on Linux.) To be replaced by
-    model.format_time, the one formatter for every time the server writes.
-    """
-    t = to_datetime(us)
-    day = f"{t.year:04d}-{t.month:02d}-{t.day:02d}"
-    return f"{day}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}.{t.microsecond:06d}Z"
 
 
 class _TooLarge(Exception):
