@@ -257,3 +257,22 @@ async def test_flipped_byte_in_snapshot_is_corruption(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptLogError, match=rf"{path}: offset \d+"):
         load(tmp_path)
+
+
+async def test_a_flipped_bit_anywhere_in_a_snapshot_is_refused(tmp_path: Path) -> None:
+    path = await _one_snapshot(tmp_path)
+    clean = path.read_bytes()
+    positions = [
+        *range(0, 64),
+        *range(64, len(clean) - 29, 13),
+        *range(len(clean) - 29, len(clean)),
+    ]
+    for pos in positions:
+        data = bytearray(clean)
+        data[pos] ^= 1 << (pos % 8)
+        path.write_bytes(bytes(data))
+        with pytest.raises(CorruptLogError, match=rf"{path}: offset \d+: "):
+            load(tmp_path)
+        assert path.read_bytes() == bytes(data)
+    path.write_bytes(clean)
+    assert len(load(tmp_path).jobs) == 9

@@ -736,3 +736,14 @@ def test_read_state_changes_nothing_and_leaves_the_torn_tail_out(tmp_path: Path)
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
     with pytest.raises(FileNotFoundError):
         read_state(tmp_path / "missing")
+
+
+async def test_a_flipped_bit_in_a_segment_header_is_refused(tmp_path: Path) -> None:
+    """Magic, version, reserved field and sequence number: every bit is checked."""
+    path = await _write_segment(tmp_path, [[JobPut(job("a"))]])
+    clean = path.read_bytes()
+    for bit in range(HEADER_SIZE * 8):
+        data = bytearray(clean)
+        data[bit // 8] ^= 1 << (bit % 8)
+        path.write_bytes(bytes(data))
+        assert_refused(tmp_path, path, 0, f"bit {bit}")
