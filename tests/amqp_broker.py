@@ -33,9 +33,12 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+from pamqp import base, commands, frame, header
 from pamqp import body as pamqp_body
-from pamqp import commands, frame, header
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "rabbitmq.sh"
@@ -104,7 +107,7 @@ def pid_file() -> Path:
     return Path(configured) if configured else directory() / "beam.pid"
 
 
-_started: BaseException | bool = False
+_started: Exception | bool = False
 
 
 def ensure_broker() -> None:
@@ -132,7 +135,7 @@ def ensure_broker() -> None:
             atexit.register(stop_started_node)
             command = ["start", str(_directory), "--port", str(PORT), "--owner", str(os.getpid())]
             _script(*command, timeout=600)
-    except BaseException as error:
+    except Exception as error:
         _started = error
         raise
     _started = True
@@ -276,7 +279,7 @@ class Admin:
         self._buf = b""
         self._send(frame.marshal(header.ProtocolHeader(), 0))
         start = self._expect(commands.Connection.Start)
-        self.server_properties: dict = dict(start.server_properties)  # type: ignore[attr-defined]
+        self.server_properties: dict = dict(start.server_properties)
         self._send_method(
             commands.Connection.StartOk(
                 client_properties={"product": "kairoi-test-admin"},
@@ -303,7 +306,7 @@ class Admin:
     def _send(self, data: bytes) -> None:
         self._sock.sendall(data)
 
-    def _send_method(self, method: object, channel: int = 1) -> None:
+    def _send_method(self, method: base.Frame, channel: int = 1) -> None:
         self._send(frame.marshal(method, channel))
 
     def _read_frame(self) -> object:
@@ -319,14 +322,14 @@ class Admin:
                 raise ConnectionError("broker closed the admin connection")
             self._buf += data
 
-    def _expect(self, kind: type) -> object:
+    def _expect(self, kind: type[T]) -> T:
         value = self._read_frame()
         if isinstance(value, commands.Channel.Close | commands.Connection.Close):
             raise RuntimeError(f"{value.reply_code} {value.reply_text}")
         assert isinstance(value, kind), value
         return value
 
-    def _call(self, method: object, reply: type) -> object:
+    def _call(self, method: base.Frame, reply: type[T]) -> T:
         self._send_method(method)
         return self._expect(reply)
 
@@ -355,6 +358,7 @@ class Admin:
 
     def message_count(self, queue: str) -> int:
         ok = self._call(commands.Queue.Declare(queue=queue, passive=True), commands.Queue.DeclareOk)
+        assert ok.message_count is not None
         return ok.message_count
 
     # -- messages
