@@ -15,7 +15,7 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -26,10 +26,10 @@ from kairoi_trio import __version__
 from kairoi_trio.commands import ExpireFinished, Request
 from kairoi_trio.config import AmqpRunnerConfig, Config, HttpRunnerConfig, ShellRunnerConfig
 from kairoi_trio.core.actor import ActorClient, CommandActor
-from kairoi_trio.core.state import State
+from kairoi_trio.core.state import State, recover_replayed
 from kairoi_trio.core.validation import RuleValidator
 from kairoi_trio.dispatch import Dispatcher, DueTimer
-from kairoi_trio.model import MICROS, Job, Status, now_us
+from kairoi_trio.model import MICROS, now_us
 from kairoi_trio.observability.metrics import (
     MetricsObserver,
     observe_run,
@@ -83,22 +83,15 @@ def load_state(store: DurableLog) -> State:
 def _load_state(store: DurableLog) -> State:
     loaded = store.load()
     jobs = loaded.jobs
-    retriggered = 0
-    for job_id, job in jobs.items():
-        if job.status is Status.TRIGGERED:
-            jobs[job_id] = _replan(job)
-            retriggered += 1
-    if retriggered or loaded.repaired_tail_bytes:
+    retriggered, out_of_range = recover_replayed(jobs)
+    if retriggered or out_of_range or loaded.repaired_tail_bytes:
         log.warning(
             "recovered",
             retriggered=retriggered,
+            failed_out_of_range=out_of_range,
             repaired_tail_bytes=loaded.repaired_tail_bytes,
         )
     return State(jobs.values(), loaded.rules.values())
-
-
-def _replan(job: Job) -> Job:
-    return replace(job, status=Status.PLANNED)
 
 
 class HeapFreezer:

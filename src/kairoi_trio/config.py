@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kairoi_trio.commands import CommandError
+from kairoi_trio.core.validation import check_policy
 from kairoi_trio.model import RulePolicy
 
 
@@ -306,14 +308,12 @@ def _check(config: Config) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{name} must be positive, not {value}")
-    if config.policy.max_attempts < 1:
-        raise ConfigError("policy.max_attempts must be at least 1")
+    try:  # [policy]: the bounds every rule's policy has (core/validation.py)
+        check_policy(config.policy.to_policy(), "policy.")
+    except CommandError as error:
+        raise ConfigError(error.message) from None
     non_negative = {
         "runners.amqp.heartbeat_s": config.runners.amqp.heartbeat_s,  # 0: no heartbeats
-        "policy.timeout_s": config.policy.timeout_s,
-        "policy.stale_after_s": config.policy.stale_after_s,
-        "policy.backoff_initial_s": config.policy.backoff_initial_s,
-        "policy.backoff_max_s": config.policy.backoff_max_s,
         "storage.retention_s": config.storage.retention_s,
         "controller.idle_timeout_s": config.controller.idle_timeout_s,
         "shutdown.grace_period_s": config.shutdown.grace_period_s,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
@@ -51,9 +51,19 @@ from kairoi_trio.commands import (
     TriggerResult,
     Unsubscribe,
 )
+from kairoi_trio.core.failures import WINDOW_S, FailReason, FailureLog
 from kairoi_trio.core.state import State
 from kairoi_trio.core.validation import RuleValidator, validate_job
-from kairoi_trio.model import MICROS, Job, JobEvent, Rule, Status, new_job, now_us
+from kairoi_trio.model import (
+    MICROS,
+    Job,
+    JobEvent,
+    Rule,
+    Status,
+    check_time,
+    new_job,
+    now_us,
+)
 from kairoi_trio.storage.records import JobDelete, JobPut, JobStatus, Record, RuleDelete, RulePut
 
 log = structlog.get_logger(__name__)
@@ -102,6 +112,9 @@ class Observer:
     def triggered(self, lateness_s: float) -> None:
         pass
 
+    def failed_without_run(self, reason: FailReason, job_id: str) -> None:
+        """The actor failed a job itself: no rule, stale, no runner, an error."""
+
 
 @dataclass
 class _Subscriber:
@@ -139,6 +152,7 @@ class CommandActor:
         self._compacting = False
         self._compaction_retry_at = 0.0  # trio clock; after a failure, wait before trying again
         self._background: trio.Nursery | None = None
+        self._failures = FailureLog()
         self.started_at = clock()
         self.batches = 0  # for metrics and tests
         self.commands = 0
@@ -147,6 +161,8 @@ class CommandActor:
         """Serve requests until every sender has closed its end of the channel."""
         receive = self._receive
         async with receive, trio.open_nursery() as self._background:
+            flushing = trio.CancelScope()
+            self._background.start_soon(self._flush_failures, flushing)
             task_status.started()
             while True:
                 try:
@@ -165,6 +181,17 @@ class CommandActor:
                 await self._process(batch)
                 if self._should_compact():
                     await self._start_compaction()
+            flushing.cancel()
+
+    async def _flush_failures(self, scope: trio.CancelScope) -> None:
+        """Log the aggregated failures once per window, and what is left at the end."""
+        try:
+            with scope:
+                while True:
+                    await trio.sleep(WINDOW_S)
+                    self._failures.flush()
+        finally:
+            self._failures.flush()
 
     # -- compaction ---------------------------------------------------------------
 
@@ -327,7 +354,7 @@ class CommandActor:
         return handler(self, command)
 
     def _set_job(self, command: SetJob) -> Job:
-        validate_job(command.id, command.payload, self._max_payload)
+        validate_job(command.id, command.payload, self._max_payload, command.execute_at)
         old = self.state.jobs.get(command.id)
         if old is not None and old.status is TRIGGERED:
             raise CommandError(
@@ -426,28 +453,51 @@ class CommandActor:
     def _dispatch(
         self, job: Job, now: int, capacity: dict[str, int], dispatches: list[Dispatch]
     ) -> None:
+        """Trigger one due job, fail it, or hold it in its kind's line.
+
+        An exception fails the job with the reason: a job popped from the due
+        heap and left planned would be forgotten until the next start.
+        """
+        try:
+            self._dispatch_one(job, now, capacity, dispatches)
+        except Exception as error:
+            log.exception("triggering a job failed", job=job.id)
+            # The dispatch is appended last, so a job that raised was not handed out.
+            current = self.state.jobs.get(job.id, job)
+            self._fail(current, FailReason.ERROR, f"internal error while triggering: {error!r}")
+
+    def _dispatch_one(
+        self, job: Job, now: int, capacity: dict[str, int], dispatches: list[Dispatch]
+    ) -> None:
         rule = self.state.match_rule(job.id)
         if rule is None:
-            self._change_status(job, Status.FAILED, "no rule matches this job", job.attempts)
+            self._fail(job, FailReason.NO_RULE, "no rule matches this job")
             return
         kind = rule.runner.kind
         if not self._fresh(job, rule, now):
             overdue = (now - job.execute_at) / MICROS
-            self._change_status(
-                job, Status.FAILED, f"stale: overdue by {overdue:.3f}s", job.attempts
-            )
+            self._fail(job, FailReason.STALE, f"stale: overdue by {overdue:.3f}s")
         elif kind not in capacity:
-            self._change_status(job, Status.FAILED, f"no {kind} runner is available", job.attempts)
+            self._fail(job, FailReason.NO_RUNNER, f"no {kind} runner is available")
         elif capacity[kind] > 0:
-            capacity[kind] -= 1
-            triggered = self._change_status(job, TRIGGERED, "", job.attempts + 1)
-            dispatches.append(Dispatch(triggered, rule))
             # Late since the job became due: its time, or when it was set if that was later.
             lateness = (now - max(job.execute_at, job.updated_at)) / MICROS
             self._observer.triggered(lateness)
             log.debug("job triggered", job=job.id, rule=rule.id, lateness_us=int(lateness * MICROS))
+            triggered = self._change_status(job, TRIGGERED, "", job.attempts + 1)
+            capacity[kind] -= 1
+            dispatches.append(Dispatch(triggered, rule))  # last: nothing can fail after it
         else:
             self.state.hold(kind, job)
+
+    def _fail(self, job: Job, reason: FailReason, outcome: str) -> None:
+        """End a job `failed` without a runner's outcome: logged (aggregated) and counted."""
+        self._change_status(job, Status.FAILED, outcome, job.attempts)
+        self._failures.note(reason, job.id, outcome)
+        try:
+            self._observer.failed_without_run(reason, job.id)
+        except Exception:  # metrics must not undo the failure just recorded
+            log.exception("observer failed")
 
     @staticmethod
     def _fresh(job: Job, rule: Rule, now: int) -> bool:
@@ -455,27 +505,48 @@ class CommandActor:
         return stale_after is None or now - job.execute_at <= stale_after * MICROS
 
     def _record_outcome(self, command: RecordOutcome) -> None:
+        """Executed, planned again for a retry, or failed.
+
+        Whatever goes wrong while recording the outcome or planning the retry
+        (a retry time beyond 9999-12-31, a policy from an old log that gives no
+        valid delay, a bug) fails the job with the reason: it is never left
+        `triggered`, where it would refuse SET and UNSET and run again at every
+        start.
+        """
         job = self.state.jobs.get(command.job_id)
         if job is None or job.status is not Status.TRIGGERED or job.attempts != command.attempt:
             return  # the outcome of a run that no longer matters (e.g. replaced while it ran)
+        try:
+            self._apply_outcome(job, command)
+        except Exception as error:
+            log.exception("recording an outcome failed", job=job.id)
+            run = "succeeded" if command.ok else f"failed: {command.message}"
+            self._fail(
+                self.state.jobs.get(job.id, job),
+                FailReason.ERROR,
+                f"attempt {job.attempts} {run}; the outcome could not be recorded: {error!r}",
+            )
+
+    def _apply_outcome(self, job: Job, command: RecordOutcome) -> None:
         if command.ok:
             self._change_status(job, Status.EXECUTED, command.message, job.attempts)
             return
         policy = command.policy
-        if job.attempts < policy.max_attempts:
-            retry_at = self._now + policy.retry_delay_us(job.attempts)
-            outcome = f"attempt {job.attempts} failed: {command.message}"
-            self._put_job(
-                replace(
-                    job,
-                    status=Status.PLANNED,
-                    execute_at=retry_at,
-                    last_outcome=outcome,
-                    updated_at=self._now,
-                )
-            )
+        if job.attempts >= policy.max_attempts:
+            self._change_status(job, Status.FAILED, command.message, job.attempts)
             return
-        self._change_status(job, Status.FAILED, command.message, job.attempts)
+        outcome = f"attempt {job.attempts} failed: {command.message}"
+        try:
+            retry_at = check_time(
+                self._now + policy.retry_delay_us(job.attempts), "the retry's time"
+            )
+        except ValueError as error:
+            no_retry = f"{outcome}; no retry: {error}"
+            self._fail(job, FailReason.ERROR, no_retry)
+            return
+        self._put_job(
+            new_job(job.id, retry_at, PLANNED, job.payload, job.attempts, outcome, self._now)
+        )
 
     def _expire_finished(self, command: ExpireFinished) -> int:
         expired = self.state.expired_finished(command.before, command.limit)

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 
 from sortedcontainers import SortedList
 
-from kairoi_trio.model import Job, Rule, Status
+from kairoi_trio.model import MAX_TIME_US, MIN_TIME_US, Job, Rule, Status, new_job
 
 # How many ids a ListJobs page may look at when a status filter skips most of
 # them: bounds the time one page holds the command actor.
@@ -201,3 +201,42 @@ class State:
     def list_rules(self, prefix: str, after: str, limit: int) -> list[Rule]:
         ids = sorted(i for i in self.rules if i.startswith(prefix) and i > after)
         return [self.rules[i] for i in ids[:limit]]
+
+
+def recover_replayed(jobs: dict[str, Job]) -> tuple[int, int]:
+    """Make the jobs of a replayed log servable, in place.
+
+    Returns (retriggered, out_of_range):
+    - `triggered` jobs are planned again (at-least-once: their run may or may
+      not have happened);
+    - a job whose execute_at lies outside the supported range (a retry that a
+      release without policy bounds planned beyond 9999-12-31) could be neither
+      run nor shown: it is failed, its time brought to the nearest edge of the
+      range, with the reason as its outcome. Its updated_at is kept, so that it
+      expires with the retention as it would have.
+    """
+    retriggered = out_of_range = 0
+    for job_id, job in jobs.items():
+        at = job.execute_at
+        if not MIN_TIME_US <= at <= MAX_TIME_US:
+            edge = MAX_TIME_US if at > MAX_TIME_US else MIN_TIME_US
+            outcome = (
+                f"failed at start-up: its time ({at} us since 1970) is outside the supported"
+                " range 0001-01-01 to 9999-12-31"
+            )
+            jobs[job_id] = new_job(
+                job_id, edge, Status.FAILED, job.payload, job.attempts, outcome, job.updated_at
+            )
+            out_of_range += 1
+        elif job.status is Status.TRIGGERED:
+            jobs[job_id] = new_job(
+                job_id,
+                at,
+                Status.PLANNED,
+                job.payload,
+                job.attempts,
+                job.last_outcome,
+                job.updated_at,
+            )
+            retriggered += 1
+    return retriggered, out_of_range

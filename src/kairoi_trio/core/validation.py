@@ -1,7 +1,16 @@
-"""Checks of client input that both protocols share, done once in the core."""
+"""Checks of client input that both protocols share, done once in the core.
+
+What may be in an id, a pattern, a command or a URL, and the bounds of every
+rule policy value, live here as named constants. The KCP and gRPC front ends,
+the configuration's `[policy]` table and the command actor all call these
+functions, so a value refused by one is refused by all, with the same reason.
+Each check raises CommandError(INVALID_ARGUMENT, reason).
+"""
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 from urllib.parse import urlsplit
@@ -10,6 +19,8 @@ from kairoi_trio.commands import CommandError, ErrorCode
 from kairoi_trio.model import (
     DEFAULT_POLICY,
     MAX_JOB_ID_BYTES,
+    MAX_TIME_US,
+    MIN_TIME_US,
     AmqpRunner,
     HttpRunner,
     Rule,
@@ -17,18 +28,90 @@ from kairoi_trio.model import (
     ShellRunner,
 )
 
+# -- policy bounds ---------------------------------------------------------------
+
+# Tries in all, the first included.
+MAX_ATTEMPTS = 1000
+# Every policy duration (timeout, backoff, staleness): 100 years of 365 days.
+# A retry planned this far ahead of any real clock stays inside year 9999.
+MAX_POLICY_SECONDS = 100 * 365 * 86_400
+_MAX_POLICY_TEXT = f"{MAX_POLICY_SECONDS:,} s (100 years)"
+
+# -- ids, patterns, commands, URLs -------------------------------------------------
+
+# NUL can never reach a process (argv and the environment are C strings), so a
+# shell runner could never deliver such an id: it is refused everywhere, at input.
+NUL = "\x00"
+# A shell command is one argv element; at most as long as an id.
+MAX_COMMAND_BYTES = MAX_JOB_ID_BYTES
+# AMQP 0-9-1 exchange names and routing keys are short strings.
+MAX_SHORTSTR_BYTES = 255
+# Control characters in a URL: no HTTP client sends them, no broker URL holds them
+# (urlsplit silently drops some, which would hide them from the other checks).
+_URL_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
 
 def invalid(message: str) -> CommandError:
     return CommandError(ErrorCode.INVALID_ARGUMENT, message)
 
 
-def validate_job(job_id: str, payload: bytes, max_payload_bytes: int) -> None:
-    if not job_id:
-        raise invalid("job id must not be empty")
-    if len(job_id) > MAX_JOB_ID_BYTES // 4 and len(job_id.encode()) > MAX_JOB_ID_BYTES:
-        raise invalid(f"job id is longer than {MAX_JOB_ID_BYTES} bytes")
+def check_id(value: str, what: str, *, allow_empty: bool = False) -> None:
+    """An id, rule id or pattern: 1..MAX_JOB_ID_BYTES bytes of UTF-8, no NUL.
+
+    The byte count is only computed for strings that could exceed it (a str of
+    n characters encodes to at most 4n bytes): this runs for every SetJob.
+    """
+    if not value:
+        if allow_empty:
+            return
+        raise invalid(f"{what} must not be empty")
+    if len(value) > MAX_JOB_ID_BYTES // 4 and len(value.encode()) > MAX_JOB_ID_BYTES:
+        raise invalid(f"{what} is longer than {MAX_JOB_ID_BYTES} bytes")
+    if NUL in value:
+        raise invalid(f"{what} must not contain the NUL character (U+0000)")
+
+
+def validate_job(
+    job_id: str, payload: bytes, max_payload_bytes: int, execute_at: int | None = None
+) -> None:
+    """A job as a client sets it; execute_at (microseconds since the epoch) is
+    checked against the supported time range when given.
+
+    Runs for every SetJob, hence the checks inlined for the common case.
+    """
+    if not job_id or NUL in job_id or len(job_id) > MAX_JOB_ID_BYTES // 4:
+        check_id(job_id, "job id")
     if len(payload) > max_payload_bytes:
         raise invalid(f"payload is larger than {max_payload_bytes} bytes")
+    if execute_at is not None and not MIN_TIME_US <= execute_at <= MAX_TIME_US:
+        raise invalid("execute_at is outside the supported range 0001-01-01 to 9999-12-31")
+
+
+def check_attempts(value: int, name: str) -> None:
+    """max_attempts: 1..MAX_ATTEMPTS."""
+    if isinstance(value, bool) or not 1 <= value <= MAX_ATTEMPTS:
+        raise invalid(f"{name} must be from 1 to {MAX_ATTEMPTS}, not {value!r}")
+
+
+def check_seconds(value: float, name: str, *, positive: bool = False) -> None:
+    """A policy duration in seconds: finite, 0 (or more than 0 when `positive`)
+    up to MAX_POLICY_SECONDS."""
+    low_ok = value > 0 if positive else value >= 0
+    if not (math.isfinite(value) and low_ok and value <= MAX_POLICY_SECONDS):
+        low = "more than 0" if positive else "from 0"
+        raise invalid(f"{name} must be {low} to {_MAX_POLICY_TEXT}, not {value!r}")
+
+
+def check_policy(policy: RulePolicy, prefix: str = "policy.") -> None:
+    """Every value of a policy within its bounds; names in errors are `prefix`
+    followed by RulePolicy's field name (the configuration's key)."""
+    check_attempts(policy.max_attempts, f"{prefix}max_attempts")
+    if policy.timeout_s is not None:
+        check_seconds(policy.timeout_s, f"{prefix}timeout_s", positive=True)
+    check_seconds(policy.backoff_initial_s, f"{prefix}backoff_initial_s")
+    check_seconds(policy.backoff_max_s, f"{prefix}backoff_max_s")
+    if policy.stale_after_s is not None:
+        check_seconds(policy.stale_after_s, f"{prefix}stale_after_s")
 
 
 class RuleValidator:
@@ -49,37 +132,33 @@ class RuleValidator:
         return rule
 
     def __call__(self, rule: Rule) -> None:
-        if not rule.id:
-            raise invalid("rule id must not be empty")
-        if (
-            len(rule.id.encode()) > MAX_JOB_ID_BYTES
-            or len(rule.pattern.encode()) > MAX_JOB_ID_BYTES
-        ):
-            raise invalid(f"rule id and pattern must be at most {MAX_JOB_ID_BYTES} bytes")
+        check_id(rule.id, "rule id")
+        check_id(rule.pattern, "pattern", allow_empty=True)  # "": a catch-all rule
         runner = rule.runner
         if isinstance(runner, ShellRunner):
             if not runner.command:
                 raise invalid("shell command must not be empty")
+            if len(runner.command.encode()) > MAX_COMMAND_BYTES:
+                raise invalid(f"shell command is longer than {MAX_COMMAND_BYTES} bytes")
+            if NUL in runner.command:
+                raise invalid("shell command must not contain the NUL character (U+0000)")
             if self.allowed_commands and runner.command not in self.allowed_commands:
                 raise invalid(f"shell command {runner.command!r} is not in the allowed list")
         elif isinstance(runner, AmqpRunner):
             check_url(runner.dsn, ("amqp", "amqps"), "amqp dsn")
+            for what, name in (("exchange", runner.exchange), ("routing key", runner.routing_key)):
+                if len(name.encode()) > MAX_SHORTSTR_BYTES:
+                    raise invalid(f"amqp {what} is longer than {MAX_SHORTSTR_BYTES} bytes")
         elif isinstance(runner, HttpRunner):
             check_url(runner.url, ("http", "https"), "http url")
         else:
             raise invalid(f"unknown runner {runner!r}")
-        policy = rule.policy
-        if policy.max_attempts < 1:
-            raise invalid("max_attempts must be at least 1")
-        if policy.timeout_s is not None and policy.timeout_s <= 0:
-            raise invalid("timeout must be positive")
-        if policy.stale_after_s is not None and policy.stale_after_s < 0:
-            raise invalid("stale_after must not be negative")
-        if policy.backoff_initial_s < 0 or policy.backoff_max_s < 0:
-            raise invalid("backoff must not be negative")
+        check_policy(rule.policy)
 
 
 def check_url(url: str, schemes: tuple[str, ...], what: str) -> None:
+    if _URL_CONTROL.search(url):
+        raise invalid(f"{what} must not contain control characters: {url!r}")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from kairoi_trio.config import parse_address
 from kairoi_trio.core.actor import Observer
+from kairoi_trio.core.failures import FailReason, job_prefix
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +46,37 @@ RUN_SECONDS = Histogram(
 STORAGE_FAILURES = Counter(
     "kairoi_storage_failures", "Group commits that failed to write", registry=REGISTRY
 )
+FAILED_WITHOUT_RUN = Counter(
+    "kairoi_jobs_failed_without_run",
+    "Jobs the scheduler failed itself (no rule matches, stale, no runner, error), by job prefix",
+    ["reason", "prefix"],
+    registry=REGISTRY,
+)
+
+# At most this many distinct prefixes get their own series; later ones count as
+# OTHER_PREFIX, so a flood of unrelated ids cannot blow up the metric's size.
+MAX_PREFIX_LABELS = 100
+OTHER_PREFIX = "other"
+NO_PREFIX = "(none)"  # ids without a "."
+
+
+class PrefixLabels:
+    """The `prefix` label of a job id: core.failures.job_prefix (up to the last
+    ".", at most 64 characters), "(none)" without a ".", and "other" once
+    `limit` distinct prefixes have been seen (for the life of the process)."""
+
+    def __init__(self, limit: int = MAX_PREFIX_LABELS) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, job_id: str) -> str:
+        prefix = job_prefix(job_id) or NO_PREFIX
+        if prefix in self._seen:
+            return prefix
+        if len(self._seen) >= self._limit:
+            return OTHER_PREFIX
+        self._seen.add(prefix)
+        return prefix
 
 
 class _StateCollector(Collector):
@@ -169,8 +201,19 @@ class MetricsObserver(Observer):
     def append_failed(self) -> None:
         STORAGE_FAILURES.inc()
 
+    def __init__(self) -> None:
+        self._prefix = PrefixLabels()
+        self._failed_series: dict[tuple[FailReason, str], Counter] = {}
+
     def triggered(self, lateness_s: float) -> None:
         TRIGGER_LATENESS.observe(max(lateness_s, 0.0))
+
+    def failed_without_run(self, reason: FailReason, job_id: str) -> None:
+        key = (reason, self._prefix(job_id))
+        series = self._failed_series.get(key)
+        if series is None:  # .labels() takes a lock: once per series, not per job
+            series = self._failed_series[key] = FAILED_WITHOUT_RUN.labels(reason.value, key[1])
+        series.inc()
 
 
 _RUN_SERIES: dict[tuple[str, bool], Histogram] = {}

@@ -16,6 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from kairoi.v1 import scheduler_pb2 as pb
 from kairoi_trio import commands as c
 from kairoi_trio.commands import CommandError, ErrorCode
+from kairoi_trio.core.validation import check_attempts, check_seconds
 from kairoi_trio.model import (
     MICROS,
     AmqpRunner,
@@ -186,17 +187,23 @@ def runner_from_pb(rule: pb.Rule) -> RunnerSpec:
 
 
 def policy_from_pb(policy: pb.RulePolicy) -> RulePolicy:
-    """Unset fields keep RulePolicy's defaults (Kairoi's behaviour)."""
+    """Unset fields keep RulePolicy's defaults (Kairoi's behaviour); set ones are
+    bounded as core/validation.py says (max_attempts 1..1000, durations up to
+    100 years, a timeout more than 0), named by their proto field."""
     defaults = RulePolicy()
 
     def seconds(name: str, default: float | None) -> float | None:
         if not policy.HasField(name):
             return default
-        return seconds_from_duration(getattr(policy, name), f"policy.{name}")
+        value = seconds_from_duration(getattr(policy, name), f"policy.{name}")
+        check_seconds(value, f"policy.{name}", positive=name == "timeout")
+        return value
 
     backoff_initial = seconds("backoff_initial", defaults.backoff_initial_s)
     backoff_max = seconds("backoff_max", defaults.backoff_max_s)
     assert backoff_initial is not None and backoff_max is not None
+    if policy.max_attempts:  # 0: unset
+        check_attempts(policy.max_attempts, "policy.max_attempts")
     return RulePolicy(
         timeout_s=seconds("timeout", defaults.timeout_s),
         max_attempts=policy.max_attempts or defaults.max_attempts,

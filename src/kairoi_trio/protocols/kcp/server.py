@@ -59,7 +59,13 @@ class _Slot:
         result = self.result
         if isinstance(result, CommandError):
             return codec.error(self.id, result.message)
-        return codec.ok(self.id, *render(result)) if self.with_data else codec.ok(self.id)
+        if not self.with_data:
+            return codec.ok(self.id)
+        try:
+            return codec.ok(self.id, *render(result))
+        except Exception as error:  # every request gets its answer; the connection goes on
+            log.exception("kcp answer could not be rendered", id=self.id)
+            return codec.error(self.id, f"internal error: the answer could not be written: {error}")
 
 
 class KcpServer:
