@@ -8,11 +8,13 @@ the rollback). Everything else is the real actor and the real State.
 from __future__ import annotations
 
 import errno
+import math
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import pytest
+import structlog.testing
 import trio
 import trio.testing
 
@@ -44,11 +46,15 @@ from kairoi_trio.core.actor import (
     MAX_POPS_PER_TRIGGER,
     ActorClient,
     CommandActor,
+    Observer,
 )
+from kairoi_trio.core.failures import WINDOW_S, FailReason
 from kairoi_trio.core.state import State
-from kairoi_trio.core.validation import RuleValidator
+from kairoi_trio.core.validation import MAX_ATTEMPTS, MAX_POLICY_SECONDS, RuleValidator
 from kairoi_trio.model import (
+    MAX_TIME_US,
     MICROS,
+    MIN_TIME_US,
     AmqpRunner,
     HttpRunner,
     Job,
@@ -61,6 +67,11 @@ from kairoi_trio.model import (
 from kairoi_trio.storage.records import JobDelete, JobPut, JobStatus
 
 T0 = 1_700_000_000 * MICROS  # the fake clock's start
+YEAR_S = 365 * 86_400
+BIG_BACKOFF = RulePolicy(max_attempts=3, backoff_initial_s=1e308, backoff_max_s=1e308)
+TEN_THOUSAND_YEARS = RulePolicy(
+    max_attempts=3, backoff_initial_s=10_000 * YEAR_S, backoff_max_s=10_000 * YEAR_S
+)
 SHELL = Rule("r.shell", "app.", ShellRunner("/bin/run.sh"))
 HTTP = Rule("r.http", "web.", HttpRunner("http://localhost:8080/hook"))
 ALL_KINDS = {"shell": 100, "amqp": 100, "http": 100}
@@ -303,6 +314,28 @@ async def test_missing_ids_are_not_found(command: object) -> None:
         SetRule(Rule("r", "app.", ShellRunner("/bin/ok.sh"), RulePolicy(stale_after_s=-1))),
         SetRule(Rule("r", "app.", ShellRunner("/bin/ok.sh"), RulePolicy(backoff_initial_s=-1))),
         ListJobs(limit=0),
+        # NUL can never reach a process: refused in every id, pattern and command
+        SetJob("app.\x00x", at(1)),
+        SetRule(Rule("r\x00", "app.", ShellRunner("/bin/ok.sh"))),
+        SetRule(Rule("r", "app.\x00", ShellRunner("/bin/ok.sh"))),
+        SetRule(Rule("r", "app.", ShellRunner("/bin/ok.sh\x00"))),
+        # times outside 0001-01-01 .. 9999-12-31
+        SetJob("a", MAX_TIME_US + 1),
+        SetJob("a", MIN_TIME_US - 1),
+        # policy bounds (core/validation.py)
+        SetRule(Rule("r", "app.", ShellRunner("/bin/ok.sh"), RulePolicy(max_attempts=1001))),
+        SetRule(Rule("r", "app.", ShellRunner("/bin/ok.sh"), RulePolicy(max_attempts=1026))),
+        SetRule(Rule("r", "app.", ShellRunner("/bin/ok.sh"), BIG_BACKOFF)),
+        SetRule(Rule("r", "app.", ShellRunner("/bin/ok.sh"), TEN_THOUSAND_YEARS)),
+        SetRule(Rule("r", "app.", ShellRunner("/bin/ok.sh"), RulePolicy(timeout_s=math.inf))),
+        SetRule(Rule("r", "app.", ShellRunner("/bin/ok.sh"), RulePolicy(stale_after_s=math.nan))),
+        SetRule(Rule("r", "app.", ShellRunner("/bin/ok.sh"), RulePolicy(backoff_max_s=math.inf))),
+        # what no runner could deliver
+        SetRule(Rule("r", "w.", HttpRunner("http://example.com/a\nb"))),
+        SetRule(Rule("r", "q.", AmqpRunner("amqp://broker/\x00", "ex", "rk"))),
+        SetRule(Rule("r", "q.", AmqpRunner("amqp://broker/", "e" * 256, "rk"))),
+        SetRule(Rule("r", "q.", AmqpRunner("amqp://broker/", "ex", "k" * 256))),
+        SetRule(Rule("r", "app.", ShellRunner("x" * 65_536))),
     ],
     ids=lambda c: repr(c)[:60],
 )
@@ -1025,3 +1058,208 @@ async def test_a_failed_compaction_is_retried_after_a_pause_not_after_every_batc
         await h.call(SetJob("c", at(1)))
         await trio.testing.wait_all_tasks_blocked()
         assert h.log.rotations == 2 and len(h.log.snapshots) == 1
+
+
+# -- the job life's faults (issue 7): never stuck triggered, nothing out of range -------
+
+
+def rule_with(policy: RulePolicy) -> Rule:
+    return Rule("r", "app.", ShellRunner("/bin/x.sh"), policy)
+
+
+async def test_refusals_name_the_reason() -> None:
+    async with running_actor() as h:
+        for command, reason in [
+            (SetJob("app.\x00", at(1)), "job id must not contain the NUL character"),
+            (SetRule(Rule("r", "a\x00", SHELL.runner)), "pattern must not contain the NUL"),
+            (SetRule(Rule("r", "a", ShellRunner("x\x00y"))), "shell command must not contain"),
+            (SetJob("a", MAX_TIME_US + 1), "outside the supported range 0001-01-01 to 9999-12-31"),
+            (SetRule(rule_with(RulePolicy(max_attempts=1026))), "from 1 to 1000, not 1026"),
+            (SetRule(rule_with(BIG_BACKOFF)), "backoff_initial_s must be from 0 to 3,153,600,000"),
+        ]:
+            with pytest.raises(CommandError, match=reason):
+                await h.call(command)
+
+
+async def test_values_at_the_bounds_are_accepted() -> None:
+    most = RulePolicy(
+        timeout_s=MAX_POLICY_SECONDS,
+        max_attempts=MAX_ATTEMPTS,
+        backoff_initial_s=MAX_POLICY_SECONDS,
+        backoff_max_s=MAX_POLICY_SECONDS,
+        stale_after_s=MAX_POLICY_SECONDS,
+    )
+    async with running_actor() as h:
+        assert (await h.call(SetRule(rule_with(most)))).policy == most
+        await h.call(SetRule(Rule("q", "q.", AmqpRunner("amqp://b/", "e" * 255, "k" * 255))))
+        await h.call(SetRule(Rule("c", "", ShellRunner("x" * 65_535))))  # "": catch-all
+        assert (await h.call(SetJob("first", MIN_TIME_US))).execute_at == MIN_TIME_US
+        assert (await h.call(SetJob("last", MAX_TIME_US))).execute_at == MAX_TIME_US
+
+
+async def test_1026_attempts_with_zero_backoff_retry_then_fail_never_stuck() -> None:
+    # The issue: attempt 1025 raised OverflowError and left the job triggered for ever.
+    policy = RulePolicy(max_attempts=1026, backoff_initial_s=0, backoff_max_s=0)
+    stuck = Job("app.1", at(0), Status.TRIGGERED, b"", 1025, "", T0)
+    async with running_actor(State([stuck], [rule_with(policy)])) as h:
+        await h.call(RecordOutcome("app.1", 1025, ok=False, message="exit status 1", policy=policy))
+        job = await h.call(GetJob("app.1"))
+        assert (job.status, job.execute_at, job.attempts) == (Status.PLANNED, T0, 1025)
+        assert (await trigger_one(h, "app.1", T0)).job.attempts == 1026
+        await h.call(RecordOutcome("app.1", 1026, ok=False, message="exit status 1", policy=policy))
+        job = await h.call(GetJob("app.1"))
+        assert (job.status, job.last_outcome) == (Status.FAILED, "exit status 1")
+        await h.call(SetJob("app.1", at(5)))  # SET works again
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [BIG_BACKOFF, TEN_THOUSAND_YEARS, RulePolicy(max_attempts=3, backoff_max_s=math.nan)],
+    ids=["1e308", "10000-years", "nan"],
+)
+async def test_a_retry_that_cannot_be_planned_fails_the_job_with_the_reason(
+    policy: RulePolicy,
+) -> None:
+    # Such policies are refused at input now, but a rule replayed from an older
+    # log may still carry one, and its outcome arrives with the rule's policy.
+    async with running_actor() as h:
+        await h.call(SetRule(SHELL))
+        await h.call(SetJob("app.1", at(0)))
+        await trigger_one(h, "app.1", at(0))
+        await h.call(RecordOutcome("app.1", 1, ok=False, message="exit status 1", policy=policy))
+        job = await h.call(GetJob("app.1"))
+        assert job.status is Status.FAILED
+        assert job.last_outcome.startswith("attempt 1 failed: exit status 1; no retry: ")
+        assert job.execute_at == at(0)
+        assert h.state.next_due() is None
+        await h.call(SetJob("app.1", at(5)))  # not triggered: SET and UNSET work
+        await h.call(DeleteJob("app.1"))
+
+
+async def test_at_the_end_of_time_a_retry_fits_or_the_job_fails() -> None:
+    policy = RulePolicy(max_attempts=5, backoff_initial_s=300, backoff_max_s=300)
+    last_second = MAX_TIME_US - 999_999  # 9999-12-31 23:59:59
+    async with running_actor() as h:
+        await h.call(SetRule(rule_with(policy)))
+        await h.call(SetJob("app.fits", last_second - 300 * MICROS))
+        await h.call(SetJob("app.late", last_second))
+        h.clock.now = last_second - 300 * MICROS
+        await trigger_one(h, "app.fits", h.clock.now)
+        await h.call(RecordOutcome("app.fits", 1, ok=False, message="no", policy=policy))
+        fits = await h.call(GetJob("app.fits"))
+        assert (fits.status, fits.execute_at) == (Status.PLANNED, last_second)
+
+        h.clock.now = last_second
+        result = await h.call(TriggerDue(last_second, ALL_KINDS))
+        assert {d.job.id for d in result.dispatches} == {"app.fits", "app.late"}
+        await h.call(RecordOutcome("app.late", 1, ok=False, message="no", policy=policy))
+        late = await h.call(GetJob("app.late"))
+        assert late.status is Status.FAILED
+        assert "no retry: the retry's time is outside the supported range" in late.last_outcome
+
+
+class _BrokenPolicy:
+    """Stands for any bug in retry planning: an unexpected exception."""
+
+    max_attempts = 3
+
+    def retry_delay_us(self, attempt: int) -> int:
+        raise RuntimeError("bug in retry planning")
+
+
+async def test_any_exception_while_recording_an_outcome_fails_the_job() -> None:
+    async with running_actor() as h:
+        await h.call(SetRule(SHELL))
+        await h.call(SetJob("app.1", at(0)))
+        await trigger_one(h, "app.1", at(0))
+        broken = _BrokenPolicy()
+        result = await h.call(
+            RecordOutcome("app.1", 1, ok=False, message="exit 1", policy=broken)  # type: ignore[arg-type]
+        )
+        assert result is None  # recorded, not an internal error
+        job = await h.call(GetJob("app.1"))
+        assert job.status is Status.FAILED
+        assert "attempt 1 failed: exit 1" in job.last_outcome
+        assert "bug in retry planning" in job.last_outcome
+        assert h.log.records[-1] == JobStatus("app.1", Status.FAILED, 1, job.last_outcome, T0)
+
+
+class _Counting(Observer):
+    def __init__(self, fail_triggers: int = 0) -> None:
+        self.failed: list[tuple[FailReason, str]] = []
+        self.fail_triggers = fail_triggers
+
+    def triggered(self, lateness_s: float) -> None:
+        if self.fail_triggers:
+            self.fail_triggers -= 1
+            raise RuntimeError("observer bug")
+
+    def failed_without_run(self, reason: FailReason, job_id: str) -> None:
+        self.failed.append((reason, job_id))
+
+
+async def test_an_exception_while_triggering_fails_that_job_and_the_others_run() -> None:
+    observer = _Counting(fail_triggers=1)
+    async with running_actor(observer=observer) as h:
+        await h.call(SetRule(SHELL))
+        await h.call(SetJob("app.1", at(0)))
+        await h.call(SetJob("app.2", at(1)))
+        result = await h.call(TriggerDue(at(5), ALL_KINDS))
+        assert [d.job.id for d in result.dispatches] == ["app.2"]
+        first = await h.call(GetJob("app.1"))
+        assert first.status is Status.FAILED
+        assert "internal error while triggering" in first.last_outcome
+        assert h.state.counts[Status.TRIGGERED] == 1  # only the one handed to a runner
+        assert observer.failed == [(FailReason.ERROR, "app.1")]
+
+
+async def test_every_job_failed_without_a_run_is_counted_with_its_reason() -> None:
+    observer = _Counting()
+    stale = Rule("r.stale", "s.", ShellRunner("/bin/s.sh"), RulePolicy(stale_after_s=1))
+    async with running_actor(observer=observer) as h:
+        await h.results(SetRule(stale), SetRule(HTTP))
+        await h.results(SetJob("nomatch.1", at(0)), SetJob("s.1", at(0)), SetJob("web.1", at(0)))
+        await h.call(TriggerDue(at(5), {"shell": 5}))
+    assert sorted(observer.failed, key=lambda f: f[1]) == [
+        (FailReason.NO_RULE, "nomatch.1"),
+        (FailReason.STALE, "s.1"),
+        (FailReason.NO_RUNNER, "web.1"),
+    ]
+
+
+async def test_a_flood_of_unmatched_jobs_gives_two_log_lines_not_one_per_job() -> None:
+    with structlog.testing.capture_logs() as logs:
+        async with running_actor() as h:
+            await h.results(*[SetJob(f"app.invoice.{i}", at(0)) for i in range(3000)])
+            await h.results(*[SetJob(f"orphan{i}", at(0)) for i in range(5)])
+            while (await h.call(TriggerDue(at(1), ALL_KINDS))).more_due:
+                pass
+            assert h.state.counts[Status.FAILED] == 3005
+        # the actor flushes what is left of the window when it stops
+    lines = [e for e in logs if "failed without running" in e["event"]]
+    assert [e["event"] for e in lines] == [
+        "job failed without running",
+        "jobs failed without running",
+    ]
+    first, summary = lines
+    assert first["job"] == "app.invoice.0" and first["prefix"] == "app.invoice."
+    assert first["reason"] == "no_rule" and first["outcome"] == "no rule matches this job"
+    assert summary["count"] == 3004
+    assert summary["prefixes"] == {"app.invoice.": 2999, "": 5}
+
+
+async def test_failures_are_summed_up_once_per_window(autojump_clock: trio.abc.Clock) -> None:
+    with structlog.testing.capture_logs() as logs:
+        async with running_actor() as h:
+            await trio.sleep(WINDOW_S / 2)  # failures in the middle of each window
+            for window in range(3):
+                await h.results(*[SetJob(f"a.{window}.{i}", at(0)) for i in range(10)])
+                await h.call(TriggerDue(at(1), ALL_KINDS))
+                await trio.sleep(WINDOW_S)
+            summaries = [e for e in logs if e["event"] == "jobs failed without running"]
+            assert [s["count"] for s in summaries] == [9, 10, 10]
+            await trio.sleep(2 * WINDOW_S)  # a quiet window closes the reason
+            await h.call(SetJob("b.1", at(0)))
+            await h.call(TriggerDue(at(1), ALL_KINDS))
+    singles = [e["job"] for e in logs if e["event"] == "job failed without running"]
+    assert singles == ["a.0.0", "b.1"]

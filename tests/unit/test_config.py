@@ -240,3 +240,50 @@ def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
     path.write_bytes("# caf\u00e9 configuration\n[log]\nlevel = 'info'\n".encode("latin-1"))
     with pytest.raises(ConfigError):
         load_config(path)
+
+
+# -- [policy]: the bounds of core/validation.py ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("[policy]\nmax_attempts = 0\n", "policy.max_attempts must be from 1 to 1000, not 0"),
+        # the issue: 1026 attempts overflowed the backoff at attempt 1025
+        ("[policy]\nmax_attempts = 1026\n", "policy.max_attempts must be from 1 to 1000, not 1026"),
+        ("[policy]\nbackoff_initial_s = 1e308\n", "policy.backoff_initial_s must be from 0 to"),
+        ("[policy]\nbackoff_max_s = 1e308\n", "policy.backoff_max_s must be from 0 to"),
+        ("[policy]\nbackoff_max_s = -1\n", "policy.backoff_max_s must be from 0 to"),
+        ("[policy]\ntimeout_s = 3153600001\n", "policy.timeout_s must be more than 0 to"),
+        ("[policy]\ntimeout_s = -1\n", "policy.timeout_s"),
+        ("[policy]\nstale_after_s = 1e10\n", "policy.stale_after_s must be from 0 to"),
+        ("[policy]\nstale_after_s = -1\n", "policy.stale_after_s"),
+        ("[policy]\nbackoff_initial_s = inf\n", "policy.backoff_initial_s must be a finite number"),
+        ("[policy]\nbackoff_max_s = nan\n", "policy.backoff_max_s must be a finite number"),
+    ],
+    ids=lambda v: " ".join(v.split())[:40],
+)
+def test_policy_values_beyond_the_bounds_are_rejected(
+    tmp_path: Path, text: str, named: str
+) -> None:
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")) as error:
+        load_text(tmp_path, text)
+    if "must be" in named and "finite" not in named:
+        assert "3,153,600,000 s (100 years)" in str(error.value) or "1000" in str(error.value)
+
+
+def test_policy_values_at_the_bounds_are_accepted(tmp_path: Path) -> None:
+    config = load_text(
+        tmp_path,
+        "[policy]\nmax_attempts = 1000\ntimeout_s = 3153600000\nbackoff_initial_s = 0\n"
+        "backoff_max_s = 3153600000\nstale_after_s = 3153600000\n",
+    )
+    policy = config.policy.to_policy()
+    assert (policy.max_attempts, policy.timeout_s, policy.backoff_max_s) == (
+        1000,
+        3_153_600_000,
+        3_153_600_000,
+    )
+    # 0 means "none" for the timeout and staleness
+    none = load_text(tmp_path, "[policy]\ntimeout_s = 0\nstale_after_s = 0\n").policy.to_policy()
+    assert (none.timeout_s, none.stale_after_s) == (None, None)

@@ -10,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from kairoi.v1 import scheduler_pb2 as pb
 from kairoi_trio import commands as c
 from kairoi_trio.commands import CommandError, ErrorCode
+from kairoi_trio.core.validation import MAX_ATTEMPTS, MAX_POLICY_SECONDS
 from kairoi_trio.model import (
     AmqpRunner,
     HttpRunner,
@@ -234,3 +235,47 @@ def test_server_info() -> None:
     assert message.started_at.seconds == 5
     assert (message.jobs.planned, message.jobs.triggered, message.jobs.failed) == (3, 0, 1)
     assert message.rules == 2
+
+
+YEAR_S = 365 * 86_400
+
+
+def shell_rule_with(policy: pb.RulePolicy) -> pb.Rule:
+    return pb.Rule(id="r", pattern="a", shell=pb.ShellRunner(command="x"), policy=policy)
+
+
+@pytest.mark.parametrize(
+    ("policy", "named"),
+    [
+        # the issue: a 10,000-year backoff planned a retry in year ~12027
+        (
+            pb.RulePolicy(backoff_initial=Duration(seconds=10_000 * YEAR_S)),
+            "policy.backoff_initial",
+        ),
+        (pb.RulePolicy(backoff_max=Duration(seconds=10_000 * YEAR_S)), "policy.backoff_max"),
+        (pb.RulePolicy(timeout=Duration(seconds=101 * YEAR_S)), "policy.timeout"),
+        (pb.RulePolicy(timeout=Duration()), "policy.timeout"),  # set to 0: not "none"
+        (pb.RulePolicy(stale_after=Duration(seconds=101 * YEAR_S)), "policy.stale_after"),
+        (pb.RulePolicy(max_attempts=1001), "policy.max_attempts"),
+        (pb.RulePolicy(max_attempts=4_294_967_295), "policy.max_attempts"),
+    ],
+    ids=lambda v: str(v).replace("\n", " ")[:40],
+)
+def test_policy_values_beyond_the_bounds_are_invalid_and_named(
+    policy: pb.RulePolicy, named: str
+) -> None:
+    reason = invalid(convert.rule_from_pb, shell_rule_with(policy))
+    assert named in reason
+    assert "100 years" in reason or "1 to 1000" in reason
+
+
+def test_policy_values_at_the_bounds_are_accepted() -> None:
+    most = Duration(seconds=MAX_POLICY_SECONDS)
+    policy = pb.RulePolicy(
+        timeout=most, max_attempts=MAX_ATTEMPTS, backoff_initial=most, backoff_max=most
+    )
+    converted = convert.rule_from_pb(shell_rule_with(policy)).policy
+    assert (converted.max_attempts, converted.backoff_max_s) == (MAX_ATTEMPTS, MAX_POLICY_SECONDS)
+    zero = pb.RulePolicy(backoff_initial=Duration(), backoff_max=Duration(), stale_after=Duration())
+    converted = convert.rule_from_pb(shell_rule_with(zero)).policy
+    assert (converted.backoff_initial_s, converted.stale_after_s) == (0, 0)

@@ -20,7 +20,9 @@ from kairoi_trio.commands import (
     SetRule,
 )
 from kairoi_trio.model import (
+    MAX_TIME_US,
     MICROS,
+    MIN_TIME_US,
     AmqpRunner,
     HttpRunner,
     Job,
@@ -184,6 +186,23 @@ def test_format_time_examples() -> None:
     assert format_time(-1) == "1969-12-31 23:59:59.999999"
     assert format_time(from_datetime(datetime(999, 5, 6, 7, 8, 9))) == "0999-05-06 07:08:09"
     assert format_time(from_datetime(datetime(1, 1, 1))) == "0001-01-01 00:00:00"
+    assert format_time(MAX_TIME_US) == "9999-12-31 23:59:59.999999"
+
+
+def test_times_outside_the_range_are_not_formatted_but_refused() -> None:
+    for us in (MIN_TIME_US - 1, MAX_TIME_US + 1):
+        with pytest.raises(ValueError, match="outside the supported range"):
+            format_time(us)
+    assert parse_time("9999-12-31 23:59:59.999999") == MAX_TIME_US
+    assert refused(["SET", "a", "0000-12-31 23:59:59"]).message == "invalid date '0000-12-31'"
+
+
+def test_render_jobs_at_the_edges_of_time() -> None:
+    assert render(Job("j", MIN_TIME_US, Status.FAILED)) == ("failed", "0001-01-01 00:00:00")
+    assert render(Job("j", MAX_TIME_US, Status.PLANNED)) == (
+        "planned",
+        "9999-12-31 23:59:59.999999",
+    )
 
 
 def kcp_text(dt: datetime) -> str:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from kairoi_trio.core import state as state_module
 from kairoi_trio.core.state import State
-from kairoi_trio.model import Job, Rule, ShellRunner, Status
+from kairoi_trio.model import MAX_TIME_US, MIN_TIME_US, Job, Rule, ShellRunner, Status
 
 PLANNED, TRIGGERED, EXECUTED, FAILED = (
     Status.PLANNED,
@@ -466,3 +466,43 @@ def test_state_agrees_with_a_naive_model(ops: list[tuple], probes: list[str]) ->
             )
             listed, _ = walk(state, prefix, status, 2)
             assert listed == expected
+
+
+# -- start-up recovery of a replayed log ---------------------------------------------------
+
+
+def test_recovery_plans_triggered_jobs_again_and_keeps_the_rest() -> None:
+    jobs = {
+        "t": Job("t", 5, TRIGGERED, b"p", 2, "", 7),
+        "p": job("p", 9),
+        "e": job("e", 1, EXECUTED, updated_at=3),
+    }
+    before = dict(jobs)
+    assert state_module.recover_replayed(jobs) == (1, 0)
+    assert jobs["t"] == Job("t", 5, PLANNED, b"p", 2, "", 7)
+    assert jobs["p"] is before["p"] and jobs["e"] is before["e"]
+
+
+def test_recovery_fails_jobs_whose_time_is_outside_the_supported_range() -> None:
+    # A release without policy bounds could plan a retry in year ~12027: reading
+    # it closed the KCP connection, and it could never run.
+    year_12027 = MAX_TIME_US + 2000 * 365 * 86_400 * 1_000_000
+    jobs = {
+        "far": Job("far", year_12027, PLANNED, b"", 3, "attempt 3 failed: x", 42),
+        "early": Job("early", MIN_TIME_US - 1, TRIGGERED, b"", 1, "", 43),
+        "edge": job("edge", MAX_TIME_US),
+    }
+    assert state_module.recover_replayed(jobs) == (0, 2)
+    far = jobs["far"]
+    assert (far.status, far.execute_at, far.attempts, far.updated_at) == (
+        FAILED,
+        MAX_TIME_US,
+        3,
+        42,  # expires with the retention, as it would have
+    )
+    assert "outside the supported range 0001-01-01 to 9999-12-31" in far.last_outcome
+    assert (jobs["early"].status, jobs["early"].execute_at) == (FAILED, MIN_TIME_US)
+    assert jobs["edge"].status is PLANNED
+    state = State(jobs.values())
+    assert state.next_due() == MAX_TIME_US
+    assert state.expired_finished(43, 10) == ["far"]
