@@ -569,6 +569,32 @@ def decode_records(data: Buffer, offset: int = 0, version: int = FORMAT_VERSION)
     return DecodeResult(records, pos, None)
 
 
+def scan_frames(data: Buffer, offset: int, version: int) -> tuple[int, FrameError | None]:
+    """Check consecutive frames from `offset` without decoding them: (end, error).
+
+    Checks what proves a frame whole (its header, and its payload checksum),
+    not the record inside, so it is cheap; used to find where the good frames
+    of a file being copied end. `end` is just past the last whole frame.
+    """
+    size = len(data)
+    hsize = frame_header_size(version)
+    pos = offset
+    while pos < size:
+        header = frame_header(data, pos, version)
+        if isinstance(header, FrameError):
+            return pos, header
+        length, crc = header
+        end = pos + hsize + length
+        if end > size:
+            decoded = decode_frame(data, pos, version)  # incomplete, or a damaged v1 length
+            assert isinstance(decoded, FrameError)
+            return pos, decoded
+        if _crc32(data[pos + hsize : end]) != crc:
+            return pos, FrameError(pos, "checksum mismatch", False)
+        pos = end
+    return pos, None
+
+
 # -- damage: torn tails and resynchronisation -------------------------------------
 
 # Storage writes whole sectors: the part of a write that never reached the disk
@@ -589,7 +615,7 @@ def zero_tail_start(data: Buffer, lo: int = 0) -> int:
     return lo
 
 
-def torn_tail(data: Buffer, offset: int, version: int) -> str | None:
+def torn_tail(data: Buffer, offset: int, version: int, base: int = 0) -> str | None:
     """Is the bad frame at `offset` an unfinished final write? Its description if so, else None.
 
     `data` is a whole file (bytes or an mmap) that is the LAST segment of a
@@ -605,7 +631,9 @@ def torn_tail(data: Buffer, offset: int, version: int) -> str | None:
       boundary to the end of the file (the last sectors never arrived).
 
     Anything else (a bad frame header, a complete frame with a bad checksum,
-    non-zero bytes after the bad frame) is damage: None.
+    non-zero bytes after the bad frame) is damage: None. `base` is the file
+    offset of data[0] when `data` is only the end of the file (for the sector
+    boundaries).
     """
     size = len(data)
     zeros = zero_tail_start(data, offset)
@@ -628,7 +656,7 @@ def torn_tail(data: Buffer, offset: int, version: int) -> str | None:
         ):
             return None  # a damaged length: valid records follow
         return f"a frame of {length} bytes cut after {size - offset - hsize} bytes"
-    sector = -(-zeros // SECTOR_BYTES) * SECTOR_BYTES
+    sector = -(-(base + zeros) // SECTOR_BYTES) * SECTOR_BYTES - base
     if sector < end:
         return f"a frame of {length} bytes whose last {end - zeros} bytes are zeros"
     return None
