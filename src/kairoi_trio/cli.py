@@ -40,6 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         from kairoi_trio.migration.kairoi_import import run_import_command
 
         return run_import_command(args)
+    if command == "repair":
+        from kairoi_trio.storage.repair import run_repair_command
+
+        return run_repair_command(args)
+    if command == "backup":
+        from kairoi_trio.storage.backup import run_backup_command
+
+        return run_backup_command(args)
     return _run_client_command(args)
 
 
@@ -70,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
             "-c", "--config", type=Path, metavar="FILE", default=argparse.SUPPRESS, help=config_help
         )
     _add_import_command(commands)
+    from kairoi_trio.storage.backup import add_backup_command
+    from kairoi_trio.storage.repair import add_repair_command
+
+    add_repair_command(commands)
+    add_backup_command(commands)
     _add_client_commands(commands)
     return parser
 
