@@ -1,177 +1,705 @@
-"""Client subcommands for people at a terminal, over gRPC:
+"""Client subcommands for people at a terminal, over gRPC (kairoi.v1.Scheduler):
 
-    kairoi-trio job set ID "2026-12-01 09:00:00" [--payload TEXT]
+    kairoi-trio job set ID TIME [--payload TEXT | --payload-file FILE]
     kairoi-trio job get ID | job unset ID | job list [--prefix P] [--status S]
-    kairoi-trio rule set ID PATTERN shell CMD | amqp DSN EXCHANGE KEY | http URL
+    kairoi-trio rule set ID PATTERN shell COMMAND | amqp DSN EXCHANGE ROUTING_KEY | http URL
+        [--timeout D] [--max-attempts N] [--backoff-initial D] [--backoff-max D]
+        [--stale-after D]
     kairoi-trio rule get ID | rule unset ID | rule list [--prefix P]
     kairoi-trio watch [--prefix P] [--snapshot]
     kairoi-trio info
 
-The server address comes from --server or $KAIROI_SERVER (default
-127.0.0.1:5679), the token from --token or $KAIROI_TOKEN. Times are UTC, in
-the same form as the text protocol. Errors print one line and exit 1.
+Every command takes --server (default $KAIROI_SERVER, else 127.0.0.1:5679),
+--token (default $KAIROI_TOKEN) and --json. Results go to stdout: tab-separated
+text lines, or with --json one JSON document per result (JSON Lines for
+watch). Errors are one line on stderr; exit status 1 for a failed call, 2 for
+a bad command line. docs/cli.md is the reference, JSON field names included.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import json
 import os
+import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
+from typing import Any, TextIO
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from kairoi.v1 import scheduler_pb2 as pb
 from kairoi.v1 import scheduler_pb2_grpc as pb_grpc
 from kairoi_trio.commands import CommandError
-from kairoi_trio.model import AmqpRunner, HttpRunner, Rule, ShellRunner, Status
-from kairoi_trio.protocols.grpc.convert import (
-    micros_from_timestamp,
-    rule_from_pb,
-    rule_to_pb,
-    timestamp_from_micros,
-)
-from kairoi_trio.protocols.kcp.instructions import format_time, parse_time, render
+from kairoi_trio.model import DEFAULT_POLICY, MICROS, Status, format_time, from_datetime
+from kairoi_trio.protocols.kcp.instructions import parse_time
 
-_CLIENT_COMMANDS = ("job", "rule", "watch", "info")
-_STATUS_NAMES = {s.value: s for s in Status}
+DEFAULT_SERVER = "127.0.0.1:5679"
+
+ENVIRONMENT_HELP = """\
+environment:
+  KAIROI_SERVER  the server's gRPC address, HOST:PORT (default 127.0.0.1:5679);
+                 --server overrides it
+  KAIROI_TOKEN   the token to send when the server requires one ([auth] tokens);
+                 --token overrides it. Prefer the variable: a command line is
+                 visible to every user of the machine (ps)"""
+
+_EXIT_HELP = """\
+exit status: 0 done; 1 the call failed (the reason is on stderr); 2 bad command line"""
+
+_EPILOG = f"{ENVIRONMENT_HELP}\n\n{_EXIT_HELP}"
+
+_TIME_HELP = (
+    'when the job is due: "YYYY-MM-DD HH:MM:SS[.ffffff]" in UTC (the text protocol\'s '
+    "form), or RFC 3339 such as 2026-12-01T09:00:00Z or 2026-12-01T10:00:00+01:00"
+)
+_DURATION_HELP = "seconds (30, 1.5) or a number with a unit: ms, s, m, h (500ms, 90s, 5m, 2h)"
+
+# The text that ends a snapshot in `watch --snapshot`, and its JSON Lines form.
+SNAPSHOT_END_TEXT = "-- end of snapshot; live changes follow --"
+SNAPSHOT_END_JSON = {"type": "snapshot_end"}
+
+_RUNNER_ARGS = {
+    "shell": ("COMMAND",),
+    "amqp": ("DSN", "EXCHANGE", "ROUTING_KEY"),
+    "http": ("URL",),
+}
+_STATUSES = [status.value for status in Status]
+_MAX_DURATION_S = 315_576_000_000  # google.protobuf.Duration's range: 10,000 years
+_MAX_UINT32 = 2**32 - 1
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+# -- the command line ---------------------------------------------------------------------
 
 
 def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add `job`, `rule`, `watch` and `info` to the `kairoi-trio` subcommands.
+
+    Each subcommand sets `command` (and `action` for job/rule) in the parsed
+    namespace; run_client_command then runs it.
+    """
+    common = _common_options()
+    text = _HelpFormatter
+
+    def group(name: str, help_text: str) -> argparse._SubParsersAction:  # type: ignore[type-arg]
+        parser = commands.add_parser(
+            name, help=help_text, description=help_text, epilog=_EPILOG, formatter_class=text
+        )
+        return parser.add_subparsers(dest="action", required=True, metavar="ACTION", help="one of:")
+
+    def action(
+        actions: argparse._SubParsersAction,  # type: ignore[type-arg]
+        name: str,
+        help_text: str,
+    ) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = actions.add_parser(
+            name,
+            parents=[common],
+            help=help_text,
+            description=help_text,
+            epilog=_EPILOG,
+            formatter_class=text,
+        )
+        return parser
+
+    jobs = group("job", "set, get, unset or list jobs")
+    job_set = action(jobs, "set", "create or replace a job (planned again, attempts reset)")
+    job_set.add_argument(
+        "id", metavar="ID", type=_utf8_arg, help="the job's id: 1 to 65,535 bytes of UTF-8"
+    )
+    job_set.add_argument("time", metavar="TIME", type=_time_arg, help=_TIME_HELP)
+    payload = job_set.add_mutually_exclusive_group()
+    payload.add_argument(
+        "--payload",
+        metavar="TEXT",
+        type=lambda text: _utf8_arg(text).encode(),
+        help="data handed to the runner, as UTF-8 text (default: none)",
+    )
+    payload.add_argument(
+        "--payload-file",
+        metavar="FILE",
+        type=argparse.FileType("rb"),
+        help="data handed to the runner, read from FILE as bytes ('-': standard input)",
+    )
+    for name, help_text in (("get", "show one job"), ("unset", "delete a job that is not running")):
+        action(jobs, name, help_text).add_argument(
+            "id", metavar="ID", type=_utf8_arg, help="the job's id"
+        )
+    job_list = action(jobs, "list", "list jobs in id order")
+    job_list.add_argument(
+        "--prefix",
+        default="",
+        type=_utf8_arg,
+        help="only jobs whose id starts with PREFIX (default: all)",
+    )
+    job_list.add_argument(
+        "--status", choices=_STATUSES, help="only jobs of this status (default: all)"
+    )
+
+    rules = group("rule", "set, get, unset or list rules")
+    rule_set = action(rules, "set", "create or replace a rule (it pairs jobs triggered after)")
+    rule_set.add_argument(
+        "id", metavar="ID", type=_utf8_arg, help="the rule's id (also breaks ties: smaller wins)"
+    )
+    rule_set.add_argument(
+        "pattern",
+        metavar="PATTERN",
+        type=_utf8_arg,
+        help="jobs whose id starts with PATTERN use this rule, unless a longer pattern matches",
+    )
+    rule_set.add_argument(
+        "runner", metavar="RUNNER", choices=tuple(_RUNNER_ARGS), help="shell, amqp or http"
+    )
+    rule_set.add_argument(
+        "runner_args",
+        metavar="ARG",
+        nargs="+",
+        type=_utf8_arg,
+        action=_RunnerArgs,
+        help=(
+            "shell COMMAND (run as `sh COMMAND JOB_ID`); amqp DSN EXCHANGE ROUTING_KEY "
+            "(DSN: amqp://user:pass@host:port/vhost); http URL (POSTs the job as JSON)"
+        ),
+    )
+    policy = rule_set.add_argument_group(
+        "policy",
+        "How the rule runs its jobs; an option left out keeps the server's default. "
+        f"D is a duration: {_DURATION_HELP}.",
+    )
+    policy.add_argument(
+        "--timeout",
+        metavar="D",
+        type=_duration_arg,
+        help="cancel a run that lasts longer; it counts as a failure (default: no limit)",
+    )
+    policy.add_argument(
+        "--max-attempts",
+        metavar="N",
+        type=_attempts_arg,
+        help="tries in all, the first included; more than 1 retries failed runs (default: 1)",
+    )
+    policy.add_argument(
+        "--backoff-initial",
+        metavar="D",
+        type=_duration_arg,
+        help="delay before the first retry, doubled for each next one (default: 1s)",
+    )
+    policy.add_argument(
+        "--backoff-max", metavar="D", type=_duration_arg, help="longest retry delay (default: 300s)"
+    )
+    policy.add_argument(
+        "--stale-after",
+        metavar="D",
+        type=_duration_arg,
+        help="fail a job without running it when it comes up more than D late (default: never)",
+    )
+    for name, help_text in (("get", "show one rule"), ("unset", "delete a rule")):
+        action(rules, name, help_text).add_argument(
+            "id", metavar="ID", type=_utf8_arg, help="the rule's id"
+        )
+    rule_list = action(rules, "list", "list rules in id order")
+    rule_list.add_argument(
+        "--prefix",
+        default="",
+        type=_utf8_arg,
+        help="only rules whose id starts with PREFIX (default: all)",
+    )
+
+    watch_help = "print job changes as they happen"
+    watch = commands.add_parser(
+        "watch",
+        parents=[common],
+        help=watch_help,
+        description=(
+            f"{watch_help}, until interrupted (Ctrl-C). Each line is the change (set, "
+            "triggered, executed, failed or deleted) and the job after it (before it, for "
+            "deleted)."
+        ),
+        epilog=_EPILOG,
+        formatter_class=text,
+    )
+    watch.add_argument(
+        "--prefix",
+        default="",
+        type=_utf8_arg,
+        help="only jobs whose id starts with PREFIX (default: all)",
+    )
+    watch.add_argument(
+        "--snapshot",
+        action="store_true",
+        help=(
+            "start with every matching job as it is now, then a line "
+            f"{SNAPSHOT_END_TEXT!r} (with --json: {json.dumps(SNAPSHOT_END_JSON)}), "
+            "then the changes; none is missed or repeated in between"
+        ),
+    )
+    info_help = "show the server's version, start time, and job and rule counts"
+    commands.add_parser(
+        "info",
+        parents=[common],
+        help=info_help,
+        description=info_help,
+        epilog=_EPILOG,
+        formatter_class=text,
+    )
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions and help texts, but keeps the epilog's table (environment) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("environment:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--server", default=os.environ.get("KAIROI_SERVER", "127.0.0.1:5679"), help="gRPC address"
+    options = common.add_argument_group("connection and output")
+    options.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        default=os.environ.get("KAIROI_SERVER") or DEFAULT_SERVER,
+        help=f"the server's gRPC address (default: $KAIROI_SERVER, else {DEFAULT_SERVER})",
     )
-    common.add_argument("--token", default=os.environ.get("KAIROI_TOKEN", ""))
-
-    job = commands.add_parser("job", help="set, get, unset or list jobs").add_subparsers(
-        dest="action", required=True
+    options.add_argument(
+        "--token",
+        default=os.environ.get("KAIROI_TOKEN", ""),
+        help=(
+            'sent as "authorization: Bearer TOKEN" when the server requires a token '
+            "(default: $KAIROI_TOKEN)"
+        ),
     )
-    job_set = job.add_parser("set", parents=[common], help="plan a job")
-    job_set.add_argument("id")
-    job_set.add_argument("time", help='UTC, "Y-m-d H:i:s[.ffffff]"')
-    job_set.add_argument("--payload", default="")
-    for action in ("get", "unset"):
-        job.add_parser(action, parents=[common]).add_argument("id")
-    job_list = job.add_parser("list", parents=[common])
-    job_list.add_argument("--prefix", default="")
-    job_list.add_argument("--status", choices=sorted(_STATUS_NAMES))
-
-    rule = commands.add_parser("rule", help="set, get, unset or list rules").add_subparsers(
-        dest="action", required=True
+    options.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON: one document per result, one object per line for watch",
     )
-    rule_set = rule.add_parser("set", parents=[common], help="ID PATTERN shell|amqp|http ARGS...")
-    rule_set.add_argument("id")
-    rule_set.add_argument("pattern")
-    rule_set.add_argument("runner", choices=("shell", "amqp", "http"))
-    rule_set.add_argument("args", nargs="+")
-    for action in ("get", "unset"):
-        rule.add_parser(action, parents=[common]).add_argument("id")
-    rule.add_parser("list", parents=[common]).add_argument("--prefix", default="")
-
-    watch = commands.add_parser("watch", parents=[common], help="print job changes as they happen")
-    watch.add_argument("--prefix", default="")
-    watch.add_argument("--snapshot", action="store_true", help="start with the matching jobs")
-    commands.add_parser("info", parents=[common], help="server version and counts")
+    return common
 
 
-def run_client_command(args: argparse.Namespace) -> int:
-    metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
+class _RunnerArgs(argparse.Action):
+    """Checks that the runner got the arguments it takes (the runner is parsed before)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        names = _RUNNER_ARGS[namespace.runner]
+        if len(values) != len(names):
+            parser.error(
+                f"the {namespace.runner} runner takes {_count(len(names), 'argument')} "
+                f"({' '.join(names)}), not {len(values)}"
+            )
+        setattr(namespace, self.dest, values)
+
+
+def _utf8_arg(text: str) -> str:
+    """A command-line argument that is valid UTF-8 (protobuf strings must be)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not UTF-8 arrive as lone surrogates
+        shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+        raise argparse.ArgumentTypeError(f"'{shown}' is not valid UTF-8") from None
+    return text
+
+
+def _time_arg(text: str) -> int:
+    """TIME -> microseconds since the epoch; argparse.ArgumentTypeError with the reason."""
+    if re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d+)?", text, re.ASCII):
+        try:
+            return parse_time(text)  # the text protocol's form, and its messages
+        except CommandError as error:
+            raise argparse.ArgumentTypeError(error.message) from None
+    try:
+        if len(text) < 19 or text[10] not in "Tt":
+            raise ValueError
+        return from_datetime(datetime.fromisoformat(text))  # naive: UTC, as KCP's form
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(
+            f"invalid time {text!r}: expected {_TIME_HELP.split(': ', 1)[1]}"
+        ) from None
+
+
+def _duration_arg(text: str) -> float:
+    """D -> seconds (a float above 0); argparse.ArgumentTypeError with the reason."""
+    match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)?", text.strip(), re.ASCII)
+    if match is None and text.strip().startswith("-"):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be more than 0")
+    if match is None:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected {_DURATION_HELP}")
+    seconds = float(match[1]) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match[2]]
+    if not 0 < seconds <= _MAX_DURATION_S:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: must be more than 0 and at most 10,000 years"
+        )
+    return seconds
+
+
+def _attempts_arg(text: str) -> int:
+    try:
+        attempts = int(text)
+    except ValueError:
+        attempts = 0
+    if not 1 <= attempts <= _MAX_UINT32:
+        raise argparse.ArgumentTypeError(
+            f"invalid number of attempts {text!r}: expected a whole number from 1 to {_MAX_UINT32}"
+        )
+    return attempts
+
+
+# -- running a command ----------------------------------------------------------------------
+
+
+def run_client_command(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
+    """Run the client subcommand parsed into `args`; returns the exit status (0, 1 or 130)."""
+    out = _Output(stdout or sys.stdout, as_json=args.json)
+    metadata: Metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
+    handler = _HANDLERS[(args.command, getattr(args, "action", None))]
     try:
         with grpc.insecure_channel(args.server) as channel:
-            stub = pb_grpc.SchedulerStub(channel)
-            for line in _run(stub, args, metadata):
-                print(line, flush=True)
+            handler(pb_grpc.SchedulerStub(channel), args, metadata, out)
     except grpc.RpcError as error:
-        print(f"kairoi-trio: {error.code().name}: {error.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        print(f"kairoi-trio: {_describe(error, args)}", file=sys.stderr)
         return 1
-    except CommandError as error:
-        print(f"kairoi-trio: {error.message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, the way to end `watch`
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as other tools do, and keep
+        # Python from complaining when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 
-def _run(stub: pb_grpc.SchedulerStub, args: argparse.Namespace, md: tuple) -> Iterator[str]:  # type: ignore[type-arg]
-    command = (args.command, getattr(args, "action", None))
-    if command == ("job", "set"):
-        at = timestamp_from_micros(parse_time(args.time))
-        stub.SetJob(
-            pb.SetJobRequest(id=args.id, execute_at=at, payload=args.payload.encode()), metadata=md
-        )
-        yield "OK"
-    elif command == ("job", "get"):
-        yield _job_line(stub.GetJob(pb.GetJobRequest(id=args.id), metadata=md).job)
-    elif command == ("job", "unset"):
-        stub.DeleteJob(pb.DeleteJobRequest(id=args.id), metadata=md)
-        yield "OK"
-    elif command == ("job", "list"):
-        wanted = f"JOB_STATUS_{args.status.upper()}" if args.status else "JOB_STATUS_UNSPECIFIED"
-        token = ""
-        while True:
-            page = stub.ListJobs(
-                pb.ListJobsRequest(prefix=args.prefix, status=wanted, page_token=token), metadata=md
-            )
-            yield from (_job_line(job) for job in page.jobs)
-            token = page.next_page_token
-            if not token:
-                break
-    elif command == ("rule", "set"):
-        rule = Rule(args.id, args.pattern, _runner(args.runner, args.args))
-        stub.SetRule(pb.SetRuleRequest(rule=rule_to_pb(rule)), metadata=md)
-        yield "OK"
-    elif command == ("rule", "get"):
-        yield _rule_line(stub.GetRule(pb.GetRuleRequest(id=args.id), metadata=md).rule)
-    elif command == ("rule", "unset"):
-        stub.DeleteRule(pb.DeleteRuleRequest(id=args.id), metadata=md)
-        yield "OK"
-    elif command == ("rule", "list"):
-        token = ""
-        while True:
-            page = stub.ListRules(
-                pb.ListRulesRequest(prefix=args.prefix, page_token=token), metadata=md
-            )
-            yield from (_rule_line(rule) for rule in page.rules)
-            token = page.next_page_token
-            if not token:
-                break
-    elif args.command == "watch":
-        request = pb.WatchJobsRequest(prefix=args.prefix, include_snapshot=args.snapshot)
-        for response in stub.WatchJobs(request, metadata=md):
-            for event in response.events:
-                kind = pb.JobEventType.Name(event.type).removeprefix("JOB_EVENT_TYPE_").lower()
-                yield f"{kind}\t{_job_line(event.job)}"
-    elif args.command == "info":
-        info = stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=md)
-        yield f"version\t{info.version}"
-        yield f"started_at\t{format_time(micros_from_timestamp(info.started_at, 'started_at'))}"
-        for name in _STATUS_NAMES:
-            yield f"jobs.{name}\t{getattr(info.jobs, name)}"
-        yield f"rules\t{info.rules}"
+def _describe(error: grpc.RpcError, args: argparse.Namespace) -> str:
+    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
+    details: str = error.details() or ""  # type: ignore[attr-defined]
+    message = f"{code.name}: {details}" if details else code.name
+    if code is grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
+        message += f" (is a server listening at {args.server}? see --server, KAIROI_SERVER)"
+    elif code is grpc.StatusCode.UNAUTHENTICATED:
+        message += " (see --token, KAIROI_TOKEN)"
+    return message
 
 
-def _runner(kind: str, args: list[str]) -> ShellRunner | AmqpRunner | HttpRunner:
-    expected = {"shell": 1, "amqp": 3, "http": 1}[kind]
-    if len(args) != expected:
-        raise SystemExit(f"kairoi-trio: a {kind} rule takes {expected} argument(s)")
-    if kind == "shell":
-        return ShellRunner(args[0])
-    if kind == "amqp":
-        return AmqpRunner(*args)
-    return HttpRunner(args[0])
+Stub = pb_grpc.SchedulerStub
+Args = argparse.Namespace
+Handler = Callable[[Stub, Args, Metadata, "_Output"], None]
+
+
+def _job_set(stub: Stub, args: Args, md: Metadata, out: _Output) -> None:
+    if args.payload_file is not None:
+        with args.payload_file as file:
+            payload = file.read()
+    else:
+        payload = args.payload or b""
+    request = pb.SetJobRequest(id=args.id, execute_at=_timestamp(args.time), payload=payload)
+    out.result("OK", _job_document(stub.SetJob(request, metadata=md).job))
+
+
+def _job_get(stub: Stub, args: Args, md: Metadata, out: _Output) -> None:
+    job = stub.GetJob(pb.GetJobRequest(id=args.id), metadata=md).job
+    out.result(_job_line(job), _job_document(job))
+
+
+def _job_unset(stub: Stub, args: Args, md: Metadata, out: _Output) -> None:
+    stub.DeleteJob(pb.DeleteJobRequest(id=args.id), metadata=md)
+    out.result("OK", {"id": args.id, "deleted": True})
+
+
+def _job_list(stub: Stub, args: Args, md: Metadata, out: _Output) -> None:
+    status = f"JOB_STATUS_{args.status.upper()}" if args.status else "JOB_STATUS_UNSPECIFIED"
+
+    def jobs() -> Iterator[pb.Job]:
+        token = ""
+        while True:
+            request = pb.ListJobsRequest(prefix=args.prefix, status=status, page_token=token)
+            page = stub.ListJobs(request, metadata=md)
+            yield from page.jobs
+            token = page.next_page_token
+            if not token:
+                return
+
+    out.results((_job_line(job), _job_document(job)) for job in jobs())
+
+
+def _rule_set(stub: Stub, args: Args, md: Metadata, out: _Output) -> None:
+    rule = pb.Rule(id=args.id, pattern=args.pattern)
+    if args.runner == "shell":
+        rule.shell.command = args.runner_args[0]
+    elif args.runner == "amqp":
+        dsn, exchange, routing_key = args.runner_args
+        rule.amqp.CopyFrom(pb.AmqpRunner(dsn=dsn, exchange=exchange, routing_key=routing_key))
+    else:
+        rule.http.url = args.runner_args[0]
+    if args.max_attempts is not None:
+        rule.policy.max_attempts = args.max_attempts
+    for name in ("timeout", "backoff_initial", "backoff_max", "stale_after"):
+        seconds = getattr(args, name)
+        if seconds is not None:  # unset fields keep the server's defaults
+            getattr(rule.policy, name).CopyFrom(_duration(seconds))
+    stored = stub.SetRule(pb.SetRuleRequest(rule=rule), metadata=md).rule
+    out.result("OK", _rule_document(stored))
+
+
+def _rule_get(stub: Stub, args: Args, md: Metadata, out: _Output) -> None:
+    rule = stub.GetRule(pb.GetRuleRequest(id=args.id), metadata=md).rule
+    out.result(_rule_line(rule), _rule_document(rule))
+
+
+def _rule_unset(stub: Stub, args: Args, md: Metadata, out: _Output) -> None:
+    stub.DeleteRule(pb.DeleteRuleRequest(id=args.id), metadata=md)
+    out.result("OK", {"id": args.id, "deleted": True})
+
+
+def _rule_list(stub: Stub, args: Args, md: Metadata, out: _Output) -> None:
+    def rules() -> Iterator[pb.Rule]:
+        token = ""
+        while True:
+            request = pb.ListRulesRequest(prefix=args.prefix, page_token=token)
+            page = stub.ListRules(request, metadata=md)
+            yield from page.rules
+            token = page.next_page_token
+            if not token:
+                return
+
+    out.results((_rule_line(rule), _rule_document(rule)) for rule in rules())
+
+
+def _watch(stub: Stub, args: Args, md: Metadata, out: _Output) -> None:
+    request = pb.WatchJobsRequest(prefix=args.prefix, include_snapshot=args.snapshot)
+    in_snapshot = args.snapshot
+    for response in stub.WatchJobs(request, metadata=md):
+        if in_snapshot and not response.snapshot:
+            # The server follows the snapshot with a change message (empty if
+            # nothing changed yet), so this prints as soon as the snapshot is whole.
+            in_snapshot = False
+            out.event(SNAPSHOT_END_TEXT, SNAPSHOT_END_JSON)
+        for event in response.events:
+            kind = _enum_name(pb.JobEventType, event.type, "JOB_EVENT_TYPE_")
+            document = {
+                "type": kind,
+                "snapshot": response.snapshot,
+                "at": format_time(_micros(event.at)) if event.HasField("at") else None,
+                "job": _job_document(event.job),
+            }
+            out.event(f"{kind}\t{_job_line(event.job)}", document)
+
+
+def _info(stub: Stub, args: Args, md: Metadata, out: _Output) -> None:
+    info = stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=md)
+    counts = {name: getattr(info.jobs, name) for name in _STATUSES}
+    started_at = _micros(info.started_at)
+    lines = [
+        f"version\t{_text(info.version)}",
+        f"started_at\t{format_time(started_at, sep=' ', zone='', fraction=False)}",
+        *(f"jobs.{name}\t{count}" for name, count in counts.items()),
+        f"rules\t{info.rules}",
+    ]
+    document = {
+        "version": info.version,
+        "started_at": format_time(started_at),
+        "jobs": counts,
+        "rules": info.rules,
+    }
+    out.result("\n".join(lines), document)
+
+
+_HANDLERS: dict[tuple[str, str | None], Handler] = {
+    ("job", "set"): _job_set,
+    ("job", "get"): _job_get,
+    ("job", "unset"): _job_unset,
+    ("job", "list"): _job_list,
+    ("rule", "set"): _rule_set,
+    ("rule", "get"): _rule_get,
+    ("rule", "unset"): _rule_unset,
+    ("rule", "list"): _rule_list,
+    ("watch", None): _watch,
+    ("info", None): _info,
+}
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+class _Output:
+    """Results as text lines or JSON documents on one stream, flushed as they come."""
+
+    def __init__(self, stream: TextIO, *, as_json: bool) -> None:
+        self._stream = stream
+        self._json = as_json
+
+    def result(self, text: str, document: object) -> None:
+        """One result: its text, or one indented JSON document."""
+        self._write(json.dumps(document, indent=2, ensure_ascii=False) if self._json else text)
+
+    def results(self, items: Iterable[tuple[str, object]]) -> None:
+        """A list: a text line per item, or one JSON array written as the items come."""
+        if not self._json:
+            for text, _ in items:
+                self._write(text)
+            return
+        opened = False
+        for _, document in items:
+            self._stream.write(",\n  " if opened else "[\n  ")
+            self._stream.write(json.dumps(document, ensure_ascii=False))
+            opened = True
+        self._write("\n]" if opened else "[]")
+
+    def event(self, text: str, document: object) -> None:
+        """One line of a stream: its text, or one compact JSON object (JSON Lines)."""
+        self._write(json.dumps(document, ensure_ascii=False) if self._json else text)
+
+    def _write(self, text: str) -> None:
+        self._stream.write(text + "\n")
+        self._stream.flush()  # watch lines must show up while the command runs
+
+
+# Control characters (a job id may hold any UTF-8, terminal escapes included) are
+# written as escapes in text output, so that each result stays one line of
+# tab-separated fields and nothing reaches the terminal as a command.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {
+    ord("\\"): "\\\\",
+    ord("\t"): "\\t",
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+}
+
+
+def _text(value: str) -> str:
+    return value.translate(_ESCAPES)
 
 
 def _job_line(job: pb.Job) -> str:
-    status = pb.JobStatus.Name(job.status).removeprefix("JOB_STATUS_").lower()
-    at = format_time(micros_from_timestamp(job.execute_at, "execute_at"))
-    fields = [job.id, status, at, f"attempts={job.attempts}"]
+    """id, status, execute_at (UTC, the text protocol's form), attempts=N, then extras."""
+    fields = [
+        _text(job.id),
+        _enum_name(pb.JobStatus, job.status, "JOB_STATUS_"),
+        format_time(_micros(job.execute_at), sep=" ", zone="", fraction=False),
+        f"attempts={job.attempts}",
+    ]
     if job.last_outcome:
-        fields.append(f"outcome={job.last_outcome}")
+        fields.append(f"outcome={_text(job.last_outcome)}")
     if job.payload:
-        fields.append(f"payload={job.payload.decode('utf-8', 'replace')}")
+        ((key, value),) = _payload(job.payload).items()  # payload= or payload_base64=
+        fields.append(f"{key}={_text(value)}")
     return "\t".join(fields)
 
 
+def _job_document(job: pb.Job) -> dict[str, object]:
+    return {
+        "id": job.id,
+        "status": _enum_name(pb.JobStatus, job.status, "JOB_STATUS_"),
+        "execute_at": format_time(_micros(job.execute_at)),
+        **_payload(job.payload),
+        "attempts": job.attempts,
+        "last_outcome": job.last_outcome,
+        "updated_at": format_time(_micros(job.updated_at)) if job.HasField("updated_at") else None,
+    }
+
+
+def _payload(payload: bytes) -> dict[str, str]:
+    """{"payload": text} when the bytes are UTF-8, else {"payload_base64": base64}."""
+    try:
+        return {"payload": payload.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"payload_base64": base64.b64encode(payload).decode("ascii")}
+
+
 def _rule_line(rule: pb.Rule) -> str:
-    return "\t".join((rule.id, *render(rule_from_pb(rule))))
+    """id, pattern, runner kind and arguments, then the policy where it is not the default."""
+    runner = _runner_document(rule)
+    fields = [rule.id, rule.pattern, *(str(value) for value in runner.values())]
+    policy = _policy_document(rule.policy)
+    if policy["timeout_s"] is not None:
+        fields.append(f"timeout={policy['timeout_s']:g}s")
+    if policy["max_attempts"] != 1:  # the backoff only matters with retries
+        fields.append(f"max_attempts={policy['max_attempts']}")
+        fields.append(f"backoff={policy['backoff_initial_s']:g}s..{policy['backoff_max_s']:g}s")
+    if policy["stale_after_s"] is not None:
+        fields.append(f"stale_after={policy['stale_after_s']:g}s")
+    return "\t".join(map(_text, fields))
+
+
+def _rule_document(rule: pb.Rule) -> dict[str, object]:
+    return {
+        "id": rule.id,
+        "pattern": rule.pattern,
+        "runner": _runner_document(rule),
+        "policy": _policy_document(rule.policy),
+    }
+
+
+def _runner_document(rule: pb.Rule) -> dict[str, str]:
+    kind = rule.WhichOneof("runner")
+    if kind == "shell":
+        return {"kind": kind, "command": rule.shell.command}
+    if kind == "amqp":
+        amqp = rule.amqp
+        return {
+            "kind": kind,
+            "dsn": amqp.dsn,
+            "exchange": amqp.exchange,
+            "routing_key": amqp.routing_key,
+        }
+    if kind == "http":
+        return {"kind": kind, "url": rule.http.url}
+    return {"kind": kind or ""}  # a runner this client does not know yet
+
+
+def _policy_document(policy: pb.RulePolicy) -> dict[str, Any]:
+    """Seconds as floats; unset fields as the server applies them (its defaults)."""
+
+    def seconds(name: str) -> float | None:
+        if not policy.HasField(name):
+            return None
+        value: Duration = getattr(policy, name)
+        return value.seconds + value.nanos / 1e9
+
+    return {
+        "timeout_s": seconds("timeout"),
+        "max_attempts": policy.max_attempts or DEFAULT_POLICY.max_attempts,
+        "backoff_initial_s": seconds("backoff_initial") or DEFAULT_POLICY.backoff_initial_s,
+        "backoff_max_s": seconds("backoff_max") or DEFAULT_POLICY.backoff_max_s,
+        "stale_after_s": seconds("stale_after"),
+    }
+
+
+# -- conversions ------------------------------------------------------------------------------
+
+
+def _enum_name(enum: Any, value: int, prefix: str) -> str:
+    """JOB_STATUS_PLANNED -> "planned"; a number this client does not know stays a number."""
+    try:
+        return str(enum.Name(value)).removeprefix(prefix).lower()
+    except ValueError:
+        return str(value)
+
+
+def _micros(ts: Timestamp) -> int:
+    return ts.seconds * MICROS + ts.nanos // 1000
+
+
+def _timestamp(us: int) -> Timestamp:
+    seconds, micros = divmod(us, MICROS)
+    return Timestamp(seconds=seconds, nanos=micros * 1000)
+
+
+def _duration(seconds: float) -> Duration:
+    whole, nanos = divmod(round(seconds * 1e9), 10**9)
+    return Duration(seconds=whole, nanos=nanos)
+
+
+def _count(n: int, noun: str) -> str:
+    """1 argument, 3 arguments."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
