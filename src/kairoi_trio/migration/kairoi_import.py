@@ -31,6 +31,7 @@ is the user's guide; what follows are the decisions it documents.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -138,7 +139,11 @@ def read_kairoi_directory(
     for path in paths:
         parser = LogfileParser(str(path))
         with open(path, "rb", buffering=0) as f:
-            while chunk := f.read(READ_CHUNK):
+            # Up to the size seen before reading: a file that grows meanwhile is
+            # caught below rather than read for as long as it grows.
+            left = os.fstat(f.fileno()).st_size
+            while left > 0 and (chunk := f.read(min(READ_CHUNK, left))):
+                left -= len(chunk)
                 state.add(parser.feed(chunk))
                 if progress is not None:
                     progress(len(chunk))

@@ -391,36 +391,3 @@ class KairoiState:
             else:
                 rules[entry.id] = entry  # type: ignore[assignment]
         self.entries += len(entries)
-
-
-# -- writing, for tests and tools -------------------------------------------------
-
-
-def _string(text: str) -> bytes:
-    raw = text.encode("utf-8")
-    if len(raw) > _MAX_STR:
-        raise ValueError(f"string of {len(raw)} bytes: Kairoi's strings hold at most {_MAX_STR}")
-    return _STR_LEN.pack(len(raw)) + raw
-
-
-def encode_entry(entry: KairoiEntry) -> bytes:
-    """One framed entry, as Kairoi's encoder writes it (the inverse of the parser)."""
-    if isinstance(entry, KairoiJob):
-        body = (
-            bytes([ENTRY_JOB])
-            + _string(entry.id)
-            + _TIME_STATUS.pack(entry.execute_at_ns, STATUSES.index(entry.status))
-        )
-    else:
-        runner = entry.runner
-        if isinstance(runner, ShellRunner):
-            fields_ = bytes([RUNNER_SHELL]) + _string(runner.command)
-        else:
-            fields_ = (
-                bytes([RUNNER_AMQP])
-                + _string(runner.dsn)
-                + _string(runner.exchange)
-                + _string(runner.routing_key)
-            )
-        body = bytes([ENTRY_RULE]) + _string(entry.id) + _string(entry.pattern) + fields_
-    return _LENGTH.pack(len(body)) + body
