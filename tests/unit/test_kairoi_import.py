@@ -19,6 +19,7 @@ import pytest
 import trio
 from support import kairoi_files as k
 
+from kairoi_trio.core.validation import RuleValidator
 from kairoi_trio.migration import add_import_command, run_import_command
 from kairoi_trio.migration.kairoi_import import (
     OUTCOME_IMPORTED,
@@ -26,6 +27,7 @@ from kairoi_trio.migration.kairoi_import import (
     KairoiImportError,
     convert_job,
     ns_to_us,
+    plan_import,
     read_kairoi_directory,
 )
 from kairoi_trio.migration.kairoi_log import (
@@ -33,6 +35,7 @@ from kairoi_trio.migration.kairoi_log import (
     KairoiFormatError,
     KairoiJob,
     KairoiRule,
+    KairoiState,
     LogfileParser,
     TornEntry,
 )
@@ -153,6 +156,25 @@ def test_i64_extremes_and_rounding_up_to_microseconds(ns: int, expected_us: int,
     assert job.execute_at == expected_us
     assert job.execute_at * 1000 >= ns  # never earlier than Kairoi would have run it
     assert to_datetime(job.execute_at).year == year  # inside kairoi-trio's 0001..9999
+
+
+def test_a_time_outside_0001_to_9999_is_refused_naming_the_job() -> None:
+    """No i64 of nanoseconds is (see above); plan_import still guards its other callers."""
+    state = KairoiState()
+    state.add([KairoiJob("far", 10**30, Status.PLANNED, "logfile", 40)])
+    plan = plan_import(
+        state,
+        existing_jobs={},
+        existing_rules={},
+        validate_rule=RuleValidator(),
+        max_payload_bytes=1024,
+        now=0,
+    )
+    assert plan.jobs == {}
+    assert [str(refused) for refused in plan.refused] == [
+        "job 'far' (logfile, offset 40): the execution time is outside the supported range "
+        "0001-01-01 to 9999-12-31"
+    ]
 
 
 # -- damage before the end: an error naming file and offset ----------------------------

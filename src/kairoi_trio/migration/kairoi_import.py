@@ -53,7 +53,7 @@ from kairoi_trio.migration.kairoi_log import (
     LogfileParser,
     TornEntry,
 )
-from kairoi_trio.model import Job, Rule, Status, new_job, now_us
+from kairoi_trio.model import Job, Rule, Status, check_time, new_job, now_us
 from kairoi_trio.storage.log import CorruptLogError, DirectoryLockedError, DurableLog, StorageError
 
 PROG = "kairoi-trio import-kairoi"
@@ -178,9 +178,11 @@ def convert_job(entry: KairoiJob, now: int) -> Job:
     """A Kairoi job as a kairoi-trio job (see the module docstring for each choice).
 
     now: the import time in microseconds, the job's updated_at.
+    Raises ValueError for a time outside 0001-01-01..9999-12-31.
     """
     status = entry.status
-    execute_at = ns_to_us(entry.execute_at_ns)
+    # Never out of range from a file (an i64 of ns spans 1677..2262): a guard for other callers.
+    execute_at = check_time(ns_to_us(entry.execute_at_ns), "the execution time")
     if status is Status.TRIGGERED:
         return new_job(entry.id, execute_at, Status.PLANNED, b"", 0, OUTCOME_RETRIGGERED, now)
     if status.finished:  # one run that Kairoi made
@@ -233,10 +235,11 @@ def plan_import(
     for entry in state.jobs.values():
         try:
             validate_job(entry.id, b"", max_payload_bytes)
-        except CommandError as error:
-            plan.refused.append(Refused("job", entry.id, entry.source, entry.offset, error.message))
+            plan.jobs[entry.id] = convert_job(entry, now)
+        except (CommandError, ValueError) as error:
+            reason = error.message if isinstance(error, CommandError) else str(error)
+            plan.refused.append(Refused("job", entry.id, entry.source, entry.offset, reason))
             continue
-        plan.jobs[entry.id] = convert_job(entry, now)
         plan.by_status[entry.status] += 1
         plan.replaced_jobs += entry.id in existing_jobs
     for rule_entry in state.rules.values():
