@@ -305,23 +305,18 @@ class Burst:
 def test_broker_stopped_mid_burst_fails_or_retries_every_job_then_recovers(
     amqp_server, make_route
 ) -> None:
-    count, over_s = 2400, 8.0
-    no_retry = Burst(
-        amqp_server("[runners.amqp]\nconfirm_timeout_s = 10.0\n", "no-retry"),
-        make_route("e2e-stop-a"),
-        count,
-        over_s,
+    # Long enough that the stop lands mid-burst: `rabbitmqctl stop_app` takes
+    # about 4 s to close the connections (its own Erlang VM has to boot first).
+    count, over_s = 2400, 15.0
+    # Both servers first, so that both bursts start together.
+    no_retry_server = amqp_server("[runners.amqp]\nconfirm_timeout_s = 10.0\n", "no-retry")
+    retry_server = amqp_server(
+        "[runners.amqp]\nconfirm_timeout_s = 10.0\n"
+        "[policy]\nmax_attempts = 40\nbackoff_initial_s = 1.0\nbackoff_max_s = 2.0\n",
+        "retry",
     )
-    retry = Burst(
-        amqp_server(
-            "[runners.amqp]\nconfirm_timeout_s = 10.0\n"
-            "[policy]\nmax_attempts = 40\nbackoff_initial_s = 1.0\nbackoff_max_s = 2.0\n",
-            "retry",
-        ),
-        make_route("e2e-stop-b"),
-        count,
-        over_s,
-    )
+    no_retry = Burst(no_retry_server, make_route("e2e-stop-a"), count, over_s)
+    retry = Burst(retry_server, make_route("e2e-stop-b"), count, over_s)
     bursts = (no_retry, retry)
     stopped_at = 0.0
     try:
