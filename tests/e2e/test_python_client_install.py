@@ -68,7 +68,8 @@ def test_pip_install_in_a_fresh_virtualenv(tmp_path: Path, server: ServerProcess
     assert answer["typed"]
     assert [r.split(">=")[0] for r in answer["requires"]] == ["grpcio", "protobuf"]
     with KcpClient(server.kcp_port) as kcp:  # the job really is on the server
-        assert kcp.request("GET", "installed.1") == ["OK", "planned", "2099-01-02 03:04:05", "hello"]
+        stored = kcp.request("GET", "installed.1")
+    assert stored == ["OK", "planned", "2099-01-02 03:04:05", "hello"]
 
 
 def run(command: list[str], env: dict[str, str], cwd: Path) -> str:
