@@ -23,7 +23,12 @@ import trio.testing
 
 from kairoi_trio.model import MAX_TIME_US, MIN_TIME_US, HttpRunner, Job, Rule
 from kairoi_trio.runners.base import RunFailed
-from kairoi_trio.runners.http import MAX_ID_HEADER_BYTES, HttpRunnerBackend, header_job_id
+from kairoi_trio.runners.http import (
+    MAX_ID_HEADER_BYTES,
+    HttpRunnerBackend,
+    header_job_id,
+    redacted,
+)
 
 # Ids every protocol accepts (NUL too, until the protocols refuse it at input:
 # the runner must not be where it fails).
@@ -348,6 +353,18 @@ async def test_an_answer_cut_short_fails(nursery: trio.Nursery) -> None:
     runner = await start_runner(nursery)
     reason = await failure_of(runner, endpoint.url)
     assert reason.startswith(f"POST {endpoint.url} failed: ")
+
+
+async def test_outcomes_never_show_the_urls_password(nursery: trio.Nursery) -> None:
+    endpoint = await Endpoint(answer(401, b"")).start(nursery)
+    runner = await start_runner(nursery)
+    url = endpoint.url.replace("http://", "http://kairoi:s3cret@")
+    assert await failure_of(runner, url) == f"HTTP 401 from {url.replace(':s3cret', '')}"
+    assert endpoint.requests[0].headers[b"authorization"].startswith(b"Basic ")
+    assert redacted("http://u:p@h:1/x?y") == "http://u@h:1/x?y"
+    assert redacted("http://u@h/") == "http://u@h/"
+    refused = await failure_of(runner, "http://kairoi:s3cret@127.0.0.1:9/")
+    assert refused.startswith("POST http://kairoi@127.0.0.1:9/ failed: ")
 
 
 async def test_nothing_listening_fails(nursery: trio.Nursery) -> None:

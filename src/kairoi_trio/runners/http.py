@@ -26,7 +26,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass, field
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 import trio
@@ -72,6 +72,18 @@ def request_body(job: Job) -> bytes:
         except UnicodeDecodeError:
             body["payload_base64"] = base64.b64encode(job.payload).decode()
     return json.dumps(body).encode()
+
+
+def redacted(url: str) -> str:
+    """`url` without the password of its user info, for outcomes and logs."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.netloc.rpartition("@")[2]
+    except ValueError:
+        return "<invalid URL>"
+    return urlunsplit(parts._replace(netloc=f"{parts.username}@{host}"))
 
 
 class _TooLarge(Exception):
@@ -130,6 +142,7 @@ class HttpRunnerBackend(Runner):
         """POST `job` to the rule's URL; "HTTP <status>" on success, else RunFailed."""
         assert isinstance(rule.runner, HttpRunner)
         url = rule.runner.url
+        shown = redacted(url)
         headers = {
             "Content-Type": "application/json",
             # Counted bytes are wire bytes, and no decompression bomb can go off.
@@ -141,19 +154,20 @@ class HttpRunnerBackend(Runner):
             headers["X-Kairoi-Job-Id"] = encoded_id
         answer = _Answer()
         with trio.move_on_after(self._timeout):
-            return await self._post(url, request_body(job), headers, answer)
+            return await self._post(url, shown, request_body(job), headers, answer)
         if answer.status is None:
-            raise RunFailed(f"no answer from {url} within {self._timeout:g}s")
+            raise RunFailed(f"no answer from {shown} within {self._timeout:g}s")
         if not answer.ok:
-            raise RunFailed(answer.failed_status(url))
+            raise RunFailed(answer.failed_status(shown))
         raise RunFailed(
-            f"no complete answer from {url} within {self._timeout:g}s "
+            f"no complete answer from {shown} within {self._timeout:g}s "
             f"(HTTP {answer.status}, body unfinished after {answer.received} bytes)"
         )
 
     async def _post(
-        self, url: str, content: bytes, headers: dict[str, str], answer: _Answer
+        self, url: str, shown: str, content: bytes, headers: dict[str, str], answer: _Answer
     ) -> str:
+        """The exchange itself; `shown` is the URL as outcomes may show it."""
         if self._client is None:
             raise RunFailed("the http runner is not running")
         limit = self._max_response_bytes
@@ -172,12 +186,13 @@ class HttpRunnerBackend(Runner):
                         answer.excerpt += chunk[:room]
         except _TooLarge:
             if not answer.ok:
-                raise RunFailed(answer.failed_status(url)) from None
+                raise RunFailed(answer.failed_status(shown)) from None
             raise RunFailed(
-                f"answer from {url} too large: HTTP {answer.status} with a body over {limit} bytes"
+                f"answer from {shown} too large: HTTP {answer.status} "
+                f"with a body over {limit} bytes"
             ) from None
         except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as error:
-            raise RunFailed(f"POST {url} failed: {error or type(error).__name__}") from None
+            raise RunFailed(f"POST {shown} failed: {error or type(error).__name__}") from None
         if not answer.ok:
-            raise RunFailed(answer.failed_status(url))
+            raise RunFailed(answer.failed_status(shown))
         return f"HTTP {answer.status}"
