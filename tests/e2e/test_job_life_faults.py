@@ -131,16 +131,16 @@ def test_a_ten_thousand_year_backoff_over_grpc_is_refused(
     stub: pb_grpc.SchedulerStub,
 ) -> None:
     # It used to plan a retry in year ~12027, which a KCP GET could not show.
+    def set_rule(policy: pb.RulePolicy) -> tuple[grpc.StatusCode, str]:
+        rule = pb.Rule(id="r", pattern="app.", shell=pb.ShellRunner(command="x.sh"), policy=policy)
+        return refused_code(lambda: stub.SetRule(pb.SetRuleRequest(rule=rule)))
+
     ten_thousand_years = Duration(seconds=10_000 * YEAR_S)
     for field in ("backoff_initial", "backoff_max"):
-        policy = pb.RulePolicy(max_attempts=3, **{field: ten_thousand_years})
-        rule = pb.Rule(id="r", pattern="app.", shell=pb.ShellRunner(command="x.sh"), policy=policy)
-        code, details = refused_code(lambda rule=rule: stub.SetRule(pb.SetRuleRequest(rule=rule)))
+        code, details = set_rule(pb.RulePolicy(max_attempts=3, **{field: ten_thousand_years}))
         assert code is grpc.StatusCode.INVALID_ARGUMENT
         assert f"policy.{field} must be from 0 to 3,153,600,000 s (100 years)" in details
-    policy = pb.RulePolicy(max_attempts=1026)
-    rule = pb.Rule(id="r", pattern="app.", shell=pb.ShellRunner(command="x.sh"), policy=policy)
-    code, details = refused_code(lambda: stub.SetRule(pb.SetRuleRequest(rule=rule)))
+    code, details = set_rule(pb.RulePolicy(max_attempts=1026))
     assert (code, details) == (
         grpc.StatusCode.INVALID_ARGUMENT,
         "policy.max_attempts must be from 1 to 1000, not 1026",
