@@ -59,9 +59,13 @@ def _parser() -> argparse.ArgumentParser:
             "Without a command, runs the server, as Kairoi does."
         ),
         epilog=(
-            "Configuration: -c FILE, else ./configuration.toml when it exists, else the "
-            "defaults. A FILE that does not exist is also looked for with a .toml extension."
+            "configuration:\n  -c FILE, else ./configuration.toml when it exists, else the "
+            "defaults.\n  A FILE that does not exist is also looked for with a .toml extension."
+            f"\n\n{_client_environment_help()}"
+            "\n\nexit status: 0 done; 1 the server could not start or a call failed; "
+            "2 bad configuration or command line"
         ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     version = f"kairoi-trio {__version__}"
     parser.add_argument("-V", "--version", action="version", version=version)
@@ -139,6 +143,14 @@ async def _watch_signals(
             scope.cancel()
             return
         stop.set()
+
+
+def _client_environment_help() -> str:
+    try:
+        from kairoi_trio.client_cli import ENVIRONMENT_HELP
+    except ImportError:
+        return ""
+    return ENVIRONMENT_HELP
 
 
 def _add_import_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
