@@ -24,7 +24,7 @@ from kairoi_trio.model import (
     now_us,
     to_datetime,
 )
-from kairoi_trio.runners.amqp import AmqpRunnerBackend
+from kairoi_trio.runners.amqp import AmqpRunnerBackend, split_dsn
 from kairoi_trio.runners.base import RunFailed
 
 
@@ -389,6 +389,18 @@ async def test_a_bad_dsn_parameter_fails_the_run_with_a_reason(
     with pytest.raises(RunFailed) as info:
         await backend.run(job("j"), rule)
     assert info.value.message.startswith(reason)
+
+
+def test_split_dsn() -> None:
+    """The runner's `mandatory` leaves the DSN that keys the connection."""
+    assert split_dsn("amqp://h/v") == ("amqp://h/v", True)
+    assert split_dsn("amqp://h/v?mandatory=false") == ("amqp://h/v", False)
+    assert split_dsn("amqp://h/?heartbeat=5&mandatory=true") == ("amqp://h/?heartbeat=5", True)
+    assert split_dsn("amqp://h/?mandatory=true&mandatory=false") == ("amqp://h/", False)
+    with pytest.raises(ValueError, match="^invalid AMQP URL: mandatory must be true or false"):
+        split_dsn("amqp://h/?mandatory=")
+    with pytest.raises(ValueError, match="^invalid AMQP URL: "):
+        split_dsn("amqp://[::1/?mandatory=false")
 
 
 async def test_kairoi_dsn_parameters_are_accepted_and_ignored(

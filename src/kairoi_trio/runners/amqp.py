@@ -237,7 +237,10 @@ def split_dsn(dsn: str) -> tuple[str, bool]:
     option: it is removed from the connection's DSN, so that rules with and
     without it share one connection. Raises ValueError for another value.
     """
-    parts = urlsplit(dsn)
+    try:
+        parts = urlsplit(dsn)
+    except ValueError as exc:
+        raise ValueError(f"invalid AMQP URL: {exc}") from None
     if not parts.query:
         return dsn, True
     pairs = parts.query.split("&")
