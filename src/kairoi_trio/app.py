@@ -29,7 +29,7 @@ from kairoi_trio.core.actor import ActorClient, CommandActor
 from kairoi_trio.core.state import State, recover_replayed
 from kairoi_trio.core.validation import RuleValidator
 from kairoi_trio.dispatch import Dispatcher, DueTimer
-from kairoi_trio.model import MICROS, now_us
+from kairoi_trio.model import MAX_TIME_US, MICROS, MIN_TIME_US, now_us
 from kairoi_trio.observability.metrics import (
     MetricsObserver,
     observe_run,
@@ -160,8 +160,11 @@ def build_pools(config: Config, actor: ActorClient) -> RunnerPools:
 
 async def housekeeping(actor: ActorClient, retention_s: float) -> None:
     """Drop finished jobs past their retention, a bounded number per command."""
+    # Any retention beyond the whole supported time range keeps everything; the
+    # cap keeps the arithmetic finite (retention_s = 1e308 crashed the server).
+    retention_us = int(min(retention_s, (MAX_TIME_US - MIN_TIME_US) / MICROS) * MICROS)
     while True:
-        before = now_us() - int(retention_s * MICROS)
+        before = max(now_us() - retention_us, MIN_TIME_US)
         try:
             while await actor.call(ExpireFinished(before)):
                 pass

@@ -159,7 +159,7 @@ def test_get_at_the_edges_of_time_over_kcp_grpc_and_the_cli(
     assert kcp.request("SET", "edge.first", FIRST) == ["OK"]
     assert kcp.request("SET", "edge.last", LAST) == ["OK"]
     # year 1 is long due, and no rule matches it: failed, and shown with four digits
-    assert wait_for(lambda: kcp.request("GET", "edge.first")) == ["OK", "failed", FIRST]
+    wait_for(lambda: kcp.request("GET", "edge.first") == ["OK", "failed", FIRST])
     assert kcp.request("GET", "edge.last") == ["OK", "planned", LAST]
     assert kcp.request("SET", "edge.none", "0000-12-31 23:59:59")[0] == "ERROR"
     assert kcp.request("SET", "edge.none", "10000-01-01 00:00:00")[0] == "ERROR"
@@ -212,6 +212,20 @@ def test_a_log_holding_a_time_beyond_9999_does_not_wedge_the_start(tmp_path: Pat
         assert job.execute_at.ToDatetime(tzinfo=UTC).year == 2090
     finally:
         server.kill()
+
+
+def test_a_huge_retention_keeps_finished_jobs_and_the_server_up(
+    make_server: Callable[..., ServerProcess],
+) -> None:
+    # retention_s = 1e308 made the first retention pass overflow and stop the server.
+    server = make_server("[storage]\nretention_s = 1e308")
+    with KcpClient(server.kcp_port) as kcp:
+        assert kcp.request("SET", "orphan.1", "2020-01-01 00:00:00") == ["OK"]
+        wait_for(lambda: kcp.request("GET", "orphan.1")[1] == "failed")
+        assert kcp.request("PING") == ["OK", "PONG"]
+    assert server.process is not None and server.process.poll() is None
+    assert server.stop() == 0
+    assert "OverflowError" not in server.log_text()
 
 
 # -- NUL ------------------------------------------------------------------------------
