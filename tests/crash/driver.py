@@ -30,6 +30,7 @@ import random
 import shlex
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,10 +91,19 @@ class Figures:
 
 
 class CrashDriver:
-    def __init__(self, workdir: Path, seed: int) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        seed: int,
+        config: str = CONFIG,
+        modes: tuple[str, ...] = MODES,
+        after_kill: Callable[[ServerProcess], None] | None = None,
+    ) -> None:
         self.rng = random.Random(seed)
         self.seed = seed
-        self.server = ServerProcess(workdir / "server", CONFIG)
+        self.modes = modes
+        self.after_kill = after_kill  # to damage the data directory on purpose
+        self.server = ServerProcess(workdir / "server", config)
         self.runs_file = workdir / "runs.txt"
         self.script = workdir / "run.sh"
         self.script.write_text(
@@ -133,7 +143,7 @@ class CrashDriver:
         writers.append(run_writer)
         for writer in writers:
             writer.start()
-        mode = rng.choice(MODES)
+        mode = rng.choice(self.modes)
         self.wait_for_the_moment(mode, rng, writers)
         pid = self.server.process.pid  # type: ignore[union-attr]
         self.server.kill()
@@ -146,6 +156,8 @@ class CrashDriver:
         self.figures.compactions += len(self.server.events("log compacted"))
         for writer in writers:
             writer.stop.set()
+        if self.after_kill is not None:
+            self.after_kill(self.server)
         for writer in writers:
             writer.join(30)
             assert not writer.is_alive(), f"writer {writer.name} did not stop"

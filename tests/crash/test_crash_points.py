@@ -7,8 +7,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 from crash.conftest import SUMMARY
 from crash.driver import CrashDriver
+from support.server import ServerProcess
 
 
 def test_nothing_acknowledged_is_lost_and_cut_runs_run_again(
@@ -31,3 +33,27 @@ def test_nothing_acknowledged_is_lost_and_cut_runs_run_again(
     print(figures.summary())
     assert figures.cycles == crash_cycles
     assert figures.acked_writes_checked > 0
+
+
+def test_the_driver_notices_acknowledged_writes_that_are_gone(tmp_path: Path) -> None:
+    """The suite can fail: cut the log after a kill, as a server that answered
+    OK before writing would leave it, and the first check finds the loss."""
+
+    def lose_the_newest_records(server: ServerProcess) -> None:
+        (segment,) = sorted(server.data_dir.glob("segment-*.log"))  # no compaction here
+        size = segment.stat().st_size
+        with open(segment, "r+b") as file:
+            file.truncate(size - (size - 24) // 2)  # half the records; a torn tail at the cut
+
+    driver = CrashDriver(
+        tmp_path,
+        seed=1,
+        config="[storage]\ncompact_after_bytes = 1073741824",
+        modes=("ack-burst",),
+        after_kill=lose_the_newest_records,
+    )
+    try:
+        with pytest.raises(AssertionError, match="acknowledged write .* lost"):
+            driver.run(cycles=1)
+    finally:
+        driver.server.kill()
