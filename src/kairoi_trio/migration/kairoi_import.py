@@ -436,7 +436,7 @@ def _print_summary(options: ImportOptions, data: KairoiData, plan: ImportPlan, o
     if triggered:
         lines.append(
             f"  {_plural(triggered, 'job')} triggered when Kairoi stopped: planned again, "
-            "they run when the server starts (at least once)"
+            "to run when the server starts (at least once)"
         )
     finished = plan.by_status[Status.EXECUTED] + plan.by_status[Status.FAILED]
     if finished:
