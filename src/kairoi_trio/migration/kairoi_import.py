@@ -499,7 +499,11 @@ def add_import_command(commands: argparse._SubParsersAction) -> None:  # type: i
 def run_import_command(
     args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
-    """Run `import-kairoi` from parsed arguments; returns the exit status (0, 1 or 2)."""
+    """Run `import-kairoi` from parsed arguments; returns the exit status.
+
+    0 imported (or would be, with --dry-run); 1 nothing imported, the reason on
+    `err`; 2 a bad configuration; 130 interrupted (Ctrl-C).
+    """
     out = out or sys.stdout
     err = err or sys.stderr
     try:
@@ -527,6 +531,11 @@ def run_import_command(
     except OSError as error:
         where = f"{error.filename}: " if error.filename else ""
         print(f"{PROG}: {where}{error.strerror or error}", file=err)
+    except KeyboardInterrupt:
+        # The snapshot is renamed into place whole or not at all: the store holds
+        # either none of the import or all of it.
+        print(f"{PROG}: interrupted", file=err)
+        return 130
     return 1
 
 
