@@ -453,10 +453,11 @@ async def test_watch_snapshot_then_batched_events() -> None:
                 if i % 50 == 0:
                     await trio.sleep(0.01)
             messages = await lines.__anext__()
-    snapshot, *live = messages
+    snapshot, end_of_snapshot, *live = messages
     assert snapshot["snapshot"] is True
     assert [e["job"]["id"] for e in snapshot["events"]] == ["w.old"]
     assert snapshot["events"][0]["type"] == "JOB_EVENT_TYPE_EXECUTED"
+    assert end_of_snapshot == {}  # an empty change message: the snapshot is complete
     ids = [e["job"]["id"] for m in live for e in m["events"]]
     assert ids == [f"w.{i}" for i in range(400)]
     assert len(live) < 50  # batched per tick, not one message per commit
