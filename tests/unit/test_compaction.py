@@ -276,3 +276,16 @@ async def test_a_flipped_bit_anywhere_in_a_snapshot_is_refused(tmp_path: Path) -
         assert path.read_bytes() == bytes(data)
     path.write_bytes(clean)
     assert len(load(tmp_path).jobs) == 9
+
+
+async def test_only_the_names_the_log_writes_are_read(tmp_path: Path) -> None:
+    """A stray "segment-2.log" (not 10 digits) is neither segment 2 nor a duplicate of it."""
+    log, _ = await open_log(tmp_path)
+    await log.append([JobPut(Job("a", 1))])
+    await log.aclose()
+    stray = tmp_path / "segment-2.log"
+    stray.write_bytes(b"not a segment")
+    (tmp_path / "segment-0000000001.log.bak").write_bytes(b"x")
+    state = load(tmp_path)
+    assert set(state.jobs) == {"a"} and state.warnings == []
+    assert stray.read_bytes() == b"not a segment"

@@ -41,7 +41,8 @@ log = structlog.get_logger(__name__)
 
 LOCK_NAME = "LOCK"
 TMP_SUFFIX = ".tmp"
-_NAME = re.compile(r"^(segment|snapshot)-(\d+)\.(log|snap)$")
+# Exactly the names this code writes (10 digits): "segment-3.log" is not segment 3.
+_NAME = re.compile(r"^(segment|snapshot)-(\d{10})\.(log|snap)$")
 
 
 def segment_path(directory: Path, seq: int) -> Path:
