@@ -204,13 +204,18 @@ async def _serve_state(
         freezer.after_commit(state)
 
     send, receive = trio.open_memory_channel[Request](REQUEST_QUEUE)
+    client = ActorClient(send)
+    pools = build_pools(config, client)
     actor = CommandActor(
         state,
         store,
         receive,
         max_payload_bytes=config.jobs.max_payload_bytes,
         rule_validator=RuleValidator(
-            config.runners.shell.allowed_commands, config.policy.to_policy()
+            config.runners.shell.allowed_commands,
+            config.policy.to_policy(),
+            # each runner refuses at input what it could never run (e.g. an AMQP DSN typo)
+            runner_checks={kind: pool.runner.check_rule for kind, pool in pools.pools.items()},
         ),
         storage_errors=(StorageError,),
         on_commit=after_commit,
@@ -218,11 +223,9 @@ async def _serve_state(
         observer=MetricsObserver(),
     )
     timer.update(state.next_due())
-    client = ActorClient(send)
     async with trio.open_nursery() as core:
         await core.start(actor.run)
         core.start_soon(housekeeping, client.clone(), config.storage.retention_s)
-        pools = build_pools(config, client)
         async with trio.open_nursery() as work:
             for pool in pools.pools.values():
                 await work.start(pool.run)

@@ -297,3 +297,26 @@ def test_a_stale_job_is_logged_and_counted_too(
     assert job.last_outcome.startswith("stale: overdue by ")
     (line,) = wait_for(lambda: server.events("job failed without running"))
     assert (line["job"], line["reason"]) == ("old.report.1", "stale")
+
+
+@pytest.mark.parametrize(
+    ("dsn", "exchange", "reason"),
+    [
+        ("amqp://guest:guest@127.0.0.1:1/?hearbeat=5", "ex", "unknown query parameter 'hearbeat'"),
+        (
+            "amqp://guest:guest@127.0.0.1:1/?mandatory=maybe",
+            "ex",
+            "mandatory must be true or false",
+        ),
+        ("amqp://guest:guest@127.0.0.1:1/", "caf\u00e9$", "cannot publish to exchange"),
+    ],
+)
+def test_amqp_rules_that_could_never_publish_are_refused_at_input(
+    kcp: KcpClient, dsn: str, exchange: str, reason: str
+) -> None:
+    """The AMQP runner's own checks run when the rule is set, not at every failing run."""
+    answer = kcp.request("RULE", "SET", "r.amqp", "q.", "amqp", dsn, exchange, "rk")
+    assert answer[0] == "ERROR" and reason in answer[1], answer
+    assert kcp.request("RULE", "GET", "r.amqp")[0] == "ERROR"  # nothing stored
+    fine = "amqp://guest:guest@127.0.0.1:1/?heartbeat=5&mandatory=false"
+    assert kcp.request("RULE", "SET", "r.amqp", "q.", "amqp", fine, "amq.direct", "rk") == ["OK"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from urllib.parse import urlsplit
 
@@ -25,6 +25,7 @@ from kairoi_trio.model import (
     HttpRunner,
     Rule,
     RulePolicy,
+    RunnerSpec,
     ShellRunner,
 )
 
@@ -120,10 +121,17 @@ class RuleValidator:
     command on the server)."""
 
     def __init__(
-        self, allowed_commands: Sequence[str] = (), default_policy: RulePolicy = DEFAULT_POLICY
+        self,
+        allowed_commands: Sequence[str] = (),
+        default_policy: RulePolicy = DEFAULT_POLICY,
+        runner_checks: Mapping[str, Callable[[RunnerSpec], None]] | None = None,
     ) -> None:
+        """runner_checks: by runner kind, the runner's own check of a rule's spec
+        (raises ValueError with the reason), e.g. the AMQP runner's DSN options;
+        the core knows no runner, so the app passes them in."""
         self.allowed_commands = frozenset(allowed_commands)
         self.default_policy = default_policy
+        self.runner_checks = dict(runner_checks or {})
 
     def with_default_policy(self, rule: Rule) -> Rule:
         """A rule that brings no policy of its own gets the configured default."""
@@ -153,6 +161,12 @@ class RuleValidator:
             check_url(runner.url, ("http", "https"), "http url")
         else:
             raise invalid(f"unknown runner {runner!r}")
+        runner_check = self.runner_checks.get(runner.kind)
+        if runner_check is not None:
+            try:
+                runner_check(runner)
+            except ValueError as error:
+                raise invalid(str(error)) from None
         check_policy(rule.policy)
 
 

@@ -23,7 +23,7 @@ import structlog
 import trio
 from pamqp.common import FieldTable
 
-from kairoi_trio.model import AmqpRunner, Job, Rule, format_time
+from kairoi_trio.model import AmqpRunner, Job, Rule, RunnerSpec, format_time
 from kairoi_trio.runners.amqp_client import (
     AmqpConnection,
     AmqpError,
@@ -31,6 +31,7 @@ from kairoi_trio.runners.amqp_client import (
     AmqpReturnedError,
     AmqpUrl,
     Properties,
+    check_publish_names,
     serve_amqp_connection,
 )
 from kairoi_trio.runners.base import RunFailed, Runner
@@ -109,6 +110,17 @@ class AmqpRunnerBackend(Runner):
         ]
 
     # -- running a job
+
+    def check_rule(self, spec: RunnerSpec) -> None:
+        """The DSN's parameters and the names pamqp can encode, checked when the rule is set."""
+        if not isinstance(spec, AmqpRunner):
+            return
+        try:
+            dsn, _ = split_dsn(spec.dsn)  # ValueError: a bad `mandatory`
+            AmqpUrl.parse(dsn)
+            check_publish_names(spec.exchange, spec.routing_key)
+        except AmqpError as exc:
+            raise ValueError(exc.reason) from None
 
     async def run(self, job: Job, rule: Rule) -> str:
         spec = rule.runner

@@ -1047,6 +1047,18 @@ class AmqpConnection:
         return b"".join(parts)
 
 
+def check_publish_names(exchange: str, routing_key: str) -> None:
+    """Raise AmqpError when a basic.publish to these names cannot be encoded.
+
+    pamqp checks an exchange name against AMQP 0-9-1's grammar (letters, digits,
+    `-_.:`, at most 127 characters) and a routing key's length (255 bytes).
+    """
+    try:
+        _publish_method_frame(1, exchange, routing_key, True)
+    except (ValueError, TypeError) as exc:
+        raise AmqpError(f"cannot publish to exchange {exchange!r}: {exc}") from None
+
+
 @functools.lru_cache(maxsize=1024)
 def _publish_method_frame(
     channel_id: int, exchange: str, routing_key: str, mandatory: bool

@@ -6,7 +6,7 @@ import abc
 
 import trio
 
-from kairoi_trio.model import Job, Rule
+from kairoi_trio.model import Job, Rule, RunnerSpec
 
 
 class RunFailed(Exception):
@@ -31,6 +31,13 @@ class Runner(abc.ABC):
 
     @abc.abstractmethod
     async def run(self, job: Job, rule: Rule) -> str: ...
+
+    def check_rule(self, spec: RunnerSpec) -> None:  # noqa: B027 - most runners check nothing
+        """Raise ValueError with a one-line reason if `spec` could never run.
+
+        Called when a rule is set (RULE SET, SetRule), so that a rule every run
+        of which would fail is refused at input instead. Must not block.
+        """
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
