@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kairoi_trio.commands import CommandError
-from kairoi_trio.core.validation import check_policy
+from kairoi_trio.core.validation import MAX_POLICY_SECONDS, check_policy
 from kairoi_trio.model import RulePolicy
 
 
@@ -321,10 +321,29 @@ def _check(config: Config) -> None:
     for name, number in non_negative.items():
         if number < 0:
             raise ConfigError(f"{name} must not be negative, not {number}")
+    for name, seconds in _durations(config):
+        if seconds > MAX_POLICY_SECONDS:  # beyond it, time arithmetic leaves the supported range
+            raise ConfigError(
+                f"{name} must be at most {MAX_POLICY_SECONDS} (100 years), not {seconds}"
+            )
+    if config.runners.amqp.heartbeat_s > 65535:  # a short uint in AMQP's connection.tune
+        raise ConfigError("runners.amqp.heartbeat_s must be at most 65535")
     if not config.storage.directory:
         raise ConfigError("storage.directory must not be empty")
     if bool(config.grpc.tls_cert) != bool(config.grpc.tls_key):
         raise ConfigError("grpc.tls_cert and grpc.tls_key go together")
+
+
+def _durations(node: object, prefix: str = "") -> list[tuple[str, float]]:
+    """Every `*_s` option in the tree, as ("table.key", seconds)."""
+    found = []
+    for f in dataclasses.fields(node):  # type: ignore[arg-type]
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            found += _durations(value, f"{prefix}{f.name}.")
+        elif f.name.endswith("_s"):
+            found.append((f"{prefix}{f.name}", value))
+    return found
 
 
 def parse_address(address: str, name: str = "address") -> tuple[str, int]:

@@ -101,3 +101,22 @@ def test_a_named_file_that_is_not_there_is_an_error(tmp_path: Path) -> None:
     assert "typo" in str(error.value) and "typo.toml" in str(error.value)
     with pytest.raises(ConfigError, match="directory"):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[storage]\nretention_s = 1e308\n",
+        "[shutdown]\ngrace_period_s = 1e12\n",
+        "[controller]\nidle_timeout_s = 1e10\n",
+        "[runners.http]\ntimeout_s = 1e300\n",
+        "[runners.amqp]\nheartbeat_s = 70000\n",
+    ],
+)
+def test_every_duration_is_bounded(text: str) -> None:
+    """Durations beyond 100 years would push time arithmetic out of 0001..9999."""
+    import tomllib
+
+    key = text.split("\n")[1].split(" ")[0]
+    with pytest.raises(ConfigError, match=key):
+        parse_config(tomllib.loads(text))
