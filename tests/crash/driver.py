@@ -67,7 +67,8 @@ class Figures:
     runs_in_flight_at_kills: int = 0
     compactions: int = 0
     writes_sent: int = 0
-    acked_writes_checked: int = 0
+    acked_writes_checked: int = 0  # each at the first restart after its OK
+    rechecks: int = 0  # run jobs of earlier cycles read again after later restarts
     unacked_writes_found_applied: int = 0
     run_jobs: int = 0
     runs: int = 0
@@ -83,7 +84,8 @@ class Figures:
             f"(kills: {modes}; {self.kills_during_snapshot} while a snapshot was being "
             f"written, {self.kills_with_runs_in_flight} with {self.runs_in_flight_at_kills} "
             f"runs in flight); {self.compactions} compactions; {self.writes_sent} writes sent, "
-            f"{self.acked_writes_checked} acknowledged writes checked, "
+            f"{self.acked_writes_checked} acknowledged writes checked "
+            f"(and {self.rechecks} older ones again), "
             f"{self.unacked_writes_found_applied} unacknowledged found applied; "
             f"{self.run_jobs} run jobs executed in {self.runs} runs, "
             f"{self.runs_cut_by_a_kill} runs cut by a kill and run again"
@@ -246,7 +248,7 @@ class CrashDriver:
         earlier = answers[len(keys) + new : -1]
         lost = [job for job, answer in zip(self.run_ids, earlier, strict=True) if answer[0] != "OK"]
         assert not lost, f"after the kill of cycle {cycle}: run jobs lost: {lost[:5]}"
-        self.figures.acked_writes_checked += len(self.run_ids)
+        self.figures.rechecks += len(self.run_ids)
         for job, answer in zip(run_writer.sent_ids, run_answers, strict=True):
             if answer[0] == "OK":
                 self.run_ids.append(job)

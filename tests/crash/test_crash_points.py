@@ -22,7 +22,7 @@ def test_nothing_acknowledged_is_lost_and_cut_runs_run_again(
     driver = CrashDriver(tmp_path, crash_seed)
     try:
         figures = driver.run(crash_cycles)
-    except AssertionError as error:
+    except (AssertionError, RuntimeError) as error:  # RuntimeError: the server did not start
         raise AssertionError(
             f"[replay: {replay} pytest tests/crash] cycle {driver.figures.cycles}: {error}\n"
             f"server log tail:\n{driver.server.log_text()[-2000:]}"

@@ -145,8 +145,8 @@ class Session:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     figures["reset"] += 1
                 return figures  # answers never read: nothing counts as acknowledged
-            sock.shutdown(socket.SHUT_WR)
             try:
+                sock.shutdown(socket.SHUT_WR)
                 while data := sock.recv(65536):
                     parser.feed(data)
                     self.take(parser)
