@@ -45,6 +45,12 @@ def crash_cycles(pytestconfig: pytest.Config) -> int:
     return DEFAULT_CYCLES if cycles is None else cycles
 
 
+@pytest.fixture(scope="session")
+def crash_summary() -> list[str]:
+    """Lines for the end of the run's report (the figures of the suite)."""
+    return SUMMARY
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for line in SUMMARY:
         terminalreporter.write_line(f"crash suite: {line}")

@@ -8,13 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from crash.conftest import SUMMARY
 from crash.driver import CrashDriver
 from support.server import ServerProcess
 
 
 def test_nothing_acknowledged_is_lost_and_cut_runs_run_again(
-    tmp_path: Path, crash_seed: int, crash_cycles: int
+    tmp_path: Path, crash_seed: int, crash_cycles: int, crash_summary: list[str]
 ) -> None:
     replay = f"KAIROI_CRASH_SEED={crash_seed} KAIROI_CRASH_CYCLES={crash_cycles}"
     print(f"crash suite: seed {crash_seed}, {crash_cycles} cycles (replay: {replay})")
@@ -29,7 +28,7 @@ def test_nothing_acknowledged_is_lost_and_cut_runs_run_again(
         ) from None
     finally:
         driver.server.kill()
-    SUMMARY.append(figures.summary())
+    crash_summary.append(figures.summary())
     print(figures.summary())
     assert figures.cycles == crash_cycles
     assert figures.acked_writes_checked > 0

@@ -48,6 +48,12 @@ def fuzz_seconds(pytestconfig: pytest.Config) -> Callable[[float], float]:
     return lambda default: default if chosen is None else float(chosen)  # type: ignore[arg-type]
 
 
+@pytest.fixture(scope="session")
+def fuzz_summary() -> list[str]:
+    """Lines for the end of the run's report (the figures of the suite)."""
+    return SUMMARY
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     for line in SUMMARY:
         terminalreporter.write_line(f"fuzz suite: {line}")

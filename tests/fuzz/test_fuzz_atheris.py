@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 from fuzz import grammar
-from fuzz.conftest import SUMMARY
 from fuzz.kcp_target import LIMITS, check_input, make_input
 
 HERE = Path(__file__).resolve().parent
@@ -46,7 +45,10 @@ def seeds(directory: Path, seed: int, count: int = 300) -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris not installed")
 def test_atheris_finds_no_failing_input(
-    tmp_path: Path, fuzz_seed: int, fuzz_seconds: Callable[[float], float]
+    tmp_path: Path,
+    fuzz_seed: int,
+    fuzz_seconds: Callable[[float], float],
+    fuzz_summary: list[str],
 ) -> None:
     seconds = fuzz_seconds(20.0)
     work = tmp_path / "corpus"
@@ -90,5 +92,5 @@ def test_atheris_finds_no_failing_input(
         f"({stats.get('new_units_added', '?')} new coverage units, "
         f"{len(list(work.iterdir()))} in the corpus)"
     )
-    SUMMARY.append(summary)
+    fuzz_summary.append(summary)
     print(summary)

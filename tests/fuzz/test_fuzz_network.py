@@ -26,7 +26,6 @@ import pytest
 from crash.history import History, Op, Value, check
 from crash.writers import job_value, kcp_time, observe_key
 from fuzz import grammar
-from fuzz.conftest import SUMMARY
 from fuzz.kcp_reference import parse_all
 from support.kcp_client import KcpClient
 from support.server import ServerProcess
@@ -212,6 +211,18 @@ def is_logged_reset(event: dict) -> bool:
     )
 
 
+def is_unresolvable_http_host(event: dict) -> bool:
+    """An http rule whose host no IDNA encoding accepts, crashing the runner:
+    the known bug that test_an_http_host_that_cannot_be_encoded_fails_the_job_plainly
+    shows."""
+    last = (event.get("exception") or "").strip().splitlines()[-1:] or [""]
+    return (
+        event.get("event") == "runner crashed"
+        and event.get("kind") == "http"
+        and ("idna" in last[0] or "UnicodeError" in last[0])
+    )
+
+
 def read_back(server: ServerProcess, histories: list[History]) -> dict:
     keys = sorted({key for history in histories for key in history.keys()})
     with KcpClient(server.kcp_port, timeout=60) as kcp:
@@ -241,7 +252,10 @@ def metric(text: str, name: str) -> float | None:
 
 
 def test_the_server_survives_a_network_fuzz_and_keeps_what_it_acknowledged(
-    tmp_path: Path, fuzz_seed: int, fuzz_seconds: Callable[[float], float]
+    tmp_path: Path,
+    fuzz_seed: int,
+    fuzz_seconds: Callable[[float], float],
+    fuzz_summary: list[str],
 ) -> None:
     seconds = fuzz_seconds(15.0)
     print(f"network fuzz: seed {fuzz_seed}, {seconds} s (replay: KAIROI_FUZZ_SEED={fuzz_seed})")
@@ -286,7 +300,8 @@ def test_the_server_survives_a_network_fuzz_and_keeps_what_it_acknowledged(
         assert http_get(server.metrics_port, "/ready")[0] == 200
         crashes = [event for event in server.events() if event.get("event") in CRASH_EVENTS]
         resets = [event for event in crashes if is_logged_reset(event)]
-        crashes = [event for event in crashes if not is_logged_reset(event)]
+        hosts = [event for event in crashes if is_unresolvable_http_host(event)]
+        crashes = [event for event in crashes if event not in resets and event not in hosts]
         assert not crashes, crashes[:3]
         assert server.stop() == 0
 
@@ -309,14 +324,16 @@ def test_the_server_survives_a_network_fuzz_and_keeps_what_it_acknowledged(
         f"({figures['reset']} resets), {acked} acknowledged SETs checked twice "
         f"({figures['swallowed']} more were requests no more: swallowed by damaged ones or "
         "after an oversized one), "
-        f"{scrapes} /metrics scrapes, {len(resets)} resets logged as connection failures"
+        f"{scrapes} /metrics scrapes; known issues seen: {len(resets)} resets logged as "
+        f"connection failures, {len(hosts)} http runs crashed on a host name"
     )
-    SUMMARY.append(summary)
+    fuzz_summary.append(summary)
     print(summary)
 
 
 @pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,  # not a server that did not start
     reason="kcp/server.py: a client's reset reaches _handle inside an ExceptionGroup and is "
     "logged as 'kcp connection failed' with a traceback",
 )
@@ -335,5 +352,30 @@ def test_a_client_reset_is_not_logged_as_a_connection_failure(tmp_path: Path) ->
         connections_ended(server)  # every connection task has ended (and logged)
         failures = server.events("kcp connection failed")
         assert not failures, failures[0].get("exception", "")[-600:]
+    finally:
+        server.kill()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,  # not a server that did not start
+    reason="runners/http.py: a host name IDNA refuses (a label over 63 characters, xn--a) "
+    "raises UnicodeError from getaddrinfo: 'runner crashed' with a traceback",
+)
+def test_an_http_host_that_cannot_be_encoded_fails_the_job_plainly(tmp_path: Path) -> None:
+    """RULE SET accepts these URLs; their runs must fail with a reason, like
+    any unreachable host, not crash the runner (found by the network fuzz)."""
+    server = ServerProcess(tmp_path / "server", "[runners.http]\ntimeout_s = 2.0").start()
+    hosts = ["a" * 64, "xn--a"]
+    try:
+        with KcpClient(server.kcp_port) as kcp:
+            for i, host in enumerate(hosts):
+                url = f"http://{host}:1/hook"
+                assert kcp.request("RULE", "SET", f"r{i}", f"h{i}.", "http", url) == ["OK"]
+                assert kcp.request("SET", f"h{i}.job", "2020-01-01 00:00:00") == ["OK"]
+            for i in range(len(hosts)):
+                wait_for(lambda i=i: kcp.request("GET", f"h{i}.job")[1] == "failed")
+        crashed = server.events("runner crashed")
+        assert not crashed, [event.get("exception", "").splitlines()[-1] for event in crashed]
     finally:
         server.kill()
