@@ -26,6 +26,7 @@ from kairoi_trio import __version__
 from kairoi_trio.commands import ExpireFinished, Request
 from kairoi_trio.config import AmqpRunnerConfig, Config, HttpRunnerConfig, ShellRunnerConfig
 from kairoi_trio.core.actor import ActorClient, CommandActor
+from kairoi_trio.core.auth import TokenTable
 from kairoi_trio.core.state import State, recover_replayed
 from kairoi_trio.core.validation import RuleValidator
 from kairoi_trio.dispatch import Dispatcher, DueTimer
@@ -233,7 +234,9 @@ async def _serve_state(
             dispatcher = Dispatcher(client.clone(), timer, pools)
             work.start_soon(_run_in_scope, dispatching, dispatcher.run)
             async with trio.open_nursery() as front:
-                kcp = KcpServer(client.clone(), config.controller, tokens=config.auth.tokens)
+                kcp = KcpServer(
+                    client.clone(), config.controller, auth=TokenTable.from_config(config.auth)
+                )
                 kcp_port = await front.start(kcp.serve)
                 grpc_port = await _start_grpc(front, config, client)
                 metrics_port = None
@@ -284,7 +287,7 @@ async def _start_grpc(nursery: trio.Nursery, config: Config, client: ActorClient
             client.clone().channel,
             listen=grpc.listen,
             grace_s=config.shutdown.grace_period_s,
-            tokens=config.auth.tokens,
+            auth=TokenTable.from_config(config.auth),
             max_message_bytes=grpc.max_message_bytes,
             tls_cert=Path(grpc.tls_cert) if grpc.tls_cert else None,
             tls_key=Path(grpc.tls_key) if grpc.tls_key else None,

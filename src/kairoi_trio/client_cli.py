@@ -389,6 +389,11 @@ def _describe(error: grpc.RpcError, args: argparse.Namespace) -> str:
         message += f" (is a server listening at {args.server}? see --server, KAIROI_SERVER)"
     elif code is grpc.StatusCode.UNAUTHENTICATED:
         message += " (see --token, KAIROI_TOKEN)"
+    elif code is grpc.StatusCode.PERMISSION_DENIED:
+        # The token is known but its role ([auth] client_tokens, read_tokens) is too small.
+        if not details.startswith("permission denied"):
+            message = f"{code.name}: permission denied" + (f": {details}" if details else "")
+        message += " (roles: see [auth] in docs/security.md)"
     return message
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kairoi_trio.commands import CommandError
+from kairoi_trio.core.auth import check_tokens
 from kairoi_trio.core.validation import MAX_POLICY_SECONDS, check_policy
 from kairoi_trio.model import RulePolicy
 
@@ -88,7 +89,11 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    tokens: list[str] = field(default_factory=list)  # empty: no authentication
+    """Tokens by role (core/auth.py); no token at all: no authentication, all admin."""
+
+    tokens: list[str] = field(default_factory=list)  # admin: everything, rules included
+    client_tokens: list[str] = field(default_factory=list)  # jobs; read rules; watch
+    read_tokens: list[str] = field(default_factory=list)  # read and watch only
 
 
 @dataclass(frozen=True)
@@ -332,6 +337,10 @@ def _check(config: Config) -> None:
         raise ConfigError("storage.directory must not be empty")
     if bool(config.grpc.tls_cert) != bool(config.grpc.tls_key):
         raise ConfigError("grpc.tls_cert and grpc.tls_key go together")
+    try:
+        check_tokens(config.auth.tokens, config.auth.client_tokens, config.auth.read_tokens)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _durations(node: object, prefix: str = "") -> list[tuple[str, float]]:

@@ -28,6 +28,7 @@ import trio
 
 from kairoi_trio import commands as c
 from kairoi_trio.commands import CommandError, ErrorCode, Request
+from kairoi_trio.core.auth import TokenTable
 from kairoi_trio.model import Job, JobEvent, Status
 from kairoi_trio.protocols.grpc import server as grpc_server
 from kairoi_trio.protocols.grpc.server import serve_grpc
@@ -398,7 +399,7 @@ async def test_closed_channel_answers_unavailable() -> None:
 
 
 async def test_tokens_guard_the_scheduler_but_not_health() -> None:
-    async with running_server(tokens=("s3cret", "other")) as server:
+    async with running_server(auth=TokenTable(["s3cret", "other"])) as server:
         results = await run_client(
             server.port,
             """

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -42,6 +42,7 @@ from kairoi.v1 import scheduler_pb2 as pb
 from kairoi.v1 import scheduler_pb2_grpc as pb_grpc
 from kairoi_trio import commands as c
 from kairoi_trio.commands import CommandError, ErrorCode, Request, Result
+from kairoi_trio.core.auth import Role, TokenTable, denial, permitted
 from kairoi_trio.model import JobEvent
 from kairoi_trio.protocols.grpc import convert
 
@@ -65,7 +66,7 @@ async def serve_grpc(
     *,
     listen: str = "127.0.0.1:5679",
     grace_s: float = 5.0,
-    tokens: Sequence[str] = (),
+    auth: TokenTable | None = None,
     max_message_bytes: int = 4 << 20,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
@@ -78,6 +79,7 @@ async def serve_grpc(
     NOT_SERVING, open WatchJobs streams end with UNAVAILABLE, the server stops
     accepting and in-flight calls get `grace_s` to finish (the actor must still
     be running meanwhile: close its channel only after this returns).
+    `auth`: the tokens kairoi.v1 calls must carry, by role (none: no authentication).
     """
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("gRPC TLS needs both a certificate and a key")
@@ -87,7 +89,7 @@ async def serve_grpc(
         credentials = grpc.ssl_server_credentials([(key, cert)])
 
     thread = _ServerThread(
-        _Settings(listen, grace_s, tuple(tokens), max_message_bytes, credentials),
+        _Settings(listen, grace_s, auth or TokenTable(), max_message_bytes, credentials),
         trio.lowlevel.current_trio_token(),
         requests,
     )
@@ -115,7 +117,7 @@ async def serve_grpc(
 class _Settings:
     listen: str
     grace_s: float
-    tokens: tuple[str, ...]
+    auth: TokenTable
     max_message_bytes: int
     credentials: grpc.ServerCredentials | None
 
@@ -183,7 +185,7 @@ class _ServerThread(threading.Thread):
         stop = self._stop
 
         server = grpc.aio.server(
-            interceptors=[_AuthInterceptor(settings.tokens)] if settings.tokens else None,
+            interceptors=[_AuthInterceptor(settings.auth)] if settings.auth.required else None,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -691,26 +693,38 @@ def _add_reflection_v1_descriptor() -> None:
 
 # -- authentication ---------------------------------------------------------------------
 
+# The command each kairoi.v1 method sends, which decides the role it needs
+# (core/auth.py). A method missing here needs an admin token.
+METHOD_COMMANDS: dict[str, type] = {
+    "SetJob": c.SetJob,
+    "SetJobs": c.SetJob,
+    "StreamSetJobs": c.SetJob,
+    "GetJob": c.GetJob,
+    "DeleteJob": c.DeleteJob,
+    "ListJobs": c.ListJobs,
+    "SetRule": c.SetRule,
+    "GetRule": c.GetRule,
+    "DeleteRule": c.DeleteRule,
+    "ListRules": c.ListRules,
+    "WatchJobs": c.Subscribe,
+    "GetServerInfo": c.GetInfo,
+}
+_FAILURE_WINDOW_S = 10.0
+
 
 class _AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Require `authorization: Bearer <token>` on kairoi.v1 calls; health and reflection stay open.
+    """kairoi.v1 calls need `authorization: Bearer <token>` of a role that may make them.
 
-    Health and reflection are exempt so that load balancers, probes and grpcurl
-    can discover and check the server without holding a token; they reveal
-    nothing about jobs or rules.
+    No token or an unknown one: UNAUTHENTICATED; a known token whose role may not
+    make the call (a read token's SetJob): PERMISSION_DENIED. Health and
+    reflection are exempt so that load balancers, probes and grpcurl can discover
+    and check the server without holding a token; they reveal nothing about jobs
+    or rules.
     """
 
-    def __init__(self, tokens: Sequence[str]) -> None:
-        self._accepted = [f"Bearer {token}".encode() for token in tokens]
-
-    def _authorized(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization":
-                given = value.encode() if isinstance(value, str) else value
-                # compare with every token, in constant time, so timing reveals nothing
-                matches = [hmac.compare_digest(given, token) for token in self._accepted]
-                return any(matches)
-        return False
+    def __init__(self, auth: TokenTable) -> None:
+        self._auth = auth
+        self._failures = _FailureLog()
 
     async def intercept_service(
         self,
@@ -721,16 +735,55 @@ class _AuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method or ""
         if handler is None or not method.startswith(f"/{SERVICE_NAME}/"):
             return handler
-        if self._authorized(handler_call_details.invocation_metadata):
+        value = None
+        for key, given in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                value = given
+                break
+        role = self._auth.role_of_bearer(value)
+        if role is None:
+            return _deny(
+                handler, grpc.StatusCode.UNAUTHENTICATED, "missing or invalid token", self._failures
+            )
+        command = METHOD_COMMANDS.get(method.rsplit("/", 1)[1])
+        if permitted(role, command) if command is not None else role is Role.ADMIN:
             return handler
-        return _deny(handler)
+        reason = denial(role, command) if command is not None else "permission denied"
+        return _deny(handler, grpc.StatusCode.PERMISSION_DENIED, reason)
 
 
-def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that answers UNAUTHENTICATED."""
+class _FailureLog:
+    """Failed authentications, logged without flooding: the first of each 10 s window
+    on its own, the others of the window summed in one line when the next window
+    starts. Never the token."""
+
+    def __init__(self) -> None:
+        self._window_end = 0.0
+        self._count = 0
+
+    def note(self, peer: str) -> None:
+        now = time.monotonic()
+        if now < self._window_end:
+            self._count += 1
+            return
+        if self._count:
+            log.warning("grpc auth failed", failures=self._count, window_s=_FAILURE_WINDOW_S)
+        log.warning("grpc auth failed", peer=peer, failures=1)
+        self._window_end, self._count = now + _FAILURE_WINDOW_S, 0
+
+
+def _deny(
+    handler: grpc.RpcMethodHandler,
+    code: grpc.StatusCode,
+    message: str,
+    failures: _FailureLog | None = None,
+) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that answers `code` with `message`."""
 
     async def abort(_request: Any, context: Any) -> NoReturn:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid token")
+        if failures is not None:
+            failures.note(context.peer())
+        await context.abort(code, message)
         raise AssertionError("unreachable")
 
     async def abort_stream(_request: Any, context: Any) -> AsyncIterator[Any]:

@@ -14,9 +14,8 @@ never reads fills its own TCP window, not the server's memory.
 
 from __future__ import annotations
 
-import hmac
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import structlog
 import trio
@@ -24,6 +23,7 @@ import trio
 from kairoi_trio.commands import Command, CommandError, Request, Result
 from kairoi_trio.config import ControllerConfig, parse_address
 from kairoi_trio.core.actor import ActorClient
+from kairoi_trio.core.auth import Role, TokenTable, denial, permitted
 from kairoi_trio.protocols.kcp import codec
 from kairoi_trio.protocols.kcp.instructions import (
     Answer,
@@ -37,6 +37,14 @@ log = structlog.get_logger(__name__)
 
 _NOT_YET = object()
 RECEIVE_SIZE = 65536
+
+# Token guessing over AUTH: the first failures of a connection are answered at once
+# (a typo), each further one AUTH_DELAY_S later, doubling (and so is every answer
+# behind it), and the connection is closed at the AUTH_MAX_FAILURES-th: ten
+# guesses cost a connection about 30 s instead of microseconds.
+AUTH_FREE_FAILURES = 3
+AUTH_DELAY_S = 0.5
+AUTH_MAX_FAILURES = 10
 
 
 class _Slot:
@@ -74,11 +82,12 @@ class KcpServer:
         actor: ActorClient,
         config: ControllerConfig,
         *,
-        tokens: Sequence[str] = (),
+        auth: TokenTable | None = None,
     ) -> None:
+        """auth: the configured tokens and their roles; None or empty: everyone is admin."""
         self._actor = actor
         self._config = config
-        self._tokens = [t.encode() for t in tokens]
+        self.auth = auth or TokenTable()
         self.connections = 0
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -109,10 +118,6 @@ class KcpServer:
         finally:
             self.connections -= 1
 
-    def check_token(self, token: str) -> bool:
-        given = token.encode()
-        return any(hmac.compare_digest(given, t) for t in self._tokens)
-
 
 class _Connection:
     def __init__(self, server: KcpServer, stream: trio.SocketStream) -> None:
@@ -121,7 +126,10 @@ class _Connection:
         self.config = server._config
         self.parser = codec.KcpParser(self.config.max_message_bytes)
         self.pending: deque[_Slot] = deque()
-        self.authenticated = not server._tokens
+        # Set by AUTH; None until then when tokens are configured (admin when not).
+        self.role: Role | None = server.auth.anonymous
+        self.auth_failures = 0
+        self._late_auth: tuple[_Slot, float, bool] | None = None  # a failed AUTH answered late
         self.reading = True
         self.answered = trio.Event()  # set when a slot gets its answer
         self.written = trio.Event()  # set when the writer freed slots
@@ -134,6 +142,8 @@ class _Connection:
             finally:
                 self.reading = False
                 self.answered.set()
+                if 1 < self.auth_failures < AUTH_MAX_FAILURES:
+                    log.warning("kcp auth failed", peer=self._peer(), failures=self.auth_failures)
 
     # -- reading ----------------------------------------------------------------
 
@@ -170,6 +180,13 @@ class _Connection:
                     slot.with_data = renders_data(command)
                     commands.append(command)
                     slots.append(slot)
+                elif self._late_auth is not None:  # what came before it is not held up
+                    if commands:
+                        await self.server._actor.submit(Request(commands, self._replier(slots)))
+                        commands, slots = [], []
+                    if not await self._answer_late_auth():
+                        keep_reading = False
+                        break
             elif isinstance(event, codec.BadMessage):
                 self.pending.append(_Slot("*", codec.error(event.id, event.reason)))
             else:  # FatalError: answer, then close once earlier answers are out
@@ -191,16 +208,62 @@ class _Connection:
         if isinstance(action, Answer):
             slot.data = codec.ok(message.id, *action.args)
         elif isinstance(action, Authenticate):
-            if self.server.check_token(action.token):
-                self.authenticated = True
-                slot.data = codec.ok(message.id)
-            else:
-                slot.data = codec.error(message.id, "invalid token")
-        elif not self.authenticated:
+            self._authenticate(action.token, slot)
+        elif self.role is None:
             slot.data = codec.error(message.id, "authentication required: send AUTH <token>")
+        elif self.role is not Role.ADMIN and not permitted(self.role, action):
+            slot.data = codec.error(message.id, denial(self.role, action))
         else:
             return action
         return None
+
+    def _authenticate(self, token: str, slot: _Slot) -> None:
+        """AUTH: a known token sets the connection's role; a wrong one leaves it as it
+        was and counts against the connection (see AUTH_FREE_FAILURES)."""
+        role = self.server.auth.role_of(token)
+        if role is not None:
+            self.role = role
+            slot.data = codec.ok(slot.id)
+            return
+        self.auth_failures += 1
+        failures = self.auth_failures
+        if failures == 1:  # the rest are counted in one line when the connection ends
+            log.warning("kcp auth failed", peer=self._peer(), failures=1)
+        if failures >= AUTH_MAX_FAILURES:
+            log.warning("kcp auth failed too often", peer=self._peer(), failures=failures)
+            self._late_auth = (slot, 0.0, True)
+        elif failures > AUTH_FREE_FAILURES:
+            self._late_auth = (slot, AUTH_DELAY_S * 2 ** (failures - AUTH_FREE_FAILURES - 1), False)
+        else:
+            slot.data = codec.error(slot.id, "invalid token")
+
+    async def _answer_late_auth(self) -> bool:
+        """Answer the failed AUTH held by _authenticate after its delay; False once the
+        connection has failed too often and must close (after the answers before)."""
+        assert self._late_auth is not None
+        slot, delay, last = self._late_auth
+        self._late_auth = None
+        if delay:
+            self.answered.set()  # the answers before it go out meanwhile
+            await trio.sleep(delay)
+        reason = "invalid token"
+        if last:
+            reason += f": {self.auth_failures} failed AUTH on this connection, closing it"
+        slot.data = codec.error(slot.id, reason)
+        self.answered.set()
+        return not last
+
+    def _peer(self) -> str:
+        stream = self.stream
+        while not isinstance(stream, trio.SocketStream):  # under TLS: the TCP stream
+            stream = getattr(stream, "transport_stream", None)
+            if stream is None:
+                return "?"
+        try:
+            host, port = stream.socket.getpeername()[:2]
+        except OSError:
+            return "?"
+        return f"{host}:{port}"
 
     def _replier(self, slots: list[_Slot]) -> Callable[[list[Result]], None]:
         def reply(results: list[Result]) -> None:
