@@ -17,8 +17,8 @@ Kill modes, drawn per cycle from the seed:
 - random: after a random delay;
 - ack-burst: the moment a writer has received a whole burst of OKs, i.e.
   right after a group commit, while the next ones are in flight;
-- compaction: the moment a snapshot is being written (a `*.tmp` file is in
-  the data directory; `[storage] compact_after_bytes` is tiny, so the server
+- compaction: the moment a snapshot is being written (a `*.snap.tmp` file is
+  in the data directory; `[storage] compact_after_bytes` is tiny, so the server
   compacts all the time);
 - runs: while a run script is running.
 """
@@ -92,6 +92,11 @@ class Figures:
         )
 
 
+def snapshot_being_written(data_dir: Path) -> bool:
+    """A compaction is between its first step and its rename (docs/storage.md)."""
+    return any(name.endswith(".snap.tmp") for name in os.listdir(data_dir))
+
+
 class CrashDriver:
     def __init__(
         self,
@@ -150,7 +155,7 @@ class CrashDriver:
         pid = self.server.process.pid  # type: ignore[union-attr]
         self.server.kill()
         self.figures.kills[mode] += 1
-        if any(name.endswith(".tmp") for name in os.listdir(self.server.data_dir)):
+        if snapshot_being_written(self.server.data_dir):
             self.figures.kills_during_snapshot += 1
         in_flight = len(self.runs_in_flight(pid))
         self.figures.kills_with_runs_in_flight += in_flight > 0
@@ -189,8 +194,7 @@ class CrashDriver:
                     return
                 time.sleep(0.0005)
         elif mode == "compaction":
-            data_dir = self.server.data_dir
-            while not any(name.endswith(".tmp") for name in os.listdir(data_dir)):
+            while not snapshot_being_written(self.server.data_dir):
                 if time.monotonic() > deadline:
                     return
         elif mode == "runs":
