@@ -43,10 +43,15 @@ from kairoi_trio.commands import (
 )
 from kairoi_trio.core.actor import (
     COMPACTION_RETRY_S,
+    MAX_BATCH_COMMANDS,
     MAX_POPS_PER_TRIGGER,
+    PROBE_ID,
+    PROBE_INITIAL_S,
+    PROBE_MAX_S,
     ActorClient,
     CommandActor,
     Observer,
+    StorageUnavailable,
 )
 from kairoi_trio.core.failures import WINDOW_S, FailReason
 from kairoi_trio.core.state import State
@@ -64,7 +69,7 @@ from kairoi_trio.model import (
     ShellRunner,
     Status,
 )
-from kairoi_trio.storage.records import JobDelete, JobPut, JobStatus
+from kairoi_trio.storage.records import JobDelete, JobPut, JobStatus, apply_record
 
 T0 = 1_700_000_000 * MICROS  # the fake clock's start
 YEAR_S = 365 * 86_400
@@ -84,6 +89,7 @@ class FakeLog:
         self.batches: list[list] = []  # records of each successful append
         self.append_calls = 0
         self.fail = False
+        self.error = OSError(errno.ENOSPC, "No space left on device")  # raised when failing
         self.gate: trio.Event | None = None
         self.bytes_since_snapshot = 0
         self.snapshot_bytes = 0
@@ -92,6 +98,8 @@ class FakeLog:
         self.snapshots: list[tuple[int, dict, dict]] = []
         self.snapshot_gate: trio.Event | None = None
         self.snapshot_fail = False
+        self.rotate_gate: trio.Event | None = None
+        self.rotate_error: Exception | None = None
 
     @property
     def records(self) -> list:
@@ -103,11 +111,15 @@ class FakeLog:
             await self.gate.wait()
         await trio.lowlevel.checkpoint()
         if self.fail:
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise self.error
         self.batches.append(list(records))
         self.bytes_since_snapshot += self.record_bytes * len(records)
 
     async def rotate(self) -> int:
+        if self.rotate_gate is not None:
+            await self.rotate_gate.wait()
+        if self.rotate_error is not None:
+            raise self.rotate_error
         self.rotations += 1
         self.bytes_since_snapshot = 0
         return self.rotations
@@ -1198,9 +1210,18 @@ class _Counting(Observer):
         self.failed.append((reason, job_id))
 
 
+class _BrokenRunner:
+    """Stands for any bug while triggering: an unexpected exception."""
+
+    @property
+    def kind(self) -> str:
+        raise RuntimeError("bug while triggering")
+
+
 async def test_an_exception_while_triggering_fails_that_job_and_the_others_run() -> None:
-    observer = _Counting(fail_triggers=1)
-    async with running_actor(observer=observer) as h:
+    observer = _Counting()
+    broken = Rule("r.broken", "app.1", _BrokenRunner())  # type: ignore[arg-type]
+    async with running_actor(State(rules=[broken]), observer=observer) as h:
         await h.call(SetRule(SHELL))
         await h.call(SetJob("app.1", at(0)))
         await h.call(SetJob("app.2", at(1)))
@@ -1211,6 +1232,18 @@ async def test_an_exception_while_triggering_fails_that_job_and_the_others_run()
         assert "internal error while triggering" in first.last_outcome
         assert h.state.counts[Status.TRIGGERED] == 1  # only the one handed to a runner
         assert observer.failed == [(FailReason.ERROR, "app.1")]
+
+
+async def test_an_observer_that_raises_stops_nothing() -> None:
+    observer = _Counting(fail_triggers=1)
+    async with running_actor(observer=observer) as h:
+        await h.call(SetRule(SHELL))
+        await h.call(SetJob("app.1", at(0)))
+        await h.call(SetJob("app.2", at(1)))
+        result = await h.call(TriggerDue(at(5), ALL_KINDS))
+        assert [d.job.id for d in result.dispatches] == ["app.1", "app.2"]
+        assert h.state.counts[Status.TRIGGERED] == 2
+        await h.call(SetJob("app.3", at(9)))  # the actor goes on
 
 
 async def test_every_job_failed_without_a_run_is_counted_with_its_reason() -> None:
@@ -1263,3 +1296,402 @@ async def test_failures_are_summed_up_once_per_window(autojump_clock: trio.abc.C
             await h.call(TriggerDue(at(1), ALL_KINDS))
     singles = [e["job"] for e in logs if e["event"] == "job failed without running"]
     assert singles == ["a.0.0", "b.1"]
+
+
+# -- reads while a group commit is in flight (issue 8, item 10) --------------------------
+
+
+class Replies:
+    """Reply callbacks that remember the order in which answers came."""
+
+    def __init__(self) -> None:
+        self.order: list[str] = []
+        self.results: dict[str, list] = {}
+
+    def __call__(self, name: str):  # noqa: ANN204 - a reply callback
+        def reply(results: list) -> None:
+            self.order.append(name)
+            self.results[name] = results
+
+        return reply
+
+    def one(self, name: str) -> object:
+        return self.results[name][0]
+
+
+async def in_flight(h: Harness, replies: Replies, *commands: object, name: str = "write") -> None:
+    """Start a batch whose append is held by the log's gate."""
+    h.log.gate = trio.Event()
+    await h.client.submit(Request(list(commands), replies(name)))  # type: ignore[arg-type]
+    await trio.testing.wait_all_tasks_blocked()
+    assert h.log.append_calls >= 1 and name not in replies.order
+
+
+async def send(h: Harness, replies: Replies, name: str, *commands: object) -> None:
+    await h.client.submit(Request(list(commands), replies(name)))  # type: ignore[arg-type]
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def end_flight(h: Harness) -> None:
+    assert h.log.gate is not None
+    h.log.gate.set()
+    h.log.gate = None
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_a_read_of_other_keys_is_answered_while_the_append_is_in_flight() -> None:
+    async with running_actor() as h:
+        await h.results(SetJob("other", at(1), b"old"), SetRule(SHELL))
+        replies = Replies()
+        await in_flight(h, replies, SetJob("written", at(2)))
+        await send(h, replies, "get", GetJob("other"))
+        await send(h, replies, "rule", GetRule(SHELL.id))
+        await send(h, replies, "missing", GetJob("nobody"))
+        await send(h, replies, "list", ListJobs(prefix="oth"))
+        await send(h, replies, "rules", ListRules())
+        # answered before the write's reply, which waits for its append
+        assert replies.order == ["get", "rule", "missing", "list", "rules"]
+        assert replies.one("get").payload == b"old"
+        assert error_code(replies.one("missing")) is ErrorCode.NOT_FOUND
+        assert [j.id for j in replies.one("list").jobs] == ["other"]
+        await end_flight(h)
+        assert replies.order[-1] == "write"
+        assert h.log.append_calls == 2  # the reads did not make a batch of their own to write
+
+
+async def test_a_read_of_a_key_being_written_waits_and_never_sees_it_before_its_ok() -> None:
+    async with running_actor() as h:
+        await h.call(SetJob("a", at(1), b"old"))
+        replies = Replies()
+        await in_flight(h, replies, SetJob("a", at(2), b"new"))
+        await send(h, replies, "get", GetJob("a"))
+        await send(h, replies, "list", ListJobs(prefix=""))
+        await send(h, replies, "list-a", ListJobs(prefix="a"))
+        assert replies.order == []
+        await end_flight(h)
+        assert replies.order == ["write", "get", "list", "list-a"]
+        assert replies.one("get").payload == b"new"
+        assert [j.payload for j in replies.one("list").jobs] == [b"new"]
+
+
+async def test_a_read_held_behind_a_failed_append_sees_the_old_value() -> None:
+    async with running_actor() as h:
+        await h.call(SetJob("a", at(1), b"old"))
+        replies = Replies()
+        await in_flight(h, replies, SetJob("a", at(2), b"new"))
+        h.log.fail = True
+        await send(h, replies, "get", GetJob("a"))
+        await end_flight(h)
+        assert replies.order == ["write", "get"]
+        assert error_code(replies.one("write")) is ErrorCode.UNAVAILABLE
+        assert replies.one("get").payload == b"old"
+
+
+async def test_a_pipelined_set_then_get_of_one_key_reads_the_set() -> None:
+    """A write held for the next batch is not overtaken by a read of the same id."""
+    async with running_actor() as h:
+        await h.call(SetJob("b", at(1), b"old"))
+        replies = Replies()
+        await in_flight(h, replies, SetJob("a", at(1)))
+        await send(h, replies, "set-b", SetJob("b", at(2), b"new"))
+        await send(h, replies, "get-b", GetJob("b"))
+        await send(h, replies, "rule-set", SetRule(SHELL))
+        await send(h, replies, "rule-get", GetRule(SHELL.id))
+        await send(h, replies, "get-other", GetJob("zzz"))
+        assert replies.order == ["get-other"]
+        await end_flight(h)  # the first batch, then the held one (its append is not held)
+        assert replies.order == ["get-other", "write", "set-b", "get-b", "rule-set", "rule-get"]
+        assert replies.one("get-b").payload == b"new"
+        assert replies.one("rule-get") == SHELL
+
+
+async def test_info_during_an_append_gives_the_committed_counts() -> None:
+    async with running_actor() as h:
+        await h.results(SetJob("a", at(1)), SetRule(SHELL))
+        replies = Replies()
+        await in_flight(h, replies, SetJob("b", at(1)), DeleteRule(SHELL.id))
+        await send(h, replies, "info", GetInfo())
+        info = replies.one("info")
+        assert (info.jobs_by_status[Status.PLANNED], info.rules) == (1, 1)
+        await end_flight(h)
+        info = await h.call(GetInfo())
+        assert (info.jobs_by_status[Status.PLANNED], info.rules) == (2, 0)
+
+
+async def test_a_read_in_the_batch_before_any_write_to_its_key_is_answered_at_once() -> None:
+    async with running_actor() as h:
+        await h.call(SetJob("a", at(1), b"old"))
+        replies = Replies()
+        await in_flight(h, replies, SetJob("x", at(1)))
+        # these three wait in the channel and form the next batch together
+        await send(h, replies, "set-a", SetJob("a", at(2), b"new"))
+        await send(h, replies, "get-a", GetJob("a"))
+        h.log.gate.set()  # type: ignore[union-attr]
+        h.log.gate = trio.Event()  # hold the next append
+        await trio.testing.wait_all_tasks_blocked()
+        assert replies.order == ["write"]  # the next batch's append is held
+        await send(h, replies, "get-x", GetJob("x"))  # x is committed now
+        assert replies.order == ["write", "get-x"]
+        await end_flight(h)
+        assert replies.order == ["write", "get-x", "set-a", "get-a"]
+        assert replies.one("get-a").payload == b"new"
+
+
+async def test_a_watch_during_an_append_sees_every_change_once() -> None:
+    async with running_actor() as h:
+        await h.call(SetJob("a.1", at(1)))
+        await h.call(SetJob("b.1", at(1)))
+        replies = Replies()
+        await in_flight(h, replies, SetJob("a.2", at(2)))
+        clear, touched = Sink(), Sink()
+        await send(h, replies, "clear", Subscribe("b.", snapshot=True, sink=clear))
+        await send(h, replies, "touched", Subscribe("a.", snapshot=True, sink=touched))
+        assert replies.order == ["clear"]  # no change to a b. job is in flight
+        assert [j.id for j in replies.one("clear")] == ["b.1"]
+        await end_flight(h)
+        assert replies.order == ["clear", "write", "touched"]
+        assert [j.id for j in replies.one("touched")] == ["a.1", "a.2"]  # in the snapshot...
+        await h.call(SetJob("a.3", at(3)))
+        await h.call(SetJob("b.2", at(3)))
+        assert touched.events == [("a.3", Status.PLANNED, False)]  # ...so no event for a.2
+        assert clear.events == [("b.2", Status.PLANNED, False)]
+
+
+async def test_a_watch_answered_during_a_failed_append_stands() -> None:
+    async with running_actor() as h:
+        replies = Replies()
+        h.log.fail = True
+        await in_flight(h, replies, SetJob("a.1", at(1)))
+        sink = Sink()
+        await send(h, replies, "watch", Subscribe("b.", snapshot=True, sink=sink))
+        assert replies.one("watch") == []
+        await end_flight(h)
+        h.log.fail = False
+        await h.call(SetJob("b.1", at(1)))
+        assert sink.events == [("b.1", Status.PLANNED, False)]
+
+
+async def test_while_an_append_is_slow_held_requests_are_bounded() -> None:
+    async with running_actor() as h:
+        replies = Replies()
+        await in_flight(h, replies, SetJob("first", at(1)))
+        many = [SetJob(f"j{i}", at(1)) for i in range(MAX_BATCH_COMMANDS)]
+        await send(h, replies, "burst", *many)
+        await send(h, replies, "late-read", GetJob("first-not-there"))
+        # held is full: the actor takes nothing more until the append ends
+        assert replies.order == []
+        assert h.actor._held_commands == MAX_BATCH_COMMANDS
+        await end_flight(h)
+        # the read waited in the channel, then went before the burst's append
+        assert replies.order == ["write", "late-read", "burst"]
+        assert len(h.state.jobs) == MAX_BATCH_COMMANDS + 1
+
+
+async def test_reads_are_answered_while_the_log_rotates() -> None:
+    async with running_actor(compact_after_bytes=200) as h:
+        await h.call(SetJob("a", at(1)))
+        h.log.rotate_gate = trio.Event()
+        replies = Replies()
+        await send(h, replies, "set-b", SetJob("b", at(1)))  # crosses the threshold: rotation
+        assert replies.order == ["set-b"]
+        await send(h, replies, "get-a", GetJob("a"))
+        await send(h, replies, "set-c", SetJob("c", at(1)))
+        assert replies.order == ["set-b", "get-a"]  # the write waits for the rotation
+        h.log.rotate_gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert replies.order == ["set-b", "get-a", "set-c"]
+        seq, jobs, _ = h.log.snapshots[0]
+        assert sorted(jobs) == ["a", "b"]  # the state at the rotation, without c
+
+
+# -- storage failures: the actor goes on, says so once, and probes (issue 8, items 1 and 2) --
+
+
+class _Health(Observer):
+    def __init__(self) -> None:
+        self.changes: list[tuple[bool, str]] = []
+        self.failed_writes: list[str] = []
+
+    def writable(self, ok: bool, reason: str) -> None:
+        self.changes.append((ok, reason))
+
+    def write_failed(self, what: str) -> None:
+        self.failed_writes.append(what)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [OSError(errno.ENOSPC, "No space left"), OSError(errno.EROFS, "RO"), OSError(errno.EIO, "IO")],
+    ids=["ENOSPC", "EROFS", "EIO"],
+)
+async def test_a_failed_write_is_storage_unavailable_and_not_writable_until_one_succeeds(
+    error: OSError,
+) -> None:
+    health = _Health()
+    async with running_actor(observer=health) as h:
+        assert h.actor.writable
+        await h.call(SetJob("kept", at(1)))
+        h.log.fail, h.log.error = True, error
+        result = (await h.results(SetJob("a", at(1))))[0]
+        assert isinstance(result, StorageUnavailable)
+        assert result.code is ErrorCode.UNAVAILABLE
+        assert str(error) in result.message
+        assert not h.actor.writable
+        assert h.actor.storage_error == str(error)
+        assert (await h.call(GetJob("kept"))).id == "kept"  # reads go on
+        h.log.fail = False
+        await h.call(SetJob("b", at(1)))
+        assert h.actor.writable
+        assert h.actor.storage_error == ""
+        assert [ok for ok, _ in health.changes] == [False, True]
+        assert health.failed_writes == ["client"]
+
+
+async def test_each_failed_write_is_counted_by_what_it_was_for() -> None:
+    health = _Health()
+    async with running_actor(observer=health) as h:
+        await populate(h)
+        h.log.fail = True
+        await h.results(SetJob("x", at(1)))
+        await h.results(TriggerDue(at(10), ALL_KINDS))
+        await h.results(RecordOutcome("app.1", 1, ok=True))
+        await h.results(ExpireFinished(before=at(100)))
+        await h.results(SetJob("y", at(1)), TriggerDue(at(10), ALL_KINDS))
+        assert health.failed_writes == [
+            "client",
+            "trigger",
+            "outcome",
+            "retention",
+            "client",
+            "trigger",
+        ]
+
+
+async def test_a_failed_trigger_leaves_the_jobs_planned_and_counts_nothing_until_written() -> None:
+    observer = _Counting()
+    lateness: list[float] = []
+    observer.triggered = lateness.append  # type: ignore[method-assign]
+    async with running_actor(observer=observer) as h:
+        await h.call(SetRule(SHELL))
+        await h.results(SetJob("app.1", at(0)), SetJob("nomatch", at(0)))
+        h.log.fail = True
+        for _ in range(3):
+            failed = (await h.results(TriggerDue(at(5), ALL_KINDS)))[0]
+            assert isinstance(failed, StorageUnavailable)
+            assert {j.status for j in h.state.jobs.values()} == {Status.PLANNED}
+            assert h.state.next_due() == at(0)
+        assert observer.failed == [] and lateness == []
+        h.log.fail = False
+        result = await h.call(TriggerDue(at(5), ALL_KINDS))
+        assert [d.job.id for d in result.dispatches] == ["app.1"]
+        assert observer.failed == [(FailReason.NO_RULE, "nomatch")]
+        assert len(lateness) == 1
+
+
+async def test_storage_failures_are_logged_once_per_kind_per_episode() -> None:
+    with structlog.testing.capture_logs() as logs:
+        async with running_actor() as h:
+            await populate(h)
+            h.log.fail = True
+            for _ in range(50):
+                await h.results(SetJob("x", at(1)))
+                await h.results(TriggerDue(at(10), ALL_KINDS))
+            h.log.fail = False
+            await h.call(SetJob("x", at(1)))
+            h.log.fail = True
+            await h.results(SetJob("y", at(1)))
+    failed = [e for e in logs if e["event"] == "storage write failed"]
+    assert [e["what"] for e in failed] == ["client", "trigger", "client"]
+    assert all("No space left" in e["error"] for e in failed)
+    (recovered,) = [e for e in logs if e["event"] == "storage writes work again"]
+    assert recovered["failed_writes"] == {"client": 50, "trigger": 50}
+
+
+async def test_when_idle_a_probe_brings_writability_back_without_traffic(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    health = _Health()
+    async with running_actor(observer=health) as h:
+        h.log.fail = True
+        await h.results(SetJob("a", at(1)))
+        calls = h.log.append_calls
+        await trio.sleep(PROBE_INITIAL_S * 8)  # probes at 0.25, 0.75 (+0.5), 1.75 (+1)
+        assert h.log.append_calls == calls + 3
+        await trio.sleep(60)
+        probes = h.log.append_calls - calls
+        assert probes < 3 + 60 / PROBE_MAX_S + 1  # backed off to PROBE_MAX_S apart
+        assert not h.actor.writable
+        h.log.fail = False
+        await trio.sleep(PROBE_MAX_S)
+        assert h.actor.writable
+        assert h.log.batches == [[JobDelete(PROBE_ID)]]
+        assert health.failed_writes.count("probe") == probes
+        calls = h.log.append_calls
+        await trio.sleep(60)  # writable: no more probes
+        assert h.log.append_calls == calls
+
+
+def test_the_probe_record_changes_nothing_when_replayed() -> None:
+    job = Job("app.1", at(1), Status.PLANNED, b"", 0, "", T0)
+    jobs, rules = {job.id: job}, {SHELL.id: SHELL}
+    assert apply_record(jobs, rules, JobDelete(PROBE_ID))
+    assert jobs == {job.id: job} and rules == {SHELL.id: SHELL}
+    assert len(PROBE_ID.encode()) > 4096  # needs a new block: a full disk refuses it
+    with pytest.raises(CommandError):  # no client can make a job with that id
+        from kairoi_trio.core.validation import validate_job
+
+        validate_job(PROBE_ID, b"", 1 << 20, at(1))
+
+
+async def test_an_unexpected_exception_while_appending_is_a_failed_write_not_a_crash() -> None:
+    async with running_actor() as h:
+
+        async def broken(records: list) -> None:
+            raise ValueError("cannot encode")
+
+        h.log.append = broken  # type: ignore[method-assign]
+        with structlog.testing.capture_logs():
+            result = (await h.results(SetJob("a", at(1))))[0]
+        assert isinstance(result, StorageUnavailable)
+        assert "internal error" in result.message
+        assert h.state.jobs == {}
+        del h.log.append
+        assert (await h.call(SetJob("a", at(1)))).id == "a"
+
+
+@pytest.mark.parametrize(
+    "error", [OSError(errno.EIO, "close failed"), RuntimeError("bug")], ids=["EIO", "bug"]
+)
+async def test_a_failed_rotation_of_any_kind_is_retried_later_and_stops_nothing(
+    error: Exception, autojump_clock: trio.abc.Clock
+) -> None:
+    health = _Health()
+    async with running_actor(compact_after_bytes=100, observer=health) as h:
+        h.log.rotate_error = error
+        with structlog.testing.capture_logs() as logs:
+            await h.call(SetJob("a", at(1)))
+            await h.call(SetJob("b", at(1)))  # within the pause: no second attempt
+        assert [e["event"] for e in logs] == ["log rotation failed"]
+        assert health.failed_writes == ["compaction"]
+        assert h.actor.writable  # appends still work: ready
+        h.log.rotate_error = None
+        await trio.sleep(COMPACTION_RETRY_S)
+        await h.call(SetJob("c", at(1)))
+        await trio.testing.wait_all_tasks_blocked()
+        assert h.log.rotations == 1 and len(h.log.snapshots) == 1
+
+
+async def test_a_snapshot_failing_with_any_exception_is_retried_later() -> None:
+    health = _Health()
+    async with running_actor(compact_after_bytes=100, observer=health) as h:
+
+        async def broken(seq: int, jobs: Mapping, rules: Mapping) -> None:
+            raise RuntimeError("a compaction is already running")
+
+        h.log.write_snapshot = broken  # type: ignore[method-assign]
+        with structlog.testing.capture_logs() as logs:
+            await h.call(SetJob("a", at(1)))
+            await trio.testing.wait_all_tasks_blocked()
+        assert [e["event"] for e in logs] == ["compaction failed"]
+        assert health.failed_writes == ["compaction"]
+        assert (await h.call(SetJob("b", at(1)))).id == "b"

@@ -8,16 +8,31 @@ only then replies. While the fsync runs in a thread, new requests queue up and
 form the next batch, so throughput grows with load instead of being capped by
 one fsync per write.
 
+Reads do not wait for an fsync. While an append (or a log rotation) runs in
+its worker thread, the actor goes on taking requests: a request of reads
+only, none of which touches a job or rule with an unacknowledged change (of
+the batch being written, or of a write waiting for the next batch), is
+answered at once; it reads state as of the last acknowledged commit, since
+nothing else in memory differs from it. Every other request is held, in
+arrival order, and forms the next batch. docs/architecture.md gives the
+argument.
+
 If the append fails (disk full, read-only), the batch's changes are undone in
 memory, every command of the batch that changed something gets an UNAVAILABLE
-error, and the actor goes on serving: reads still work, and writes work again
-once the disk does.
+error (StorageUnavailable: try again later), and the actor goes on serving:
+reads still work, and writes work again once the disk does. While writes fail
+the actor is not `writable` (/ready answers 503); when idle it probes the log
+with a no-op record now and then, so that readiness comes back without client
+traffic. Failures are logged once per kind per episode, with counts, not per
+batch.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -81,6 +96,45 @@ MAX_POPS_PER_TRIGGER = 4096
 # cannot delay every reply behind a single enormous write.
 MAX_BATCH_COMMANDS = 8192
 
+# Requests held while an append is in flight (they form the next batch). Past
+# this many (or MAX_BATCH_COMMANDS commands), the actor stops taking requests
+# until the append ends, so the bounded channel slows senders down again.
+MAX_HELD_REQUESTS = 1024
+
+# While writes fail and no request comes, probe the log with a no-op record
+# after this long, doubling up to the maximum, so that readiness comes back
+# without client traffic.
+PROBE_INITIAL_S = 0.25
+PROBE_MAX_S = 5.0
+
+# A long storage outage is summed up in the log this often.
+STORAGE_SUMMARY_S = 60.0
+
+# The probe record: the deletion of a job that cannot exist (ids never hold
+# NUL), so replaying it changes nothing. Longer than a 4 KiB block, so that it
+# only succeeds if the file system can give the log a new block: a write into
+# the free end of the last block would succeed on a full disk.
+PROBE_ID = "\x00kairoi-trio storage probe\x00".ljust(4200, "\x00")
+
+# What a failed write was for, by the command that made it (the `what` label).
+_WHAT: dict[type, str] = {
+    SetJob: "client",
+    DeleteJob: "client",
+    SetRule: "client",
+    DeleteRule: "client",
+    TriggerDue: "trigger",
+    RecordOutcome: "outcome",
+    ExpireFinished: "retention",
+}
+
+
+class StorageUnavailable(CommandError):
+    """A write was not done because the log could not be written (disk full,
+    read-only, I/O error): UNAVAILABLE, nothing of it is kept; try again later."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.UNAVAILABLE, message)
+
 
 class Log(Protocol):
     """What the actor needs of storage (DurableLog provides it)."""
@@ -108,6 +162,13 @@ class Observer:
 
     def append_failed(self) -> None:
         pass
+
+    def write_failed(self, what: str) -> None:
+        """A write failed; `what` it was for: client, trigger, outcome, retention, probe,
+        compaction (one count per kind per failed group commit)."""
+
+    def writable(self, ok: bool, reason: str) -> None:
+        """Storage writes began to fail (False, with the error) or work again (True)."""
 
     def triggered(self, lateness_s: float) -> None:
         pass
@@ -156,6 +217,31 @@ class CommandActor:
         self.started_at = clock()
         self.batches = 0  # for metrics and tests
         self.commands = 0
+        # Requests that came while the log was busy and could not be answered at
+        # once, in arrival order: the next batch. The ids their writes name.
+        self._open = True  # False once every sender closed the channel
+        self._held: deque[Request] = deque()
+        self._held_commands = 0
+        self._held_jobs: set[str] = set()
+        self._held_rules: set[str] = set()
+        self._busy = False  # an append or rotation is in flight
+        # Per batch: ids changed by it (unacknowledged until its append returns)...
+        self._batch_jobs: set[str] = set()
+        self._batch_rules: set[str] = set()
+        # ...and the committed figures GetInfo answers with meanwhile.
+        self._committed_counts: dict[Status, int] = dict(state.counts)
+        self._committed_rules = len(state.rules)
+        self._uncommitted = False  # the state holds changes not yet on disk
+        self._immediate = False  # the request being applied is answered before the commit
+        self._notes: list[tuple[FailReason, str, str]] = []  # jobs failed without a run
+        self._lateness: list[float] = []  # of the jobs triggered
+        # Storage health: writable until a write fails, again after one succeeds.
+        self.writable = True
+        self.storage_error = ""
+        self._probe_delay = PROBE_INITIAL_S
+        self._episode: Counter[str] = Counter()  # failed writes by kind, this episode
+        self._episode_started = 0.0
+        self._episode_summarised = 0.0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve requests until every sender has closed its end of the channel."""
@@ -165,23 +251,58 @@ class CommandActor:
             self._background.start_soon(self._flush_failures, flushing)
             task_status.started()
             while True:
-                try:
-                    first = await receive.receive()
-                except trio.EndOfChannel:
+                batch = await self._next_batch()
+                if batch is None:
                     break
-                batch = [first]
-                size = len(first.commands)
-                while size < MAX_BATCH_COMMANDS:
-                    try:
-                        request = receive.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    batch.append(request)
-                    size += len(request.commands)
-                await self._process(batch)
+                await self._process(batch, probe=not batch)
                 if self._should_compact():
                     await self._start_compaction()
             flushing.cancel()
+
+    async def _next_batch(self) -> list[Request] | None:
+        """The held requests first, then whatever waits in the channel, up to
+        MAX_BATCH_COMMANDS. Waits for a request when there is none; [] means: probe
+        the storage (writes fail, and nothing came for a while); None: the end."""
+        batch: list[Request] = []
+        size = 0
+        held = self._held
+        while held and size < MAX_BATCH_COMMANDS:
+            request = held.popleft()
+            batch.append(request)
+            size += len(request.commands)
+        if batch:
+            self._held_commands -= size
+            self._held_jobs.clear()
+            self._held_rules.clear()
+            for request in held:  # what stays held comes after this batch
+                self._note_held_keys(request)
+            if held:
+                return batch
+        elif not self._open:
+            return None
+        else:
+            wait = math.inf if self.writable else self._probe_delay
+            try:
+                with trio.move_on_after(wait) as waiting:
+                    first = await self._receive.receive()
+            except trio.EndOfChannel:
+                self._open = False
+                return None
+            if waiting.cancelled_caught:
+                return []
+            batch.append(first)
+            size = len(first.commands)
+        while size < MAX_BATCH_COMMANDS and self._open:
+            try:
+                request = self._receive.receive_nowait()
+            except trio.WouldBlock:
+                break
+            except trio.EndOfChannel:
+                self._open = False
+                break
+            batch.append(request)
+            size += len(request.commands)
+        return batch
 
     async def _flush_failures(self, scope: trio.CancelScope) -> None:
         """Log the aggregated failures once per window, and what is left at the end."""
@@ -190,8 +311,117 @@ class CommandActor:
                 while True:
                     await trio.sleep(WINDOW_S)
                     self._failures.flush()
+                    now = trio.current_time()
+                    if not self.writable and now - self._episode_summarised >= STORAGE_SUMMARY_S:
+                        self._episode_summarised = now
+                        log.error(
+                            "storage writes still failing",
+                            error=self.storage_error,
+                            failed_writes=dict(self._episode),
+                            seconds=round(now - self._episode_started, 1),
+                        )
         finally:
             self._failures.flush()
+
+    # -- while the log is busy: answer reads that touch nothing unacknowledged ----------
+
+    async def _while_serving(self, operation: Callable[[], Awaitable[None]]) -> None:
+        """Run a storage operation (which must not raise); meanwhile answer the
+        requests that can be answered from committed state and hold the others."""
+        serving = trio.CancelScope()
+
+        async def run_operation() -> None:
+            try:
+                await operation()
+            finally:
+                serving.cancel()
+
+        self._busy = True
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_operation)
+                with serving:
+                    while (
+                        self._open
+                        and len(self._held) < MAX_HELD_REQUESTS
+                        and self._held_commands < MAX_BATCH_COMMANDS
+                    ):
+                        try:
+                            request = await self._receive.receive()
+                        except trio.EndOfChannel:
+                            self._open = False
+                            break
+                        if self._answerable_now(request):
+                            self._answer_now(request)
+                        else:
+                            self._hold(request)
+                    await trio.sleep_forever()  # held is full: wait for the operation
+        finally:
+            self._busy = False
+
+    def _answerable_now(self, request: Request) -> bool:
+        """Reads only, and none touches a job or rule with an unacknowledged change.
+
+        Unacknowledged: changed by the batch being applied or written, or (while
+        the log is busy) named by a held write, which must not be overtaken by a
+        read of the same id (a connection's pipelined SET then GET).
+        """
+        busy = self._busy
+        jobs, rules = self._batch_jobs, self._batch_rules
+        held_jobs = self._held_jobs if busy else ()
+        held_rules = self._held_rules if busy else ()
+        for command in request.commands:
+            kind = type(command)
+            if kind is GetJob:
+                job_id = command.id  # type: ignore[union-attr]
+                if job_id in jobs or job_id in held_jobs:
+                    return False
+            elif kind is ListJobs or kind is Subscribe:
+                prefix = command.prefix  # type: ignore[union-attr]
+                if _any_prefixed(jobs, prefix) or _any_prefixed(held_jobs, prefix):
+                    return False
+            elif kind is GetRule:
+                rule_id = command.id  # type: ignore[union-attr]
+                if rule_id in rules or rule_id in held_rules:
+                    return False
+            elif kind is ListRules:
+                prefix = command.prefix  # type: ignore[union-attr]
+                if _any_prefixed(rules, prefix) or _any_prefixed(held_rules, prefix):
+                    return False
+            elif kind is not GetInfo and kind is not Unsubscribe:
+                return False  # a write
+        return True
+
+    def _answer_now(self, request: Request) -> None:
+        self._immediate = True
+        try:
+            results = [self._apply_safely(command) for command in request.commands]
+        finally:
+            self._immediate = False
+        self.commands += len(request.commands)
+        try:
+            request.reply(results)
+        except Exception:
+            log.exception("reply callback failed")
+
+    def _hold(self, request: Request) -> None:
+        self._held.append(request)
+        self._held_commands += len(request.commands)
+        self._note_held_keys(request)
+
+    def _note_held_keys(self, request: Request) -> None:
+        for command in request.commands:
+            kind = type(command)
+            if kind is SetJob or kind is DeleteJob:
+                self._held_jobs.add(command.id)  # type: ignore[union-attr]
+            elif kind is RecordOutcome:
+                self._held_jobs.add(command.job_id)  # type: ignore[union-attr]
+            elif kind is SetRule:
+                self._held_rules.add(command.rule.id)  # type: ignore[union-attr]
+            elif kind is DeleteRule:
+                self._held_rules.add(command.id)  # type: ignore[union-attr]
+            # TriggerDue and ExpireFinished come from the server itself, never
+            # pipelined behind a client's read: reads may go before them.
 
     # -- compaction ---------------------------------------------------------------
 
@@ -207,77 +437,106 @@ class CommandActor:
     async def _start_compaction(self) -> None:
         """Rotate the log between two appends, then write the snapshot in the
         background from shallow copies (Jobs and Rules are immutable, so the
-        copies are a consistent view of the state at the rotation)."""
-        try:
-            seq = await self._log.rotate()
-        except self._storage_errors as error:
-            log.error("log rotation failed", error=str(error))
-            self._compaction_retry_at = trio.current_time() + COMPACTION_RETRY_S
+        copies are a consistent view of the state at the rotation).
+
+        Reads are answered while the rotation runs; writes wait for it. Any
+        failure is logged, counted and tried again after COMPACTION_RETRY_S:
+        compaction never stops the server.
+        """
+        sealed: list[int] = []
+
+        async def rotate() -> None:
+            try:
+                sealed.append(await self._log.rotate())
+            except Exception as error:
+                self._compaction_failed("log rotation failed", error)
+
+        await self._while_serving(rotate)
+        if not sealed:
             return
         self._compacting = True
         assert self._background is not None
         self._background.start_soon(
-            self._write_snapshot, seq, dict(self.state.jobs), dict(self.state.rules)
+            self._write_snapshot, sealed[0], dict(self.state.jobs), dict(self.state.rules)
         )
 
     async def _write_snapshot(self, seq: int, jobs: dict[str, Job], rules: dict[str, Rule]) -> None:
         try:
             await self._log.write_snapshot(seq, jobs, rules)
             log.info("log compacted", segment=seq, jobs=len(jobs), rules=len(rules))
-        except self._storage_errors as error:
-            log.error("compaction failed", error=str(error))
-            self._compaction_retry_at = trio.current_time() + COMPACTION_RETRY_S
+        except Exception as error:
+            self._compaction_failed("compaction failed", error)
         finally:
             self._compacting = False
 
+    def _compaction_failed(self, event: str, error: Exception) -> None:
+        if isinstance(error, self._storage_errors):
+            log.error(event, error=str(error), retry_in_s=COMPACTION_RETRY_S)
+        else:
+            log.exception(event, retry_in_s=COMPACTION_RETRY_S)
+        self._observer.write_failed("compaction")
+        self._compaction_retry_at = trio.current_time() + COMPACTION_RETRY_S
+
     # -- one group commit ---------------------------------------------------------
 
-    async def _process(self, batch: list[Request]) -> None:
+    async def _process(self, batch: list[Request], *, probe: bool = False) -> None:
         self._now = self._clock()
         self._records: list[Record] = []
         self._undo: list[tuple[str, str, Any]] = []
         self._events: list[JobEvent] = []
         self._new_subscribers: list[_Subscriber] = []
         self._subscribers_before_write = 0  # new subscribers answered before the first change
-        all_results: list[list[Result]] = []
-        first_write: tuple[int, int] | None = None  # (request, command) of the batch's first change
-        for r, request in enumerate(batch):
+        self._committed_counts = dict(self.state.counts)
+        self._committed_rules = len(self.state.rules)
+        self._uncommitted = True
+        self._notes = []
+        self._lateness = []
+        deferred: list[tuple[Request, list[Result]]] = []  # answered once the batch is written
+        first_write: tuple[int, int] | None = None  # (deferred request, command) of the 1st change
+        writers: set[str] = set()  # what the batch's writes are for
+        for request in batch:
+            if self._answerable_now(request):
+                self._answer_now(request)
+                continue
             results: list[Result] = []
             for c, command in enumerate(request.commands):
                 before = len(self._records)
-                try:
-                    results.append(self._apply(command))
-                except CommandError as error:
-                    results.append(error)
-                except Exception as error:  # a bug must not take the scheduler down
-                    log.exception("command failed", command=type(command).__name__)
-                    results.append(CommandError(ErrorCode.UNAVAILABLE, f"internal error: {error}"))
-                if first_write is None and len(self._records) != before:
-                    first_write = (r, c)
-                    self._subscribers_before_write = len(self._new_subscribers)
-            all_results.append(results)
+                results.append(self._apply_safely(command))
+                if len(self._records) != before:
+                    writers.add(_WHAT.get(type(command), "client"))
+                    if first_write is None:
+                        first_write = (len(deferred), c)
+                        self._subscribers_before_write = len(self._new_subscribers)
+            deferred.append((request, results))
             self.commands += len(request.commands)
+        if probe:
+            self._records.append(JobDelete(PROBE_ID))
+            writers.add("probe")
 
-        if first_write is not None:
-            started = time.perf_counter()
-            try:
-                await self._log.append(self._records)
-                self._observer.appended(time.perf_counter() - started, len(self._records))
-            except self._storage_errors as error:
-                self._observer.append_failed()
-                log.error("storage write failed", error=str(error), records=len(self._records))
+        if self._records:
+            error = await self._write(self._records)
+            if error is None:
+                self._storage_works()
+                self._report_committed()
+            else:
                 self._rollback()
+                self._storage_fails(writers, error)
                 # Everything from the first change on failed: the writes, and the
                 # reads that saw them (no dirty reads of what was rolled back).
-                failure = CommandError(ErrorCode.UNAVAILABLE, f"storage write failed: {error}")
-                first_r, first_c = first_write
-                for r in range(first_r, len(batch)):
-                    results = all_results[r]
+                failure = StorageUnavailable(f"storage write failed: {error}")
+                first_r, first_c = first_write or (len(deferred), 0)
+                for r in range(first_r, len(deferred)):
+                    results = deferred[r][1]
                     for c in range(first_c if r == first_r else 0, len(results)):
                         results[c] = failure
+        else:
+            self._report_committed()
         self.batches += 1
+        self._uncommitted = False
+        self._batch_jobs.clear()
+        self._batch_rules.clear()
 
-        for request, results in zip(batch, all_results, strict=True):
+        for request, results in deferred:
             try:
                 request.reply(results)
             except Exception:
@@ -285,6 +544,88 @@ class CommandActor:
         self._publish()
         if self._on_commit is not None:
             self._on_commit(self.state)
+
+    def _apply_safely(self, command: Command) -> Result:
+        try:
+            return self._apply(command)
+        except CommandError as error:
+            return error
+        except Exception as error:  # a bug must not take the scheduler down
+            log.exception("command failed", command=type(command).__name__)
+            return CommandError(ErrorCode.UNAVAILABLE, f"internal error: {error}")
+
+    async def _write(self, records: list[Record]) -> str | None:
+        """Append the batch's records, answering reads meanwhile; the error, or None."""
+        failure: list[str] = []
+
+        async def append() -> None:
+            started = time.perf_counter()
+            try:
+                await self._log.append(records)
+            except self._storage_errors as error:
+                failure.append(str(error))
+            except Exception as error:  # e.g. a record that cannot be encoded: refuse, go on
+                log.exception("appending to the log failed", records=len(records))
+                failure.append(f"internal error: {error!r}")
+            else:
+                self._observer.appended(time.perf_counter() - started, len(records))
+
+        await self._while_serving(append)
+        return failure[0] if failure else None
+
+    def _report_committed(self) -> None:
+        """Log and count what the batch did, now that it is on disk."""
+        observer = self._observer
+        try:  # metrics must not stop the actor: what they failed to count is done
+            for lateness in self._lateness:
+                observer.triggered(lateness)
+        except Exception:
+            log.exception("observer failed")
+        for reason, job_id, outcome in self._notes:
+            self._failures.note(reason, job_id, outcome)
+            try:
+                observer.failed_without_run(reason, job_id)
+            except Exception:
+                log.exception("observer failed")
+
+    # -- storage health -------------------------------------------------------------------
+
+    def _storage_fails(self, writers: set[str], error: str) -> None:
+        """One failed group commit: counted per kind; logged once per kind per episode."""
+        observer = self._observer
+        observer.append_failed()
+        if self.writable:
+            self.writable = False
+            self._episode = Counter()
+            self._episode_started = self._episode_summarised = trio.current_time()
+            observer.writable(False, error)
+        else:
+            self._probe_delay = min(self._probe_delay * 2, PROBE_MAX_S)
+        self.storage_error = error
+        for what in sorted(writers):
+            observer.write_failed(what)
+            if what not in self._episode:
+                log.error(
+                    "storage write failed",
+                    what=what,
+                    error=error,
+                    note="later failures are counted until a write succeeds",
+                )
+            self._episode[what] += 1
+
+    def _storage_works(self) -> None:
+        if self.writable:
+            return
+        self.writable = True
+        self._probe_delay = PROBE_INITIAL_S
+        log.warning(
+            "storage writes work again",
+            failed_writes=dict(self._episode),
+            seconds=round(trio.current_time() - self._episode_started, 1),
+            last_error=self.storage_error,
+        )
+        self.storage_error = ""
+        self._observer.writable(True, "")
 
     def _rollback(self) -> None:
         state = self.state
@@ -299,6 +640,8 @@ class CommandActor:
             else:
                 state.put_rule(old)
         self._events.clear()
+        self._notes.clear()
+        self._lateness.clear()
         # Subscriptions answered with an error (after the first change) are dropped;
         # the ones answered before it stand.
         failed = self._new_subscribers[self._subscribers_before_write :]
@@ -326,6 +669,7 @@ class CommandActor:
     def _put_job(self, job: Job, record: Record | None = None) -> None:
         old = self.state.put_job(job)
         self._undo.append(("job", job.id, old))
+        self._batch_jobs.add(job.id)
         self._records.append(record if record is not None else JobPut(job))
         if self._subscribers:
             self._events.append(JobEvent(job, at=self._now))
@@ -339,12 +683,14 @@ class CommandActor:
     def _delete_job(self, job: Job) -> None:
         self.state.delete_job(job.id)
         self._undo.append(("job", job.id, job))
+        self._batch_jobs.add(job.id)
         self._records.append(JobDelete(job.id))
         if self._subscribers:
             self._events.append(JobEvent(job, deleted=True, at=self._now))
 
     def _put_rule(self, rule: Rule) -> None:
         self._undo.append(("rule", rule.id, self.state.put_rule(rule)))
+        self._batch_rules.add(rule.id)
         self._records.append(RulePut(rule))
 
     # -- commands ---------------------------------------------------------------
@@ -401,20 +747,29 @@ class CommandActor:
     def _delete_rule(self, command: DeleteRule) -> None:
         self._get_rule(GetRule(command.id))
         self._undo.append(("rule", command.id, self.state.delete_rule(command.id)))
+        self._batch_rules.add(command.id)
         self._records.append(RuleDelete(command.id))
 
     def _list_rules(self, command: ListRules) -> list[Rule]:
         return self.state.list_rules(command.prefix, command.after, command.limit)
 
     def _get_info(self, command: GetInfo) -> ServerInfo:
+        if self._immediate and self._uncommitted:  # as of the last commit, not the batch
+            return ServerInfo(
+                __version__, self.started_at, dict(self._committed_counts), self._committed_rules
+            )
         return ServerInfo(
             __version__, self.started_at, dict(self.state.counts), len(self.state.rules)
         )
 
     def _subscribe(self, command: Subscribe) -> list[Job]:
+        # From the batch's events after this point on: while the log is busy, none
+        # of the batch in flight (none of them matches the prefix, or the request
+        # would have been held).
         sub = _Subscriber(command.prefix, command.sink, start=len(self._events))
         self._subscribers.append(sub)
-        self._new_subscribers.append(sub)
+        if not self._immediate:  # answered with the batch: dropped if the batch fails
+            self._new_subscribers.append(sub)
         if not command.snapshot:
             return []
         return list(self.state.iter_prefix(command.prefix))
@@ -482,7 +837,7 @@ class CommandActor:
         elif capacity[kind] > 0:
             # Late since the job became due: its time, or when it was set if that was later.
             lateness = (now - max(job.execute_at, job.updated_at)) / MICROS
-            self._observer.triggered(lateness)
+            self._lateness.append(lateness)
             log.debug("job triggered", job=job.id, rule=rule.id, lateness_us=int(lateness * MICROS))
             triggered = self._change_status(job, TRIGGERED, "", job.attempts + 1)
             capacity[kind] -= 1
@@ -493,11 +848,7 @@ class CommandActor:
     def _fail(self, job: Job, reason: FailReason, outcome: str) -> None:
         """End a job `failed` without a runner's outcome: logged (aggregated) and counted."""
         self._change_status(job, Status.FAILED, outcome, job.attempts)
-        self._failures.note(reason, job.id, outcome)
-        try:
-            self._observer.failed_without_run(reason, job.id)
-        except Exception:  # metrics must not undo the failure just recorded
-            log.exception("observer failed")
+        self._notes.append((reason, job.id, outcome))  # reported once written
 
     @staticmethod
     def _fresh(job: Job, rule: Rule, now: int) -> bool:
@@ -570,6 +921,12 @@ class CommandActor:
         RecordOutcome: _record_outcome,
         ExpireFinished: _expire_finished,
     }
+
+
+def _any_prefixed(ids: set[str] | tuple[()], prefix: str) -> bool:
+    if not prefix:
+        return bool(ids)
+    return any(i.startswith(prefix) for i in ids)
 
 
 class ActorClient:

@@ -18,7 +18,6 @@ are separate so the crash-safety tests can stop between any two of them.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 import structlog
 
 from kairoi_trio.model import Job, Rule
+from kairoi_trio.storage.faults import os  # os itself (a fault proxy in tests only)
 from kairoi_trio.storage.records import (
     SNAPSHOT_MAGIC,
     encode_header,

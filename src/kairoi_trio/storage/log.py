@@ -37,7 +37,6 @@ import errno
 import fcntl
 import gc
 import mmap
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from kairoi_trio.storage.compaction import (
     list_directory,
     segment_path,
 )
+from kairoi_trio.storage.faults import os  # os itself (a fault proxy in tests only)
 from kairoi_trio.storage.records import (
     FORMAT_VERSION,
     HEADER_SIZE,
