@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
+import idna
 import trio
 
 from kairoi_trio import __version__
-from kairoi_trio.model import HttpRunner, Job, Rule, format_time
+from kairoi_trio.model import HttpRunner, Job, Rule, RunnerSpec, format_time
 from kairoi_trio.runners.base import RunFailed, Runner
 
 DEFAULT_MAX_RESPONSE_BYTES = 1 << 20
@@ -138,6 +139,19 @@ class HttpRunnerBackend(Runner):
             finally:
                 self._client = None
 
+    def check_rule(self, spec: RunnerSpec) -> None:
+        """Refuse a URL no request could ever be sent to (its host cannot be resolved
+        as a name: a label over 63 bytes, a bad IDNA label such as `xn--a`)."""
+        if not isinstance(spec, HttpRunner):
+            return
+        try:
+            httpx.URL(spec.url)
+        except httpx.InvalidURL as error:
+            raise ValueError(f"http url {redacted(spec.url)!r} is not valid: {error}") from None
+        reason = host_problem(urlsplit(spec.url).hostname or "")
+        if reason:
+            raise ValueError(f"http url {redacted(spec.url)!r}: {reason}")
+
     async def run(self, job: Job, rule: Rule) -> str:
         """POST `job` to the rule's URL; "HTTP <status>" on success, else RunFailed."""
         assert isinstance(rule.runner, HttpRunner)
@@ -193,6 +207,33 @@ class HttpRunnerBackend(Runner):
             ) from None
         except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as error:
             raise RunFailed(f"POST {shown} failed: {error or type(error).__name__}") from None
+        except UnicodeError as error:  # the resolver's IDNA encoding of the host (a stored rule)
+            raise RunFailed(
+                f"POST {shown} failed: the host name cannot be encoded: {error}"
+            ) from None
         if not answer.ok:
             raise RunFailed(answer.failed_status(shown))
         return f"HTTP {answer.status}"
+
+
+def host_problem(host: str) -> str:
+    """Why the resolver would refuse `host` ("" when it would not).
+
+    ASCII names go to getaddrinfo as they are (anyio's idna2008_resolve), where
+    a label must be 1-63 bytes and an `xn--` label valid Punycode; other names
+    are IDNA 2008-encoded first (RFC 5891, the `idna` package httpx uses).
+    """
+    if not host or ":" in host:  # an IPv6 literal
+        return ""
+    try:
+        if host.isascii():
+            for label in host.rstrip(".").split("."):
+                if not 0 < len(label) <= 63:
+                    return f"host name label {label[:20]!r} must be 1 to 63 characters"
+                if label.lower().startswith("xn--"):
+                    idna.decode(label)
+        else:
+            idna.encode(host, uts46=True)
+    except UnicodeError as error:  # idna.IDNAError is one
+        return f"host name {host[:80]!r} cannot be encoded: {error}"
+    return ""
