@@ -5,15 +5,21 @@ There is no polling tick. The actor tells the DueTimer the earliest due time
 after every commit; the timer's sleep is a cancel scope whose deadline is moved
 in place, so a job set for earlier than everything else wakes the dispatcher
 at once, at no cost for the jobs that change nothing.
+
+A trigger that cannot be written (the log's disk is full, read-only, failing)
+leaves the jobs planned; the dispatcher then waits TRIGGER_RETRY_INITIAL_S,
+doubling up to TRIGGER_RETRY_MAX_S, and tries again, instead of spinning on
+jobs that are due (the actor logs and counts the failures).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+import structlog
 import trio
 
-from kairoi_trio.commands import TriggerDue, TriggerResult
+from kairoi_trio.commands import CommandError, TriggerDue, TriggerResult
 from kairoi_trio.core.actor import ActorClient
 from kairoi_trio.model import MICROS, now_us
 from kairoi_trio.runners.pool import RunnerPools
@@ -21,6 +27,13 @@ from kairoi_trio.runners.pool import RunnerPools
 # Sleep at most this long at a time, so that a wall-clock step (NTP, a VM
 # resumed) delays a trigger by at most this much.
 MAX_SLEEP_S = 1.0
+
+# After a trigger that could not be written, wait this long before trying
+# again, doubling after each failure up to the maximum.
+TRIGGER_RETRY_INITIAL_S = 0.1
+TRIGGER_RETRY_MAX_S = 5.0
+
+log = structlog.get_logger(__name__)
 
 
 class DueTimer:
@@ -56,18 +69,30 @@ class Dispatcher:
         self._actor = actor
         self._timer = timer
         self._pools = pools
+        self.failed_triggers = 0  # TriggerDue calls that could not be written
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         backlog: frozenset[str] = frozenset()  # kinds whose due jobs wait for room
+        retry_in = TRIGGER_RETRY_INITIAL_S
         while True:
             if not backlog:
                 await self._timer.wait_due()
             elif not any(self._pools.capacity().get(kind) for kind in backlog):
                 await self._first_of(self._timer.wait_due, self._pools.wait_for_capacity)
-            result: TriggerResult = await self._actor.call(
-                TriggerDue(now_us(), self._pools.capacity())
-            )
+            try:
+                result: TriggerResult = await self._actor.call(
+                    TriggerDue(now_us(), self._pools.capacity())
+                )
+            except CommandError as error:
+                # Nothing was triggered: the jobs stay planned, and due. Back off.
+                self.failed_triggers += 1
+                log.debug("trigger not written", error=error.message, retry_in_s=retry_in)
+                await trio.sleep(retry_in)
+                retry_in = min(retry_in * 2, TRIGGER_RETRY_MAX_S)
+                backlog = frozenset()
+                continue
+            retry_in = TRIGGER_RETRY_INITIAL_S
             for dispatch in result.dispatches:
                 self._pools.submit_nowait(dispatch)
             backlog = result.deferred

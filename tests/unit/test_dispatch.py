@@ -1,20 +1,37 @@
-"""The dispatcher's DueTimer (dispatch.py): wakes when the earliest job is due, no earlier.
+"""dispatch.py: the DueTimer wakes when the earliest job is due, no earlier; the
+Dispatcher backs off while triggers cannot be written, and never stops.
 
 Most tests run on Trio's autojumping mock clock with the wall clock (`now_us`)
 tied to it, so they are exact and take no real time; one runs on real clocks.
+The Dispatcher tests use the real command actor and state, with a log in
+memory that can be told to fail and stand-in runner pools that record what
+they are handed.
 """
 
 from __future__ import annotations
 
+import errno
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import pytest
 import trio
 import trio.testing
 
 from kairoi_trio import dispatch
-from kairoi_trio.dispatch import DueTimer
-from kairoi_trio.model import MICROS, now_us
+from kairoi_trio.commands import Dispatch, GetJob, Request, SetJob, SetRule
+from kairoi_trio.core.actor import ActorClient, CommandActor
+from kairoi_trio.core.state import State
+from kairoi_trio.dispatch import (
+    TRIGGER_RETRY_INITIAL_S,
+    TRIGGER_RETRY_MAX_S,
+    Dispatcher,
+    DueTimer,
+)
+from kairoi_trio.model import MICROS, Rule, ShellRunner, Status, now_us
+from kairoi_trio.storage.records import JobStatus, Record
 
 WALL_START = 1_700_000_000 * MICROS
 
@@ -131,3 +148,118 @@ async def test_wakes_at_the_due_time_on_real_clocks() -> None:
     elapsed = time.monotonic() - start
     assert elapsed >= 0.29
     assert elapsed < 2.0  # generous: a loaded machine may be late, not early
+
+
+# -- the Dispatcher while storage fails (issue 8, item 1) ----------------------------------
+
+
+class MemoryLog:
+    """Appends kept in memory; `fail` makes them raise ENOSPC, as a full disk does."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self.fail = False
+        self.failed_appends = 0
+        self.bytes_since_snapshot = 0
+        self.snapshot_bytes = 0
+
+    async def append(self, records: list[Record]) -> None:
+        await trio.lowlevel.checkpoint()
+        if self.fail:
+            self.failed_appends += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.records.extend(records)
+
+    async def rotate(self) -> int:
+        raise AssertionError("no compaction here")
+
+    async def write_snapshot(self, seq: int, jobs: object, rules: object) -> None:
+        raise AssertionError("no compaction here")
+
+
+class Pools:
+    """Stands in for RunnerPools: room for everything, and a record of what it was given."""
+
+    def __init__(self) -> None:
+        self.dispatched: list[Dispatch] = []
+
+    def capacity(self) -> dict[str, int]:
+        return {"shell": 100}
+
+    def submit_nowait(self, dispatch: Dispatch) -> None:
+        self.dispatched.append(dispatch)
+
+    async def wait_for_capacity(self) -> None:
+        await trio.sleep_forever()
+
+
+@dataclass
+class Scheduler:
+    client: ActorClient
+    log: MemoryLog
+    pools: Pools
+    dispatcher: Dispatcher
+
+
+@asynccontextmanager
+async def scheduler(wall: trio.testing.MockClock) -> AsyncIterator[Scheduler]:
+    log = MemoryLog()
+    timer = DueTimer()
+    send, receive = trio.open_memory_channel[Request](100)
+    actor = CommandActor(
+        State(),
+        log,
+        receive,
+        on_commit=lambda state: timer.update(state.next_due()),
+        clock=dispatch.now_us,
+    )
+    pools = Pools()
+    client = ActorClient(send)
+    dispatcher = Dispatcher(client.clone(), timer, pools)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        await nursery.start(dispatcher.run)
+        yield Scheduler(client, log, pools, dispatcher)
+        nursery.cancel_scope.cancel()
+
+
+RULE = Rule("r", "app.", ShellRunner("/bin/true.sh"))
+
+
+async def test_a_job_due_while_the_log_cannot_be_written_runs_once_it_can(
+    wall: trio.testing.MockClock,
+) -> None:
+    async with scheduler(wall) as s:
+        await s.client.call(SetRule(RULE))
+        await s.client.call(SetJob("app.1", at(1)))
+        s.log.fail = True
+        await trio.sleep(30)  # due at 1 s; every trigger fails meanwhile
+        assert s.pools.dispatched == []
+        assert (await s.client.call(GetJob("app.1"))).status is Status.PLANNED
+        # backed off (0.1, 0.2, 0.4 ... 5 s apart), not spinning on the due job
+        # 0.1 s apart, then 0.2, 0.4 ... up to 5 s: 11 tries in 29 s, not thousands
+        assert 5 <= s.dispatcher.failed_triggers <= 12
+        s.log.fail = False
+        await trio.sleep(TRIGGER_RETRY_MAX_S)
+        assert [d.job.id for d in s.pools.dispatched] == ["app.1"]
+        job = await s.client.call(GetJob("app.1"))
+        assert (job.status, job.attempts) == (Status.TRIGGERED, 1)
+        assert s.log.records[-1] == JobStatus("app.1", Status.TRIGGERED, 1, "", job.updated_at)
+
+
+async def test_the_backoff_starts_again_small_after_a_trigger_is_written(
+    wall: trio.testing.MockClock,
+) -> None:
+    async with scheduler(wall) as s:
+        await s.client.call(SetRule(RULE))
+        await s.client.call(SetJob("app.1", at(0)))
+        await s.client.call(SetJob("app.2", at(100)))
+        s.log.fail = True
+        await trio.sleep(60)  # app.1 is due: the pause grows to its maximum
+        s.log.fail = False
+        await trio.sleep(TRIGGER_RETRY_MAX_S)
+        assert [d.job.id for d in s.pools.dispatched] == ["app.1"]
+        s.log.fail = True
+        failed = s.dispatcher.failed_triggers
+        await trio.sleep_until(100 + TRIGGER_RETRY_INITIAL_S * 1.5)
+        assert s.dispatcher.failed_triggers == failed + 2  # at 100 s and 0.1 s later

@@ -3,6 +3,12 @@
 A burst of due jobs waits in the queue instead of spawning without limit; the
 dispatcher only triggers as many jobs of a kind as that kind's queue has room
 for, so a slow or broken runner kind never holds up the others.
+
+Outcomes go to the command actor in batches. One that cannot be written (the
+log's disk is full, read-only, failing) is kept, and written again, in order,
+after OUTCOME_RETRY_INITIAL_S, doubling up to OUTCOME_RETRY_MAX_S, while the
+server runs; its job stays `triggered` meanwhile (and, if the server stops
+first, runs again at the next start: at least once).
 """
 
 from __future__ import annotations
@@ -14,11 +20,16 @@ import structlog
 import trio
 
 from kairoi_trio.commands import CommandError, Dispatch, RecordOutcome
-from kairoi_trio.core.actor import ActorClient
+from kairoi_trio.core.actor import ActorClient, StorageUnavailable
 from kairoi_trio.model import Job, Rule
 from kairoi_trio.runners.base import RunFailed, Runner
 
 log = structlog.get_logger(__name__)
+
+# After outcomes could not be written, wait this long before writing them
+# again, doubling after each failure up to the maximum.
+OUTCOME_RETRY_INITIAL_S = 0.1
+OUTCOME_RETRY_MAX_S = 5.0
 
 
 class RunnerPool:
@@ -47,6 +58,13 @@ class RunnerPool:
         # batches: a worker takes its next job without waiting for an fsync.
         self._outcomes: list[RecordOutcome] = []
         self._outcomes_waiting = trio.Event()
+        self._sending = trio.Lock()  # one batch of outcomes at a time, so they stay in order
+        self.outcome_retries = 0  # batches of outcomes that could not be written
+
+    @property
+    def unrecorded(self) -> int:
+        """Outcomes of finished runs not written yet (waiting, or failed and kept)."""
+        return len(self._outcomes)
 
     @property
     def queued(self) -> int:
@@ -69,25 +87,52 @@ class RunnerPool:
                     for _ in range(self.concurrency):
                         workers.start_soon(self._worker)
                     task_status.started()
-            await self._send_outcomes()  # those of the runs that ended in the grace period
+            if not await self._send_outcomes():  # those of the runs that ended in the grace period
+                log.error(
+                    "outcomes not recorded at shutdown; their jobs run again at the next start",
+                    kind=self.kind,
+                    jobs=len(self._outcomes),
+                )
             with trio.move_on_after(5):  # e.g. close broker connections politely
                 await self.runner.aclose()
             nursery.cancel_scope.cancel()
 
     async def _record_outcomes(self) -> None:
+        retry_in = OUTCOME_RETRY_INITIAL_S
         while True:
             await self._outcomes_waiting.wait()
             self._outcomes_waiting = trio.Event()
-            await self._send_outcomes()
+            if await self._send_outcomes():
+                retry_in = OUTCOME_RETRY_INITIAL_S
+                continue
+            # Not written (the actor logs and counts it): kept, tried again later.
+            self.outcome_retries += 1
+            await trio.sleep(retry_in)
+            retry_in = min(retry_in * 2, OUTCOME_RETRY_MAX_S)
+            self._outcomes_waiting.set()
 
-    async def _send_outcomes(self) -> None:
-        batch, self._outcomes = self._outcomes, []
-        if not batch:
-            return
-        for outcome, result in zip(batch, await self._actor.call_many(batch), strict=True):
-            if isinstance(result, CommandError):
-                # Storage failed: the job stays triggered and runs again at the next start.
-                log.error("could not record outcome", job=outcome.job_id, error=result.message)
+    async def _send_outcomes(self) -> bool:
+        """Send the waiting outcomes as one batch; False if storage failed.
+
+        Those that storage failed to write are put back in front of any that
+        came meanwhile, in their order. Other errors are bugs: logged, dropped
+        (the job stays triggered and runs again at the next start).
+        """
+        async with self._sending:
+            batch, self._outcomes = self._outcomes, []
+            if not batch:
+                return True
+            results = await self._actor.call_many(batch)
+            kept = []
+            for outcome, result in zip(batch, results, strict=True):
+                if isinstance(result, StorageUnavailable):
+                    kept.append(outcome)
+                elif isinstance(result, CommandError):
+                    log.error("could not record outcome", job=outcome.job_id, error=result.message)
+            if kept:
+                self._outcomes[:0] = kept
+                return False
+            return True
 
     async def drain(self, grace_s: float) -> None:
         """Stop taking queued jobs, give running ones `grace_s`, then cancel them.

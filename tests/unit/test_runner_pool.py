@@ -1,0 +1,122 @@
+"""runners/pool.py: outcomes that storage failed to write are kept and written again.
+
+The real command actor and state, a log in memory that can be told to fail
+(ENOSPC), and a runner that succeeds at once: a unit test of the pool.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+import trio.testing
+
+from kairoi_trio.commands import GetJob, Request, SetJob, SetRule, TriggerDue
+from kairoi_trio.core.actor import ActorClient, CommandActor
+from kairoi_trio.core.state import State
+from kairoi_trio.model import Job, Rule, ShellRunner, Status
+from kairoi_trio.runners.base import Runner
+from kairoi_trio.runners.pool import OUTCOME_RETRY_MAX_S, RunnerPool
+from kairoi_trio.storage.records import JobStatus, Record
+
+RULE = Rule("r", "app.", ShellRunner("/bin/ok.sh"))
+
+
+class MemoryLog:
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self.fail = False
+        self.failed_appends = 0
+        self.bytes_since_snapshot = 0
+        self.snapshot_bytes = 0
+
+    async def append(self, records: list[Record]) -> None:
+        await trio.lowlevel.checkpoint()
+        if self.fail:
+            self.failed_appends += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.records.extend(records)
+
+    async def rotate(self) -> int:
+        raise AssertionError("no compaction here")
+
+    async def write_snapshot(self, seq: int, jobs: object, rules: object) -> None:
+        raise AssertionError("no compaction here")
+
+
+class Quick(Runner):
+    kind = "shell"
+
+    async def run(self, job: Job, rule: Rule) -> str:
+        await trio.sleep(0.01)
+        return f"ran {job.id}"
+
+
+@dataclass
+class Harness:
+    client: ActorClient
+    log: MemoryLog
+    pool: RunnerPool
+
+    async def trigger(self, *ids: str) -> None:
+        for job_id in ids:
+            await self.client.call(SetJob(job_id, 0))
+        result = await self.client.call(TriggerDue(1, {"shell": 100}))
+        assert [d.job.id for d in result.dispatches] == list(ids)
+        for dispatch in result.dispatches:
+            self.pool.submit_nowait(dispatch)
+
+    async def status(self, job_id: str) -> Status:
+        job = await self.client.call(GetJob(job_id))
+        return job.status  # type: ignore[no-any-return]
+
+
+@asynccontextmanager
+async def running_pool() -> AsyncIterator[Harness]:
+    log = MemoryLog()
+    send, receive = trio.open_memory_channel[Request](100)
+    actor = CommandActor(State(), log, receive, clock=lambda: 2)
+    client = ActorClient(send)
+    pool = RunnerPool(Quick(), client.clone(), concurrency=4, queue_size=10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        await nursery.start(pool.run)
+        await client.call(SetRule(RULE))
+        yield Harness(client, log, pool)
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_outcome_storage_failed_to_write_is_written_once_it_can(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running_pool() as h:
+        await h.trigger("app.1")
+        h.log.fail = True
+        await trio.sleep(30)
+        assert await h.status("app.1") is Status.TRIGGERED  # not lost, not faked
+        assert h.pool.unrecorded == 1
+        assert 5 <= h.pool.outcome_retries <= 12  # backed off, not spinning
+        h.log.fail = False
+        await trio.sleep(OUTCOME_RETRY_MAX_S)
+        assert await h.status("app.1") is Status.EXECUTED
+        assert h.pool.unrecorded == 0
+
+
+async def test_kept_outcomes_are_written_in_order_before_later_ones(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with running_pool() as h:
+        await h.trigger("app.1", "app.2")
+        h.log.fail = True
+        await trio.sleep(1)  # both ran; their outcomes are kept
+        assert h.pool.unrecorded == 2
+        h.log.fail = False
+        await h.trigger("app.3")  # a later run, while the kept ones wait for their retry
+        await trio.sleep(OUTCOME_RETRY_MAX_S)
+        executed = [
+            r.id for r in h.log.records if isinstance(r, JobStatus) and r.status is Status.EXECUTED
+        ]
+        assert executed == ["app.1", "app.2", "app.3"]
