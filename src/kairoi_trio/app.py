@@ -137,7 +137,11 @@ def build_pools(config: Config, actor: ActorClient) -> RunnerPools:
     return RunnerPools(
         {
             "shell": pool(
-                ShellRunnerBackend(output_limit_bytes=runners.shell.output_limit_bytes),
+                ShellRunnerBackend(
+                    output_limit_bytes=runners.shell.output_limit_bytes,
+                    # checked again at each run: rules stored before the list still are
+                    allowed_commands=runners.shell.allowed_commands,
+                ),
                 runners.shell,
             ),
             "amqp": pool(

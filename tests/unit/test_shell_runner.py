@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,7 @@ import trio
 
 from kairoi_trio.model import Job, Rule, ShellRunner
 from kairoi_trio.runners.base import RunFailed
-from kairoi_trio.runners.shell import ShellRunnerBackend
+from kairoi_trio.runners.shell import ProcessGuard, ShellRunnerBackend
 
 
 def script(tmp_path: Path, body: str, name: str = "job.sh") -> Rule:
@@ -259,3 +259,102 @@ async def test_a_binary_payload_reaches_the_script_exactly(tmp_path: Path) -> No
     rule = script(tmp_path, f'cat "$KAIROI_PAYLOAD_FILE" > {tmp_path}/payload\n')
     await ShellRunnerBackend().run(Job("j", 0, payload=payload), rule)
     assert (tmp_path / "payload").read_bytes() == payload  # noqa: ASYNC240
+
+
+# -- allowed_commands at run time -----------------------------------------------------------
+
+
+async def test_a_command_no_longer_allowed_fails_without_running(tmp_path: Path) -> None:
+    # A rule stored before [runners.shell] allowed_commands was configured.
+    rule = script(tmp_path, f"touch {tmp_path}/ran\n")
+    runner = ShellRunnerBackend(allowed_commands=["/srv/allowed.sh"])
+    with pytest.raises(RunFailed) as failure:
+        await runner.run(Job("j", 0), rule)
+    assert failure.value.message == (
+        f"shell command {str(tmp_path / 'job.sh')!r} is not in the allowed list "
+        "([runners.shell] allowed_commands)"
+    )
+    assert not (tmp_path / "ran").exists()  # noqa: ASYNC240
+    allowed = ShellRunnerBackend(allowed_commands=[rule.runner.command])  # type: ignore[union-attr]
+    assert await allowed.run(Job("j", 0), rule) == "exit status 0"
+    assert (tmp_path / "ran").exists()  # noqa: ASYNC240
+
+
+async def test_a_refusal_quotes_a_long_command_cut_short(tmp_path: Path) -> None:
+    rule = Rule("r", "", ShellRunner("/x" * 30_000))
+    with pytest.raises(RunFailed) as failure:
+        await ShellRunnerBackend(allowed_commands=["/ok.sh"]).run(Job("j", 0), rule)
+    assert "... (59800 more characters) is not in the allowed list" in failure.value.message
+    assert len(failure.value.message) < 400
+
+
+# -- the guard: scripts die with the server ------------------------------------------------
+
+
+@pytest.fixture
+def guard() -> Iterator[ProcessGuard]:
+    guard = ProcessGuard()
+    yield guard
+    guard.close()
+
+
+async def test_scripts_and_their_children_die_when_the_server_is_gone(
+    tmp_path: Path, guard: ProcessGuard
+) -> None:
+    pids = tmp_path / "pids"
+    rule = script(tmp_path, f"sleep 60 &\necho $$ $! > {pids}\nwait\n")
+    runner = ShellRunnerBackend(guard=guard)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_expect_killed, runner, rule)
+        shell_pid, child_pid = map(int, (await wait_for_file(pids)).split())
+        assert not gone(shell_pid) and not gone(child_pid)
+        guard_pid = guard.pid
+        assert guard_pid is not None
+        # What the kernel does when the server dies: the guard's pipe is closed.
+        await trio.to_thread.run_sync(guard.close)
+    try:
+        await poll(lambda: gone(shell_pid) and gone(child_pid) and gone(guard_pid))
+    finally:
+        for pid in (shell_pid, child_pid):
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def _expect_killed(runner: ShellRunnerBackend, rule: Rule) -> None:
+    with pytest.raises(RunFailed, match="killed by signal 9"):
+        await runner.run(Job("j", 0), rule)
+
+
+async def test_what_a_finished_script_left_behind_is_not_killed(
+    tmp_path: Path, guard: ProcessGuard
+) -> None:
+    # The guard forgets a script once it is reaped: its pid may be reused by then.
+    pids = tmp_path / "pids"
+    rule = script(tmp_path, f"sleep 60 >/dev/null 2>&1 &\necho $! > {pids}\n")
+    assert await ShellRunnerBackend(guard=guard).run(Job("j", 0), rule) == "exit status 0"
+    child_pid = int(await wait_for_file(pids))
+    guard_pid = guard.pid
+    assert guard_pid is not None
+    await trio.to_thread.run_sync(guard.close)
+    await poll(lambda: gone(guard_pid))
+    try:
+        assert not gone(child_pid)
+    finally:
+        os.kill(child_pid, signal.SIGKILL)
+
+
+async def test_a_guard_that_died_is_replaced(tmp_path: Path, guard: ProcessGuard) -> None:
+    rule = script(tmp_path, "exit 0\n")
+    runner = ShellRunnerBackend(guard=guard)
+    assert await runner.run(Job("j", 0), rule) == "exit status 0"
+    first = guard.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    await poll(lambda: gone(first))
+    with structlog.testing.capture_logs() as logs:
+        assert await runner.run(Job("j", 0), rule) == "exit status 0"
+        assert await runner.run(Job("j", 0), rule) == "exit status 0"
+    assert guard.pid not in (None, first)
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+        "the process guard died: starting a new one"
+    ]

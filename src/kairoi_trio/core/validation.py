@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 from urllib.parse import urlsplit
 
@@ -50,6 +50,17 @@ MAX_SHORTSTR_BYTES = 255
 # Control characters in a URL: no HTTP client sends them, no broker URL holds them
 # (urlsplit silently drops some, which would hide them from the other checks).
 _URL_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A client's value quoted in an error message is cut to this many characters: a
+# 65,535-byte id echoed whole made gRPC's status trailer exceed its size limit.
+MAX_SHOWN_CHARS = 200
+
+
+def shown(value: str, limit: int = MAX_SHOWN_CHARS) -> str:
+    """`value` quoted for an error message (its repr), cut after `limit` characters
+    with a marker saying how many more there were: `'aaa'... (65335 more characters)`."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value) - limit} more characters)"
 
 
 def invalid(message: str) -> CommandError:
@@ -86,6 +97,38 @@ def validate_job(
         raise invalid(f"payload is larger than {max_payload_bytes} bytes")
     if execute_at is not None and not MIN_TIME_US <= execute_at <= MAX_TIME_US:
         raise invalid("execute_at is outside the supported range 0001-01-01 to 9999-12-31")
+
+
+def check_shell_command(command: str, allowed: Collection[str] = ()) -> None:
+    """A shell rule's command: 1..MAX_COMMAND_BYTES bytes, no NUL, not an option
+    to `sh` (a leading "-" or "+"), and one of `allowed` when that is not empty.
+
+    Checked when a rule is set, and `allowed` again by the shell runner before
+    each run: a rule stored before the list was configured must not run.
+    """
+    if not command:
+        raise invalid("shell command must not be empty")
+    if len(command) > MAX_COMMAND_BYTES // 4 and len(command.encode()) > MAX_COMMAND_BYTES:
+        raise invalid(f"shell command is longer than {MAX_COMMAND_BYTES} bytes")
+    if NUL in command:
+        raise invalid("shell command must not contain the NUL character (U+0000)")
+    if command[0] in "-+":
+        # Kairoi ran `sh <command> <job_id>`: `-c` made sh run the job id as shell code.
+        sign = command[0]
+        raise invalid(
+            f"shell command {shown(command)} starts with {sign!r}: sh would take it for an "
+            f"option, not a script (write ./{sign}name for a script named {sign}name)"
+        )
+    check_allowed_command(command, allowed)
+
+
+def check_allowed_command(command: str, allowed: Collection[str]) -> None:
+    """`command` is in `allowed` ([runners.shell] allowed_commands), or that is empty."""
+    if allowed and command not in allowed:
+        raise invalid(
+            f"shell command {shown(command)} is not in the allowed list "
+            "([runners.shell] allowed_commands)"
+        )
 
 
 def check_attempts(value: int, name: str) -> None:
@@ -144,14 +187,7 @@ class RuleValidator:
         check_id(rule.pattern, "pattern", allow_empty=True)  # "": a catch-all rule
         runner = rule.runner
         if isinstance(runner, ShellRunner):
-            if not runner.command:
-                raise invalid("shell command must not be empty")
-            if len(runner.command.encode()) > MAX_COMMAND_BYTES:
-                raise invalid(f"shell command is longer than {MAX_COMMAND_BYTES} bytes")
-            if NUL in runner.command:
-                raise invalid("shell command must not contain the NUL character (U+0000)")
-            if self.allowed_commands and runner.command not in self.allowed_commands:
-                raise invalid(f"shell command {runner.command!r} is not in the allowed list")
+            check_shell_command(runner.command, self.allowed_commands)
         elif isinstance(runner, AmqpRunner):
             check_url(runner.dsn, ("amqp", "amqps"), "amqp dsn")
             for what, name in (("exchange", runner.exchange), ("routing key", runner.routing_key)):
@@ -172,11 +208,11 @@ class RuleValidator:
 
 def check_url(url: str, schemes: tuple[str, ...], what: str) -> None:
     if _URL_CONTROL.search(url):
-        raise invalid(f"{what} must not contain control characters: {url!r}")
+        raise invalid(f"{what} must not contain control characters: {shown(url)}")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError as e:
-        raise invalid(f"{what} {url!r} is not a valid URL: {e}") from None
+        raise invalid(f"{what} {shown(url)} is not a valid URL: {e}") from None
     if parts.scheme not in schemes or not parts.hostname:
-        raise invalid(f"{what} must look like {schemes[0]}://host..., not {url!r}")
+        raise invalid(f"{what} must look like {schemes[0]}://host..., not {shown(url)}")

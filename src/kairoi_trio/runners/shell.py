@@ -13,6 +13,16 @@ Exit status 0 means executed; anything else, or a failure to start, means
 failed. The process gets its own session so that a timeout or a shutdown kills
 the whole process group, not just `sh`, and its stdout+stderr are captured up
 to a bound for the logs.
+
+With `[runners.shell] allowed_commands`, a rule whose command is not in the list
+fails without running: the list is checked when a rule is set and again here,
+since a rule stored before the list was configured is still in the log.
+
+Scripts die with the server: a small guard process (ProcessGuard) learns the
+process group of every script and kills the groups still running when the
+server is gone (its pipe from the server reads end-of-file), e.g. after a
+SIGKILL, so that the restarted server's runs of the same jobs do not overlap
+the old ones. See docs/runners.md for why this and not PR_SET_PDEATHSIG.
 """
 
 from __future__ import annotations
@@ -21,11 +31,16 @@ import functools
 import os
 import signal
 import subprocess
+import sys
 import tempfile
+import threading
+from collections.abc import Collection
 
 import structlog
 import trio
 
+from kairoi_trio.commands import CommandError
+from kairoi_trio.core.validation import check_allowed_command
 from kairoi_trio.model import Job, Rule, ShellRunner
 from kairoi_trio.runners.base import RunFailed, Runner
 
@@ -35,9 +50,20 @@ log = structlog.get_logger(__name__)
 class ShellRunnerBackend(Runner):
     kind = "shell"
 
-    def __init__(self, *, output_limit_bytes: int = 64 << 10, cwd: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        output_limit_bytes: int = 64 << 10,
+        cwd: str | None = None,
+        allowed_commands: Collection[str] = (),
+        guard: ProcessGuard | None = None,
+    ) -> None:
+        """allowed_commands: when not empty, the only commands a run may start.
+        guard: kills the scripts left when the server dies (default: the process's)."""
         self.output_limit = output_limit_bytes
         self.cwd = cwd
+        self.allowed_commands = frozenset(allowed_commands)
+        self.guard = guard or default_guard()
 
     async def run(self, job: Job, rule: Rule) -> str:
         assert isinstance(rule.runner, ShellRunner)
@@ -45,6 +71,10 @@ class ShellRunnerBackend(Runner):
             # execve takes C strings: a NUL would cut the id short, so refuse it.
             what = "job id" if "\0" in job.id else "rule's command"
             raise RunFailed(f"the {what} contains a NUL character, which no process can receive")
+        try:
+            check_allowed_command(rule.runner.command, self.allowed_commands)
+        except CommandError as refused:
+            raise RunFailed(refused.message) from None
         env = dict(os.environ, KAIROI_JOB_ID=job.id)
         payload_file = None
         if job.payload:
@@ -70,14 +100,13 @@ class ShellRunnerBackend(Runner):
         # so that a cancel cannot lose the process between its start and the
         # `try` that kills it.
         spawn = functools.partial(
-            subprocess.Popen,
+            self._spawn,
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
             cwd=self.cwd,
-            start_new_session=True,
         )
         with trio.CancelScope(shield=True):
             try:
@@ -100,9 +129,17 @@ class ShellRunnerBackend(Runner):
                 with trio.CancelScope(shield=True):
                     await trio.lowlevel.wait_readable(pidfd)
                 process.wait()
+            self.guard.forget(process.pid)  # reaped: its pid may be reused from now on
             os.close(pidfd)
             process.stdout.close()
         return status, bytes(output)
+
+    def _spawn(self, argv: list[str], **options: object) -> subprocess.Popen[bytes]:
+        """Start a script in a session (process group) of its own, registered with
+        the guard before anything else happens. Runs in a worker thread."""
+        process = subprocess.Popen(argv, start_new_session=True, **options)  # type: ignore[call-overload]
+        self.guard.watch(process.pid)
+        return process
 
     async def _capture(self, fd: int, output: bytearray) -> None:
         async with trio.lowlevel.FdStream(fd) as stream:
@@ -131,3 +168,128 @@ def _remove(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+# -- scripts die with the server ------------------------------------------------------------
+
+# The guard: reads "+<pgid>" / "-<pgid>" lines from the server on stdin and, at
+# end-of-file (the server closed it, or died and the kernel closed it), kills every
+# process group still listed. Its own session keeps a terminal's Ctrl-C away from
+# it; -I -S: no site packages, no environment, a ~10 ms start.
+_GUARD_CODE = """
+import os, signal
+groups, pending = set(), b""
+while chunk := os.read(0, 65536):
+    *lines, pending = (pending + chunk).split(b"\\n")
+    for line in lines:
+        if line[:1] == b"+":
+            groups.add(int(line[1:]))
+        elif line[:1] == b"-":
+            groups.discard(int(line[1:]))
+for pgid in groups:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+class ProcessGuard:
+    """A process outside the server that kills the scripts' process groups when the
+    server is gone, however it went (SIGKILL, OOM killer, a crash).
+
+    `watch(pgid)` right after a script starts, `forget(pgid)` once it is reaped.
+    The guard is started on first use and restarted if it died (then the groups it
+    knew are unguarded). Writes never block: the pipe is non-blocking, and a guard
+    too slow to read costs a warning, not a stalled runner. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._fd: int | None = None
+        self._warned = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def watch(self, pgid: int) -> None:
+        self._send(b"+%d\n" % pgid, start=True)
+
+    def forget(self, pgid: int) -> None:
+        self._send(b"-%d\n" % pgid, start=False)
+
+    def close(self) -> None:
+        """Let the guard go: it kills the groups still watched, then exits."""
+        with self._lock:
+            self._stop()
+
+    def _send(self, line: bytes, *, start: bool) -> None:
+        with self._lock:
+            for _ in range(2):  # a second time after restarting a guard that died
+                if self._fd is None:
+                    if not start:
+                        return
+                    try:
+                        self._start()
+                    except OSError as error:  # the script runs anyway, unguarded
+                        self._warn(f"cannot start the process guard: {error}")
+                        return
+                assert self._fd is not None
+                try:
+                    os.write(self._fd, line)
+                    return
+                except BlockingIOError:
+                    self._warn("the process guard is not keeping up: a script went unguarded")
+                    return
+                except OSError:  # EPIPE: the guard died (killed by someone)
+                    self._warn("the process guard died: starting a new one")
+                    self._stop()
+
+    def _start(self) -> None:
+        read, write = os.pipe()  # close-on-exec: scripts never hold the write end
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _GUARD_CODE],
+                stdin=read,
+                stdout=subprocess.DEVNULL,
+                cwd="/",
+                start_new_session=True,
+            )
+        except OSError:
+            os.close(write)
+            raise
+        finally:
+            os.close(read)
+        os.set_blocking(write, False)
+        self._fd = write
+
+    def _stop(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._process is not None:
+            process, self._process = self._process, None
+            try:
+                process.wait(5)  # it exits at once on end-of-file
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning(message)
+
+
+_default_guard: ProcessGuard | None = None
+_default_guard_lock = threading.Lock()
+
+
+def default_guard() -> ProcessGuard:
+    """The guard shared by the process's shell runners; it lives as long as the process."""
+    global _default_guard
+    with _default_guard_lock:
+        if _default_guard is None:
+            _default_guard = ProcessGuard()
+        return _default_guard
