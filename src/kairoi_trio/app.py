@@ -25,7 +25,7 @@ import trio
 from kairoi_trio import __version__
 from kairoi_trio.commands import ExpireFinished, Request
 from kairoi_trio.config import AmqpRunnerConfig, Config, HttpRunnerConfig, ShellRunnerConfig
-from kairoi_trio.core.actor import ActorClient, CommandActor
+from kairoi_trio.core.actor import ActorClient, CommandActor, StorageUnavailable
 from kairoi_trio.core.auth import TokenTable
 from kairoi_trio.core.state import State, recover_replayed
 from kairoi_trio.core.validation import RuleValidator
@@ -33,6 +33,7 @@ from kairoi_trio.dispatch import Dispatcher, DueTimer
 from kairoi_trio.model import MAX_TIME_US, MICROS, MIN_TIME_US, now_us
 from kairoi_trio.observability.metrics import (
     MetricsObserver,
+    Readiness,
     observe_run,
     register_state,
     serve_metrics,
@@ -44,6 +45,7 @@ from kairoi_trio.runners.base import Runner
 from kairoi_trio.runners.http import HttpRunnerBackend
 from kairoi_trio.runners.pool import RunnerPool, RunnerPools
 from kairoi_trio.runners.shell import ShellRunnerBackend
+from kairoi_trio.storage import faults
 from kairoi_trio.storage.log import DurableLog, StorageError
 
 log = structlog.get_logger(__name__)
@@ -173,7 +175,9 @@ async def housekeeping(actor: ActorClient, retention_s: float) -> None:
         try:
             while await actor.call(ExpireFinished(before)):
                 pass
-        except Exception as error:  # storage down: try again next round
+        except StorageUnavailable as error:  # the actor logs and counts it: next round
+            log.debug("retention pass not written", error=error.message)
+        except Exception as error:  # try again next round
             log.warning("retention pass failed", error=str(error))
         await trio.sleep(min(HOUSEKEEPING_INTERVAL_S, max(retention_s / 10, 0.1)))
 
@@ -184,6 +188,8 @@ async def serve(
     *,
     task_status: trio.TaskStatus[Ports] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    if faults.ENABLED:
+        log.warning("storage fault injection is on: for tests only", plan=faults.describe())
     store = DurableLog(config.data_directory, fsync=config.database.fsync_on_persist)
     state = await trio.to_thread.run_sync(load_state, store)
     try:
@@ -211,6 +217,7 @@ async def _serve_state(
     send, receive = trio.open_memory_channel[Request](REQUEST_QUEUE)
     client = ActorClient(send)
     pools = build_pools(config, client)
+    readiness = Readiness()  # "can accept writes": /ready and gRPC health
     actor = CommandActor(
         state,
         store,
@@ -225,7 +232,7 @@ async def _serve_state(
         storage_errors=(StorageError,),
         on_commit=after_commit,
         compact_after_bytes=config.storage.compact_after_bytes,
-        observer=MetricsObserver(),
+        observer=MetricsObserver(readiness),
     )
     timer.update(state.next_due())
     async with trio.open_nursery() as core:
@@ -242,12 +249,14 @@ async def _serve_state(
                     client.clone(), config.controller, auth=TokenTable.from_config(config.auth)
                 )
                 kcp_port = await front.start(kcp.serve)
-                grpc_port = await _start_grpc(front, config, client)
+                grpc_port = await _start_grpc(front, config, client, readiness)
                 metrics_port = None
                 if config.metrics.enabled:
                     register_state(lambda: _live_values(actor, pools, kcp))
                     metrics_port = await front.start(
-                        serve_metrics, config.metrics.listen, lambda: not stop.is_set()
+                        serve_metrics,
+                        config.metrics.listen,
+                        lambda: "shutting down" if stop.is_set() else readiness.reason(),
                     )
                 log.info(
                     "ready",
@@ -259,6 +268,7 @@ async def _serve_state(
                 task_status.started(Ports(kcp_port, grpc_port, metrics_port))
                 await stop.wait()
                 log.info("stopping")
+                readiness.stopping()
                 front.cancel_scope.cancel()
             dispatching.cancel()
             await pools.drain(config.shutdown.grace_period_s)
@@ -272,6 +282,7 @@ def _live_values(actor: CommandActor, pools: RunnerPools, kcp: KcpServer) -> dic
         "commands": actor.commands,
         "batches": actor.batches,
         "pools": {kind: (p.queued, p.running) for kind, p in pools.pools.items()},
+        "outcomes_unrecorded": {kind: p.unrecorded for kind, p in pools.pools.items()},
         "kcp_connections": kcp.connections,
     }
 
@@ -281,7 +292,9 @@ async def _run_in_scope(scope: trio.CancelScope, fn: Callable[[], Awaitable[None
         await fn()
 
 
-async def _start_grpc(nursery: trio.Nursery, config: Config, client: ActorClient) -> int | None:
+async def _start_grpc(
+    nursery: trio.Nursery, config: Config, client: ActorClient, readiness: Readiness
+) -> int | None:
     if not config.grpc.enabled:
         return None
     grpc = config.grpc
@@ -295,6 +308,7 @@ async def _start_grpc(nursery: trio.Nursery, config: Config, client: ActorClient
             max_message_bytes=grpc.max_message_bytes,
             tls_cert=Path(grpc.tls_cert) if grpc.tls_cert else None,
             tls_key=Path(grpc.tls_key) if grpc.tls_key else None,
+            serving=readiness,
         )
     )
     return port

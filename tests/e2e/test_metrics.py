@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import resource
 import urllib.error
 import urllib.request
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.kcp_client import KcpClient
 from support.waiting import wait_for
 
@@ -46,3 +49,38 @@ def test_metrics_report_jobs_runs_and_lateness(server, tmp_path):
     assert 'kairoi_run_duration_seconds_count{kind="shell",outcome="executed"} 5.0' in text
     assert 'kairoi_runner_queue_depth{kind="shell"} 0.0' in text
     assert "kairoi_log_append_seconds_count" in text
+    assert "kairoi_storage_writable 1.0" in text
+    assert 'kairoi_runner_outcomes_unrecorded{kind="shell"} 0.0' in text
+    for what in ("client", "trigger", "outcome", "retention", "probe", "compaction"):
+        assert f'kairoi_storage_write_failures_total{{what="{what}"}} 0.0' in text
+
+
+def health(server) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+
+
+def test_not_ready_while_storage_writes_fail_and_ready_again_without_traffic(server):
+    """/ready means "can accept writes": the log's files may not grow (EFBIG, as on a full disk)."""
+    with KcpClient(server.kcp_port) as kcp:
+        assert kcp.request("SET", "kept", "2099-01-01 00:00:00") == ["OK"]
+        size = max(f.stat().st_size for f in server.data_dir.glob("segment-*.log"))
+        pid = server.process.pid
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (size + 10, resource.RLIM_INFINITY))
+        try:
+            answer = kcp.request("SET", "lost", "2099-01-01 00:00:00", "x" * 100)
+            assert answer[0] == "ERROR" and "storage write failed" in answer[1]
+            status, body = fetch(server, "/ready")
+            assert status == 503
+            assert body.startswith("not ready: storage writes fail: ") and "[EFBIG]" in body
+            text = fetch(server, "/metrics")[1]
+            assert "kairoi_storage_writable 0.0" in text
+            assert 'kairoi_storage_write_failures_total{what="client"} 1.0' in text
+            wait_for(lambda: health(server) == health_pb2.HealthCheckResponse.NOT_SERVING)
+            assert kcp.request("GET", "kept")[0] == "OK"  # reads go on
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+        wait_for(lambda: fetch(server, "/ready") == (200, "ready\n"))  # no client write needed
+        wait_for(lambda: health(server) == health_pb2.HealthCheckResponse.SERVING)
+        assert "kairoi_storage_writable 1.0" in fetch(server, "/metrics")[1]

@@ -11,6 +11,7 @@ from kairoi_trio.observability.metrics import (
     REGISTRY,
     MetricsObserver,
     PrefixLabels,
+    Readiness,
 )
 
 
@@ -37,3 +38,33 @@ def test_failed_without_run_is_exported_by_reason_and_prefix() -> None:
     series = "kairoi_jobs_failed_without_run_total"
     assert f'{series}{{prefix="test.metrics.unmatched.",reason="no_rule"}} 3.0' in text
     assert f'{series}{{prefix="test.metrics.stale.",reason="stale"}} 1.0' in text
+
+
+def test_readiness_is_lost_while_writes_fail_and_when_stopping() -> None:
+    readiness = Readiness()
+    seen: list[bool] = []
+    readiness.listen(seen.append)
+    assert readiness.ready and readiness.reason() is None
+    readiness.storage(False, "no space left on device (disk full) [ENOSPC]")
+    readiness.storage(False, "still full [ENOSPC]")  # no change: listeners not called again
+    assert readiness.reason() == "storage writes fail: still full [ENOSPC]"
+    readiness.storage(True)
+    assert readiness.ready
+    readiness.stopping()
+    assert readiness.reason() == "shutting down"
+    readiness.storage(False, "EIO")
+    assert seen == [False, True, False]
+
+
+def test_the_observer_feeds_the_storage_metrics_and_readiness() -> None:
+    readiness = Readiness()
+    observer = MetricsObserver(readiness)
+    observer.write_failed("trigger")
+    observer.writable(False, "read-only file system [EROFS]")
+    text = generate_latest(REGISTRY).decode()
+    assert "kairoi_storage_writable 0.0" in text
+    assert 'kairoi_storage_write_failures_total{what="trigger"}' in text
+    assert readiness.reason() == "storage writes fail: read-only file system [EROFS]"
+    observer.writable(True, "")
+    assert readiness.ready
+    assert "kairoi_storage_writable 1.0" in generate_latest(REGISTRY).decode()

@@ -51,7 +51,7 @@ class Quick(Runner):
     kind = "shell"
 
     async def run(self, job: Job, rule: Rule) -> str:
-        await trio.sleep(0.01)
+        await trio.sleep(0.01 * int(job.id.rsplit(".", 1)[1]))  # app.1 ends first, then app.2
         return f"ran {job.id}"
 
 

@@ -4,6 +4,11 @@ Hot paths do not touch metric objects per command: counts that the actor and
 the pools keep anyway (jobs by status, commands, queue depths) are read at
 scrape time by a collector. Only per-run and per-commit observations (trigger
 lateness, run duration, fsync latency) are histograms fed as they happen.
+
+/ready means "can accept writes" (`Readiness`): 503 with the reason while the
+last write to the log failed (ready again after the next successful one; the
+actor probes the log when idle) and once shutdown began. The gRPC health
+service follows the same Readiness.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from collections.abc import Callable, Iterable
 
 import structlog
 import trio
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -46,6 +51,22 @@ RUN_SECONDS = Histogram(
 STORAGE_FAILURES = Counter(
     "kairoi_storage_failures", "Group commits that failed to write", registry=REGISTRY
 )
+STORAGE_WRITE_FAILURES = Counter(
+    "kairoi_storage_write_failures",
+    "Writes to the log that failed, by what they were for (one per kind per failed group "
+    "commit; compaction: a failed rotation or snapshot)",
+    ["what"],
+    registry=REGISTRY,
+)
+WRITE_KINDS = ("client", "trigger", "outcome", "retention", "probe", "compaction")
+for _what in WRITE_KINDS:  # every series exists from the start, at 0
+    STORAGE_WRITE_FAILURES.labels(_what)
+STORAGE_WRITABLE = Gauge(
+    "kairoi_storage_writable",
+    "1 while writes to the log succeed; 0 from a failed write until the next successful one",
+    registry=REGISTRY,
+)
+STORAGE_WRITABLE.set(1)
 FAILED_WITHOUT_RUN = Counter(
     "kairoi_jobs_failed_without_run",
     "Jobs the scheduler failed itself (no rule matches, stale, no runner, error), by job prefix",
@@ -109,6 +130,15 @@ class _StateCollector(Collector):
             running.add_metric([kind], active)
         yield queue
         yield running
+        unrecorded = GaugeMetricFamily(
+            "kairoi_runner_outcomes_unrecorded",
+            "Outcomes of finished runs not yet written to the log (kept and retried while "
+            "storage writes fail); their jobs stay triggered meanwhile",
+            labels=["kind"],
+        )
+        for kind, count in values.get("outcomes_unrecorded", {}).items():  # type: ignore[attr-defined]
+            unrecorded.add_metric([kind], count)
+        yield unrecorded
         yield GaugeMetricFamily(
             "kairoi_kcp_connections",
             "Open KCP connections",
@@ -120,17 +150,70 @@ def register_state(read: Callable[[], dict[str, object]]) -> None:
     REGISTRY.register(_StateCollector(read))
 
 
+class Readiness:
+    """Whether the server can accept writes: what /ready answers and gRPC health says.
+
+    Not ready from a failed write to the log until the next successful one, and
+    once shutdown began. `listen` callbacks are called (in the Trio thread) with
+    the new value each time it changes.
+    """
+
+    def __init__(self) -> None:
+        self._storage_error: str | None = None
+        self._stopping = False
+        self._listeners: list[Callable[[bool], None]] = []
+
+    @property
+    def ready(self) -> bool:
+        return self.reason() is None
+
+    def reason(self) -> str | None:
+        """Why the server is not ready (one short line), or None when it is."""
+        if self._stopping:
+            return "shutting down"
+        if self._storage_error is not None:
+            return f"storage writes fail: {self._storage_error}"
+        return None
+
+    def storage(self, ok: bool, error: str = "") -> None:
+        """Writes to the log work (ok) or fail with `error`."""
+        before = self.ready
+        self._storage_error = None if ok else (error or "unknown error")
+        self._notify(before)
+
+    def stopping(self) -> None:
+        before = self.ready
+        self._stopping = True
+        self._notify(before)
+
+    def listen(self, callback: Callable[[bool], None]) -> None:
+        self._listeners.append(callback)
+
+    def _notify(self, before: bool) -> None:
+        now = self.ready
+        if now == before:
+            return
+        for callback in list(self._listeners):
+            try:
+                callback(now)
+            except Exception:
+                log.exception("readiness listener failed")
+
+
 MAX_REQUEST_BYTES = 8192
 REQUEST_TIMEOUT_S = 5.0
 
 
 async def serve_metrics(
     listen: str,
-    ready: Callable[[], bool],
+    not_ready: Callable[[], str | None],
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """A minimal HTTP/1.0 endpoint: GET /metrics, /live, /ready. Anything else: 404."""
+    """A minimal HTTP/1.0 endpoint: GET /metrics, /live, /ready. Anything else: 404.
+
+    /ready: 200 "ready" when `not_ready()` is None, else 503 "not ready: <its reason>".
+    """
     host, port = parse_address(listen)
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
@@ -162,8 +245,11 @@ async def serve_metrics(
                 elif path == "/live":
                     await _respond(stream, 200, b"ok\n")
                 elif path == "/ready":
-                    ok = ready()
-                    await _respond(stream, 200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                    reason = not_ready()
+                    if reason is None:
+                        await _respond(stream, 200, b"ready\n")
+                    else:
+                        await _respond(stream, 503, f"not ready: {reason}\n".encode())
                 else:
                     await _respond(stream, 404, b"not found\n")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -193,7 +279,12 @@ async def _respond(
 
 
 class MetricsObserver(Observer):
-    """The actor's hooks, fed into the histograms above."""
+    """The actor's hooks, fed into the metrics above and into `readiness`."""
+
+    def __init__(self, readiness: Readiness | None = None) -> None:
+        self._prefix = PrefixLabels()
+        self._failed_series: dict[tuple[FailReason, str], Counter] = {}
+        self._readiness = readiness
 
     def appended(self, seconds: float, records: int) -> None:
         APPEND_SECONDS.observe(seconds)
@@ -201,9 +292,13 @@ class MetricsObserver(Observer):
     def append_failed(self) -> None:
         STORAGE_FAILURES.inc()
 
-    def __init__(self) -> None:
-        self._prefix = PrefixLabels()
-        self._failed_series: dict[tuple[FailReason, str], Counter] = {}
+    def write_failed(self, what: str) -> None:
+        STORAGE_WRITE_FAILURES.labels(what).inc()
+
+    def writable(self, ok: bool, reason: str) -> None:
+        STORAGE_WRITABLE.set(1 if ok else 0)
+        if self._readiness is not None:
+            self._readiness.storage(ok, reason)
 
     def triggered(self, lateness_s: float) -> None:
         TRIGGER_LATENESS.observe(max(lateness_s, 0.0))

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 import structlog
@@ -70,9 +70,13 @@ async def serve_grpc(
     max_message_bytes: int = 4 << 20,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
+    serving: Serving | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve kairoi.v1.Scheduler, health and reflection until cancelled.
+
+    Health says SERVING while `serving` is ready ("can accept writes": not while
+    storage writes fail), NOT_SERVING otherwise, for both "" and kairoi.v1.Scheduler.
 
     `task_status.started(port)` reports the bound port (useful with port 0) once
     the server listens and health says SERVING. On cancellation: health goes
@@ -99,6 +103,9 @@ async def serve_grpc(
         if thread.port is None:
             raise OSError(f"gRPC server could not start on {listen}: {thread.error}")
         log.info("grpc listening", listen=listen, port=thread.port, tls=credentials is not None)
+        if serving is not None:
+            serving.listen(thread.set_serving)
+            thread.set_serving(serving.ready)
         task_status.started(thread.port)
         await thread.done.wait()
         raise RuntimeError(f"gRPC server thread stopped unexpectedly: {thread.error!r}")
@@ -143,8 +150,20 @@ class _ServerThread(threading.Thread):
         self._stop_requested = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        self._health: _Health | None = None
 
     # -- called from Trio ------------------------------------------------------
+
+    def set_serving(self, ok: bool) -> None:
+        """Health: SERVING (ok) or NOT_SERVING, from now on (ignored once shutting down)."""
+        with self._lock:
+            loop, health = self._loop, self._health
+        if loop is None or health is None:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(health.follow(ok), loop)
+        except RuntimeError:  # the loop is already closed
+            pass
 
     def request_stop(self) -> None:
         with self._lock:
@@ -195,6 +214,8 @@ class _ServerThread(threading.Thread):
         scheduler = SchedulerServicer(_Bridge(self.token, self.requests, loop), settings)
         pb_grpc.add_SchedulerServicer_to_server(scheduler, server)
         health = _Health()
+        with self._lock:
+            self._health = health
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         _enable_reflection(
             server,
@@ -215,6 +236,15 @@ class _ServerThread(threading.Thread):
         await health.shut_down()
         scheduler.close_watches()
         await server.stop(settings.grace_s)
+
+
+class Serving(Protocol):
+    """Readiness as health reports it (observability.metrics.Readiness)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    def listen(self, callback: Callable[[bool], None]) -> None: ...
 
 
 class _Health(health_aio.HealthServicer):
@@ -238,6 +268,16 @@ class _Health(health_aio.HealthServicer):
             closed.cancel()
             inner.cancel()  # parked on its condition by now, not in the middle of a write
             await asyncio.gather(inner, return_exceptions=True)
+
+    async def follow(self, ok: bool) -> None:
+        """Every service SERVING or NOT_SERVING (a no-op once shutting down)."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ok
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", SERVICE_NAME):
+            await self.set(service, status)
 
     async def shut_down(self) -> None:
         await self.enter_graceful_shutdown()  # every service NOT_SERVING, watchers notified
