@@ -24,7 +24,13 @@ import trio
 
 from kairoi_trio import __version__
 from kairoi_trio.commands import ExpireFinished, Request
-from kairoi_trio.config import AmqpRunnerConfig, Config, HttpRunnerConfig, ShellRunnerConfig
+from kairoi_trio.config import (
+    AmqpRunnerConfig,
+    Config,
+    HttpRunnerConfig,
+    ShellRunnerConfig,
+    tls_context,
+)
 from kairoi_trio.core.actor import ActorClient, CommandActor, StorageUnavailable
 from kairoi_trio.core.auth import TokenTable
 from kairoi_trio.core.state import State, recover_replayed
@@ -245,8 +251,16 @@ async def _serve_state(
             dispatcher = Dispatcher(client.clone(), timer, pools)
             work.start_soon(_run_in_scope, dispatching, dispatcher.run)
             async with trio.open_nursery() as front:
+                controller = config.controller
                 kcp = KcpServer(
-                    client.clone(), config.controller, auth=TokenTable.from_config(config.auth)
+                    client.clone(),
+                    controller,
+                    auth=TokenTable.from_config(config.auth),
+                    tls=(
+                        tls_context(controller.tls_cert, controller.tls_key, "controller")
+                        if controller.tls_cert
+                        else None
+                    ),
                 )
                 kcp_port = await front.start(kcp.serve)
                 grpc_port = await _start_grpc(front, config, client, readiness)

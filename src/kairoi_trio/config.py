@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import ssl
 import tomllib
 import types
 import typing
@@ -49,6 +50,11 @@ class ControllerConfig:
     # from it: bounds memory for a client that sends and never reads.
     max_pipelined: int = 4096
     idle_timeout_s: float = 0.0  # 0 = never close idle connections
+
+    # TLS for KCP: PEM files, both or neither. Clients then speak KCP inside TLS
+    # (e.g. `openssl s_client`, Python's ssl), so tokens do not cross a network in clear.
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -335,12 +341,49 @@ def _check(config: Config) -> None:
         raise ConfigError("runners.amqp.heartbeat_s must be at most 65535")
     if not config.storage.directory:
         raise ConfigError("storage.directory must not be empty")
-    if bool(config.grpc.tls_cert) != bool(config.grpc.tls_key):
-        raise ConfigError("grpc.tls_cert and grpc.tls_key go together")
+    for table, tls in (("controller", config.controller), ("grpc", config.grpc)):
+        if bool(tls.tls_cert) != bool(tls.tls_key):
+            raise ConfigError(f"{table}.tls_cert and {table}.tls_key go together")
+        if tls.tls_cert:  # a key that does not match its certificate is found now, not at bind
+            tls_context(tls.tls_cert, tls.tls_key, table)
     try:
         check_tokens(config.auth.tokens, config.auth.client_tokens, config.auth.read_tokens)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def tls_context(cert: str, key: str, table: str) -> ssl.SSLContext:
+    """A server-side TLS context (TLS 1.2 or later) for the PEM files `cert` and `key`.
+
+    Raises ConfigError with one line naming the option (`table`.tls_cert or
+    .tls_key): a file that cannot be read, holds no certificate or no usable key,
+    an encrypted key (the server has no one to ask for its password), or a key
+    that does not match the certificate.
+    """
+    for name, path in (("tls_cert", cert), ("tls_key", key)):
+        try:
+            Path(path).read_bytes()
+        except OSError as error:
+            raise ConfigError(f"{table}.{name}: cannot read {path}: {error.strerror}") from None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_verify_locations(cafile=cert)  # parses every certificate in the file
+    except ssl.SSLError:
+        raise ConfigError(f"{table}.tls_cert: {cert} holds no PEM certificate") from None
+
+    def no_password() -> bytes:
+        raise ConfigError(
+            f"{table}.tls_key: {key} is encrypted; give the server an unencrypted key"
+        )
+
+    try:
+        context.load_cert_chain(cert, key, password=no_password)
+    except ssl.SSLError as error:
+        if "KEY_VALUES_MISMATCH" in str(error):
+            raise ConfigError(f"{table}.tls_key does not match {table}.tls_cert") from None
+        raise ConfigError(f"{table}.tls_key: {key} holds no usable PEM private key") from None
+    return context
 
 
 def _durations(node: object, prefix: str = "") -> list[tuple[str, float]]:

@@ -14,6 +14,7 @@ never reads fills its own TCP window, not the server's memory.
 
 from __future__ import annotations
 
+import ssl
 from collections import deque
 from collections.abc import Callable
 
@@ -37,6 +38,8 @@ log = structlog.get_logger(__name__)
 
 _NOT_YET = object()
 RECEIVE_SIZE = 65536
+TLS_HANDSHAKE_S = 10.0  # a TLS client must finish its handshake within this
+TLS_CLOSE_S = 1.0  # for close_notify at the end of a TLS connection
 
 # Token guessing over AUTH: the first failures of a connection are answered at once
 # (a typo), each further one AUTH_DELAY_S later, doubling (and so is every answer
@@ -83,8 +86,11 @@ class KcpServer:
         config: ControllerConfig,
         *,
         auth: TokenTable | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
-        """auth: the configured tokens and their roles; None or empty: everyone is admin."""
+        """auth: the configured tokens and their roles; None or empty: everyone is admin.
+        tls: a server-side context ([controller] tls_cert, tls_key): KCP inside TLS."""
+        self._tls = tls
         self._actor = actor
         self._config = config
         self.auth = auth or TokenTable()
@@ -99,7 +105,7 @@ class KcpServer:
             message = f"KCP cannot listen on {self._config.listen}: {error.strerror}"
             raise OSError(error.errno, message) from None
         bound = listeners[0].socket.getsockname()[1]
-        log.info("kcp listening", host=host, port=bound)
+        log.info("kcp listening", host=host, port=bound, tls=self._tls is not None)
         task_status.started(bound)
         await trio.serve_listeners(self._handle, listeners)
 
@@ -110,6 +116,9 @@ class KcpServer:
                 if self.connections > self._config.max_connections:
                     await stream.send_all(codec.error(None, "too many connections"))
                     return
+                if self._tls is not None:
+                    await self._serve_tls(stream)
+                    return
                 await _Connection(self, stream).serve()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away
@@ -118,9 +127,29 @@ class KcpServer:
         finally:
             self.connections -= 1
 
+    async def _serve_tls(self, stream: trio.SocketStream) -> None:
+        """KCP inside TLS: the handshake within TLS_HANDSHAKE_S, then the connection as
+        usual. A client that does not speak TLS (a plain-text KCP client) gets no KCP
+        answer at all, only, perhaps, a TLS alert."""
+        assert self._tls is not None
+        tls = trio.SSLStream(stream, self._tls, server_side=True, https_compatible=True)
+        with trio.move_on_after(TLS_HANDSHAKE_S) as handshake:
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError as error:
+                reason = str(error.__cause__ or error)
+                log.debug("kcp tls handshake failed", peer=_peer_text(stream), error=reason)
+                return
+        if handshake.cancelled_caught:
+            log.debug("kcp tls handshake timed out", peer=_peer_text(stream))
+            return
+        await _Connection(self, tls).serve()
+        with trio.move_on_after(TLS_CLOSE_S):
+            await tls.aclose()  # close_notify, so that the client sees a clean end
+
 
 class _Connection:
-    def __init__(self, server: KcpServer, stream: trio.SocketStream) -> None:
+    def __init__(self, server: KcpServer, stream: trio.abc.Stream) -> None:
         self.server = server
         self.stream = stream
         self.config = server._config
@@ -153,7 +182,7 @@ class _Connection:
         while True:
             while len(self.pending) >= limit:
                 await self.written.wait()
-            data = b""
+            data: bytes | bytearray = b""
             with trio.move_on_after(idle) as idle_scope:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             if idle_scope.cancelled_caught:
@@ -162,7 +191,7 @@ class _Connection:
             if not data:
                 await self._handle_events(self.parser.close())
                 return
-            self.parser.feed(data)
+            self.parser.feed(bytes(data))  # no copy of bytes; an SSLStream may give a bytearray
             if not await self._handle_events(self.parser.events()):
                 return
 
@@ -254,16 +283,7 @@ class _Connection:
         return not last
 
     def _peer(self) -> str:
-        stream = self.stream
-        while not isinstance(stream, trio.SocketStream):  # under TLS: the TCP stream
-            stream = getattr(stream, "transport_stream", None)
-            if stream is None:
-                return "?"
-        try:
-            host, port = stream.socket.getpeername()[:2]
-        except OSError:
-            return "?"
-        return f"{host}:{port}"
+        return _peer_text(self.stream)
 
     def _replier(self, slots: list[_Slot]) -> Callable[[list[Result]], None]:
         def reply(results: list[Result]) -> None:
@@ -293,3 +313,17 @@ class _Connection:
                 await self.answered.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             connection_scope.cancel()  # the client is gone: stop reading too
+
+
+def _peer_text(stream: trio.abc.Stream) -> str:
+    """The client's "host:port", for logs; "?" when unknown."""
+    found: object = stream
+    while not isinstance(found, trio.SocketStream):  # under TLS: the TCP stream
+        found = getattr(found, "transport_stream", None)
+        if found is None:
+            return "?"
+    try:
+        host, port = found.socket.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"{host}:{port}"
