@@ -40,11 +40,12 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            timestamper,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -58,9 +59,25 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
         ),
         cache_logger_on_first_use=True,
     )
-    # Libraries (trio's accept loop, grpc) log through the standard library.
+    # Libraries (trio's accept loop, grpc) log through the standard library: their
+    # records go through the same renderer, so that with `json` a library's error,
+    # traceback included, is one JSON object on one line like every other.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                timestamper,
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
     logging.basicConfig(
         level=numeric if numeric in (TRACE, OFF) else max(numeric, logging.INFO),
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
+        handlers=[handler],
     )

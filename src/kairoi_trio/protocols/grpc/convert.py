@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from kairoi.v1 import scheduler_pb2 as pb
 from kairoi_trio import commands as c
 from kairoi_trio.commands import CommandError, ErrorCode
-from kairoi_trio.core.validation import check_attempts, check_seconds
+from kairoi_trio.core.validation import MAX_SHOWN_CHARS, check_attempts, check_seconds
 from kairoi_trio.model import (
     MICROS,
     AmqpRunner,
@@ -34,6 +35,9 @@ DEFAULT_JOB_PAGE = 100
 MAX_JOB_PAGE = 1000
 DEFAULT_RULE_PAGE = 1000
 MAX_RULE_PAGE = 1000
+
+# A gRPC status message is at most this long (the trailer that carries it is bounded).
+MAX_DETAILS_CHARS = 1000
 
 # google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z.
 _MIN_TS_SECONDS = -62_135_596_800
@@ -73,9 +77,46 @@ def status_code(error: CommandError) -> grpc.StatusCode:
     return STATUS_CODES.get(error.code, grpc.StatusCode.UNKNOWN)
 
 
-def error_status(error: CommandError) -> pb.Status:
-    """A batch entry's error as a google.rpc-like Status (code number + message)."""
-    return pb.Status(code=status_code(error).value[0], message=error.message)
+def error_status(error: CommandError, *values: str) -> pb.Status:
+    """A batch entry's error as a google.rpc-like Status (code number + message);
+    `values`: the client's strings the message may quote (its id), cut as in
+    status_details."""
+    return pb.Status(
+        code=status_code(error).value[0], message=status_details(error.message, *values)
+    )
+
+
+def status_details(message: str, *values: str) -> str:
+    """An error message fit for a gRPC status: every one of `values` (what the client
+    sent: ids, commands, URLs) longer than MAX_SHOWN_CHARS is cut where the message
+    quotes it, with a marker, and the whole to MAX_DETAILS_CHARS.
+
+    The status message travels in a trailer, whose size is limited (8 KiB by
+    default): a message quoting an id of 16,000 bytes or more exceeded it, and the
+    client got RESOURCE_EXHAUSTED instead of the error.
+    """
+    for value in values:
+        if len(value) > MAX_SHOWN_CHARS and value in message:
+            cut = f"{value[:MAX_SHOWN_CHARS]}... ({len(value) - MAX_SHOWN_CHARS} more characters)"
+            message = message.replace(value, cut)
+    if len(message) > MAX_DETAILS_CHARS:
+        more = len(message) - MAX_DETAILS_CHARS
+        message = f"{message[:MAX_DETAILS_CHARS]}... ({more} more characters)"
+    return message
+
+
+def client_strings(request: object) -> list[str]:
+    """The strings of a request message and of the messages in it (not of repeated
+    fields): what an error about this request may quote."""
+    if not isinstance(request, Message):
+        return []
+    found: list[str] = []
+    for _field, value in request.ListFields():
+        if isinstance(value, str):
+            found.append(value)
+        elif isinstance(value, Message):
+            found.extend(client_strings(value))
+    return found
 
 
 # -- times ---------------------------------------------------------------------

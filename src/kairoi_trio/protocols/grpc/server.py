@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import threading
 import time
 from collections import deque
@@ -204,7 +205,10 @@ class _ServerThread(threading.Thread):
         stop = self._stop
 
         server = grpc.aio.server(
-            interceptors=[_AuthInterceptor(settings.auth)] if settings.auth.required else None,
+            interceptors=[
+                *([_AuthInterceptor(settings.auth)] if settings.auth.required else []),
+                _RequestCheck(),  # after auth: a client without a token learns nothing more
+            ],
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -366,7 +370,10 @@ def _rpc(handler: Handler) -> Handler:
             log.debug(
                 "grpc error", method=handler.__name__, code=error.code.name, msg=error.message
             )
-            await context.abort(convert.status_code(error), error.message)
+            # The message may quote client input (an id of 65,535 bytes): cut it to fit
+            # the status trailer, which would otherwise turn into RESOURCE_EXHAUSTED.
+            details = convert.status_details(error.message, *convert.client_strings(request))
+            await context.abort(convert.status_code(error), details)
 
     return wrapper
 
@@ -585,7 +592,7 @@ class _JobBatch:
     def settle(self, results: list[Result]) -> None:
         for slot, value in zip(self._slots, results, strict=True):
             if isinstance(value, CommandError):
-                self.statuses[slot] = convert.error_status(value)
+                self.statuses[slot] = convert.error_status(value, self.requests[slot].id)
 
 
 def _ignore_result(future: asyncio.Future[Any]) -> None:
@@ -764,7 +771,7 @@ class _AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, auth: TokenTable) -> None:
         self._auth = auth
-        self._failures = _FailureLog()
+        self._failures = _Aggregated("grpc auth failed")
 
     async def intercept_service(
         self,
@@ -792,23 +799,25 @@ class _AuthInterceptor(grpc.aio.ServerInterceptor):
         return _deny(handler, grpc.StatusCode.PERMISSION_DENIED, reason)
 
 
-class _FailureLog:
-    """Failed authentications, logged without flooding: the first of each 10 s window
-    on its own, the others of the window summed in one line when the next window
-    starts. Never the token."""
+class _Aggregated:
+    """A warning that clients can cause at any rate (failed authentications, malformed
+    requests), logged without flooding: the first of each 10 s window on its own,
+    the others of the window summed in one line (`count`) when the next one comes
+    after the window. Never a token."""
 
-    def __init__(self) -> None:
+    def __init__(self, event: str) -> None:
+        self._event = event
         self._window_end = 0.0
         self._count = 0
 
-    def note(self, peer: str) -> None:
+    def note(self, **fields: object) -> None:
         now = time.monotonic()
         if now < self._window_end:
             self._count += 1
             return
         if self._count:
-            log.warning("grpc auth failed", failures=self._count, window_s=_FAILURE_WINDOW_S)
-        log.warning("grpc auth failed", peer=peer, failures=1)
+            log.warning(self._event, count=self._count, window_s=_FAILURE_WINDOW_S)
+        log.warning(self._event, count=1, **fields)
         self._window_end, self._count = now + _FAILURE_WINDOW_S, 0
 
 
@@ -816,13 +825,13 @@ def _deny(
     handler: grpc.RpcMethodHandler,
     code: grpc.StatusCode,
     message: str,
-    failures: _FailureLog | None = None,
+    failures: _Aggregated | None = None,
 ) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that answers `code` with `message`."""
 
     async def abort(_request: Any, context: Any) -> NoReturn:
         if failures is not None:
-            failures.note(context.peer())
+            failures.note(peer=context.peer())
         await context.abort(code, message)
         raise AssertionError("unreachable")
 
@@ -841,3 +850,98 @@ def _deny(
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(abort_stream, **codecs)
     return grpc.unary_unary_rpc_method_handler(abort, **codecs)
+
+
+# -- malformed requests -----------------------------------------------------------------
+
+
+class _Malformed:
+    """What a request that is not valid protobuf deserializes to, instead of raising:
+    grpc.aio deserializes before the handler runs, and turns an exception there into
+    UNKNOWN with a plain-text traceback on its own logger."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class _RequestCheck(grpc.aio.ServerInterceptor):
+    """Every service (kairoi.v1, health, reflection): a malformed request message is
+    answered INVALID_ARGUMENT ("malformed request: ...") and logged as one
+    structured, aggregated warning (`grpc malformed request`)."""
+
+    def __init__(self) -> None:
+        self._log = _Aggregated("grpc malformed request")
+        self._checked: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        cached = self._checked.get(id(handler))  # handlers are registered once, reused per call
+        if cached is None or cached[0] is not handler:
+            cached = (handler, self._wrap(handler, handler_call_details.method or ""))
+            self._checked[id(handler)] = cached
+        return cached[1]
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """`handler` with a deserializer that never raises and a behavior that refuses
+        what it could not parse. grpc.aio calls a behavior by its kind (coroutine
+        function, async generator function), so the wrapper is of the same kind; a
+        synchronous behavior (none here) is left as it is."""
+        parse = handler.request_deserializer
+        assert parse is not None
+
+        def deserialize(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as error:  # DecodeError, or anything a parser may raise
+                return _Malformed(error)
+
+        async def refuse(malformed: _Malformed, context: Any) -> NoReturn:
+            self._log.note(method=method, peer=context.peer(), error=str(malformed.error))
+            reason = f"malformed request: {malformed.error}"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
+            raise AssertionError("unreachable")
+
+        async def checked_stream(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+            async for request in requests:
+                if isinstance(request, _Malformed):
+                    await refuse(request, context)
+                yield request
+
+        async def checked(request: Any, context: Any) -> Any:
+            if handler.request_streaming:
+                return checked_stream(request, context)
+            if isinstance(request, _Malformed):
+                await refuse(request, context)
+            return request
+
+        kind = next(
+            name
+            for name in ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+            if getattr(handler, name) is not None
+        )
+        behavior = getattr(handler, kind)
+        wrapped: Callable[..., Any]
+        if inspect.isasyncgenfunction(behavior):
+
+            async def wrapped_generator(request: Any, context: Any) -> AsyncIterator[Any]:
+                async for response in behavior(await checked(request, context), context):
+                    yield response
+
+            wrapped = wrapped_generator
+        elif inspect.iscoroutinefunction(behavior):
+
+            async def wrapped_coroutine(request: Any, context: Any) -> Any:
+                return await behavior(await checked(request, context), context)
+
+            wrapped = wrapped_coroutine
+        else:
+            return handler
+        return handler._replace(request_deserializer=deserialize, **{kind: wrapped})  # type: ignore[attr-defined, no-any-return]
