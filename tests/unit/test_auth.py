@@ -166,19 +166,24 @@ async def _answers(stream: trio.abc.ReceiveStream) -> list:
 async def test_failed_auth_is_slowed_down_then_the_connection_closed(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    server = KcpServer(_NoActor(), ControllerConfig(), auth=TokenTable(["s3cret"]))  # type: ignore[arg-type]
+    # A read token's holder guessing an admin token (an unauthenticated connection is
+    # also closed by the authentication deadline).
+    server = KcpServer(_NoActor(), ControllerConfig(), auth=TokenTable(["s3cret"], read=["rd"]))  # type: ignore[arg-type]
     client, accepted = trio.testing.memory_stream_pair()
     guesses = kcp_server.AUTH_MAX_FAILURES + 5
     async with trio.open_nursery() as nursery:
         nursery.start_soon(server._handle, accepted)
         # All guesses pipelined at once: a client cannot get around the delay by not waiting.
-        await client.send_all(b"".join(b"%d AUTH guess%d\n" % (i, i) for i in range(guesses)))
+        await client.send_all(
+            b"r AUTH rd\n" + b"".join(b"%d AUTH guess%d\n" % (i, i) for i in range(guesses))
+        )
         started = trio.current_time()
         answers = await _answers(client)
         took = trio.current_time() - started
-    ids = [int(a.id) for a in answers]
+    assert answers[0].id == "r" and answers[0].args == ["OK"]
+    ids = [int(a.id) for a in answers[1:]]
     assert ids == list(range(kcp_server.AUTH_MAX_FAILURES))  # then the connection was closed
-    assert all(a.args[0] == "ERROR" for a in answers)
+    assert all(a.args[0] == "ERROR" for a in answers[1:])
     assert answers[-1].args[1].startswith("invalid token: 10 failed AUTH")
     assert took >= 0.5 + 1 + 2 + 4 + 8 + 16  # on the mock clock: failures 4 to 9 waited
 
