@@ -244,7 +244,7 @@ class ProcessGuard:
                     self._warn("the process guard is not keeping up: a script went unguarded")
                     return
                 except OSError:  # EPIPE: the guard died (killed by someone)
-                    self._warn("the process guard died: starting a new one")
+                    log.warning("the process guard died: starting a new one")
                     self._stop()
 
     def _start(self) -> None:
@@ -254,6 +254,7 @@ class ProcessGuard:
                 [sys.executable, "-I", "-S", "-c", _GUARD_CODE],
                 stdin=read,
                 stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,  # holds no pipe of the server's open after it
                 cwd="/",
                 start_new_session=True,
             )
