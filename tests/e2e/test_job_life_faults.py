@@ -28,6 +28,7 @@ from support.waiting import wait_for
 
 from kairoi.v1 import scheduler_pb2 as pb
 from kairoi.v1 import scheduler_pb2_grpc as pb_grpc
+from kairoi_trio.core.validation import MAX_POLICY_SECONDS
 from kairoi_trio.model import MAX_TIME_US, MICROS, Job, Rule, ShellRunner, Status, now_us
 from kairoi_trio.storage.log import DurableLog
 from kairoi_trio.storage.records import JobPut, RulePut
@@ -217,8 +218,9 @@ def test_a_log_holding_a_time_beyond_9999_does_not_wedge_the_start(tmp_path: Pat
 def test_a_huge_retention_keeps_finished_jobs_and_the_server_up(
     make_server: Callable[..., ServerProcess],
 ) -> None:
-    # retention_s = 1e308 made the first retention pass overflow and stop the server.
-    server = make_server("[storage]\nretention_s = 1e308")
+    # retention_s = 1e308 made the first retention pass overflow and stop the server; the
+    # configuration now refuses more than 100 years, and the longest allowed one works.
+    server = make_server(f"[storage]\nretention_s = {MAX_POLICY_SECONDS}")
     with KcpClient(server.kcp_port) as kcp:
         assert kcp.request("SET", "orphan.1", "2020-01-01 00:00:00") == ["OK"]
         wait_for(lambda: kcp.request("GET", "orphan.1")[1] == "failed")
