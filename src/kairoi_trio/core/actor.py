@@ -341,23 +341,38 @@ class CommandActor:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(run_operation)
                 with serving:
-                    while (
-                        self._open
-                        and len(self._held) < MAX_HELD_REQUESTS
-                        and self._held_commands < MAX_BATCH_COMMANDS
-                    ):
+                    while self._room_to_hold():
                         try:
                             request = await self._receive.receive()
                         except trio.EndOfChannel:
                             self._open = False
                             break
-                        if self._answerable_now(request):
-                            self._answer_now(request)
-                        else:
-                            self._hold(request)
+                        self._arrived(request)
+                        while self._room_to_hold():  # what came meanwhile, with no wake-up each
+                            try:
+                                request = self._receive.receive_nowait()
+                            except trio.WouldBlock:
+                                break
+                            except trio.EndOfChannel:
+                                self._open = False
+                                break
+                            self._arrived(request)
                     await trio.sleep_forever()  # held is full: wait for the operation
         finally:
             self._busy = False
+
+    def _room_to_hold(self) -> bool:
+        return (
+            self._open
+            and len(self._held) < MAX_HELD_REQUESTS
+            and self._held_commands < MAX_BATCH_COMMANDS
+        )
+
+    def _arrived(self, request: Request) -> None:
+        if self._answerable_now(request):
+            self._answer_now(request)
+        else:
+            self._hold(request)
 
     def _answerable_now(self, request: Request) -> bool:
         """Reads only, and none touches a job or rule with an unacknowledged change.
@@ -494,15 +509,23 @@ class CommandActor:
         deferred: list[tuple[Request, list[Result]]] = []  # answered once the batch is written
         first_write: tuple[int, int] | None = None  # (deferred request, command) of the 1st change
         writers: set[str] = set()  # what the batch's writes are for
+        records = self._records
+        handlers = self._handlers
         for request in batch:
             if self._answerable_now(request):
                 self._answer_now(request)
                 continue
             results: list[Result] = []
             for c, command in enumerate(request.commands):
-                before = len(self._records)
-                results.append(self._apply_safely(command))
-                if len(self._records) != before:
+                before = len(records)
+                try:  # _apply_safely, inline: this loop is the hot path of every write
+                    results.append(handlers[type(command)](self, command))
+                except CommandError as error:
+                    results.append(error)
+                except Exception as error:  # a bug must not take the scheduler down
+                    log.exception("command failed", command=type(command).__name__)
+                    results.append(CommandError(ErrorCode.UNAVAILABLE, f"internal error: {error}"))
+                if len(records) != before:
                     writers.add(_WHAT.get(type(command), "client"))
                     if first_write is None:
                         first_write = (len(deferred), c)
@@ -514,16 +537,16 @@ class CommandActor:
             writers.add("probe")
 
         if self._records:
-            error = await self._write(self._records)
-            if error is None:
+            reason = await self._write(self._records)
+            if reason is None:
                 self._storage_works()
                 self._report_committed()
             else:
                 self._rollback()
-                self._storage_fails(writers, error)
+                self._storage_fails(writers, reason)
                 # Everything from the first change on failed: the writes, and the
                 # reads that saw them (no dirty reads of what was rolled back).
-                failure = StorageUnavailable(f"storage write failed: {error}")
+                failure = StorageUnavailable(f"storage write failed: {reason}")
                 first_r, first_c = first_write or (len(deferred), 0)
                 for r in range(first_r, len(deferred)):
                     results = deferred[r][1]
