@@ -13,6 +13,13 @@ from support.server import ServerProcess
 
 from kairoi_trio.storage import faults
 
+# Figures of the run, printed at the end of pytest's report ("disk faults: ...").
+FIGURES: list[str] = []
+
+
+def figure(line: str) -> None:
+    FIGURES.append(line)
+
 
 class FaultPlan:
     """The fault plan file a server under test reads (see storage/faults.py)."""
@@ -21,8 +28,11 @@ class FaultPlan:
         self.path = path
         self.set()
 
+    injected = 0  # fault entries set, over the whole run
+
     def set(self, *entries: dict[str, object]) -> None:
         """Replace the plan at once (written aside, then renamed over it)."""
+        FaultPlan.injected += len(entries)
         plan = {faults.MARKER: 1, "faults": list(entries)}
         tmp = self.path.with_name(self.path.name + ".new")
         tmp.write_text(json.dumps(plan))

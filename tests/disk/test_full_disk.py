@@ -11,10 +11,11 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from disk.faulty import failures, http_get, metric, run_script, runs_of
+from disk.faulty import failures, figure, http_get, metric, run_script, runs_of
 from support.kcp_client import KcpClient
 from support.server import ServerProcess
 from support.waiting import wait_for
@@ -66,7 +67,8 @@ def test_a_full_disk_stops_nothing_and_the_due_job_runs_when_space_returns(
         payload = "x" * 100_000
         for i in range(15):
             assert kcp.request("SET", f"big.{i}", LATER, payload) == ["OK"]
-        assert fill(filler) > 0
+        filled = fill(filler)
+        assert filled > 0
         # ...and small writes the last bytes of the segment's last page.
         answers = [kcp.request("SET", f"s.{i}", LATER) for i in range(200)]
         refused = next(a for a in answers if a[0] != "OK")
@@ -85,9 +87,18 @@ def test_a_full_disk_stops_nothing_and_the_due_job_runs_when_space_returns(
         assert runs_of(runs, DUE_ID) == 0
 
         # Space comes back: ready again with no client write, the job runs once.
+        tried = failures(server, "trigger")
         os.unlink(filler)
+        freed = time.monotonic()
         wait_for(lambda: http_get(server, "/ready")[0] == 200)
+        ready_after = time.monotonic() - freed
         wait_for(lambda: kcp.request("GET", DUE_ID)[1] == "executed")
+        figure(
+            f"tmpfs 2 MiB: filler {filled / 1024:.0f} KiB, small SETs accepted before the "
+            f"first refusal {answers.index(refused)}, {tried:.0f} trigger writes failed; ready "
+            f"{ready_after:.2f} s and the job run {time.monotonic() - freed:.2f} s after space "
+            "came back"
+        )
         assert runs_of(runs, DUE_ID) == 1
         assert kcp.request("SET", "more", LATER, "y" * 5000) == ["OK"]
     assert server.stop() == 0

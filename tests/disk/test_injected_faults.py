@@ -12,12 +12,13 @@ log says it once per kind, with counts.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
-from disk.faulty import FaultPlan, failures, http_get, metric, run_script, runs_of
+from disk.faulty import FaultPlan, failures, figure, http_get, metric, run_script, runs_of
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.kcp_client import KcpClient
 from support.server import ServerProcess
@@ -82,9 +83,16 @@ def test_a_job_due_while_log_writes_fail_runs_once_they_work(
         wait_for(lambda: health(server) == NOT_SERVING)
         assert runs_of(runs, "app.due") == 0
 
+        tried = failures(server, "trigger")
         fault_plan.clear()
+        cleared = time.monotonic()
         wait_for(lambda: http_get(server, "/ready")[0] == 200)
+        ready_after = time.monotonic() - cleared
         wait_for(lambda: status_of(kcp, "app.due") == "executed")
+        figure(
+            f"{op} {error}: {tried:.0f} trigger writes failed, ready {ready_after:.2f} s and "
+            f"the job run {time.monotonic() - cleared:.2f} s after the fault ended"
+        )
         assert runs_of(runs, "app.due") == 1
         assert metric(server, "kairoi_storage_writable") == 1
         wait_for(lambda: health(server) == SERVING)
@@ -109,8 +117,10 @@ def test_readiness_comes_back_without_client_traffic(
         assert kcp.request("SET", "a", LATER)[0] == "ERROR"
         assert http_get(server, "/ready")[0] == 503
         fault_plan.clear()
+        cleared = time.monotonic()
         # nothing is due and no client writes: the idle probe finds the log writable
         wait_for(lambda: http_get(server, "/ready") == (200, "ready\n"))
+        figure(f"idle: ready {time.monotonic() - cleared:.2f} s after the fault ended (probe)")
         assert failures(server, "client") == 1
         assert kcp.request("SET", "a", LATER) == ["OK"]
     probes = [e for e in server.events("storage write failed") if e["what"] == "probe"]

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from disk.faulty import FaultPlan
+from disk.faulty import FaultPlan, figure
 from support.kcp_client import KcpClient
 from support.server import ServerProcess
 
@@ -78,7 +78,7 @@ def test_reads_are_answered_while_an_fsync_is_in_flight(
     assert arrivals.seen["get-x"][1][-1] in ("old", "new")
     get_y, ping, get_x = (arrivals.seen[name][2] for name in ("get-y", "ping", "get-x"))
     # the figure for docs/reliability.md (not asserted: speed lives in benchmarks/)
-    print(
+    figure(
         f"slow fsync {SLOW_FSYNC_S:.1f} s: GET of another job {get_y:.3f} s, "
         f"PING {ping:.3f} s, GET of the job written {get_x:.3f} s"
     )
