@@ -320,6 +320,7 @@ async def _start_grpc(
             grace_s=config.shutdown.grace_period_s,
             auth=TokenTable.from_config(config.auth),
             max_message_bytes=grpc.max_message_bytes,
+            max_watch_buffer_bytes=grpc.max_watch_buffer_bytes,
             tls_cert=Path(grpc.tls_cert) if grpc.tls_cert else None,
             tls_key=Path(grpc.tls_key) if grpc.tls_key else None,
             serving=readiness,

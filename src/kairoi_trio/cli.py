@@ -93,11 +93,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_server(config: Config) -> int:
     from kairoi_trio.observability.logging import configure_logging
+    from kairoi_trio.open_files import check_open_files
 
     configure_logging(config.log.level, config.log.format)
     # A file-size limit (ulimit -f) must fail a write with EFBIG, like a full
     # disk, instead of killing the scheduler.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    check_open_files(config)  # soft RLIMIT_NOFILE raised to the hard limit; warns if too low
     try:
         trio.run(_serve_until_signal, config)
     except BaseException as error:

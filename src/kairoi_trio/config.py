@@ -46,10 +46,23 @@ class ControllerConfig:
     listen: str = "127.0.0.1:5678"
     max_message_bytes: int = 1 << 20
     max_connections: int = 1024
-    # Requests a connection may have in flight before the server stops reading
-    # from it: bounds memory for a client that sends and never reads.
+    # Connections from one client address (IP); 0: no limit. Beyond it a
+    # connection is refused, so one host cannot take every connection.
+    max_connections_per_address: int = 64
+    # Requests a connection may have in flight, and bytes of requests and answers
+    # not yet written, before the server stops reading from it: bounds memory for
+    # a client that sends and never reads. An answer larger than the byte bound
+    # is still written, alone.
     max_pipelined: int = 4096
-    idle_timeout_s: float = 0.0  # 0 = never close idle connections
+    max_pending_bytes: int = 4 << 20
+    # Close a connection that exchanged no message for this long (0: never); also
+    # one whose answers wait this long for the client to read them.
+    idle_timeout_s: float = 300.0
+    # A message begun must end (its LF) within this (0: no limit): a client that
+    # trickles bytes cannot hold a connection for ever.
+    message_timeout_s: float = 30.0
+    # With [auth] tokens, a connection must AUTH within this (0: no limit).
+    auth_timeout_s: float = 10.0
 
     # TLS for KCP: PEM files, both or neither. Clients then speak KCP inside TLS
     # (e.g. `openssl s_client`, Python's ssl), so tokens do not cross a network in clear.
@@ -83,6 +96,9 @@ class GrpcConfig:
     enabled: bool = True
     listen: str = "127.0.0.1:5679"
     max_message_bytes: int = 4 << 20
+    # Changes a WatchJobs stream may have waiting for its client, in bytes;
+    # beyond it the stream ends with RESOURCE_EXHAUSTED "watch fell behind".
+    max_watch_buffer_bytes: int = 16 << 20
     tls_cert: str = ""
     tls_key: str = ""
 
@@ -301,6 +317,8 @@ def _check(config: Config) -> None:
         "controller.max_message_bytes": config.controller.max_message_bytes,
         "controller.max_connections": config.controller.max_connections,
         "controller.max_pipelined": config.controller.max_pipelined,
+        "controller.max_pending_bytes": config.controller.max_pending_bytes,
+        "grpc.max_watch_buffer_bytes": config.grpc.max_watch_buffer_bytes,
         "jobs.max_payload_bytes": config.jobs.max_payload_bytes,
         "runners.shell.concurrency": config.runners.shell.concurrency,
         "runners.shell.queue_size": config.runners.shell.queue_size,
@@ -327,6 +345,9 @@ def _check(config: Config) -> None:
         "runners.amqp.heartbeat_s": config.runners.amqp.heartbeat_s,  # 0: no heartbeats
         "storage.retention_s": config.storage.retention_s,
         "controller.idle_timeout_s": config.controller.idle_timeout_s,
+        "controller.message_timeout_s": config.controller.message_timeout_s,
+        "controller.auth_timeout_s": config.controller.auth_timeout_s,
+        "controller.max_connections_per_address": config.controller.max_connections_per_address,
         "shutdown.grace_period_s": config.shutdown.grace_period_s,
     }
     for name, number in non_negative.items():

@@ -9,8 +9,13 @@ from kairoi_trio.protocols.kcp.codec import KcpParser, Message, encode_message
 
 
 class KcpClient:
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(
+        self, port: int, host: str = "127.0.0.1", timeout: float = 10.0, source: str = ""
+    ) -> None:
+        """source: the local address to connect from (e.g. "127.0.0.2"), any by default."""
+        self.sock = socket.create_connection(
+            (host, port), timeout=timeout, source_address=(source, 0)
+        )
         self.parser = KcpParser()
         self._events: list = []
         self._next_id = 0

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 READY_TIMEOUT_S = 30.0
@@ -21,8 +22,16 @@ class ServerProcess:
     line, so parallel test runs never collide.
     """
 
-    def __init__(self, workdir: Path, extra_config: str = "") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        extra_config: str = "",
+        *,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
+        """preexec_fn: run in the child before the server starts (e.g. to set rlimits)."""
         self.workdir = workdir
+        self.preexec_fn = preexec_fn
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data_dir = workdir / "data"
         self.config_path = workdir / "configuration.toml"
@@ -61,6 +70,7 @@ class ServerProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            preexec_fn=self.preexec_fn,
         )
         threading.Thread(target=self._read_logs, args=(self.process,), daemon=True).start()
         deadline = time.monotonic() + READY_TIMEOUT_S

@@ -25,7 +25,9 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
+from kairoi.v1 import scheduler_pb2 as pb
 from kairoi_trio import commands as c
 from kairoi_trio.commands import CommandError, ErrorCode, Request
 from kairoi_trio.core.auth import TokenTable
@@ -44,6 +46,7 @@ class FakeActor:
     paused: bool = False  # holds the request it took until resume()
     delay_s: float = 0.0
     resumed: trio.Event = field(default_factory=trio.Event)
+    unsubscribed: trio.Event = field(default_factory=trio.Event)  # a WatchJobs handler ended
 
     def resume(self) -> None:
         self.paused = False
@@ -122,6 +125,7 @@ class FakeActor:
                 return jobs if command.snapshot else []
             case c.Unsubscribe():
                 self.sinks = [s for s in self.sinks if s is not command.sink]
+                self.unsubscribed.set()
                 return None
         raise AssertionError(f"unexpected command {command!r}")
 
@@ -464,10 +468,9 @@ async def test_watch_snapshot_then_batched_events() -> None:
     assert len(live) < 50  # batched per tick, not one message per commit
 
 
-async def test_watch_that_falls_behind_ends_with_resource_exhausted(monkeypatch) -> None:
-    monkeypatch.setattr(grpc_server, "WATCH_BUFFER_EVENTS", 100)
+async def test_watch_that_falls_behind_ends_with_resource_exhausted() -> None:
     big = b"x" * 100_000  # large events fill the transport quickly while the client does not read
-    async with running_server() as server:
+    async with running_server(max_watch_buffer_bytes=2_000_000) as server:
         argv, env = client_command(
             server.port,
             """
@@ -500,6 +503,98 @@ async def test_watch_that_falls_behind_ends_with_resource_exhausted(monkeypatch)
             await process.stdin.send_all(b"go\n")
             outcome = await lines.__anext__()
     assert outcome == ["RESOURCE_EXHAUSTED", "watch fell behind"]
+
+
+async def test_a_watcher_that_never_reads_again_is_dropped_at_once() -> None:
+    # Its handler used to wait for ever in a write the client would never take,
+    # holding the stream and what it had taken from the buffer.
+    big = b"x" * 100_000
+    async with running_server(max_watch_buffer_bytes=2_000_000) as server:
+        argv, env = client_command(
+            server.port,
+            """
+            watch = stub.WatchJobs(pb.WatchJobsRequest())
+            watch.initial_metadata()
+            out("ready")
+            sys.stdin.readline()  # never reads the stream
+            """,
+        )
+        async with trio.open_nursery() as nursery:
+            process = await nursery.start(
+                functools.partial(
+                    trio.run_process, argv, env=env, stdout=subprocess.PIPE, stdin=subprocess.PIPE
+                )
+            )
+            lines = _lines(process.stdout)
+            assert await lines.__anext__() == "ready"
+            sink = server.actor.sinks[0]
+            for _ in range(2000):
+                if not sink([JobEvent(Job("j", 0, payload=big), at=1)] * 10):
+                    break
+                await trio.sleep(0.005)
+            else:
+                pytest.fail("the sink never refused events")
+            with trio.fail_after(10):  # the handler ended (it unsubscribes on its way out)
+                await server.actor.unsubscribed.wait()
+            await process.stdin.send_all(b"done\n")
+
+
+async def test_each_event_is_encoded_once_for_every_watcher() -> None:
+    encode = grpc_server._EventEncoder(trio.lowlevel.current_trio_token())
+    event = JobEvent(Job("w.a", 5, payload=b"x" * 10_000), at=7)
+    first = encode(event)
+    assert encode(event) is first  # the next watcher of the same publish shares the bytes
+    response = pb.WatchJobsResponse.FromString(first + encode(JobEvent(Job("w.b", 6), at=8)))
+    assert [e.job.id for e in response.events] == ["w.a", "w.b"]
+    assert response.events[0].job.payload == b"x" * 10_000
+    await trio.testing.wait_all_tasks_blocked()  # the publish is over: its cache is dropped
+    again = encode(event)
+    assert again == first and again is not first
+
+
+async def test_rule_pages_stay_under_the_message_size_limit() -> None:
+    async with running_server(max_message_bytes=64 * 1024) as server:
+        [pages] = await run_client(
+            server.port,
+            """
+            for i in range(20):
+                rule = pb.Rule(id=f"r{i:02d}", pattern="p" * 10_000, shell={"command": "x.sh"})
+                assert "error" not in call("SetRule", pb.SetRuleRequest(rule=rule))
+            pages, token = [], ""
+            while True:
+                page = call("ListRules", pb.ListRulesRequest(page_token=token))
+                assert "error" not in page, page
+                pages.append([rule["id"] for rule in page["rules"]])
+                token = page.get("nextPageToken", "")
+                if not token:
+                    break
+            out(pages)
+            """,
+        )
+    assert [rule_id for page in pages for rule_id in page] == [f"r{i:02d}" for i in range(20)]
+    assert 1 < len(pages) and all(len(page) <= 6 for page in pages)
+
+
+async def test_a_bulk_stream_with_more_failures_than_an_answer_holds_stops() -> None:
+    # Its failures are listed in the one answer: they used to pile up without
+    # bound, and an answer past the message size limit could not be sent anyway.
+    async with running_server(max_message_bytes=64 * 1024) as server:
+        [outcome, after] = await run_client(
+            server.port,
+            """
+            ok = {"seconds": 100}
+            def batches():
+                for b in range(100):  # 100,000 jobs, each refused (no id)
+                    yield pb.SetJobsRequest(jobs=[pb.SetJobRequest(id="", execute_at=ok)] * 1000)
+            out(call("StreamSetJobs", batches()))
+            out(call("StreamSetJobs", iter([pb.SetJobsRequest(
+                jobs=[pb.SetJobRequest(id="fine", execute_at=ok)])])))
+            """,
+        )
+    assert outcome["error"] == "RESOURCE_EXHAUSTED"
+    assert outcome["message"].startswith("too many failed jobs to list in one answer: of the first")
+    assert "were set and" in outcome["message"]
+    assert after == {"accepted": "1"}
 
 
 async def test_shutdown_drains_calls_and_ends_watches(capfd) -> None:

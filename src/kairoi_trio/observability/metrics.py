@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from kairoi_trio.config import parse_address
 from kairoi_trio.core.actor import Observer
 from kairoi_trio.core.failures import FailReason, job_prefix
+from kairoi_trio.protocols import accept
 
 log = structlog.get_logger(__name__)
 
@@ -257,7 +258,9 @@ async def serve_metrics(
         except Exception:
             log.exception("metrics request failed")
 
-    await trio.serve_listeners(handle, listeners)
+    # Out of file descriptors, a client still gets an answer (protocols/accept.py).
+    refusal = _response_bytes(503, b"server has too many open files\n")
+    await accept.serve_listeners(handle, listeners, name="metrics", refusal=refusal)
 
 
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
@@ -266,6 +269,10 @@ _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Servic
 async def _respond(
     stream: trio.SocketStream, status: int, body: bytes, content_type: bytes = b"text/plain"
 ) -> None:
+    await stream.send_all(_response_bytes(status, body, content_type))
+
+
+def _response_bytes(status: int, body: bytes, content_type: bytes = b"text/plain") -> bytes:
     head = (
         (
             f"HTTP/1.0 {status} {_REASONS[status]}\r\n"
@@ -275,7 +282,7 @@ async def _respond(
         + content_type
         + b"\r\n\r\n"
     )
-    await stream.send_all(head + body)
+    return head + body
 
 
 class MetricsObserver(Observer):

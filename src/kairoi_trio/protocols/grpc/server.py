@@ -51,8 +51,11 @@ log = structlog.get_logger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name  # "kairoi.v1.Scheduler"
 STREAM_WINDOW = 4  # StreamSetJobs batches in flight at once
-WATCH_TICK_S = 0.05  # at most one WatchJobs message per tick, carrying all its events
-WATCH_BUFFER_EVENTS = 100_000  # events a watcher may have unsent before it is dropped
+WATCH_TICK_S = 0.05  # WatchJobs sends what a tick brought, then waits for the next tick
+# A WatchJobs message carries events up to this many bytes (one event at least):
+# what a watcher that stops reading holds in flight, besides its buffer.
+WATCH_MESSAGE_BYTES = 64 << 10
+DEFAULT_WATCH_BUFFER_BYTES = 16 << 20  # [grpc] max_watch_buffer_bytes
 _STOP_MARGIN_S = 5.0  # how long past grace_s Trio waits for the thread before giving up
 _HEALTH_SETTLE_S = 0.05  # time for health watchers to send NOT_SERVING before they end
 _SIZE_MARGIN = 1024  # room for a message's own fields next to its repeated ones
@@ -69,6 +72,7 @@ async def serve_grpc(
     grace_s: float = 5.0,
     auth: TokenTable | None = None,
     max_message_bytes: int = 4 << 20,
+    max_watch_buffer_bytes: int = DEFAULT_WATCH_BUFFER_BYTES,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     serving: Serving | None = None,
@@ -84,6 +88,8 @@ async def serve_grpc(
     NOT_SERVING, open WatchJobs streams end with UNAVAILABLE, the server stops
     accepting and in-flight calls get `grace_s` to finish (the actor must still
     be running meanwhile: close its channel only after this returns).
+    `max_watch_buffer_bytes`: the encoded changes a WatchJobs stream may have
+    waiting or in flight; beyond it the stream ends with RESOURCE_EXHAUSTED.
     `auth`: the tokens kairoi.v1 calls must carry, by role (none: no authentication).
     """
     if (tls_cert is None) != (tls_key is None):
@@ -94,7 +100,14 @@ async def serve_grpc(
         credentials = grpc.ssl_server_credentials([(key, cert)])
 
     thread = _ServerThread(
-        _Settings(listen, grace_s, auth or TokenTable(), max_message_bytes, credentials),
+        _Settings(
+            listen,
+            grace_s,
+            auth or TokenTable(),
+            max_message_bytes,
+            credentials,
+            max_watch_buffer_bytes,
+        ),
         trio.lowlevel.current_trio_token(),
         requests,
     )
@@ -128,6 +141,7 @@ class _Settings:
     auth: TokenTable
     max_message_bytes: int
     credentials: grpc.ServerCredentials | None
+    watch_buffer_bytes: int = DEFAULT_WATCH_BUFFER_BYTES
 
 
 class _ServerThread(threading.Thread):
@@ -216,7 +230,7 @@ class _ServerThread(threading.Thread):
             ],
         )
         scheduler = SchedulerServicer(_Bridge(self.token, self.requests, loop), settings)
-        pb_grpc.add_SchedulerServicer_to_server(scheduler, server)
+        _add_scheduler(scheduler, server)
         health = _Health()
         with self._lock:
             self._health = health
@@ -384,6 +398,8 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     def __init__(self, bridge: _Bridge, settings: _Settings) -> None:
         self._bridge = bridge
         self._budget = settings.max_message_bytes - _SIZE_MARGIN
+        self._watch_limit = settings.watch_buffer_bytes
+        self._encode_event = _EventEncoder(bridge._token)
         self._watches: set[_Watch] = set()
         self._closing = False
 
@@ -433,17 +449,29 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         """
         response = pb.StreamSetJobsResponse()
         in_flight: deque[tuple[_JobBatch, asyncio.Future[list[Result]] | None]] = deque()
+        # The failures are listed in the one answer, so they must fit in it: past
+        # the message size limit the stream stops (memory stays bounded too).
+        failed = failures_size = 0
+        too_many = False
 
         async def settle_oldest() -> None:
+            nonlocal failed, failures_size, too_many
             batch, results = in_flight.popleft()
             if results is not None:
                 batch.settle(await results)
             for status, request in zip(batch.statuses, batch.requests, strict=True):
                 if status.code == 0:
                     response.accepted += 1
-                else:
-                    index = response.accepted + len(response.failures)
-                    response.failures.add(index=index, id=request.id, status=status)
+                    continue
+                failure = pb.SetJobFailure(
+                    index=response.accepted + failed, id=request.id, status=status
+                )
+                failed += 1
+                failures_size += failure.ByteSize() + 6  # with its tag and length
+                if failures_size > self._budget:
+                    too_many = True
+                if not too_many:
+                    response.failures.append(failure)
 
         async for message in request_iterator:
             batch = _JobBatch(message.jobs)
@@ -451,8 +479,17 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             in_flight.append((batch, results))
             if len(in_flight) >= STREAM_WINDOW:
                 await settle_oldest()
-        while in_flight:
+            if too_many:
+                break
+        while in_flight:  # handed over: they are applied whatever happens, so count them
             await settle_oldest()
+        if too_many:
+            raise CommandError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"too many failed jobs to list in one answer: of the first "
+                f"{response.accepted + failed} jobs of the stream, {response.accepted} were "
+                f"set and {failed} failed; the rest of the stream was not read",
+            )
         return response
 
     async def _hand_over(self, commands: Sequence[c.Command]) -> asyncio.Future[list[Result]]:
@@ -485,11 +522,12 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     @_rpc
     async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
         page: c.JobPage = await self._one(convert.list_jobs_from_pb(request))
-        messages = [convert.job_to_pb(job) for job in page.jobs]
-        first = next(_chunks(messages, self._budget), [])
-        if len(first) < len(messages):  # cut short to fit the message size limit
-            return pb.ListJobsResponse(jobs=first, next_page_token=first[-1].id)
-        return pb.ListJobsResponse(jobs=messages, next_page_token=page.next_after)
+        # Converted only as far as the message size limit allows: 1,000 jobs of
+        # 1 MiB would otherwise be copied in full to send 4 of them.
+        jobs = next(_fitting(page.jobs, convert.job_to_pb, self._budget), [])
+        if len(jobs) < len(page.jobs):  # cut short to fit the message size limit
+            return pb.ListJobsResponse(jobs=jobs, next_page_token=jobs[-1].id)
+        return pb.ListJobsResponse(jobs=jobs, next_page_token=page.next_after)
 
     # -- rules -----------------------------------------------------------------
 
@@ -514,10 +552,12 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     async def ListRules(self, request: pb.ListRulesRequest, context: Any) -> pb.ListRulesResponse:
         command = convert.list_rules_from_pb(request)
         rules = await self._one(command)
+        fitting = next(_fitting(rules, convert.rule_to_pb, self._budget), [])
+        if len(fitting) < len(rules):  # cut short to fit the message size limit
+            return pb.ListRulesResponse(rules=fitting, next_page_token=fitting[-1].id)
         more = len(rules) >= command.limit
         return pb.ListRulesResponse(
-            rules=[convert.rule_to_pb(rule) for rule in rules],
-            next_page_token=rules[-1].id if more and rules else "",
+            rules=fitting, next_page_token=rules[-1].id if more and rules else ""
         )
 
     # -- server ----------------------------------------------------------------
@@ -534,7 +574,8 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     async def WatchJobs(self, request: pb.WatchJobsRequest, context: Any) -> None:
         if self._closing:
             raise CommandError(ErrorCode.UNAVAILABLE, "server is shutting down")
-        watch = _Watch(asyncio.get_running_loop(), WATCH_BUFFER_EVENTS)
+        loop = asyncio.get_running_loop()
+        watch = _Watch(loop, self._watch_limit, self._encode_event)
         self._watches.add(watch)
         try:
             snapshot = await self._one(
@@ -542,24 +583,21 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             )
             await context.send_initial_metadata(())  # tells the client the watch is registered
             if request.include_snapshot:
-                events = [convert.snapshot_event_to_pb(job) for job in snapshot]
-                for chunk in _chunks(events, self._budget, at_least_one=True):
-                    await context.write(pb.WatchJobsResponse(events=chunk, snapshot=True))
+                budget = min(self._budget, WATCH_MESSAGE_BYTES)
+                # Converted a message at a time, as the client takes them.
+                for chunk in _fitting(snapshot, convert.snapshot_event_to_pb, budget, True):
+                    await watch.send(context, pb.WatchJobsResponse(events=chunk, snapshot=True))
+                del snapshot
                 # An empty change message ends the snapshot, however many messages it
                 # took, so a client knows it has caught up before the first change.
-                await context.write(pb.WatchJobsResponse())
-            loop = asyncio.get_running_loop()
+                await watch.send(context, b"")
             while True:
                 await watch.wait()
-                if watch.closing:
-                    raise CommandError(ErrorCode.UNAVAILABLE, "server is shutting down")
                 next_tick = loop.time() + WATCH_TICK_S
-                events = [convert.job_event_to_pb(event) for event in watch.take()]
-                for chunk in _chunks(events, self._budget):
-                    await context.write(pb.WatchJobsResponse(events=chunk))
-                if watch.overflowed:
-                    raise CommandError(ErrorCode.RESOURCE_EXHAUSTED, "watch fell behind")
-                # The rest of the tick (the conversion and the writes took part of it).
+                for message, size in watch.messages(min(self._budget, WATCH_MESSAGE_BYTES)):
+                    await watch.send(context, message)
+                    watch.written(size)
+                # The rest of the tick (the writes took part of it).
                 await asyncio.sleep(max(0.0, next_tick - loop.time()))
         finally:
             self._watches.discard(watch)
@@ -600,52 +638,160 @@ def _ignore_result(future: asyncio.Future[Any]) -> None:
         future.exception()  # retrieve it, so asyncio does not log "never retrieved"
 
 
-def _chunks(messages: list[Any], budget: int, *, at_least_one: bool = False) -> Iterator[list[Any]]:
-    """Split messages into runs whose encoded size stays under budget (at least one each)."""
+def _fitting(
+    items: Iterable[T],
+    to_pb: Callable[[T], Message],
+    budget: int,
+    at_least_one: bool = False,
+) -> Iterator[list[Any]]:
+    """Convert items lazily into runs of messages whose encoded size stays under
+    budget (at least one message each; an empty run too when `at_least_one`).
+
+    Lazily: a run is converted only when the caller asks for it, so a caller that
+    takes the first run (a page) or sends each run before the next (a snapshot)
+    holds one run of converted messages, not all of them.
+    """
     chunk: list[Message] = []
     size = 0
-    for message in messages:
-        item = message.ByteSize() + 6  # the field tag and length prefix of a repeated entry
-        if chunk and size + item > budget:
+    for item in items:
+        message = to_pb(item)
+        length = message.ByteSize() + 6  # the field tag and length prefix of a repeated entry
+        if chunk and size + length > budget:
             yield chunk
             chunk, size = [], 0
         chunk.append(message)
-        size += item
+        size += length
     if chunk or at_least_one:
         yield chunk
+
+
+def _serialize(message: Message | bytes) -> bytes:
+    """WatchJobs' serializer: messages it encoded itself (shared events) go as they are."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+class _Registrations:
+    """Stands in for the server to catch the method handlers the generated code registers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.handlers = dict(handlers)
+
+
+def _add_scheduler(servicer: SchedulerServicer, server: grpc.aio.Server) -> None:
+    """pb_grpc.add_SchedulerServicer_to_server, but WatchJobs may write bytes.
+
+    WatchJobs sends events encoded once for all watchers (_EventEncoder), so its
+    serializer lets bytes through; every other method is registered as generated.
+    """
+    registrations = _Registrations()
+    pb_grpc.add_SchedulerServicer_to_server(servicer, registrations)
+    handlers = registrations.handlers
+    watch = handlers["WatchJobs"]
+    handlers["WatchJobs"] = grpc.unary_stream_rpc_method_handler(
+        watch.unary_stream,
+        request_deserializer=watch.request_deserializer,
+        response_serializer=_serialize,
+    )
+    generic = grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+    server.add_generic_rpc_handlers((generic,))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+_EVENTS_FIELD = b"\x0a"  # WatchJobsResponse.events: field 1, length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+class _EventEncoder:
+    """Each committed JobEvent encoded once, however many watchers it goes to.
+
+    The actor calls every watcher's sink with the same JobEvent objects, one
+    sink after another within one publish, in the Trio thread. The first sink
+    that meets an event encodes it as a WatchJobsResponse `events` entry (tag,
+    length, JobEvent); the others reuse those bytes, so 500 watchers of a change
+    share one copy of it. The cache lives for one publish: a callback that Trio
+    runs once the actor yields clears it.
+    """
+
+    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
+        self._token = token
+        self._cache: dict[int, tuple[JobEvent, bytes]] = {}  # id(event) -> (event, entry)
+
+    def __call__(self, event: JobEvent) -> bytes:  # Trio thread
+        hit = self._cache.get(id(event))
+        if hit is not None and hit[0] is event:
+            return hit[1]
+        if not self._cache:
+            try:
+                self._token.run_sync_soon(self._cache.clear)
+            except trio.RunFinishedError:
+                pass
+        body = convert.job_event_to_pb(event).SerializeToString()
+        entry = _EVENTS_FIELD + _varint(len(body)) + body
+        self._cache[id(event)] = (event, entry)  # holding the event keeps its id unique
+        return entry
 
 
 class _Watch:
     """One WatchJobs stream's buffer between the actor (Trio thread) and its handler (asyncio).
 
     The actor calls `sink` with each committed batch; it must not block, so it
-    only counts the events against the bound (under a lock shared with `take`)
-    and schedules them onto the asyncio loop. Past the bound the sink answers
-    False, which ends the subscription, and the handler ends the stream with
-    RESOURCE_EXHAUSTED after sending what it had.
+    encodes the events (once for all watchers: _EventEncoder), counts their
+    bytes against the bound under a lock, and schedules them onto the asyncio
+    loop. Bytes stay counted until the message carrying them is written, so the
+    bound covers what waits and what is in flight. Past the bound the sink
+    answers False, which ends the subscription; the buffer is dropped at once,
+    a write held up by a client that does not read is given up, and the stream
+    ends with RESOURCE_EXHAUSTED.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        limit: int,
+        encode: Callable[[JobEvent], bytes],
+    ) -> None:
         self._loop = loop
         self._limit = limit
+        self._encode = encode
         self._lock = threading.Lock()
-        self._pending = 0  # handed over by the sink and not yet taken
+        self._pending = 0  # bytes handed over by the sink and not yet written
         self._ended = False
-        self._events: deque[JobEvent] = deque()  # asyncio thread only
+        self._events: deque[bytes] = deque()  # encoded entries; asyncio thread only
         self._wake = asyncio.Event()
+        self._stop = asyncio.Event()  # fell behind or shutting down: stop writing at once
         self.overflowed = False
         self.closing = False
 
     def sink(self, events: list[JobEvent]) -> bool:  # Trio thread
+        if self._ended:
+            return False
+        encoded = [self._encode(event) for event in events]
+        size = sum(map(len, encoded))
         with self._lock:
             if self._ended:
                 return False
-            if self._pending + len(events) > self._limit:
+            if self._pending + size > self._limit:
                 self._ended = self.overflowed = True
-                self._schedule(self._wake.set)
+                self._schedule(self._halt)
                 return False
-            self._pending += len(events)
-        return self._schedule(self._push, events)
+            self._pending += size
+        return self._schedule(self._push, encoded)
 
     def _schedule(self, fn: Callable[..., None], *args: Any) -> bool:
         try:
@@ -654,25 +800,64 @@ class _Watch:
         except RuntimeError:  # the loop is closed: nobody is listening any more
             return False
 
-    def _push(self, events: list[JobEvent]) -> None:
-        self._events.extend(events)
+    def _push(self, encoded: list[bytes]) -> None:
+        self._events.extend(encoded)
+        self._wake.set()
+
+    def _halt(self) -> None:
+        self._events.clear()  # what it could not take is dropped now, not when it reads
+        self._stop.set()
         self._wake.set()
 
     async def wait(self) -> None:
+        """Until events wait; raises the stream's end once it must stop."""
         await self._wake.wait()
+        self._check()
 
-    def take(self) -> list[JobEvent]:
-        events = list(self._events)
-        self._events.clear()
+    def _check(self) -> None:
+        if self.closing:
+            raise CommandError(ErrorCode.UNAVAILABLE, "server is shutting down")
+        if self.overflowed:
+            raise CommandError(ErrorCode.RESOURCE_EXHAUSTED, "watch fell behind")
+
+    def messages(self, limit: int) -> Iterator[tuple[bytes, int]]:
+        """The waiting events as encoded WatchJobsResponses of at most `limit` bytes
+        (one event at least), in commit order, with their size; taken one by one."""
         self._wake.clear()
+        events = self._events
+        while events:
+            first = events.popleft()
+            parts, size = [first], len(first)
+            while events and size + len(events[0]) <= limit:
+                entry = events.popleft()
+                parts.append(entry)
+                size += len(entry)
+            yield b"".join(parts), size
+
+    def written(self, size: int) -> None:
         with self._lock:
-            self._pending -= len(events)
-        return events
+            self._pending -= size
+
+    async def send(self, context: Any, message: Message | bytes) -> None:
+        """context.write(message), given up as soon as the watch must stop: a client
+        that does not read would otherwise hold the write, and the stream, for ever."""
+        self._check()
+        write = asyncio.ensure_future(context.write(message))
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({write, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not write.done():
+                write.cancel()
+                await asyncio.gather(write, return_exceptions=True)
+        self._check()
+        write.result()
 
     def close(self) -> None:  # asyncio thread
         self.closing = True
         self.end()
-        self._wake.set()
+        self._halt()
 
     def end(self) -> None:
         with self._lock:

@@ -7,13 +7,26 @@ and group-commit costs once per chunk, not per message. Answers are slots in a
 FIFO; the writer sends the head slots as soon as they are filled, which keeps
 responses in request order whatever order the work completes in.
 
-Memory per connection is bounded: the reader stops reading while
-`max_pipelined` answers are waiting to be written, so a client that sends and
-never reads fills its own TCP window, not the server's memory.
+Memory per connection is bounded in bytes, not only in messages: each slot
+counts what it holds (its request until the answer comes, then its answer),
+and the reader stops reading while `max_pipelined` slots or
+`max_pending_bytes` bytes wait, so a client that sends and never reads fills
+its own TCP window, not the server's memory. Answers are encoded only when
+written, at most WRITE_CHUNK at a time (plus one answer larger than that), so a
+pipeline of GETs of a 1 MiB job holds references, not copies.
+
+Time is bounded too: a message begun must end within `message_timeout_s`
+(each byte does not restart a clock, so trickling bytes cannot hold a
+connection), a connection that exchanges no message for `idle_timeout_s` is
+closed (also one whose answers wait that long for the client to read them),
+and with tokens configured a connection must AUTH within `auth_timeout_s`. The
+connection limit has a share per client address. Each of these ends the
+connection with `* ERROR "<reason>"` after the answers before it.
 """
 
 from __future__ import annotations
 
+import math
 import ssl
 from collections import deque
 from collections.abc import Callable
@@ -25,6 +38,8 @@ from kairoi_trio.commands import Command, CommandError, Request, Result
 from kairoi_trio.config import ControllerConfig, parse_address
 from kairoi_trio.core.actor import ActorClient
 from kairoi_trio.core.auth import Role, TokenTable, denial, permitted
+from kairoi_trio.model import Job, Rule
+from kairoi_trio.protocols import accept
 from kairoi_trio.protocols.kcp import codec
 from kairoi_trio.protocols.kcp.instructions import (
     Answer,
@@ -40,6 +55,10 @@ _NOT_YET = object()
 RECEIVE_SIZE = 65536
 TLS_HANDSHAKE_S = 10.0  # a TLS client must finish its handshake within this
 TLS_CLOSE_S = 1.0  # for close_notify at the end of a TLS connection
+WRITE_CHUNK = 65536  # answers are encoded and sent this much at a time
+SLOT_OVERHEAD = 64  # bytes a slot costs besides its id and arguments
+CLOSE_FLUSH_S = 5.0  # after a timeout, the answers still owed get this long to go out
+REFUSAL_SEND_S = 1.0  # a refused connection gets this long to take its answer
 
 # Token guessing over AUTH: the first failures of a connection are answered at once
 # (a typo), each further one AUTH_DELAY_S later, doubling (and so is every answer
@@ -53,13 +72,16 @@ AUTH_MAX_FAILURES = 10
 class _Slot:
     """One answer to come, in request order."""
 
-    __slots__ = ("id", "result", "data", "with_data")
+    __slots__ = ("id", "result", "data", "with_data", "size")
 
-    def __init__(self, id: str, data: bytes | None = None) -> None:
+    def __init__(self, id: str, data: bytes | None = None, size: int = 0) -> None:
         self.id = id
         self.with_data = False  # GET and RULE GET answer OK with data; the rest a bare OK
         self.data = data  # the encoded answer, once known
         self.result: object = _NOT_YET  # the actor's result, rendered by the writer
+        # Bytes counted against max_pending_bytes until written: the request's, then
+        # the answer's too (an estimate until it is encoded).
+        self.size = SLOT_OVERHEAD + len(id) + (len(data) if data is not None else size)
 
     def ready(self) -> bool:
         return self.data is not None or self.result is not _NOT_YET
@@ -95,6 +117,7 @@ class KcpServer:
         self._config = config
         self.auth = auth or TokenTable()
         self.connections = 0
+        self._by_address: dict[str, int] = {}  # open connections per client address
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; started() gives the bound port (useful with port 0)."""
@@ -107,14 +130,23 @@ class KcpServer:
         bound = listeners[0].socket.getsockname()[1]
         log.info("kcp listening", host=host, port=bound, tls=self._tls is not None)
         task_status.started(bound)
-        await trio.serve_listeners(self._handle, listeners)
+        await accept.serve_listeners(
+            self._handle,
+            listeners,
+            name="kcp",
+            refusal=codec.error(None, "server has too many open files"),
+        )
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        address = _peer_host(stream)
         self.connections += 1
+        self._by_address[address] = self._by_address.get(address, 0) + 1
         try:
             async with stream:
-                if self.connections > self._config.max_connections:
-                    await stream.send_all(codec.error(None, "too many connections"))
+                refusal = self._refusal(address)
+                if refusal is not None:
+                    with trio.move_on_after(REFUSAL_SEND_S):
+                        await stream.send_all(codec.error(None, refusal))
                     return
                 if self._tls is not None:
                     await self._serve_tls(stream)
@@ -126,6 +158,20 @@ class KcpServer:
             log.exception("kcp connection failed")
         finally:
             self.connections -= 1
+            left = self._by_address[address] - 1
+            if left:
+                self._by_address[address] = left
+            else:
+                del self._by_address[address]
+
+    def _refusal(self, address: str) -> str | None:
+        """Why a new connection from `address` is refused, or None (it is counted already)."""
+        if self.connections > self._config.max_connections:
+            return "too many connections"
+        per_address = self._config.max_connections_per_address
+        if per_address and self._by_address[address] > per_address:
+            return "too many connections from your address"
+        return None
 
     async def _serve_tls(self, stream: trio.SocketStream) -> None:
         """KCP inside TLS: the handshake within TLS_HANDSHAKE_S, then the connection as
@@ -162,10 +208,19 @@ class _Connection:
         self.reading = True
         self.answered = trio.Event()  # set when a slot gets its answer
         self.written = trio.Event()  # set when the writer freed slots
+        self.pending_bytes = 0  # the sizes of the slots not yet written
+        now = trio.current_time()
+        self.last_exchange = now  # a message received or answers written (idle clock)
+        self.message_since: float | None = None  # when the unfinished message began
+        self.closing: str | None = None  # why the server ends the connection
+        self.close_by = math.inf  # the deadline of the last answers' flush, once closing
+        self._wait_scope: trio.CancelScope | None = None  # the reader's wait for the client
 
     async def serve(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write_loop, nursery.cancel_scope)
+            if self.role is None and self.config.auth_timeout_s:
+                nursery.start_soon(self._auth_deadline)
             try:
                 await self._read_loop()
             finally:
@@ -177,23 +232,82 @@ class _Connection:
     # -- reading ----------------------------------------------------------------
 
     async def _read_loop(self) -> None:
-        idle = self.config.idle_timeout_s or float("inf")
-        limit = self.config.max_pipelined
-        while True:
-            while len(self.pending) >= limit:
-                await self.written.wait()
-            data: bytes | bytearray = b""
-            with trio.move_on_after(idle) as idle_scope:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-            if idle_scope.cancelled_caught:
-                self.pending.append(_Slot("*", codec.error(None, "idle timeout")))
+        parser = self.parser
+        while not self.closing:
+            data: bytes | bytearray | None = None
+            timed_out = ""
+            with trio.CancelScope() as self._wait_scope:  # cancelled by _end
+                await self._wait_for_room()
+                deadline, reason = self._read_deadline()
+                with trio.move_on_at(deadline) as timer:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                if timer.cancelled_caught:
+                    timed_out = reason
+            self._wait_scope = None
+            if self.closing:
+                return
+            if timed_out:
+                self._end(timed_out)
                 return
             if not data:
-                await self._handle_events(self.parser.close())
+                await self._handle_events(parser.close())
                 return
-            self.parser.feed(bytes(data))  # no copy of bytes; an SSLStream may give a bytearray
-            if not await self._handle_events(self.parser.events()):
+            held = parser.buffered
+            parser.feed(bytes(data))  # no copy of bytes; an SSLStream may give a bytearray
+            events = parser.events()
+            now = trio.current_time()
+            if events:
+                self.last_exchange = now
+            if not parser.buffered:
+                self.message_since = None
+            elif self.message_since is None or parser.buffered < held + len(data):
+                self.message_since = now  # a message ended in this data: the rest is a new one
+            if not await self._handle_events(events):
                 return
+
+    async def _wait_for_room(self) -> None:
+        """Backpressure: wait while too many answers, or too many bytes, are waiting."""
+        limit, byte_limit = self.config.max_pipelined, self.config.max_pending_bytes
+        if len(self.pending) < limit and self.pending_bytes < byte_limit:
+            return
+        paused = trio.current_time()
+        while len(self.pending) >= limit or self.pending_bytes >= byte_limit:
+            await self.written.wait()
+        if self.message_since is not None:  # the client's clock stops while it is not read
+            self.message_since += trio.current_time() - paused
+
+    def _read_deadline(self) -> tuple[float, str]:
+        """When the wait for the client's next bytes ends, and why."""
+        config = self.config
+        deadline, reason = math.inf, ""
+        if config.idle_timeout_s:
+            deadline, reason = self.last_exchange + config.idle_timeout_s, "idle timeout"
+        if self.message_since is not None and config.message_timeout_s:
+            message_deadline = self.message_since + config.message_timeout_s
+            if message_deadline < deadline:
+                deadline, reason = message_deadline, "message timed out"
+        return deadline, reason
+
+    async def _auth_deadline(self) -> None:
+        await trio.sleep(self.config.auth_timeout_s)
+        if self.role is None:
+            self._end("authentication timed out")
+
+    def _end(self, reason: str) -> None:
+        """Close the connection: the answers owed, then `* ERROR reason`, within CLOSE_FLUSH_S."""
+        if self.closing:
+            return
+        log.debug("kcp connection closed", peer=self._peer(), reason=reason)
+        self.closing = reason
+        self._queue(_Slot("*", codec.error(None, reason)))
+        self.close_by = trio.current_time() + CLOSE_FLUSH_S
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
+        self.answered.set()
+
+    def _queue(self, slot: _Slot) -> None:
+        self.pending.append(slot)
+        self.pending_bytes += slot.size
 
     async def _handle_events(self, events: list) -> bool:
         """Queue answers for one receive's worth of events; False: stop reading."""
@@ -202,8 +316,8 @@ class _Connection:
         keep_reading = True
         for event in events:
             if isinstance(event, codec.Message):
-                slot = _Slot(event.id)
-                self.pending.append(slot)
+                slot = _Slot(event.id, size=sum(map(len, event.args)))
+                self._queue(slot)
                 command = self._translate(event, slot)
                 if command is not None:
                     slot.with_data = renders_data(command)
@@ -217,9 +331,9 @@ class _Connection:
                         keep_reading = False
                         break
             elif isinstance(event, codec.BadMessage):
-                self.pending.append(_Slot("*", codec.error(event.id, event.reason)))
+                self._queue(_Slot("*", codec.error(event.id, event.reason)))
             else:  # FatalError: answer, then close once earlier answers are out
-                self.pending.append(_Slot("*", codec.error(None, event.reason)))
+                self._queue(_Slot("*", codec.error(None, event.reason)))
                 keep_reading = False
                 break
         if commands:
@@ -287,8 +401,16 @@ class _Connection:
 
     def _replier(self, slots: list[_Slot]) -> Callable[[list[Result]], None]:
         def reply(results: list[Result]) -> None:
+            added = 0
             for slot, result in zip(slots, results, strict=True):
-                slot.result = result
+                if slot.with_data or isinstance(result, CommandError):
+                    slot.result = result
+                    size = _answer_size(result)
+                    slot.size += size
+                    added += size
+                else:
+                    slot.result = None  # a bare OK: the stored job is not held for it
+            self.pending_bytes += added
             self.answered.set()  # the writer's current event, read at call time
 
         return reply
@@ -296,23 +418,72 @@ class _Connection:
     # -- writing ----------------------------------------------------------------
 
     async def _write_loop(self, connection_scope: trio.CancelScope) -> None:
+        """Write the answers in order as they come; the connection ends when this returns."""
         pending = self.pending
         try:
             while True:
                 self.answered = trio.Event()
-                out = []
-                while pending and pending[0].ready():
-                    out.append(pending.popleft().encode())
-                if out:
-                    await self.stream.send_all(b"".join(out))
+                out = bytearray()
+                taken = size = 0
+                while pending and pending[0].ready() and len(out) < WRITE_CHUNK:
+                    slot = pending.popleft()
+                    out += slot.encode()
+                    taken += 1
+                    size += slot.size
+                if taken:
+                    if out and not await self._send(out):
+                        return
+                    self.pending_bytes -= size
                     self.written.set()
                     self.written = trio.Event()
                     continue
                 if not self.reading and not pending:
                     return
-                await self.answered.wait()
+                with trio.move_on_at(self.close_by):
+                    await self.answered.wait()
+                if trio.current_time() >= self.close_by:
+                    return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            connection_scope.cancel()  # the client is gone: stop reading too
+            pass  # the client is gone
+        finally:
+            connection_scope.cancel()  # stop reading too (and the AUTH deadline)
+
+    async def _send(self, data: bytearray) -> bool:
+        """Send, within the idle timeout (or the closing flush); False: the client
+        did not take the data in time, the connection is dropped."""
+        deadline = self.close_by
+        if self.config.idle_timeout_s:
+            deadline = min(deadline, trio.current_time() + self.config.idle_timeout_s)
+        with trio.move_on_at(deadline):
+            await self.stream.send_all(data)
+            self.last_exchange = trio.current_time()
+            return True
+        log.debug("kcp client does not read its answers", peer=self._peer())
+        return False
+
+
+def _answer_size(result: object) -> int:
+    """What the answer to `result` will take once encoded, about (before escaping)."""
+    if isinstance(result, Job):
+        return len(result.id) + len(result.payload) + 48
+    if isinstance(result, Rule):
+        return len(result.id) + len(result.pattern) + len(repr(result.runner))
+    if isinstance(result, CommandError):
+        return len(result.message) + 16
+    return 16
+
+
+def _peer_host(stream: trio.abc.Stream) -> str:
+    """The client's address (IP), for the per-address limit ("?" if unknown)."""
+    while not isinstance(stream, trio.SocketStream):  # under TLS: the TCP stream
+        inner = getattr(stream, "transport_stream", None)
+        if inner is None:
+            return "?"
+        stream = inner
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return "?"
 
 
 def _peer_text(stream: trio.abc.Stream) -> str:
