@@ -278,6 +278,19 @@ def test_a_connection_must_authenticate_in_time(make_server) -> None:
         assert prompt.request("SET", "app.a", FUTURE) == ["OK"]
 
 
+def test_idle_clients_of_the_metrics_port_cannot_take_every_descriptor(
+    server: ServerProcess,
+) -> None:
+    # Each used to hold its connection for 5 s, with no limit on how many.
+    idle = [socket.create_connection(("127.0.0.1", server.metrics_port)) for _ in range(64)]
+    try:
+        wait_for(lambda: fetch(server, "/live") == (503, "too many connections\n"))
+    finally:
+        for sock in idle:
+            sock.close()
+    wait_for(lambda: fetch(server, "/live") == (200, "ok\n"))
+
+
 # -- out of file descriptors ----------------------------------------------------------------
 
 

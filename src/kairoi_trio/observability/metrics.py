@@ -203,6 +203,8 @@ class Readiness:
 
 MAX_REQUEST_BYTES = 8192
 REQUEST_TIMEOUT_S = 5.0
+MAX_CONNECTIONS = 64  # metrics connections at once; more get 503 "too many connections"
+CONNECTION_TIMEOUT_S = 10.0  # a metrics connection's whole exchange
 
 
 async def serve_metrics(
@@ -258,9 +260,28 @@ async def serve_metrics(
         except Exception:
             log.exception("metrics request failed")
 
+    connections = 0
+
+    async def handle_bounded(stream: trio.SocketStream) -> None:
+        """At most MAX_CONNECTIONS at once, each within CONNECTION_TIMEOUT_S: a flood
+        of slow clients on this port cannot take every descriptor of the process."""
+        nonlocal connections
+        connections += 1
+        try:
+            if connections > MAX_CONNECTIONS:
+                with trio.move_on_after(REQUEST_TIMEOUT_S):
+                    await stream.send_all(_response_bytes(503, b"too many connections\n"))
+                return
+            with trio.move_on_after(CONNECTION_TIMEOUT_S):  # the answer too, not only the request
+                await handle(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            connections -= 1
+
     # Out of file descriptors, a client still gets an answer (protocols/accept.py).
     refusal = _response_bytes(503, b"server has too many open files\n")
-    await accept.serve_listeners(handle, listeners, name="metrics", refusal=refusal)
+    await accept.serve_listeners(handle_bounded, listeners, name="metrics", refusal=refusal)
 
 
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
