@@ -781,12 +781,19 @@ class _Watch:
     def sink(self, events: list[JobEvent]) -> bool:  # Trio thread
         if self._ended:
             return False
-        encoded = [self._encode(event) for event in events]
-        size = sum(map(len, encoded))
+        room = self._limit - self._pending  # only the handler lowers _pending meanwhile
+        encoded: list[bytes] = []
+        size = 0
+        for event in events:  # encoded only as far as the bound allows
+            entry = self._encode(event)
+            size += len(entry)
+            if size > room:
+                break
+            encoded.append(entry)
         with self._lock:
             if self._ended:
                 return False
-            if self._pending + size > self._limit:
+            if len(encoded) < len(events) or self._pending + size > self._limit:
                 self._ended = self.overflowed = True
                 self._schedule(self._halt)
                 return False
