@@ -28,7 +28,9 @@ the old ones. See docs/runners.md for why this and not PR_SET_PDEATHSIG.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -137,8 +139,12 @@ class ShellRunnerBackend(Runner):
     def _spawn(self, argv: list[str], **options: object) -> subprocess.Popen[bytes]:
         """Start a script in a session (process group) of its own, registered with
         the guard before anything else happens. Runs in a worker thread."""
-        process = subprocess.Popen(argv, start_new_session=True, **options)  # type: ignore[call-overload]
-        self.guard.watch(process.pid)
+        env = options.pop("env")
+        assert isinstance(env, dict)
+        mark = self.guard.expect()  # before the fork: a kill right after it is covered too
+        env[ProcessGuard.ENV_NAME] = mark
+        process = subprocess.Popen(argv, start_new_session=True, env=env, **options)  # type: ignore[call-overload]
+        self.guard.watch(process.pid, mark)
         return process
 
     async def _capture(self, fd: int, output: bytearray) -> None:
@@ -177,20 +183,45 @@ def _remove(path: str) -> None:
 # process group still listed. Its own session keeps a terminal's Ctrl-C away from
 # it; -I -S: no site packages, no environment, a ~10 ms start.
 _GUARD_CODE = """
-import os, signal
-groups, pending = set(), b""
+import os, signal, sys
+name = sys.argv[1].encode()  # KAIROI_SCRIPT_GUARD
+groups, expected, pending = set(), set(), b""
 while chunk := os.read(0, 65536):
     *lines, pending = (pending + chunk).split(b"\\n")
     for line in lines:
-        if line[:1] == b"+":
-            groups.add(int(line[1:]))
+        if line[:1] == b"~":  # a script is about to start with this mark
+            expected.add(line[1:])
+        elif line[:1] == b"+":  # "+<pgid> <mark>": it started
+            pgid, _, mark = line[1:].partition(b" ")
+            groups.add(int(pgid))
+            expected.discard(mark)
         elif line[:1] == b"-":
             groups.discard(int(line[1:]))
-for pgid in groups:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except OSError:
-        pass
+wanted = {name + b"=" + mark for mark in expected}
+
+def marked():
+    # Scripts forked but never announced (the server died between "~" and "+"):
+    # found by the mark their environment carries.
+    found = set()
+    if not wanted:
+        return found
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open("/proc/" + pid + "/environ", "rb") as f:
+                    if wanted.intersection(f.read().split(b"\\0")):
+                        found.add(os.getpgid(int(pid)))
+            except OSError:
+                pass
+    return found
+
+for _ in range(2):  # twice: a script may have been forking while we looked
+    for pgid in groups | marked():
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except OSError:
+            pass
+    groups = set()
 """
 
 
@@ -204,8 +235,14 @@ class ProcessGuard:
     too slow to read costs a warning, not a stalled runner. Thread-safe.
     """
 
+    ENV_NAME = "KAIROI_SCRIPT_GUARD"
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        # Marks put in scripts' environments (ENV_NAME): the guard finds by them the
+        # scripts whose "+<pgid>" never reached it (the server killed right after a fork).
+        self._token = secrets.token_hex(8)
+        self._marks = itertools.count()
         self._process: subprocess.Popen[bytes] | None = None
         self._fd: int | None = None
         self._warned = False
@@ -214,8 +251,14 @@ class ProcessGuard:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
-    def watch(self, pgid: int) -> None:
-        self._send(b"+%d\n" % pgid, start=True)
+    def expect(self) -> str:
+        """A new mark for a script about to start (put it in its environment as ENV_NAME)."""
+        mark = f"{self._token}.{next(self._marks)}"
+        self._send(b"~%s\n" % mark.encode(), start=True)
+        return mark
+
+    def watch(self, pgid: int, mark: str = "") -> None:
+        self._send(b"+%d %s\n" % (pgid, mark.encode()), start=True)
 
     def forget(self, pgid: int) -> None:
         self._send(b"-%d\n" % pgid, start=False)
@@ -251,7 +294,14 @@ class ProcessGuard:
         read, write = os.pipe()  # close-on-exec: scripts never hold the write end
         try:
             self._process = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _GUARD_CODE],
+                [
+                    sys.executable,
+                    "-I",
+                    "-S",
+                    "-c",
+                    _GUARD_CODE,
+                    self.ENV_NAME,
+                ],
                 stdin=read,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,  # holds no pipe of the server's open after it
