@@ -152,9 +152,9 @@ class KcpServer:
                     await self._serve_tls(stream)
                     return
                 await _Connection(self, stream).serve()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client went away
-        except Exception:  # one connection's bug must not stop the listener
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away (also from inside the connection's nursery: a reset)
+        except* Exception:  # one connection's bug must not stop the listener
             log.exception("kcp connection failed")
         finally:
             self.connections -= 1
