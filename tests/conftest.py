@@ -6,7 +6,16 @@ from collections.abc import Iterator
 
 import amqp_broker as broker
 import pytest
+import structlog
 from amqp_broker import Admin, Route
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging_configuration() -> Iterator[None]:
+    """A test that runs a command in-process (e.g. import-kairoi, which sets the
+    level to warning) must not change what later tests' capture_logs sees."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session", autouse=True)
