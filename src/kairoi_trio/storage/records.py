@@ -746,7 +746,6 @@ class ReplayResult:
 
 # Frame header + JobPut header in one unpack: the fast path of replay.
 _FRAMED_JOB_PUT = struct.Struct("<III" + _JOB_PUT.format[1:])
-_FRAMED_JOB_PUT_V1 = struct.Struct("<II" + _JOB_PUT.format[1:])
 
 
 def replay_into(
@@ -877,58 +876,13 @@ def _replay_v2(
 def _replay_v1(
     data: Buffer, offset: int, jobs: dict[str, Job], rules: dict[str, Rule]
 ) -> ReplayResult:
+    """Format 1 is only read once, at the first start after an upgrade (appends go to
+    a format-2 segment and the next compaction rewrites it all): the general path."""
     result = ReplayResult(offset, None)
+    pos: int | None = offset
     size = len(data)
-    pos = offset
-    count = 0
-    crc32 = _crc32
-    unpack = _FRAMED_JOB_PUT_V1.unpack_from
-    head = _FRAMED_JOB_PUT_V1.size
-    last_head = size - head
-    by_code = _STATUS_BY_CODE
-    outcome = _outcome
-    while pos < size:
-        if pos <= last_head:
-            length, crc, kind, code, execute_at, updated_at, attempts, id_len, pl_len, out_len = (
-                unpack(data, pos)
-            )
-            end = pos + 8 + length  # 8 = FRAME_V1_SIZE
-            if (
-                kind == 1  # T_JOB_PUT
-                and end <= size
-                and 34 + id_len + pl_len + out_len == length  # 34 = _JOB_PUT.size
-                and 0 < code < 5
-                and crc32(data[pos + 8 : end]) == crc
-            ):
-                a = pos + head
-                b = a + id_len
-                c = b + pl_len
-                try:
-                    job_id = data[a:b].decode()
-                    last = outcome(data[c:end]) if out_len else ""
-                except UnicodeDecodeError:
-                    result.records = count
-                    result.end = pos
-                    result.error = FrameError(pos, "invalid UTF-8 in a JobPut", False)
-                    return result
-                jobs[job_id] = make_job(
-                    job_id,
-                    execute_at,
-                    by_code[code],  # type: ignore[arg-type]
-                    data[b:c] if pl_len else b"",
-                    attempts,
-                    last,
-                    updated_at,
-                )
-                count += 1
-                pos = end
-                continue
-        result.records = count
-        after = _replay_general(data, pos, jobs, rules, 1, result)
-        if after is None:
-            return result
-        count = result.records
-        pos = after
-    result.records = count
-    result.end = pos
+    while pos is not None and pos < size:
+        pos = _replay_general(data, pos, jobs, rules, 1, result)
+    if pos is not None:
+        result.end = pos
     return result
