@@ -6,12 +6,11 @@ import argparse
 import signal
 import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import trio
 
 from kairoi_trio import __version__
-from kairoi_trio.config import Config, ConfigError, find_config, load_config
+from kairoi_trio.config import Config, ConfigError, add_config_option, find_config, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,13 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = args.command or "serve"  # no subcommand: Kairoi's behaviour, run the server
     if command in ("serve", "check-config"):
+        path = getattr(args, "config", None)  # -c before or after the command
         try:
-            config = load_config(args.config)
+            config = load_config(path)
         except ConfigError as error:
             print(f"kairoi-trio: {error}", file=sys.stderr)
             return 2
         if command == "check-config":
-            found = find_config(args.config)
+            found = find_config(path)
             print(f"configuration is valid ({found or 'no file: the defaults'})")
             return 0
         return run_server(config)
@@ -69,18 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     version = f"kairoi-trio {__version__}"
     parser.add_argument("-V", "--version", action="version", version=version)
-    config_help = "TOML configuration file (default: ./configuration.toml if it exists)"
-    parser.add_argument("-c", "--config", type=Path, metavar="FILE", help=config_help)
+    add_config_option(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    # SUPPRESS: a -c given before the command is not reset by the subcommand's default.
     for name, help_text in (
         ("serve", "run the server (the default command)"),
         ("check-config", "validate the configuration and exit"),
     ):
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument(
-            "-c", "--config", type=Path, metavar="FILE", default=argparse.SUPPRESS, help=config_help
-        )
+        add_config_option(commands.add_parser(name, help=help_text, description=help_text))
     _add_import_command(commands)
     from kairoi_trio.storage.backup import add_backup_command
     from kairoi_trio.storage.repair import add_repair_command

@@ -9,6 +9,7 @@ config silently ignored is a job that silently never runs.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import ssl
@@ -225,6 +226,23 @@ def find_config(path: Path | None) -> Path | None:
         return with_toml
     tried = f" (nor {with_toml})" if with_toml != path else ""
     raise ConfigError(f"cannot read {path}: no such file{tried}")
+
+
+def add_config_option(parser: argparse.ArgumentParser, help: str = "") -> None:
+    """`-c/--config FILE` on a (sub)command, as find_config reads it.
+
+    Its default is SUPPRESS, so that on a subcommand it does not reset a `-c`
+    given before the command (`kairoi-trio -c FILE backup DEST`); read it with
+    `getattr(args, "config", None)`.
+    """
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help=help or "TOML configuration file (default: ./configuration.toml if it exists)",
+    )
 
 
 def load_config(path: Path | None) -> Config:

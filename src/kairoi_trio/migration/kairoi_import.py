@@ -42,7 +42,7 @@ from typing import TextIO
 import trio
 
 from kairoi_trio.commands import CommandError
-from kairoi_trio.config import Config, ConfigError, load_config
+from kairoi_trio.config import Config, ConfigError, add_config_option, load_config
 from kairoi_trio.core.validation import RuleValidator, validate_job
 from kairoi_trio.migration.kairoi_log import (
     KAIROI_COMPACTION_TMP,
@@ -468,13 +468,9 @@ def add_import_command(commands: argparse._SubParsersAction) -> None:  # type: i
         "2 bad configuration or arguments. See docs/importing-from-kairoi.md.",
     )
     sub.add_argument("directory", type=Path, metavar="DIR", help="the directory Kairoi ran in")
-    sub.add_argument(
-        "-c",
-        "--config",
-        type=Path,
-        metavar="FILE",
-        default=argparse.SUPPRESS,
-        help="configuration of the target kairoi-trio (default: ./configuration.toml if it "
+    add_config_option(
+        sub,
+        "configuration of the target kairoi-trio (default: ./configuration.toml if it "
         "exists); its [storage] directory receives the data",
     )
     sub.add_argument(

@@ -254,6 +254,7 @@ def _left_out(
 
 def add_backup_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `backup DEST [-c FILE]`."""
+    from kairoi_trio.config import add_config_option
     description = (
         "Copy the data directory of the configuration ([storage] directory) into DEST, "
         "consistently, while the server runs or not: the newest snapshot and the segments "
@@ -268,13 +269,9 @@ def add_backup_command(commands: argparse._SubParsersAction) -> None:  # type: i
         "DEST left empty), 2 bad configuration or arguments. See docs/operations.md.",
     )
     sub.add_argument("dest", type=Path, metavar="DEST", help="new directory (absent or empty)")
-    sub.add_argument(
-        "-c",
-        "--config",
-        type=Path,
-        metavar="FILE",
-        default=argparse.SUPPRESS,
-        help="configuration of the server whose data is copied (default: ./configuration.toml "
+    add_config_option(
+        sub,
+        "configuration of the server whose data is copied (default: ./configuration.toml "
         "if it exists)",
     )
 
