@@ -520,7 +520,7 @@ async def test_append_before_load_or_after_close_is_a_programming_error(tmp_path
 
 FIXTURE_V1 = Path(__file__).parent.parent / "fixtures" / "data-v1"
 T0 = 1_800_000_000_000_000
-# What tests/fixtures/make_data_v1.py left in data-v1 (snapshot 1, segments 2 and 3).
+# What tests/fixtures/make_data.py left in data-v1 and data-v2 (snapshot 1, segments 2 and 3).
 EXPECTED_V1_JOBS = {
     "app.amqp.payload": Job(
         "app.amqp.payload",
@@ -571,8 +571,13 @@ def v1_copy(tmp_path: Path) -> Path:
     return directory
 
 
-def test_v1_data_directory_loads_to_exactly_its_state(tmp_path: Path) -> None:
-    directory = v1_copy(tmp_path)
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_data_directory_loads_to_exactly_its_state(tmp_path: Path, version: int) -> None:
+    """A data directory written by an earlier release (format 1: the first; format 2:
+    the release before recurring jobs) opens unchanged, to the same state."""
+    fixture = FIXTURE_V1.parent / f"data-v{version}"
+    directory = tmp_path / fixture.name
+    shutil.copytree(fixture, directory)
     state = load(directory)
     assert state.jobs == EXPECTED_V1_JOBS
     assert state.rules == EXPECTED_V1_RULES
@@ -580,7 +585,7 @@ def test_v1_data_directory_loads_to_exactly_its_state(tmp_path: Path) -> None:
     assert state.warnings == [] and state.repaired_tail_bytes == 0
     # Loading changed no file of the release that wrote them.
     for name in ("snapshot-0000000001.snap", "segment-0000000002.log"):
-        assert (directory / name).read_bytes() == (FIXTURE_V1 / name).read_bytes()
+        assert (directory / name).read_bytes() == (fixture / name).read_bytes()
 
 
 # The state as of the end of segment 2 (before segment 3's three records).
