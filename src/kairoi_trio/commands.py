@@ -12,7 +12,7 @@ import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from kairoi_trio.model import DEFAULT_POLICY, Job, JobEvent, Rule, RulePolicy, Status
+from kairoi_trio.model import DEFAULT_POLICY, Job, JobEvent, Rule, RulePolicy, Schedule, Status
 
 # Commands and results are messages: never changed after they are made. They are
 # not frozen dataclasses only because a frozen __init__ costs about four times as
@@ -81,6 +81,55 @@ class ListJobs:
 class JobPage:
     jobs: list[Job]
     next_after: str  # "" when there is nothing more
+
+
+# -- recurring jobs (docs/recurring-jobs.md) -------------------------------------
+
+
+@dataclass(slots=True)
+class ScheduleJob:
+    """Create or replace the recurring job `id`. Result: the Job, planned at its
+    first occurrence. INVALID_ARGUMENT for a bad expression, zone or option, or a
+    schedule with no occurrence; FAILED_PRECONDITION while a run is in flight.
+    An interval schedule without a start starts one interval from now."""
+
+    id: str
+    schedule: Schedule
+    payload: bytes = b""
+
+
+@dataclass(slots=True)
+class PauseJob:
+    """Stop a recurring job from firing (a run in flight ends normally). Result: the Job.
+    FAILED_PRECONDITION for a one-shot job or a schedule that has ended."""
+
+    id: str
+
+
+@dataclass(slots=True)
+class ResumeJob:
+    """Resume a paused recurring job; its misfire policy decides about the
+    occurrences that came due meanwhile. Result: the Job."""
+
+    id: str
+
+
+@dataclass(slots=True)
+class RunJobNow:
+    """Run a recurring job once now, without changing its schedule: afterwards it
+    goes on with the occurrence that was planned. Result: the Job.
+    FAILED_PRECONDITION while a run is in flight or once the schedule has ended."""
+
+    id: str
+
+
+@dataclass(slots=True)
+class PreviewJob:
+    """The next `count` (1..1000) occurrences of a recurring job's schedule, after
+    the one planned or in flight. Result: a list of times (µs since the epoch, UTC)."""
+
+    id: str
+    count: int = 5
 
 
 # -- rules --------------------------------------------------------------------
@@ -207,6 +256,11 @@ Command = (
     | GetJob
     | DeleteJob
     | ListJobs
+    | ScheduleJob
+    | PauseJob
+    | ResumeJob
+    | RunJobNow
+    | PreviewJob
     | SetRule
     | GetRule
     | DeleteRule

@@ -40,7 +40,7 @@ class Status(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class ShellRunner:
-    """Run `sh <command> <job_id>`."""
+    """Run `sh -- <command> <job_id>`."""
 
     command: str
     kind = "shell"
@@ -119,14 +119,92 @@ class Rule:
     policy: RulePolicy = DEFAULT_POLICY
 
 
+class Misfire(enum.Enum):
+    """What a recurring job does about occurrences that came due while the server
+    was down or the job was paused (docs/recurring-jobs.md)."""
+
+    COALESCE = "coalesce"  # run once now for all of them
+    ALL = "all"  # run each (the latest max_catchup_runs of them), in order
+    SKIP = "skip"  # none: plan the next future occurrence
+
+    __hash__ = object.__hash__
+
+
+class Overlap(enum.Enum):
+    """What a recurring job does about an occurrence that comes due while its
+    previous run is still in flight (retries included)."""
+
+    SKIP = "skip"  # the occurrence is counted as skipped
+    BUFFER_ONE = "buffer_one"  # run it as soon as the current run ends; further ones skip
+
+    __hash__ = object.__hash__
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """A recurring job's schedule, as the client gave it (scheduling/ evaluates it).
+
+    expression: a cron expression (5 fields, or 6 with leading seconds), a macro
+        (@yearly @monthly @weekly @daily @hourly), `every <duration>` (90s, 15m,
+        2h, 1d) or an ISO 8601 duration (PT15M).
+    tz: IANA zone name the cron fields are read in ("UTC" by default); intervals
+        are exact durations and ignore it.
+    start, end: bounds in microseconds since the epoch (UTC), inclusive, or None.
+        An interval's occurrences are start + k * interval; the server fills in
+        start (one interval after the SCHEDULE) when the client gave none.
+    max_runs: stop after this many runs (None: no limit).
+    jitter_us: each occurrence runs after a random delay in 0..jitter_us, drawn
+        once per occurrence and kept in the log.
+    catchup_window_us: a missed occurrence older than this is not caught up (None: no bound).
+    """
+
+    expression: str
+    tz: str = "UTC"
+    start: int | None = None
+    end: int | None = None
+    max_runs: int | None = None
+    jitter_us: int = 0
+    misfire: Misfire = Misfire.COALESCE
+    catchup_window_us: int | None = None
+    overlap: Overlap = Overlap.SKIP
+
+
+@dataclass(frozen=True, slots=True)
+class Recurrence:
+    """A recurring job's schedule and where it stands; part of its Job.
+
+    nominal: the scheduled time (µs, UTC) of the run planned or in flight; the
+        job's execute_at is nominal + jitter (or a retry's time). Runners get it
+        as `scheduled_at`, the key for deduplicating at-least-once deliveries.
+    runs: runs ended so far (a run with its retries counts once).
+    skipped: occurrences not run (overlap, misfire=skip/coalesce), counted.
+    paused: the job fires no run until resumed.
+    manual: the run planned or in flight is a run-now; `resume` is then the
+        nominal time of the scheduled occurrence the schedule goes on with.
+    catchup_until, catchup_left: misfire=all is catching up: the occurrences up
+        to catchup_until still to run (catchup_left of them).
+    """
+
+    schedule: Schedule
+    nominal: int
+    runs: int = 0
+    skipped: int = 0
+    paused: bool = False
+    manual: bool = False
+    resume: int = 0
+    catchup_until: int = 0
+    catchup_left: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     """One job. Replaced, never mutated, on every change.
 
-    attempts counts runs started since the job was last SET; last_outcome is a
-    short human-readable result of the last run ("" before any run).
-    updated_at is when the status last changed (retention of finished jobs
-    counts from it).
+    attempts counts runs started since the job was last SET (for a recurring
+    job: since its current occurrence came due); last_outcome is a short
+    human-readable result of the last run ("" before any run). updated_at is
+    when the status last changed (retention of finished jobs counts from it).
+    recurrence is None for a one-shot job.
     """
 
     id: str
@@ -136,6 +214,13 @@ class Job:
     attempts: int = 0
     last_outcome: str = ""
     updated_at: int = 0
+    recurrence: Recurrence | None = None
+
+    @property
+    def scheduled_at(self) -> int:
+        """The nominal time of this run (µs, UTC): execute_at for a one-shot job."""
+        recurrence = self.recurrence
+        return self.execute_at if recurrence is None else recurrence.nominal
 
 
 # Job(...) goes through the frozen dataclass's __init__ (object.__setattr__ per
@@ -143,7 +228,16 @@ class Job:
 # result. Used where jobs are made by the million: log replay and the actor.
 JOB_SLOT_SETTERS = tuple(
     Job.__dict__[name].__set__
-    for name in ("id", "execute_at", "status", "payload", "attempts", "last_outcome", "updated_at")
+    for name in (
+        "id",
+        "execute_at",
+        "status",
+        "payload",
+        "attempts",
+        "last_outcome",
+        "updated_at",
+        "recurrence",
+    )
 )
 if tuple(f.name for f in fields(Job)) != (
     "id",
@@ -153,6 +247,7 @@ if tuple(f.name for f in fields(Job)) != (
     "attempts",
     "last_outcome",
     "updated_at",
+    "recurrence",
 ):  # pragma: no cover - guards edits of Job
     raise ImportError("model.Job changed: update JOB_SLOT_SETTERS and the JobPut encoding")
 
@@ -165,11 +260,19 @@ def new_job(
     attempts: int,
     last_outcome: str,
     updated_at: int,
+    recurrence: Recurrence | None = None,
 ) -> Job:
     job = Job.__new__(Job)
-    set_id, set_at, set_status, set_payload, set_attempts, set_outcome, set_updated = (
-        JOB_SLOT_SETTERS
-    )
+    (
+        set_id,
+        set_at,
+        set_status,
+        set_payload,
+        set_attempts,
+        set_outcome,
+        set_updated,
+        set_recurrence,
+    ) = JOB_SLOT_SETTERS
     set_id(job, id)
     set_at(job, execute_at)
     set_status(job, status)
@@ -177,6 +280,7 @@ def new_job(
     set_attempts(job, attempts)
     set_outcome(job, last_outcome)
     set_updated(job, updated_at)
+    set_recurrence(job, recurrence)
     return job
 
 

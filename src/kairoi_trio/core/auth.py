@@ -55,6 +55,11 @@ _REQUIRED: dict[type, tuple[Role, str]] = {
     c.Unsubscribe: (Role.READ, "watch jobs"),
     c.SetJob: (Role.CLIENT, "set jobs"),
     c.DeleteJob: (Role.CLIENT, "unset jobs"),
+    c.ScheduleJob: (Role.CLIENT, "schedule jobs"),
+    c.PauseJob: (Role.CLIENT, "pause jobs"),
+    c.ResumeJob: (Role.CLIENT, "resume jobs"),
+    c.RunJobNow: (Role.CLIENT, "run jobs now"),
+    c.PreviewJob: (Role.READ, "read jobs"),
     c.SetRule: (Role.ADMIN, "set rules"),
     c.DeleteRule: (Role.ADMIN, "unset rules"),
 }

@@ -30,6 +30,11 @@ _PLANNED = Status.PLANNED
 _FINISHED = frozenset((Status.EXECUTED, Status.FAILED))
 
 
+def _waits(job: Job) -> bool:
+    """Planned and not paused: the job belongs in the due heap."""
+    return job.status is _PLANNED and (job.recurrence is None or not job.recurrence.paused)
+
+
 class State:
     def __init__(self, jobs: Iterable[Job] = (), rules: Iterable[Rule] = ()) -> None:
         self.jobs: dict[str, Job] = {job.id: job for job in jobs}
@@ -39,7 +44,7 @@ class State:
             self.counts[job.status] += 1
         self._ids = SortedList(self.jobs)
         self._due: list[tuple[int, str]] = [
-            (job.execute_at, job.id) for job in self.jobs.values() if job.status is Status.PLANNED
+            (job.execute_at, job.id) for job in self.jobs.values() if _waits(job)
         ]
         heapq.heapify(self._due)
         finished = sorted(
@@ -68,8 +73,8 @@ class State:
         else:
             counts[old.status] -= 1
         counts[status] += 1
-        if status is _PLANNED:
-            if old is None or old.status is not _PLANNED or old.execute_at != job.execute_at:
+        if status is _PLANNED and (job.recurrence is None or not job.recurrence.paused):
+            if old is None or not _waits(old) or old.execute_at != job.execute_at:
                 heapq.heappush(self._due, (job.execute_at, job_id))
                 if len(self._due) > 2 * counts[_PLANNED] + 1024:
                     self._rebuild_due()
@@ -85,7 +90,7 @@ class State:
         return old
 
     def next_due(self) -> int | None:
-        """The earliest execute_at among planned jobs, or None."""
+        """The earliest execute_at among planned jobs (paused ones aside), or None."""
         due = self._due
         while due:
             at, job_id = due[0]
@@ -113,11 +118,11 @@ class State:
 
     def _is_live(self, at: int, job_id: str) -> bool:
         job = self.jobs.get(job_id)
-        return job is not None and job.status is _PLANNED and job.execute_at == at
+        return job is not None and job.execute_at == at and _waits(job)
 
     def _rebuild_due(self) -> None:
         """Drop the stale entries once they outnumber the live ones."""
-        self._due = [(j.execute_at, j.id) for j in self.jobs.values() if j.status is _PLANNED]
+        self._due = [(j.execute_at, j.id) for j in self.jobs.values() if _waits(j)]
         heapq.heapify(self._due)
 
     def expired_finished(self, before: int, limit: int) -> list[str]:
@@ -225,7 +230,14 @@ def recover_replayed(jobs: dict[str, Job]) -> tuple[int, int]:
                 " range 0001-01-01 to 9999-12-31"
             )
             jobs[job_id] = new_job(
-                job_id, edge, Status.FAILED, job.payload, job.attempts, outcome, job.updated_at
+                job_id,
+                edge,
+                Status.FAILED,
+                job.payload,
+                job.attempts,
+                outcome,
+                job.updated_at,
+                job.recurrence,
             )
             out_of_range += 1
         elif job.status is Status.TRIGGERED:
@@ -237,6 +249,7 @@ def recover_replayed(jobs: dict[str, Job]) -> tuple[int, int]:
                 job.attempts,
                 job.last_outcome,
                 job.updated_at,
+                job.recurrence,
             )
             retriggered += 1
     return retriggered, out_of_range

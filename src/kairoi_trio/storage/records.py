@@ -713,7 +713,14 @@ def apply_record(jobs: dict[str, Job], rules: dict[str, Rule], record: Record) -
         if old is None:
             return False
         jobs[r.id] = make_job(
-            old.id, old.execute_at, r.status, old.payload, r.attempts, r.last_outcome, r.updated_at
+            old.id,
+            old.execute_at,
+            r.status,
+            old.payload,
+            r.attempts,
+            r.last_outcome,
+            r.updated_at,
+            old.recurrence,
         )
     elif kind is JobDelete:
         jobs.pop(record.id, None)  # type: ignore[union-attr]
@@ -813,6 +820,7 @@ def _replay_v2(
         set_attempts,
         set_last_outcome,
         set_updated_at,
+        set_recurrence,
     ) = JOB_SLOT_SETTERS
     while pos < size:
         if pos <= last_head:
@@ -857,6 +865,7 @@ def _replay_v2(
                 set_attempts(job, attempts)
                 set_last_outcome(job, last)
                 set_updated_at(job, updated_at)
+                set_recurrence(job, None)
                 jobs[job_id] = job
                 count += 1
                 pos = end
