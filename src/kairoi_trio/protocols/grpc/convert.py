@@ -24,9 +24,13 @@ from kairoi_trio.model import (
     HttpRunner,
     Job,
     JobEvent,
+    Misfire,
+    Overlap,
+    Recurrence,
     Rule,
     RulePolicy,
     RunnerSpec,
+    Schedule,
     ShellRunner,
     Status,
 )
@@ -42,6 +46,11 @@ MAX_DETAILS_CHARS = 1000
 # google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z.
 _MIN_TS_SECONDS = -62_135_596_800
 _MAX_TS_SECONDS = 253_402_300_799
+# google.protobuf.Duration's valid range: +-10,000 years.
+_MAX_DURATION_SECONDS = 315_576_000_000
+
+# PreviewJob's count: 1..MAX_PREVIEW occurrences (the PreviewJob command's bound).
+MAX_PREVIEW = 1000
 
 STATUS_CODES: dict[ErrorCode, grpc.StatusCode] = {
     ErrorCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -59,6 +68,28 @@ _TO_PB_STATUS = {
     Status.FAILED: pb.JOB_STATUS_FAILED,
 }
 _FROM_PB_STATUS = {v: k for k, v in _TO_PB_STATUS.items()}
+
+# Unspecified enums (0) mean the model's defaults: coalesce, skip.
+_FROM_PB_MISFIRE = {
+    pb.MISFIRE_POLICY_UNSPECIFIED: Misfire.COALESCE,
+    pb.MISFIRE_POLICY_COALESCE: Misfire.COALESCE,
+    pb.MISFIRE_POLICY_ALL: Misfire.ALL,
+    pb.MISFIRE_POLICY_SKIP: Misfire.SKIP,
+}
+_TO_PB_MISFIRE = {
+    Misfire.COALESCE: pb.MISFIRE_POLICY_COALESCE,
+    Misfire.ALL: pb.MISFIRE_POLICY_ALL,
+    Misfire.SKIP: pb.MISFIRE_POLICY_SKIP,
+}
+_FROM_PB_OVERLAP = {
+    pb.OVERLAP_POLICY_UNSPECIFIED: Overlap.SKIP,
+    pb.OVERLAP_POLICY_SKIP: Overlap.SKIP,
+    pb.OVERLAP_POLICY_BUFFER_ONE: Overlap.BUFFER_ONE,
+}
+_TO_PB_OVERLAP = {
+    Overlap.SKIP: pb.OVERLAP_POLICY_SKIP,
+    Overlap.BUFFER_ONE: pb.OVERLAP_POLICY_BUFFER_ONE,
+}
 
 _EVENT_TYPES = {
     Status.PLANNED: pb.JOB_EVENT_TYPE_SET,
@@ -145,6 +176,23 @@ def duration_from_seconds(s: float) -> Duration:
     return d
 
 
+def micros_from_duration(d: Duration, field: str) -> int:
+    """A non-negative Duration in microseconds; nanoseconds below a microsecond are
+    dropped. INVALID_ARGUMENT naming `field` for a negative or malformed one (nanos
+    outside 0..999,999,999, or beyond the 10,000 years a Duration may hold)."""
+    if d.seconds < 0 or d.nanos < 0:
+        raise invalid(f"{field} must be a non-negative duration")
+    if d.nanos >= 10**9 or d.seconds > _MAX_DURATION_SECONDS:
+        raise invalid(f"{field} is not a valid duration (at most 10,000 years)")
+    return d.seconds * MICROS + d.nanos // 1000
+
+
+def duration_from_micros(us: int) -> Duration:
+    """Microseconds as a Duration, exactly."""
+    seconds, micros = divmod(us, MICROS)
+    return Duration(seconds=seconds, nanos=micros * 1000)
+
+
 # -- jobs ------------------------------------------------------------------------
 
 
@@ -171,6 +219,7 @@ def set_job_from_pb(request: pb.SetJobRequest) -> c.SetJob:
 
 
 def job_to_pb(job: Job) -> pb.Job:
+    """A job as the API shows it; `schedule` is set for a recurring job only."""
     message = pb.Job(
         id=job.id,
         execute_at=timestamp_from_micros(job.execute_at),
@@ -181,6 +230,8 @@ def job_to_pb(job: Job) -> pb.Job:
     )
     if job.updated_at:
         message.updated_at.CopyFrom(timestamp_from_micros(job.updated_at))
+    if job.recurrence is not None:
+        message.schedule.CopyFrom(schedule_to_pb(job.recurrence))
     return message
 
 
@@ -209,6 +260,104 @@ def job_event_to_pb(event: JobEvent) -> pb.JobEvent:
 
 def snapshot_event_to_pb(job: Job) -> pb.JobEvent:
     return pb.JobEvent(type=_EVENT_TYPES[job.status], job=job_to_pb(job))
+
+
+# -- recurring jobs ----------------------------------------------------------------
+
+
+def schedule_from_pb(message: pb.Schedule) -> Schedule:
+    """A client's Schedule as the model's, its syntax checked (the actor checks the
+    rest: the expression, the zone, the bounds of each option).
+
+    Unset fields take the defaults: time_zone "" is UTC, max_runs 0 no limit, an
+    unset jitter none, an unset catchup_window no bound, unspecified policies
+    coalesce and skip. The output-only fields (paused, runs, skipped,
+    scheduled_at) are ignored. INVALID_ARGUMENT naming the field (`schedule.X`)
+    for an empty expression, a timestamp outside years 0001..9999, a negative
+    duration or an enum value this server does not know.
+    """
+    if not message.expression.strip():
+        raise invalid(
+            "schedule.expression is required: a cron expression (*/15 * * * *), a macro "
+            "(@daily) or an interval (every 15m, PT15M)"
+        )
+    try:
+        misfire = _FROM_PB_MISFIRE[message.misfire]  # type: ignore[index]
+    except KeyError:
+        raise invalid(f"unknown schedule.misfire policy {message.misfire}") from None
+    try:
+        overlap = _FROM_PB_OVERLAP[message.overlap]  # type: ignore[index]
+    except KeyError:
+        raise invalid(f"unknown schedule.overlap policy {message.overlap}") from None
+
+    def time(name: str) -> int | None:
+        if not message.HasField(name):
+            return None
+        return micros_from_timestamp(getattr(message, name), f"schedule.{name}")
+
+    def span(name: str) -> int | None:
+        if not message.HasField(name):
+            return None
+        return micros_from_duration(getattr(message, name), f"schedule.{name}")
+
+    return Schedule(
+        expression=message.expression,
+        tz=message.time_zone or "UTC",
+        start=time("start"),
+        end=time("end"),
+        max_runs=message.max_runs or None,
+        jitter_us=span("jitter") or 0,
+        misfire=misfire,
+        catchup_window_us=span("catchup_window"),
+        overlap=overlap,
+    )
+
+
+def schedule_to_pb(recurrence: Recurrence) -> pb.Schedule:
+    """A recurring job's schedule as the client gave it (completed by the server:
+    an interval's start, the defaults), and where it stands."""
+    schedule = recurrence.schedule
+    message = pb.Schedule(
+        expression=schedule.expression,
+        time_zone=schedule.tz,
+        max_runs=schedule.max_runs or 0,
+        misfire=_TO_PB_MISFIRE[schedule.misfire],
+        overlap=_TO_PB_OVERLAP[schedule.overlap],
+        paused=recurrence.paused,
+        runs=recurrence.runs,
+        skipped=recurrence.skipped,
+        scheduled_at=timestamp_from_micros(recurrence.nominal),
+    )
+    if schedule.start is not None:
+        message.start.CopyFrom(timestamp_from_micros(schedule.start))
+    if schedule.end is not None:
+        message.end.CopyFrom(timestamp_from_micros(schedule.end))
+    if schedule.jitter_us:
+        message.jitter.CopyFrom(duration_from_micros(schedule.jitter_us))
+    if schedule.catchup_window_us is not None:
+        message.catchup_window.CopyFrom(duration_from_micros(schedule.catchup_window_us))
+    return message
+
+
+def schedule_job_from_pb(request: pb.ScheduleJobRequest) -> c.ScheduleJob:
+    """ScheduleJobRequest -> ScheduleJob; INVALID_ARGUMENT without a schedule."""
+    if not request.HasField("schedule"):
+        raise invalid(
+            "schedule is required (its expression: a cron expression, a macro or an interval)"
+        )
+    return c.ScheduleJob(request.id, schedule_from_pb(request.schedule), request.payload)
+
+
+def preview_job_from_pb(request: pb.PreviewJobRequest) -> c.PreviewJob:
+    """PreviewJobRequest -> PreviewJob; INVALID_ARGUMENT for a count outside 1..1000."""
+    if not 1 <= request.count <= MAX_PREVIEW:
+        raise invalid(f"count must be 1 to {MAX_PREVIEW} occurrences, not {request.count}")
+    return c.PreviewJob(request.id, request.count)
+
+
+def preview_to_pb(occurrences: list[int]) -> pb.PreviewJobResponse:
+    """PreviewJob's times (µs since the epoch) as Timestamps, in their order."""
+    return pb.PreviewJobResponse(occurrences=[timestamp_from_micros(at) for at in occurrences])
 
 
 # -- rules -----------------------------------------------------------------------

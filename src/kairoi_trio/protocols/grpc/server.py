@@ -529,6 +529,37 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             return pb.ListJobsResponse(jobs=jobs, next_page_token=jobs[-1].id)
         return pb.ListJobsResponse(jobs=jobs, next_page_token=page.next_after)
 
+    # -- recurring jobs -----------------------------------------------------------
+
+    @_rpc
+    async def ScheduleJob(
+        self, request: pb.ScheduleJobRequest, context: Any
+    ) -> pb.ScheduleJobResponse:
+        job = await self._one(convert.schedule_job_from_pb(request))
+        return pb.ScheduleJobResponse(job=convert.job_to_pb(job))
+
+    @_rpc
+    async def PauseJob(self, request: pb.PauseJobRequest, context: Any) -> pb.PauseJobResponse:
+        job = await self._one(c.PauseJob(request.id))
+        return pb.PauseJobResponse(job=convert.job_to_pb(job))
+
+    @_rpc
+    async def ResumeJob(self, request: pb.ResumeJobRequest, context: Any) -> pb.ResumeJobResponse:
+        job = await self._one(c.ResumeJob(request.id))
+        return pb.ResumeJobResponse(job=convert.job_to_pb(job))
+
+    @_rpc
+    async def RunJobNow(self, request: pb.RunJobNowRequest, context: Any) -> pb.RunJobNowResponse:
+        job = await self._one(c.RunJobNow(request.id))
+        return pb.RunJobNowResponse(job=convert.job_to_pb(job))
+
+    @_rpc
+    async def PreviewJob(
+        self, request: pb.PreviewJobRequest, context: Any
+    ) -> pb.PreviewJobResponse:
+        occurrences = await self._one(convert.preview_job_from_pb(request))
+        return convert.preview_to_pb(occurrences)
+
     # -- rules -----------------------------------------------------------------
 
     @_rpc
@@ -941,6 +972,11 @@ METHOD_COMMANDS: dict[str, type] = {
     "GetJob": c.GetJob,
     "DeleteJob": c.DeleteJob,
     "ListJobs": c.ListJobs,
+    "ScheduleJob": c.ScheduleJob,
+    "PauseJob": c.PauseJob,
+    "ResumeJob": c.ResumeJob,
+    "RunJobNow": c.RunJobNow,
+    "PreviewJob": c.PreviewJob,
     "SetRule": c.SetRule,
     "GetRule": c.GetRule,
     "DeleteRule": c.DeleteRule,

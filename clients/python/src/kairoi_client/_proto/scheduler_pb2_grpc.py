@@ -65,6 +65,31 @@ class SchedulerStub:
                 request_serializer=kairoi_dot_v1_dot_scheduler__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=kairoi_dot_v1_dot_scheduler__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
+        self.ScheduleJob = channel.unary_unary(
+                '/kairoi.v1.Scheduler/ScheduleJob',
+                request_serializer=kairoi_dot_v1_dot_scheduler__pb2.ScheduleJobRequest.SerializeToString,
+                response_deserializer=kairoi_dot_v1_dot_scheduler__pb2.ScheduleJobResponse.FromString,
+                _registered_method=True)
+        self.PauseJob = channel.unary_unary(
+                '/kairoi.v1.Scheduler/PauseJob',
+                request_serializer=kairoi_dot_v1_dot_scheduler__pb2.PauseJobRequest.SerializeToString,
+                response_deserializer=kairoi_dot_v1_dot_scheduler__pb2.PauseJobResponse.FromString,
+                _registered_method=True)
+        self.ResumeJob = channel.unary_unary(
+                '/kairoi.v1.Scheduler/ResumeJob',
+                request_serializer=kairoi_dot_v1_dot_scheduler__pb2.ResumeJobRequest.SerializeToString,
+                response_deserializer=kairoi_dot_v1_dot_scheduler__pb2.ResumeJobResponse.FromString,
+                _registered_method=True)
+        self.RunJobNow = channel.unary_unary(
+                '/kairoi.v1.Scheduler/RunJobNow',
+                request_serializer=kairoi_dot_v1_dot_scheduler__pb2.RunJobNowRequest.SerializeToString,
+                response_deserializer=kairoi_dot_v1_dot_scheduler__pb2.RunJobNowResponse.FromString,
+                _registered_method=True)
+        self.PreviewJob = channel.unary_unary(
+                '/kairoi.v1.Scheduler/PreviewJob',
+                request_serializer=kairoi_dot_v1_dot_scheduler__pb2.PreviewJobRequest.SerializeToString,
+                response_deserializer=kairoi_dot_v1_dot_scheduler__pb2.PreviewJobResponse.FromString,
+                _registered_method=True)
         self.SetRule = channel.unary_unary(
                 '/kairoi.v1.Scheduler/SetRule',
                 request_serializer=kairoi_dot_v1_dot_scheduler__pb2.SetRuleRequest.SerializeToString,
@@ -156,6 +181,51 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScheduleJob(self, request, context):
+        """Create or replace a recurring job: planned at the first occurrence of its
+        schedule, and again at the next one after each run. INVALID_ARGUMENT for a
+        bad expression, zone or option, or a schedule with no occurrence;
+        FAILED_PRECONDITION while a run is in flight. It replaces a job of that id,
+        one-shot or recurring; SetJob on a recurring job's id makes it one-shot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseJob(self, request, context):
+        """Stop a recurring job from firing until ResumeJob; a run in flight ends
+        normally. FAILED_PRECONDITION for a one-shot job or a schedule that has
+        ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeJob(self, request, context):
+        """Resume a paused recurring job; its misfire policy decides about the
+        occurrences that came due while it was paused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunJobNow(self, request, context):
+        """Run a recurring job once now, without changing its schedule: afterwards it
+        goes on with the occurrence that was planned. FAILED_PRECONDITION while a
+        run is in flight or once the schedule has ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PreviewJob(self, request, context):
+        """The next occurrences of a recurring job's schedule, after the one planned
+        or in flight. Reads only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetRule(self, request, context):
         """Create or replace a rule. It pairs jobs triggered after this call.
         """
@@ -235,6 +305,31 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.ListJobs,
                     request_deserializer=kairoi_dot_v1_dot_scheduler__pb2.ListJobsRequest.FromString,
                     response_serializer=kairoi_dot_v1_dot_scheduler__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'ScheduleJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScheduleJob,
+                    request_deserializer=kairoi_dot_v1_dot_scheduler__pb2.ScheduleJobRequest.FromString,
+                    response_serializer=kairoi_dot_v1_dot_scheduler__pb2.ScheduleJobResponse.SerializeToString,
+            ),
+            'PauseJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseJob,
+                    request_deserializer=kairoi_dot_v1_dot_scheduler__pb2.PauseJobRequest.FromString,
+                    response_serializer=kairoi_dot_v1_dot_scheduler__pb2.PauseJobResponse.SerializeToString,
+            ),
+            'ResumeJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeJob,
+                    request_deserializer=kairoi_dot_v1_dot_scheduler__pb2.ResumeJobRequest.FromString,
+                    response_serializer=kairoi_dot_v1_dot_scheduler__pb2.ResumeJobResponse.SerializeToString,
+            ),
+            'RunJobNow': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunJobNow,
+                    request_deserializer=kairoi_dot_v1_dot_scheduler__pb2.RunJobNowRequest.FromString,
+                    response_serializer=kairoi_dot_v1_dot_scheduler__pb2.RunJobNowResponse.SerializeToString,
+            ),
+            'PreviewJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreviewJob,
+                    request_deserializer=kairoi_dot_v1_dot_scheduler__pb2.PreviewJobRequest.FromString,
+                    response_serializer=kairoi_dot_v1_dot_scheduler__pb2.PreviewJobResponse.SerializeToString,
             ),
             'SetRule': grpc.unary_unary_rpc_method_handler(
                     servicer.SetRule,
@@ -430,6 +525,141 @@ class Scheduler:
             '/kairoi.v1.Scheduler/ListJobs',
             kairoi_dot_v1_dot_scheduler__pb2.ListJobsRequest.SerializeToString,
             kairoi_dot_v1_dot_scheduler__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScheduleJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kairoi.v1.Scheduler/ScheduleJob',
+            kairoi_dot_v1_dot_scheduler__pb2.ScheduleJobRequest.SerializeToString,
+            kairoi_dot_v1_dot_scheduler__pb2.ScheduleJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kairoi.v1.Scheduler/PauseJob',
+            kairoi_dot_v1_dot_scheduler__pb2.PauseJobRequest.SerializeToString,
+            kairoi_dot_v1_dot_scheduler__pb2.PauseJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kairoi.v1.Scheduler/ResumeJob',
+            kairoi_dot_v1_dot_scheduler__pb2.ResumeJobRequest.SerializeToString,
+            kairoi_dot_v1_dot_scheduler__pb2.ResumeJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunJobNow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kairoi.v1.Scheduler/RunJobNow',
+            kairoi_dot_v1_dot_scheduler__pb2.RunJobNowRequest.SerializeToString,
+            kairoi_dot_v1_dot_scheduler__pb2.RunJobNowResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PreviewJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kairoi.v1.Scheduler/PreviewJob',
+            kairoi_dot_v1_dot_scheduler__pb2.PreviewJobRequest.SerializeToString,
+            kairoi_dot_v1_dot_scheduler__pb2.PreviewJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
