@@ -72,11 +72,12 @@ AUTH_MAX_FAILURES = 10
 class _Slot:
     """One answer to come, in request order."""
 
-    __slots__ = ("id", "result", "data", "with_data", "size")
+    __slots__ = ("id", "result", "data", "with_data", "command", "size")
 
     def __init__(self, id: str, data: bytes | None = None, size: int = 0) -> None:
         self.id = id
-        self.with_data = False  # GET and RULE GET answer OK with data; the rest a bare OK
+        self.with_data = False  # GET, RULE GET, SCHEDULE answer OK with data; the rest a bare OK
+        self.command: Command | None = None  # kept when with_data: what render() answers
         self.data = data  # the encoded answer, once known
         self.result: object = _NOT_YET  # the actor's result, rendered by the writer
         # Bytes counted against max_pending_bytes until written: the request's, then
@@ -95,7 +96,7 @@ class _Slot:
         if not self.with_data:
             return codec.ok(self.id)
         try:
-            return codec.ok(self.id, *render(result))
+            return codec.ok(self.id, *render(result, self.command))
         except Exception as error:  # every request gets its answer; the connection goes on
             log.exception("kcp answer could not be rendered", id=self.id)
             return codec.error(self.id, f"internal error: the answer could not be written: {error}")
@@ -320,7 +321,9 @@ class _Connection:
                 self._queue(slot)
                 command = self._translate(event, slot)
                 if command is not None:
-                    slot.with_data = renders_data(command)
+                    if renders_data(command):
+                        slot.with_data = True
+                        slot.command = command
                     commands.append(command)
                     slots.append(slot)
                 elif self._late_auth is not None:  # what came before it is not held up
