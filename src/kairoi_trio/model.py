@@ -174,25 +174,31 @@ class Recurrence:
     """A recurring job's schedule and where it stands; part of its Job.
 
     nominal: the scheduled time (µs, UTC) of the run planned or in flight; the
-        job's execute_at is nominal + jitter (or a retry's time). Runners get it
-        as `scheduled_at`, the key for deduplicating at-least-once deliveries.
+        job's execute_at is nominal + jitter (or a retry's time, or now for a
+        catch-up run). Runners get it as `scheduled_at`, the key for
+        deduplicating at-least-once deliveries.
     runs: runs ended so far (a run with its retries counts once).
-    skipped: occurrences not run (overlap, misfire=skip/coalesce), counted.
-    paused: the job fires no run until resumed.
-    manual: the run planned or in flight is a run-now; `resume` is then the
-        nominal time of the scheduled occurrence the schedule goes on with.
-    catchup_until, catchup_left: misfire=all is catching up: the occurrences up
-        to catchup_until still to run (catchup_left of them).
+    skipped: occurrences not run (overlap, misfire), counted up to
+        scheduling.planner.MAX_COUNTED per event.
+    last_failed: the last run ended failed.
+    paused: the job fires no scheduled run until resumed.
+    manual: the run planned or in flight is a run-now; afterwards the job is
+        planned again for the occurrence `resume` at `resume_at`.
+    cursor: occurrences up to this instant are accounted for (run, skipped, or
+        being caught up); catchup_left: with misfire=all, how many occurrences
+        after `nominal`, up to `cursor`, are still to run.
     """
 
     schedule: Schedule
     nominal: int
     runs: int = 0
     skipped: int = 0
+    last_failed: bool = False
     paused: bool = False
     manual: bool = False
     resume: int = 0
-    catchup_until: int = 0
+    resume_at: int = 0
+    cursor: int = 0
     catchup_left: int = 0
 
 

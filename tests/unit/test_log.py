@@ -32,6 +32,7 @@ from kairoi_trio.storage.log import (
     read_state,
 )
 from kairoi_trio.storage.records import (
+    FORMAT_VERSION,
     HEADER_SIZE,
     SEGMENT_MAGIC,
     FrameError,
@@ -383,7 +384,8 @@ async def test_an_unknown_record_type_is_refused_naming_the_format_version(
     offset = path.stat().st_size
     append_bytes(path, frame(b"\x63 a record of a later release") + encode_record(JobDelete("a")))
     with pytest.raises(
-        CorruptLogError, match=f"offset {offset}: unknown record type 99 in a format-version-2 file"
+        CorruptLogError,
+        match=f"offset {offset}: unknown record type 99 in a format-version-{FORMAT_VERSION} file",
     ):
         load(tmp_path)
 
@@ -609,7 +611,8 @@ EXPECTED_V1_JOBS_AT_2 = {
 async def test_v1_active_segment_is_sealed_and_appends_go_to_a_new_segment(
     tmp_path: Path,
 ) -> None:
-    """No file mixes format versions: the v1 segment stays as it was, segment 4 is version 2."""
+    """No file mixes format versions: the v1 segment stays as it was, segment 4 is of the
+    current version."""
     directory = v1_copy(tmp_path)
     log, state = await open_log(directory)
     assert state.jobs == EXPECTED_V1_JOBS
@@ -619,20 +622,20 @@ async def test_v1_active_segment_is_sealed_and_appends_go_to_a_new_segment(
     for name in ("segment-0000000002.log", "segment-0000000003.log"):
         assert (directory / name).read_bytes() == (FIXTURE_V1 / name).read_bytes()
     header = segment_path(directory, 4).read_bytes()[:HEADER_SIZE]
-    assert header[:8] == b"KTRIOLOG" and int.from_bytes(header[8:12], "little") == 2
+    assert header[:8] == b"KTRIOLOG" and int.from_bytes(header[8:12], "little") == FORMAT_VERSION
     state = load(directory)
     assert state.versions == {
         "snapshot-0000000001.snap": 1,
         "segment-0000000002.log": 1,
         "segment-0000000003.log": 1,
-        "segment-0000000004.log": 2,
+        "segment-0000000004.log": FORMAT_VERSION,
     }
     expected = {k: v for k, v in EXPECTED_V1_JOBS.items() if k != "app.shell.last"}
     assert state.jobs == expected | {"new": job("new")}
     assert state.rules == EXPECTED_V1_RULES
 
 
-async def test_v1_directory_compacts_into_a_v2_snapshot(tmp_path: Path) -> None:
+async def test_v1_directory_compacts_into_a_current_format_snapshot(tmp_path: Path) -> None:
     directory = v1_copy(tmp_path)
     log, state = await open_log(directory)
     await log.compact(dict(state.jobs), dict(state.rules))
@@ -643,7 +646,7 @@ async def test_v1_directory_compacts_into_a_v2_snapshot(tmp_path: Path) -> None:
     ]
     state = load(directory)
     assert state.jobs == EXPECTED_V1_JOBS and state.rules == EXPECTED_V1_RULES
-    assert set(state.versions.values()) == {2}
+    assert set(state.versions.values()) == {FORMAT_VERSION}
 
 
 def test_v1_torn_tail_at_every_byte_of_the_last_frame_is_cut(tmp_path: Path) -> None:

@@ -213,7 +213,7 @@ def test_valid_checksum_but_unknown_type_is_malformed_naming_the_version() -> No
     data = frame(payload)
     error = decode_records(data, 0).error
     assert error is not None and not error.incomplete
-    assert "unknown record type 99 in a format-version-2 file" in error.reason
+    assert f"unknown record type 99 in a format-version-{FORMAT_VERSION} file" in error.reason
     v1 = FRAME_V1.pack(len(payload), zlib.crc32(payload)) + payload
     error = decode_records(v1, 0, version=1).error
     assert error is not None and "unknown record type 99 in a format-version-1 file" in error.reason

@@ -29,6 +29,7 @@ from kairoi_trio.storage.backup import (
 from kairoi_trio.storage.compaction import segment_path, snapshot_path
 from kairoi_trio.storage.log import CorruptLogError, DurableLog, LoadedState, read_state
 from kairoi_trio.storage.records import (
+    FORMAT_VERSION,
     HEADER_SIZE,
     FrameError,
     JobDelete,
@@ -147,7 +148,7 @@ def test_repair_of_a_damaged_snapshot_salvages_before_and_after(tmp_path: Path) 
         read_state(src)  # the server refuses it
     status, out, _ = run_repair(str(src), str(tmp_path / "dest"))
     assert status == 1
-    assert f"snapshot-0000000001.snap: format 2, {len(data)} bytes" in out
+    assert f"snapshot-0000000001.snap: format {FORMAT_VERSION}, {len(data)} bytes" in out
     assert f"DROPPED {start}..{end} ({end - start} bytes): checksum mismatch" in out
     assert "promises 100 jobs and 3 rules; 99 and 3 were salvaged" in out
     assert files(src) == before
@@ -287,7 +288,9 @@ def test_repair_of_a_damaged_file_header_guesses_the_version(tmp_path: Path) -> 
     segment.write_bytes(bytes(data))
     status, out, _ = run_repair(str(src), str(tmp_path / "dest"))
     assert status == 1
-    assert "file header damaged (bad magic" in out and "frames read as format 2" in out
+    assert (
+        "file header damaged (bad magic" in out and f"frames read as format {FORMAT_VERSION}" in out
+    )
     assert "DROPPED 0..24 (24 bytes): file header: bad magic" in out
     state = repaired_state(tmp_path / "dest")
     assert state.jobs == expected["jobs"]
@@ -315,7 +318,7 @@ def test_repair_of_a_version_1_directory(tmp_path: Path) -> None:
     assert "segment-0000000003.log: format 1" in out
     state = repaired_state(tmp_path / "dest")
     assert state.jobs == expected.jobs and state.rules == expected.rules
-    assert set(state.versions.values()) == {2}
+    assert set(state.versions.values()) == {FORMAT_VERSION}
 
 
 def test_repair_refuses_bad_arguments_and_never_writes_to_src(tmp_path: Path) -> None:

@@ -55,9 +55,14 @@ from kairoi_trio.commands import (
     JobPage,
     ListJobs,
     ListRules,
+    PauseJob,
+    PreviewJob,
     RecordOutcome,
     Request,
     Result,
+    ResumeJob,
+    RunJobNow,
+    ScheduleJob,
     ServerInfo,
     SetJob,
     SetRule,
@@ -67,7 +72,7 @@ from kairoi_trio.commands import (
     Unsubscribe,
 )
 from kairoi_trio.core.failures import WINDOW_S, FailReason, FailureLog
-from kairoi_trio.core.state import State
+from kairoi_trio.core.state import State, waits
 from kairoi_trio.core.validation import RuleValidator, validate_job
 from kairoi_trio.model import (
     MICROS,
@@ -79,6 +84,8 @@ from kairoi_trio.model import (
     new_job,
     now_us,
 )
+from kairoi_trio.scheduling.occurrences import ScheduleError
+from kairoi_trio.scheduling.planner import MAX_PREVIEW, Planner
 from kairoi_trio.storage.records import JobDelete, JobPut, JobStatus, Record, RuleDelete, RulePut
 
 log = structlog.get_logger(__name__)
@@ -119,6 +126,10 @@ PROBE_ID = "\x00kairoi-trio storage probe\x00".ljust(4200, "\x00")
 # What a failed write was for, by the command that made it (the `what` label).
 _WHAT: dict[type, str] = {
     SetJob: "client",
+    ScheduleJob: "client",
+    PauseJob: "client",
+    ResumeJob: "client",
+    RunJobNow: "client",
     DeleteJob: "client",
     SetRule: "client",
     DeleteRule: "client",
@@ -126,6 +137,10 @@ _WHAT: dict[type, str] = {
     RecordOutcome: "outcome",
     ExpireFinished: "retention",
 }
+
+
+# Writes of one job by id, besides SetJob and DeleteJob.
+_RECURRING_WRITES = frozenset((ScheduleJob, PauseJob, ResumeJob, RunJobNow))
 
 
 class StorageUnavailable(CommandError):
@@ -198,6 +213,7 @@ class CommandActor:
         compact_after_bytes: int = 0,
         observer: Observer | None = None,
         clock: Callable[[], int] = now_us,
+        planner: Planner | None = None,
     ) -> None:
         self.state = state
         self._log = log_
@@ -215,6 +231,8 @@ class CommandActor:
         self._background: trio.Nursery | None = None
         self._failures = FailureLog()
         self.started_at = clock()
+        # Recurring jobs' policies; "came due while the server was down" is before this start.
+        self._planner = planner or Planner(started_at=self.started_at)
         self.batches = 0  # for metrics and tests
         self.commands = 0
         # Requests that came while the log was busy and could not be answered at
@@ -387,7 +405,7 @@ class CommandActor:
         held_rules = self._held_rules if busy else ()
         for command in request.commands:
             kind = type(command)
-            if kind is GetJob:
+            if kind is GetJob or kind is PreviewJob:
                 job_id = command.id  # type: ignore[union-attr]
                 if job_id in jobs or job_id in held_jobs:
                     return False
@@ -427,7 +445,7 @@ class CommandActor:
     def _note_held_keys(self, request: Request) -> None:
         for command in request.commands:
             kind = type(command)
-            if kind is SetJob or kind is DeleteJob:
+            if kind is SetJob or kind is DeleteJob or kind in _RECURRING_WRITES:
                 self._held_jobs.add(command.id)  # type: ignore[union-attr]
             elif kind is RecordOutcome:
                 self._held_jobs.add(command.job_id)  # type: ignore[union-attr]
@@ -699,7 +717,9 @@ class CommandActor:
 
     def _change_status(self, job: Job, status: Status, outcome: str, attempts: int) -> Job:
         now = self._now
-        changed = new_job(job.id, job.execute_at, status, job.payload, attempts, outcome, now)
+        changed = new_job(
+            job.id, job.execute_at, status, job.payload, attempts, outcome, now, job.recurrence
+        )
         self._put_job(changed, JobStatus(job.id, status, attempts, outcome, now))
         return changed
 
@@ -815,7 +835,7 @@ class CommandActor:
         for kind, line in state.waiting.items():
             while line and capacity.get(kind, 0) > 0:
                 job = state.jobs.get(line.popleft().id)
-                if job is not None and job.status is PLANNED and job.execute_at <= command.now:
+                if job is not None and waits(job) and job.execute_at <= command.now:
                     self._dispatch(job, command.now, capacity, dispatches)
         popped = 0
         more_due = False
@@ -847,6 +867,13 @@ class CommandActor:
     def _dispatch_one(
         self, job: Job, now: int, capacity: dict[str, int], dispatches: list[Dispatch]
     ) -> None:
+        if job.recurrence is not None and self._planner.is_misfire(job):
+            # came due while the server was down: the misfire policy decides (a run
+            # now, for the latest or the first of the ones to catch up; or none)
+            job = self._planner.misfire(job, now)
+            self._put_job(job)
+            if job.execute_at > now:
+                return
         rule = self.state.match_rule(job.id)
         if rule is None:
             self._fail(job, FailReason.NO_RULE, "no rule matches this job")
@@ -869,9 +896,19 @@ class CommandActor:
             self.state.hold(kind, job)
 
     def _fail(self, job: Job, reason: FailReason, outcome: str) -> None:
-        """End a job `failed` without a runner's outcome: logged (aggregated) and counted."""
-        self._change_status(job, Status.FAILED, outcome, job.attempts)
+        """End a job `failed` without a runner's outcome: logged (aggregated) and counted.
+
+        For a recurring job this fails the occurrence, and the schedule goes on
+        (a rule may be set before the next one), unless planning it fails too.
+        """
         self._notes.append((reason, job.id, outcome))  # reported once written
+        if job.recurrence is not None and reason is not FailReason.ERROR:
+            try:
+                self._put_job(self._planner.after_run(job, self._now, False, outcome))
+                return
+            except Exception:
+                log.exception("planning the next occurrence failed", job=job.id)
+        self._change_status(job, Status.FAILED, outcome, job.attempts)
 
     @staticmethod
     def _fresh(job: Job, rule: Rule, now: int) -> bool:
@@ -903,11 +940,11 @@ class CommandActor:
 
     def _apply_outcome(self, job: Job, command: RecordOutcome) -> None:
         if command.ok:
-            self._change_status(job, Status.EXECUTED, command.message, job.attempts)
+            self._end_run(job, True, command.message)
             return
         policy = command.policy
         if job.attempts >= policy.max_attempts:
-            self._change_status(job, Status.FAILED, command.message, job.attempts)
+            self._end_run(job, False, command.message)
             return
         outcome = f"attempt {job.attempts} failed: {command.message}"
         try:
@@ -916,11 +953,100 @@ class CommandActor:
             )
         except ValueError as error:
             no_retry = f"{outcome}; no retry: {error}"
-            self._fail(job, FailReason.ERROR, no_retry)
+            if job.recurrence is not None:
+                self._end_run(job, False, no_retry)
+            else:
+                self._fail(job, FailReason.ERROR, no_retry)
             return
         self._put_job(
-            new_job(job.id, retry_at, PLANNED, job.payload, job.attempts, outcome, self._now)
+            new_job(
+                job.id,
+                retry_at,
+                PLANNED,
+                job.payload,
+                job.attempts,
+                outcome,
+                self._now,
+                job.recurrence,
+            )
         )
+
+    def _end_run(self, job: Job, ok: bool, outcome: str) -> None:
+        """A run ended for good: a one-shot job is executed or failed; a recurring
+        one is planned at its next occurrence in the same record (or finished)."""
+        if job.recurrence is None:
+            status = Status.EXECUTED if ok else Status.FAILED
+            self._change_status(job, status, outcome, job.attempts)
+        else:
+            self._put_job(self._planner.after_run(job, self._now, ok, outcome))
+
+    # -- recurring jobs -----------------------------------------------------------------
+
+    def _schedule_job(self, command: ScheduleJob) -> Job:
+        validate_job(command.id, command.payload, self._max_payload)
+        old = self.state.jobs.get(command.id)
+        if old is not None and old.status is TRIGGERED:
+            raise CommandError(
+                ErrorCode.FAILED_PRECONDITION, f"job {command.id} is triggered: a run is in flight"
+            )
+        try:
+            job = self._planner.first(command.id, command.schedule, command.payload, self._now)
+        except ScheduleError as error:
+            raise CommandError(ErrorCode.INVALID_ARGUMENT, str(error)) from None
+        self._put_job(job)
+        return job
+
+    def _recurring(self, job_id: str, action: str) -> Job:
+        """The recurring job `job_id` whose schedule has not ended, for `action`."""
+        job = self._get_job(GetJob(job_id))
+        if job.recurrence is None:
+            raise CommandError(
+                ErrorCode.FAILED_PRECONDITION, f"job {job_id} is not recurring: cannot {action} it"
+            )
+        if job.status.finished:
+            raise CommandError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"job {job_id} has ended ({job.status.value}): its schedule has no more runs",
+            )
+        return job
+
+    def _pause_job(self, command: PauseJob) -> Job:
+        job = self._recurring(command.id, "pause")
+        assert job.recurrence is not None
+        if job.recurrence.paused:
+            return job
+        paused = self._planner.pause(job)
+        self._put_job(paused)
+        return paused
+
+    def _resume_job(self, command: ResumeJob) -> Job:
+        job = self._recurring(command.id, "resume")
+        assert job.recurrence is not None
+        if not job.recurrence.paused:
+            return job
+        resumed = self._planner.resume(job, self._now)
+        self._put_job(resumed)
+        return resumed
+
+    def _run_job_now(self, command: RunJobNow) -> Job:
+        job = self._recurring(command.id, "run")
+        if job.status is TRIGGERED or job.attempts > 0:
+            state = "a run is in flight" if job.status is TRIGGERED else "a retry is planned"
+            raise CommandError(ErrorCode.FAILED_PRECONDITION, f"job {command.id}: {state}")
+        planned = self._planner.run_now(job, self._now)
+        if planned is not job:
+            self._put_job(planned)
+        return planned
+
+    def _preview_job(self, command: PreviewJob) -> list[int]:
+        if not 1 <= command.count <= MAX_PREVIEW:
+            raise CommandError(
+                ErrorCode.INVALID_ARGUMENT, f"count must be 1 to {MAX_PREVIEW}, not {command.count}"
+            )
+        job = self._get_job(GetJob(command.id))
+        if job.recurrence is None:
+            raise CommandError(ErrorCode.FAILED_PRECONDITION, f"job {command.id} is not recurring")
+        return self._planner.upcoming(job, command.count)
 
     def _expire_finished(self, command: ExpireFinished) -> int:
         expired = self.state.expired_finished(command.before, command.limit)
@@ -933,6 +1059,11 @@ class CommandActor:
         GetJob: _get_job,
         DeleteJob: _delete_job_command,
         ListJobs: _list_jobs,
+        ScheduleJob: _schedule_job,
+        PauseJob: _pause_job,
+        ResumeJob: _resume_job,
+        RunJobNow: _run_job_now,
+        PreviewJob: _preview_job,
         SetRule: _set_rule,
         GetRule: _get_rule,
         DeleteRule: _delete_rule,

@@ -30,9 +30,12 @@ _PLANNED = Status.PLANNED
 _FINISHED = frozenset((Status.EXECUTED, Status.FAILED))
 
 
-def _waits(job: Job) -> bool:
-    """Planned and not paused: the job belongs in the due heap."""
-    return job.status is _PLANNED and (job.recurrence is None or not job.recurrence.paused)
+def waits(job: Job) -> bool:
+    """Planned and not paused (a run-now of a paused job runs): in the due heap."""
+    if job.status is not _PLANNED:
+        return False
+    recurrence = job.recurrence
+    return recurrence is None or not recurrence.paused or recurrence.manual
 
 
 class State:
@@ -44,7 +47,7 @@ class State:
             self.counts[job.status] += 1
         self._ids = SortedList(self.jobs)
         self._due: list[tuple[int, str]] = [
-            (job.execute_at, job.id) for job in self.jobs.values() if _waits(job)
+            (job.execute_at, job.id) for job in self.jobs.values() if waits(job)
         ]
         heapq.heapify(self._due)
         finished = sorted(
@@ -73,8 +76,8 @@ class State:
         else:
             counts[old.status] -= 1
         counts[status] += 1
-        if status is _PLANNED and (job.recurrence is None or not job.recurrence.paused):
-            if old is None or not _waits(old) or old.execute_at != job.execute_at:
+        if waits(job):
+            if old is None or not waits(old) or old.execute_at != job.execute_at:
                 heapq.heappush(self._due, (job.execute_at, job_id))
                 if len(self._due) > 2 * counts[_PLANNED] + 1024:
                     self._rebuild_due()
@@ -118,11 +121,11 @@ class State:
 
     def _is_live(self, at: int, job_id: str) -> bool:
         job = self.jobs.get(job_id)
-        return job is not None and job.execute_at == at and _waits(job)
+        return job is not None and job.execute_at == at and waits(job)
 
     def _rebuild_due(self) -> None:
         """Drop the stale entries once they outnumber the live ones."""
-        self._due = [(j.execute_at, j.id) for j in self.jobs.values() if _waits(j)]
+        self._due = [(j.execute_at, j.id) for j in self.jobs.values() if waits(j)]
         heapq.heapify(self._due)
 
     def expired_finished(self, before: int, limit: int) -> list[str]:

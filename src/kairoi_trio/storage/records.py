@@ -5,7 +5,9 @@ encoding, the frame around each encoded record, the file headers, and the
 rules that tell an unfinished final write from damage. See docs/storage.md
 for the byte layout and the reasons behind it.
 
-Every record is one *frame*. Format version 2 (written by this release):
+Every record is one *frame*. Format versions 2 and 4 (4 is written by this
+release; it adds record type 7, a recurring job, to version 2; there is no 3,
+which is one flipped bit away from 2):
 
     u32 LE payload length | u32 LE crc32(length field) | u32 LE crc32(payload) | payload
 
@@ -40,9 +42,13 @@ from kairoi_trio.model import (
     AmqpRunner,
     HttpRunner,
     Job,
+    Misfire,
+    Overlap,
+    Recurrence,
     Rule,
     RulePolicy,
     RunnerSpec,
+    Schedule,
     ShellRunner,
     Status,
     new_job,
@@ -58,7 +64,8 @@ Buffer: TypeAlias = bytes | mmap.mmap
 
 @dataclass(slots=True)
 class JobPut:
-    """The full state of a job (created, replaced, or re-planned)."""
+    """The full state of a job (created, replaced, or re-planned); encoded as type 7
+    when the job is recurring (format 3), else as type 1."""
 
     job: Job
 
@@ -106,6 +113,7 @@ T_JOB_DELETE = 3
 T_RULE_PUT = 4
 T_RULE_DELETE = 5
 T_SNAPSHOT_END = 6
+T_RECURRING_JOB_PUT = 7  # format 4
 
 # -- framing --------------------------------------------------------------------
 
@@ -162,8 +170,64 @@ def frame(payload: bytes) -> bytes:
     return _frame_pack(length, length_check(length), _crc32(payload)) + payload
 
 
+# A recurring job's state after the JobPut fields: nominal, runs, skipped, resume,
+# resume_at, cursor, catchup_left, flags (1 last_failed, 2 paused, 4 manual); then
+# its Schedule as JSON to the end of the record.
+_RECURRENCE = struct.Struct("<qQQqqqIB")
+_LAST_FAILED, _PAUSED, _MANUAL = 1, 2, 4
+
+
+def _encode_schedule(schedule: Schedule) -> bytes:
+    """Only what differs from the defaults, so a new option needs no new format."""
+    doc: dict[str, object] = {"expression": schedule.expression}
+    for name, default in _SCHEDULE_DEFAULTS:
+        value = getattr(schedule, name)
+        if value != default:
+            doc[name] = value.value if isinstance(value, Misfire | Overlap) else value
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+_SCHEDULE_DEFAULTS = [(f.name, f.default) for f in fields(Schedule) if f.name != "expression"]
+
+
+def encode_recurring_job(job: Job) -> bytes:
+    """The framed record of a recurring job (type 7, format 4): the JobPut layout,
+    then its Recurrence."""
+    r = job.recurrence
+    assert r is not None
+    idb = job.id.encode()
+    payload = job.payload
+    outb = job.last_outcome.encode() if job.last_outcome else b""
+    flags = (_LAST_FAILED if r.last_failed else 0) | (_PAUSED if r.paused else 0)
+    flags |= _MANUAL if r.manual else 0
+    body = b"".join(
+        (
+            _job_put_pack(
+                T_RECURRING_JOB_PUT,
+                _STATUS_CODE[job.status],
+                job.execute_at,
+                job.updated_at,
+                job.attempts,
+                len(idb),
+                len(payload),
+                len(outb),
+            ),
+            idb,
+            payload,
+            outb,
+            _RECURRENCE.pack(
+                r.nominal, r.runs, r.skipped, r.resume, r.resume_at, r.cursor, r.catchup_left, flags
+            ),
+            _encode_schedule(r.schedule),
+        )
+    )
+    return frame(body)
+
+
 def encode_job(job: Job) -> bytes:
     """The framed JobPut for `job` (used directly by snapshots, skipping the wrapper)."""
+    if job.recurrence is not None:
+        return encode_recurring_job(job)
     idb = job.id.encode()
     payload = job.payload
     outb = job.last_outcome.encode() if job.last_outcome else b""
@@ -237,8 +301,10 @@ def encode_snapshot_end(jobs: int, rules: int) -> bytes:
 SEGMENT_MAGIC = b"KTRIOLOG"
 SNAPSHOT_MAGIC = b"KTRIOSNP"
 # The version this release writes, and the ones it reads (each file says which it is).
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# Versions differ from each other in at least two bits, so that one flipped bit
+# of a file header is reported instead of read as another version.
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 4)
 _HEADER = struct.Struct("<8sIIQ")  # magic, version, reserved (0), sequence number
 HEADER_SIZE = _HEADER.size
 
@@ -399,6 +465,70 @@ def _decode_rule_delete(body: bytes) -> RuleDelete:
     return RuleDelete(body[1:].decode())
 
 
+# Schedules repeat (100,000 jobs `* * * * *`): one object per distinct encoding.
+_schedule_cache: dict[bytes, Schedule] = {}
+_SCHEDULE_CACHE_MAX = 1 << 16
+
+
+def _decode_schedule(raw: bytes) -> Schedule:
+    schedule = _schedule_cache.get(raw)
+    if schedule is None:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict) or not isinstance(doc.get("expression"), str):
+            raise MalformedRecord("a recurring job's schedule has no expression")
+        if "misfire" in doc:
+            doc["misfire"] = Misfire(doc["misfire"])
+        if "overlap" in doc:
+            doc["overlap"] = Overlap(doc["overlap"])
+        schedule = Schedule(**doc)
+        if len(_schedule_cache) < _SCHEDULE_CACHE_MAX:
+            _schedule_cache[raw] = schedule
+    return schedule
+
+
+def _decode_recurring_job_put(body: bytes) -> JobPut:
+    _t, code, execute_at, updated_at, attempts, id_len, pl_len, out_len = _JOB_PUT.unpack_from(
+        body, 0
+    )
+    a = _JOB_PUT.size
+    b = a + id_len
+    c = b + pl_len
+    d = c + out_len
+    if d + _RECURRENCE.size > len(body):
+        raise MalformedRecord("recurring JobPut field lengths exceed the frame length")
+    status = _STATUS_BY_CODE[code] if code < len(_STATUS_BY_CODE) else None
+    if status is None:
+        raise MalformedRecord(f"unknown status code {code}")
+    nominal, runs, skipped, resume, resume_at, cursor, catchup_left, flags = (
+        _RECURRENCE.unpack_from(body, d)
+    )
+    recurrence = Recurrence(
+        _decode_schedule(body[d + _RECURRENCE.size :]),
+        nominal,
+        runs,
+        skipped,
+        bool(flags & _LAST_FAILED),
+        bool(flags & _PAUSED),
+        bool(flags & _MANUAL),
+        resume,
+        resume_at,
+        cursor,
+        catchup_left,
+    )
+    return JobPut(
+        make_job(
+            body[a:b].decode(),
+            execute_at,
+            status,
+            body[b:c],
+            attempts,
+            _outcome(body[c:d]) if out_len else "",
+            updated_at,
+            recurrence,
+        )
+    )
+
+
 def _decode_snapshot_end(body: bytes) -> SnapshotEnd:
     if len(body) != _SNAPSHOT_END.size:
         raise MalformedRecord("SnapshotEnd has the wrong length")
@@ -416,6 +546,7 @@ DECODERS: dict[int, Callable[[bytes], Record | SnapshotEnd]] = {
     T_RULE_PUT: _decode_rule_put,
     T_RULE_DELETE: _decode_rule_delete,
     T_SNAPSHOT_END: _decode_snapshot_end,
+    T_RECURRING_JOB_PUT: _decode_recurring_job_put,
 }
 
 
@@ -770,7 +901,7 @@ def replay_into(
     after a SnapshotEnd record.
     """
     if version >= 2:
-        return _replay_v2(data, offset, jobs, rules)
+        return _replay_v2(data, offset, jobs, rules, version)
     return _replay_v1(data, offset, jobs, rules)
 
 
@@ -798,8 +929,9 @@ def _replay_general(
 
 
 def _replay_v2(
-    data: Buffer, offset: int, jobs: dict[str, Job], rules: dict[str, Rule]
+    data: Buffer, offset: int, jobs: dict[str, Job], rules: dict[str, Rule], version: int
 ) -> ReplayResult:
+    """Formats 2 and 4 (same frames; 4 adds a record type, read by the general path)."""
     result = ReplayResult(offset, None)
     size = len(data)
     pos = offset
@@ -872,7 +1004,7 @@ def _replay_v2(
                 continue
         # Anything else (other record types, errors, the last few bytes): the general path.
         result.records = count
-        after = _replay_general(data, pos, jobs, rules, 2, result)
+        after = _replay_general(data, pos, jobs, rules, version, result)
         if after is None:
             return result
         count = result.records
