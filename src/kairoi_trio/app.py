@@ -229,6 +229,7 @@ async def _serve_state(
         store,
         receive,
         max_payload_bytes=config.jobs.max_payload_bytes,
+        max_catchup_runs=config.jobs.max_catchup_runs,
         rule_validator=RuleValidator(
             config.runners.shell.allowed_commands,
             config.policy.to_policy(),

@@ -90,6 +90,9 @@ class StorageConfig:
 @dataclass(frozen=True)
 class JobsConfig:
     max_payload_bytes: int = 1 << 20
+    # misfire=all: a recurring job catches up at most this many missed occurrences
+    # (the latest ones); docs/recurring-jobs.md.
+    max_catchup_runs: int = 100
 
 
 @dataclass(frozen=True)
@@ -338,6 +341,7 @@ def _check(config: Config) -> None:
         "controller.max_pending_bytes": config.controller.max_pending_bytes,
         "grpc.max_watch_buffer_bytes": config.grpc.max_watch_buffer_bytes,
         "jobs.max_payload_bytes": config.jobs.max_payload_bytes,
+        "jobs.max_catchup_runs": config.jobs.max_catchup_runs,
         "runners.shell.concurrency": config.runners.shell.concurrency,
         "runners.shell.queue_size": config.runners.shell.queue_size,
         "runners.amqp.concurrency": config.runners.amqp.concurrency,

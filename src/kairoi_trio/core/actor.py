@@ -85,7 +85,7 @@ from kairoi_trio.model import (
     now_us,
 )
 from kairoi_trio.scheduling.occurrences import ScheduleError
-from kairoi_trio.scheduling.planner import MAX_PREVIEW, Planner
+from kairoi_trio.scheduling.planner import DEFAULT_MAX_CATCHUP_RUNS, MAX_PREVIEW, Planner
 from kairoi_trio.storage.records import JobDelete, JobPut, JobStatus, Record, RuleDelete, RulePut
 
 log = structlog.get_logger(__name__)
@@ -207,6 +207,7 @@ class CommandActor:
         receive: trio.MemoryReceiveChannel[Request],
         *,
         max_payload_bytes: int = 1 << 20,
+        max_catchup_runs: int = DEFAULT_MAX_CATCHUP_RUNS,
         rule_validator: RuleValidator | None = None,
         storage_errors: tuple[type[BaseException], ...] = (OSError,),
         on_commit: Callable[[State], None] | None = None,
@@ -232,7 +233,9 @@ class CommandActor:
         self._failures = FailureLog()
         self.started_at = clock()
         # Recurring jobs' policies; "came due while the server was down" is before this start.
-        self._planner = planner or Planner(started_at=self.started_at)
+        self._planner = planner or Planner(
+            started_at=self.started_at, max_catchup_runs=max_catchup_runs
+        )
         self.batches = 0  # for metrics and tests
         self.commands = 0
         # Requests that came while the log was busy and could not be answered at
