@@ -185,14 +185,15 @@ class Planner:
     # -- misfire -------------------------------------------------------------------------
 
     def is_misfire(self, job: Job) -> bool:
-        """A planned occurrence that came due before this server started and has
-        not been decided about (no run of it started, not being caught up)."""
+        """A planned occurrence whose time (jitter included) came before this server
+        started, not decided about yet (no run of it started, not being caught up)."""
         r = job.recurrence
         return (
             r is not None
             and job.attempts == 0
             and not r.manual
-            and r.cursor < r.nominal < self.started_at
+            and r.cursor < r.nominal
+            and job.execute_at < self.started_at
         )
 
     def misfire(self, job: Job, now: int) -> Job:
@@ -231,7 +232,8 @@ class Planner:
             job.status is PLANNED
             and job.attempts == 0
             and not r.manual
-            and r.cursor < r.nominal <= now
+            and r.cursor < r.nominal
+            and job.execute_at <= now
         ):
             return self.misfire(resumed, now)
         return resumed
