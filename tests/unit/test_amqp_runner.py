@@ -18,7 +18,9 @@ from kairoi_trio.model import (
     MIN_TIME_US,
     AmqpRunner,
     Job,
+    Recurrence,
     Rule,
+    Schedule,
     ShellRunner,
     format_time,
     now_us,
@@ -69,6 +71,7 @@ async def test_run_publishes_the_job_with_its_headers(
     assert props.headers["kairoi-attempt"] == 1
     execute_at = datetime.fromisoformat(props.headers["kairoi-execute-at"])
     assert execute_at == to_datetime(the_job.execute_at)
+    assert props.headers["scheduled_at"] == format_time(the_job.execute_at)
     assert second.properties.headers["kairoi-payload"] == bytearray(b"\xff\xfe not utf-8")
     assert "kairoi-payload" not in third.properties.headers
 
@@ -516,3 +519,55 @@ async def test_execute_at_has_four_digit_years(
     await backend.run(Job("old", MIN_TIME_US, attempts=1), rule_for(route))
     [message] = await trio.to_thread.run_sync(admin.drain, route.queue)
     assert message.properties.headers["kairoi-execute-at"] == "0001-01-01T00:00:00.000000Z"
+
+
+# 2026-12-01T09:00:00Z; the scheduled_at tests of every runner use the same times.
+NOMINAL = 1_796_115_600_000_000
+HOUR = 3_600_000_000
+
+
+def recurring(nominal: int, execute_at: int, attempts: int = 1) -> Job:
+    """A run of an hourly job's occurrence `nominal`, due at `execute_at` (jitter, a retry)."""
+    recurrence = Recurrence(Schedule("every 1h", start=NOMINAL), nominal)
+    return Job("r.hourly", execute_at, payload=b"p", attempts=attempts, recurrence=recurrence)
+
+
+async def test_a_one_shot_run_is_scheduled_at_its_execute_at(
+    nursery: trio.Nursery, admin: Admin, route: Route
+) -> None:
+    backend = await start_backend(nursery)
+    await backend.run(Job("once", NOMINAL + 123, attempts=1), rule_for(route))
+    [message] = await trio.to_thread.run_sync(admin.drain, route.queue)
+    assert message.body == b"once"
+    assert message.properties.headers["scheduled_at"] == "2026-12-01T09:00:00.000123Z"
+    assert message.properties.headers["kairoi-execute-at"] == "2026-12-01T09:00:00.000123Z"
+
+
+async def test_a_recurring_run_is_scheduled_at_its_occurrence_not_its_execute_at(
+    nursery: trio.Nursery, admin: Admin, route: Route
+) -> None:
+    """Jitter and retries move execute_at; the (id, scheduled_at) a consumer dedupes on
+    stays, and the message keeps its body, message_id and other headers."""
+    backend = await start_backend(nursery)
+    rule = rule_for(route)
+    await backend.run(recurring(NOMINAL, NOMINAL + 37_000_123), rule)  # jittered
+    await backend.run(recurring(NOMINAL, NOMINAL + 90_000_000, attempts=2), rule)  # its retry
+    await backend.run(recurring(NOMINAL + HOUR, NOMINAL + HOUR), rule)  # the next occurrence
+    messages = await trio.to_thread.run_sync(admin.drain, route.queue)
+    headers = [m.properties.headers for m in messages]
+    assert [h["scheduled_at"] for h in headers] == [
+        "2026-12-01T09:00:00.000000Z",
+        "2026-12-01T09:00:00.000000Z",
+        "2026-12-01T10:00:00.000000Z",
+    ]
+    assert [h["kairoi-execute-at"] for h in headers] == [
+        "2026-12-01T09:00:37.000123Z",
+        "2026-12-01T09:01:30.000000Z",
+        "2026-12-01T10:00:00.000000Z",
+    ]
+    assert [h["kairoi-attempt"] for h in headers] == [1, 2, 1]
+    assert all(h["kairoi-payload"] == "p" for h in headers)
+    assert all(m.body == b"r.hourly" for m in messages)
+    assert all(m.properties.message_id == "r.hourly" for m in messages)
+    keys = {(m.body, m.properties.headers["scheduled_at"]) for m in messages}
+    assert len(keys) == 2  # the retry is the same delivery again; the next hour is a new one

@@ -21,7 +21,7 @@ import pytest
 import trio
 import trio.testing
 
-from kairoi_trio.model import MAX_TIME_US, MIN_TIME_US, HttpRunner, Job, Rule
+from kairoi_trio.model import MAX_TIME_US, MIN_TIME_US, HttpRunner, Job, Recurrence, Rule, Schedule
 from kairoi_trio.runners.base import RunFailed
 from kairoi_trio.runners.http import (
     MAX_ID_HEADER_BYTES,
@@ -223,6 +223,7 @@ async def test_the_json_body(nursery: trio.Nursery) -> None:
     assert text == {
         "id": "t",
         "execute_at": "1970-01-01T00:00:00.000500Z",
+        "scheduled_at": "1970-01-01T00:00:00.000500Z",
         "attempt": 1,
         "payload": 'données \x00 "q"',
     }
@@ -249,7 +250,59 @@ async def test_execute_at_is_rfc3339_with_four_digit_years(
     endpoint = await Endpoint(answer()).start(nursery)
     runner = await start_runner(nursery)
     await runner.run(job(execute_at=execute_at), rule_for(endpoint.url))
-    assert json.loads(endpoint.requests[0].body)["execute_at"] == text
+    body = json.loads(endpoint.requests[0].body)
+    assert body["execute_at"] == body["scheduled_at"] == text
+
+
+# 2026-12-01T09:00:00Z; the scheduled_at tests of every runner use the same times.
+NOMINAL = 1_796_115_600_000_000
+HOUR = 3_600_000_000
+
+
+def recurring(nominal: int, execute_at: int, attempts: int = 1) -> Job:
+    """A run of an hourly job's occurrence `nominal`, due at `execute_at` (jitter, a retry)."""
+    recurrence = Recurrence(Schedule("every 1h", start=NOMINAL), nominal)
+    return Job("r.hourly", execute_at, attempts=attempts, recurrence=recurrence)
+
+
+def scheduled_at_of(request: Request) -> str:
+    """The scheduled_at of a request's body, after checking that its header says the same."""
+    scheduled_at = json.loads(request.body)["scheduled_at"]
+    assert request.headers[b"x-kairoi-scheduled-at"] == scheduled_at.encode()
+    return scheduled_at
+
+
+async def test_a_one_shot_run_is_scheduled_at_its_execute_at(nursery: trio.Nursery) -> None:
+    endpoint = await Endpoint(answer()).start(nursery)
+    runner = await start_runner(nursery)
+    await runner.run(job("web.1", execute_at=NOMINAL + 123), rule_for(endpoint.url))
+    [request] = endpoint.requests
+    assert scheduled_at_of(request) == "2026-12-01T09:00:00.000123Z"
+    assert json.loads(request.body)["execute_at"] == "2026-12-01T09:00:00.000123Z"
+
+
+async def test_a_recurring_run_is_scheduled_at_its_occurrence_not_its_execute_at(
+    nursery: trio.Nursery,
+) -> None:
+    """Jitter and retries move execute_at; the (id, scheduled_at) a receiver dedupes on stays."""
+    endpoint = await Endpoint(answer()).start(nursery)
+    runner = await start_runner(nursery)
+    rule = rule_for(endpoint.url)
+    await runner.run(recurring(NOMINAL, NOMINAL + 37_000_123), rule)  # jittered
+    await runner.run(recurring(NOMINAL, NOMINAL + 90_000_000, attempts=2), rule)  # its retry
+    await runner.run(recurring(NOMINAL + HOUR, NOMINAL + HOUR), rule)  # the next occurrence
+    jittered, retried, next_one = endpoint.requests
+    assert scheduled_at_of(jittered) == scheduled_at_of(retried) == "2026-12-01T09:00:00.000000Z"
+    assert scheduled_at_of(next_one) == "2026-12-01T10:00:00.000000Z"
+    bodies = [json.loads(r.body) for r in endpoint.requests]
+    assert [b["execute_at"] for b in bodies] == [
+        "2026-12-01T09:00:37.000123Z",
+        "2026-12-01T09:01:30.000000Z",
+        "2026-12-01T10:00:00.000000Z",
+    ]
+    assert [b["attempt"] for b in bodies] == [1, 2, 1]
+    keys = {(b["id"], b["scheduled_at"]) for b in bodies}
+    assert len(keys) == 2  # the retry is the same delivery again; the next hour is a new one
 
 
 # --- what counts as an answer -----------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 import structlog.testing
 import trio
 
-from kairoi_trio.model import Job, Rule, ShellRunner
+from kairoi_trio.model import MIN_TIME_US, Job, Recurrence, Rule, Schedule, ShellRunner
 from kairoi_trio.runners.base import RunFailed
 from kairoi_trio.runners.shell import ProcessGuard, ShellRunnerBackend
 
@@ -62,6 +62,7 @@ async def wait_for_file(path: Path) -> str:
 def _no_inherited_payload(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KAIROI_PAYLOAD_FILE", raising=False)
     monkeypatch.delenv("KAIROI_JOB_ID", raising=False)
+    monkeypatch.delenv("KAIROI_SCHEDULED_AT", raising=False)
 
 
 async def test_exit_status_zero_is_success(tmp_path: Path) -> None:
@@ -107,6 +108,73 @@ async def test_the_job_id_is_the_argument_and_in_the_environment(tmp_path: Path)
     job_id = "app.mail 42 'quoted' é"
     await ShellRunnerBackend().run(Job(job_id, 0), rule)
     assert out.read_text().splitlines() == [job_id, job_id, "unset"]
+
+
+# 2026-12-01T09:00:00Z; the scheduled_at tests of every runner use the same times.
+NOMINAL = 1_796_115_600_000_000
+HOUR = 3_600_000_000
+
+
+def recurring(
+    nominal: int, execute_at: int, attempts: int = 1, job_id: str = "r.hourly", payload: bytes = b""
+) -> Job:
+    """A run of an hourly job's occurrence `nominal`, due at `execute_at` (jitter, a retry)."""
+    recurrence = Recurrence(Schedule("every 1h", start=NOMINAL), nominal)
+    return Job(job_id, execute_at, payload=payload, attempts=attempts, recurrence=recurrence)
+
+
+async def scheduled_at_seen(tmp_path: Path, job: Job) -> str:
+    """KAIROI_SCHEDULED_AT as the script of `job`'s run saw it ("unset" if it had none)."""
+    out = tmp_path / "scheduled_at"
+    rule = script(tmp_path, f'printf "%s\\n" "${{KAIROI_SCHEDULED_AT-unset}}" > {out}\n')
+    assert await ShellRunnerBackend().run(job, rule) == "exit status 0"
+    return content(out)
+
+
+async def test_a_one_shot_run_is_scheduled_at_its_execute_at(tmp_path: Path) -> None:
+    """RFC 3339, UTC, microseconds: the time the job was set for, to the microsecond."""
+    seen = await scheduled_at_seen(tmp_path, Job("j", NOMINAL + 123))
+    assert seen == "2026-12-01T09:00:00.000123Z"
+    assert await scheduled_at_seen(tmp_path, Job("old", MIN_TIME_US)) == (
+        "0001-01-01T00:00:00.000000Z"
+    )
+
+
+async def test_a_recurring_run_is_scheduled_at_its_occurrence_not_its_execute_at(
+    tmp_path: Path,
+) -> None:
+    """Jitter and retries move execute_at; the occurrence a script dedupes on stays."""
+    jittered = await scheduled_at_seen(tmp_path, recurring(NOMINAL, NOMINAL + 37_000_123))
+    retried = await scheduled_at_seen(tmp_path, recurring(NOMINAL, NOMINAL + 90_000_000, 2))
+    next_one = await scheduled_at_seen(tmp_path, recurring(NOMINAL + HOUR, NOMINAL + HOUR))
+    assert jittered == retried == "2026-12-01T09:00:00.000000Z"
+    assert next_one == "2026-12-01T10:00:00.000000Z"
+
+
+async def test_scheduled_at_replaces_one_in_the_servers_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server started from another scheduler's script must not pass that run's time on."""
+    monkeypatch.setenv("KAIROI_SCHEDULED_AT", "1999-01-01T00:00:00.000000Z")
+    assert await scheduled_at_seen(tmp_path, Job("j", NOMINAL)) == "2026-12-01T09:00:00.000000Z"
+
+
+async def test_scheduled_at_comes_with_the_id_argument_and_the_other_variables(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    fields = '"$1" "$KAIROI_JOB_ID" "$KAIROI_SCHEDULED_AT" "$(cat "$KAIROI_PAYLOAD_FILE")"'
+    guard = '"${KAIROI_SCRIPT_GUARD:+guarded}"'
+    rule = script(tmp_path, f'printf "%s\\n" {fields} {guard} > {out}\n')
+    the_job = recurring(NOMINAL, NOMINAL + 5, job_id="r.1", payload=b"the payload")
+    await ShellRunnerBackend().run(the_job, rule)
+    assert out.read_text().splitlines() == [
+        "r.1",
+        "r.1",
+        "2026-12-01T09:00:00.000000Z",
+        "the payload",
+        "guarded",
+    ]
 
 
 async def test_the_payload_is_in_a_file_removed_afterwards(tmp_path: Path) -> None:

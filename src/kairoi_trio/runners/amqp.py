@@ -9,6 +9,12 @@ closed (after its in-flight confirms settle). A connection that dies is
 dropped; the next run reopens it, and if that fails the DSN goes into backoff
 (0.5 s doubling to 30 s) during which runs fail at once with the last error, so
 a down broker is not hammered. See docs/amqp.md and docs/runners.md.
+
+The message: the id as body (and message_id when it fits), headers
+`kairoi-execute-at`, `kairoi-attempt`, `kairoi-payload` (when there is one) and
+`scheduled_at`: the run's nominal time (Job.scheduled_at, RFC 3339 UTC with
+microseconds), with the id the key consumers deduplicate at-least-once
+deliveries on.
 """
 
 from __future__ import annotations
@@ -273,9 +279,13 @@ def split_dsn(dsn: str) -> tuple[str, bool]:
 
 
 def _properties(job: Job) -> Properties:
+    """The message's properties; each time is formatted once (one string when equal)."""
+    execute_at = format_time(job.execute_at)
+    scheduled = job.scheduled_at
     headers: FieldTable = {
-        "kairoi-execute-at": format_time(job.execute_at),
+        "kairoi-execute-at": execute_at,
         "kairoi-attempt": job.attempts,
+        "scheduled_at": execute_at if scheduled == job.execute_at else format_time(scheduled),
     }
     if job.payload:
         headers["kairoi-payload"] = _header_bytes(job.payload)

@@ -6,13 +6,17 @@ The request (docs/runners.md has the details and the reasons)::
     Content-Type: application/json
     X-Kairoi-Job-Id: <the id, percent-encoded (header_job_id); absent when too long>
     X-Kairoi-Attempt: <n>
+    X-Kairoi-Scheduled-At: 2026-12-01T09:00:00.000000Z
 
     {"id": "<the id, exactly>", "execute_at": "2026-12-01T09:00:00.000000Z",
-     "attempt": n, "payload": "<UTF-8 text>" or null}
+     "scheduled_at": "2026-12-01T09:00:00.000000Z", "attempt": n,
+     "payload": "<UTF-8 text>" or null}
 
 A payload that is not UTF-8 goes as "payload_base64" (standard base64) with
-"payload": null. Delivery is at least once: the headers let the receiver
-deduplicate.
+"payload": null. `scheduled_at` is the run's nominal time (Job.scheduled_at):
+execute_at for a one-shot job, the occurrence for a recurring one (whose
+execute_at may be later: jitter, a retry). Delivery is at least once: the
+receiver deduplicates on (id, scheduled_at), which the headers also carry.
 
 The run succeeds when the answer is 2xx and complete, body included, within
 `timeout_s` (one deadline for connecting, sending, the headers and the whole
@@ -59,11 +63,20 @@ def header_job_id(job_id: str) -> str | None:
     return encoded if len(encoded) <= MAX_ID_HEADER_BYTES else None
 
 
-def request_body(job: Job) -> bytes:
-    """The JSON document POSTed for `job` (ASCII: every other character is escaped)."""
+def request_body(job: Job, execute_at: str | None = None, scheduled_at: str | None = None) -> bytes:
+    """The JSON document POSTed for `job` (ASCII: every other character is escaped).
+
+    execute_at, scheduled_at: the job's times as format_time writes them, when
+    the caller has them already (computed here otherwise).
+    """
+    if execute_at is None:
+        execute_at = format_time(job.execute_at)
+    if scheduled_at is None:
+        scheduled_at = _scheduled_text(job, execute_at)
     body: dict[str, object] = {
         "id": job.id,
-        "execute_at": format_time(job.execute_at),
+        "execute_at": execute_at,
+        "scheduled_at": scheduled_at,
         "attempt": job.attempts,
         "payload": None,
     }
@@ -73,6 +86,13 @@ def request_body(job: Job) -> bytes:
         except UnicodeDecodeError:
             body["payload_base64"] = base64.b64encode(job.payload).decode()
     return json.dumps(body).encode()
+
+
+def _scheduled_text(job: Job, execute_at: str) -> str:
+    """format_time(job.scheduled_at), reusing `execute_at` (the text of job.execute_at)
+    when the two times are the same: every one-shot job, most recurring runs."""
+    scheduled = job.scheduled_at
+    return execute_at if scheduled == job.execute_at else format_time(scheduled)
 
 
 def redacted(url: str) -> str:
@@ -157,18 +177,22 @@ class HttpRunnerBackend(Runner):
         assert isinstance(rule.runner, HttpRunner)
         url = rule.runner.url
         shown = redacted(url)
+        execute_at = format_time(job.execute_at)
+        scheduled_at = _scheduled_text(job, execute_at)
         headers = {
             "Content-Type": "application/json",
             # Counted bytes are wire bytes, and no decompression bomb can go off.
             "Accept-Encoding": "identity",
             "X-Kairoi-Attempt": str(job.attempts),
+            "X-Kairoi-Scheduled-At": scheduled_at,
         }
         encoded_id = header_job_id(job.id)
         if encoded_id is not None:
             headers["X-Kairoi-Job-Id"] = encoded_id
         answer = _Answer()
         with trio.move_on_after(self._timeout):
-            return await self._post(url, shown, request_body(job), headers, answer)
+            content = request_body(job, execute_at, scheduled_at)
+            return await self._post(url, shown, content, headers, answer)
         if answer.status is None:
             raise RunFailed(f"no answer from {shown} within {self._timeout:g}s")
         if not answer.ok:

@@ -3,11 +3,14 @@
 argv is ["sh", "--", command, job_id]: the id is always the script's $1,
 byte for byte, whatever it holds (spaces, quotes, newlines, a leading "-"),
 and `--` keeps a command that starts with "-" or "+" from being read as sh
-options. The environment adds KAIROI_JOB_ID (the id again) and, when the job
-has a payload, KAIROI_PAYLOAD_FILE (a temporary file with its exact bytes,
-removed afterwards). Linux takes an argument or variable of up to 128 KiB, so
-the longest id (65,535 bytes) fits in both. The only id no process can get is
-one with a NUL character: that run fails with a reason instead.
+options. The environment adds KAIROI_JOB_ID (the id again),
+KAIROI_SCHEDULED_AT (the run's nominal time, Job.scheduled_at, as RFC 3339
+UTC with microseconds: with the id, the key for deduplicating at-least-once
+deliveries), KAIROI_SCRIPT_GUARD (the process guard's mark, below) and, when
+the job has a payload, KAIROI_PAYLOAD_FILE (a temporary file with its exact
+bytes, removed afterwards). Linux takes an argument or variable of up to
+128 KiB, so the longest id (65,535 bytes) fits in both. The only id no process
+can get is one with a NUL character: that run fails with a reason instead.
 
 Exit status 0 means executed; anything else, or a failure to start, means
 failed. The process gets its own session so that a timeout or a shutdown kills
@@ -43,7 +46,7 @@ import trio
 
 from kairoi_trio.commands import CommandError
 from kairoi_trio.core.validation import check_allowed_command
-from kairoi_trio.model import Job, Rule, ShellRunner
+from kairoi_trio.model import Job, Rule, ShellRunner, format_time
 from kairoi_trio.runners.base import RunFailed, Runner
 
 log = structlog.get_logger(__name__)
@@ -77,7 +80,9 @@ class ShellRunnerBackend(Runner):
             check_allowed_command(rule.runner.command, self.allowed_commands)
         except CommandError as refused:
             raise RunFailed(refused.message) from None
-        env = dict(os.environ, KAIROI_JOB_ID=job.id)
+        env = dict(
+            os.environ, KAIROI_JOB_ID=job.id, KAIROI_SCHEDULED_AT=format_time(job.scheduled_at)
+        )
         payload_file = None
         if job.payload:
             payload_file = await trio.to_thread.run_sync(_write_temp, job.payload)
