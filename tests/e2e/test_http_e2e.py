@@ -45,6 +45,7 @@ def test_http_rule_posts_the_job_as_json(server, receiver):
     assert body == {
         "id": "web.1",
         "execute_at": "2020-01-01T00:00:00.000500Z",
+        "scheduled_at": "2020-01-01T00:00:00.000500Z",
         "attempt": 1,
         "payload": "données",
     }
