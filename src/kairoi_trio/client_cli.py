@@ -2,6 +2,10 @@
 
     kairoi-trio job set ID TIME [--payload TEXT | --payload-file FILE]
     kairoi-trio job get ID | job unset ID | job list [--prefix P] [--status S]
+    kairoi-trio job schedule ID EXPRESSION [--tz ZONE] [--start TIME] [--end TIME]
+        [--max-runs N] [--jitter D] [--misfire coalesce|all|skip] [--catchup-window D]
+        [--overlap skip|buffer_one] [--payload TEXT | --payload-file FILE]
+    kairoi-trio job pause ID | job resume ID | job run-now ID | job next ID [-n N]
     kairoi-trio rule set ID PATTERN shell COMMAND | amqp DSN EXCHANGE ROUTING_KEY | http URL
         [--timeout D] [--max-attempts N] [--backoff-initial D] [--backoff-max D]
         [--stale-after D]
@@ -25,8 +29,10 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any, TextIO
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -37,6 +43,7 @@ from kairoi.v1 import scheduler_pb2_grpc as pb_grpc
 from kairoi_trio.commands import CommandError
 from kairoi_trio.model import DEFAULT_POLICY, MICROS, Status, format_time, from_datetime
 from kairoi_trio.protocols.kcp.instructions import parse_time
+from kairoi_trio.scheduling.occurrences import ScheduleError, parse_duration
 
 DEFAULT_SERVER = "127.0.0.1:5679"
 
@@ -58,6 +65,18 @@ _TIME_HELP = (
     "form), or RFC 3339 such as 2026-12-01T09:00:00Z or 2026-12-01T10:00:00+01:00"
 )
 _DURATION_HELP = "seconds (30, 1.5) or a number with a unit: ms, s, m, h (500ms, 90s, 5m, 2h)"
+_SPAN_HELP = (
+    "seconds (30, 1.5), a number with a unit (500ms, 90s, 15m, 2h, 1d), units combined "
+    "(1h30m) or ISO 8601 (PT15M)"
+)
+_EXPRESSION_HELP = (
+    'when it runs: a cron expression in quotes ("*/15 * * * *"; 6 fields with leading '
+    'seconds), a macro (@yearly @monthly @weekly @daily @hourly), "every 15m" (s, m, h, d) '
+    "or an ISO 8601 duration (PT15M)"
+)
+_MISFIRES = ("coalesce", "all", "skip")
+_OVERLAPS = ("skip", "buffer_one")
+_MAX_PREVIEW = 1000
 
 # The text that ends a snapshot in `watch --snapshot`, and its JSON Lines form.
 SNAPSHOT_END_TEXT = "-- end of snapshot; live changes follow --"
@@ -108,7 +127,9 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: 
         )
         return parser
 
-    jobs = group("job", "set, get, unset or list jobs")
+    jobs = group(
+        "job", "set, get, unset or list jobs; schedule, pause, resume or run recurring jobs"
+    )
     job_set = action(jobs, "set", "create or replace a job (planned again, attempts reset)")
     job_set.add_argument(
         "id", metavar="ID", type=_utf8_arg, help="the job's id: 1 to 65,535 bytes of UTF-8"
@@ -131,6 +152,7 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: 
         action(jobs, name, help_text).add_argument(
             "id", metavar="ID", type=_utf8_arg, help="the job's id"
         )
+    _add_recurring_commands(jobs, action)
     job_list = action(jobs, "list", "list jobs in id order")
     job_list.add_argument(
         "--prefix",
@@ -250,6 +272,116 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:  # type: 
     )
 
 
+def _add_recurring_commands(
+    jobs: argparse._SubParsersAction,  # type: ignore[type-arg]
+    action: Callable[..., argparse.ArgumentParser],
+) -> None:
+    """`job schedule`, `pause`, `resume`, `run-now` and `next` (docs/recurring-jobs.md)."""
+    schedule = action(
+        jobs,
+        "schedule",
+        "create or replace a recurring job: planned at its first occurrence, then at the "
+        "next one after each run (see docs/recurring-jobs.md)",
+    )
+    schedule.add_argument(
+        "id", metavar="ID", type=_utf8_arg, help="the job's id: 1 to 65,535 bytes of UTF-8"
+    )
+    schedule.add_argument("expression", metavar="EXPRESSION", type=_utf8_arg, help=_EXPRESSION_HELP)
+    options = schedule.add_argument_group(
+        "schedule",
+        "An option left out keeps the server's default. D is a duration: "
+        f"{_SPAN_HELP}. TIME: {_TIME_HELP.split(': ', 1)[1]}.",
+    )
+    options.add_argument(
+        "--tz",
+        metavar="ZONE",
+        dest="time_zone",
+        default="UTC",
+        type=_utf8_arg,
+        help="the IANA zone the cron fields are read in, e.g. Europe/Paris (default: UTC); "
+        "intervals ignore it",
+    )
+    options.add_argument(
+        "--start", metavar="TIME", type=_time_arg, help="no run before TIME (inclusive)"
+    )
+    options.add_argument(
+        "--end", metavar="TIME", type=_time_arg, help="no run after TIME (inclusive)"
+    )
+    options.add_argument(
+        "--max-runs",
+        metavar="N",
+        type=_max_runs_arg,
+        help="stop after N runs (default: no limit)",
+    )
+    options.add_argument(
+        "--jitter",
+        metavar="D",
+        type=_span_arg,
+        help="start each run up to D later, at random (default: none)",
+    )
+    options.add_argument(
+        "--misfire",
+        choices=_MISFIRES,
+        help="occurrences missed while the server was down or the job paused: run one now "
+        "for all (coalesce, the default), each in order (all), or none (skip)",
+    )
+    options.add_argument(
+        "--catchup-window",
+        metavar="D",
+        type=_span_arg,
+        help="do not catch up occurrences missed more than D ago (default: no bound)",
+    )
+    options.add_argument(
+        "--overlap",
+        choices=_OVERLAPS,
+        help="an occurrence due while the previous run is in flight: skip it (the default), "
+        "or run it once that run ends (buffer_one)",
+    )
+    payload = schedule.add_mutually_exclusive_group()
+    payload.add_argument(
+        "--payload",
+        metavar="TEXT",
+        type=lambda text: _utf8_arg(text).encode(),
+        help="data handed to the runner on every run, as UTF-8 text (default: none)",
+    )
+    payload.add_argument(
+        "--payload-file",
+        metavar="FILE",
+        type=argparse.FileType("rb"),
+        help="data handed to the runner on every run, read from FILE as bytes ('-': stdin)",
+    )
+    for name, help_text in (
+        ("pause", "stop a recurring job from running until it is resumed"),
+        (
+            "resume",
+            "resume a paused recurring job (its misfire policy decides about the "
+            "occurrences missed meanwhile)",
+        ),
+        (
+            "run-now",
+            "run a recurring job once now; its schedule then goes on as planned",
+        ),
+    ):
+        action(jobs, name, help_text).add_argument(
+            "id", metavar="ID", type=_utf8_arg, help="the job's id"
+        )
+    preview = action(
+        jobs,
+        "next",
+        "show the coming occurrences of a recurring job (the planned one first while it has "
+        "not started), in UTC and in the schedule's zone",
+    )
+    preview.add_argument("id", metavar="ID", type=_utf8_arg, help="the job's id")
+    preview.add_argument(
+        "-n",
+        "--count",
+        metavar="N",
+        type=_preview_count_arg,
+        default=5,
+        help=f"how many occurrences, 1 to {_MAX_PREVIEW:,} (default: 5)",
+    )
+
+
 class _HelpFormatter(argparse.HelpFormatter):
     """Wraps descriptions and help texts, but keeps the epilog's table (environment) as written."""
 
@@ -345,6 +477,50 @@ def _duration_arg(text: str) -> float:
     return seconds
 
 
+def _span_arg(text: str) -> int:
+    """D of a schedule option -> microseconds (0 or more); argparse.ArgumentTypeError."""
+    stripped = text.strip()
+    if stripped.startswith("-"):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must not be negative")
+    match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)?", stripped, re.ASCII)
+    if match is not None:
+        try:
+            unit = {"ms": 1_000, "s": MICROS, "m": 60 * MICROS, "h": 3600 * MICROS, None: MICROS}
+            us = int(Decimal(match[1]) * unit[match[2]])
+        except InvalidOperation:  # pragma: no cover - the pattern admits only numbers
+            us = -1
+    else:
+        try:
+            us = parse_duration(stripped)
+        except ScheduleError:
+            us = -1
+    if us < 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected {_SPAN_HELP}")
+    if us > _MAX_DURATION_S * MICROS:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: at most 10,000 years")
+    return us
+
+
+def _max_runs_arg(text: str) -> int:
+    return _whole_number(text, "number of runs", 1, _MAX_UINT32)
+
+
+def _preview_count_arg(text: str) -> int:
+    return _whole_number(text, "count", 1, _MAX_PREVIEW)
+
+
+def _whole_number(text: str, what: str, low: int, high: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(
+            f"invalid {what} {text!r}: expected a whole number from {low} to {high}"
+        )
+    return value
+
+
 def _attempts_arg(text: str) -> int:
     try:
         attempts = int(text)
@@ -438,6 +614,83 @@ def _job_list(stub: Stub, args: Args, md: Metadata, out: _Output) -> None:
     out.results((_job_line(job), _job_document(job)) for job in jobs())
 
 
+def _job_schedule(stub: Stub, args: Args, md: Metadata, out: _Output) -> None:
+    if args.payload_file is not None:
+        with args.payload_file as file:
+            payload = file.read()
+    else:
+        payload = args.payload or b""
+    schedule = pb.Schedule(
+        expression=args.expression, time_zone=args.time_zone, max_runs=args.max_runs or 0
+    )
+    if args.start is not None:
+        schedule.start.CopyFrom(_timestamp(args.start))
+    if args.end is not None:
+        schedule.end.CopyFrom(_timestamp(args.end))
+    if args.jitter is not None:
+        schedule.jitter.CopyFrom(_span(args.jitter))
+    if args.catchup_window is not None:
+        schedule.catchup_window.CopyFrom(_span(args.catchup_window))
+    if args.misfire is not None:  # left out: unspecified, the server's default
+        schedule.misfire = pb.MisfirePolicy.Value(f"MISFIRE_POLICY_{args.misfire.upper()}")
+    if args.overlap is not None:
+        schedule.overlap = pb.OverlapPolicy.Value(f"OVERLAP_POLICY_{args.overlap.upper()}")
+    request = pb.ScheduleJobRequest(id=args.id, schedule=schedule, payload=payload)
+    out.result("OK", _job_document(stub.ScheduleJob(request, metadata=md).job))
+
+
+def _job_pause(stub: Stub, args: Args, md: Metadata, out: _Output) -> None:
+    job = stub.PauseJob(pb.PauseJobRequest(id=args.id), metadata=md).job
+    out.result("OK", _job_document(job))
+
+
+def _job_resume(stub: Stub, args: Args, md: Metadata, out: _Output) -> None:
+    job = stub.ResumeJob(pb.ResumeJobRequest(id=args.id), metadata=md).job
+    out.result("OK", _job_document(job))
+
+
+def _job_run_now(stub: Stub, args: Args, md: Metadata, out: _Output) -> None:
+    job = stub.RunJobNow(pb.RunJobNowRequest(id=args.id), metadata=md).job
+    out.result("OK", _job_document(job))
+
+
+def _job_next(stub: Stub, args: Args, md: Metadata, out: _Output) -> None:
+    """One line per occurrence: UTC, then the time in the schedule's zone in parentheses."""
+    preview = stub.PreviewJob(pb.PreviewJobRequest(id=args.id, count=args.count), metadata=md)
+    # The zone, for the local times (read after the preview, which names a one-shot job's
+    # or a missing job's error first).
+    job = stub.GetJob(pb.GetJobRequest(id=args.id), metadata=md).job
+    zone_name = job.schedule.time_zone or "UTC"
+    try:
+        zone: ZoneInfo | None = ZoneInfo(zone_name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # not in this machine's database
+        zone = None
+    lines, occurrences = [], []
+    for timestamp in preview.occurrences:
+        us = _micros(timestamp)
+        utc = format_time(us, fraction=False)
+        local = _local_time(us, zone)
+        lines.append(f"{utc} ({local} {_text(zone_name)})" if local else utc)
+        occurrences.append({"at": format_time(us), "local": local})
+    document = {"id": args.id, "time_zone": zone_name, "occurrences": occurrences}
+    out.result("\n".join(lines), document)
+
+
+def _local_time(us: int, zone: ZoneInfo | None) -> str | None:
+    """RFC 3339 with the zone's offset (2026-12-01T10:00:00+01:00); None without a zone."""
+    if zone is None:
+        return None
+    try:
+        return (
+            datetime.fromtimestamp(us // MICROS, UTC)
+            .replace(microsecond=us % MICROS)
+            .astimezone(zone)
+            .isoformat()
+        )
+    except (OverflowError, ValueError):  # at the edges of years 1 and 9999
+        return None
+
+
 def _rule_set(stub: Stub, args: Args, md: Metadata, out: _Output) -> None:
     rule = pb.Rule(id=args.id, pattern=args.pattern)
     if args.runner == "shell":
@@ -525,6 +778,11 @@ _HANDLERS: dict[tuple[str, str | None], Handler] = {
     ("job", "get"): _job_get,
     ("job", "unset"): _job_unset,
     ("job", "list"): _job_list,
+    ("job", "schedule"): _job_schedule,
+    ("job", "pause"): _job_pause,
+    ("job", "resume"): _job_resume,
+    ("job", "run-now"): _job_run_now,
+    ("job", "next"): _job_next,
     ("rule", "set"): _rule_set,
     ("rule", "get"): _rule_get,
     ("rule", "unset"): _rule_unset,
@@ -586,13 +844,16 @@ def _text(value: str) -> str:
 
 
 def _job_line(job: pb.Job) -> str:
-    """id, status, execute_at (UTC, the text protocol's form), attempts=N, then extras."""
+    """id, status, execute_at (UTC, the text protocol's form), attempts=N, the schedule
+    of a recurring job, then extras."""
     fields = [
         _text(job.id),
         _enum_name(pb.JobStatus, job.status, "JOB_STATUS_"),
         format_time(_micros(job.execute_at), sep=" ", zone="", fraction=False),
         f"attempts={job.attempts}",
     ]
+    if job.HasField("schedule"):
+        fields.extend(_schedule_fields(job.schedule))
     if job.last_outcome:
         fields.append(f"outcome={_text(job.last_outcome)}")
     if job.payload:
@@ -610,7 +871,79 @@ def _job_document(job: pb.Job) -> dict[str, object]:
         "attempts": job.attempts,
         "last_outcome": job.last_outcome,
         "updated_at": format_time(_micros(job.updated_at)) if job.HasField("updated_at") else None,
+        "schedule": _schedule_document(job.schedule) if job.HasField("schedule") else None,
     }
+
+
+def _schedule_fields(schedule: pb.Schedule) -> list[str]:
+    """schedule=, tz=, runs= always; the rest where it is not the default."""
+    fields = [
+        f"schedule={_text(schedule.expression)}",
+        f"tz={_text(schedule.time_zone or 'UTC')}",
+        f"runs={schedule.runs}",
+    ]
+    if schedule.paused:
+        fields.append("paused=true")
+    if schedule.skipped:
+        fields.append(f"skipped={schedule.skipped}")
+    if schedule.HasField("scheduled_at"):
+        at = format_time(_micros(schedule.scheduled_at), sep=" ", zone="", fraction=False)
+        fields.append(f"scheduled_at={at}")
+    for name in ("start", "end"):
+        if schedule.HasField(name):
+            at = format_time(_micros(getattr(schedule, name)), sep=" ", zone="", fraction=False)
+            fields.append(f"{name}={at}")
+    if schedule.max_runs:
+        fields.append(f"max_runs={schedule.max_runs}")
+    if schedule.HasField("jitter"):
+        fields.append(f"jitter={_seconds_text(schedule.jitter)}")
+    misfire = _enum_name(pb.MisfirePolicy, schedule.misfire, "MISFIRE_POLICY_")
+    if misfire not in ("unspecified", "coalesce"):
+        fields.append(f"misfire={misfire}")
+    if schedule.HasField("catchup_window"):
+        fields.append(f"catchup_window={_seconds_text(schedule.catchup_window)}")
+    overlap = _enum_name(pb.OverlapPolicy, schedule.overlap, "OVERLAP_POLICY_")
+    if overlap not in ("unspecified", "skip"):
+        fields.append(f"overlap={overlap}")
+    return fields
+
+
+def _schedule_document(schedule: pb.Schedule) -> dict[str, object]:
+    """Times as RFC 3339 (null: unset), durations in seconds, policies by name."""
+
+    def time(name: str) -> str | None:
+        return format_time(_micros(getattr(schedule, name))) if schedule.HasField(name) else None
+
+    def seconds(name: str) -> float | None:
+        if not schedule.HasField(name):
+            return None
+        value: Duration = getattr(schedule, name)
+        return value.seconds + value.nanos / 1e9
+
+    misfire = _enum_name(pb.MisfirePolicy, schedule.misfire, "MISFIRE_POLICY_")
+    overlap = _enum_name(pb.OverlapPolicy, schedule.overlap, "OVERLAP_POLICY_")
+    return {
+        "expression": schedule.expression,
+        "time_zone": schedule.time_zone or "UTC",
+        "start": time("start"),
+        "end": time("end"),
+        "max_runs": schedule.max_runs or None,
+        "jitter_s": seconds("jitter") or 0.0,
+        "misfire": "coalesce" if misfire == "unspecified" else misfire,
+        "catchup_window_s": seconds("catchup_window"),
+        "overlap": "skip" if overlap == "unspecified" else overlap,
+        "paused": schedule.paused,
+        "runs": schedule.runs,
+        "skipped": schedule.skipped,
+        "scheduled_at": time("scheduled_at"),
+    }
+
+
+def _seconds_text(duration: Duration) -> str:
+    """A duration as seconds, exact to the microsecond: 30s, 1.5s, 0.000001s."""
+    us = duration.seconds * MICROS + duration.nanos // 1000
+    whole, fraction = divmod(us, MICROS)
+    return f"{whole}s" if not fraction else f"{whole}.{fraction:06d}".rstrip("0") + "s"
 
 
 def _payload(payload: bytes) -> dict[str, str]:
@@ -698,6 +1031,11 @@ def _micros(ts: Timestamp) -> int:
 def _timestamp(us: int) -> Timestamp:
     seconds, micros = divmod(us, MICROS)
     return Timestamp(seconds=seconds, nanos=micros * 1000)
+
+
+def _span(us: int) -> Duration:
+    seconds, micros = divmod(us, MICROS)
+    return Duration(seconds=seconds, nanos=micros * 1000)
 
 
 def _duration(seconds: float) -> Duration:

@@ -210,7 +210,7 @@ def test_preview_counts_from_1_to_1000(count: int) -> None:
 @pytest.mark.parametrize("count", [0, 1001, 2**32 - 1])
 def test_preview_counts_outside_1_to_1000_are_refused(count: int) -> None:
     message = invalid(convert.preview_job_from_pb, pb.PreviewJobRequest(id="a", count=count))
-    assert message == f"count must be 1 to 1000 occurrences, not {count}"
+    assert message == f"count must be 1 to 1000, not {count}"
 
 
 def test_preview_times_keep_their_order_and_microseconds() -> None:
@@ -383,7 +383,7 @@ def test_edge_errors_never_reach_the_actor() -> None:
     assert bridge.sent == []
     assert context.status == (
         grpc.StatusCode.INVALID_ARGUMENT,
-        "count must be 1 to 1000 occurrences, not 0",
+        "count must be 1 to 1000, not 0",
     )
     _, bridge, context = _call(lambda _: None, "ScheduleJob", pb.ScheduleJobRequest(id="a"))
     assert bridge.sent == [] and context.status is not None

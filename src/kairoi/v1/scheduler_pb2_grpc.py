@@ -203,7 +203,8 @@ class SchedulerServicer:
 
     def ResumeJob(self, request, context):
         """Resume a paused recurring job; its misfire policy decides about the
-        occurrences that came due while it was paused.
+        occurrences that came due while it was paused. FAILED_PRECONDITION for a
+        one-shot job or a schedule that has ended.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -211,16 +212,18 @@ class SchedulerServicer:
 
     def RunJobNow(self, request, context):
         """Run a recurring job once now, without changing its schedule: afterwards it
-        goes on with the occurrence that was planned. FAILED_PRECONDITION while a
-        run is in flight or once the schedule has ended.
+        goes on with the occurrence that was planned (a paused job runs and stays
+        paused). FAILED_PRECONDITION for a one-shot job, while a run is in flight
+        or a retry is planned, and once the schedule has ended.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def PreviewJob(self, request, context):
-        """The next occurrences of a recurring job's schedule, after the one planned
-        or in flight. Reads only.
+        """The coming occurrences of a recurring job's schedule, in order: the
+        planned one while its run has not started, then those after it. None once
+        the schedule has ended. FAILED_PRECONDITION for a one-shot job.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

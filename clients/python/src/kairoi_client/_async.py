@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
 import grpc
@@ -25,6 +25,8 @@ from kairoi_client._types import (
     JobEvent,
     JobLike,
     JobStatus,
+    Misfire,
+    Overlap,
     Rule,
     ServerInfo,
     SetJobResult,
@@ -140,6 +142,82 @@ class AsyncClient:
                 yield job
             if not token:
                 return
+
+    # -- recurring jobs (docs/recurring-jobs.md) -------------------------------------
+
+    @_translating
+    async def schedule_job(
+        self,
+        id: str,
+        expression: str,
+        *,
+        time_zone: str = "UTC",
+        start: datetime | None = None,
+        end: datetime | None = None,
+        max_runs: int | None = None,
+        jitter: timedelta | None = None,
+        misfire: Misfire | str = "coalesce",
+        catchup_window: timedelta | None = None,
+        overlap: Overlap | str = "skip",
+        payload: bytes = b"",
+    ) -> Job:
+        """Create or replace the recurring job `id`; returns it planned at its first
+        occurrence (`execute_at`), its schedule completed by the server.
+
+        expression: cron ("*/15 * * * *"), a macro ("@daily"), "every 15m" or
+        "PT15M"; time_zone: the IANA zone cron fields are read in. misfire:
+        "coalesce", "all" or "skip"; overlap: "skip" or "buffer_one". None
+        leaves an option unset (no bound, no limit, no jitter). InvalidArgument
+        for a bad expression, zone or option; ValueError before any call for an
+        unknown policy or a max_runs below 1.
+        """
+        schedule = t.schedule_to_pb(
+            expression,
+            time_zone=time_zone,
+            start=start,
+            end=end,
+            max_runs=max_runs,
+            jitter=jitter,
+            misfire=misfire,
+            catchup_window=catchup_window,
+            overlap=overlap,
+        )
+        request = pb.ScheduleJobRequest(id=id, schedule=schedule, payload=payload)
+        return t.job_from_pb((await self._stub.ScheduleJob(request, **self._kw())).job)
+
+    @_translating
+    async def pause_job(self, id: str) -> Job:
+        """Stop a recurring job from firing until resume_job (a run in flight ends normally).
+        FailedPrecondition for a one-shot job or a schedule that has ended."""
+        return t.job_from_pb(
+            (await self._stub.PauseJob(pb.PauseJobRequest(id=id), **self._kw())).job
+        )
+
+    @_translating
+    async def resume_job(self, id: str) -> Job:
+        """Resume a paused recurring job; its misfire policy decides about the
+        occurrences that came due meanwhile."""
+        return t.job_from_pb(
+            (await self._stub.ResumeJob(pb.ResumeJobRequest(id=id), **self._kw())).job
+        )
+
+    @_translating
+    async def run_job_now(self, id: str) -> Job:
+        """Run a recurring job once now (a paused one stays paused); its schedule then
+        goes on as planned. FailedPrecondition while a run is in flight or a retry is
+        planned, and once the schedule has ended."""
+        return t.job_from_pb(
+            (await self._stub.RunJobNow(pb.RunJobNowRequest(id=id), **self._kw())).job
+        )
+
+    @_translating
+    async def preview_job(self, id: str, count: int = 5) -> list[datetime]:
+        """The coming `count` (1 to 1,000) occurrences of a recurring job's schedule,
+        in UTC: the planned one while its run has not started, then those after it;
+        fewer when the schedule ends."""
+        request = pb.PreviewJobRequest(id=id, count=count)
+        response = await self._stub.PreviewJob(request, **self._kw())
+        return [t.from_timestamp(at) for at in response.occurrences]
 
     # -- rules -----------------------------------------------------------------
 

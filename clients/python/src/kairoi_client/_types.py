@@ -20,6 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from kairoi_client._proto import scheduler_pb2 as pb
 
 T = TypeVar("T")
+E = TypeVar("E", bound=enum.Enum)
 
 # -- values ----------------------------------------------------------------------
 
@@ -39,8 +40,58 @@ class EventType(enum.Enum):
     DELETED = pb.JOB_EVENT_TYPE_DELETED
 
 
+class Misfire(enum.StrEnum):
+    """What a recurring job does about occurrences that came due while the server
+    was down or the job was paused."""
+
+    COALESCE = "coalesce"  # run once now for all of them
+    ALL = "all"  # run each of them (the most recent ones, up to the server's bound), in order
+    SKIP = "skip"  # run none: go on with the next future occurrence
+
+
+class Overlap(enum.StrEnum):
+    """What a recurring job does about an occurrence that comes due while its
+    previous run is still in flight."""
+
+    SKIP = "skip"  # the occurrence does not run (counted as skipped)
+    BUFFER_ONE = "buffer_one"  # run it once the current run ends; further ones skip
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """A recurring job's schedule as the server stores it, and where it stands.
+
+    expression: cron ("*/15 * * * *", 6 fields with leading seconds), a macro
+        ("@daily"), "every 15m" or an ISO 8601 duration ("PT15M").
+    time_zone: the IANA zone cron fields are read in; intervals ignore it.
+    start, end: inclusive bounds (UTC), or None. The server sets an interval's
+        start when the client gave none.
+    max_runs: stop after this many runs (None: no limit).
+    jitter: each run starts up to this much later, at random (None: none).
+    catchup_window: missed occurrences older than this are not caught up (None: no bound).
+    paused, runs, skipped, scheduled_at: output only. scheduled_at is the
+        nominal time of the run planned or in flight (before jitter or retries).
+    """
+
+    expression: str
+    time_zone: str = "UTC"
+    start: datetime | None = None
+    end: datetime | None = None
+    max_runs: int | None = None
+    jitter: timedelta | None = None
+    misfire: Misfire = Misfire.COALESCE
+    catchup_window: timedelta | None = None
+    overlap: Overlap = Overlap.SKIP
+    paused: bool = False
+    runs: int = 0
+    skipped: int = 0
+    scheduled_at: datetime | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
+    """A job as the server stores it; `schedule` is None for a one-shot job."""
+
     id: str
     execute_at: datetime
     status: JobStatus
@@ -48,6 +99,7 @@ class Job:
     attempts: int = 0
     last_outcome: str = ""
     updated_at: datetime | None = None
+    schedule: Schedule | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +294,93 @@ def job_from_pb(message: pb.Job) -> Job:
         attempts=message.attempts,
         last_outcome=message.last_outcome,
         updated_at=from_timestamp(message.updated_at) if message.HasField("updated_at") else None,
+        schedule=schedule_from_pb(message.schedule) if message.HasField("schedule") else None,
+    )
+
+
+# Unspecified (0) is the default on both sides: coalesce, skip.
+_MISFIRE_TO_PB = {
+    Misfire.COALESCE: pb.MISFIRE_POLICY_COALESCE,
+    Misfire.ALL: pb.MISFIRE_POLICY_ALL,
+    Misfire.SKIP: pb.MISFIRE_POLICY_SKIP,
+}
+_MISFIRE_FROM_PB = {v: k for k, v in _MISFIRE_TO_PB.items()} | {
+    pb.MISFIRE_POLICY_UNSPECIFIED: Misfire.COALESCE
+}
+_OVERLAP_TO_PB = {
+    Overlap.SKIP: pb.OVERLAP_POLICY_SKIP,
+    Overlap.BUFFER_ONE: pb.OVERLAP_POLICY_BUFFER_ONE,
+}
+_OVERLAP_FROM_PB = {v: k for k, v in _OVERLAP_TO_PB.items()} | {
+    pb.OVERLAP_POLICY_UNSPECIFIED: Overlap.SKIP
+}
+
+
+def _choice(kind: type[E], value: E | str, name: str) -> E:
+    """A policy given as the enum or its text ("coalesce"); ValueError naming the choices."""
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(member.value for member in kind)
+        raise ValueError(f"{name} must be one of {choices}, not {value!r}") from None
+
+
+def schedule_to_pb(
+    expression: str,
+    *,
+    time_zone: str = "UTC",
+    start: datetime | None = None,
+    end: datetime | None = None,
+    max_runs: int | None = None,
+    jitter: timedelta | None = None,
+    misfire: Misfire | str = Misfire.COALESCE,
+    catchup_window: timedelta | None = None,
+    overlap: Overlap | str = Overlap.SKIP,
+) -> pb.Schedule:
+    """A Schedule message from schedule_job's arguments. The server judges the
+    expression, the zone and the bounds; here only what the message cannot say
+    is refused (ValueError): an unknown policy, max_runs below 1."""
+    if max_runs is not None and max_runs < 1:
+        raise ValueError(f"max_runs must be at least 1 (None: no limit), not {max_runs}")
+    message = pb.Schedule(
+        expression=expression,
+        time_zone=time_zone,
+        max_runs=max_runs or 0,
+        misfire=_MISFIRE_TO_PB[_choice(Misfire, misfire, "misfire")],
+        overlap=_OVERLAP_TO_PB[_choice(Overlap, overlap, "overlap")],
+    )
+    if start is not None:
+        message.start.CopyFrom(to_timestamp(start))
+    if end is not None:
+        message.end.CopyFrom(to_timestamp(end))
+    if jitter is not None:
+        message.jitter.CopyFrom(_duration(jitter))
+    if catchup_window is not None:
+        message.catchup_window.CopyFrom(_duration(catchup_window))
+    return message
+
+
+def schedule_from_pb(message: pb.Schedule) -> Schedule:
+    def time(name: str) -> datetime | None:
+        return from_timestamp(getattr(message, name)) if message.HasField(name) else None
+
+    def span(name: str) -> timedelta | None:
+        return getattr(message, name).ToTimedelta() if message.HasField(name) else None
+
+    return Schedule(
+        expression=message.expression,
+        time_zone=message.time_zone or "UTC",
+        start=time("start"),
+        end=time("end"),
+        max_runs=message.max_runs or None,
+        jitter=span("jitter"),
+        misfire=_MISFIRE_FROM_PB[message.misfire],
+        catchup_window=span("catchup_window"),
+        overlap=_OVERLAP_FROM_PB[message.overlap],
+        paused=message.paused,
+        runs=message.runs,
+        skipped=message.skipped,
+        scheduled_at=time("scheduled_at"),
     )
 
 

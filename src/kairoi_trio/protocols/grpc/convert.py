@@ -351,7 +351,7 @@ def schedule_job_from_pb(request: pb.ScheduleJobRequest) -> c.ScheduleJob:
 def preview_job_from_pb(request: pb.PreviewJobRequest) -> c.PreviewJob:
     """PreviewJobRequest -> PreviewJob; INVALID_ARGUMENT for a count outside 1..1000."""
     if not 1 <= request.count <= MAX_PREVIEW:
-        raise invalid(f"count must be 1 to {MAX_PREVIEW} occurrences, not {request.count}")
+        raise invalid(f"count must be 1 to {MAX_PREVIEW}, not {request.count}")
     return c.PreviewJob(request.id, request.count)
 
 
