@@ -994,7 +994,8 @@ class CommandActor:
             )
         try:
             job = self._planner.first(command.id, command.schedule, command.payload, self._now)
-        except ScheduleError as error:
+        except (ScheduleError, ValueError, OverflowError) as error:
+            # ValueError/OverflowError: a value no check foresaw; still the client's input
             raise CommandError(ErrorCode.INVALID_ARGUMENT, str(error)) from None
         self._put_job(job)
         return job

@@ -57,6 +57,10 @@ _UNIT_US = (7 * 86_400 * MICROS, 86_400 * MICROS, 3_600 * MICROS, 60 * MICROS)
 
 # An interval shorter than this would fire faster than any runner can start.
 MIN_INTERVAL_US = 1 * MICROS
+# ...and one longer than this (100 years, every duration's bound) never fires.
+MAX_INTERVAL_US = 100 * 365 * 86_400 * MICROS
+# Longer duration texts are refused before any number in them is converted.
+MAX_DURATION_TEXT = 64
 
 _EPOCH = datetime(1970, 1, 1)  # naive UTC
 _ONE_SECOND = timedelta(seconds=1)
@@ -81,6 +85,10 @@ def parse_duration(text: str) -> int:
     (`PT15M`, `P1D`, `PT0.5S`). Raises ScheduleError for anything else, and for
     ISO years and months, which have no fixed length."""
     text = text.strip()
+    if len(text) > MAX_DURATION_TEXT:
+        raise ScheduleError(
+            f"{text[:40]!r}...: a duration is at most {MAX_DURATION_TEXT} characters"
+        )
     iso = _ISO_DURATION.fullmatch(text.upper())
     if iso is not None and text.upper() not in ("P", "PT") and not text.upper().endswith("T"):
         weeks, days, hours, minutes, seconds = iso.groups()
@@ -129,8 +137,10 @@ def compile_schedule(expression: str, tz: str) -> Compiled:
     zone = _zone(tz)
     every = interval_of(expression)
     if every is not None:
-        if every < MIN_INTERVAL_US:
-            raise ScheduleError(f"{expression!r}: the interval must be at least 1 second")
+        if not MIN_INTERVAL_US <= every <= MAX_INTERVAL_US:
+            raise ScheduleError(
+                f"{expression!r}: the interval must be at least 1 second and at most 100 years"
+            )
         return Compiled(None, None, every)
     text = " ".join(expression.split())
     if text.startswith("@"):

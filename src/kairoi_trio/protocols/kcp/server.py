@@ -468,7 +468,11 @@ class _Connection:
 def _answer_size(result: object) -> int:
     """What the answer to `result` will take once encoded, about (before escaping)."""
     if isinstance(result, Job):
-        return len(result.id) + len(result.payload) + 48
+        size = len(result.id) + len(result.payload) + 48
+        if result.recurrence is not None:  # the schedule's fields and the last outcome
+            schedule = result.recurrence.schedule
+            size += len(schedule.expression) + len(schedule.tz) + len(result.last_outcome) + 320
+        return size
     if isinstance(result, Rule):
         return len(result.id) + len(result.pattern) + len(repr(result.runner))
     if isinstance(result, CommandError):
