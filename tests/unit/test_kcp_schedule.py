@@ -244,7 +244,7 @@ def test_values_past_any_bound_are_refused_not_crashed() -> None:
     assert "a duration is at most 64 characters" in refused(
         "SCHEDULE", "j", "@daily", f"jitter={huge}s"
     )
-    assert "is not a schedule" in refused("SCHEDULE", "j", f"every {huge}s")
+    assert "a duration is at most 64 characters" in refused("SCHEDULE", "j", f"every {huge}s")
     # the value quoted back is cut
     assert len(refused("SCHEDULE", "j", "@daily", f"misfire={huge}")) < 200
 
