@@ -125,8 +125,9 @@ class RunJobNow:
 
 @dataclass(slots=True)
 class PreviewJob:
-    """The next `count` (1..1000) occurrences of a recurring job's schedule, after
-    the one planned or in flight. Result: a list of times (µs since the epoch, UTC)."""
+    """The next `count` (1..1000) occurrences of a recurring job's schedule: the
+    planned one first while no run of it has started, else the ones after the run
+    in flight. Result: a list of times (µs since the epoch, UTC)."""
 
     id: str
     count: int = 5
