@@ -1,11 +1,15 @@
 """`kairoi-trio job schedule/pause/resume/run-now/next`, run as a user runs them.
 
-Each command is a `python -m kairoi_trio` process talking gRPC to a real
-server process (helpers of test_grpc_cli.py's kind).
+The first test runs each command as a `python -m kairoi_trio` process talking
+gRPC to a real server process (helpers of test_grpc_cli.py's kind); the others
+call the same `main` in this process (a new process costs a second per command,
+the suite's time budget is 10 minutes), still against the real server.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -20,6 +24,19 @@ from kairoi_trio.cli import main
 
 
 def cli(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    """The command's result, run by `main` in this process."""
+    out, err = io.StringIO(), io.StringIO()
+    code: int | str | None = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([*args, "--server", f"127.0.0.1:{server.grpc_port}"])
+        except SystemExit as exited:
+            code = exited.code
+    return subprocess.CompletedProcess(args, code or 0, out.getvalue(), err.getvalue())
+
+
+def cli_process(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    """The command's result, run as a user runs it: a process of its own."""
     env = {k: v for k, v in os.environ.items() if k not in ("KAIROI_SERVER", "KAIROI_TOKEN")}
     env.update(KAIROI_SERVER=f"127.0.0.1:{server.grpc_port}", PYTHONIOENCODING="utf-8")
     return subprocess.run(
@@ -48,8 +65,11 @@ PARIS = ("--tz", "Europe/Paris", "--start", "2031-03-28T00:00:00Z")
 
 
 def test_schedule_then_get_shows_the_schedule(server: ServerProcess) -> None:
-    assert ok(server, "job", "schedule", "app.r", "0 9 * * *", *PARIS, "--payload", "hi") == "OK\n"
-    assert ok(server, "job", "get", "app.r") == (
+    scheduled = cli_process(
+        server, "job", "schedule", "app.r", "0 9 * * *", *PARIS, "--payload", "hi"
+    )
+    assert scheduled.returncode == 0 and scheduled.stdout == "OK\n", scheduled.stderr
+    assert cli_process(server, "job", "get", "app.r").stdout == (
         "app.r\tplanned\t2031-03-28 08:00:00\tattempts=0\tschedule=0 9 * * *\ttz=Europe/Paris"
         "\truns=0\tscheduled_at=2031-03-28 08:00:00\tstart=2031-03-28 00:00:00\tpayload=hi\n"
     )
