@@ -597,13 +597,6 @@ def test_a_run_in_flight_when_paused_ends_normally() -> None:
     assert nominal(done) == T0 + 10 * MINUTE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after_run ignores the pause: with overlap=buffer_one, a run that ends while "
-    "the job is paused leaves a buffered occurrence whose cursor hides it from resume's "
-    "misfire check, and the run of it then buffers one more occurrence that came due "
-    "during the pause, so misfire=skip still runs stale occurrences on resume",
-)
 def test_resume_after_a_pause_begun_during_a_run_applies_the_misfire_policy() -> None:
     p = planner()
     schedule = Schedule("every 10m", start=T0, overlap=Overlap.BUFFER_ONE, misfire=Misfire.SKIP)
@@ -653,12 +646,6 @@ def test_run_now_of_a_paused_job_keeps_it_paused() -> None:
     assert nominal(done) == T0 + HOUR
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after a run-now, the planned occurrence is restored as it was even when it "
-    "came due while the manual run was in flight: with overlap=skip it runs late "
-    "(at once) instead of being skipped",
-)
 def test_an_occurrence_due_during_a_run_now_follows_the_overlap_policy() -> None:
     p = planner()
     job = p.first("a", Schedule("every 10m", start=T0 + 5 * MINUTE), b"", T0)
@@ -683,11 +670,6 @@ def test_upcoming_starts_with_the_planned_occurrence() -> None:
     assert p.upcoming(manual, 2) == [T0 + 10 * MINUTE, T0 + 20 * MINUTE]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="upcoming previews from the buffered occurrence without its cursor: it lists "
-    "the occurrences overlap=buffer_one already counted as skipped, which never run",
-)
 def test_upcoming_after_a_buffered_overlap_lists_what_will_run() -> None:
     p = planner()
     job = p.first("a", Schedule("every 10m", start=T0, overlap=Overlap.BUFFER_ONE), b"", T0)

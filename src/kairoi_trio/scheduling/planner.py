@@ -135,20 +135,30 @@ class Planner:
         schedule = r.schedule
         if schedule.max_runs is not None and r.runs >= schedule.max_runs:
             return self._finished(job, r, now, outcome)
-        if r.manual:  # the schedule goes on with the occurrence the run-now came before
-            resume_at = r.resume_at
-            r = replace(r, manual=False, nominal=r.resume, resume=0, resume_at=0)
-            return _planned(job, r, resume_at, now, outcome)
-        if r.catchup_left > 0:
+        if r.manual:
+            # The schedule goes on with the occurrence the run-now came before: as it
+            # was if it is not due yet (or is being caught up), else it came due during
+            # this run and follows the overlap policy below.
+            resume, resume_at = r.resume, r.resume_at
+            r = replace(r, manual=False, resume=0, resume_at=0)
+            if resume_at > now or r.catchup_left > 0:
+                return _planned(job, replace(r, nominal=resume), resume_at, now, outcome)
+            base = resume - 1
+            r = replace(r, nominal=base, cursor=min(r.cursor, base))
+        elif r.catchup_left > 0:
             following = next_after(schedule, r.nominal)
             if following is not None and following <= r.cursor:
                 r = replace(r, nominal=following, catchup_left=r.catchup_left - 1)
                 return _planned(job, r, now, now, outcome)
-        base = max(r.nominal, r.cursor)
+            base = max(r.nominal, r.cursor)
+        else:
+            base = max(r.nominal, r.cursor)
         following = next_after(schedule, base)
         if following is None:
             return self._finished(job, r, now, outcome)
-        if following > now:
+        if following > now or r.paused:
+            # not due yet; or paused: what comes due meanwhile is decided about at
+            # resume, by the misfire policy (the occurrence is left after the cursor)
             r = replace(r, nominal=following, catchup_left=0)
             return _planned(job, r, self._execute_at(schedule, following), now, outcome)
         if following < self.started_at:  # came due while the server was down
@@ -247,16 +257,18 @@ class Planner:
         return new_job(job.id, now, PLANNED, job.payload, 0, job.last_outcome, now, r)
 
     def upcoming(self, job: Job, count: int) -> list[int]:
-        """The next `count` occurrences after the one planned or in flight (that one
-        first when it is a scheduled one that has not started)."""
+        """The occurrences that will run next, up to `count`: the planned one first
+        while no run of it has started, then the ones after it (past those already
+        counted as skipped, and through the ones being caught up)."""
         r = _recurrence(job)
         if job.status.finished:
             return []
         if r.manual:
             return preview(r.schedule, r.resume - 1, count)
+        after = r.nominal if r.catchup_left > 0 else max(r.nominal, r.cursor)
         if job.status is PLANNED and job.attempts == 0:
-            return preview(r.schedule, r.nominal - 1, count)
-        return preview(r.schedule, r.nominal, count)
+            return [r.nominal, *preview(r.schedule, after, count - 1)] if count > 1 else [r.nominal]
+        return preview(r.schedule, after, count)
 
 
 def _recurrence(job: Job) -> Recurrence:
