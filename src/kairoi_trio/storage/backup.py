@@ -255,6 +255,7 @@ def _left_out(
 def add_backup_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `backup DEST [-c FILE]`."""
     from kairoi_trio.config import add_config_option
+
     description = (
         "Copy the data directory of the configuration ([storage] directory) into DEST, "
         "consistently, while the server runs or not: the newest snapshot and the segments "
