@@ -396,15 +396,9 @@ def test_sigkill_right_after_a_run_loses_and_doubles_no_later_occurrence(
 
 
 class OccurrenceLost(AssertionError):
-    """The failure the xfail below expects (any other is a real failure)."""
+    """An occurrence never ran."""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OccurrenceLost,
-    reason="an occurrence that comes due after the restart, before the rerun of the "
-    "occurrence cut by a crash is triggered, is skipped as an overlap and never runs",
-)
 def test_sigkill_during_a_run_the_next_occurrence_due_before_its_rerun_is_not_lost(
     make_server: MakeServer, recorder: Recorder, tmp_path: Path
 ) -> None:

@@ -12,8 +12,9 @@ rules with examples; in short:
 - an occurrence that came due while the previous run was in flight follows
   the overlap policy: `skip` (counted), `buffer_one` (runs at once, the ones
   after it are skipped);
-- occurrences that came due while the server was down (before it started) or
-  while the job was paused follow the misfire policy: `coalesce` (one run now,
+- occurrences that came due while the server was down (before it started),
+  while the job was paused, or while it waited to run (for a runner, a retry,
+  its re-run after a crash) follow the misfire policy: `coalesce` (one run now,
   for the latest), `all` (each, the latest max_catchup_runs of them, in
   order), `skip` (none); older than catchup_window, none runs;
 - a run-now runs at once and then the job goes on with the occurrence that was
@@ -161,7 +162,11 @@ class Planner:
             # resume, by the misfire policy (the occurrence is left after the cursor)
             r = replace(r, nominal=following, catchup_left=0)
             return _planned(job, r, self._execute_at(schedule, following), now, outcome)
-        if following < self.started_at:  # came due while the server was down
+        # When this run started (its last attempt was triggered); no run: now.
+        started = job.updated_at if job.status is TRIGGERED else now
+        if following < self.started_at or following < started:
+            # came due while the server was down, or while the job waited to run (for
+            # a runner, a retry, its re-run after a crash): missed, not overlapping
             r = replace(r, nominal=following, catchup_left=0)
             return self.misfire(_with(job, r, outcome, now), now)
         # came due while this run was in flight
