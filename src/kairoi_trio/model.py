@@ -120,8 +120,9 @@ class Rule:
 
 
 class Misfire(enum.Enum):
-    """What a recurring job does about occurrences that came due while the server
-    was down or the job was paused (docs/recurring-jobs.md)."""
+    """What a recurring job does about occurrences that came due while it could not
+    run: the server down, the job paused, or waiting to run its previous occurrence
+    (docs/recurring-jobs.md)."""
 
     COALESCE = "coalesce"  # run once now for all of them
     ALL = "all"  # run each (the latest max_catchup_runs of them), in order
@@ -132,7 +133,8 @@ class Misfire(enum.Enum):
 
 class Overlap(enum.Enum):
     """What a recurring job does about an occurrence that comes due while its
-    previous run is still in flight (retries included)."""
+    previous run executes (one that came due while the job waited to run is
+    missed: Misfire decides)."""
 
     SKIP = "skip"  # the occurrence is counted as skipped
     BUFFER_ONE = "buffer_one"  # run it as soon as the current run ends; further ones skip
