@@ -229,3 +229,28 @@ async def test_a_recurring_job_ends_when_its_runs_are_spent() -> None:
         assert job.recurrence == replace(job.recurrence, runs=2, last_failed=True)  # kept, for GET
         refused = (await h.results(RunJobNow("app.a")))[0]
         assert isinstance(refused, CommandError) and "ended" in refused.message
+
+
+def test_zones_work_without_system_zone_files() -> None:
+    """The tzdata package provides the IANA zones: a machine without /usr/share/zoneinfo
+    (a slim container) computes the same Paris occurrence."""
+    import subprocess
+    import sys
+
+    code = (
+        "import zoneinfo, sys; assert zoneinfo.TZPATH == (), zoneinfo.TZPATH\n"
+        "from kairoi_trio.model import Schedule\n"
+        "from kairoi_trio.scheduling.occurrences import next_after\n"
+        "print(next_after(Schedule('30 2 * * *', 'Europe/Paris'), 1_837_598_400_000_000))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PYTHONTZPATH": "", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    # after 2028-03-25T12:00Z: 2028-03-26 is Paris's spring-forward day, 02:30 does
+    # not exist and the occurrence is 03:00 CEST, 2028-03-26T01:00Z
+    assert int(done.stdout) == 1_837_645_200_000_000
