@@ -11,7 +11,7 @@ from pathlib import Path
 from support.kcp_client import KcpClient
 from support.waiting import wait_for
 
-from kairoi_trio.storage.records import HEADER_SIZE, FrameError, decode_frame
+from kairoi_trio.storage.records import FORMAT_VERSION, HEADER_SIZE, FrameError, decode_frame
 
 FUTURE = "2099-01-01 00:00:00"
 PAYLOAD = "p" * 60
@@ -130,9 +130,9 @@ def test_damaged_snapshot_and_segment_repaired_into_a_directory_the_server_start
     result = kairoi_trio("repair", str(data), str(dest))
     assert result.returncode == 1, result.stdout + result.stderr
     report = result.stdout
-    assert f"{snapshot.name}: format 2" in report
+    assert f"{snapshot.name}: format {FORMAT_VERSION}" in report
     assert f"DROPPED {snap_start}..{snap_end} ({snap_end - snap_start} bytes)" in report
-    assert f"{segment.name}: format 2" in report
+    assert f"{segment.name}: format {FORMAT_VERSION}" in report
     assert f"DROPPED {seg_start}..{seg_end} ({seg_end - seg_start} bytes)" in report
     assert "result: 2298 jobs, 1 rules" in report
 
