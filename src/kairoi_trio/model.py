@@ -292,6 +292,87 @@ def new_job(
     return job
 
 
+# The same fast construction for a Recurrence and a Schedule, made by the million
+# when a log of recurring jobs is replayed.
+_RECURRENCE_SETTERS = tuple(Recurrence.__dict__[f.name].__set__ for f in fields(Recurrence))
+_SCHEDULE_SETTERS = tuple(Schedule.__dict__[f.name].__set__ for f in fields(Schedule))
+
+
+def new_recurrence(
+    schedule: Schedule,
+    nominal: int,
+    runs: int,
+    skipped: int,
+    last_failed: bool,
+    paused: bool,
+    manual: bool,
+    resume: int,
+    resume_at: int,
+    cursor: int,
+    catchup_left: int,
+) -> Recurrence:
+    """Recurrence(...) with every field given, in declaration order, twice as fast."""
+    recurrence = Recurrence.__new__(Recurrence)
+    (
+        set_schedule,
+        set_nominal,
+        set_runs,
+        set_skipped,
+        set_last_failed,
+        set_paused,
+        set_manual,
+        set_resume,
+        set_resume_at,
+        set_cursor,
+        set_catchup_left,
+    ) = _RECURRENCE_SETTERS
+    set_schedule(recurrence, schedule)
+    set_nominal(recurrence, nominal)
+    set_runs(recurrence, runs)
+    set_skipped(recurrence, skipped)
+    set_last_failed(recurrence, last_failed)
+    set_paused(recurrence, paused)
+    set_manual(recurrence, manual)
+    set_resume(recurrence, resume)
+    set_resume_at(recurrence, resume_at)
+    set_cursor(recurrence, cursor)
+    set_catchup_left(recurrence, catchup_left)
+    return recurrence
+
+
+_SCHEDULE_FIELDS = tuple(f.name for f in fields(Schedule))
+_SET_START = Schedule.__dict__["start"].__set__
+_SET_END = Schedule.__dict__["end"].__set__
+
+
+def schedule_with_bounds(schedule: Schedule, start: int | None, end: int | None) -> Schedule:
+    """`schedule` with these start and end: itself when they are already its own."""
+    if schedule.start == start and schedule.end == end:
+        return schedule
+    copy = Schedule.__new__(Schedule)
+    for setter, name in zip(_SCHEDULE_SETTERS, _SCHEDULE_FIELDS, strict=True):
+        setter(copy, getattr(schedule, name))
+    _SET_START(copy, start)
+    _SET_END(copy, end)
+    return copy
+
+
+if tuple(f.name for f in fields(Recurrence)) != (
+    "schedule",
+    "nominal",
+    "runs",
+    "skipped",
+    "last_failed",
+    "paused",
+    "manual",
+    "resume",
+    "resume_at",
+    "cursor",
+    "catchup_left",
+):  # pragma: no cover - guards edits of Recurrence
+    raise ImportError("model.Recurrence changed: update new_recurrence and record type 7")
+
+
 @dataclass(frozen=True, slots=True)
 class JobEvent:
     """A change of a job, as watchers see it (deleted jobs have status None)."""

@@ -44,7 +44,6 @@ from kairoi_trio.model import (
     Job,
     Misfire,
     Overlap,
-    Recurrence,
     Rule,
     RulePolicy,
     RunnerSpec,
@@ -52,6 +51,8 @@ from kairoi_trio.model import (
     ShellRunner,
     Status,
     new_job,
+    new_recurrence,
+    schedule_with_bounds,
 )
 
 # Anything decoding reads from: bytes, or a read-only mmap of a file.
@@ -171,10 +172,14 @@ def frame(payload: bytes) -> bytes:
 
 
 # A recurring job's state after the JobPut fields: nominal, runs, skipped, resume,
-# resume_at, cursor, catchup_left, flags (1 last_failed, 2 paused, 4 manual); then
-# its Schedule as JSON to the end of the record.
-_RECURRENCE = struct.Struct("<qQQqqqIB")
-_LAST_FAILED, _PAUSED, _MANUAL = 1, 2, 4
+# resume_at, cursor, the schedule's start and end (valid when flagged), catchup_left,
+# flags (1 last_failed, 2 paused, 4 manual, 8 has start, 16 has end); then the rest
+# of its Schedule as JSON to the end of the record. Start and end are apart from the
+# JSON so that jobs whose schedules differ only by them (intervals start when they
+# are set) share one decoded JSON.
+_RECURRENCE = struct.Struct("<qQQqqqqqIB")
+_RECURRENCE_SIZE = _RECURRENCE.size
+_LAST_FAILED, _PAUSED, _MANUAL, _HAS_START, _HAS_END = 1, 2, 4, 8, 16
 
 
 def _encode_schedule(schedule: Schedule) -> bytes:
@@ -187,7 +192,9 @@ def _encode_schedule(schedule: Schedule) -> bytes:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-_SCHEDULE_DEFAULTS = [(f.name, f.default) for f in fields(Schedule) if f.name != "expression"]
+_SCHEDULE_DEFAULTS = [
+    (f.name, f.default) for f in fields(Schedule) if f.name not in ("expression", "start", "end")
+]
 
 
 def encode_recurring_job(job: Job) -> bytes:
@@ -198,8 +205,12 @@ def encode_recurring_job(job: Job) -> bytes:
     idb = job.id.encode()
     payload = job.payload
     outb = job.last_outcome.encode() if job.last_outcome else b""
+    schedule = r.schedule
     flags = (_LAST_FAILED if r.last_failed else 0) | (_PAUSED if r.paused else 0)
     flags |= _MANUAL if r.manual else 0
+    flags |= (_HAS_START if schedule.start is not None else 0) | (
+        _HAS_END if schedule.end is not None else 0
+    )
     body = b"".join(
         (
             _job_put_pack(
@@ -216,7 +227,16 @@ def encode_recurring_job(job: Job) -> bytes:
             payload,
             outb,
             _RECURRENCE.pack(
-                r.nominal, r.runs, r.skipped, r.resume, r.resume_at, r.cursor, r.catchup_left, flags
+                r.nominal,
+                r.runs,
+                r.skipped,
+                r.resume,
+                r.resume_at,
+                r.cursor,
+                schedule.start or 0,
+                schedule.end or 0,
+                r.catchup_left,
+                flags,
             ),
             _encode_schedule(r.schedule),
         )
@@ -499,11 +519,16 @@ def _decode_recurring_job_put(body: bytes) -> JobPut:
     status = _STATUS_BY_CODE[code] if code < len(_STATUS_BY_CODE) else None
     if status is None:
         raise MalformedRecord(f"unknown status code {code}")
-    nominal, runs, skipped, resume, resume_at, cursor, catchup_left, flags = (
+    nominal, runs, skipped, resume, resume_at, cursor, start, end, catchup_left, flags = (
         _RECURRENCE.unpack_from(body, d)
     )
-    recurrence = Recurrence(
+    schedule = schedule_with_bounds(
         _decode_schedule(body[d + _RECURRENCE.size :]),
+        start if flags & _HAS_START else None,
+        end if flags & _HAS_END else None,
+    )
+    recurrence = new_recurrence(
+        schedule,
         nominal,
         runs,
         skipped,
@@ -1002,6 +1027,22 @@ def _replay_v2(
                 count += 1
                 pos = end
                 continue
+            if (
+                kind == 7  # T_RECURRING_JOB_PUT: a recurring job, decoded by its function
+                and end <= size
+                and 34 + id_len + pl_len + out_len + _RECURRENCE_SIZE <= length
+                and check == (checks(length) or length_check(length))
+                and crc32(data[pos + 12 : end]) == crc
+            ):
+                try:
+                    job = _decode_recurring_job_put(data[pos + 12 : end]).job
+                except (MalformedRecord, ValueError, KeyError, TypeError, struct.error):
+                    pass  # the general path reports it
+                else:
+                    jobs[job.id] = job
+                    count += 1
+                    pos = end
+                    continue
         # Anything else (other record types, errors, the last few bytes): the general path.
         result.records = count
         after = _replay_general(data, pos, jobs, rules, version, result)
