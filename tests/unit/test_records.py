@@ -22,6 +22,7 @@ from kairoi_trio.storage.records import (
     RuleDelete,
     RulePut,
     decode_records,
+    encode_job,
     encode_record,
     encode_records,
     find_frame,
@@ -235,3 +236,35 @@ def test_replay_applies_status_over_put_keeping_payload() -> None:
     assert result.error is None and result.records == 7 and result.orphan_status == 1
     assert jobs[JOB.id] == Job(JOB.id, JOB.execute_at, Status.EXECUTED, JOB.payload, 4, "ok", 99)
     assert rules == {"r1": RULES[0], "r3": RULES[2]}
+
+
+def test_recurring_jobs_round_trip_and_a_bad_schedule_is_named() -> None:
+    """Type 7 (format 4): every field of a recurring job comes back, by the fast path
+    of replay and by the general decoder; a checksummed record whose schedule is not
+    a schedule stops replay with the reason, as any malformed record does."""
+    from kairoi_trio.model import Misfire, Overlap, Recurrence, Schedule
+
+    schedule = Schedule(
+        "every 90s",
+        tz="Europe/Paris",
+        start=5_000_000,
+        end=9_000_000_000,
+        max_runs=7,
+        jitter_us=3,
+        misfire=Misfire.ALL,
+        catchup_window_us=60_000_000,
+        overlap=Overlap.BUFFER_ONE,
+    )
+    recurrence = Recurrence(schedule, 95_000_000, 4, 2, True, True, True, 7, 8, 9, 1)
+    job = Job("r.é", 95_000_003, Status.TRIGGERED, b"\x00p", 2, "exit 1", 42, recurrence)
+    framed = encode_job(job)
+    jobs: dict[str, Job] = {}
+    assert replay_into(framed, 0, jobs, {}, FORMAT_VERSION).error is None
+    assert jobs == {"r.é": job}
+    assert decode_records(framed).records == [JobPut(job)]
+    body = framed[FRAME_SIZE:].replace(b'"every 90s"', b'"every 90s",', 1)
+    bad = frame(body)
+    jobs = {}
+    result = replay_into(bad, 0, jobs, {}, FORMAT_VERSION)
+    assert jobs == {} and result.error is not None and not result.error.incomplete
+    assert "undecodable record" in result.error.reason

@@ -44,6 +44,7 @@ from kairoi_trio.model import (
     Job,
     Misfire,
     Overlap,
+    Recurrence,
     Rule,
     RulePolicy,
     RunnerSpec,
@@ -506,6 +507,30 @@ def _decode_schedule(raw: bytes) -> Schedule:
     return schedule
 
 
+def _decode_recurrence(data: Buffer, d: int, end: int) -> Recurrence:
+    """The Recurrence of a type-7 record whose recurrence part is data[d:end]."""
+    nominal, runs, skipped, resume, resume_at, cursor, start, stop, catchup_left, flags = (
+        _RECURRENCE.unpack_from(data, d)
+    )
+    return new_recurrence(
+        schedule_with_bounds(
+            _decode_schedule(data[d + _RECURRENCE_SIZE : end]),
+            start if flags & _HAS_START else None,
+            stop if flags & _HAS_END else None,
+        ),
+        nominal,
+        runs,
+        skipped,
+        bool(flags & _LAST_FAILED),
+        bool(flags & _PAUSED),
+        bool(flags & _MANUAL),
+        resume,
+        resume_at,
+        cursor,
+        catchup_left,
+    )
+
+
 def _decode_recurring_job_put(body: bytes) -> JobPut:
     _t, code, execute_at, updated_at, attempts, id_len, pl_len, out_len = _JOB_PUT.unpack_from(
         body, 0
@@ -519,27 +544,7 @@ def _decode_recurring_job_put(body: bytes) -> JobPut:
     status = _STATUS_BY_CODE[code] if code < len(_STATUS_BY_CODE) else None
     if status is None:
         raise MalformedRecord(f"unknown status code {code}")
-    nominal, runs, skipped, resume, resume_at, cursor, start, end, catchup_left, flags = (
-        _RECURRENCE.unpack_from(body, d)
-    )
-    schedule = schedule_with_bounds(
-        _decode_schedule(body[d + _RECURRENCE.size :]),
-        start if flags & _HAS_START else None,
-        end if flags & _HAS_END else None,
-    )
-    recurrence = new_recurrence(
-        schedule,
-        nominal,
-        runs,
-        skipped,
-        bool(flags & _LAST_FAILED),
-        bool(flags & _PAUSED),
-        bool(flags & _MANUAL),
-        resume,
-        resume_at,
-        cursor,
-        catchup_left,
-    )
+    recurrence = _decode_recurrence(body, d, len(body))
     return JobPut(
         make_job(
             body[a:b].decode(),
@@ -1034,15 +1039,32 @@ def _replay_v2(
                 and check == (checks(length) or length_check(length))
                 and crc32(data[pos + 12 : end]) == crc
             ):
+                a = pos + head
+                b = a + id_len
+                c = b + pl_len
+                d = c + out_len
                 try:
-                    job = _decode_recurring_job_put(data[pos + 12 : end]).job
-                except (MalformedRecord, ValueError, KeyError, TypeError, struct.error):
+                    recurrence = _decode_recurrence(data, d, end)
+                    job_id = data[a:b].decode()
+                    last = outcome(data[c:d]) if out_len else ""
+                    status = by_code[code]
+                except (MalformedRecord, ValueError, KeyError, TypeError, IndexError):
                     pass  # the general path reports it
                 else:
-                    jobs[job.id] = job
-                    count += 1
-                    pos = end
-                    continue
+                    if status is not None:
+                        job = new(Job)
+                        set_id(job, job_id)
+                        set_execute_at(job, execute_at)
+                        set_status(job, status)
+                        set_payload(job, data[b:c] if pl_len else b"")
+                        set_attempts(job, attempts)
+                        set_last_outcome(job, last)
+                        set_updated_at(job, updated_at)
+                        set_recurrence(job, recurrence)
+                        jobs[job_id] = job
+                        count += 1
+                        pos = end
+                        continue
         # Anything else (other record types, errors, the last few bytes): the general path.
         result.records = count
         after = _replay_general(data, pos, jobs, rules, version, result)
