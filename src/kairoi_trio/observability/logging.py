@@ -81,3 +81,9 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
         level=numeric if numeric in (TRACE, OFF) else max(numeric, logging.INFO),
         handlers=[handler],
     )
+    # httpx logs every request at INFO ("HTTP Request: POST ..."): one more line per
+    # run of the http runner, which logs the run itself. Its warnings still show,
+    # and at debug and trace so does every request.
+    logging.getLogger("httpx").setLevel(
+        max(numeric, logging.WARNING) if numeric > logging.DEBUG else numeric
+    )

@@ -2,7 +2,7 @@
 
 Instants are integers of microseconds since the epoch (UTC), as everywhere in
 the server. Cron fields are matched by cronsim (the evaluator healthchecks.io
-runs; 4-7x faster than croniter here, see docs/benchmarks.md), on the naive
+runs; 2-7x faster than croniter here, see docs/benchmarks.md), on the naive
 wall-clock times of the schedule's zone; this module turns those wall-clock
 times into instants with the daylight-saving rules of docs/recurring-jobs.md:
 
