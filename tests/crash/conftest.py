@@ -16,14 +16,14 @@ import random
 
 import pytest
 
-DEFAULT_CYCLES = 30
+DEFAULT_CYCLES = 20
 SUMMARY: list[str] = []
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("crash", "crash-point suite (tests/crash)")
     group.addoption("--crash-seed", type=int, default=None, help="seed to replay")
-    group.addoption("--crash-cycles", type=int, default=None, help="SIGKILL cycles (30)")
+    group.addoption("--crash-cycles", type=int, default=None, help="SIGKILL cycles (20)")
 
 
 def _setting(config: pytest.Config, option: str, variable: str) -> int | None:
