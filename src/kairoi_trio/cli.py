@@ -21,7 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     and `-V`/`--version` print the version. Exit status 2: a bad configuration
     or command line; 1: the server could not start.
     """
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
+    # Serving needs none of the client, import, repair and backup commands: their
+    # modules (a quarter of a second of imports) load only for the full parser.
+    parser = _server_parser() if _serves(argv) else _parser()
     args = parser.parse_args(argv)
     command = args.command or "serve"  # no subcommand: Kairoi's behaviour, run the server
     if command in ("serve", "check-config"):
@@ -51,6 +54,36 @@ def main(argv: list[str] | None = None) -> int:
     return _run_client_command(args)
 
 
+_SERVER_COMMANDS = (
+    ("serve", "run the server (the default command)"),
+    ("check-config", "validate the configuration and exit"),
+)
+
+
+def _serves(argv: list[str]) -> bool:
+    """Whether `argv` runs or checks the server: only -c/--config FILE and `serve` or
+    `check-config` (help and version go through the full parser)."""
+    rest = iter(argv)
+    for arg in rest:
+        if arg in ("-c", "--config"):
+            next(rest, None)
+        elif arg.startswith("--config=") or (arg.startswith("-c") and arg != "-c"):
+            continue
+        elif arg not in ("serve", "check-config"):
+            return False
+    return True
+
+
+def _server_parser() -> argparse.ArgumentParser:
+    """The parser of `_parser()` cut to what serving uses (same options, same errors)."""
+    parser = argparse.ArgumentParser(prog="kairoi-trio")
+    add_config_option(parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in _SERVER_COMMANDS:
+        add_config_option(commands.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kairoi-trio",
@@ -71,10 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-V", "--version", action="version", version=version)
     add_config_option(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, help_text in (
-        ("serve", "run the server (the default command)"),
-        ("check-config", "validate the configuration and exit"),
-    ):
+    for name, help_text in _SERVER_COMMANDS:
         add_config_option(commands.add_parser(name, help=help_text, description=help_text))
     _add_import_command(commands)
     from kairoi_trio.storage.backup import add_backup_command

@@ -50,7 +50,7 @@ def test_atheris_finds_no_failing_input(
     fuzz_seconds: Callable[[float], float],
     fuzz_summary: list[str],
 ) -> None:
-    seconds = fuzz_seconds(12.0)
+    seconds = fuzz_seconds(8.0)
     work = tmp_path / "corpus"
     work.mkdir()
     seeds(work, fuzz_seed)

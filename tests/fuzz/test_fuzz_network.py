@@ -237,7 +237,7 @@ def test_the_server_survives_a_network_fuzz_and_keeps_what_it_acknowledged(
     fuzz_seconds: Callable[[float], float],
     fuzz_summary: list[str],
 ) -> None:
-    seconds = fuzz_seconds(10.0)
+    seconds = fuzz_seconds(7.0)
     print(f"network fuzz: seed {fuzz_seed}, {seconds} s (replay: KAIROI_FUZZ_SEED={fuzz_seed})")
     server = ServerProcess(tmp_path / "server", CONFIG).start()
     try:
