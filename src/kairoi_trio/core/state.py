@@ -76,8 +76,9 @@ class State:
         else:
             counts[old.status] -= 1
         counts[status] += 1
-        if waits(job):
-            if old is None or not waits(old) or old.execute_at != job.execute_at:
+        # (the recurrence test first: waits() is a call, and SET is the hot path)
+        if status is _PLANNED and (job.recurrence is None or waits(job)):
+            if old is None or old.execute_at != job.execute_at or not waits(old):
                 heapq.heappush(self._due, (job.execute_at, job_id))
                 if len(self._due) > 2 * counts[_PLANNED] + 1024:
                     self._rebuild_due()

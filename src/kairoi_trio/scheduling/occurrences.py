@@ -49,9 +49,11 @@ MACROS = {
 # `every 90s` / `every 15m` / `every 2h` / `every 1d` (units may be combined: 1h30m).
 _EVERY = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 # ISO 8601 durations of exact length: weeks, days, hours, minutes, seconds (with
-# a fraction). Years and months are not fixed durations and are refused.
+# a fraction). Years and months are not fixed durations and are refused. The
+# lookaheads refuse "P", "PT" and a "T" with nothing after it.
 _ISO_DURATION = re.compile(
-    r"P(?:(\d+)W)?(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:[.,]\d{1,6})?)S)?)?"
+    r"P(?=\d|T\d)(?:(\d+)W)?(?:(\d+)D)?"
+    r"(?:T(?=\d)(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:[.,]\d{1,6})?)S)?)?"
 )
 _UNIT_US = (7 * 86_400 * MICROS, 86_400 * MICROS, 3_600 * MICROS, 60 * MICROS)
 
@@ -89,8 +91,9 @@ def parse_duration(text: str) -> int:
         raise ScheduleError(
             f"{text[:40]!r}...: a duration is at most {MAX_DURATION_TEXT} characters"
         )
-    iso = _ISO_DURATION.fullmatch(text.upper())
-    if iso is not None and text.upper() not in ("P", "PT") and not text.upper().endswith("T"):
+    upper = text.upper()
+    iso = _ISO_DURATION.fullmatch(upper)
+    if iso is not None:
         weeks, days, hours, minutes, seconds = iso.groups()
         total = 0
         for value, unit in zip((weeks, days, hours, minutes), _UNIT_US, strict=True):
@@ -99,12 +102,12 @@ def parse_duration(text: str) -> int:
             whole, _, fraction = seconds.replace(",", ".").partition(".")
             total += int(whole) * MICROS + int(fraction.ljust(6, "0") or 0)
         return total
-    if re.fullmatch(r"P.*", text.upper()) and re.search(r"\d+[YM]", text.upper().split("T")[0]):
+    if upper.startswith("P") and re.search(r"\d+[YM]", upper.partition("T")[0]):
         raise ScheduleError(
             f"{text!r}: years and months have no fixed length; use days, or a cron expression"
         )
-    every = _EVERY.fullmatch(text.lower())
-    if every is None or not text:
+    every = _EVERY.fullmatch(text.lower()) if text else None
+    if every is None:
         raise ScheduleError(
             f"{text!r} is not a duration (examples: 90s, 15m, 2h, 1d, 1h30m, PT15M)"
         )
@@ -235,6 +238,18 @@ def _local(zone: ZoneInfo, us: int) -> datetime:
     return _naive_utc(us).replace(tzinfo=UTC).astimezone(zone)
 
 
+def _wall_clock(zone: ZoneInfo | None, us: int) -> tuple[datetime, datetime | None]:
+    """The naive wall-clock time of an instant, and, when the instant lies in the
+    second pass of a repeated hour, the wall-clock time at which the repetition
+    ends (else None)."""
+    if zone is None:
+        return _naive_utc(us), None
+    local = _local(zone, us)
+    if local.fold and local.replace(fold=0).utcoffset() != local.utcoffset():
+        return local.replace(tzinfo=None), _fold_end(zone, local, us)
+    return local.replace(tzinfo=None), None
+
+
 # -- cron ---------------------------------------------------------------------------
 
 
@@ -244,15 +259,9 @@ def _cron_forward(compiled: Compiled, after: int) -> Iterator[int]:
     assert cron is not None
     cursor = after
     while True:
-        if zone is None:
-            start = _naive_utc(cursor)
-        else:
-            local = _local(zone, cursor)
-            if local.fold and local.replace(fold=0).utcoffset() != local.utcoffset():
-                # second pass of a repeated hour: its wall-clock times already ran
-                start = _fold_end(zone, local, cursor) - _ONE_SECOND
-            else:
-                start = local.replace(tzinfo=None)
+        wall, fold_end = _wall_clock(zone, cursor)
+        # in the second pass of a repeated hour, its wall-clock times already ran
+        start = wall if fold_end is None else fold_end - _ONE_SECOND
         restarted = False
         try:
             for naive in CronSim(cron, start):
@@ -279,14 +288,8 @@ def _cron_backward(compiled: Compiled, at_or_before: int) -> Iterator[int]:
     cursor = at_or_before
     last: int | None = None
     while True:
-        if zone is None:
-            end = _naive_utc(cursor).replace(microsecond=0) + _ONE_SECOND
-        else:
-            local = _local(zone, cursor)
-            if local.fold and local.replace(fold=0).utcoffset() != local.utcoffset():
-                end = _fold_end(zone, local, cursor)
-            else:
-                end = local.replace(tzinfo=None, microsecond=0) + _ONE_SECOND
+        wall, fold_end = _wall_clock(zone, cursor)
+        end = wall.replace(microsecond=0) + _ONE_SECOND if fold_end is None else fold_end
         restarted = False
         try:
             for naive in CronSim(cron, end, reverse=True):
