@@ -32,6 +32,7 @@ from kairoi_trio.commands import (
     SetJob,
     SetRule,
 )
+from kairoi_trio.core.validation import shown
 from kairoi_trio.model import (
     MICROS,
     AmqpRunner,
@@ -136,8 +137,8 @@ _SHOWN = 60  # characters of a client's value quoted back in an ERROR
 
 
 def _shown(value: str) -> str:
-    """A client's value as an ERROR quotes it: repr, cut to a readable length."""
-    return repr(value) if len(value) <= _SHOWN else repr(value[:_SHOWN]) + "..."
+    """A client's value as an ERROR quotes it: core.validation.shown, cut shorter."""
+    return shown(value, _SHOWN)
 
 
 def _choices(values: tuple[str, ...]) -> str:
