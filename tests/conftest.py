@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import amqp_broker as broker
 import pytest
 import structlog
+import support.postgres as pg
 from amqp_broker import Admin, Route
 
 
@@ -53,3 +54,35 @@ def route(admin: Admin, request: pytest.FixtureRequest) -> Iterator[Route]:
     route = broker.make_route(admin, request.module.__name__.rsplit("_", 1)[-1])
     yield route
     broker.remove_route(route)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _leave_the_default_postgres_alone() -> Iterator[None]:
+    """Whatever listens on PostgreSQL's default port 5432 (a developer's own
+    cluster) is the same process, still listening and not frozen, after the run:
+    the tests use a private cluster (tests/support/postgres.py) and must never
+    stop, restart or freeze another. Read from /proc only: never connected to."""
+    before = broker.listener(pg.DEFAULT_PORT)
+    yield
+    try:
+        if before is None:
+            return
+        after = broker.listener(pg.DEFAULT_PORT)
+        assert after is not None, "the server on 127.0.0.1:5432 stopped listening during the tests"
+        assert None in (before.pid, after.pid) or before.pid == after.pid, (
+            f"the server on 127.0.0.1:5432 was restarted (pid {before.pid}, now {after.pid})"
+        )
+        assert before.frozen or not after.frozen, (
+            f"the server on 127.0.0.1:5432 (pid {after.pid}) was left frozen (SIGSTOP)"
+        )
+    finally:
+        pg.stop_started_cluster()
+
+
+@pytest.fixture
+def postgres_dsn(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh, empty database of its own on the suite's private PostgreSQL
+    cluster (started if needed), as superuser; dropped after the test."""
+    dsn = pg.fresh_database(request.node.name)
+    yield dsn
+    pg.drop_database(dsn)
