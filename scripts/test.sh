@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Set up everything the tests need (virtualenv, packages, RabbitMQ from
-# Debian's packages), start a private RabbitMQ node for this run, run pytest,
-# and stop that node whatever happened.
+# Set up everything the tests need (virtualenv, packages, RabbitMQ and
+# PostgreSQL from Debian's packages), start a private RabbitMQ node and a
+# private PostgreSQL cluster for this run, run pytest, and stop both whatever
+# happened.
 #   scripts/test.sh [pytest arguments]
 #
 # The node (scripts/rabbitmq.sh) has its own name, free ports, epmd, cookie and
-# a temporary directory; the tests learn it from the KAIROI_TEST_RABBITMQ_*
-# variables exported here. A broker already running on this machine (say
-# rabbit@localhost on 127.0.0.1:5672) is never stopped, frozen or reconfigured.
+# a temporary directory; the cluster (scripts/postgres.sh) its own free port,
+# socket directory and temporary data directory. The tests learn them from the
+# KAIROI_TEST_RABBITMQ_* and KAIROI_TEST_POSTGRES_* variables exported here. A
+# broker or cluster already running on this machine (say rabbit@localhost on
+# 127.0.0.1:5672, PostgreSQL on 5432) is never stopped, frozen or reconfigured.
 # See docs/testing.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +21,11 @@ PRIVATE_LOG_NAME=test.sh
 scripts/setup.sh test
 
 rabbitmq_dir="$(private_tmp_dir rabbitmq)"
-stop_nodes() { scripts/rabbitmq.sh stop "$rabbitmq_dir" || true; }
+postgres_dir="$(private_tmp_dir postgres)"
+stop_nodes() {
+    scripts/rabbitmq.sh stop "$rabbitmq_dir" || true
+    scripts/postgres.sh stop "$postgres_dir" || true
+}
 # The trap is set before anything starts; signals exit through it too.
 trap stop_nodes EXIT
 trap 'exit 129' HUP
@@ -27,5 +34,7 @@ trap 'exit 143' TERM
 
 scripts/rabbitmq.sh start "$rabbitmq_dir" --owner $$
 eval "$(scripts/rabbitmq.sh env "$rabbitmq_dir")"
+scripts/postgres.sh start "$postgres_dir" --owner $$
+eval "$(scripts/postgres.sh env "$postgres_dir")"
 
 .venv/bin/python -m pytest "$@" # its exit status is the script's; the trap still runs
