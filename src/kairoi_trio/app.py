@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import structlog
 import trio
 
 from kairoi_trio import __version__
-from kairoi_trio.commands import ExpireFinished, Request
+from kairoi_trio.commands import Command, ExpireFinished, JobsChanged, Request
 from kairoi_trio.config import (
     AmqpRunnerConfig,
     Config,
@@ -36,7 +37,7 @@ from kairoi_trio.core.auth import TokenTable
 from kairoi_trio.core.state import State, recover_replayed
 from kairoi_trio.core.validation import RuleValidator
 from kairoi_trio.dispatch import Dispatcher, DueTimer
-from kairoi_trio.model import MAX_TIME_US, MICROS, MIN_TIME_US, now_us
+from kairoi_trio.model import MAX_TIME_US, MICROS, MIN_TIME_US, Status, now_us
 from kairoi_trio.observability.metrics import (
     MetricsObserver,
     Readiness,
@@ -188,31 +189,104 @@ async def housekeeping(actor: ActorClient, retention_s: float) -> None:
         await trio.sleep(min(HOUSEKEEPING_INTERVAL_S, max(retention_s / 10, 0.1)))
 
 
+@dataclass
+class Store:
+    """The store `serve` runs on, as the actor and the rest of the server see it.
+
+    log, state: the actor's Log and its State (for PostgreSQL, a view between
+    batches); begin: the per-batch loader of a shared store (None for the
+    embedded log); errors: what its failures raise; counts: jobs by status;
+    run: its background work, if any; compact_after_bytes: 0 never compacts.
+    """
+
+    log: Any
+    state: State
+    begin: Callable[[Sequence[Command]], Awaitable[State]] | None
+    errors: tuple[type[BaseException], ...]
+    counts: Callable[[], dict[Status, int]]
+    compact_after_bytes: int
+    run: Callable[[ActorClient, CommandActor, DueTimer], Awaitable[None]] | None = None
+
+
 async def serve(
     config: Config,
     stop: trio.Event,
     *,
     task_status: trio.TaskStatus[Ports] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    if config.storage.backend == "postgres":
+        await _serve_postgres(config, stop, task_status)
+        return
     if faults.ENABLED:
         log.warning("storage fault injection is on: for tests only", plan=faults.describe())
-    store = DurableLog(config.data_directory, fsync=config.database.fsync_on_persist)
-    state = await trio.to_thread.run_sync(load_state, store)
+    durable = DurableLog(config.data_directory, fsync=config.database.fsync_on_persist)
+    state = await trio.to_thread.run_sync(load_state, durable)
+    store = Store(
+        durable,
+        state,
+        None,
+        (StorageError,),
+        lambda: state.counts,
+        config.storage.compact_after_bytes,
+    )
     try:
-        await _serve_state(config, stop, store, state, task_status)
+        await _serve_state(config, stop, store, task_status)
     finally:
         with trio.CancelScope(shield=True):
-            await store.aclose()
+            await durable.aclose()
+    log.info("stopped")
+
+
+async def _serve_postgres(
+    config: Config, stop: trio.Event, task_status: trio.TaskStatus[Ports]
+) -> None:
+    from kairoi_trio.storage.postgres.store import PostgresStore
+
+    postgres = PostgresStore(config.storage.postgres)
+    try:
+        await trio.to_thread.run_sync(postgres.open)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(postgres.close)
+        raise
+    log.info(
+        "joined the PostgreSQL store",
+        instance=postgres.instance_id,
+        schema=config.storage.postgres.schema,
+    )
+
+    async def run(client: ActorClient, actor: CommandActor, timer: DueTimer) -> None:
+        postgres.has_watchers = lambda: actor.watching
+
+        async def jobs_changed(ids: list[str]) -> None:
+            await client.call_many([JobsChanged(ids)])
+
+        await postgres.run(timer.update, jobs_changed)
+
+    store = Store(
+        postgres,
+        postgres.idle_view(),  # type: ignore[arg-type]
+        postgres.begin,  # type: ignore[arg-type]
+        postgres.errors,
+        lambda: postgres.counts,
+        0,
+        run,
+    )
+    try:
+        await _serve_state(config, stop, store, task_status)
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(postgres.close)
     log.info("stopped")
 
 
 async def _serve_state(
     config: Config,
     stop: trio.Event,
-    store: DurableLog,
-    state: State,
+    store: Store,
     task_status: trio.TaskStatus[Ports],
 ) -> None:
+    state = store.state
     timer = DueTimer()
     freezer = HeapFreezer(len(state.jobs))
 
@@ -226,8 +300,9 @@ async def _serve_state(
     readiness = Readiness()  # "can accept writes": /ready and gRPC health
     actor = CommandActor(
         state,
-        store,
+        store.log,
         receive,
+        begin=store.begin,
         max_payload_bytes=config.jobs.max_payload_bytes,
         max_catchup_runs=config.jobs.max_catchup_runs,
         rule_validator=RuleValidator(
@@ -236,14 +311,16 @@ async def _serve_state(
             # each runner refuses at input what it could never run (e.g. an AMQP DSN typo)
             runner_checks={kind: pool.runner.check_rule for kind, pool in pools.pools.items()},
         ),
-        storage_errors=(StorageError,),
+        storage_errors=store.errors,
         on_commit=after_commit,
-        compact_after_bytes=config.storage.compact_after_bytes,
+        compact_after_bytes=store.compact_after_bytes,
         observer=MetricsObserver(readiness),
     )
     timer.update(state.next_due())
     async with trio.open_nursery() as core:
         await core.start(actor.run)
+        if store.run is not None:
+            core.start_soon(store.run, client.clone(), actor, timer)
         core.start_soon(housekeeping, client.clone(), config.storage.retention_s)
         async with trio.open_nursery() as work:
             for pool in pools.pools.values():
@@ -267,7 +344,7 @@ async def _serve_state(
                 grpc_port = await _start_grpc(front, config, client, readiness)
                 metrics_port = None
                 if config.metrics.enabled:
-                    register_state(lambda: _live_values(actor, pools, kcp))
+                    register_state(lambda: _live_values(actor, store, pools, kcp))
                     metrics_port = await front.start(
                         serve_metrics,
                         config.metrics.listen,
@@ -290,9 +367,11 @@ async def _serve_state(
         core.cancel_scope.cancel()
 
 
-def _live_values(actor: CommandActor, pools: RunnerPools, kcp: KcpServer) -> dict[str, object]:
+def _live_values(
+    actor: CommandActor, store: Store, pools: RunnerPools, kcp: KcpServer
+) -> dict[str, object]:
     return {
-        "jobs_by_status": {status.value: n for status, n in actor.state.counts.items()},
+        "jobs_by_status": {status.value: n for status, n in store.counts().items()},
         "rules": len(actor.state.rules),
         "commands": actor.commands,
         "batches": actor.batches,

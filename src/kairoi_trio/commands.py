@@ -245,6 +245,14 @@ class RecordOutcome:
 
 
 @dataclass(slots=True)
+class JobsChanged:
+    """Jobs were changed outside this instance (another instance sharing the
+    store): tell this instance's watchers. Answers None."""
+
+    ids: list[str]
+
+
+@dataclass(slots=True)
 class ExpireFinished:
     """Drop executed/failed jobs last changed before `before` (retention)."""
 
@@ -272,6 +280,7 @@ Command = (
     | TriggerDue
     | RecordOutcome
     | ExpireFinished
+    | JobsChanged
 )
 
 Result = object  # the command's value, or a CommandError

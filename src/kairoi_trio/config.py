@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import ssl
 import tomllib
 import types
@@ -80,11 +81,35 @@ class DatabaseConfig:
 
 
 @dataclass(frozen=True)
+class PostgresConfig:
+    """[storage.postgres]: the shared store of several instances (docs/postgres.md)."""
+
+    # libpq connection string or URI: "postgresql://user:password@host:5432/dbname"
+    dsn: str = ""
+    # Connections per instance: the actor's writer, the notification listener, the
+    # lease keeper and housekeeping (at least 3).
+    pool_size: int = 4
+    schema: str = "kairoi"  # every table lives in this schema, created if missing
+    # An instance that has not renewed its lease for lease_s is taken for dead: any
+    # live instance plans its triggered jobs again. It renews every heartbeat_s.
+    lease_s: float = 15.0
+    heartbeat_s: float = 3.0
+    # The safety net under LISTEN/NOTIFY: look for due jobs at least this often.
+    poll_interval_s: float = 1.0
+    # At start-up, wait this long for the database before giving up.
+    connect_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class StorageConfig:
+    # "log": the embedded log in `directory` (one instance); "postgres": a shared
+    # PostgreSQL database ([storage.postgres]; several instances).
+    backend: str = "log"
     directory: str = "kairoi-data"
     # Compact when the log since the last snapshot is larger than this.
     compact_after_bytes: int = 64 << 20
     retention_s: float = 7 * 24 * 3600.0  # how long executed/failed jobs are kept
+    postgres: PostgresConfig = field(default_factory=PostgresConfig)
 
 
 @dataclass(frozen=True)
@@ -384,6 +409,7 @@ def _check(config: Config) -> None:
         raise ConfigError("runners.amqp.heartbeat_s must be at most 65535")
     if not config.storage.directory:
         raise ConfigError("storage.directory must not be empty")
+    _check_postgres(config.storage)
     for table, tls in (("controller", config.controller), ("grpc", config.grpc)):
         if bool(tls.tls_cert) != bool(tls.tls_key):
             raise ConfigError(f"{table}.tls_cert and {table}.tls_key go together")
@@ -393,6 +419,29 @@ def _check(config: Config) -> None:
         check_tokens(config.auth.tokens, config.auth.client_tokens, config.auth.read_tokens)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def _check_postgres(storage: StorageConfig) -> None:
+    if storage.backend not in ("log", "postgres"):
+        raise ConfigError(f"storage.backend must be log or postgres, not {storage.backend!r}")
+    pg = storage.postgres
+    if storage.backend == "postgres" and not pg.dsn:
+        raise ConfigError('storage.backend = "postgres" needs storage.postgres.dsn')
+    if pg.pool_size < 3:
+        raise ConfigError(f"storage.postgres.pool_size must be at least 3, not {pg.pool_size}")
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", pg.schema):
+        raise ConfigError(
+            "storage.postgres.schema must be a lower-case SQL name (a-z, 0-9, _),"
+            f" not {pg.schema!r}"
+        )
+    for name in ("lease_s", "heartbeat_s", "poll_interval_s", "connect_timeout_s"):
+        if getattr(pg, name) <= 0:
+            raise ConfigError(f"storage.postgres.{name} must be positive")
+    if pg.heartbeat_s * 2 > pg.lease_s:
+        raise ConfigError(
+            "storage.postgres.heartbeat_s must be at most half of lease_s"
+            f" ({pg.heartbeat_s} > {pg.lease_s} / 2): one late heartbeat must not lose the lease"
+        )
 
 
 def tls_context(cert: str, key: str, table: str) -> ssl.SSLContext:

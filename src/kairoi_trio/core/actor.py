@@ -53,6 +53,7 @@ from kairoi_trio.commands import (
     GetJob,
     GetRule,
     JobPage,
+    JobsChanged,
     ListJobs,
     ListRules,
     PauseJob,
@@ -152,7 +153,24 @@ class StorageUnavailable(CommandError):
 
 
 class Log(Protocol):
-    """What the actor needs of storage (DurableLog provides it)."""
+    """What the actor needs of storage: the seam between the core and a store.
+
+    Two stores provide it:
+    - the embedded log (storage/log.py, DurableLog): the whole state lives in
+      memory (core/state.py) and the log only makes it durable. The actor
+      applies commands to the State it was given and answers reads from
+      memory, even while an append runs.
+    - PostgreSQL (storage/postgres/): the database is shared by several
+      instances, so memory holds only what a batch needs. The actor is given
+      the store's `begin` as well: before each batch it calls
+      `begin(commands)`, which opens a transaction, locks and reads the rows
+      the commands name (and claims due jobs for a TriggerDue) and returns
+      them as a State-like view; the actor applies the batch to that view, and
+      `append` writes its records and commits. Every read goes through a batch.
+
+    `append` (and `begin`) raise one of the actor's `storage_errors` when
+    nothing of the batch was kept.
+    """
 
     async def append(self, records: list[Record]) -> None: ...
 
@@ -215,9 +233,12 @@ class CommandActor:
         observer: Observer | None = None,
         clock: Callable[[], int] = now_us,
         planner: Planner | None = None,
+        begin: Callable[[Sequence[Command]], Awaitable[State]] | None = None,
     ) -> None:
         self.state = state
         self._log = log_
+        self._begin_batch = begin
+        self._loads_per_batch = begin is not None
         self._receive = receive
         self._max_payload = max_payload_bytes
         self._validate_rule = rule_validator or RuleValidator()
@@ -402,6 +423,8 @@ class CommandActor:
         the log is busy) named by a held write, which must not be overtaken by a
         read of the same id (a connection's pipelined SET then GET).
         """
+        if self._loads_per_batch:
+            return False  # nothing is in memory between batches: reads go with the next one
         busy = self._busy
         jobs, rules = self._batch_jobs, self._batch_rules
         held_jobs = self._held_jobs if busy else ()
@@ -516,6 +539,8 @@ class CommandActor:
     # -- one group commit ---------------------------------------------------------
 
     async def _process(self, batch: list[Request], *, probe: bool = False) -> None:
+        if self._loads_per_batch and not await self._begin(batch):
+            return
         self._now = self._clock()
         self._records: list[Record] = []
         self._undo: list[tuple[str, str, Any]] = []
@@ -557,7 +582,7 @@ class CommandActor:
             self._records.append(JobDelete(PROBE_ID))
             writers.add("probe")
 
-        if self._records:
+        if self._records or self._loads_per_batch:  # (a per-batch store ends its transaction)
             reason = await self._write(self._records)
             if reason is None:
                 self._storage_works()
@@ -588,6 +613,38 @@ class CommandActor:
         self._publish()
         if self._on_commit is not None:
             self._on_commit(self.state)
+
+    async def _begin(self, batch: list[Request]) -> bool:
+        """Have a per-batch store load what the batch needs (self.state becomes
+        that view). If it cannot, every command of the batch fails UNAVAILABLE:
+        False."""
+        commands = [command for request in batch for command in request.commands]
+        failure: list[str] = []
+
+        async def begin() -> None:
+            try:
+                assert self._begin_batch is not None
+                self.state = await self._begin_batch(commands)
+            except self._storage_errors as error:
+                failure.append(str(error))
+            except Exception as error:
+                log.exception("loading a batch failed", commands=len(commands))
+                failure.append(f"internal error: {error!r}")
+
+        await self._while_serving(begin)
+        if not failure:
+            return True
+        writers = {_WHAT.get(type(command), "client") for command in commands if command}
+        self._storage_fails(writers or {"probe"}, failure[0])
+        error = StorageUnavailable(f"storage unavailable: {failure[0]}")
+        self.batches += 1
+        self.commands += len(commands)
+        for request in batch:
+            try:
+                request.reply([error] * len(request.commands))
+            except Exception:
+                log.exception("reply callback failed")
+        return False
 
     def _apply_safely(self, command: Command) -> Result:
         try:
@@ -1058,6 +1115,24 @@ class CommandActor:
             self._delete_job(self.state.jobs[job_id])
         return len(expired)
 
+    def _jobs_changed(self, command: JobsChanged) -> None:
+        """Events for this instance's watchers of jobs another instance changed
+        (the store loaded them: a job missing now was deleted)."""
+        if not self._subscribers:
+            return
+        for job_id in dict.fromkeys(command.ids):
+            job = self.state.jobs.get(job_id)
+            if job is None:
+                stub = new_job(job_id, 0, PLANNED, b"", 0, "", self._now)
+                self._events.append(JobEvent(stub, deleted=True, at=self._now))
+            else:
+                self._events.append(JobEvent(job, at=self._now))
+
+    @property
+    def watching(self) -> bool:
+        """Some watcher is subscribed to job changes."""
+        return bool(self._subscribers)
+
     _handlers: dict[type, Callable[[CommandActor, Any], Result]] = {
         SetJob: _set_job,
         GetJob: _get_job,
@@ -1078,6 +1153,7 @@ class CommandActor:
         TriggerDue: _trigger_due,
         RecordOutcome: _record_outcome,
         ExpireFinished: _expire_finished,
+        JobsChanged: _jobs_changed,
     }
 
 

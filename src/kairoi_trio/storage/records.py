@@ -35,7 +35,7 @@ import struct
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from kairoi_trio.model import (
     JOB_SLOT_SETTERS,
@@ -183,7 +183,7 @@ _RECURRENCE_SIZE = _RECURRENCE.size
 _LAST_FAILED, _PAUSED, _MANUAL, _HAS_START, _HAS_END = 1, 2, 4, 8, 16
 
 
-def _encode_schedule(schedule: Schedule) -> bytes:
+def encode_schedule(schedule: Schedule) -> bytes:
     """Only what differs from the defaults, so a new option needs no new format."""
     doc: dict[str, object] = {"expression": schedule.expression}
     for name, default in _SCHEDULE_DEFAULTS:
@@ -239,7 +239,7 @@ def encode_recurring_job(job: Job) -> bytes:
                 r.catchup_left,
                 flags,
             ),
-            _encode_schedule(r.schedule),
+            encode_schedule(r.schedule),
         )
     )
     return frame(body)
@@ -271,10 +271,11 @@ def encode_job(job: Job) -> bytes:
     return _frame_pack(length, length_check(length), _crc32(body)) + body
 
 
-def encode_rule(rule: Rule) -> bytes:
-    """The framed RulePut for `rule`."""
+def rule_document(rule: Rule) -> dict[str, Any]:
+    """A rule as JSON-ready data: {"id", "pattern", "runner": {"kind", ...}, "policy": {...}}
+    (the body of a RulePut record; also the PostgreSQL store's columns)."""
     runner = rule.runner
-    doc = {
+    return {
         "id": rule.id,
         "pattern": rule.pattern,
         "runner": {
@@ -283,6 +284,21 @@ def encode_rule(rule: Rule) -> bytes:
         },
         "policy": {f.name: getattr(rule.policy, f.name) for f in fields(rule.policy)},
     }
+
+
+def rule_from_document(doc: dict[str, Any]) -> Rule:
+    """The inverse of rule_document; KeyError/TypeError/MalformedRecord on a bad one."""
+    return Rule(
+        id=doc["id"],
+        pattern=doc["pattern"],
+        runner=_decode_runner(dict(doc["runner"])),
+        policy=RulePolicy(**doc["policy"]),
+    )
+
+
+def encode_rule(rule: Rule) -> bytes:
+    """The framed RulePut for `rule`."""
+    doc = rule_document(rule)
     return frame(bytes([T_RULE_PUT]) + json.dumps(doc, separators=(",", ":")).encode())
 
 
@@ -471,15 +487,7 @@ def _decode_job_delete(body: bytes) -> JobDelete:
 
 
 def _decode_rule_put(body: bytes) -> RulePut:
-    doc = json.loads(body[1:])
-    return RulePut(
-        Rule(
-            id=doc["id"],
-            pattern=doc["pattern"],
-            runner=_decode_runner(doc["runner"]),
-            policy=RulePolicy(**doc["policy"]),
-        )
-    )
+    return RulePut(rule_from_document(json.loads(body[1:])))
 
 
 def _decode_rule_delete(body: bytes) -> RuleDelete:
@@ -491,7 +499,7 @@ _schedule_cache: dict[bytes, Schedule] = {}
 _SCHEDULE_CACHE_MAX = 1 << 16
 
 
-def _decode_schedule(raw: bytes) -> Schedule:
+def decode_schedule(raw: bytes) -> Schedule:
     schedule = _schedule_cache.get(raw)
     if schedule is None:
         doc = json.loads(raw)
@@ -514,7 +522,7 @@ def _decode_recurrence(data: Buffer, d: int, end: int) -> Recurrence:
     )
     return new_recurrence(
         schedule_with_bounds(
-            _decode_schedule(data[d + _RECURRENCE_SIZE : end]),
+            decode_schedule(data[d + _RECURRENCE_SIZE : end]),
             start if flags & _HAS_START else None,
             stop if flags & _HAS_END else None,
         ),

@@ -1,0 +1,704 @@
+"""PostgresStore: the command actor's store on a PostgreSQL database shared by
+several kairoi-trio instances (docs/postgres.md).
+
+One batch of the actor is one transaction, on the instance's writer
+connection:
+
+    begin(commands)   lock and read the rows the batch names (SELECT ... FOR
+                      UPDATE, ids in order), claim due jobs for a TriggerDue
+                      (FOR UPDATE SKIP LOCKED, oldest first: another
+                      instance's claim never waits for ours nor takes the same
+                      job), read the pages it lists; returns a BatchView
+    append(records)   write the view's net changes with one multi-row
+                      statement per kind, move the job counts, NOTIFY the
+                      other instances, COMMIT; the actor replies only then
+
+A job SET or SCHEDULEd under an id nobody has yet is protected by a
+transaction-level advisory lock on the id's hash, taken before the rows are
+read: two instances creating the same id one after the other see each other's
+row, as two SETs of an existing id do through its row lock. "SET of a
+triggered job is refused" is therefore decided on a row the transaction has
+locked, never on a read that another instance could overtake.
+
+Besides the actor, the store runs (`run`):
+- a listener (LISTEN kairoi_due, kairoi_jobs): another instance set a job due
+  earlier than this one knew (wake the dispatcher), or changed jobs (watchers
+  of this instance are told, through the actor);
+- a lease keeper: renews this instance's lease every heartbeat; under an
+  advisory lock (one instance at a time), plans again the jobs `triggered` by
+  instances whose lease has expired (at-least-once), and forgets those
+  instances;
+- a poll of the earliest due time every poll_interval_s, the safety net
+  under NOTIFY.
+
+psycopg's sync API runs in worker threads (trio.to_thread): the actor's
+transaction spans two of them (begin, append) on one connection, which only
+the actor uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import structlog
+import trio
+
+from kairoi_trio.commands import Command
+from kairoi_trio.config import PostgresConfig
+from kairoi_trio.core.state import State
+from kairoi_trio.model import Job, Rule, Status, now_us
+from kairoi_trio.storage.postgres.rows import (
+    JOB_SELECT,
+    STATUS_BY_NAME,
+    job_from_row,
+    job_row,
+    rule_from_row,
+    rule_row,
+    waits,
+)
+from kairoi_trio.storage.postgres.schema import migrate
+from kairoi_trio.storage.postgres.view import BatchView, Loaded, LoadPlan, prefix_upper_bound
+
+log = structlog.get_logger(__name__)
+
+DUE_CHANNEL = "kairoi_due"
+JOBS_CHANNEL = "kairoi_jobs"
+# NOTIFY payloads must stay under 8000 bytes.
+MAX_NOTIFY_BYTES = 7000
+# Advisory lock keys ("kairoi-h", "kairoi-r" as integers).
+HOUSEKEEPING_LOCK = 0x6B6169726F692D68
+RETENTION_LOCK = 0x6B6169726F692D72
+COUNT_SHARDS = 16
+# A claim that found due jobs locked by other instances: look again after this
+# long instead of spinning (their transactions last milliseconds).
+LOCKED_RETRY_US = 20_000
+# How long a batch waits for a connection when the database is unreachable.
+CONNECT_WAIT_S = 2.0
+# Bounds on one statement: a stuck lock or a hung server fails the batch.
+STATEMENT_TIMEOUT_MS = 10_000
+
+
+class PostgresUnavailable(Exception):
+    """The database could not be used: the batch was not kept (UNAVAILABLE)."""
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"PostgreSQL: {text[0] if text else type(error).__name__}"
+
+
+def _unnest(columns: Sequence[str]) -> str:
+    return ", ".join(f"%s::{kind}[]" for kind in columns)
+
+
+_JOB_TYPES = ("text", "bigint", "text", "bool", "bytea", "int", "text", "bigint", "jsonb", "uuid")
+_INSERT_JOBS = f"INSERT INTO jobs ({JOB_SELECT}, owner) SELECT * FROM unnest({_unnest(_JOB_TYPES)})"
+_UPDATE_JOBS = (
+    "UPDATE jobs SET execute_at = u.execute_at, status = u.status, waits = u.waits,"
+    " payload = u.payload, attempts = u.attempts, last_outcome = u.last_outcome,"
+    " updated_at = u.updated_at, recurrence = u.recurrence, owner = u.owner"
+    f" FROM unnest({_unnest(_JOB_TYPES)})"
+    " AS u(id, execute_at, status, waits, payload, attempts, last_outcome, updated_at,"
+    " recurrence, owner) WHERE jobs.id = u.id"
+)
+_UPSERT_RULES = (
+    "INSERT INTO rules (id, pattern, runner, policy)"
+    " SELECT * FROM unnest(%s::text[], %s::text[], %s::jsonb[], %s::jsonb[])"
+    " ON CONFLICT (id) DO UPDATE SET pattern = EXCLUDED.pattern, runner = EXCLUDED.runner,"
+    " policy = EXCLUDED.policy"
+)
+_MOVE_COUNTS = (
+    "INSERT INTO job_counts (shard, status, n)"
+    " SELECT %s, s, d FROM unnest(%s::text[], %s::bigint[]) AS c(s, d)"
+    " ON CONFLICT (shard, status) DO UPDATE SET n = job_counts.n + EXCLUDED.n"
+)
+# Jobs of dead instances, planned again (their waits as rows.waits computes it).
+_FREE_TRIGGERED = """
+    UPDATE jobs SET status = 'planned', owner = NULL,
+        waits = (recurrence IS NULL OR NOT (recurrence->>'paused')::boolean
+                 OR (recurrence->>'manual')::boolean)
+    WHERE status = 'triggered' AND (owner IS NULL OR owner <> ALL(%s::uuid[]))
+    RETURNING id, execute_at, waits
+"""
+_FREE_OWN = """
+    UPDATE jobs SET status = 'planned', owner = NULL,
+        waits = (recurrence IS NULL OR NOT (recurrence->>'paused')::boolean
+                 OR (recurrence->>'manual')::boolean)
+    WHERE status = 'triggered' AND owner = %s
+    RETURNING id, execute_at, waits
+"""
+
+
+def _job_arrays(jobs: list[Job], owner: str) -> list[list[Any]]:
+    rows = [job_row(job) for job in jobs]
+    columns: list[list[Any]] = [list(c) for c in zip(*rows, strict=True)]
+    columns.append([owner if job.status is Status.TRIGGERED else None for job in jobs])
+    return columns
+
+
+class PostgresStore:
+    """The store of one instance (see the module's docstring).
+
+    Not thread-safe by itself: `begin`/`append` are called by the actor only,
+    one batch at a time; the background tasks use their own connections.
+    """
+
+    def __init__(self, config: PostgresConfig) -> None:
+        self.config = config
+        self.instance_id = str(uuid.uuid4())
+        self._shard = random.randrange(COUNT_SHARDS)
+        self._pool: Any = None
+        self._conn: Any = None  # the actor's writer connection, while it works
+        self._rules = State()  # this instance's copy of the rules
+        self._rules_version = -1
+        self.counts: dict[Status, int] = dict.fromkeys(Status, 0)
+        self._next_due: int | None = None
+        self._on_due: Callable[[int | None], None] = lambda _: None
+        self._view: BatchView | None = None
+        self._plan = LoadPlan()
+        self._lock = threading.Lock()  # the writer connection: one thread at a time
+        self.has_watchers: Callable[[], bool] = lambda: False
+        self.errors: tuple[type[BaseException], ...] = (PostgresUnavailable,)
+
+    # -- life -------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Connect (waiting up to connect_timeout_s for the database), migrate
+        the schema, register this instance with its lease, and read the rules,
+        the counts and the earliest due time. Blocking: run it in a thread.
+
+        Raises PostgresUnavailable when the database cannot be reached in time,
+        SchemaError for a schema newer than this server.
+        """
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
+        config = self.config
+        deadline = time.monotonic() + config.connect_timeout_s
+        delay = 0.1
+        while True:
+            try:
+                with psycopg.connect(config.dsn, connect_timeout=5, autocommit=True) as conn:
+                    before, after = migrate(conn, config.schema)
+                break
+            except psycopg.OperationalError as error:
+                if time.monotonic() + delay > deadline:
+                    raise PostgresUnavailable(
+                        f"{_describe(error)} (waited {config.connect_timeout_s:g} s)"
+                    ) from None
+                log.warning("waiting for PostgreSQL", error=_describe(error), retry_in_s=delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        if before != after:
+            log.info("database schema migrated", schema=config.schema, version=after, was=before)
+        schema = config.schema
+
+        def configure(conn: Any) -> None:
+            conn.execute(f'SET search_path TO "{schema}"')
+            conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+            conn.commit()
+
+        self._pool = ConnectionPool(
+            config.dsn,
+            min_size=min(2, config.pool_size),
+            max_size=config.pool_size,
+            kwargs={
+                "connect_timeout": 5,
+                "application_name": f"kairoi-trio {self.instance_id[:8]}",
+                # a dead peer is noticed in ~25 s, not after the kernel's 2 hours
+                "keepalives": 1,
+                "keepalives_idle": 10,
+                "keepalives_interval": 5,
+                "keepalives_count": 3,
+            },
+            configure=configure,
+            check=ConnectionPool.check_connection,
+            open=True,
+            name="kairoi-trio",
+            timeout=CONNECT_WAIT_S,
+            reconnect_timeout=float("inf"),  # keep trying while the database is down
+        )
+        with self._pool.connection() as conn:
+            conn.execute(
+                "INSERT INTO instances (id, host, pid, lease_until)"
+                " VALUES (%s, %s, %s, now() + %s * interval '1 second')",
+                (self.instance_id, socket.gethostname(), os.getpid(), config.lease_s),
+            )
+            self._reload_rules(conn)
+            self._read_counts(conn)
+            self._next_due = self._earliest_due(conn)
+
+    def idle_view(self) -> BatchView:
+        """The view between batches: rules, counts and the next due time, no jobs."""
+        return BatchView(Loaded(), self._rules, dict(self.counts), self.next_due)
+
+    def close(self) -> None:
+        """Give back this instance's runs in flight (planned again at once, for any
+        instance) and leave; close the connections. Blocking; never raises."""
+        if self._pool is None:
+            return
+        try:
+            with self._pool.connection(timeout=CONNECT_WAIT_S) as conn:
+                self._free(conn, _FREE_OWN, self.instance_id)
+                conn.execute("DELETE FROM instances WHERE id = %s", (self.instance_id,))
+        except Exception as error:
+            log.warning("could not leave the cluster cleanly", error=_describe(error))
+        with self._lock:
+            if self._conn is not None:
+                self._pool.putconn(self._conn)
+                self._conn = None
+        self._pool.close()
+
+    # -- the actor's batches ------------------------------------------------------
+
+    async def begin(self, commands: Sequence[Command]) -> BatchView:
+        """Open the batch's transaction and load what its commands need.
+        PostgresUnavailable: nothing was done."""
+        plan = LoadPlan.of(commands)
+        loaded = await trio.to_thread.run_sync(self._load, plan)
+        self._plan = plan
+        self._view = BatchView(loaded, self._rules, dict(self.counts), self.next_due)
+        return self._view
+
+    async def append(self, records: Sequence[object]) -> None:
+        """Write the batch's changes (the view's, whatever the records) and commit.
+        PostgresUnavailable: rolled back, nothing was kept."""
+        view = self._view
+        assert view is not None, "append without begin"
+        self._view = None
+        due = await trio.to_thread.run_sync(self._commit, view, self._plan)
+        for status, n in view.count_changes().items():
+            self.counts[status] += n
+        if due is not None:
+            self._set_next_due(due)
+
+    def next_due(self) -> int | None:
+        return self._next_due
+
+    def _set_next_due(self, due: int | None) -> None:
+        self._next_due = due
+        self._on_due(due)
+
+    def _writer(self) -> Any:
+        if self._conn is None:
+            import psycopg_pool
+
+            try:
+                self._conn = self._pool.getconn(timeout=CONNECT_WAIT_S)
+            except psycopg_pool.PoolTimeout:
+                raise PostgresUnavailable(
+                    f"PostgreSQL: no connection within {CONNECT_WAIT_S:g} s"
+                ) from None
+        return self._conn
+
+    def _failed(self, error: BaseException) -> PostgresUnavailable:
+        """Roll back; a broken connection goes back to the pool (which drops it)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.rollback()
+            except Exception:
+                pass
+            self._pool.putconn(conn)
+        return PostgresUnavailable(_describe(error))
+
+    def _load(self, plan: LoadPlan) -> Loaded:
+        import psycopg
+
+        with self._lock:
+            conn = self._writer()
+            try:
+                return self._load_in(conn, plan)
+            except psycopg.Error as error:
+                raise self._failed(error) from None
+
+    def _load_in(self, conn: Any, plan: LoadPlan) -> Loaded:
+        loaded = Loaded()
+        with conn.pipeline():
+            version = conn.execute("SELECT value FROM settings WHERE key = 'rules_version'")
+            if plan.creating:
+                conn.execute(
+                    "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT"
+                    " hashtextextended(i, 0) AS h FROM unnest(%s::text[]) AS i ORDER BY 1) AS s",
+                    (sorted(plan.creating),),
+                )
+            rows = (
+                conn.execute(
+                    f"SELECT {JOB_SELECT} FROM jobs WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+                    (sorted(plan.ids),),
+                )
+                if plan.ids
+                else None
+            )
+            peeked = (
+                conn.execute(
+                    f"SELECT {JOB_SELECT} FROM jobs WHERE id = ANY(%s)", (sorted(plan.peeks),)
+                )
+                if plan.peeks
+                else None
+            )
+            claimed = (
+                conn.execute(
+                    f"SELECT {JOB_SELECT} FROM jobs WHERE waits AND execute_at <= %s"
+                    " ORDER BY execute_at LIMIT %s FOR UPDATE SKIP LOCKED",
+                    (plan.claim_now, plan.claim_limit),
+                )
+                if plan.claim_now is not None
+                else None
+            )
+            pages = {key: self._page(conn, *key) for key in plan.lists}
+            snapshots = {
+                prefix: self._page(conn, prefix, None, "", None) for prefix in plan.snapshots
+            }
+            counts = (
+                conn.execute("SELECT status, sum(n)::bigint FROM job_counts GROUP BY status")
+                if plan.counts
+                else None
+            )
+        if rows is not None:
+            for row in rows.fetchall():
+                job = job_from_row(row)
+                loaded.jobs[job.id] = job
+        if peeked is not None:
+            for row in peeked.fetchall():
+                job = job_from_row(row)
+                loaded.jobs[job.id] = job
+        if claimed is not None:
+            for row in claimed.fetchall():
+                job = job_from_row(row)
+                if job.id not in plan.ids:  # (a locked read of the same row came first)
+                    loaded.jobs[job.id] = job
+                loaded.claimed.append(loaded.jobs[job.id])
+        for key, cursor in pages.items():
+            loaded.pages[key] = [job_from_row(row) for row in cursor.fetchall()]
+        for prefix, cursor in snapshots.items():
+            loaded.snapshots[prefix] = [job_from_row(row) for row in cursor.fetchall()]
+        if counts is not None:
+            found = dict.fromkeys(Status, 0)
+            for status, n in counts.fetchall():
+                found[STATUS_BY_NAME[status]] = int(n)
+            self.counts = found
+        if plan.expire_before is not None:
+            self._load_expired(conn, plan, loaded)
+        (current,) = version.fetchone()
+        if current != self._rules_version:
+            self._reload_rules(conn)
+        return loaded
+
+    @staticmethod
+    def _page(conn: Any, prefix: str, status: Status | None, after: str, limit: int | None) -> Any:
+        """Jobs with `prefix` after `after` in id order: an index range scan."""
+        where = ["id >= %s"]
+        params: list[Any] = [prefix]
+        upper = prefix_upper_bound(prefix)
+        if upper is not None:
+            where.append("id < %s")
+            params.append(upper)
+        if after:
+            where.append("id > %s")
+            params.append(after)
+        if status is not None:
+            where.append("status = %s")
+            params.append(status.value)
+        query = f"SELECT {JOB_SELECT} FROM jobs WHERE {' AND '.join(where)} ORDER BY id"
+        if limit is not None:
+            query += " LIMIT %s"
+            params.append(limit + 1)  # one more: are there more?
+        return conn.execute(query, params)
+
+    @staticmethod
+    def _load_expired(conn: Any, plan: LoadPlan, loaded: Loaded) -> None:
+        # One instance at a time; the others' passes find nothing to do meanwhile.
+        (mine,) = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (RETENTION_LOCK,)).fetchone()
+        if not mine:
+            return
+        for row in conn.execute(
+            f"SELECT {JOB_SELECT} FROM jobs WHERE status IN ('executed', 'failed')"
+            " AND updated_at < %s ORDER BY updated_at LIMIT %s FOR UPDATE SKIP LOCKED",
+            (plan.expire_before, plan.expire_limit),
+        ):
+            job = job_from_row(row)
+            if job.id not in plan.ids:
+                loaded.jobs[job.id] = job
+            loaded.expired.append(job.id)
+
+    def _commit(self, view: BatchView, plan: LoadPlan) -> int | None:
+        """Write and commit; the next due time to use, when this batch tells one."""
+        import psycopg
+
+        with self._lock:
+            conn = self._writer()
+            try:
+                due = self._write(conn, view, plan)
+                conn.commit()
+                return due
+            except psycopg.Error as error:
+                raise self._failed(error) from None
+
+    def _write(self, conn: Any, view: BatchView, plan: LoadPlan) -> int | None:
+        inserted, updated, deleted = view.changes()
+        rules_put, rules_deleted = view.rule_changes()
+        deltas = sorted((status.value, n) for status, n in view.count_changes().items())
+        me = self.instance_id
+        earliest = min(
+            (job.execute_at for job in (*inserted, *updated) if waits(job)), default=None
+        )
+        bumped = None
+        with conn.pipeline():
+            if inserted:
+                conn.execute(_INSERT_JOBS, _job_arrays(inserted, me))
+            if updated:
+                conn.execute(_UPDATE_JOBS, _job_arrays(updated, me))
+            if deleted:
+                conn.execute("DELETE FROM jobs WHERE id = ANY(%s)", (deleted,))
+            if deltas:
+                statuses, numbers = zip(*deltas, strict=True)
+                conn.execute(_MOVE_COUNTS, (self._shard, list(statuses), list(numbers)))
+            if rules_put:
+                conn.execute(
+                    _UPSERT_RULES, [list(c) for c in zip(*map(rule_row, rules_put), strict=True)]
+                )
+            if rules_deleted:
+                conn.execute("DELETE FROM rules WHERE id = ANY(%s)", (rules_deleted,))
+            if rules_put or rules_deleted:
+                bumped = conn.execute(
+                    "UPDATE settings SET value = value + 1 WHERE key = 'rules_version'"
+                    " RETURNING value"
+                )
+            changed = [job.id for job in inserted] + [job.id for job in updated] + deleted
+            if changed:
+                self._notify_jobs(conn, changed)
+            if earliest is not None and (self._next_due is None or earliest < self._next_due):
+                conn.execute("SELECT pg_notify(%s, %s)", (DUE_CHANNEL, f"{me} {earliest}"))
+            next_due = (
+                conn.execute(
+                    "SELECT execute_at FROM jobs WHERE waits ORDER BY execute_at LIMIT 1"
+                    " FOR UPDATE SKIP LOCKED"
+                )
+                if plan.claim_now is not None
+                else None
+            )
+        if bumped is not None:
+            (version,) = bumped.fetchone()
+            if version != self._rules_version + 1:  # another instance changed rules meanwhile
+                self._reload_rules(conn)
+            else:
+                self._rules_version = version
+        if next_due is not None:
+            row = next_due.fetchone()
+            due = None if row is None else row[0]
+            if due is not None and due <= now_us() and not view.waiting:
+                # what is due is locked by other instances' claims: look again soon
+                due = now_us() + LOCKED_RETRY_US
+            if earliest is not None and (due is None or earliest < due):
+                due = earliest
+            return due
+        if earliest is not None and (self._next_due is None or earliest < self._next_due):
+            return earliest
+        return None
+
+    def _notify_jobs(self, conn: Any, ids: list[str]) -> None:
+        """Tell the other instances which jobs changed, in payloads under 8000 bytes."""
+        chunk: list[str] = []
+        size = 0
+        for job_id in ids:
+            length = len(job_id.encode()) + 4
+            if chunk and size + length > MAX_NOTIFY_BYTES:
+                self._send_ids(conn, chunk)
+                chunk, size = [], 0
+            if length > MAX_NOTIFY_BYTES:  # an id too long for a payload: refreshed by id hash
+                continue
+            chunk.append(job_id)
+            size += length
+        if chunk:
+            self._send_ids(conn, chunk)
+
+    def _send_ids(self, conn: Any, ids: list[str]) -> None:
+        payload = json.dumps([self.instance_id, ids], ensure_ascii=False, separators=(",", ":"))
+        conn.execute("SELECT pg_notify(%s, %s)", (JOBS_CHANNEL, payload))
+
+    # -- shared reads ---------------------------------------------------------------
+
+    def _reload_rules(self, conn: Any) -> None:
+        version = conn.execute("SELECT value FROM settings WHERE key = 'rules_version'").fetchone()[
+            0
+        ]
+        rules = [
+            rule_from_row(row)
+            for row in conn.execute("SELECT id, pattern, runner, policy FROM rules")
+        ]
+        index = self._rules
+        for rule_id in list(index.rules):
+            index.delete_rule(rule_id)
+        for rule in rules:
+            index.put_rule(rule)
+        self._rules_version = version
+
+    def _read_counts(self, conn: Any) -> None:
+        found = dict.fromkeys(Status, 0)
+        for status, n in conn.execute(
+            "SELECT status, sum(n)::bigint FROM job_counts GROUP BY status"
+        ):
+            found[STATUS_BY_NAME[status]] = int(n)
+        self.counts = found
+
+    @staticmethod
+    def _earliest_due(conn: Any) -> int | None:
+        row = conn.execute("SELECT min(execute_at) FROM jobs WHERE waits").fetchone()
+        return None if row is None else row[0]
+
+    @property
+    def rules(self) -> dict[str, Rule]:
+        return self._rules.rules
+
+    # -- background: leases, notifications, polling -----------------------------------
+
+    async def run(
+        self,
+        on_due: Callable[[int | None], None],
+        on_jobs_changed: Callable[[list[str]], Awaitable[None]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Keep the lease, listen, poll; until cancelled. `on_due(t)`: the earliest
+        due time changed; `on_jobs_changed(ids)`: another instance changed jobs."""
+        self._on_due = on_due
+        on_due(self._next_due)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep_lease)
+            nursery.start_soon(self._poll)
+            nursery.start_soon(self._listen, on_jobs_changed)
+            task_status.started()
+
+    async def _keep_lease(self) -> None:
+        while True:
+            await trio.sleep(self.config.heartbeat_s)
+            try:
+                await trio.to_thread.run_sync(self._renew_and_sweep)
+            except Exception as error:
+                log.warning("lease renewal failed", error=_describe(error))
+
+    def _renew_and_sweep(self) -> None:
+        config = self.config
+        with self._pool.connection() as conn:
+            renewed = conn.execute(
+                "UPDATE instances SET lease_until = now() + %s * interval '1 second' WHERE id = %s",
+                (config.lease_s, self.instance_id),
+            ).rowcount
+            if not renewed:  # taken for dead (e.g. cut off from the database): come back
+                log.warning("lease had expired: this instance's runs in flight may run twice")
+                conn.execute(
+                    "INSERT INTO instances (id, host, pid, lease_until)"
+                    " VALUES (%s, %s, %s, now() + %s * interval '1 second')",
+                    (self.instance_id, socket.gethostname(), os.getpid(), config.lease_s),
+                )
+            conn.commit()
+            (mine,) = conn.execute(
+                "SELECT pg_try_advisory_xact_lock(%s)", (HOUSEKEEPING_LOCK,)
+            ).fetchone()
+            if mine:
+                conn.execute("DELETE FROM instances WHERE lease_until < now()")
+                live = [str(row[0]) for row in conn.execute("SELECT id FROM instances FOR SHARE")]
+                freed = self._free(conn, _FREE_TRIGGERED, live)
+                if freed:
+                    log.warning("runs of dead instances planned again", jobs=freed)
+            conn.commit()
+
+    def _free(self, conn: Any, statement: str, param: Any) -> int:
+        """Plan again the triggered jobs `statement` selects; counts, NOTIFY. Commits."""
+        rows = conn.execute(statement, (param,)).fetchall()
+        if rows:
+            waiting = [at for _id, at, waits in rows if waits]
+            conn.execute(
+                _MOVE_COUNTS, (self._shard, ["planned", "triggered"], [len(rows), -len(rows)])
+            )
+            self._notify_jobs(conn, [job_id for job_id, _at, _waits in rows])
+            if waiting:
+                conn.execute("SELECT pg_notify(%s, %s)", (DUE_CHANNEL, f"- {min(waiting)}"))
+        conn.commit()
+        return len(rows)
+
+    async def _poll(self) -> None:
+        while True:
+            await trio.sleep(self.config.poll_interval_s)
+            try:
+                due = await trio.to_thread.run_sync(self._poll_once)
+            except Exception as error:
+                log.debug("poll failed", error=_describe(error))
+                continue
+            self._set_next_due(due)
+
+    def _poll_once(self) -> int | None:
+        with self._pool.connection() as conn:
+            self._read_counts(conn)
+            return self._earliest_due(conn)
+
+    async def _listen(self, on_jobs_changed: Callable[[list[str]], Awaitable[None]]) -> None:
+        import psycopg
+
+        delay = 0.1
+        while True:
+            try:
+                conn = await trio.to_thread.run_sync(self._listener)
+            except psycopg.Error as error:
+                log.debug("listener cannot connect", error=_describe(error), retry_in_s=delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.1
+            try:
+                while True:
+                    notes = await trio.to_thread.run_sync(
+                        self._wait_notifies, conn, abandon_on_cancel=True
+                    )
+                    changed = self._heard(notes)
+                    if changed and self.has_watchers():
+                        await on_jobs_changed(changed)
+            except psycopg.Error as error:
+                log.debug("listener lost its connection", error=_describe(error))
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(conn.close)
+
+    def _listener(self) -> Any:
+        import psycopg
+
+        conn = psycopg.connect(self.config.dsn, autocommit=True, connect_timeout=5)
+        conn.execute(f"LISTEN {DUE_CHANNEL}")
+        conn.execute(f"LISTEN {JOBS_CHANNEL}")
+        return conn
+
+    def _wait_notifies(self, conn: Any) -> list[tuple[str, str]]:
+        notes = [(n.channel, n.payload) for n in conn.notifies(timeout=0.5, stop_after=1)]
+        # what else is queued, without waiting
+        notes += [(n.channel, n.payload) for n in conn.notifies(timeout=0.001)]
+        return notes
+
+    def _heard(self, notes: list[tuple[str, str]]) -> list[str]:
+        """Act on notifications; the ids of jobs other instances changed."""
+        changed: list[str] = []
+        earliest: int | None = None
+        for channel, payload in notes:
+            try:
+                if channel == DUE_CHANNEL:
+                    sender, _, at = payload.partition(" ")
+                    if sender != self.instance_id:
+                        due = int(at)
+                        earliest = due if earliest is None else min(earliest, due)
+                elif channel == JOBS_CHANNEL:
+                    sender, ids = json.loads(payload)
+                    if sender != self.instance_id:
+                        changed.extend(ids)
+            except (ValueError, TypeError):
+                log.warning("unreadable notification", channel=channel)
+        if earliest is not None and (self._next_due is None or earliest < self._next_due):
+            self._set_next_due(earliest)
+        return changed
