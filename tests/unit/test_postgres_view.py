@@ -1,0 +1,171 @@
+"""The PostgreSQL store's per-batch view and load plan (pure: no database)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kairoi_trio.commands import (
+    DeleteJob,
+    ExpireFinished,
+    GetInfo,
+    GetJob,
+    JobsChanged,
+    ListJobs,
+    RecordOutcome,
+    ScheduleJob,
+    SetJob,
+    Subscribe,
+    TriggerDue,
+)
+from kairoi_trio.core.state import State
+from kairoi_trio.model import Job, Schedule, Status, new_job
+from kairoi_trio.storage.postgres.view import (
+    CLAIM_SLACK,
+    BatchView,
+    Loaded,
+    LoadPlan,
+    prefix_upper_bound,
+)
+
+PLANNED, TRIGGERED = Status.PLANNED, Status.TRIGGERED
+
+
+def job(job_id: str, at: int = 100, status: Status = PLANNED) -> Job:
+    return new_job(job_id, at, status, b"", 0, "", 1)
+
+
+def view(jobs: list[Job], **loaded: object) -> BatchView:
+    counts = dict.fromkeys(Status, 0)
+    for j in jobs:
+        counts[j.status] += 1
+    return BatchView(
+        Loaded(jobs={j.id: j for j in jobs}, **loaded),  # type: ignore[arg-type]
+        State(),
+        counts,
+        lambda: None,
+    )
+
+
+def test_the_plan_locks_what_a_batch_may_change_and_only_reads_the_rest() -> None:
+    def sink(events: object) -> bool:
+        return True
+
+    plan = LoadPlan.of(
+        [
+            SetJob("a", 1),
+            ScheduleJob("s", Schedule("every 1m")),
+            DeleteJob("d"),
+            GetJob("g"),
+            GetJob("a"),  # also written: locked, not peeked
+            RecordOutcome("r", 1, True),
+            JobsChanged(["x", "g"]),
+            ListJobs("p.", Status.PLANNED, "p.1", 10),
+            ListJobs("q.", None, "", 0),  # refused by the actor: nothing to read
+            Subscribe("w.", True, sink),
+            Subscribe("n.", False, sink),
+            GetInfo(),
+            TriggerDue(50, {"shell": 3, "http": 2}),
+            ExpireFinished(7, 100),
+        ]
+    )
+    assert plan.ids == {"a", "s", "d", "r"}
+    assert plan.creating == {"a", "s"}
+    assert plan.peeks == {"g", "x"}
+    assert plan.lists == {("p.", Status.PLANNED, "p.1", 10)}
+    assert plan.snapshots == {"w."}
+    assert plan.counts
+    assert (plan.claim_now, plan.claim_limit) == (50, 5 + CLAIM_SLACK)
+    assert (plan.expire_before, plan.expire_limit) == (7, 100)
+
+
+def test_a_read_only_batch_locks_nothing() -> None:
+    plan = LoadPlan.of([GetJob("a"), ListJobs("", None, "", 5), GetInfo()])
+    assert not plan.ids and not plan.creating and plan.claim_now is None
+
+
+ids = st.text(alphabet=st.sampled_from(["a", "b", "\x7f", "é", "\uffff", "\U0010ffff"]), max_size=4)
+
+
+@given(prefix=ids, other=ids)
+def test_the_prefix_bound_admits_exactly_the_ids_with_the_prefix(prefix: str, other: str) -> None:
+    bound = prefix_upper_bound(prefix)
+    inside = prefix <= other and (bound is None or other < bound)
+    assert inside == other.startswith(prefix)
+    # (code point order is UTF-8 byte order: what COLLATE "C" compares)
+    assert (prefix < other) == (prefix.encode() < other.encode())
+
+
+def test_the_prefix_bound_skips_surrogates() -> None:
+    assert prefix_upper_bound("a\ud7ff") == "a\ue000"
+    assert prefix_upper_bound("") is None
+    assert prefix_upper_bound("\U0010ffff") is None
+    assert prefix_upper_bound("a\U0010ffff") == "b"
+
+
+def test_net_changes_and_count_deltas() -> None:
+    v = view([job("a"), job("b"), job("c", status=TRIGGERED)])
+    v.put_job(job("a", at=200))  # updated
+    v.delete_job("b")  # deleted
+    v.put_job(job("n"))  # inserted...
+    v.put_job(job("m"))
+    v.delete_job("m")  # ...and gone again: nothing to write
+    v.put_job(job("c", status=Status.EXECUTED))
+    inserted, updated, deleted = v.changes()
+    assert [j.id for j in inserted] == ["n"]
+    assert sorted(j.id for j in updated) == ["a", "c"]
+    assert deleted == ["b"]
+    assert v.count_changes() == {Status.TRIGGERED: -1, Status.EXECUTED: 1}
+    assert v.counts[PLANNED] == 2  # a, n
+
+
+def test_a_page_sees_the_batchs_own_writes() -> None:
+    loaded = [job("p.1"), job("p.2"), job("p.3")]
+    v = view(loaded, pages={("p.", None, "", 2): loaded})  # limit + 1 rows: more exist
+    v.put_job(job("p.0"))
+    page, after = v.list_jobs("p.", None, "", 2)
+    assert [j.id for j in page] == ["p.0", "p.1"] and after == "p.1"
+    v.delete_job("p.0")
+    v.delete_job("p.1")
+    v.delete_job("p.2")
+    page, after = v.list_jobs("p.", None, "", 2)
+    # the database had more than the page: go on after what was read
+    assert [j.id for j in page] == ["p.3"] and after == "p.3"
+
+
+def test_a_status_filtered_page_drops_jobs_the_batch_moved_out() -> None:
+    loaded = [job("p.1"), job("p.2")]
+    v = view(loaded, pages={("p.", PLANNED, "", 10): loaded})
+    v.put_job(job("p.1", status=TRIGGERED))
+    v.put_job(job("q.1"))  # another prefix
+    page, after = v.list_jobs("p.", PLANNED, "", 10)
+    assert [j.id for j in page] == ["p.2"] and after == ""
+
+
+def test_only_claimed_jobs_still_due_and_waiting_pop() -> None:
+    a, b, c = job("a", 10), job("b", 20), job("c", 30)
+    v = view([a, b, c], claimed=[a, b, c])
+    v.put_job(job("b", 500))  # re-set later in the same batch
+    assert [j.id for j in v.pop_due(100)] == ["a", "c"]
+
+
+def test_held_jobs_mark_their_kind_deferred_and_change_nothing() -> None:
+    a = job("a", 10)
+    v = view([a], claimed=[a])
+    v.hold("shell", a)
+    assert list(v.waiting) == ["shell"]
+    assert v.changes() == ([], [], [])
+
+
+def test_rule_changes_apply_to_the_instances_index() -> None:
+    from kairoi_trio.model import Rule, ShellRunner
+
+    rules = State()
+    old = Rule("r1", "a.", ShellRunner("true"))
+    rules.put_rule(old)
+    v = BatchView(Loaded(), rules, dict.fromkeys(Status, 0), lambda: None)
+    new = Rule("r2", "a.b", ShellRunner("true"))
+    v.put_rule(new)
+    v.delete_rule("r1")
+    assert v.match_rule("a.bc") == new and v.match_rule("a.x") is None
+    assert v.rule_changes() == ([new], ["r1"])
