@@ -51,6 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         from kairoi_trio.storage.backup import run_backup_command
 
         return run_backup_command(args)
+    if command == "storage":
+        from kairoi_trio.storage.copy import run_storage_command
+
+        return run_storage_command(args)
+    if command == "db":
+        from kairoi_trio.storage.copy import run_db_command
+
+        return run_db_command(args)
     return _run_client_command(args)
 
 
@@ -108,10 +116,12 @@ def _parser() -> argparse.ArgumentParser:
         add_config_option(commands.add_parser(name, help=help_text, description=help_text))
     _add_import_command(commands)
     from kairoi_trio.storage.backup import add_backup_command
+    from kairoi_trio.storage.copy import add_storage_commands
     from kairoi_trio.storage.repair import add_repair_command
 
     add_repair_command(commands)
     add_backup_command(commands)
+    add_storage_commands(commands)
     _add_client_commands(commands)
     return parser
 
@@ -139,6 +149,8 @@ def run_server(config: Config) -> int:
 def _startup_cause(error: BaseException) -> BaseException | None:
     """The storage or socket error behind a failed start, out of any exception groups."""
     from kairoi_trio.storage.log import CorruptLogError, StorageError
+    from kairoi_trio.storage.postgres.schema import SchemaError
+    from kairoi_trio.storage.postgres.store import PostgresUnavailable
 
     if isinstance(error, BaseExceptionGroup):
         for inner in error.exceptions:
@@ -146,7 +158,8 @@ def _startup_cause(error: BaseException) -> BaseException | None:
             if cause is not None:
                 return cause
         return None
-    return error if isinstance(error, CorruptLogError | StorageError | OSError) else None
+    expected = CorruptLogError | StorageError | OSError | PostgresUnavailable | SchemaError
+    return error if isinstance(error, expected) else None
 
 
 async def _serve_until_signal(config: Config) -> None:
