@@ -6,23 +6,60 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import support.postgres as pg
 from support.kcp_client import KcpClient
 from support.server import ServerProcess
 
 
+BACKENDS = ("log", "postgres")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "backends(*names): run the module's or test's servers on each of these stores"
+        " (log, postgres); without it, on the embedded log only",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked `backends(...)` run once per store their servers use."""
+    marker = metafunc.definition.get_closest_marker("backends")
+    if marker is not None and "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", marker.args or BACKENDS, indirect=True)
+
+
 @pytest.fixture
-def make_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """Start servers with extra TOML config; all are killed at the end of the test."""
+def backend(request: pytest.FixtureRequest) -> str:
+    """The store this test's servers run on: "log" unless the test is marked."""
+    return getattr(request, "param", "log")
+
+
+@pytest.fixture
+def make_server(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., ServerProcess]]:
+    """Start servers with extra TOML config; all are killed at the end of the test.
+
+    On the postgres backend, every server of the test shares one fresh database
+    (a restarted server finds its data, as with one data directory; several
+    servers are several instances of one scheduler), dropped afterwards.
+    """
     started: list[ServerProcess] = []
+    dsn = pg.fresh_database("e2e") if backend == "postgres" else None
 
     def make(extra_config: str = "", name: str = "server") -> ServerProcess:
-        server = ServerProcess(tmp_path / name, extra_config)
+        server = ServerProcess(tmp_path / name, extra_config, postgres_dsn=dsn)
         started.append(server)
         return server.start()
 
-    yield make
-    for server in started:
-        server.kill()
+    try:
+        yield make
+    finally:
+        for server in started:
+            server.kill()
+        if dsn is not None:
+            pg.drop_database(dsn)
 
 
 @pytest.fixture

@@ -8,8 +8,11 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from support.kcp_client import KcpClient
 from support.waiting import wait_for
+
+pytestmark = pytest.mark.backends("log", "postgres")
 
 PAST = "2020-05-26 22:26:18"
 FUTURE = "2099-01-01 00:00:00"

@@ -28,8 +28,11 @@ class ServerProcess:
         extra_config: str = "",
         *,
         preexec_fn: Callable[[], None] | None = None,
+        postgres_dsn: str | None = None,
     ) -> None:
-        """preexec_fn: run in the child before the server starts (e.g. to set rlimits)."""
+        """preexec_fn: run in the child before the server starts (e.g. to set rlimits).
+        postgres_dsn: run on the PostgreSQL store of that database instead of the log."""
+        self.postgres_dsn = postgres_dsn
         self.workdir = workdir
         self.preexec_fn = preexec_fn
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -52,6 +55,9 @@ class ServerProcess:
             "storage": {"directory": f'"{self.data_dir}"'},
             "shutdown": {"grace_period_s": "2.0"},
         }
+        if self.postgres_dsn is not None:
+            tables["storage"]["backend"] = '"postgres"'
+            tables["storage.postgres"] = {"dsn": f'"{self.postgres_dsn}"'}
         for table, entries in _parse_tables(self.extra_config).items():
             tables.setdefault(table, {}).update(entries)  # the test's values win
         return "\n".join(
