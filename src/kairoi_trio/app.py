@@ -261,7 +261,10 @@ async def _serve_postgres(
         async def jobs_changed(ids: list[str]) -> None:
             await client.call_many([JobsChanged(ids)])
 
-        await postgres.run(timer.update, jobs_changed)
+        async def probe() -> None:
+            await client.call_many([])  # an empty batch: still one transaction
+
+        await postgres.run(timer.update, jobs_changed, probe)
 
     store = Store(
         postgres,

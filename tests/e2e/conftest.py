@@ -10,7 +10,6 @@ import support.postgres as pg
 from support.kcp_client import KcpClient
 from support.server import ServerProcess
 
-
 BACKENDS = ("log", "postgres")
 
 

@@ -31,6 +31,8 @@ from support.waiting import wait_for
 from kairoi.v1 import scheduler_pb2 as pb
 from kairoi.v1 import scheduler_pb2_grpc as pb_grpc
 
+pytestmark = pytest.mark.backends("log", "postgres")
+
 PAST = "2020-01-01 00:00:00"
 FINAL = ("executed", "failed")
 CHUNK = 2000  # pipelined KCP requests per round trip

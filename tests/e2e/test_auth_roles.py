@@ -22,6 +22,8 @@ from support.server import ServerProcess
 from kairoi.v1 import scheduler_pb2 as pb
 from kairoi.v1 import scheduler_pb2_grpc as pb_grpc
 
+pytestmark = pytest.mark.backends("log", "postgres")
+
 ADMIN, CLIENT, READ = "adm-7f3a9c", "cli-51be0d", "rd-c44e12"
 AUTH_CONFIG = f"""
 [auth]

@@ -22,6 +22,8 @@ from support.waiting import wait_for
 
 from kairoi_trio.cli import main
 
+pytestmark = pytest.mark.backends("log", "postgres")
+
 
 def cli(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
     """The command's result, run by `main` in this process."""

@@ -17,11 +17,14 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from support.kcp_client import KcpClient
 from support.server import ServerProcess
 from support.waiting import wait_for
 
 from kairoi_trio.protocols.kcp.codec import KcpParser, Message
+
+pytestmark = pytest.mark.backends("log", "postgres")
 
 FUTURE = "2099-01-01 00:00:00"
 

@@ -30,6 +30,8 @@ from support.waiting import wait_for
 from kairoi.v1 import scheduler_pb2 as pb
 from kairoi.v1 import scheduler_pb2_grpc as pb_grpc
 
+pytestmark = pytest.mark.backends("log", "postgres")
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "clients" / "python" / "src"))  # the client package, uninstalled
 

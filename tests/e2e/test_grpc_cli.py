@@ -24,6 +24,8 @@ from support.waiting import wait_for
 from kairoi_trio.cli import main
 from kairoi_trio.client_cli import SNAPSHOT_END_TEXT, add_client_commands
 
+pytestmark = pytest.mark.backends("log", "postgres")
+
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 
 

@@ -10,6 +10,8 @@ import pytest
 from support.kcp_client import KcpClient
 from support.waiting import wait_for
 
+pytestmark = pytest.mark.backends("log", "postgres")
+
 
 @pytest.fixture
 def receiver():

@@ -33,6 +33,8 @@ from kairoi_trio.model import MAX_TIME_US, MICROS, Job, Rule, ShellRunner, Statu
 from kairoi_trio.storage.log import DurableLog
 from kairoi_trio.storage.records import JobPut, RulePut
 
+pytestmark = pytest.mark.backends("log", "postgres")
+
 YEAR_S = 365 * 86_400
 FIRST = "0001-01-01 00:00:00"
 LAST = "9999-12-31 23:59:59.999999"

@@ -7,9 +7,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from support.kcp_client import KcpClient
 from support.server import ServerProcess
 from support.waiting import wait_for
+
+pytestmark = pytest.mark.backends("log", "postgres")
 
 # 2099-01-01 is a Thursday; Paris is at UTC+1 in winter.
 START = "2099-01-01 00:00:00"

@@ -5,8 +5,11 @@ from __future__ import annotations
 import signal
 import time
 
+import pytest
 from support.kcp_client import KcpClient
 from support.waiting import wait_for
+
+pytestmark = pytest.mark.backends("log", "postgres")
 
 FUTURE = "2099-01-01 00:00:00"
 PAST = "2020-01-01 00:00:00"

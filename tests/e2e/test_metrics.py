@@ -7,9 +7,12 @@ import urllib.error
 import urllib.request
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.kcp_client import KcpClient
 from support.waiting import wait_for
+
+pytestmark = pytest.mark.backends("log", "postgres")
 
 
 def fetch(server, path: str) -> tuple[int, str]:

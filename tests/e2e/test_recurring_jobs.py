@@ -37,6 +37,8 @@ from kairoi.v1 import scheduler_pb2 as pb
 from kairoi.v1 import scheduler_pb2_grpc as pb_grpc
 from kairoi_trio.cli import main
 
+pytestmark = pytest.mark.backends("log", "postgres")
+
 SECOND = 1_000_000  # µs
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 RFC3339_US = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z\Z")

@@ -23,6 +23,8 @@ from support.kcp_client import KcpClient
 from support.server import ServerProcess
 from support.waiting import wait_for
 
+pytestmark = pytest.mark.backends("log", "postgres")
+
 JOB_TIME = "2020-01-01 00:00:00.123456"  # KCP's form
 SCHEDULED_AT = "2020-01-01T00:00:00.123456Z"  # RFC 3339, UTC, microseconds
 

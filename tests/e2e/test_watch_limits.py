@@ -15,8 +15,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from support.kcp_client import KcpClient
 from support.server import ServerProcess
+
+pytestmark = pytest.mark.backends("log", "postgres")
 
 FUTURE = "2099-01-01 00:00:00"
 PAYLOAD = "p" * (8 << 10)  # 8 KiB, as in the issue

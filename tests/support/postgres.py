@@ -26,6 +26,7 @@ docs/testing.md.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import re
 import signal
@@ -33,7 +34,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,11 +179,12 @@ def _script(*args: str, timeout: float) -> str:
     return result.stdout
 
 
-def _ctl(*args: str) -> None:
-    """pg_ctl on the private cluster (scripts/postgres.sh ctl: its data directory
-    only, as the user it runs as)."""
+def _ctl(*args: str, of: Cluster | None = None) -> None:
+    """pg_ctl on the private cluster, or on `of` (scripts/postgres.sh ctl: its data
+    directory only, as the user it runs as)."""
+    target = check_private(of) if of is not None else cluster()
     result = subprocess.run(
-        [SCRIPT, "ctl", str(cluster().directory), *args],
+        [SCRIPT, "ctl", str(target.directory), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -225,24 +227,39 @@ def ensure_running() -> None:
         os.kill(pid, signal.SIGCONT)
 
 
-def stop(mode: str = "fast") -> None:
-    """Stop the private cluster (its directory stays): an outage. `start()` ends it."""
+def stop(mode: str = "fast", of: Cluster | None = None) -> None:
+    """Stop the private cluster, or `of` (its directory stays): an outage.
+    `start()` ends it."""
     _check_mode(mode)
-    _ctl("stop", "-m", mode, "-w", "-t", str(int(READY_TIMEOUT_S)))
+    _ctl("stop", "-m", mode, "-w", "-t", str(int(READY_TIMEOUT_S)), of=of)
 
 
-def start() -> None:
-    """Start the private cluster again after `stop()`; returns once it accepts connections."""
-    _ctl("start", "-w", "-t", str(int(READY_TIMEOUT_S)))
-    wait_ready()
+def start(of: Cluster | None = None) -> None:
+    """Start the private cluster (or `of`) again after `stop()`; returns once it
+    accepts connections."""
+    _ctl("start", "-w", "-t", str(int(READY_TIMEOUT_S)), of=of)
+    wait_ready(of=of)
 
 
-def restart(mode: str = "fast") -> None:
-    """pg_ctl restart of the private cluster (mode "immediate": a crash of the
-    server, with recovery at start); returns once it accepts connections."""
+def restart(mode: str = "fast", of: Cluster | None = None) -> None:
+    """pg_ctl restart of the private cluster or `of` (mode "immediate": a crash
+    of the server, with recovery at start); returns once it accepts connections."""
     _check_mode(mode)
-    _ctl("restart", "-m", mode, "-w", "-t", str(int(READY_TIMEOUT_S)))
-    wait_ready()
+    _ctl("restart", "-m", mode, "-w", "-t", str(int(READY_TIMEOUT_S)), of=of)
+    wait_ready(of=of)
+
+
+@contextlib.contextmanager
+def own_cluster() -> Iterator[Cluster]:
+    """A second private cluster for one test (an outage test stops its database
+    and must not stop the one other tests use meanwhile), stopped and removed
+    at the end whatever happened."""
+    directory = Path(tempfile.mkdtemp(prefix="kairoi-postgres."))
+    try:
+        _script("start", str(directory), "--owner", str(os.getpid()), timeout=600)
+        yield check_private(cluster_from(read_node_env(directory)))
+    finally:
+        _script("stop", str(directory), timeout=120)
 
 
 def _check_mode(mode: str) -> None:
@@ -250,12 +267,13 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"shutdown mode {mode!r}: one of {', '.join(SHUTDOWN_MODES)}")
 
 
-def wait_ready(timeout: float = READY_TIMEOUT_S) -> None:
-    """Wait until the private cluster accepts a connection."""
+def wait_ready(timeout: float = READY_TIMEOUT_S, of: Cluster | None = None) -> None:
+    """Wait until the private cluster (or `of`) accepts a connection."""
     deadline = time.monotonic() + timeout
+    dsn = (of or cluster()).dsn()
     while True:
         try:
-            psycopg.connect(cluster().dsn(), connect_timeout=2).close()
+            psycopg.connect(dsn, connect_timeout=2).close()
             return
         except psycopg.OperationalError:
             if time.monotonic() > deadline:

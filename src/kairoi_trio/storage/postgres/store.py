@@ -39,6 +39,7 @@ the actor uses.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import socket
@@ -181,6 +182,9 @@ class PostgresStore:
         import psycopg
         from psycopg_pool import ConnectionPool
 
+        # The pool logs every failed connection attempt; the actor's storage
+        # errors already say, once per outage, that the database cannot be used.
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
         config = self.config
         deadline = time.monotonic() + config.connect_timeout_s
         delay = 0.1
@@ -565,26 +569,36 @@ class PostgresStore:
         self,
         on_due: Callable[[int | None], None],
         on_jobs_changed: Callable[[list[str]], Awaitable[None]],
+        probe: Callable[[], Awaitable[None]],
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Keep the lease, listen, poll; until cancelled. `on_due(t)`: the earliest
-        due time changed; `on_jobs_changed(ids)`: another instance changed jobs."""
+        due time changed; `on_jobs_changed(ids)`: another instance changed jobs;
+        `probe()`: the database failed a poll: have the actor try a batch (an idle
+        instance learns so that it cannot write, and /ready says so)."""
         self._on_due = on_due
         on_due(self._next_due)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keep_lease)
-            nursery.start_soon(self._poll)
+            nursery.start_soon(self._poll, probe)
             nursery.start_soon(self._listen, on_jobs_changed)
             task_status.started()
 
     async def _keep_lease(self) -> None:
+        failing = False
         while True:
             await trio.sleep(self.config.heartbeat_s)
             try:
                 await trio.to_thread.run_sync(self._renew_and_sweep)
             except Exception as error:
-                log.warning("lease renewal failed", error=_describe(error))
+                if not failing:  # once per outage; the actor's storage errors say the rest
+                    log.warning("lease renewal failed", error=_describe(error))
+                failing = True
+            else:
+                if failing:
+                    log.info("lease renewed again")
+                failing = False
 
     def _renew_and_sweep(self) -> None:
         config = self.config
@@ -626,13 +640,14 @@ class PostgresStore:
         conn.commit()
         return len(rows)
 
-    async def _poll(self) -> None:
+    async def _poll(self, probe: Callable[[], Awaitable[None]]) -> None:
         while True:
             await trio.sleep(self.config.poll_interval_s)
             try:
                 due = await trio.to_thread.run_sync(self._poll_once)
             except Exception as error:
                 log.debug("poll failed", error=_describe(error))
+                await probe()
                 continue
             self._set_next_due(due)
 

@@ -1,0 +1,271 @@
+"""Several kairoi-trio instances on one PostgreSQL database: one scheduler.
+
+Real server processes, a real private PostgreSQL, the real RabbitMQ node as
+the runner that records every run (each run is one message and one "job run"
+line in the log of the instance that ran it).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
+
+import amqp_broker as broker
+import grpc
+import pytest
+import support.postgres as pg
+from amqp_broker import Admin, Route
+from support.kcp_client import KcpClient
+from support.server import ServerProcess
+from support.waiting import wait_for
+
+from kairoi.v1 import scheduler_pb2 as pb
+from kairoi.v1 import scheduler_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.backends("postgres")
+
+CHUNK = 2000
+# Fast failover for the tests: a dead instance is noticed within about 2.5 s.
+LEASE = "[storage.postgres]\nlease_s = 2.0\nheartbeat_s = 0.5\npoll_interval_s = 0.5"
+
+
+@pytest.fixture
+def route(admin: Admin) -> Iterator[Route]:
+    broker.ensure_broker()
+    made = broker.make_route(admin, "cluster")
+    yield made
+    broker.remove_route(made)
+
+
+def kcp_time(seconds_from_now: float) -> str:
+    at = datetime.fromtimestamp(time.time() + seconds_from_now, UTC)
+    return at.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def set_jobs(kcp: KcpClient, ids: Sequence[str], when: str) -> None:
+    for start in range(0, len(ids), CHUNK):
+        answers = kcp.pipeline([("SET", i, when) for i in ids[start : start + CHUNK]])
+        assert all(a == ["OK"] for a in answers), [a for a in answers if a != ["OK"]][:3]
+
+
+def runs(servers: Sequence[ServerProcess]) -> Counter[str]:
+    """Runs per job id, over every instance."""
+    return Counter(e["job"] for s in servers for e in s.events("job run"))
+
+
+def amqp_rule(kcp: KcpClient, pattern: str, route: Route) -> None:
+    answer = kcp.request(
+        "RULE",
+        "SET",
+        f"r-{pattern}",
+        pattern,
+        "amqp",
+        broker.URL,
+        route.exchange,
+        route.routing_key,
+    )
+    assert answer == ["OK"], answer
+
+
+def statuses(kcp: KcpClient, ids: Sequence[str]) -> Counter[str]:
+    found: Counter[str] = Counter()
+    for start in range(0, len(ids), CHUNK):
+        for answer in kcp.pipeline([("GET", i) for i in ids[start : start + CHUNK]]):
+            found[answer[1] if answer[0] == "OK" else answer[0]] += 1
+    return found
+
+
+@pytest.mark.parametrize("instances", [2, 3])
+def test_jobs_due_at_once_run_exactly_once_across_instances(
+    make_server: Callable[..., ServerProcess], route: Route, instances: int
+) -> None:
+    count = 10_000
+    # the default lease (15 s): no instance is taken for dead on a loaded machine
+    servers = [make_server(name=f"i{n}") for n in range(instances)]
+    ids = [f"burst.{i:05d}" for i in range(count)]
+    with KcpClient(servers[0].kcp_port, timeout=60) as kcp:
+        amqp_rule(kcp, "burst.", route)
+        set_jobs(kcp, ids, kcp_time(3.0))
+        wait_for(lambda: sum(runs(servers).values()) >= count, timeout=90, interval=0.5)
+        time.sleep(0.5)  # a second run of anything would show by now
+        ran = runs(servers)
+        twice = [job for job, n in ran.items() if n > 1]
+        detail = [
+            (s.workdir.name, e.get("event"), e.get("timestamp"), e.get("jobs"))
+            for s in servers
+            for e in s.events()
+            if e.get("level") in ("warning", "error")
+        ]
+        runs_of = [
+            (s.workdir.name, e.get("timestamp"), e.get("attempt"))
+            for s in servers
+            for e in s.events("job run")
+            if e.get("job") == (twice or [""])[0]
+        ]
+        assert set(ran) == set(ids) and not twice, (len(twice), runs_of, detail[:12])
+        # the work was shared: every instance ran a part of the burst
+        per_instance = [len(s.events("job run")) for s in servers]
+        assert all(n > 0 for n in per_instance), per_instance
+        wait_for(lambda: statuses(kcp, ids) == Counter({"executed": count}), timeout=30)
+    admin = Admin()
+    try:
+        assert admin.message_count(route.queue) == count
+    finally:
+        admin.close()
+
+
+def test_a_killed_instance_loses_nothing_and_its_runs_come_back_within_the_lease(
+    make_server: Callable[..., ServerProcess], route: Route
+) -> None:
+    count = 6_000
+    runner = "\n[runners.amqp]\nconcurrency = 32\nqueue_size = 100"
+    a = make_server(LEASE + runner, name="a")
+    b = make_server(LEASE + runner, name="b")
+    ids = [f"kill.{i:05d}" for i in range(count)]
+    with KcpClient(a.kcp_port, timeout=60) as kcp:
+        amqp_rule(kcp, "kill.", route)
+        set_jobs(kcp, ids, kcp_time(2.0))
+        wait_for(lambda: len(b.events("job run")) >= 500, timeout=60, interval=0.05)
+        b.kill()  # SIGKILL mid-burst
+        killed_at = datetime.now(UTC)
+        wait_for(lambda: set(runs([a, b])) >= set(ids), timeout=60, interval=0.25)
+        wait_for(lambda: statuses(kcp, ids) == Counter({"executed": count}), timeout=30)
+    ran = runs([a, b])
+    assert set(ran) == set(ids)
+    twice = [job for job, n in ran.items() if n > 1]
+    # Only runs in flight on b when it died may run twice: b had triggered them
+    # and their outcome was not recorded. b held at most concurrency + queue.
+    assert all(n == 2 for job, n in ran.items() if n > 1)
+    assert len(twice) <= 32 + 100, len(twice)
+    # a planned b's triggered jobs again once b's lease (2 s) had expired
+    freed = [e for e in a.events() if e.get("event") == "runs of dead instances planned again"]
+    assert freed, "a never took over b's runs in flight"
+    at = datetime.fromisoformat(freed[0]["timestamp"].replace("Z", "+00:00"))
+    assert (at - killed_at).total_seconds() <= 2 * 2.0, at - killed_at
+
+
+def test_a_job_set_on_one_instance_is_read_and_watched_on_another(
+    make_server: Callable[..., ServerProcess], route: Route
+) -> None:
+    a = make_server(LEASE, name="a")
+    b = make_server(LEASE, name="b")
+    seen: list[pb.JobEvent] = []
+    watching = threading.Event()
+
+    def watch() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{b.grpc_port}") as channel:
+            stream = pb_grpc.SchedulerStub(channel).WatchJobs(
+                pb.WatchJobsRequest(prefix="shared.", include_snapshot=True), timeout=20
+            )
+            try:
+                for message in stream:
+                    if not message.snapshot:
+                        watching.set()
+                    seen.extend(message.events)
+                    if any(e.job.id == "shared.2" for e in seen):
+                        return
+            except grpc.RpcError:
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    assert watching.wait(10)
+    with KcpClient(a.kcp_port) as on_a, KcpClient(b.kcp_port) as on_b:
+        assert on_a.request("SET", "shared.1", "2099-01-01 00:00:00") == ["OK"]
+        assert on_b.request("GET", "shared.1")[:2] == ["OK", "planned"]  # at once
+        assert on_a.request("SET", "shared.2", "2099-01-01 00:00:00") == ["OK"]
+        watcher.join(10)
+        assert [e.job.id for e in seen] == ["shared.1", "shared.2"]
+        assert {e.type for e in seen} == {pb.JOB_EVENT_TYPE_SET}
+        # a rule set on b pairs jobs that a triggers (and the other way round)
+        amqp_rule(on_b, "rule.", route)
+        jobs = [f"rule.{i}" for i in range(40)]
+        set_jobs(on_a, jobs, kcp_time(0.5))
+        wait_for(lambda: statuses(on_a, jobs) == Counter({"executed": 40}), timeout=20)
+        assert on_b.request("UNSET", "shared.1") == ["OK"]
+        assert on_a.request("GET", "shared.1")[0] == "ERROR"
+
+
+def ready(server: ServerProcess) -> int:
+    try:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{server.metrics_port}/ready", timeout=5
+        ) as answer:
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_postgres_down_then_back_loses_nothing_acknowledged(route: Route, tmp_path) -> None:
+    """The database of this test only (own_cluster): other tests keep theirs."""
+    from support.server import ServerProcess as Process
+
+    with pg.own_cluster() as cluster:
+        import psycopg
+
+        with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+            conn.execute("CREATE DATABASE outage")
+        dsn = cluster.dsn("outage")
+        servers = [Process(tmp_path / name, LEASE, postgres_dsn=dsn).start() for name in ("a", "b")]
+        try:
+            _outage(servers, route, cluster)
+        except BaseException:
+            for server in servers:
+                print(f"--- {server.workdir.name}\n" + "\n".join(server.lines[-60:]))
+            raise
+        finally:
+            for server in servers:
+                server.kill()
+
+
+def _outage(servers: list[ServerProcess], route: Route, cluster: pg.Cluster) -> None:
+    a, b = servers
+    acknowledged: list[str] = []
+    refused: list[list[str]] = []
+    stop = threading.Event()
+
+    def write() -> None:
+        with KcpClient(a.kcp_port, timeout=30) as kcp:
+            n = 0
+            while not stop.is_set():
+                job_id = f"load.{n:06d}"
+                answer = kcp.request("SET", job_id, "2099-01-01 00:00:00")
+                if answer == ["OK"]:
+                    acknowledged.append(job_id)
+                else:
+                    refused.append(answer)
+                    time.sleep(0.01)
+                n += 1
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    with KcpClient(b.kcp_port) as kcp:
+        amqp_rule(kcp, "late.", route)
+        wait_for(lambda: len(acknowledged) > 200)
+        pg.restart("fast", of=cluster)  # under write load
+        before = len(acknowledged)
+        wait_for(lambda: len(acknowledged) > before + 200, timeout=30)  # writes work again
+        pg.stop("fast", of=cluster)  # a longer outage
+        wait_for(lambda: ready(a) == 503 and ready(b) == 503, timeout=20)
+        answer = kcp.request("SET", "late.1", kcp_time(0.5))
+        assert answer[0] == "ERROR" and "PostgreSQL" in answer[1], answer
+        with grpc.insecure_channel(f"127.0.0.1:{b.grpc_port}") as channel:
+            with pytest.raises(grpc.RpcError) as failed:
+                pb_grpc.SchedulerStub(channel).GetJob(pb.GetJobRequest(id="x"), timeout=10)
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        pg.start(of=cluster)
+        wait_for(lambda: ready(a) == 200 and ready(b) == 200, timeout=30)
+        assert kcp.request("SET", "late.2", kcp_time(0.3)) == ["OK"]
+        wait_for(lambda: kcp.request("GET", "late.2")[1] == "executed", timeout=20)
+        stop.set()
+        writer.join(30)
+        assert refused, "no write failed while the database was down"
+        # a clear error: KCP's ERROR naming the database
+        assert all(r[0] == "ERROR" and "PostgreSQL" in r[1] for r in refused), refused[:3]
+        got = statuses(kcp, acknowledged)
+        assert got == Counter({"planned": len(acknowledged)}), got
