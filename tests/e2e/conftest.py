@@ -35,19 +35,24 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def make_server(
-    tmp_path: Path, backend: str, request: pytest.FixtureRequest
-) -> Iterator[Callable[..., ServerProcess]]:
+def make_server(tmp_path: Path, backend: str) -> Iterator[Callable[..., ServerProcess]]:
     """Start servers with extra TOML config; all are killed at the end of the test.
 
-    On the postgres backend, every server of the test shares one fresh database
-    (a restarted server finds its data, as with one data directory; several
-    servers are several instances of one scheduler), dropped afterwards.
+    A server's data is its name's, as a data directory is: a server made again
+    under the same name finds it (a restart). On the postgres backend each name
+    gets a fresh database, dropped after the test; servers given the same
+    `database` share one (several instances of one scheduler).
     """
     started: list[ServerProcess] = []
-    dsn = pg.fresh_database("e2e") if backend == "postgres" else None
+    databases: dict[str, str] = {}
 
-    def make(extra_config: str = "", name: str = "server") -> ServerProcess:
+    def make(extra_config: str = "", name: str = "server", database: str = "") -> ServerProcess:
+        dsn = None
+        if backend == "postgres":
+            key = database or name
+            if key not in databases:
+                databases[key] = pg.fresh_database("e2e")
+            dsn = databases[key]
         server = ServerProcess(tmp_path / name, extra_config, postgres_dsn=dsn)
         started.append(server)
         return server.start()
@@ -57,7 +62,7 @@ def make_server(
     finally:
         for server in started:
             server.kill()
-        if dsn is not None:
+        for dsn in databases.values():
             pg.drop_database(dsn)
 
 

@@ -207,6 +207,7 @@ def test_pagination_over_10000_jobs(client: Client) -> None:
     assert sum(1 for _ in client.list_jobs("page.", status=JobStatus.PLANNED)) == 10_000
 
 
+@pytest.mark.backends("log")  # the log's file faults
 def test_storage_failure_is_unavailable_and_reads_go_on(server: ServerProcess) -> None:
     with Client(f"127.0.0.1:{server.grpc_port}") as client:
         client.set_job("kept", LATER)

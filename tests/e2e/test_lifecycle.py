@@ -72,6 +72,7 @@ def test_finished_jobs_are_dropped_after_retention(make_server, tmp_path):
         assert kcp.request("GET", "app.done")[0] == "ERROR"
 
 
+@pytest.mark.backends("log")  # compaction of the log
 def test_compaction_bounds_the_log_and_keeps_the_latest_state(make_server):
     server = make_server("[storage]\ncompact_after_bytes = 65536")
     with KcpClient(server.kcp_port) as kcp:

@@ -64,6 +64,9 @@ def health(server) -> int:
         return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
 
 
+@pytest.mark.backends(
+    "log"
+)  # the log's file faults (test_postgres_cluster covers a database outage)
 def test_not_ready_while_storage_writes_fail_and_ready_again_without_traffic(server):
     """/ready means "can accept writes": the log's files may not grow (EFBIG, as on a full disk)."""
     with KcpClient(server.kcp_port) as kcp:

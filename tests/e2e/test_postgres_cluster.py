@@ -86,7 +86,7 @@ def test_jobs_due_at_once_run_exactly_once_across_instances(
 ) -> None:
     count = 10_000
     # the default lease (15 s): no instance is taken for dead on a loaded machine
-    servers = [make_server(name=f"i{n}") for n in range(instances)]
+    servers = [make_server(name=f"i{n}", database="one") for n in range(instances)]
     ids = [f"burst.{i:05d}" for i in range(count)]
     with KcpClient(servers[0].kcp_port, timeout=60) as kcp:
         amqp_rule(kcp, "burst.", route)
@@ -124,8 +124,8 @@ def test_a_killed_instance_loses_nothing_and_its_runs_come_back_within_the_lease
 ) -> None:
     count = 6_000
     runner = "\n[runners.amqp]\nconcurrency = 32\nqueue_size = 100"
-    a = make_server(LEASE + runner, name="a")
-    b = make_server(LEASE + runner, name="b")
+    a = make_server(LEASE + runner, name="a", database="one")
+    b = make_server(LEASE + runner, name="b", database="one")
     ids = [f"kill.{i:05d}" for i in range(count)]
     with KcpClient(a.kcp_port, timeout=60) as kcp:
         amqp_rule(kcp, "kill.", route)
@@ -152,8 +152,8 @@ def test_a_killed_instance_loses_nothing_and_its_runs_come_back_within_the_lease
 def test_a_job_set_on_one_instance_is_read_and_watched_on_another(
     make_server: Callable[..., ServerProcess], route: Route
 ) -> None:
-    a = make_server(LEASE, name="a")
-    b = make_server(LEASE, name="b")
+    a = make_server(LEASE, name="a", database="one")
+    b = make_server(LEASE, name="b", database="one")
     seen: list[pb.JobEvent] = []
     watching = threading.Event()
 

@@ -169,3 +169,20 @@ def test_rule_changes_apply_to_the_instances_index() -> None:
     v.delete_rule("r1")
     assert v.match_rule("a.bc") == new and v.match_rule("a.x") is None
     assert v.rule_changes() == ([new], ["r1"])
+
+
+def test_ids_and_prefixes_with_nul_are_not_sent_to_the_database() -> None:
+    """PostgreSQL text cannot hold NUL: one client's bad id must not fail the
+    batch of every other client (its own command gets the validation error)."""
+    plan = LoadPlan.of(
+        [
+            SetJob("a\x00b", 1),
+            GetJob("g\x00"),
+            SetJob("ok", 1),
+            ListJobs("p\x00", None, "", 5),
+            ListJobs("q.", None, "q.a\x00z", 5),
+        ]
+    )
+    assert plan.ids == {"ok"} and plan.creating == {"ok"} and not plan.peeks
+    # ids after "q.a\0z" are the ids after "q.a": none lies between them
+    assert plan.lists == {("q.", None, "q.a", 5)}

@@ -499,9 +499,12 @@ class PostgresStore:
         if next_due is not None:
             row = next_due.fetchone()
             due = None if row is None else row[0]
-            if due is not None and due <= now_us() and not view.waiting:
-                # what is due is locked by other instances' claims: look again soon
-                due = now_us() + LOCKED_RETRY_US
+            now = now_us()
+            if due is not None and due <= now and (view.waiting or not view.loaded.claimed):
+                # What is due was held back (its runner kind is full: the dispatcher
+                # waits for room) or is locked by other instances' claims: look
+                # again soon, not at once (the claim would find the same rows).
+                due = now + LOCKED_RETRY_US
             if earliest is not None and (due is None or earliest < due):
                 due = earliest
             return due

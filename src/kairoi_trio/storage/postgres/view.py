@@ -96,7 +96,21 @@ class LoadPlan:
             elif isinstance(command, GetInfo):
                 plan.counts = True
         plan.peeks -= plan.ids
+        plan._drop_nul()
         return plan
+
+    def _drop_nul(self) -> None:
+        """No stored id holds NUL (validation refuses it), and PostgreSQL text
+        cannot carry it: such an id names nothing, and must not fail the batch
+        of every other client. The command's handler gives the clear error."""
+        for ids in (self.ids, self.creating, self.peeks):
+            ids.difference_update([i for i in ids if "\x00" in i])
+        self.lists = {
+            (prefix, status, after.split("\x00", 1)[0], limit)  # the same ids follow
+            for prefix, status, after, limit in self.lists
+            if "\x00" not in prefix  # nothing can match
+        }
+        self.snapshots = {prefix for prefix in self.snapshots if "\x00" not in prefix}
 
 
 @dataclass
@@ -179,7 +193,7 @@ class BatchView:
     def list_jobs(
         self, prefix: str, status: Status | None, after: str, limit: int
     ) -> tuple[list[Job], str]:
-        rows = self.loaded.pages.get((prefix, status, after, limit), [])
+        rows = self.loaded.pages.get((prefix, status, after.split("\x00", 1)[0], limit), [])
         more = len(rows) > limit  # the database has rows past this page
         last_loaded = rows[-1].id if rows else ""
         jobs = self._overlay(rows, prefix, status, after)
