@@ -78,8 +78,9 @@ def run_storage_command(args: argparse.Namespace, out: TextIO | None = None) -> 
     except ValueError as error:
         print(f"kairoi-trio: {error}", file=sys.stderr)
         return 2
-    if source == target:
-        print("kairoi-trio: the source and the target are the same", file=sys.stderr)
+    if source[0] == target[0]:
+        hint = " (`kairoi-trio backup` copies a data directory)" if source[0] == LOG else ""
+        print(f"kairoi-trio: copy goes from one kind of store to the other{hint}", file=sys.stderr)
         return 2
     started = time.monotonic()
     try:
