@@ -441,9 +441,7 @@ class PostgresStore:
         with self._lock:
             conn = self._writer()
             try:
-                due = self._write(conn, view, plan)
-                conn.commit()
-                return due
+                return self._write(conn, view, plan)
             except psycopg.Error as error:
                 raise self._failed(error) from None
 
@@ -490,10 +488,12 @@ class PostgresStore:
                 if plan.claim_now is not None
                 else None
             )
+            conn.commit()  # in the pipeline: no round trip of its own
         if bumped is not None:
             (version,) = bumped.fetchone()
             if version != self._rules_version + 1:  # another instance changed rules meanwhile
                 self._reload_rules(conn)
+                conn.commit()
             else:
                 self._rules_version = version
         if next_due is not None:
