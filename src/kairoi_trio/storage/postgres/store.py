@@ -303,8 +303,9 @@ class PostgresStore:
                 ) from None
         return self._conn
 
-    def _failed(self, error: BaseException) -> PostgresUnavailable:
-        """Roll back; a broken connection goes back to the pool (which drops it)."""
+    def _failed(self, error: BaseException | None) -> PostgresUnavailable:
+        """Roll back and give the connection back to the pool (which drops a
+        broken one); the error to raise."""
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
@@ -312,7 +313,7 @@ class PostgresStore:
             except Exception:
                 pass
             self._pool.putconn(conn)
-        return PostgresUnavailable(_describe(error))
+        return PostgresUnavailable(_describe(error) if error else "PostgreSQL: internal error")
 
     def _load(self, plan: LoadPlan) -> Loaded:
         import psycopg
@@ -323,6 +324,9 @@ class PostgresStore:
                 return self._load_in(conn, plan)
             except psycopg.Error as error:
                 raise self._failed(error) from None
+            except BaseException:  # a bug: never leave the transaction (and its locks) open
+                self._failed(None)
+                raise
 
     def _load_in(self, conn: Any, plan: LoadPlan) -> Loaded:
         loaded = Loaded()
@@ -444,6 +448,9 @@ class PostgresStore:
                 return self._write(conn, view, plan)
             except psycopg.Error as error:
                 raise self._failed(error) from None
+            except BaseException:
+                self._failed(None)
+                raise
 
     def _write(self, conn: Any, view: BatchView, plan: LoadPlan) -> int | None:
         inserted, updated, deleted = view.changes()
