@@ -269,3 +269,31 @@ def _outage(servers: list[ServerProcess], route: Route, cluster: pg.Cluster) -> 
         assert all(r[0] == "ERROR" and "PostgreSQL" in r[1] for r in refused), refused[:3]
         got = statuses(kcp, acknowledged)
         assert got == Counter({"planned": len(acknowledged)}), got
+
+
+def test_a_job_running_on_one_instance_refuses_set_and_unset_on_every_other(
+    make_server: Callable[..., ServerProcess], tmp_path
+) -> None:
+    started, release = tmp_path / "started", tmp_path / "release"
+    script = tmp_path / "slow.sh"
+    script.write_text(
+        f"#!/bin/sh\ntouch {started}\nwhile [ ! -e {release} ]; do sleep 0.05; done\n"
+    )
+    script.chmod(0o755)
+    servers = [make_server(name=n, database="one") for n in ("a", "b", "c")]
+    kcps = [KcpClient(s.kcp_port) for s in servers]
+    try:
+        assert kcps[0].request("RULE", "SET", "r", "app.", "shell", str(script)) == ["OK"]
+        assert kcps[0].request("SET", "app.slow", "2020-01-01 00:00:00") == ["OK"]
+        wait_for(started.exists)
+        for kcp in kcps:  # whichever instance runs it, none lets it be replaced or removed
+            assert kcp.request("GET", "app.slow")[:2] == ["OK", "triggered"]
+            refused = kcp.request("SET", "app.slow", "2099-01-01 00:00:00")
+            assert refused[0] == "ERROR" and "triggered" in refused[1], refused
+            assert kcp.request("UNSET", "app.slow")[0] == "ERROR"
+        release.touch()
+        wait_for(lambda: kcps[2].request("GET", "app.slow")[1] == "executed")
+        assert kcps[1].request("SET", "app.slow", "2099-01-01 00:00:00") == ["OK"]
+    finally:
+        for kcp in kcps:
+            kcp.close()
