@@ -14,6 +14,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 import amqp_broker as broker
 import grpc
@@ -69,6 +70,14 @@ def amqp_rule(kcp: KcpClient, pattern: str, route: Route) -> None:
         route.exchange,
         route.routing_key,
     )
+    assert answer == ["OK"], answer
+
+
+def shell_rule(kcp: KcpClient, pattern: str, directory: Path) -> None:
+    """A rule that runs a script which succeeds (`sh -- script job_id`)."""
+    script = directory / "ok.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    answer = kcp.request("RULE", "SET", f"r-{pattern}", pattern, "shell", str(script))
     assert answer == ["OK"], answer
 
 
@@ -150,7 +159,7 @@ def test_a_killed_instance_loses_nothing_and_its_runs_come_back_within_the_lease
 
 
 def test_a_job_set_on_one_instance_is_read_and_watched_on_another(
-    make_server: Callable[..., ServerProcess], route: Route
+    make_server: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
     a = make_server(LEASE, name="a", database="one")
     b = make_server(LEASE, name="b", database="one")
@@ -183,7 +192,7 @@ def test_a_job_set_on_one_instance_is_read_and_watched_on_another(
         assert [e.job.id for e in seen] == ["shared.1", "shared.2"]
         assert {e.type for e in seen} == {pb.JOB_EVENT_TYPE_SET}
         # a rule set on b pairs jobs that a triggers (and the other way round)
-        amqp_rule(on_b, "rule.", route)
+        shell_rule(on_b, "rule.", tmp_path)
         jobs = [f"rule.{i}" for i in range(40)]
         set_jobs(on_a, jobs, kcp_time(0.5))
         wait_for(lambda: statuses(on_a, jobs) == Counter({"executed": 40}), timeout=20)
@@ -201,7 +210,7 @@ def ready(server: ServerProcess) -> int:
         return error.code
 
 
-def test_postgres_down_then_back_loses_nothing_acknowledged(route: Route, tmp_path) -> None:
+def test_postgres_down_then_back_loses_nothing_acknowledged(tmp_path: Path) -> None:
     """The database of this test only (own_cluster): other tests keep theirs."""
     from support.server import ServerProcess as Process
 
@@ -213,7 +222,7 @@ def test_postgres_down_then_back_loses_nothing_acknowledged(route: Route, tmp_pa
         dsn = cluster.dsn("outage")
         servers = [Process(tmp_path / name, LEASE, postgres_dsn=dsn).start() for name in ("a", "b")]
         try:
-            _outage(servers, route, cluster)
+            _outage(servers, cluster, tmp_path)
         except BaseException:
             for server in servers:
                 print(f"--- {server.workdir.name}\n" + "\n".join(server.lines[-60:]))
@@ -223,7 +232,7 @@ def test_postgres_down_then_back_loses_nothing_acknowledged(route: Route, tmp_pa
                 server.kill()
 
 
-def _outage(servers: list[ServerProcess], route: Route, cluster: pg.Cluster) -> None:
+def _outage(servers: list[ServerProcess], cluster: pg.Cluster, tmp_path: Path) -> None:
     a, b = servers
     acknowledged: list[str] = []
     refused: list[list[str]] = []
@@ -245,7 +254,7 @@ def _outage(servers: list[ServerProcess], route: Route, cluster: pg.Cluster) -> 
     writer = threading.Thread(target=write, daemon=True)
     writer.start()
     with KcpClient(b.kcp_port) as kcp:
-        amqp_rule(kcp, "late.", route)
+        shell_rule(kcp, "late.", tmp_path)
         wait_for(lambda: len(acknowledged) > 200)
         pg.restart("fast", of=cluster)  # under write load
         before = len(acknowledged)
