@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from support.kcp_client import KcpClient
+from support.ports import free_port
 from support.waiting import wait_for
 
 # Kairoi's documented example (docs/configuration.md of Kairoi), every option set,
@@ -38,12 +39,6 @@ listen = "127.0.0.1:0"
 [metrics]
 listen = "127.0.0.1:0"
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Started:
