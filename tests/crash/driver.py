@@ -163,11 +163,11 @@ class CrashDriver:
         self.figures.compactions += len(self.server.events("log compacted"))
         for writer in writers:
             writer.stop.set()
-        if self.after_kill is not None:
-            self.after_kill(self.server)
         for writer in writers:
             writer.join(30)
             assert not writer.is_alive(), f"writer {writer.name} did not stop"
+        if self.after_kill is not None:  # every answer that reached a writer is counted now
+            self.after_kill(self.server)
         errors = [error for writer in writers for error in writer.errors]
         assert not errors, f"cycle {cycle}: answers no healthy server gives: {errors[:5]}"
         self.figures.writes_sent += sum(writer.sent for writer in writers)
