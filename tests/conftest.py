@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 
 import amqp_broker as broker
+import hypothesis
 import pytest
 import structlog
 from amqp_broker import Admin, Route
+
+# Hypothesis fails an example slower than its deadline, 200 ms by default. An example
+# of ~30 ms took 274 ms once, with the suite's other workers and more on both cores
+# ("Unreliable test timings", FlakyFailure). 2 s still catches a runaway example.
+hypothesis.settings.register_profile("kairoi", deadline=timedelta(seconds=2))
+hypothesis.settings.load_profile("kairoi")
 
 
 @pytest.fixture(autouse=True)
