@@ -10,12 +10,29 @@ import hypothesis
 import pytest
 import structlog
 from amqp_broker import Admin, Route
+from support import summary
 
 # Hypothesis fails an example slower than its deadline, 200 ms by default. An example
 # of ~30 ms took 274 ms once, with the suite's other workers and more on both cores
 # ("Unreliable test timings", FlakyFailure). 2 s still catches a runaway example.
 hypothesis.settings.register_profile("kairoi", deadline=timedelta(seconds=2))
 hypothesis.settings.load_profile("kairoi")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: hand the report lines to the controller
+        workeroutput["kairoi_summary"] = summary.export()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: object, error: object) -> None:
+    summary.merge(getattr(node, "workeroutput", {}).get("kairoi_summary", {}))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for line in summary.rendered():
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(autouse=True)
