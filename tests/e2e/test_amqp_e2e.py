@@ -31,6 +31,10 @@ from support.waiting import wait_for
 from kairoi.v1 import scheduler_pb2 as pb
 from kairoi.v1 import scheduler_pb2_grpc as pb_grpc
 
+# Stops, freezes or reconfigures the shared private node, or needs it as it should be:
+# one xdist worker runs the whole group, one test at a time (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("broker")
+
 PAST = "2020-01-01 00:00:00"
 FINAL = ("executed", "failed")
 CHUNK = 2000  # pipelined KCP requests per round trip
