@@ -37,4 +37,11 @@ eval "$(scripts/rabbitmq.sh env "$rabbitmq_dir")"
 scripts/postgres.sh start "$postgres_dir" --owner $$
 eval "$(scripts/postgres.sh env "$postgres_dir")"
 
-.venv/bin/python -m pytest "$@" # its exit status is the script's; the trap still runs
+# In parallel (pytest-xdist): KAIROI_TEST_WORKERS processes, 3 unless set; the tests
+# that must not run beside each other are grouped (--dist loadgroup, tests/conftest.py).
+# `-n 0` (or any -n) among the arguments overrides it; `-p no:xdist` runs plain pytest.
+parallel=(-n "${KAIROI_TEST_WORKERS:-3}" --dist loadgroup)
+for arg in "$@"; do
+    case "$arg" in no:xdist | -pno:xdist) parallel=() ;; esac
+done
+.venv/bin/python -m pytest "${parallel[@]}" "$@" # its exit status is the script's; the trap still runs

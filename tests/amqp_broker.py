@@ -23,9 +23,7 @@ milliseconds is harmless). See docs/testing.md.
 from __future__ import annotations
 
 import atexit
-import errno
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -37,6 +35,7 @@ from typing import TypeVar
 
 from pamqp import base, commands, frame, header
 from pamqp import body as pamqp_body
+from support.ports import free_port
 
 T = TypeVar("T")
 
@@ -44,32 +43,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "rabbitmq.sh"
 DEFAULT_PORT = 5672  # a developer's broker, never ours
 HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A port free on loopback, drawn like scripts/private-node.sh does (20000-32767,
-    below Linux's ephemeral range)."""
-    for port in random.sample(range(20000, 32768), 12768):
-        if _bindable(port):
-            return port
-    raise RuntimeError("no free port on 127.0.0.1")
-
-
-def _bindable(port: int) -> bool:
-    for family, host in ((socket.AF_INET, HOST), (socket.AF_INET6, "::1")):
-        try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-        except OSError:
-            continue
-        try:
-            sock.bind((host, port))
-        except OSError as error:
-            if family == socket.AF_INET6 and error.errno == errno.EADDRNOTAVAIL:
-                continue
-            return False
-        finally:
-            sock.close()
-    return True
 
 
 _env = os.environ

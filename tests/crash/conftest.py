@@ -11,13 +11,15 @@ every failure, so that a failing run can be replayed.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
+from collections.abc import Callable
 
 import pytest
+from support import summary
 
 DEFAULT_CYCLES = 20
-SUMMARY: list[str] = []
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -46,11 +48,6 @@ def crash_cycles(pytestconfig: pytest.Config) -> int:
 
 
 @pytest.fixture(scope="session")
-def crash_summary() -> list[str]:
-    """Lines for the end of the run's report (the figures of the suite)."""
-    return SUMMARY
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    for line in SUMMARY:
-        terminalreporter.write_line(f"crash suite: {line}")
+def crash_summary() -> Callable[[str], None]:
+    """Adds a line to the end of the run's report ("crash suite: ..."; support/summary.py)."""
+    return functools.partial(summary.line, "crash suite")

@@ -48,6 +48,7 @@ KCP_WRITERS = 3
 GRPC_WRITERS = 2
 KEYS_PER_WRITER = 40
 RUN_SLEEP_S = 0.3
+ORPHAN_GRACE_S = 2.0  # how long a script whose server died may live on (RUN_SCRIPT)
 
 CONFIG = """
 [storage]
@@ -114,12 +115,15 @@ class CrashDriver:
         self.runs_file = workdir / "runs.txt"
         self.script = workdir / "run.sh"
         self.script.write_text(
-            RUN_SCRIPT.format(runs=shlex.quote(str(self.runs_file)), sleep=RUN_SLEEP_S)
+            RUN_SCRIPT.format(
+                runs=shlex.quote(str(self.runs_file)), sleep=RUN_SLEEP_S, grace=ORPHAN_GRACE_S
+            )
         )
         self.histories = [History(f"k{i}") for i in range(KCP_WRITERS)] + [
             History(f"g{i}") for i in range(GRPC_WRITERS)
         ]
         self.run_ids: list[str] = []  # run jobs that must end executed
+        self.last_kill = time.monotonic()
         self.figures = Figures(seed)
 
     # -- the loop -------------------------------------------------------------------
@@ -154,6 +158,7 @@ class CrashDriver:
         self.wait_for_the_moment(mode, rng, writers)
         pid = self.server.process.pid  # type: ignore[union-attr]
         self.server.kill()
+        self.last_kill = time.monotonic()
         self.figures.kills[mode] += 1
         if snapshot_being_written(self.server.data_dir):
             self.figures.kills_during_snapshot += 1
@@ -163,11 +168,11 @@ class CrashDriver:
         self.figures.compactions += len(self.server.events("log compacted"))
         for writer in writers:
             writer.stop.set()
-        if self.after_kill is not None:
-            self.after_kill(self.server)
         for writer in writers:
             writer.join(30)
             assert not writer.is_alive(), f"writer {writer.name} did not stop"
+        if self.after_kill is not None:  # every answer that reached a writer is counted now
+            self.after_kill(self.server)
         errors = [error for writer in writers for error in writer.errors]
         assert not errors, f"cycle {cycle}: answers no healthy server gives: {errors[:5]}"
         self.figures.writes_sent += sum(writer.sent for writer in writers)
@@ -277,6 +282,8 @@ class CrashDriver:
         # groups), so a run cut by a kill has a start and no end; the live server's
         # runs all end (everything is executed by now).
         current = str(self.server.process.pid if self.server.process else "")
+        # A script the last kill left running would say so ("orphan") this late.
+        time.sleep(max(0.0, self.last_kill + RUN_SLEEP_S + ORPHAN_GRACE_S + 0.5 - time.monotonic()))
         deadline = time.monotonic() + 10
         while True:
             runs = self.read_runs()

@@ -36,11 +36,15 @@ FUTURE_BASE = int(datetime(2090, 1, 1, tzinfo=UTC).timestamp())
 # `sh -- <script> <job id>`: one line when the run starts, one when it ends,
 # with the server's pid ($PPID: the server spawns sh) and whether that server
 # was still alive when the run ended. A run whose server died first cannot
-# have had its outcome recorded, so the job must run again.
+# have had its outcome recorded, so the job must run again. A script whose
+# server is gone should be killed by the server's process guard at once; one
+# still running {grace} s later (time enough on a loaded machine, where the
+# guard may not be scheduled within the milliseconds left of the sleep) ends
+# "orphan": it outlived its server.
 RUN_SCRIPT = """#!/bin/sh
 echo "$1 start $PPID" >> {runs}
 sleep {sleep}
-if kill -0 "$PPID" 2>/dev/null; then state=alive; else state=orphan; fi
+if kill -0 "$PPID" 2>/dev/null; then state=alive; else sleep {grace}; state=orphan; fi
 echo "$1 end $PPID $state" >> {runs}
 """
 

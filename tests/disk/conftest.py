@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from disk.faulty import FIGURES, FaultPlan
+from disk.faulty import FaultPlan
 from support.server import ServerProcess
 
 from kairoi_trio.storage import faults
@@ -70,10 +70,3 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if FaultPlan.injected:
-        FIGURES.insert(0, f"{FaultPlan.injected} faults injected")
-    for line in FIGURES:
-        terminalreporter.write_line(f"disk faults: {line}")

@@ -9,16 +9,15 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from support import summary
 from support.server import ServerProcess
 
 from kairoi_trio.storage import faults
 
-# Figures of the run, printed at the end of pytest's report ("disk faults: ...").
-FIGURES: list[str] = []
-
 
 def figure(line: str) -> None:
-    FIGURES.append(line)
+    """A figure of the run, printed at the end of pytest's report ("disk faults: ...")."""
+    summary.line("disk faults", line)
 
 
 class FaultPlan:
@@ -28,11 +27,9 @@ class FaultPlan:
         self.path = path
         self.set()
 
-    injected = 0  # fault entries set, over the whole run
-
     def set(self, *entries: dict[str, object]) -> None:
         """Replace the plan at once (written aside, then renamed over it)."""
-        FaultPlan.injected += len(entries)
+        summary.count("disk faults", "{} faults injected", len(entries))  # over the whole run
         plan = {faults.MARKER: 1, "faults": list(entries)}
         tmp = self.path.with_name(self.path.name + ".new")
         tmp.write_text(json.dumps(plan))

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -332,12 +333,19 @@ def test_watch_keeps_up_with_a_burst(client: Client) -> None:
     with client.watch_jobs("burst.") as watch:
         reader = threading.Thread(target=read, args=(watch,), daemon=True)
         reader.start()
+        started = time.monotonic()
         client.set_jobs_batched((f"burst.{i:05d}", LATER) for i in range(20_000))
+        burst_s = time.monotonic() - started
         reader.join(30)
     assert len(events) == 20_000
     assert [e.job.id for e in events] == [f"burst.{i:05d}" for i in range(20_000)]
     lags.sort()
-    assert lags[int(len(lags) * 0.99)] < 1.0  # generous: CI machines are shared
+    # Keeping up: the events arrive while the burst goes on, not at its end (a watch
+    # that fell behind would lag by about the burst's length). 1 s, or a quarter of
+    # the burst when a loaded machine (CI, the suite's other workers) stretched it
+    # past 4 s: the writer and the reader share this process and its cores.
+    p99 = lags[int(len(lags) * 0.99)]
+    assert p99 < max(1.0, burst_s / 4), (p99, burst_s)
 
 
 # -- standard services, auth, other clients -----------------------------------------------------

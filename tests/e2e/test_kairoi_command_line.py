@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from support.kcp_client import KcpClient
+from support.ports import free_port
 from support.waiting import wait_for
 
 # Kairoi's documented example (docs/configuration.md of Kairoi), every option set,
@@ -38,12 +39,6 @@ listen = "127.0.0.1:0"
 [metrics]
 listen = "127.0.0.1:0"
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Started:
@@ -140,6 +135,9 @@ def test_an_existing_file_without_extension_is_read_as_given(tmp_path: Path, sta
     assert server.stop()[0] == 0
 
 
+# Listens on 5678, as the README's quick start test does: never beside it on another
+# xdist worker (one would fail to bind, or skip the other).
+@pytest.mark.xdist_group("default_ports")
 def test_no_file_at_all_runs_on_the_defaults(tmp_path: Path, start) -> None:
     """Kairoi's file is optional: the defaults listen on 127.0.0.1:5678."""
     with socket.socket() as probe:

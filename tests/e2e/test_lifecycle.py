@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from support.kcp_client import KcpClient
@@ -72,6 +73,24 @@ def test_finished_jobs_are_dropped_after_retention(make_server, tmp_path):
         assert kcp.request("GET", "app.done")[0] == "ERROR"
 
 
+def settled_size(directory: Path) -> int | None:
+    """The bytes in `directory` once nothing is being written in it (a compaction may
+    still be renaming or deleting files after the last write was acknowledged): no
+    *.tmp file, and the same files of the same sizes twice, 0.2 s apart; else None."""
+
+    def listing() -> dict[str, int] | None:
+        try:
+            sizes = {f.name: f.stat().st_size for f in directory.iterdir()}
+        except FileNotFoundError:  # gone between the listing and its stat
+            return None
+        return None if any(name.endswith(".tmp") for name in sizes) else sizes
+
+    first = listing()
+    time.sleep(0.2)
+    second = listing()
+    return sum(second.values()) if first is not None and first == second else None
+
+
 @pytest.mark.backends("log")  # compaction of the log
 def test_compaction_bounds_the_log_and_keeps_the_latest_state(make_server):
     server = make_server("[storage]\ncompact_after_bytes = 65536")
@@ -81,7 +100,7 @@ def test_compaction_bounds_the_log_and_keeps_the_latest_state(make_server):
             requests = [("SET", f"job.{i}", moment, "p" * 50) for i in range(500)]
             assert kcp.pipeline(requests) == [["OK"]] * 500
         wait_for(lambda: list(server.data_dir.glob("snapshot-*")))
-    total = sum(f.stat().st_size for f in server.data_dir.iterdir())
+    total = wait_for(lambda: settled_size(server.data_dir))
     assert total < 600_000, sorted(server.data_dir.iterdir())  # ~10 rounds of ~60 KiB would be more
     server.kill()
     server.start()

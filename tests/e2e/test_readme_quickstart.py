@@ -30,6 +30,9 @@ def quick_start_block() -> str:
     return match.group(1)
 
 
+# Listens on the default ports, as test_kairoi_command_line's defaults test does: never
+# beside it on another xdist worker (one would fail to bind, or skip the other).
+@pytest.mark.xdist_group("default_ports")
 def test_the_readme_quick_start_runs_verbatim(tmp_path: Path) -> None:
     for port in DEFAULT_PORTS:
         with socket.socket() as probe:

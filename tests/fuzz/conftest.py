@@ -11,13 +11,13 @@ thread timing allows; atheris from the same seed and corpus).
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from collections.abc import Callable
 
 import pytest
-
-SUMMARY: list[str] = []
+from support import summary
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -49,11 +49,6 @@ def fuzz_seconds(pytestconfig: pytest.Config) -> Callable[[float], float]:
 
 
 @pytest.fixture(scope="session")
-def fuzz_summary() -> list[str]:
-    """Lines for the end of the run's report (the figures of the suite)."""
-    return SUMMARY
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    for line in SUMMARY:
-        terminalreporter.write_line(f"fuzz suite: {line}")
+def fuzz_summary() -> Callable[[str], None]:
+    """Adds a line to the end of the run's report ("fuzz suite: ..."; support/summary.py)."""
+    return functools.partial(summary.line, "fuzz suite")

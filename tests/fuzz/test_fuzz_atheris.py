@@ -48,7 +48,7 @@ def test_atheris_finds_no_failing_input(
     tmp_path: Path,
     fuzz_seed: int,
     fuzz_seconds: Callable[[float], float],
-    fuzz_summary: list[str],
+    fuzz_summary: Callable[[str], None],
 ) -> None:
     seconds = fuzz_seconds(8.0)
     work = tmp_path / "corpus"
@@ -92,5 +92,5 @@ def test_atheris_finds_no_failing_input(
         f"({stats.get('new_units_added', '?')} new coverage units, "
         f"{len(list(work.iterdir()))} in the corpus)"
     )
-    fuzz_summary.append(summary)
+    fuzz_summary(summary)
     print(summary)

@@ -235,7 +235,7 @@ def test_the_server_survives_a_network_fuzz_and_keeps_what_it_acknowledged(
     tmp_path: Path,
     fuzz_seed: int,
     fuzz_seconds: Callable[[float], float],
-    fuzz_summary: list[str],
+    fuzz_summary: Callable[[str], None],
 ) -> None:
     seconds = fuzz_seconds(7.0)
     print(f"network fuzz: seed {fuzz_seed}, {seconds} s (replay: KAIROI_FUZZ_SEED={fuzz_seed})")
@@ -303,7 +303,7 @@ def test_the_server_survives_a_network_fuzz_and_keeps_what_it_acknowledged(
         "after an oversized one), "
         f"{scrapes} /metrics scrapes"
     )
-    fuzz_summary.append(summary)
+    fuzz_summary(summary)
     print(summary)
 
 

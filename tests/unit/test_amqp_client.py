@@ -25,6 +25,10 @@ from kairoi_trio.runners.amqp_client import (
     serve_amqp_connection,
 )
 
+# Stops, freezes or reconfigures the shared private node, or needs it as it should be:
+# one xdist worker runs the whole group, one test at a time (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("broker")
+
 # --- URLs (no broker needed) ----------------------------------------------------
 
 

@@ -29,6 +29,10 @@ from kairoi_trio.model import (
 from kairoi_trio.runners.amqp import AmqpRunnerBackend, split_dsn
 from kairoi_trio.runners.base import RunFailed
 
+# Stops, freezes or reconfigures the shared private node, or needs it as it should be:
+# one xdist worker runs the whole group, one test at a time (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("broker")
+
 
 async def start_backend(nursery: trio.Nursery, **options: float) -> AmqpRunnerBackend:
     backend = AmqpRunnerBackend(**options)  # type: ignore[arg-type]

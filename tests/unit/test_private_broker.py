@@ -21,6 +21,10 @@ import pytest
 from amqp_broker import Admin, Listener
 from support.waiting import wait_for
 
+# Stops, freezes or reconfigures the shared private node, or needs it as it should be:
+# one xdist worker runs the whole group, one test at a time (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("broker")
+
 
 def test_the_suite_broker_is_a_private_node_not_the_default_one() -> None:
     broker.ensure_broker()

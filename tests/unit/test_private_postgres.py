@@ -238,26 +238,39 @@ def test_reap_stops_the_clusters_whose_owner_died_only(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
-def test_restart_keeps_committed_data(postgres_dsn: str, mode: str) -> None:
-    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-        conn.execute("CREATE TABLE t (n int)")
-        conn.execute("INSERT INTO t SELECT generate_series(1, 1000)")
-    before = pg.postmaster_pid()
-    pg.restart(mode)
-    after = pg.postmaster_pid()
-    assert after is not None and after != before
-    with psycopg.connect(postgres_dsn) as conn:
-        assert conn.execute("SELECT count(*), sum(n) FROM t").fetchone() == (1000, 500500)
+def test_restart_keeps_committed_data(mode: str) -> None:
+    # a cluster of its own: the suite's is shared with tests running beside this one
+    with pg.own_cluster() as cluster:
+        with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (n int)")
+            conn.execute("INSERT INTO t SELECT generate_series(1, 1000)")
+        before = _postmaster(cluster)
+        pg.restart(mode, of=cluster)
+        after = _postmaster(cluster)
+        assert after is not None and after != before
+        with psycopg.connect(cluster.dsn()) as conn:
+            assert conn.execute("SELECT count(*), sum(n) FROM t").fetchone() == (1000, 500500)
 
 
-def test_stop_and_start_make_an_outage(postgres_dsn: str) -> None:
-    pg.stop()
+def test_stop_and_start_make_an_outage() -> None:
+    with pg.own_cluster() as cluster:
+        pg.stop(of=cluster)
+        try:
+            assert _postmaster(cluster) is None
+            assert not _answers(cluster.dsn())
+        finally:
+            pg.start(of=cluster)
+        assert _answers(cluster.dsn())
+
+
+def _postmaster(cluster: pg.Cluster) -> int | None:
+    """The cluster's postmaster pid, or None when it is not running."""
     try:
-        assert pg.postmaster_pid() is None
-        assert not _answers(postgres_dsn)
-    finally:
-        pg.start()
-    assert _answers(postgres_dsn)
+        pid = int((cluster.data / "postmaster.pid").read_text().split("\n", 1)[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
 
 
 def _port_free(port: int) -> bool:
