@@ -13,12 +13,13 @@ connection:
                       statement per kind, move the job counts, NOTIFY the
                       other instances, COMMIT; the actor replies only then
 
-A job SET or SCHEDULEd under an id nobody has yet gets an empty row, inserted
-before the rows are read and filled in (or deleted) at commit: invisible to
-others until then, and a second instance creating the same id waits for the
-commit and then reads the row, as two SETs of an existing id do through its
-row lock. (An advisory lock per id would do the same, but a batch of
-thousands of new ids would fill PostgreSQL's shared lock table.) "SET of a
+A job SET or SCHEDULEd under an id nobody has yet is protected by a
+transaction-level advisory lock on its bucket (the id's hash modulo 256),
+taken before the rows are read: two instances creating the same id one after
+the other see each other's row, as two SETs of an existing id do through its
+row lock. Buckets, not ids: a batch of thousands of new ids would otherwise
+fill PostgreSQL's shared lock table; an empty row per new id (tried) doubles
+the database's work per SET. "SET of a
 triggered job is refused" is therefore decided on a row the transaction has
 locked, never on a read that another instance could overtake.
 
@@ -80,6 +81,10 @@ MAX_NOTIFY_BYTES = 7000
 HOUSEKEEPING_LOCK = 0x6B6169726F692D68
 RETENTION_LOCK = 0x6B6169726F692D72
 COUNT_SHARDS = 16
+# New ids are locked by bucket (the first key of the two-key advisory lock names
+# the use, "kairoi-c" folded to 32 bits; the second is the bucket).
+CREATE_LOCK = 0x6B2D6300
+CREATE_BUCKETS = 256
 # A claim that found due jobs locked by other instances: look again after this
 # long instead of spinning (their transactions last milliseconds).
 LOCKED_RETRY_US = 20_000
@@ -111,12 +116,6 @@ _UPDATE_JOBS = (
     f" FROM unnest({_unnest(_JOB_TYPES)})"
     " AS u(id, execute_at, status, waits, payload, attempts, last_outcome, updated_at,"
     " recurrence, owner) WHERE jobs.id = u.id"
-)
-# Empty rows for ids a batch may create (see _load_in); RETURNING: those made.
-_PLACEHOLDERS = (
-    "INSERT INTO jobs (id, execute_at, status, waits, payload, attempts, last_outcome,"
-    " updated_at) SELECT i, 0, 'planned', false, '', 0, '', 0 FROM unnest(%s::text[]) AS i"
-    " ON CONFLICT (id) DO NOTHING RETURNING id"
 )
 _UPSERT_RULES = (
     "INSERT INTO rules (id, pattern, runner, policy)"
@@ -340,13 +339,15 @@ class PostgresStore:
         loaded = Loaded()
         with conn.pipeline():
             version = conn.execute("SELECT value FROM settings WHERE key = 'rules_version'")
-            # An id the batch may create gets an empty row now if it has none (in id
-            # order, so that two transactions never wait for each other's): a
-            # second instance creating the same id waits for this commit, then
-            # reads the row. Only rows, no lock table entries, however large the batch.
-            created = (
-                conn.execute(_PLACEHOLDERS, (sorted(plan.creating),)) if plan.creating else None
-            )
+            if plan.creating:
+                # One lock per bucket of ids, not per id: a batch of thousands of new
+                # ids takes at most CREATE_BUCKETS entries of the shared lock table
+                # (64 per connection by default), in bucket order (no deadlock).
+                conn.execute(
+                    "SELECT pg_advisory_xact_lock(%s, b) FROM (SELECT DISTINCT"
+                    " hashtext(i) & %s AS b FROM unnest(%s::text[]) AS i ORDER BY 1) AS s",
+                    (CREATE_LOCK, CREATE_BUCKETS - 1, sorted(plan.creating)),
+                )
             rows = (
                 conn.execute(
                     f"SELECT {JOB_SELECT} FROM jobs WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
@@ -380,14 +381,10 @@ class PostgresStore:
                 if plan.counts
                 else None
             )
-        empty = loaded.placeholders
-        if created is not None:
-            empty.update(row[0] for row in created.fetchall())
         if rows is not None:
             for row in rows.fetchall():
-                if row[0] not in empty:
-                    job = job_from_row(row)
-                    loaded.jobs[job.id] = job
+                job = job_from_row(row)
+                loaded.jobs[job.id] = job
         if peeked is not None:
             for row in peeked.fetchall():
                 job = job_from_row(row)
@@ -399,11 +396,9 @@ class PostgresStore:
                     loaded.jobs[job.id] = job
                 loaded.claimed.append(loaded.jobs[job.id])
         for key, cursor in pages.items():
-            loaded.pages[key] = [job_from_row(r) for r in cursor.fetchall() if r[0] not in empty]
+            loaded.pages[key] = [job_from_row(row) for row in cursor.fetchall()]
         for prefix, cursor in snapshots.items():
-            loaded.snapshots[prefix] = [
-                job_from_row(r) for r in cursor.fetchall() if r[0] not in empty
-            ]
+            loaded.snapshots[prefix] = [job_from_row(row) for row in cursor.fetchall()]
         if counts is not None:
             found = dict.fromkeys(Status, 0)
             for status, n in counts.fetchall():
@@ -469,13 +464,6 @@ class PostgresStore:
 
     def _write(self, conn: Any, view: BatchView, plan: LoadPlan) -> int | None:
         inserted, updated, deleted = view.changes()
-        empty = view.loaded.placeholders
-        if empty:  # created jobs fill in their empty rows; rows left empty go
-            updated += [job for job in inserted if job.id in empty]
-            inserted = [job for job in inserted if job.id not in empty]
-            unused = [job_id for job_id in empty if job_id not in view.jobs]
-        else:
-            unused = []
         rules_put, rules_deleted = view.rule_changes()
         deltas = sorted((status.value, n) for status, n in view.count_changes().items())
         me = self.instance_id
@@ -488,8 +476,8 @@ class PostgresStore:
                 conn.execute(_INSERT_JOBS, _job_arrays(inserted, me))
             if updated:
                 conn.execute(_UPDATE_JOBS, _job_arrays(updated, me))
-            if deleted or unused:
-                conn.execute("DELETE FROM jobs WHERE id = ANY(%s)", (deleted + unused,))
+            if deleted:
+                conn.execute("DELETE FROM jobs WHERE id = ANY(%s)", (deleted,))
             if deltas:
                 statuses, numbers = zip(*deltas, strict=True)
                 conn.execute(_MOVE_COUNTS, (self._shard, list(statuses), list(numbers)))
@@ -504,7 +492,7 @@ class PostgresStore:
                     "UPDATE settings SET value = value + 1 WHERE key = 'rules_version'"
                     " RETURNING value"
                 )
-            changed = [job.id for job in (*inserted, *updated)] + deleted
+            changed = [job.id for job in inserted] + [job.id for job in updated] + deleted
             if changed:
                 self._notify_jobs(conn, changed)
             if earliest is not None and (self._next_due is None or earliest < self._next_due):

@@ -118,10 +118,6 @@ class Loaded:
     """What the database answered for a LoadPlan."""
 
     jobs: dict[str, Job] = field(default_factory=dict)  # by id: the plan's ids, claimed, expired
-    # Ids a SET/SCHEDULE may create, that had no row: this transaction inserted an
-    # empty row for each (locked, invisible to others until the commit, which
-    # fills it in or deletes it). Not in `jobs`: to the batch they do not exist.
-    placeholders: set[str] = field(default_factory=set)
     claimed: list[Job] = field(default_factory=list)  # due jobs, oldest first
     expired: list[str] = field(default_factory=list)  # finished jobs past retention
     pages: dict[ListKey, list[Job]] = field(default_factory=dict)  # up to limit + 1 each
