@@ -1795,7 +1795,7 @@ def report(results: dict[str, Any]) -> str:
         add(
             f"Two instances × 4 pipelined KCP connections at once, PostgreSQL max_connections "
             f"{r['max_connections']}, max_locks_per_transaction {r['max_locks_per_transaction']}: "
-            f"{r['errors']:,} of {r['sets']:,} SETs answered ERROR ({r['failed_batches']} failed group commits: "
+            f"{r['errors']:,} of {r['sets']:,} SETs answered ERROR ({r['outages_logged']} storage outages logged: "
             f"{r['failure'] or 'none'}; load {r['loadavg_1m']})"
         )
     if "profile" in results:
