@@ -43,7 +43,8 @@ Only when named (`--only ...,locks`, `--profile`):
   locks     two instances, each SET by 4 pipelined connections at once, on the
             cluster restarted with PostgreSQL's default max_connections (100)
             and max_locks_per_transaction (64): SETs refused for want of lock
-            table room (a batch takes an advisory lock per new id)
+            table room? (Before 7886177 a batch took an advisory lock per new
+            id, up to 8,192, and most of these SETs were refused.)
   profile   py-spy (100 Hz) on one more KCP SET run and one more dispatch run
             of a single instance; self and inclusive shares
 
@@ -690,7 +691,9 @@ class Bench:
             f"SELECT {JOB_SELECT} FROM jobs WHERE waits AND execute_at <= %s"
             " ORDER BY execute_at LIMIT %s FOR UPDATE SKIP LOCKED"
         )
-        statements: list[tuple[str, str, tuple | list]] = [
+        placeholders = (sorted(fresh),)
+        # (what, SQL, parameters[, statements run first in the same transaction])
+        statements: list[tuple] = [
             ("claim 4,096 of 5,000 due (FOR UPDATE SKIP LOCKED)", claim, (now, 4096)),
             (
                 "lock 1,000 existing ids (SELECT ... FOR UPDATE)",
@@ -698,20 +701,32 @@ class Bench:
                 (sorted(existing),),
             ),
             (
-                "advisory locks on 1,000 new ids",
+                "empty rows for 1,000 new ids (INSERT ... ON CONFLICT DO NOTHING)",
+                pgstore._PLACEHOLDERS,
+                placeholders,
+            ),
+            (
+                "lock 1,000 new ids (their empty rows)",
+                f"SELECT {JOB_SELECT} FROM jobs WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+                (sorted(fresh),),
+                [(pgstore._PLACEHOLDERS, placeholders)],
+            ),
+            (
+                "fill 1,000 empty rows with the new jobs (UPDATE unnest)",
+                pgstore._UPDATE_JOBS,
+                pgstore._job_arrays(new_jobs, owner),
+                [(pgstore._PLACEHOLDERS, placeholders)],
+            ),
+            (
+                "INSERT 1,000 jobs at once (unnest): what the 3 lines above replace",
+                pgstore._INSERT_JOBS,
+                pgstore._job_arrays(new_jobs, owner),
+            ),
+            (
+                "advisory locks on 1,000 new ids (the way before 7886177)",
                 "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT"
                 " hashtextextended(i, 0) AS h FROM unnest(%s::text[]) AS i ORDER BY 1) AS s",
                 (sorted(fresh),),
-            ),
-            (
-                "lock 1,000 new ids (none found)",
-                f"SELECT {JOB_SELECT} FROM jobs WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
-                (sorted(fresh),),
-            ),
-            (
-                "INSERT 1,000 jobs (unnest)",
-                pgstore._INSERT_JOBS,
-                pgstore._job_arrays(new_jobs, owner),
             ),
             (
                 "UPDATE 1,000 jobs to triggered (unnest)",
@@ -753,13 +768,18 @@ class Bench:
         with psycopg.connect(db["dsn"]) as conn:
             conn.execute(f"SET search_path TO {SCHEMA}")
             conn.commit()
-            for name, sql, params in statements:
+            for name, sql, params, *first in statements:
+                setup = first[0] if first else []
                 times = []
                 for _ in range(self.args.explain_repeat):
+                    for before, args in setup:
+                        conn.execute(before, args)
                     t0 = time.perf_counter()
                     conn.execute(sql, params or None)
                     times.append((time.perf_counter() - t0) * 1000)
                     conn.rollback()
+                for before, args in setup:
+                    conn.execute(before, args)
                 (plan,) = conn.execute(
                     "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql, params or None
                 ).fetchone()
@@ -1000,19 +1020,15 @@ class Bench:
 
         def server_like(conn: Any, jobs: list) -> None:
             ids = sorted(job.id for job in jobs)
-            with conn.pipeline():
+            with conn.pipeline():  # the load: an empty row per new id, then the locked read
                 conn.execute("SELECT value FROM settings WHERE key = 'rules_version'")
-                conn.execute(
-                    "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT"
-                    " hashtextextended(i, 0) AS h FROM unnest(%s::text[]) AS i ORDER BY 1) AS s",
-                    (ids,),
-                )
+                conn.execute(pgstore._PLACEHOLDERS, (ids,))
                 conn.execute(
                     f"SELECT {JOB_SELECT} FROM jobs WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
                     (ids,),
                 )
-            with conn.pipeline():
-                conn.execute(pgstore._INSERT_JOBS, pgstore._job_arrays(jobs, owner))
+            with conn.pipeline():  # the write: the empty rows filled in
+                conn.execute(pgstore._UPDATE_JOBS, pgstore._job_arrays(jobs, owner))
                 conn.execute(pgstore._MOVE_COUNTS, (1, ["planned"], [len(jobs)]))
                 chunk: list[str] = []
                 for job_id in ids:
@@ -1054,11 +1070,14 @@ class Bench:
             log(f"floor: 1-row commits {n / elapsed:,.0f}/s (load {used['loadavg_1m']})")
             for size in batch_sizes:
                 batches = max(5, min(60, self.args.floor_rows // size))
-                kinds = [("INSERT ... unnest (the server's statement)", unnest)]
+                kinds = [("INSERT ... unnest (the rows alone)", unnest)]
                 if size == 1000:
                     kinds += [
                         ("COPY", copy),
-                        ("the server's statements of a SET batch", server_like),
+                        (
+                            "the server's statements of a SET batch (empty rows, locked read, fill, counts, NOTIFY)",
+                            server_like,
+                        ),
                     ]
                 for label, write in kinds:
                     prepared = [rows(size) for _ in range(batches)]
@@ -1333,7 +1352,7 @@ class Bench:
                 "the victim triggering its jobs",
             )
             with Instances(survivor):
-                time.sleep(1.0 + heartbeat)  # the survivor at work, its lease kept
+                time.sleep(0.5 + heartbeat)  # the survivor at work, its lease kept
                 load = load1()
                 victim.kill()
                 killed = time.time()
@@ -1460,10 +1479,11 @@ class Bench:
     def locks(self) -> dict[str, Any]:
         """Two instances, each SET by 4 pipelined connections at once, on a cluster
         restarted with PostgreSQL's default max_connections (100) and
-        max_locks_per_transaction (64): a batch takes one advisory lock per new id
-        (up to 8,192), and the shared lock table holds about 64 x (100 + the
-        background processes) of them for every transaction together. The
-        cluster is put back (max_connections 300) afterwards."""
+        max_locks_per_transaction (64): the shared lock table holds about
+        64 x (100 + the background processes) entries for every transaction
+        together, and a batch of new ids once took one advisory lock per id
+        (up to 8,192; replaced by empty rows in 7886177). The cluster is put
+        back (max_connections 300) afterwards."""
         assert self.cluster is not None
         cluster = self.cluster
         with cluster.admin() as conn:
@@ -1875,7 +1895,7 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", action="store_true", help="py-spy one more SET and dispatch run"
     )
     parser.add_argument("--count", type=int, default=50_000, help="SETs per SET case")
-    parser.add_argument("--jobs", type=int, default=20_000, help="jobs due at one instant")
+    parser.add_argument("--jobs", type=int, default=15_000, help="jobs due at one instant")
     parser.add_argument("--lateness-jobs", type=int, default=1000, help="jobs due 10 ms apart")
     parser.add_argument("--leases", default="2,5,15", help="lease_s values of the failover part")
     parser.add_argument(
@@ -1891,9 +1911,9 @@ def main(argv: list[str] | None = None) -> int:
     args.fsync_seconds = 2.0
     args.floor_rows = 40_000
     args.explain_repeat = 5
-    args.notify_seconds = 1.5
+    args.notify_seconds = 1.0
     args.locks_count = 60_000
-    args.round_trips = 100
+    args.round_trips = 60
     args.dispatch_timeout = 180.0
     if args.quick:
         args.count, args.jobs, args.lateness_jobs = 10_000, 3_000, 200
