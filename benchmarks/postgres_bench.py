@@ -45,6 +45,8 @@ Only when named (`--only ...,locks`, `--profile`):
             and max_locks_per_transaction (64): SETs refused for want of lock
             table room? (Before 7886177 a batch took an advisory lock per new
             id, up to 8,192, and most of these SETs were refused.)
+  set_ab    the KCP SET case (1 connection) alternating the code at --ab
+            (default 626bac4, the advisory locks before 7886177) and HEAD
   profile   py-spy (100 Hz) on one more KCP SET run and one more dispatch run
             of a single instance; self and inclusive shares
 
@@ -591,8 +593,10 @@ class Bench:
         return amqp_broker
 
     def source(self, name: str) -> Path:
+        """The src directory of a code version: "before" (the seam's parent),
+        "after" (HEAD) or a commit."""
         if name not in self.sources:
-            commit = BEFORE_SEAM if name == "before" else "HEAD"
+            commit = {"before": BEFORE_SEAM, "after": "HEAD"}.get(name, name)
             self.sources[name] = export_source(commit, self.work / f"code-{name}")
         return self.sources[name]
 
@@ -1474,6 +1478,31 @@ class Bench:
             "restart": restarts,
         }
 
+    # set_ab (only when named): the SET case on another version of the code and on HEAD
+
+    def set_ab(self) -> dict[str, Any]:
+        """KCP pipelined SET, 1 connection, alternating the code at --ab and HEAD
+        (each on a fresh database), --ab-repeat times each."""
+        assert self.cluster is not None
+        versions = {self.args.ab: self.source(self.args.ab), "HEAD": self.source("after")}
+        runs: dict[str, list[dict]] = {name: [] for name in versions}
+        for rep in range(self.args.ab_repeat):
+            order = list(versions) if rep % 2 == 0 else list(reversed(versions))
+            for version in order:
+                name = f"ab_{rep}_{'head' if version == 'HEAD' else 'other'}"
+                dsn = self.cluster.fresh(f"bench_{name}")
+                server = Instance(self.work / name, dsn=dsn, src=versions[version])
+                with Instances(server):
+                    result = self.set_once(server, "kcp", 1, self.args.count, name)
+                runs[version].append(result)
+                self.cluster.drop(f"bench_{name}")
+                shutil.rmtree(self.work / name, ignore_errors=True)
+        return {
+            "versions": {name: short_commit(name) for name in versions},
+            "count": self.args.count,
+            "runs": runs,
+        }
+
     # locks (only when named): PostgreSQL's default lock table against two busy instances
 
     def locks(self) -> dict[str, Any]:
@@ -1496,7 +1525,8 @@ class Bench:
                     for name in ("max_connections", "max_locks_per_transaction")
                 }
             dsn = cluster.fresh("bench_locks")
-            servers = [Instance(self.work / f"locks-{n}", dsn=dsn) for n in range(2)]
+            src = self.source(self.args.locks_code) if self.args.locks_code else None
+            servers = [Instance(self.work / f"locks-{n}", dsn=dsn, src=src) for n in range(2)]
             count = self.args.locks_count
             results: dict[int, dict] = {}
             load = load1()
@@ -1549,6 +1579,7 @@ class Bench:
             "failure": Counter(failures).most_common(1)[0][0] if failures else "",
             "sets_per_s": [r["sets_per_s"] for r in results.values()],
             "loadavg_1m": load,
+            "code": short_commit(self.args.locks_code or "HEAD"),
         }
         log(
             f"locks: {errors:,} of {2 * count:,} SETs refused, {len(failures)} outages logged"
@@ -1809,11 +1840,31 @@ def report(results: dict[str, Any]) -> str:
                 f"| {conns} | {'on' if sync else 'off'} | {f0(by.get((conns, sync, False)))} | "
                 f"{f0(by.get((conns, sync, True)))} |"
             )
+    if "set_ab" in results:
+        r = results["set_ab"]
+        add("")
+        add(
+            f"KCP pipelined SET, 1 connection, {r['count']:,} per run, alternating (SET/s; server / "
+            "PostgreSQL CPU µs per SET; WAL B per SET; load):"
+        )
+        add("")
+        add("| code | runs |")
+        add("|---|---|")
+        for name, runs in r["runs"].items():
+            add(
+                f"| {r['versions'][name]} | "
+                + "; ".join(
+                    f"{x['sets_per_s']:,.0f} ({x['server_cpu_us_per_set']:.0f} / "
+                    f"{x['postgres_cpu_us_per_set']:.0f} µs, {x['wal_bytes_per_set']:.0f} B, load {x['loadavg_1m']})"
+                    for x in runs
+                )
+                + " |"
+            )
     if "locks" in results:
         r = results["locks"]
         add("")
         add(
-            f"Two instances × 4 pipelined KCP connections at once, PostgreSQL max_connections "
+            f"Code {r['code']}: two instances × 4 pipelined KCP connections at once, PostgreSQL max_connections "
             f"{r['max_connections']}, max_locks_per_transaction {r['max_locks_per_transaction']}: "
             f"{r['errors']:,} of {r['sets']:,} SETs answered ERROR ({r['outages_logged']} storage outages logged: "
             f"{r['failure'] or 'none'}; load {r['loadavg_1m']})"
@@ -1877,10 +1928,11 @@ PARTS = (
     "lateness",
     "failover",
     "seam",
+    "set_ab",
     "locks",
     "profile",
 )
-OPTIONAL = ("locks", "profile")  # only when named (--only, --profile)
+OPTIONAL = ("set_ab", "locks", "profile")  # only when named (--only, --profile)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1905,6 +1957,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explain-jobs", type=int, default=1_000_000)
     parser.add_argument("--seam-count", type=int, default=50_000, help="SETs per seam SET run")
     parser.add_argument("--seam-repeat", type=int, default=2)
+    parser.add_argument(
+        "--ab", default="626bac4", help="set_ab: the other code version (default: before 7886177)"
+    )
+    parser.add_argument("--ab-repeat", type=int, default=3, help="set_ab: runs of each version")
+    parser.add_argument("--locks-code", default="", help="locks: run this commit (default HEAD)")
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
@@ -1994,6 +2051,8 @@ def main(argv: list[str] | None = None) -> int:
             results["failover"] = bench.failover()
         if "seam" in parts:
             results["seam"] = bench.seam()
+        if "set_ab" in parts:
+            results["set_ab"] = bench.set_ab()
         if "locks" in parts:
             results["locks"] = bench.locks()
         if "profile" in parts:
