@@ -2114,6 +2114,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(summary, ensure_ascii=False))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
+    if "profile" in results:
+        print(f"py-spy raw profiles kept in {work / 'profiles'}")
     return 0
 
 
