@@ -873,7 +873,7 @@ class Bench:
                     heard[0] += sum(1 for _ in conn.notifies(timeout=0.2))
 
         def loop(notify: bool, sync: bool, counts: list[int], k: int, until: float) -> None:
-            with psycopg.connect(dsn) as conn:
+            with psycopg.connect(dsn, application_name="kairoi-notify-bench") as conn:
                 if not sync:
                     conn.execute("SET synchronous_commit = off")
                 conn.commit()
@@ -901,6 +901,7 @@ class Bench:
             ]
             for thread in threads:
                 thread.start()
+            waits = self.wait_events(dsn, until)
             for thread in threads:
                 thread.join(seconds + 30)
             rate = sum(counts) / seconds
@@ -910,17 +911,41 @@ class Bench:
                     "notify": notify,
                     "synchronous_commit": sync,
                     "commits_per_s": rate,
+                    "wait_events": waits,
                 }
             )
             log(
                 f"NOTIFY: {conns} connection(s), {'with' if notify else 'without'} NOTIFY,"
-                f" synchronous_commit {'on' if sync else 'off'}: {rate:,.0f} commits/s"
+                f" synchronous_commit {'on' if sync else 'off'}: {rate:,.0f} commits/s;"
+                f" the connections' states: {waits}"
             )
         time.sleep(0.5)
         stop.set()
         listener.join(5)
         out["heard"] = heard[0]
         return out
+
+    @staticmethod
+    def wait_events(dsn: str, until: float) -> dict[str, float]:
+        """What the benchmark's connections are doing, sampled every 2 ms until
+        `until`: shares of "running", "Lock:object" (waiting for the NOTIFY commit
+        lock on "database 0"), "IO:WALSync", "idle in transaction" and the like."""
+        import psycopg
+
+        seen: Counter[str] = Counter()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            while time.perf_counter() < until:
+                for state, kind, event in conn.execute(
+                    "SELECT state, wait_event_type, wait_event FROM pg_stat_activity"
+                    " WHERE application_name = 'kairoi-notify-bench'"
+                ):
+                    if state == "active":
+                        seen[f"{kind}:{event}" if kind else "running"] += 1
+                    else:
+                        seen[state or "?"] += 1
+                time.sleep(0.002)
+        total = sum(seen.values()) or 1
+        return {name: round(n / total, 3) for name, n in seen.most_common(4)}
 
     # set
 
@@ -1856,6 +1881,15 @@ def report(results: dict[str, Any]) -> str:
             add(
                 f"| {conns} | {'on' if sync else 'off'} | {f0(by.get((conns, sync, False)))} | "
                 f"{f0(by.get((conns, sync, True)))} |"
+            )
+        add("")
+        add("What the connections were doing (sampled every 2 ms):")
+        add("")
+        for c in nt["cases"]:
+            states = ", ".join(f"{k} {v * 100:.0f}%" for k, v in c.get("wait_events", {}).items())
+            add(
+                f"- {c['conns']} connection(s), {'with' if c['notify'] else 'without'} NOTIFY, "
+                f"synchronous_commit {'on' if c['synchronous_commit'] else 'off'}: {states}"
             )
     if "set_ab" in results:
         r = results["set_ab"]
