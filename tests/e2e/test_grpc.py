@@ -412,6 +412,8 @@ def test_async_client(server: ServerProcess) -> None:
     assert seen[0] == "async.1" and len(set(seen)) == 1499
 
 
+@pytest.mark.backends("log")  # a client example: the store does not matter, and its
+# `npm install` in clients/node must not run twice at once (two xdist workers)
 def test_node_example(server: ServerProcess, tmp_path: Path) -> None:
     npm, node = shutil.which("npm"), shutil.which("node")
     if npm is None or node is None:

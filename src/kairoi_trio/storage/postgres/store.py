@@ -285,10 +285,16 @@ class PostgresStore:
         view = self._view
         assert view is not None, "append without begin"
         self._view = None
-        due = await trio.to_thread.run_sync(self._commit, view, self._plan)
+        plan = self._plan
+        due = await trio.to_thread.run_sync(self._commit, view, plan)
         for status, n in view.count_changes().items():
             self.counts[status] += n
-        if due is not None:
+        if plan.claim_now is not None:
+            # A claim read the earliest waiting job after its own: that is the next
+            # due time, None included (a stale past time would make the dispatcher
+            # claim again and again, finding nothing, until the next poll).
+            self._set_next_due(due)
+        elif due is not None:
             self._set_next_due(due)
 
     def next_due(self) -> int | None:
