@@ -712,7 +712,6 @@ class Bench:
             f"SELECT {JOB_SELECT} FROM jobs WHERE waits AND execute_at <= %s"
             " ORDER BY execute_at LIMIT %s FOR UPDATE SKIP LOCKED"
         )
-        placeholders = (sorted(fresh),)
         # (what, SQL, parameters[, statements run first in the same transaction])
         statements: list[tuple] = [
             ("claim 4,096 of 5,000 due (FOR UPDATE SKIP LOCKED)", claim, (now, 4096)),
@@ -722,29 +721,18 @@ class Bench:
                 (sorted(existing),),
             ),
             (
-                "empty rows for 1,000 new ids (INSERT ... ON CONFLICT DO NOTHING)",
-                pgstore._PLACEHOLDERS,
-                placeholders,
-            ),
-            (
-                "lock 1,000 new ids (their empty rows)",
-                f"SELECT {JOB_SELECT} FROM jobs WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
-                (sorted(fresh),),
-                [(pgstore._PLACEHOLDERS, placeholders)],
-            ),
-            (
-                "fill 1,000 empty rows with the new jobs (UPDATE unnest)",
-                pgstore._UPDATE_JOBS,
-                pgstore._job_arrays(new_jobs, owner),
-                [(pgstore._PLACEHOLDERS, placeholders)],
-            ),
-            (
-                "INSERT 1,000 jobs at once (unnest): what the 3 lines above replace",
+                "INSERT 1,000 new jobs at once (unnest)",
                 pgstore._INSERT_JOBS,
                 pgstore._job_arrays(new_jobs, owner),
             ),
             (
-                "advisory locks on 1,000 new ids (the way before 7886177)",
+                "bucket locks for 1,000 new ids (hash modulo 256, as the server takes them)",
+                "SELECT pg_advisory_xact_lock(%s, b) FROM (SELECT DISTINCT"
+                " hashtext(i) & %s AS b FROM unnest(%s::text[]) AS i ORDER BY 1) AS s",
+                (pgstore.CREATE_LOCK, pgstore.CREATE_BUCKETS - 1, sorted(fresh)),
+            ),
+            (
+                "advisory locks on 1,000 new ids, one per id (626bac4)",
                 "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT"
                 " hashtextextended(i, 0) AS h FROM unnest(%s::text[]) AS i ORDER BY 1) AS s",
                 (sorted(fresh),),
@@ -1066,15 +1054,19 @@ class Bench:
 
         def server_like(conn: Any, jobs: list) -> None:
             ids = sorted(job.id for job in jobs)
-            with conn.pipeline():  # the load: an empty row per new id, then the locked read
+            with conn.pipeline():  # the load: the new ids' bucket locks, then the locked read
                 conn.execute("SELECT value FROM settings WHERE key = 'rules_version'")
-                conn.execute(pgstore._PLACEHOLDERS, (ids,))
+                conn.execute(
+                    "SELECT pg_advisory_xact_lock(%s, b) FROM (SELECT DISTINCT"
+                    " hashtext(i) & %s AS b FROM unnest(%s::text[]) AS i ORDER BY 1) AS s",
+                    (pgstore.CREATE_LOCK, pgstore.CREATE_BUCKETS - 1, ids),
+                )
                 conn.execute(
                     f"SELECT {JOB_SELECT} FROM jobs WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
                     (ids,),
                 )
-            with conn.pipeline():  # the write: the empty rows filled in
-                conn.execute(pgstore._UPDATE_JOBS, pgstore._job_arrays(jobs, owner))
+            with conn.pipeline():  # the write: the new rows
+                conn.execute(pgstore._INSERT_JOBS, pgstore._job_arrays(jobs, owner))
                 conn.execute(pgstore._MOVE_COUNTS, (1, ["planned"], [len(jobs)]))
                 chunk: list[str] = []
                 for job_id in ids:
@@ -1121,7 +1113,7 @@ class Bench:
                     kinds += [
                         ("COPY", copy),
                         (
-                            "the server's statements of a SET batch (empty rows, locked read, fill, counts, NOTIFY)",
+                            "the server's statements of a SET batch (bucket locks, locked read, insert, counts, NOTIFY)",
                             server_like,
                         ),
                     ]
