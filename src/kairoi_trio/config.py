@@ -86,8 +86,8 @@ class PostgresConfig:
 
     # libpq connection string or URI: "postgresql://user:password@host:5432/dbname"
     dsn: str = ""
-    # Connections per instance: the actor's writer, the notification listener, the
-    # lease keeper and housekeeping (at least 3).
+    # Pooled connections per instance (at least 3): the actor's writer, the lease
+    # keeper and the poll. The notification listener holds one more of its own.
     pool_size: int = 4
     schema: str = "kairoi"  # every table lives in this schema, created if missing
     # An instance that has not renewed its lease for lease_s is taken for dead: any
