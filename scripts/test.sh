@@ -37,6 +37,12 @@ eval "$(scripts/rabbitmq.sh env "$rabbitmq_dir")"
 scripts/postgres.sh start "$postgres_dir" --owner $$
 eval "$(scripts/postgres.sh env "$postgres_dir")"
 
+# Bytecode caches (the __pycache__ folders git ignores) even where the environment
+# says not to write them: without, each of the suite's hundreds of server and
+# command-line processes compiles src/ again (~0.15 s of CPU each), and each xdist
+# worker rewrites and compiles every test module again (~7 s of CPU each).
+unset PYTHONDONTWRITEBYTECODE
+
 # In parallel (pytest-xdist): KAIROI_TEST_WORKERS processes, 3 unless set; the tests
 # that must not run beside each other are grouped (--dist loadgroup, tests/conftest.py).
 # `-n 0` (or any -n) among the arguments overrides it; `-p no:xdist` runs plain pytest.

@@ -402,6 +402,15 @@ class OccurrenceLost(AssertionError):
     """An occurrence never ran."""
 
 
+# The interval of the job cut by a SIGKILL below, and how long the blocker holds the
+# only shell slot after the restart. The restart must come before occurrence k+1
+# (CUT_INTERVAL_S after k), and the blocker must still run when k+1 comes due: 4 s and
+# 3.5 s did, but a restart on a loaded machine (the suite's other workers, CI) took
+# 5.4 s once, and the test skipped. 8 s leaves room for that.
+CUT_INTERVAL_S = 8
+CUT_BLOCK_S = CUT_INTERVAL_S - 0.5
+
+
 # The log's restart plans a cut run again at once; on PostgreSQL a restarted process
 # is a new instance, and the cut run comes back when the dead one's lease expires
 # (test_postgres_cluster.py), so the timing this test builds does not arise there.
@@ -412,8 +421,8 @@ def test_sigkill_during_a_run_the_next_occurrence_due_before_its_rerun_is_not_lo
     """The run of occurrence k is cut by a SIGKILL (the script has written its line
     and sleeps 1 s), so it runs again after the restart (at-least-once). The server
     restarts with one shell slot and a queue of one, both taken by two other jobs
-    (one runs 3.5 s): the rerun of k stays planned, not triggered, until the first
-    ends. Occurrence k+1 comes due after the server started and before that rerun
+    (one runs CUT_BLOCK_S, 7.5 s): the rerun of k stays planned, not triggered, until
+    the first ends. Occurrence k+1 comes due after the server started and before that rerun
     is triggered, while no run of the job is in flight or queued. Expected: k+1
     runs once after the rerun of k (misfire=all; it was no overlap). The same
     happens without any blocker when the restart takes less than the interval:
@@ -421,10 +430,11 @@ def test_sigkill_during_a_run_the_next_occurrence_due_before_its_rerun_is_not_lo
     between is skipped."""
     blocker = tmp_path / "recurring_blocker.sh"
     # first runs: hold a slot until killed with the server; after the restart,
-    # block.1 runs 3.5 s and block.2 at once
+    # block.1 runs CUT_BLOCK_S and block.2 at once
     blocker.write_text(
         f'if [ -e "{tmp_path}/$1.pid" ]; then\n'
-        f'  if [ "$1" = block.1 ]; then sleep 3.5; date +%s.%N > "{tmp_path}/$1.end"; fi\n'
+        f'  if [ "$1" = block.1 ]; then sleep {CUT_BLOCK_S}; '
+        f'date +%s.%N > "{tmp_path}/$1.end"; fi\n'
         f'else echo $$ > "{tmp_path}/$1.pid"; sleep 60; fi\n'
     )
     blockers = ("block.1", "block.2")
@@ -444,7 +454,9 @@ def test_sigkill_during_a_run_the_next_occurrence_due_before_its_rerun_is_not_lo
         wait_for(lambda: all(f.exists() and f.read_text().strip() for f in pid_files))
         first = kcp_time(now_us() + 500_000)
         start = kcp_us(first)
-        answer = kcp.request("SCHEDULE", "cut.job", "every 4s", "misfire=all", f"start={first}")
+        answer = kcp.request(
+            "SCHEDULE", "cut.job", f"every {CUT_INTERVAL_S}s", "misfire=all", f"start={first}"
+        )
         assert answer[0] == "OK" and kcp_us(answer[1]) == start, answer
         recorder.wait_runs("cut.job", 1)  # occurrence k = 0 wrote its line and sleeps
     server.kill()
@@ -459,7 +471,7 @@ def test_sigkill_during_a_run_the_next_occurrence_due_before_its_rerun_is_not_lo
     server.extra_config = "[runners.shell]\nconcurrency = 1\nqueue_size = 1"
     server.start()
     restarted = started_at(server)
-    next_due = start + 4 * SECOND  # occurrence k+1
+    next_due = start + CUT_INTERVAL_S * SECOND  # occurrence k+1
     with KcpClient(server.kcp_port) as kcp:
 
         def planned_after_next_due() -> dict[str, str] | None:
@@ -473,11 +485,11 @@ def test_sigkill_during_a_run_the_next_occurrence_due_before_its_rerun_is_not_lo
         pytest.skip(
             "the timing this test needs did not happen (a very slow start-up): started "
             f"{(restarted - start) / SECOND:.3f} s and blocked until "
-            f"{(blocked_until - start) / SECOND:.3f} s after k, k+1 due at 4 s"
+            f"{(blocked_until - start) / SECOND:.3f} s after k, k+1 due at {CUT_INTERVAL_S} s"
         )
     seen = [index(start, run.scheduled_at) for run in recorder.runs("cut.job")]
-    assert all(k % 4 == 0 for k in seen), seen  # on the job's grid, every 4 s
-    seen = [k // 4 for k in seen]
+    assert all(k % CUT_INTERVAL_S == 0 for k in seen), seen  # on the job's grid
+    seen = [k // CUT_INTERVAL_S for k in seen]
     assert seen[:2] == [0, 0], seen  # k, and k again after the restart: at-least-once
     if seen[2:] != [1]:  # k+1 once
         raise OccurrenceLost(f"runs of occurrences {seen} (k = 0), then {state}")

@@ -170,6 +170,25 @@ async def test_unreachable_broker_fails_fast_then_backs_off(nursery: trio.Nurser
         await backend.run(job("c"), rule_for(Route("x", "", "rk"), dsn="http://nowhere/"))
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="server bug: a host IDNA cannot encode (an empty or 64-character label) raises "
+    "UnicodeError out of the runner ('runner crashed' in the log) instead of failing the run "
+    "with a reason; found by the network fuzz (tests/fuzz/test_fuzz_network.py)",
+)
+async def test_an_amqp_host_that_cannot_be_encoded_fails_the_run_plainly(
+    nursery: trio.Nursery,
+) -> None:
+    """A host name the resolver cannot encode fails the run with a one-line reason, as
+    the http runner's does (tests/fuzz/test_fuzz_network.py, the http host test)."""
+    backend = await start_backend(nursery)
+    for host in ["a" * 64, "a..b"]:
+        rule = rule_for(Route("x", "", "rk"), dsn=f"amqp://guest:guest@{host}:1/")
+        with pytest.raises(RunFailed) as failed:
+            await backend.run(job(f"idna-{len(host)}"), rule)
+        assert_one_line(failed.value.message)
+
+
 async def test_a_non_amqp_rule_is_refused(nursery: trio.Nursery) -> None:
     backend = await start_backend(nursery)
     rule = Rule(id="r", pattern="*", runner=ShellRunner("true"))
