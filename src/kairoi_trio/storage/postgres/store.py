@@ -128,21 +128,17 @@ _MOVE_COUNTS = (
     " SELECT %s, s, d FROM unnest(%s::text[], %s::bigint[]) AS c(s, d)"
     " ON CONFLICT (shard, status) DO UPDATE SET n = job_counts.n + EXCLUDED.n"
 )
-# Jobs of dead instances, planned again (their waits as rows.waits computes it).
-_FREE_TRIGGERED = """
+# Triggered jobs planned again, their waits as rows.waits computes it: those of dead
+# instances (owner not among the live ones), and this instance's own at a clean stop.
+_PLAN_AGAIN = """
     UPDATE jobs SET status = 'planned', owner = NULL,
         waits = (recurrence IS NULL OR NOT (recurrence->>'paused')::boolean
                  OR (recurrence->>'manual')::boolean)
-    WHERE status = 'triggered' AND (owner IS NULL OR owner <> ALL(%s::uuid[]))
+    WHERE status = 'triggered' AND {owner}
     RETURNING id, execute_at, waits
 """
-_FREE_OWN = """
-    UPDATE jobs SET status = 'planned', owner = NULL,
-        waits = (recurrence IS NULL OR NOT (recurrence->>'paused')::boolean
-                 OR (recurrence->>'manual')::boolean)
-    WHERE status = 'triggered' AND owner = %s
-    RETURNING id, execute_at, waits
-"""
+_FREE_TRIGGERED = _PLAN_AGAIN.format(owner="(owner IS NULL OR owner <> ALL(%s::uuid[]))")
+_FREE_OWN = _PLAN_AGAIN.format(owner="owner = %s")
 
 
 def _job_arrays(jobs: list[Job], owner: str) -> list[list[Any]]:
