@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from kairoi_trio.core.state import waits  # the `waits` column: planned and not paused
 from kairoi_trio.model import (
     Job,
     Recurrence,
@@ -45,15 +46,6 @@ JOB_SELECT = ", ".join(JOB_COLUMNS)
 STATUS_BY_NAME = {status.value: status for status in Status}
 
 JobRow = tuple[str, int, str, bool, bytes, int, str, int, str | None]
-
-
-def waits(job: Job) -> bool:
-    """The `waits` column: planned and not paused (a run-now of a paused job runs),
-    as core/state.py's waits(); the partial index of due jobs holds these rows."""
-    if job.status is not Status.PLANNED:
-        return False
-    r = job.recurrence
-    return r is None or not r.paused or r.manual
 
 
 def job_row(job: Job) -> JobRow:

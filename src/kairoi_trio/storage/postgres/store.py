@@ -128,7 +128,7 @@ _MOVE_COUNTS = (
     " SELECT %s, s, d FROM unnest(%s::text[], %s::bigint[]) AS c(s, d)"
     " ON CONFLICT (shard, status) DO UPDATE SET n = job_counts.n + EXCLUDED.n"
 )
-# Triggered jobs planned again, their waits as rows.waits computes it: those of dead
+# Triggered jobs planned again, their waits as core.state.waits computes it: those of dead
 # instances (owner not among the live ones), and this instance's own at a clean stop.
 _PLAN_AGAIN = """
     UPDATE jobs SET status = 'planned', owner = NULL,
