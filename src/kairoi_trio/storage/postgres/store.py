@@ -57,7 +57,7 @@ import trio
 
 from kairoi_trio.commands import Command
 from kairoi_trio.config import PostgresConfig
-from kairoi_trio.core.state import State
+from kairoi_trio.core.state import State, waits
 from kairoi_trio.model import Job, Rule, Status, now_us
 from kairoi_trio.storage.postgres.rows import (
     JOB_SELECT,
@@ -66,7 +66,6 @@ from kairoi_trio.storage.postgres.rows import (
     job_row,
     rule_from_row,
     rule_row,
-    waits,
 )
 from kairoi_trio.storage.postgres.schema import migrate
 from kairoi_trio.storage.postgres.view import BatchView, Loaded, LoadPlan, prefix_upper_bound
