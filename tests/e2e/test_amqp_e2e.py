@@ -527,7 +527,9 @@ def test_20000_jobs_due_at_once_arrive_exactly_once(amqp_server, make_route) -> 
         set_jobs(kcp, ids, due)
         set_s = time.monotonic() - started
         wait_for(lambda: len(server.events("job run")) >= count, timeout=60, interval=0.5)
-        final = statuses(kcp, ids)
+        # A run is logged before its result is written: on PostgreSQL the
+        # write is a later transaction, so wait for the statuses too.
+        final = wait_final(kcp, ids, timeout=30)
     assert Counter(final.values()) == {"executed": count}, (Counter(final.values()), set_s)
     events = server.events("job run")
     assert len(events) == count and all(e["ok"] and e["attempt"] == 1 for e in events)

@@ -170,12 +170,6 @@ async def test_unreachable_broker_fails_fast_then_backs_off(nursery: trio.Nurser
         await backend.run(job("c"), rule_for(Route("x", "", "rk"), dsn="http://nowhere/"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: a host IDNA cannot encode (an empty or 64-character label) raises "
-    "UnicodeError out of the runner ('runner crashed' in the log) instead of failing the run "
-    "with a reason; found by the network fuzz (tests/fuzz/test_fuzz_network.py)",
-)
 async def test_an_amqp_host_that_cannot_be_encoded_fails_the_run_plainly(
     nursery: trio.Nursery,
 ) -> None:

@@ -564,6 +564,11 @@ class AmqpConnection:
             await self._abort_stream()
             text = _os_error_text(exc) if isinstance(exc, OSError) else str(exc)
             raise AmqpConnectionError(f"cannot connect to {where}: {text}") from None
+        except UnicodeError as exc:  # the resolver's IDNA encoding of a stored rule's host
+            await self._abort_stream()
+            raise AmqpConnectionError(
+                f"cannot connect to {where}: the host name cannot be encoded ({exc})"
+            ) from None
         except BaseException:
             await self._abort_stream()
             raise
