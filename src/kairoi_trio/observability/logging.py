@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import MutableMapping
+from typing import Any
 
+import orjson
 import structlog
 
 # Kairoi's level names (Rust's `log` crate) on Python's numeric levels. `trace`
@@ -28,6 +32,32 @@ def level_number(level: str) -> int:
     return _LEVELS[level.lower()]
 
 
+class UtcTimestamper:
+    """A structlog processor: `timestamp` = the wall clock in UTC, ISO 8601 with
+    microseconds ("2026-11-30T05:04:13.000123Z").
+
+    The same text as structlog's `TimeStamper(fmt="iso", utc=True)` but for the
+    microseconds, always six digits here. About 2 µs a line against its ~7: the
+    date and time of day are formatted once per second, and the server logs a
+    line per job run.
+    """
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(
+        self, logger: Any, method: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        now = time.time()
+        second = int(now)
+        if second != self._second:  # a data race between threads only redoes this
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+        return event
+
+
 def configure_logging(level: str = "info", fmt: str = "console") -> None:
     """Send structlog and the standard library's logging to stderr at `level`.
 
@@ -35,29 +65,38 @@ def configure_logging(level: str = "info", fmt: str = "console") -> None:
     fmt: "console" (human-readable lines) or "json" (one object per line).
     """
     numeric = level_number(level)
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer()
+    timestamper = UtcTimestamper()
+    # JSON lines are rendered by orjson straight to bytes (~10 µs less a line than
+    # the json module and a text stream: the server logs a line per job run).
+    processors: list[structlog.typing.Processor] = [
+        structlog.processors.add_log_level,
+        timestamper,
+        structlog.processors.format_exc_info,
+        structlog.processors.JSONRenderer(serializer=orjson.dumps)
+        if fmt == "json" and hasattr(sys.stderr, "buffer")
+        else structlog.processors.JSONRenderer()  # a stream of text only (a test's capture)
         if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=False)
-    )
-    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+        else structlog.dev.ConsoleRenderer(colors=False),
+    ]
+    factory: Any
+    if numeric == OFF:
+        factory = structlog.ReturnLoggerFactory()
+    elif fmt == "json" and hasattr(sys.stderr, "buffer"):
+        factory = structlog.BytesLoggerFactory(sys.stderr.buffer)
+    else:
+        factory = structlog.PrintLoggerFactory(sys.stderr)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            timestamper,
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=processors,
         # structlog filters at the standard levels only: `off` keeps the cheapest
         # filter and writes what passes it nowhere.
         wrapper_class=structlog.make_filtering_bound_logger(min(numeric, logging.CRITICAL)),
-        logger_factory=(
-            structlog.ReturnLoggerFactory()
-            if numeric == OFF
-            else structlog.PrintLoggerFactory(sys.stderr)
-        ),
+        logger_factory=factory,
         cache_logger_on_first_use=True,
+    )
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer()  # text: the standard library's stream
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
     )
     # Libraries (trio's accept loop, grpc) log through the standard library: their
     # records go through the same renderer, so that with `json` a library's error,
