@@ -103,7 +103,9 @@ def _describe(error: BaseException) -> str:
 
 
 def _unnest(columns: Sequence[str]) -> str:
-    return ", ".join(f"%s::{kind}[]" for kind in columns)
+    # Arrays go in binary (%b): psycopg's text array dumper quotes and escapes each
+    # element in Python, ~3.5x the CPU (it was a third of an instance's dispatch CPU).
+    return ", ".join(f"%b::{kind}[]" for kind in columns)
 
 
 _JOB_TYPES = ("text", "bigint", "text", "bool", "bytea", "int", "text", "bigint", "jsonb", "uuid")
@@ -118,13 +120,13 @@ _UPDATE_JOBS = (
 )
 _UPSERT_RULES = (
     "INSERT INTO rules (id, pattern, runner, policy)"
-    " SELECT * FROM unnest(%s::text[], %s::text[], %s::jsonb[], %s::jsonb[])"
+    " SELECT * FROM unnest(%b::text[], %b::text[], %b::jsonb[], %b::jsonb[])"
     " ON CONFLICT (id) DO UPDATE SET pattern = EXCLUDED.pattern, runner = EXCLUDED.runner,"
     " policy = EXCLUDED.policy"
 )
 _MOVE_COUNTS = (
     "INSERT INTO job_counts (shard, status, n)"
-    " SELECT %s, s, d FROM unnest(%s::text[], %s::bigint[]) AS c(s, d)"
+    " SELECT %s, s, d FROM unnest(%b::text[], %b::bigint[]) AS c(s, d)"
     " ON CONFLICT (shard, status) DO UPDATE SET n = job_counts.n + EXCLUDED.n"
 )
 # Triggered jobs planned again, their waits as core.state.waits computes it: those of dead
@@ -136,7 +138,7 @@ _PLAN_AGAIN = """
     WHERE status = 'triggered' AND {owner}
     RETURNING id, execute_at, waits
 """
-_FREE_TRIGGERED = _PLAN_AGAIN.format(owner="(owner IS NULL OR owner <> ALL(%s::uuid[]))")
+_FREE_TRIGGERED = _PLAN_AGAIN.format(owner="(owner IS NULL OR owner <> ALL(%b::uuid[]))")
 _FREE_OWN = _PLAN_AGAIN.format(owner="owner = %s")
 
 
@@ -346,12 +348,13 @@ class PostgresStore:
                 # (64 per connection by default), in bucket order (no deadlock).
                 conn.execute(
                     "SELECT pg_advisory_xact_lock(%s, b) FROM (SELECT DISTINCT"
-                    " hashtext(i) & %s AS b FROM unnest(%s::text[]) AS i ORDER BY 1) AS s",
+                    " hashtext(i) & %s AS b FROM unnest(%b::text[]) AS i ORDER BY 1) AS s",
                     (CREATE_LOCK, CREATE_BUCKETS - 1, sorted(plan.creating)),
                 )
             rows = (
                 conn.execute(
-                    f"SELECT {JOB_SELECT} FROM jobs WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+                    f"SELECT {JOB_SELECT} FROM jobs WHERE id = ANY(%b::text[])"
+                    " ORDER BY id FOR UPDATE",
                     (sorted(plan.ids),),
                 )
                 if plan.ids
@@ -359,7 +362,8 @@ class PostgresStore:
             )
             peeked = (
                 conn.execute(
-                    f"SELECT {JOB_SELECT} FROM jobs WHERE id = ANY(%s)", (sorted(plan.peeks),)
+                    f"SELECT {JOB_SELECT} FROM jobs WHERE id = ANY(%b::text[])",
+                    (sorted(plan.peeks),),
                 )
                 if plan.peeks
                 else None
@@ -478,7 +482,7 @@ class PostgresStore:
             if updated:
                 conn.execute(_UPDATE_JOBS, _job_arrays(updated, me))
             if deleted:
-                conn.execute("DELETE FROM jobs WHERE id = ANY(%s)", (deleted,))
+                conn.execute("DELETE FROM jobs WHERE id = ANY(%b::text[])", (deleted,))
             if deltas:
                 statuses, numbers = zip(*deltas, strict=True)
                 conn.execute(_MOVE_COUNTS, (self._shard, list(statuses), list(numbers)))
@@ -487,7 +491,7 @@ class PostgresStore:
                     _UPSERT_RULES, [list(c) for c in zip(*map(rule_row, rules_put), strict=True)]
                 )
             if rules_deleted:
-                conn.execute("DELETE FROM rules WHERE id = ANY(%s)", (rules_deleted,))
+                conn.execute("DELETE FROM rules WHERE id = ANY(%b::text[])", (rules_deleted,))
             if rules_put or rules_deleted:
                 bumped = conn.execute(
                     "UPDATE settings SET value = value + 1 WHERE key = 'rules_version'"
