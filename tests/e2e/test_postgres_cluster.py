@@ -200,6 +200,103 @@ def test_a_job_set_on_one_instance_is_read_and_watched_on_another(
         assert on_a.request("GET", "shared.1")[0] == "ERROR"
 
 
+def jobs_notifications(dsn: str) -> Callable[[], int]:
+    """Count the kairoi_jobs notifications (changed ids for other instances'
+    watchers) from now on: the returned function answers how many so far."""
+    import psycopg
+
+    conn = psycopg.connect(dsn, autocommit=True)
+    conn.execute("LISTEN kairoi_jobs")
+    count = 0
+
+    def heard() -> int:
+        nonlocal count
+        count += sum(1 for _ in conn.notifies(timeout=0.3))
+        return count
+
+    return heard
+
+
+def test_changes_are_notified_only_while_another_instance_watches_and_none_is_missed(
+    make_server: Callable[..., ServerProcess],
+) -> None:
+    """Without watchers, writes NOTIFY no changed ids (a burst costs no notification).
+    A watcher starting on B while A writes without pause sees, from its snapshot and
+    events, the last version of every job, the one B then reads: no change falls in
+    the gap between B's snapshot and A's first notification."""
+    a = make_server(LEASE, name="a", database="gate")
+    b = make_server(LEASE, name="b", database="gate")
+    heard = jobs_notifications(a.postgres_dsn)
+    with KcpClient(a.kcp_port) as on_a:
+        set_jobs(on_a, [f"quiet.{i}" for i in range(200)], "2099-01-01 00:00:00")
+        assert on_a.request("UNSET", "quiet.0") == ["OK"]
+    assert heard() == 0
+
+    stop = threading.Event()
+    writes = 0
+
+    def write() -> None:  # ten jobs, each set again and again to a later time
+        nonlocal writes
+        with KcpClient(a.kcp_port) as on_a:
+            while not stop.is_set():
+                writes += 1
+                at = f"2099-01-01 00:00:{writes // 1_000_000:02d}.{writes % 1_000_000:06d}"
+                assert on_a.request("SET", f"w.{writes % 10}", at) == ["OK"]
+
+    seen: dict[str, int] = {}
+    ended = threading.Event()
+
+    def watch() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{b.grpc_port}") as channel:
+            stream = pb_grpc.SchedulerStub(channel).WatchJobs(
+                pb.WatchJobsRequest(prefix="w.", include_snapshot=True), timeout=20
+            )
+            try:
+                for message in stream:
+                    for event in message.events:
+                        seen[event.job.id] = event.job.execute_at.ToMicroseconds()
+                    if ended.is_set() and not message.snapshot:
+                        return
+            except grpc.RpcError:
+                return
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    wait_for(lambda: writes >= 30, timeout=20)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    wait_for(lambda: writes >= 150, timeout=30)
+    stop.set()
+    writer.join(10)
+    with grpc.insecure_channel(f"127.0.0.1:{b.grpc_port}") as channel:
+        stub = pb_grpc.SchedulerStub(channel)
+        final = {
+            f"w.{k}": stub.GetJob(pb.GetJobRequest(id=f"w.{k}")).job.execute_at.ToMicroseconds()
+            for k in range(10)
+        }
+    wait_for(lambda: seen == final, timeout=10)
+    assert heard() > 0  # A told B about its changes
+    ended.set()
+    with KcpClient(a.kcp_port) as on_a:  # one more change ends the stream
+        assert on_a.request("SET", "w.0", "2099-01-02 00:00:00") == ["OK"]
+    watcher.join(10)
+    assert not watcher.is_alive()
+    # B's flag goes with its last watcher (at its next batch): quiet again.
+    with KcpClient(b.kcp_port) as on_b, KcpClient(a.kcp_port) as on_a:
+        wait_for(lambda: on_b.request("GET", "w.0")[0] == "OK" and not any_watching(a))
+        before = heard()
+        set_jobs(on_a, [f"quiet.{i}" for i in range(200)], "2099-01-01 00:00:00")
+        assert heard() == before
+
+
+def any_watching(server: ServerProcess) -> bool:
+    """Whether any instance of the server's database has its watching flag set."""
+    import psycopg
+
+    with psycopg.connect(server.postgres_dsn) as conn:
+        return bool(conn.execute("SELECT bool_or(watching) FROM kairoi.instances").fetchone()[0])
+
+
 def ready(server: ServerProcess) -> int:
     try:
         with urllib.request.urlopen(

@@ -15,6 +15,8 @@ import support.postgres as pg
 from support.kcp_client import KcpClient
 from support.server import ServerProcess
 
+from kairoi_trio.storage.postgres.schema import MIGRATIONS, SCHEMA_VERSION
+
 pytestmark = pytest.mark.backends("log")  # the servers' stores are given explicitly
 
 FUTURE = "2099-01-01 00:00:00"
@@ -47,9 +49,9 @@ def test_db_migrate_creates_the_schema_once(database: Callable[[], str]) -> None
     dsn = database()
     first = kairoi("db", "migrate", "--dsn", dsn)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.strip() == "schema 'kairoi' migrated from version 0 to 1"
+    assert first.stdout.strip() == f"schema 'kairoi' migrated from version 0 to {SCHEMA_VERSION}"
     again = kairoi("db", "migrate", "--dsn", dsn)
-    assert again.stdout.strip() == "schema 'kairoi' is up to date (version 1)"
+    assert again.stdout.strip() == f"schema 'kairoi' is up to date (version {SCHEMA_VERSION})"
     with psycopg.connect(dsn) as conn:
         tables = {
             row[0]
@@ -60,6 +62,43 @@ def test_db_migrate_creates_the_schema_once(database: Callable[[], str]) -> None
     assert {"jobs", "rules", "job_counts", "instances", "settings", "schema_version"} <= tables
 
 
+def test_a_database_of_an_earlier_version_is_migrated_keeping_its_jobs(
+    database: Callable[[], str], tmp_path: Path
+) -> None:
+    """Each migration applies on the schema the one before left, with data in it:
+    version 1 as the first release wrote it, then the server's own start-up."""
+    dsn = database()
+    with psycopg.connect(dsn) as conn:
+        conn.execute("CREATE SCHEMA kairoi")
+        conn.execute("SET search_path TO kairoi")
+        conn.execute(
+            "CREATE TABLE schema_version (version integer PRIMARY KEY, description text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        version, description, statements = MIGRATIONS[0]
+        conn.execute(statements)
+        conn.execute("INSERT INTO schema_version VALUES (%s, %s)", (version, description))
+        conn.execute(
+            "INSERT INTO jobs VALUES ('old.1', 4070908800000000, 'planned', true, '', 0, '',"
+            " 0, NULL, NULL)"
+        )
+        conn.execute(
+            "INSERT INTO instances (id, host, pid, lease_until)"
+            " VALUES (gen_random_uuid(), 'gone', 1, now() - interval '1 hour')"
+        )
+    server = ServerProcess(tmp_path / "s", postgres_dsn=dsn)
+    server.start()
+    try:
+        with KcpClient(server.kcp_port) as kcp:
+            assert kcp.request("GET", "old.1")[:2] == ["OK", "planned"]
+    finally:
+        server.stop()
+    assert any(
+        e.get("version") == SCHEMA_VERSION and e.get("was") == 1
+        for e in server.events("database schema migrated")
+    )
+
+
 def test_a_schema_newer_than_the_server_is_refused(database: Callable[[], str], tmp_path) -> None:
     dsn = database()
     assert kairoi("db", "migrate", "--dsn", dsn).returncode == 0
@@ -67,7 +106,7 @@ def test_a_schema_newer_than_the_server_is_refused(database: Callable[[], str], 
         conn.execute("INSERT INTO kairoi.schema_version (version, description) VALUES (99, 'x')")
     migrate = kairoi("db", "migrate", "--dsn", dsn)
     assert migrate.returncode == 1
-    assert "version 99, newer than this server knows (1)" in migrate.stderr
+    assert f"version 99, newer than this server knows ({SCHEMA_VERSION})" in migrate.stderr
     server = ServerProcess(tmp_path / "s", postgres_dsn=dsn)
     server.config_path.parent.mkdir(parents=True, exist_ok=True)
     server.config_path.write_text(server.config_text())
@@ -76,7 +115,7 @@ def test_a_schema_newer_than_the_server_is_refused(database: Callable[[], str], 
     lines = [line for line in start.stderr.splitlines() if line.startswith("kairoi-trio:")]
     assert lines == [
         "kairoi-trio: cannot start: the database schema 'kairoi' is at version 99, newer than"
-        " this server knows (1): upgrade kairoi-trio, or use another schema"
+        f" this server knows ({SCHEMA_VERSION}): upgrade kairoi-trio, or use another schema"
     ]
 
 

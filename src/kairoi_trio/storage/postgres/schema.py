@@ -89,6 +89,15 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
             FROM jobs;
         """,
     ),
+    (
+        2,
+        "instances.watching",
+        """
+        -- The instance has WatchJobs streams: the others NOTIFY the ids they change
+        -- (storage/postgres/store.py, the watch gate). None watching, none is sent.
+        ALTER TABLE instances ADD COLUMN watching boolean NOT NULL DEFAULT false;
+        """,
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -23,6 +23,15 @@ the database's work per SET. "SET of a
 triggered job is refused" is therefore decided on a row the transaction has
 locked, never on a read that another instance could overtake.
 
+Changed job ids are NOTIFYed only while another instance has watchers (its
+`instances.watching`): without watchers a burst costs no notification (NOTIFY
+serializes commits cluster-wide, and every instance would decode every
+payload). Each write transaction takes the watch gate, an advisory lock, in
+shared mode and then reads the flags; an instance turning its flag on takes
+the gate exclusively in the transaction that also reads its new watcher's
+snapshot. So a write either committed before that snapshot (the snapshot
+shows it) or read the flag after it was set (and NOTIFYs its changes).
+
 Besides the actor, the store runs (`run`):
 - a listener (LISTEN kairoi_due, kairoi_jobs): another instance set a job due
   earlier than this one knew (wake the dispatcher), or changed jobs (watchers
@@ -83,6 +92,8 @@ COUNT_SHARDS = 16
 # New ids are locked by bucket (the first key of the two-key advisory lock names
 # the use, "kairoi-c" folded to 32 bits; the second is the bucket).
 CREATE_LOCK = 0x6B2D6300
+# pg_advisory_xact_lock key of the watch gate (module docstring).
+WATCH_GATE = 0x6B6169726F692D77
 CREATE_BUCKETS = 256
 # A claim that found due jobs locked by other instances: look again after this
 # long instead of spinning (their transactions last milliseconds).
@@ -171,6 +182,8 @@ class PostgresStore:
         self._plan = LoadPlan()
         self._lock = threading.Lock()  # the writer connection: one thread at a time
         self.has_watchers: Callable[[], bool] = lambda: False
+        self._watching = False  # this instance's instances.watching, as committed
+        self._watching_next: bool | None = None  # ...as the open transaction sets it
         self.errors: tuple[type[BaseException], ...] = (PostgresUnavailable,)
 
     # -- life -------------------------------------------------------------------
@@ -255,7 +268,7 @@ class PostgresStore:
             return
         try:
             with self._pool.connection(timeout=CONNECT_WAIT_S) as conn:
-                self._free(conn, _FREE_OWN, self.instance_id)
+                self._free(conn, _FREE_OWN, self.instance_id, self._others_watch(conn))
                 conn.execute("DELETE FROM instances WHERE id = %s", (self.instance_id,))
         except Exception as error:
             log.warning("could not leave the cluster cleanly", error=_describe(error))
@@ -271,7 +284,8 @@ class PostgresStore:
         """Open the batch's transaction and load what its commands need.
         PostgresUnavailable: nothing was done."""
         plan = LoadPlan.of(commands)
-        loaded = await trio.to_thread.run_sync(self._load, plan)
+        watch = plan.subscribing or self.has_watchers()
+        loaded = await trio.to_thread.run_sync(self._load, plan, watch)
         self._plan = plan
         self._view = BatchView(loaded, self._rules, dict(self.counts), self.next_due)
         return self._view
@@ -317,6 +331,7 @@ class PostgresStore:
         """Roll back and give the connection back to the pool (which drops a
         broken one); the error to raise."""
         conn, self._conn = self._conn, None
+        self._watching_next = None  # rolled back
         if conn is not None:
             try:
                 conn.rollback()
@@ -325,22 +340,23 @@ class PostgresStore:
             self._pool.putconn(conn)
         return PostgresUnavailable(_describe(error) if error else "PostgreSQL: internal error")
 
-    def _load(self, plan: LoadPlan) -> Loaded:
+    def _load(self, plan: LoadPlan, watch: bool) -> Loaded:
         import psycopg
 
         with self._lock:
             conn = self._writer()
             try:
-                return self._load_in(conn, plan)
+                return self._load_in(conn, plan, watch)
             except psycopg.Error as error:
                 raise self._failed(error) from None
             except BaseException:  # a bug: never leave the transaction (and its locks) open
                 self._failed(None)
                 raise
 
-    def _load_in(self, conn: Any, plan: LoadPlan) -> Loaded:
+    def _load_in(self, conn: Any, plan: LoadPlan, watch: bool) -> Loaded:
         loaded = Loaded()
         with conn.pipeline():
+            others_watch = self._watch_gate(conn, watch)
             version = conn.execute("SELECT value FROM settings WHERE key = 'rules_version'")
             if plan.creating:
                 # One lock per bucket of ids, not per id: a batch of thousands of new
@@ -414,7 +430,37 @@ class PostgresStore:
         (current,) = version.fetchone()
         if current != self._rules_version:
             self._reload_rules(conn)
+        loaded.others_watch = others_watch.fetchone()[0]
         return loaded
+
+    def _watch_gate(self, conn: Any, watch: bool) -> Any:
+        """First statements of a write transaction: the watch gate (module
+        docstring), this instance's watching flag set to `watch` when it changes,
+        and the cursor of "another instance watches"."""
+        if watch and not self._watching:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (WATCH_GATE,))
+        else:
+            conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (WATCH_GATE,))
+        if watch != self._watching:  # self._watching follows at the commit
+            conn.execute(
+                "UPDATE instances SET watching = %s WHERE id = %s", (watch, self.instance_id)
+            )
+            self._watching_next = watch
+        return self._others_watching(conn)
+
+    def _others_watching(self, conn: Any) -> Any:
+        """The cursor of "another instance has watchers"."""
+        return conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM instances WHERE watching AND id <> %s)",
+            (self.instance_id,),
+        )
+
+    def _others_watch(self, conn: Any) -> bool:
+        """First statement of a housekeeping transaction that changes jobs: the
+        watch gate, shared (before any row lock: no deadlock with a transaction
+        that holds it exclusively); whether another instance has watchers."""
+        conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (WATCH_GATE,))
+        return bool(self._others_watching(conn).fetchone()[0])
 
     @staticmethod
     def _page(conn: Any, prefix: str, status: Status | None, after: str, limit: int | None) -> Any:
@@ -460,12 +506,15 @@ class PostgresStore:
         with self._lock:
             conn = self._writer()
             try:
-                return self._write(conn, view, plan)
+                due = self._write(conn, view, plan)
             except psycopg.Error as error:
                 raise self._failed(error) from None
             except BaseException:
                 self._failed(None)
                 raise
+            if self._watching_next is not None:
+                self._watching, self._watching_next = self._watching_next, None
+            return due
 
     def _write(self, conn: Any, view: BatchView, plan: LoadPlan) -> int | None:
         inserted, updated, deleted = view.changes()
@@ -498,7 +547,7 @@ class PostgresStore:
                     " RETURNING value"
                 )
             changed = [job.id for job in inserted] + [job.id for job in updated] + deleted
-            if changed:
+            if changed and view.loaded.others_watch:
                 self._notify_jobs(conn, changed)
             if earliest is not None and (self._next_due is None or earliest < self._next_due):
                 conn.execute("SELECT pg_notify(%s, %s)", (DUE_CHANNEL, f"{me} {earliest}"))
@@ -599,33 +648,38 @@ class PostgresStore:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Keep the lease, listen, poll; until cancelled. `on_due(t)`: the earliest
-        due time changed; `on_jobs_changed(ids)`: another instance changed jobs;
+        due time changed; `on_jobs_changed(ids)`: another instance (or this one's
+        housekeeping) changed jobs, called while this instance has watchers;
         `probe()`: the database failed a poll: have the actor try a batch (an idle
         instance learns so that it cannot write, and /ready says so)."""
         self._on_due = on_due
         on_due(self._next_due)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._keep_lease)
+            nursery.start_soon(self._keep_lease, on_jobs_changed)
             nursery.start_soon(self._poll, probe)
             nursery.start_soon(self._listen, on_jobs_changed)
             task_status.started()
 
-    async def _keep_lease(self) -> None:
+    async def _keep_lease(self, on_jobs_changed: Callable[[list[str]], Awaitable[None]]) -> None:
         failing = False
         while True:
             await trio.sleep(self.config.heartbeat_s)
             try:
-                await trio.to_thread.run_sync(self._renew_and_sweep)
+                freed = await trio.to_thread.run_sync(self._renew_and_sweep)
             except Exception as error:
                 if not failing:  # once per outage; the actor's storage errors say the rest
                     log.warning("lease renewal failed", error=_describe(error))
                 failing = True
-            else:
-                if failing:
-                    log.info("lease renewed again")
-                failing = False
+                continue
+            if failing:
+                log.info("lease renewed again")
+            failing = False
+            if freed and self.has_watchers():  # the other instances' were NOTIFYed
+                await on_jobs_changed(freed)
 
-    def _renew_and_sweep(self) -> None:
+    def _renew_and_sweep(self) -> list[str]:
+        """Renew the lease; when this instance does the housekeeping, plan again
+        the runs of dead instances. The ids of the jobs planned again."""
         config = self.config
         with self._pool.connection() as conn:
             renewed = conn.execute(
@@ -634,6 +688,7 @@ class PostgresStore:
             ).rowcount
             if not renewed:  # taken for dead (e.g. cut off from the database): come back
                 log.warning("lease had expired: this instance's runs in flight may run twice")
+                self._watching = False  # the new row's; the next batch sets it under the gate
                 conn.execute(
                     "INSERT INTO instances (id, host, pid, lease_until)"
                     " VALUES (%s, %s, %s, now() + %s * interval '1 second')",
@@ -643,27 +698,32 @@ class PostgresStore:
             (mine,) = conn.execute(
                 "SELECT pg_try_advisory_xact_lock(%s)", (HOUSEKEEPING_LOCK,)
             ).fetchone()
+            freed: list[str] = []
             if mine:
+                others_watch = self._others_watch(conn)
                 conn.execute("DELETE FROM instances WHERE lease_until < now()")
                 live = [str(row[0]) for row in conn.execute("SELECT id FROM instances FOR SHARE")]
-                freed = self._free(conn, _FREE_TRIGGERED, live)
+                freed = self._free(conn, _FREE_TRIGGERED, live, others_watch)
                 if freed:
-                    log.warning("runs of dead instances planned again", jobs=freed)
+                    log.warning("runs of dead instances planned again", jobs=len(freed))
             conn.commit()
+            return freed
 
-    def _free(self, conn: Any, statement: str, param: Any) -> int:
-        """Plan again the triggered jobs `statement` selects; counts, NOTIFY. Commits."""
+    def _free(self, conn: Any, statement: str, param: Any, others_watch: bool) -> list[str]:
+        """Plan again the triggered jobs `statement` selects; counts, NOTIFY. Commits;
+        the ids. others_watch: from _others_watch, first in the transaction."""
         rows = conn.execute(statement, (param,)).fetchall()
         if rows:
             waiting = [at for _id, at, waits in rows if waits]
             conn.execute(
                 _MOVE_COUNTS, (self._shard, ["planned", "triggered"], [len(rows), -len(rows)])
             )
-            self._notify_jobs(conn, [job_id for job_id, _at, _waits in rows])
+            if others_watch:
+                self._notify_jobs(conn, [job_id for job_id, _at, _waits in rows])
             if waiting:
                 conn.execute("SELECT pg_notify(%s, %s)", (DUE_CHANNEL, f"- {min(waiting)}"))
         conn.commit()
-        return len(rows)
+        return [job_id for job_id, _at, _waits in rows]
 
     async def _poll(self, probe: Callable[[], Awaitable[None]]) -> None:
         while True:

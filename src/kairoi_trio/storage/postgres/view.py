@@ -64,6 +64,7 @@ class LoadPlan:
     expire_limit: int = 0
     lists: set[ListKey] = field(default_factory=set)
     snapshots: set[str] = field(default_factory=set)  # prefixes of Subscribe snapshots
+    subscribing: bool = False  # a Subscribe: this instance is about to have a watcher
     counts: bool = False  # GetInfo: jobs by status
 
     @classmethod
@@ -91,6 +92,7 @@ class LoadPlan:
                 if command.limit > 0:
                     plan.lists.add((command.prefix, command.status, command.after, command.limit))
             elif isinstance(command, Subscribe):
+                plan.subscribing = True
                 if command.snapshot:
                     plan.snapshots.add(command.prefix)
             elif isinstance(command, GetInfo):
@@ -122,6 +124,7 @@ class Loaded:
     expired: list[str] = field(default_factory=list)  # finished jobs past retention
     pages: dict[ListKey, list[Job]] = field(default_factory=dict)  # up to limit + 1 each
     snapshots: dict[str, list[Job]] = field(default_factory=dict)
+    others_watch: bool = True  # another instance has watchers: NOTIFY the changed ids
 
 
 class BatchView:
