@@ -297,6 +297,12 @@ class PostgresStore:
         assert view is not None, "append without begin"
         self._view = None
         plan = self._plan
+        if plan.read_only:  # committed by begin
+            if view.changes() != ([], [], []) or view.rule_changes() != ([], []):
+                # a command taken for a read changed something: a bug, never acknowledged
+                log.error("a read-only batch changed the store", plan=repr(plan)[:500])
+                raise PostgresUnavailable("internal error: a read-only batch changed the store")
+            return
         due = await trio.to_thread.run_sync(self._commit, view, plan)
         for status, n in view.count_changes().items():
             self.counts[status] += n
@@ -346,7 +352,10 @@ class PostgresStore:
         with self._lock:
             conn = self._writer()
             try:
-                return self._load_in(conn, plan, watch)
+                loaded = self._load_in(conn, plan, watch)
+                if plan.read_only:
+                    self._committed()
+                return loaded
             except psycopg.Error as error:
                 raise self._failed(error) from None
             except BaseException:  # a bug: never leave the transaction (and its locks) open
@@ -356,8 +365,7 @@ class PostgresStore:
     def _load_in(self, conn: Any, plan: LoadPlan, watch: bool) -> Loaded:
         loaded = Loaded()
         with conn.pipeline():
-            others_watch = self._watch_gate(conn, watch)
-            version = conn.execute("SELECT value FROM settings WHERE key = 'rules_version'")
+            version, others_watch = self._watch_gate(conn, watch, plan.read_only)
             if plan.creating:
                 # One lock per bucket of ids, not per id: a batch of thousands of new
                 # ids takes at most CREATE_BUCKETS entries of the shared lock table
@@ -402,6 +410,8 @@ class PostgresStore:
                 if plan.counts
                 else None
             )
+            if plan.read_only:  # nothing to write: no round trip, no thread, to commit
+                conn.commit()
         if rows is not None:
             for row in rows.fetchall():
                 job = job_from_row(row)
@@ -427,26 +437,35 @@ class PostgresStore:
             self.counts = found
         if plan.expire_before is not None:
             self._load_expired(conn, plan, loaded)
-        (current,) = version.fetchone()
+        current = version.fetchone()[0]
         if current != self._rules_version:
             self._reload_rules(conn)
-        loaded.others_watch = others_watch.fetchone()[0]
+            if plan.read_only:
+                conn.commit()
+        loaded.others_watch = others_watch is not None and others_watch.fetchone()[0]
         return loaded
 
-    def _watch_gate(self, conn: Any, watch: bool) -> Any:
-        """First statements of a write transaction: the watch gate (module
-        docstring), this instance's watching flag set to `watch` when it changes,
-        and the cursor of "another instance watches"."""
-        if watch and not self._watching:
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (WATCH_GATE,))
-        else:
-            conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (WATCH_GATE,))
+    def _watch_gate(self, conn: Any, watch: bool, read_only: bool) -> tuple[Any, Any]:
+        """First statements of a batch's transaction: the watch gate (module
+        docstring) with the rules' version, this instance's watching flag set to
+        `watch` when it changes, and "another instance watches" (a statement of
+        its own: its snapshot must follow the lock) unless the batch only reads.
+        Their cursors: (rules version, others watch or None)."""
+        lock = (
+            "pg_advisory_xact_lock"
+            if watch and not self._watching
+            else "pg_advisory_xact_lock_shared"
+        )
+        version = conn.execute(
+            f"SELECT (SELECT value FROM settings WHERE key = 'rules_version'), {lock}(%s)",
+            (WATCH_GATE,),
+        )
         if watch != self._watching:  # self._watching follows at the commit
             conn.execute(
                 "UPDATE instances SET watching = %s WHERE id = %s", (watch, self.instance_id)
             )
             self._watching_next = watch
-        return self._others_watching(conn)
+        return version, None if read_only else self._others_watching(conn)
 
     def _others_watching(self, conn: Any) -> Any:
         """The cursor of "another instance has watchers"."""
@@ -512,9 +531,12 @@ class PostgresStore:
             except BaseException:
                 self._failed(None)
                 raise
-            if self._watching_next is not None:
-                self._watching, self._watching_next = self._watching_next, None
+            self._committed()
             return due
+
+    def _committed(self) -> None:
+        if self._watching_next is not None:
+            self._watching, self._watching_next = self._watching_next, None
 
     def _write(self, conn: Any, view: BatchView, plan: LoadPlan) -> int | None:
         inserted, updated, deleted = view.changes()

@@ -25,8 +25,10 @@ from kairoi_trio.commands import (
     ExpireFinished,
     GetInfo,
     GetJob,
+    GetRule,
     JobsChanged,
     ListJobs,
+    ListRules,
     PauseJob,
     PreviewJob,
     RecordOutcome,
@@ -36,6 +38,7 @@ from kairoi_trio.commands import (
     SetJob,
     Subscribe,
     TriggerDue,
+    Unsubscribe,
 )
 from kairoi_trio.core.state import State, waits
 from kairoi_trio.model import Job, Rule, Status
@@ -47,6 +50,19 @@ MAX_CLAIM = 4096
 
 # The commands that may change a job by id: it is locked and loaded for the batch.
 _WRITES_BY_ID = (SetJob, DeleteJob, ScheduleJob, PauseJob, ResumeJob, RunJobNow)
+# The commands that change nothing in the database (a Subscribe's watching flag
+# is set while its snapshot is read): a batch of these commits as it loads.
+_READS = (
+    GetJob,
+    PreviewJob,
+    ListJobs,
+    GetInfo,
+    GetRule,
+    ListRules,
+    JobsChanged,
+    Subscribe,
+    Unsubscribe,
+)
 
 ListKey = tuple[str, Status | None, str, int]  # (prefix, status, after, limit)
 
@@ -66,10 +82,12 @@ class LoadPlan:
     snapshots: set[str] = field(default_factory=set)  # prefixes of Subscribe snapshots
     subscribing: bool = False  # a Subscribe: this instance is about to have a watcher
     counts: bool = False  # GetInfo: jobs by status
+    read_only: bool = False  # reads only: the transaction ends with the load
 
     @classmethod
     def of(cls, commands: Sequence[Command]) -> LoadPlan:
         plan = cls()
+        plan.read_only = all(isinstance(command, _READS) for command in commands)
         for command in commands:
             if isinstance(command, _WRITES_BY_ID):
                 plan.ids.add(command.id)
