@@ -501,6 +501,15 @@ def round_trips(port: int, n: int) -> dict[str, dict[str, float]]:
     return out
 
 
+def group_commits(server: Instance) -> int:
+    """The instance's group commits (transactions on PostgreSQL) so far, from /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith("kairoi_log_append_seconds_count"):
+                return int(float(line.split()[-1]))
+    return 0
+
+
 def statuses_log(port: int, ids: list[str]) -> Counter[str]:
     kcp = Kcp(port)
     found: Counter[str] = Counter()
@@ -1190,6 +1199,7 @@ class Bench:
                 )
             time.sleep(max(0.0, first_due - 0.2 - time.time()))
             usage = Usage(servers, self.cluster if dsn else None, broker.beam_pid())
+            commits0 = [group_commits(s) for s in servers]
             wal0 = self.cluster.wal() if dsn and self.cluster else None
             want = sum(runs0) + len(ids)
             wait_until(
@@ -1208,6 +1218,7 @@ class Bench:
             wait_until(executed, 60, "every job executed", interval=0.2)
             executed_seen = time.time()
             used = usage.done()
+            commits = sum(group_commits(s) for s in servers) - sum(commits0)
             wal_bytes = (
                 (self.cluster.wal()["bytes"] - wal0["bytes"]) if wal0 and self.cluster else 0.0
             )
@@ -1254,6 +1265,7 @@ class Bench:
             "run_start_ms": spread(start_late),
             "confirm_ms": spread(confirm_late),
             "wal_bytes_per_job": wal_bytes / len(ids),
+            "group_commits": commits,
             **used,
         }
 
@@ -1275,7 +1287,7 @@ class Bench:
     def dispatch(self) -> list[dict[str, Any]]:
         n = self.args.jobs
         out = []
-        for kind, instances in (("log", 1), ("postgres", 1), ("postgres", 2), ("postgres", 3)):
+        for kind, instances in self.args.dispatch_cases:
             name = f"dispatch_{kind.replace('@', '_')}_{instances}"
             servers, dsn = self.variant(kind, instances, name)
             rate = self.kcp_rate or 3000.0
@@ -1299,7 +1311,8 @@ class Bench:
                 f"dispatch {kind} x{instances}: {result['jobs_per_s']:,.0f} jobs/s (last run"
                 f" {result['last_run_s']:.2f} s after the due time), exactly once:"
                 f" {result['exactly_once']} (twice {result['ran_twice']}, never {result['never_ran']},"
-                f" queue {result['queue_messages']}), per instance {result['per_instance']}; server"
+                f" queue {result['queue_messages']}), per instance {result['per_instance']};"
+                f" {result['group_commits']} group commits; server"
                 f" {result['server_cpu_us_per_job']:.0f} us CPU/job, PostgreSQL"
                 f" {result['postgres_cpu_us_per_job']:.0f}, broker {result['broker_cpu_us_per_job']:.0f};"
                 f" other CPU {result['other_cpu_s']:.1f} s; load {result['loadavg_1m']}"
@@ -1991,6 +2004,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--count", type=int, default=30_000, help="SETs per SET case")
     parser.add_argument("--jobs", type=int, default=15_000, help="jobs due at one instant")
+    parser.add_argument(
+        "--dispatch-cases",
+        default="log:1,postgres:1,postgres:2,postgres:3",
+        help="dispatch: store:instances cases",
+    )
     parser.add_argument("--lateness-jobs", type=int, default=1000, help="jobs due 10 ms apart")
     parser.add_argument("--leases", default="2,5,15", help="lease_s values of the failover part")
     parser.add_argument(
@@ -2022,6 +2040,9 @@ def main(argv: list[str] | None = None) -> int:
         args.fsync_seconds, args.floor_rows, args.notify_seconds = 1.0, 10_000, 1.0
         args.round_trips, args.locks_count = 30, 30_000
     args.leases = [float(x) for x in args.leases.split(",")]
+    args.dispatch_cases = [
+        (kind, int(n)) for kind, n in (case.split(":") for case in args.dispatch_cases.split(","))
+    ]
     parts = args.only.split(",") if args.only else [p for p in PARTS if p not in OPTIONAL]
     if args.profile and "profile" not in parts:
         parts.append("profile")
