@@ -18,13 +18,16 @@ cd "$(dirname "$0")/.."
 . scripts/private-node.sh
 PRIVATE_LOG_NAME=test.sh
 
-scripts/setup.sh test
-
 rabbitmq_dir="$(private_tmp_dir rabbitmq)"
 postgres_dir="$(private_tmp_dir postgres)"
+nodes_pid=""
 stop_nodes() {
-    scripts/rabbitmq.sh stop "$rabbitmq_dir" || true
+    # A start still under way ends first (its node then stops below).
+    if [ -n "$nodes_pid" ]; then wait "$nodes_pid" 2>/dev/null || true; fi
+    # Both at once: RabbitMQ's stop takes seconds (rabbitmqctl), PostgreSQL's less.
+    scripts/rabbitmq.sh stop "$rabbitmq_dir" &
     scripts/postgres.sh stop "$postgres_dir" || true
+    wait $! || true
 }
 # The trap is set before anything starts; signals exit through it too.
 trap stop_nodes EXIT
@@ -32,9 +35,19 @@ trap 'exit 129' HUP
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-scripts/rabbitmq.sh start "$rabbitmq_dir" --owner $$
+# The nodes start while .venv is set up (about a minute the first time; RabbitMQ
+# takes ~6 s to start, PostgreSQL ~1.5 s). One after the other, not together: each
+# may install its packages with apt-get, which allows one at a time; pip does not
+# need it.
+{
+    scripts/rabbitmq.sh start "$rabbitmq_dir" --owner $$
+    scripts/postgres.sh start "$postgres_dir" --owner $$
+} &
+nodes_pid=$!
+scripts/setup.sh test
+wait "$nodes_pid" # the starts' exit status: a failed one ends the script here
+nodes_pid=""
 eval "$(scripts/rabbitmq.sh env "$rabbitmq_dir")"
-scripts/postgres.sh start "$postgres_dir" --owner $$
 eval "$(scripts/postgres.sh env "$postgres_dir")"
 
 # Bytecode caches (the __pycache__ folders git ignores) even where the environment

@@ -54,8 +54,63 @@ def pytest_configure_node(node: Any) -> None:  # xdist's WorkerController, in th
     node.workerinput["kairoi_dist"] = node.config.option.dist
 
 
+#: The longest tests outside the groups (function names, either store), longest
+#: first: in parallel they start first, so that no worker is left alone with one of
+#: them at the end while the others have finished (docs/testing.md, "Order"). Seconds
+#: of a whole run at load ~8; only the order matters. A test missing here keeps its
+#: place in the collection, after these.
+SLOW_TESTS = {
+    "test_the_most_attempts_with_no_backoff_end_failed_never_stuck_triggered": 66,
+    "test_nothing_acknowledged_is_lost_and_cut_runs_run_again": 42,
+    "test_job_and_rule_subcommands": 35,
+    "test_postgres_down_then_back_loses_nothing_acknowledged": 28,
+    "test_a_developers_cluster_on_5432_survives_reap_and_a_private_cluster": 20,
+    "test_reap_stops_the_clusters_whose_owner_died_only": 19,
+    "test_sigkill_right_after_a_run_loses_and_doubles_no_later_occurrence": 19,
+    "test_json_documents": 18,
+    "test_a_data_directory_a_running_server_holds_is_refused": 17,
+    "test_batches_of_thousands_of_new_jobs_on_two_instances_at_once": 17,
+    "test_a_watcher_that_stops_reading_is_dropped_and_memory_stays_bounded": 17,
+    "test_the_server_survives_a_network_fuzz_and_keeps_what_it_acknowledged": 16,
+    "test_500_watchers_share_each_change": 15,
+    "test_a_pause_survives_a_restart_and_resume_runs_the_job_again": 14,
+    "test_restart_keeps_committed_data": 13,
+    "test_overlap_skip_and_buffer_one_with_a_script_slower_than_the_interval": 13,
+    "test_a_flood_of_unmatched_jobs_is_logged_aggregated_and_counted_by_prefix": 13,
+    "test_node_example": 11,
+    "test_sigkill_during_a_run_the_next_occurrence_due_before_its_rerun_is_not_lost": 11,
+    "test_atheris_finds_no_failing_input": 11,
+    "test_imported_jobs_and_rules_are_served_and_a_triggered_job_runs_again": 11,
+    "test_pause_survives_a_restart_and_resume_runs_again": 10,
+    "test_pip_install_in_a_fresh_virtualenv": 10,
+    "test_client_that_never_reads_does_not_grow_server_memory": 10,
+    "test_a_job_running_on_one_instance_refuses_set_and_unset_on_every_other": 10,
+    "test_v1_a_flipped_bit_in_any_byte_of_the_last_segments_is_refused": 10,
+    "test_unusable_tls_files_are_named": 10,
+    "test_a_job_set_on_one_instance_is_read_and_watched_on_another": 10,
+    "test_watch_keeps_up_with_a_burst": 10,
+    "test_misfire_policies_after_a_clean_stop_across_five_occurrences": 10,
+    "test_text_output_keeps_one_line_per_job_whatever_the_id": 10,
+    "test_jobs_due_while_down_run_at_start_oldest_first": 10,
+    "test_stop_and_start_make_an_outage": 10,
+}
+
+
+def _slow_first(items: list[pytest.Item]) -> None:
+    """The tests of SLOW_TESTS first, longest first (the PostgreSQL side of each
+    before the log's, it is the slower); the others keep their order."""
+
+    def seconds(item: pytest.Item) -> float:
+        listed = SLOW_TESTS.get(getattr(item, "originalname", item.name), 0)
+        return listed + 0.5 * ("postgres" in item.name) if listed else 0
+
+    items.sort(key=lambda item: -seconds(item))  # stable: ties keep the collection order
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if getattr(config, "workerinput", None) is not None:  # an xdist worker: schedule by length
+        _slow_first(items)
     for item in items:
         if BROKER_FIXTURES.isdisjoint(getattr(item, "fixturenames", ())):
             continue
