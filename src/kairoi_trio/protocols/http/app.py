@@ -52,7 +52,10 @@ log = structlog.get_logger(__name__)
 API_PREFIX = "/api/v1"
 REFUSAL_SEND_S = 5.0  # a refused client gets this long to take its 503
 KEEP_ALIVE_S = 5.0  # an idle connection (no request in progress) is closed after this
-STOP_GRACE_S = 2.0  # at stop, requests in flight get this long before they are cut
+STOP_GRACE_S = 2.0
+MAX_HEAD_BYTES = (
+    256 << 10
+)  # a request's line and headers  # at stop, requests in flight get this long before they are cut
 
 
 def build_app(
@@ -172,6 +175,9 @@ class HttpServer:
         config = HypercornConfig()
         config.keep_alive_timeout = KEEP_ALIVE_S
         config.include_server_header = False
+        # A request line with an id of 65,535 bytes, percent-encoded (x3), must fit.
+        config.h11_max_incomplete_size = MAX_HEAD_BYTES
+        config.h2_max_header_list_size = MAX_HEAD_BYTES
         config.accesslog = None
         config.errorlog = _hypercorn_logger()
         _ = config.log  # made now: Hypercorn makes it at its first use, maybe out of descriptors
