@@ -348,13 +348,18 @@ def test_a_job_set_over_kcp_arrives_as_a_server_sent_event(
 ) -> None:
     assert api.put(job_path("sse1.old"), json={"execute_at": FUTURE}).status_code == 200
     params = {"prefix": "sse1.", "snapshot": "true"}
-    with api.stream("GET", "/events", params=params) as stream:
+    with (
+        api.stream("GET", "/events", params=params) as stream,
+        api.stream("GET", "/events", params={"prefix": "sse1.n"}) as second,
+    ):
         assert stream.status_code == 200
         assert stream.headers["content-type"].startswith("text/event-stream")
         events = read_events(stream.iter_lines())
         kind, snapshot = next(events)
         assert (kind, snapshot["job"]["id"], snapshot["snapshot"]) == ("planned", "sse1.old", True)
         assert next(events)[0] == "ready"  # registered: nothing set from now on is missed
+        others = read_events(second.iter_lines())
+        assert next(others)[0] == "ready"  # no snapshot asked: ready at once
         with kcp(server) as client:
             assert client.request("SET", "sse1.new", "2030-01-01 00:00:00", "hello") == ["OK"]
             assert client.request("SET", "other.new", "2030-01-01 00:00:00") == ["OK"]
@@ -365,6 +370,10 @@ def test_a_job_set_over_kcp_arrives_as_a_server_sent_event(
         assert base64.b64decode(event["job"]["payload"]) == b"hello"
         kind, event = next(events)
         assert (kind, event["job"]["id"]) == ("deleted", "sse1.new")  # other.new is not watched
+        assert [(kind, event["job"]["id"]) for kind, event in (next(others), next(others))] == [
+            ("planned", "sse1.new"),
+            ("deleted", "sse1.new"),
+        ]
 
 
 def test_a_watcher_that_stops_reading_is_dropped_not_buffered(

@@ -111,6 +111,7 @@ class Api:
         self._max_body = max_body_bytes
         self._watch_limit = watch_buffer_bytes
         self._watches: set[_Watch] = set()
+        self._frames = _Frames()
         self._closing = False
 
     # -- plumbing ----------------------------------------------------------------
@@ -289,7 +290,7 @@ class Api:
         prefix = request.query_params.get("prefix", "")
         snapshot = convert.flag(request.query_params.get("snapshot"), "snapshot")
         connection = request.scope.get("state", {}).get("connection")
-        watch = _Watch(self._watch_limit, connection)
+        watch = _Watch(self._watch_limit, connection, self._frames)
         jobs = await self.call(c.Subscribe(prefix, snapshot, watch.sink))
         self._watches.add(watch)
         return StreamingResponse(
@@ -401,8 +402,9 @@ class _Watch:
     reading cannot hold the server's memory, nor a write for ever.
     """
 
-    def __init__(self, limit: int, connection: Any) -> None:
+    def __init__(self, limit: int, connection: Any, encode: Callable[[JobEvent], bytes]) -> None:
         self._limit = limit
+        self._encode = encode
         self._connection = connection  # app.py's _Connection: abort() closes the socket
         self._frames: deque[bytes] = deque()
         self._pending = 0  # bytes encoded and not yet written
@@ -417,7 +419,7 @@ class _Watch:
         frames = []
         size = 0
         for event in events:  # encoded only as far as the bound allows
-            frame = _sse(*_typed(event))
+            frame = self._encode(event)
             size += len(frame)
             if self._pending + size > self._limit:
                 self.overflowed = True
@@ -450,6 +452,23 @@ class _Watch:
         self._pending -= size
 
 
-def _typed(event: JobEvent) -> tuple[str, dict[str, Any]]:
-    document = convert.event_to_json(event)
-    return document["type"], document
+class _Frames:
+    """Each committed JobEvent encoded once as an SSE frame, however many streams it
+    goes to: the actor calls every sink with the same JobEvent objects, one after
+    another within one publish (in its own task), so the first sink that meets an
+    event encodes it and the others reuse the bytes. The cache lives for one
+    publish: a callback Trio runs once the actor yields clears it."""
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[JobEvent, bytes]] = {}  # id(event) -> (event, frame)
+
+    def __call__(self, event: JobEvent) -> bytes:
+        hit = self._cache.get(id(event))
+        if hit is not None and hit[0] is event:
+            return hit[1]
+        if not self._cache:
+            trio.lowlevel.current_trio_token().run_sync_soon(self._cache.clear)
+        document = convert.event_to_json(event)
+        frame = _sse(document["type"], document)
+        self._cache[id(event)] = (event, frame)  # holding the event keeps its id unique
+        return frame
