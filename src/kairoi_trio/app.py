@@ -2,7 +2,7 @@
 
     core      the command actor (single writer of state and log), housekeeping
     work      runner pools, then the dispatcher that feeds them
-    front     the protocol listeners (KCP, gRPC)
+    front     the protocol listeners (KCP, gRPC, HTTP)
 
 Start-up goes core -> work -> front, so nothing accepts a request before the
 log is replayed. Shutdown goes the other way: stop accepting, stop
@@ -43,9 +43,10 @@ from kairoi_trio.observability.metrics import (
     Readiness,
     observe_run,
     register_state,
-    serve_metrics,
 )
 from kairoi_trio.protocols.grpc.server import serve_grpc
+from kairoi_trio.protocols.http.api import Api
+from kairoi_trio.protocols.http.app import HttpServer, build_app
 from kairoi_trio.protocols.kcp.server import KcpServer
 from kairoi_trio.runners.amqp import AmqpRunnerBackend
 from kairoi_trio.runners.base import Runner
@@ -65,7 +66,12 @@ HOUSEKEEPING_INTERVAL_S = 60.0
 class Ports:
     kcp: int
     grpc: int | None
-    metrics: int | None
+    http: int | None  # /metrics, /live, /ready and the JSON API
+
+    @property
+    def metrics(self) -> int | None:
+        """The HTTP port's old name."""
+        return self.http
 
 
 def load_state(store: DurableLog) -> State:
@@ -345,25 +351,23 @@ async def _serve_state(
                 )
                 kcp_port = await front.start(kcp.serve)
                 grpc_port = await _start_grpc(front, config, client, readiness)
-                metrics_port = None
-                if config.metrics.enabled:
-                    register_state(lambda: _live_values(actor, store, pools, kcp))
-                    metrics_port = await front.start(
-                        serve_metrics,
-                        config.metrics.listen,
-                        lambda: "shutting down" if stop.is_set() else readiness.reason(),
-                    )
+                register_state(lambda: _live_values(actor, store, pools, kcp))
+                http = _http_server(config, client, readiness)
+                http_port = await front.start(http.serve) if http is not None else None
                 log.info(
                     "ready",
                     version=__version__,
                     kcp_port=kcp_port,
                     grpc_port=grpc_port,
-                    metrics_port=metrics_port,
+                    http_port=http_port,
+                    metrics_port=http_port,  # the HTTP port's old name, for scripts that read it
                 )
-                task_status.started(Ports(kcp_port, grpc_port, metrics_port))
+                task_status.started(Ports(kcp_port, grpc_port, http_port))
                 await stop.wait()
                 log.info("stopping")
                 readiness.stopping()
+                if http is not None:  # event streams end with a last event, not a cut
+                    await http.close()
                 front.cancel_scope.cancel()
             dispatching.cancel()
             await pools.drain(config.shutdown.grace_period_s)
@@ -387,6 +391,21 @@ def _live_values(
 async def _run_in_scope(scope: trio.CancelScope, fn: Callable[[], Awaitable[None]]) -> None:
     with scope:
         await fn()
+
+
+def _http_server(config: Config, client: ActorClient, readiness: Readiness) -> HttpServer | None:
+    """The HTTP server of [http] (None when disabled, or [metrics] enabled = false: the
+    old name)."""
+    if not config.http.enabled:
+        return None
+    api = Api(
+        client.clone().channel,
+        TokenTable.from_config(config.auth),
+        max_body_bytes=config.http.max_body_bytes,
+        watch_buffer_bytes=config.grpc.max_watch_buffer_bytes,
+    )
+    app = build_app(api, readiness)
+    return HttpServer(app, api, config.http.listen, max_connections=config.http.max_connections)
 
 
 async def _start_grpc(

@@ -133,7 +133,24 @@ class GrpcConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The one HTTP server: /metrics, /live, /ready, the JSON API under /api/v1
+    (docs/http-api.md). `[metrics]` is its old name (enabled, listen)."""
+
+    enabled: bool = True
+    listen: str = "127.0.0.1:9678"
+    # Connections at once; more get 503 "too many connections" (a flood of idle
+    # clients cannot take every descriptor). A watch (/api/v1/events) holds one.
+    max_connections: int = 64
+    # A request body beyond this is refused with 413 (a job's payload travels in
+    # base64: 4/3 of its size, so keep it above 4/3 of jobs.max_payload_bytes).
+    max_body_bytes: int = 2 << 20
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
+    """The old name of [http]: its `enabled` and `listen` (not both tables' keys)."""
+
     enabled: bool = True
     listen: str = "127.0.0.1:9678"
 
@@ -218,6 +235,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     runners: RunnersConfig = field(default_factory=RunnersConfig)
@@ -296,9 +314,30 @@ def load_config(path: Path | None) -> Config:
 
 
 def parse_config(raw: dict[str, Any]) -> Config:
-    config = _build(Config, raw, "")
+    config = _merge_metrics(_build(Config, raw, ""), raw)
     _check(config)
     return config
+
+
+def _merge_metrics(config: Config, raw: dict[str, Any]) -> Config:
+    """[metrics] enabled/listen, the old names of [http] enabled/listen, carried over to
+    [http]; the same key in both tables is a ConfigError (which one would win is not
+    obvious to a reader of the file)."""
+    http, metrics = raw.get("http", {}), raw.get("metrics", {})
+    if not isinstance(http, dict) or not isinstance(metrics, dict):
+        return config  # _build refused it already
+    carried: dict[str, Any] = {}
+    for key in ("enabled", "listen"):
+        if key in metrics:
+            if key in http:
+                raise ConfigError(
+                    f"metrics.{key} and http.{key} are both set: [metrics] is the old name "
+                    f"of [http], keep http.{key}"
+                )
+            carried[key] = getattr(config.metrics, key)
+    if not carried:
+        return config
+    return dataclasses.replace(config, http=dataclasses.replace(config.http, **carried))
 
 
 def _build(cls: type, raw: object, where: str) -> Any:
@@ -356,7 +395,8 @@ def _check(config: Config) -> None:
     for name, address in (
         ("controller.listen", config.controller.listen),
         ("grpc.listen", config.grpc.listen),
-        ("metrics.listen", config.metrics.listen),
+        ("metrics.listen", config.metrics.listen),  # named as the file has it, if there
+        ("http.listen", config.http.listen),
     ):
         parse_address(address, name)
     positive = {
@@ -365,6 +405,8 @@ def _check(config: Config) -> None:
         "controller.max_pipelined": config.controller.max_pipelined,
         "controller.max_pending_bytes": config.controller.max_pending_bytes,
         "grpc.max_watch_buffer_bytes": config.grpc.max_watch_buffer_bytes,
+        "http.max_connections": config.http.max_connections,
+        "http.max_body_bytes": config.http.max_body_bytes,
         "jobs.max_payload_bytes": config.jobs.max_payload_bytes,
         "jobs.max_catchup_runs": config.jobs.max_catchup_runs,
         "runners.shell.concurrency": config.runners.shell.concurrency,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import json
 import os
 import time
 from collections.abc import Callable
@@ -82,7 +83,7 @@ def test_a_full_disk_stops_nothing_and_the_due_job_runs_when_space_returns(
         assert kcp.request("GET", DUE_ID)[1] == "planned"
         assert kcp.request("GET", "kept")[-1] == "a payload"  # reads go on
         code, body = http_get(server, "/ready")
-        assert code == 503 and "ENOSPC" in body
+        assert code == 503 and "ENOSPC" in json.loads(body)["reason"]
         assert metric(server, "kairoi_storage_writable") == 0
         assert runs_of(runs, DUE_ID) == 0
 

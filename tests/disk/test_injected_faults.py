@@ -12,6 +12,7 @@ log says it once per kind, with counts.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -78,7 +79,8 @@ def test_a_job_due_while_log_writes_fail_runs_once_they_work(
         assert status_of(kcp, "kept") == "planned"  # reads go on
         assert status_of(kcp, "app.due") == "planned"  # as it was
         code, body = http_get(server, "/ready")
-        assert code == 503 and body.startswith("not ready: storage writes fail") and error in body
+        assert code == 503 and json.loads(body)["failing"] == "storage"
+        assert json.loads(body)["reason"].startswith("storage writes fail") and error in body
         assert metric(server, "kairoi_storage_writable") == 0
         wait_for(lambda: health(server) == NOT_SERVING)
         assert runs_of(runs, "app.due") == 0
@@ -119,7 +121,8 @@ def test_readiness_comes_back_without_client_traffic(
         fault_plan.clear()
         cleared = time.monotonic()
         # nothing is due and no client writes: the idle probe finds the log writable
-        wait_for(lambda: http_get(server, "/ready") == (200, "ready\n"))
+        wait_for(lambda: http_get(server, "/ready")[0] == 200)
+        assert json.loads(http_get(server, "/ready")[1])["ready"] is True
         figure(f"idle: ready {time.monotonic() - cleared:.2f} s after the fault ended (probe)")
         assert failures(server, "client") == 1
         assert kcp.request("SET", "a", LATER) == ["OK"]

@@ -384,7 +384,7 @@ def test_out_of_file_descriptors_refuses_with_an_answer_and_recovers(tmp_path: P
         [end] = wait_for(episode_over, timeout=30, interval=0.5)
         assert end["refused"] >= 20
         starts = server.events("out of file descriptors: refusing connections")
-        assert sorted(start["listener"] for start in starts) in (["kcp"], ["kcp", "metrics"])
+        assert sorted(start["listener"] for start in starts) in (["kcp"], ["http", "kcp"])
         assert "Traceback" not in server.log_text()
         assert len(server.lines) < 40, server.log_text()
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import resource
 import urllib.error
 import urllib.request
@@ -27,7 +28,17 @@ def fetch(server, path: str) -> tuple[int, str]:
 
 def test_health_endpoints(server):
     assert fetch(server, "/live") == (200, "ok\n")
-    assert fetch(server, "/ready") == (200, "ready\n")
+    status, body = fetch(server, "/ready")
+    assert status == 200
+    assert json.loads(body) == {
+        "ready": True,
+        "failing": None,
+        "reason": None,
+        "checks": {
+            "shutdown": {"ok": True, "reason": None},
+            "storage": {"ok": True, "reason": None},
+        },
+    }
     assert fetch(server, "/nope")[0] == 404
 
 
@@ -79,7 +90,12 @@ def test_not_ready_while_storage_writes_fail_and_ready_again_without_traffic(ser
             assert answer[0] == "ERROR" and "storage write failed" in answer[1]
             status, body = fetch(server, "/ready")
             assert status == 503
-            assert body.startswith("not ready: storage writes fail: ") and "[EFBIG]" in body
+            ready = json.loads(body)  # names the failing check and why
+            assert ready["ready"] is False and ready["failing"] == "storage"
+            assert (
+                ready["reason"].startswith("storage writes fail: ") and "[EFBIG]" in ready["reason"]
+            )
+            assert ready["checks"]["shutdown"] == {"ok": True, "reason": None}
             text = fetch(server, "/metrics")[1]
             assert "kairoi_storage_writable 0.0" in text
             assert 'kairoi_storage_write_failures_total{what="client"} 1.0' in text
@@ -87,6 +103,7 @@ def test_not_ready_while_storage_writes_fail_and_ready_again_without_traffic(ser
             assert kcp.request("GET", "kept")[0] == "OK"  # reads go on
         finally:
             resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
-        wait_for(lambda: fetch(server, "/ready") == (200, "ready\n"))  # no client write needed
+        wait_for(lambda: fetch(server, "/ready")[0] == 200)  # no client write needed
+        assert json.loads(fetch(server, "/ready")[1])["ready"] is True
         wait_for(lambda: health(server) == health_pb2.HealthCheckResponse.SERVING)
         assert "kairoi_storage_writable 1.0" in fetch(server, "/metrics")[1]

@@ -51,7 +51,7 @@ class ServerProcess:
             "log": {"level": '"info"', "format": '"json"'},
             "controller": {"listen": '"127.0.0.1:0"'},
             "grpc": {"listen": '"127.0.0.1:0"'},
-            "metrics": {"listen": '"127.0.0.1:0"'},
+            "http": {"listen": '"127.0.0.1:0"'},  # /metrics, /live, /ready, /api/v1
             "storage": {"directory": f'"{self.data_dir}"'},
             "shutdown": {"grace_period_s": "2.0"},
         }

@@ -144,7 +144,7 @@ def test_values_of_the_wrong_type_are_rejected(tmp_path: Path, text: str, named:
     "address",
     ["localhost", ":5678", "127.0.0.1:", "127.0.0.1:99999", "127.0.0.1:http", "host:-1", ""],
 )
-@pytest.mark.parametrize("key", ["controller", "grpc", "metrics"])
+@pytest.mark.parametrize("key", ["controller", "grpc", "metrics", "http"])
 def test_bad_listen_addresses_are_rejected(tmp_path: Path, key: str, address: str) -> None:
     with pytest.raises(ConfigError) as error:
         load_text(tmp_path, f'[{key}]\nlisten = "{address}"\n')
@@ -287,3 +287,21 @@ def test_policy_values_at_the_bounds_are_accepted(tmp_path: Path) -> None:
     # 0 means "none" for the timeout and staleness
     none = load_text(tmp_path, "[policy]\ntimeout_s = 0\nstale_after_s = 0\n").policy.to_policy()
     assert (none.timeout_s, none.stale_after_s) == (None, None)
+
+
+def test_http_is_the_new_name_of_metrics(tmp_path: Path) -> None:
+    assert Config().http.listen == "127.0.0.1:9678" and Config().http.enabled
+    new = load_text(tmp_path, '[http]\nlisten = "0.0.0.0:8080"\nmax_connections = 10')
+    assert new.http.listen == "0.0.0.0:8080"
+    assert new.http.max_connections == 10
+    old = load_text(tmp_path, '[metrics]\nlisten = "0.0.0.0:9999"\nenabled = false')
+    assert old.http.listen == "0.0.0.0:9999"
+    assert old.http.enabled is False  # the port stays closed, as before
+    mixed = load_text(tmp_path, '[metrics]\nenabled = false\n[http]\nlisten = "127.0.0.1:1"')
+    assert (mixed.http.enabled, mixed.http.listen) == (False, "127.0.0.1:1")
+
+
+def test_the_same_http_key_under_both_names_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_text(tmp_path, '[metrics]\nlisten = "127.0.0.1:1"\n[http]\nlisten = "127.0.0.1:2"')
+    assert "metrics.listen and http.listen are both set" in str(error.value)

@@ -37,7 +37,13 @@ def test_the_example_loads_and_equals_the_defaults() -> None:
     assert load_config(EXAMPLE) == Config()
 
 
+# Old names of tables, still accepted; the example shows the new name only (setting
+# a key under both names is an error): [metrics] is [http]'s old name.
+OLD_NAMES = ("metrics.",)
+
+
 def test_the_example_names_every_option() -> None:
     with open(EXAMPLE, "rb") as f:
         written = flatten(tomllib.load(f))
-    assert option_names(Config) - written == set(), "options missing from the example"
+    wanted = {name for name in option_names(Config) if not name.startswith(OLD_NAMES)}
+    assert wanted - written == set(), "options missing from the example"

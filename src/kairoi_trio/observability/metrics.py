@@ -1,11 +1,11 @@
-"""Prometheus metrics and the /metrics, /live, /ready HTTP endpoint.
+"""Prometheus metrics and readiness (served by protocols/http/health.py: /metrics, /ready).
 
 Hot paths do not touch metric objects per command: counts that the actor and
 the pools keep anyway (jobs by status, commands, queue depths) are read at
 scrape time by a collector. Only per-run and per-commit observations (trigger
 lateness, run duration, fsync latency) are histograms fed as they happen.
 
-/ready means "can accept writes" (`Readiness`): 503 with the reason while the
+/ready means "can accept writes" (`Readiness`): 503 naming the failing check while the
 last write to the log failed (ready again after the next successful one; the
 actor probes the log when idle) and once shutdown began. The gRPC health
 service follows the same Readiness.
@@ -16,15 +16,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import structlog
-import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kairoi_trio.config import parse_address
 from kairoi_trio.core.actor import Observer
 from kairoi_trio.core.failures import FailReason, job_prefix
-from kairoi_trio.protocols import accept
 
 log = structlog.get_logger(__name__)
 
@@ -170,11 +167,22 @@ class Readiness:
 
     def reason(self) -> str | None:
         """Why the server is not ready (one short line), or None when it is."""
-        if self._stopping:
-            return "shutting down"
-        if self._storage_error is not None:
-            return f"storage writes fail: {self._storage_error}"
+        for reason in self.checks().values():
+            if reason is not None:
+                return reason
         return None
+
+    def checks(self) -> dict[str, str | None]:
+        """Each check by name ("shutdown", "storage"), with why it fails or None,
+        the first failing one first as `reason` reports it: what /ready's body lists."""
+        return {
+            "shutdown": "shutting down" if self._stopping else None,
+            "storage": (
+                f"storage writes fail: {self._storage_error}"
+                if self._storage_error is not None
+                else None
+            ),
+        }
 
     def storage(self, ok: bool, error: str = "") -> None:
         """Writes to the log work (ok) or fail with `error`."""
@@ -199,111 +207,6 @@ class Readiness:
                 callback(now)
             except Exception:
                 log.exception("readiness listener failed")
-
-
-MAX_REQUEST_BYTES = 8192
-REQUEST_TIMEOUT_S = 5.0
-MAX_CONNECTIONS = 64  # metrics connections at once; more get 503 "too many connections"
-CONNECTION_TIMEOUT_S = 10.0  # a metrics connection's whole exchange
-
-
-async def serve_metrics(
-    listen: str,
-    not_ready: Callable[[], str | None],
-    *,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """A minimal HTTP/1.0 endpoint: GET /metrics, /live, /ready. Anything else: 404.
-
-    /ready: 200 "ready" when `not_ready()` is None, else 503 "not ready: <its reason>".
-    """
-    host, port = parse_address(listen)
-    try:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-    except OSError as error:
-        raise OSError(error.errno, f"metrics cannot listen on {listen}: {error.strerror}") from None
-    bound = listeners[0].socket.getsockname()[1]
-    task_status.started(bound)
-
-    async def handle(stream: trio.SocketStream) -> None:
-        try:
-            async with stream:
-                request = b""
-                with trio.move_on_after(REQUEST_TIMEOUT_S):
-                    while b"\r\n\r\n" not in request and b"\n\n" not in request:
-                        chunk = await stream.receive_some(4096)
-                        if not chunk:
-                            break
-                        request += chunk
-                        if len(request) > MAX_REQUEST_BYTES:
-                            break
-                parts = request.split(b"\r\n", 1)[0].split()
-                path = parts[1].decode("ascii", "replace") if len(parts) >= 2 else ""
-                if len(parts) < 2 or parts[0] != b"GET":
-                    await _respond(stream, 405, b"only GET\n")
-                elif path == "/metrics":
-                    await _respond(
-                        stream, 200, generate_latest(REGISTRY), b"text/plain; version=0.0.4"
-                    )
-                elif path == "/live":
-                    await _respond(stream, 200, b"ok\n")
-                elif path == "/ready":
-                    reason = not_ready()
-                    if reason is None:
-                        await _respond(stream, 200, b"ready\n")
-                    else:
-                        await _respond(stream, 503, f"not ready: {reason}\n".encode())
-                else:
-                    await _respond(stream, 404, b"not found\n")
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        except Exception:
-            log.exception("metrics request failed")
-
-    connections = 0
-
-    async def handle_bounded(stream: trio.SocketStream) -> None:
-        """At most MAX_CONNECTIONS at once, each within CONNECTION_TIMEOUT_S: a flood
-        of slow clients on this port cannot take every descriptor of the process."""
-        nonlocal connections
-        connections += 1
-        try:
-            if connections > MAX_CONNECTIONS:
-                with trio.move_on_after(REQUEST_TIMEOUT_S):
-                    await stream.send_all(_response_bytes(503, b"too many connections\n"))
-                return
-            with trio.move_on_after(CONNECTION_TIMEOUT_S):  # the answer too, not only the request
-                await handle(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            connections -= 1
-
-    # Out of file descriptors, a client still gets an answer (protocols/accept.py).
-    refusal = _response_bytes(503, b"server has too many open files\n")
-    await accept.serve_listeners(handle_bounded, listeners, name="metrics", refusal=refusal)
-
-
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
-
-
-async def _respond(
-    stream: trio.SocketStream, status: int, body: bytes, content_type: bytes = b"text/plain"
-) -> None:
-    await stream.send_all(_response_bytes(status, body, content_type))
-
-
-def _response_bytes(status: int, body: bytes, content_type: bytes = b"text/plain") -> bytes:
-    head = (
-        (
-            f"HTTP/1.0 {status} {_REASONS[status]}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n"
-        ).encode()
-        + b"Content-Type: "
-        + content_type
-        + b"\r\n\r\n"
-    )
-    return head + body
 
 
 class MetricsObserver(Observer):
