@@ -20,9 +20,9 @@ deliveries on.
 from __future__ import annotations
 
 import functools
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 import structlog
@@ -36,10 +36,10 @@ from kairoi_trio.runners.amqp_client import (
     AmqpOptions,
     AmqpReturnedError,
     AmqpUrl,
-    Properties,
     check_publish_names,
     serve_amqp_connection,
 )
+from kairoi_trio.runners.amqp_wire import MessageProperties
 from kairoi_trio.runners.base import RunFailed, Runner
 
 log = structlog.get_logger(__name__)
@@ -278,8 +278,12 @@ def split_dsn(dsn: str) -> tuple[str, bool]:
     return urlunsplit(parts._replace(query="&".join(kept))), mandatory
 
 
-def _properties(job: Job) -> Properties:
-    """The message's properties; each time is formatted once (one string when equal)."""
+def _properties(job: Job) -> MessageProperties:
+    """The message's properties; each time is formatted once (one string when equal).
+
+    MessageProperties, not pamqp's Basic.Properties: amqp_wire encodes them
+    several times faster, and the timestamp is plain POSIX seconds.
+    """
     execute_at = format_time(job.execute_at)
     scheduled = job.scheduled_at
     headers: FieldTable = {
@@ -291,10 +295,10 @@ def _properties(job: Job) -> Properties:
         headers["kairoi-payload"] = _header_bytes(job.payload)
     # message_id is a short string; a longer id is still the body.
     message_id = job.id if len(job.id.encode()) <= _MAX_SHORTSTR else None
-    return Properties(
+    return MessageProperties(
         content_type="text/plain",
         message_id=message_id,
-        timestamp=datetime.now(UTC),
+        timestamp=int(time.time()),
         delivery_mode=2,
         headers=headers,
     )
