@@ -554,6 +554,11 @@ class AmqpConnection:
                 _, timeout, waiter = deadlines.popleft()
                 waiter.resolve(error=self._timeout_error(timeout, True))
 
+    def exchange_known(self, name: str) -> bool:
+        """Whether `name` is known to exist (the default exchange, or a cached positive
+        `exchange_exists`): lets a caller skip the await on the hot path."""
+        return name == "" or name in self._known_exchanges
+
     async def exchange_exists(
         self,
         name: str,
