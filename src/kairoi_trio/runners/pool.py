@@ -21,7 +21,6 @@ import trio
 
 from kairoi_trio.commands import CommandError, Dispatch, RecordOutcome
 from kairoi_trio.core.actor import ActorClient, StorageUnavailable
-from kairoi_trio.model import Job, Rule
 from kairoi_trio.runners.base import RunFailed, Runner
 
 log = structlog.get_logger(__name__)
@@ -161,12 +160,14 @@ class RunnerPool:
             if self._closing:  # shutting down: leave it triggered for the next start
                 continue
             self.running += 1
-            self._signal()
+            self._signal()  # room in the queue: the dispatcher may be waiting for it
             try:
                 await self._run_one(dispatch)
             finally:
                 self.running -= 1
-                self._signal()
+                # Only drain waits for runs to end; no signal per run otherwise.
+                if self._closing:
+                    self._signal()
 
     def _signal(self) -> None:
         self.capacity_changed.set()
@@ -176,12 +177,21 @@ class RunnerPool:
         job, rule = dispatch.job, dispatch.rule
         timeout = rule.policy.timeout_s
         started = time.monotonic()
-        if timeout is None:  # no cancel scope: measurably cheaper per run
-            ok, message = await self._attempt(job, rule)
-        else:
-            ok, message = False, f"timed out after {timeout}s"
-            with trio.move_on_after(timeout):
-                ok, message = await self._attempt(job, rule)
+        ok = False
+        try:
+            if timeout is None:  # no cancel scope: measurably cheaper per run
+                message = await self.runner.run(job, rule)
+                ok = True
+            else:
+                message = f"timed out after {timeout}s"
+                with trio.move_on_after(timeout):
+                    message = await self.runner.run(job, rule)
+                    ok = True
+        except RunFailed as failure:
+            message = failure.message
+        except Exception as error:  # a runner bug fails the job, not the server
+            log.exception("runner crashed", kind=self.kind, job=job.id)
+            message = f"runner error: {error!r}"
         elapsed = time.monotonic() - started
         if self._observe_run is not None:
             self._observe_run(self.kind, ok, elapsed)
@@ -197,15 +207,6 @@ class RunnerPool:
         )
         self._outcomes.append(RecordOutcome(job.id, job.attempts, ok, message, rule.policy))
         self._outcomes_waiting.set()
-
-    async def _attempt(self, job: Job, rule: Rule) -> tuple[bool, str]:
-        try:
-            return True, await self.runner.run(job, rule)
-        except RunFailed as failure:
-            return False, failure.message
-        except Exception as error:  # a runner bug fails the job, not the server
-            log.exception("runner crashed", kind=self.kind, job=job.id)
-            return False, f"runner error: {error!r}"
 
 
 class RunnerPools:
