@@ -285,6 +285,61 @@ class _Eof(Exception):
     pass
 
 
+class _Outbox:
+    """Frames for the sender task, in the order queued: a list and a wake-up.
+
+    A memory channel did the same with more work per frame (its send_nowait was
+    ~10% of the publish path in a profile); the sender takes all that is queued
+    (up to a size bound) with one wake-up.
+    """
+
+    def __init__(self) -> None:
+        self._frames: list[bytes] = []
+        self._closed = False
+        self._wake: trio.Event | None = None  # set while the sender waits for frames
+
+    def put(self, data: bytes) -> None:
+        """Queue `data` (whole frames); never blocks. Callers check the connection is open."""
+        self._frames.append(data)
+        self._notify()
+
+    def close(self) -> None:
+        """No more frames: `take` answers None once those queued are taken."""
+        self._closed = True
+        self._notify()
+
+    def _notify(self) -> None:
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set()
+
+    async def take(self, limit: int) -> bytes | None:
+        """The frames queued, oldest first, joined: whole frames, at least one, and no
+        more once `limit` bytes are reached. None when closed and empty."""
+        while not self._frames:
+            if self._closed:
+                return None
+            self._wake = wake = trio.Event()
+            await wake.wait()
+        frames = self._frames
+        if len(frames) == 1:
+            self._frames = []
+            return frames[0]
+        size = count = 0
+        for data in frames:
+            size += len(data)
+            count += 1
+            if size >= limit:
+                break
+        if count == len(frames):
+            self._frames = []
+            return b"".join(frames)
+        batch = frames[:count]
+        del frames[:count]
+        return b"".join(batch)
+
+
 class _FrameReader:
     """Split the byte stream into frames and let pamqp decode each one.
 
@@ -377,7 +432,7 @@ class AmqpConnection:
         self._stream: trio.abc.Stream | None = None
         self._reader: _FrameReader | None = None
         self._nursery: trio.Nursery | None = None
-        self._send_tx, self._send_rx = trio.open_memory_channel[bytes](math.inf)
+        self._outbox = _Outbox()
         self._sender_done = trio.Event()
         self._error: AmqpConnectionError | None = None
         self._closed = trio.Event()
@@ -523,7 +578,7 @@ class AmqpConnection:
             if len(body) > channel.longest_returnable:
                 channel.longest_returnable = len(body)
         self._in_flight += 1
-        self._send_tx.send_nowait(frames)
+        self._outbox.put(frames)
         return waiter
 
     def _timeout_error(self, timeout: float, sent: bool) -> AmqpTimeoutError:
@@ -772,17 +827,8 @@ class AmqpConnection:
     async def _send_loop(self) -> None:
         assert self._stream is not None
         try:
-            async for data in self._send_rx:
-                batch = [data]
-                size = len(data)
-                while size < _MAX_SEND_BATCH:
-                    try:
-                        more = self._send_rx.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    batch.append(more)
-                    size += len(more)
-                await self._stream.send_all(b"".join(batch) if len(batch) > 1 else data)
+            while (data := await self._outbox.take(_MAX_SEND_BATCH)) is not None:
+                await self._stream.send_all(data)
                 self._last_send = trio.current_time()
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
             text = _os_error_text(exc) if isinstance(exc, OSError) else str(exc) or "broken"
@@ -812,7 +858,7 @@ class AmqpConnection:
 
     def _send_nowait(self, data: bytes) -> None:
         self._check_open()
-        self._send_tx.send_nowait(data)
+        self._outbox.put(data)
 
     def _check_open(self) -> None:
         if self._error is not None:
@@ -1004,9 +1050,9 @@ class AmqpConnection:
         elif graceful:
             self._log.info("amqp.connection_closed")
         if final_frame is not None:
-            self._send_tx.send_nowait(final_frame)
+            self._outbox.put(final_frame)
             self._awaiting_close_ok = graceful
-        self._send_tx.close()
+        self._outbox.close()
         for channel in list(self._channels.values()):
             self._drop_channel(channel, error)
         for check in self._exchange_checks.values():
