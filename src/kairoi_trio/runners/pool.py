@@ -30,6 +30,10 @@ log = structlog.get_logger(__name__)
 OUTCOME_RETRY_INITIAL_S = 0.1
 OUTCOME_RETRY_MAX_S = 5.0
 
+# A worker takes at most this many queued jobs in a row without a checkpoint of
+# its own: a run that never blocks (one failing at once) yields at least this often.
+TAKES_PER_CHECKPOINT = 16
+
 
 class RunnerPool:
     def __init__(
@@ -152,9 +156,21 @@ class RunnerPool:
         self._runs_scope.cancel()
 
     async def _worker(self) -> None:
+        taken = 0  # jobs taken since receive() last checkpointed
         while True:
             try:
-                dispatch = await self._receive.receive()
+                if taken < TAKES_PER_CHECKPOINT:
+                    # A queued job is taken without receive()'s checkpoint (a full trip
+                    # through the scheduler per job): the run itself checkpoints.
+                    try:
+                        dispatch = self._receive.receive_nowait()
+                        taken += 1
+                    except trio.WouldBlock:
+                        dispatch = await self._receive.receive()
+                        taken = 0
+                else:  # runs that return without one (fail fast) cannot starve the loop
+                    dispatch = await self._receive.receive()
+                    taken = 0
             except trio.EndOfChannel:
                 return
             if self._closing:  # shutting down: leave it triggered for the next start
