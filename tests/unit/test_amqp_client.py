@@ -15,11 +15,13 @@ from pamqp import commands, frame
 
 from kairoi_trio.runners.amqp_client import (
     AmqpChannelError,
+    AmqpConnection,
     AmqpConnectionError,
     AmqpOptions,
     AmqpReturnedError,
     AmqpTimeoutError,
     AmqpUrl,
+    _Confirm,
     message_properties,
     open_amqp_connection,
     serve_amqp_connection,
@@ -279,6 +281,19 @@ async def test_frozen_broker_is_detected_by_heartbeats(nursery: trio.Nursery, ro
         assert not conn.is_open
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_settled_confirms_do_not_pile_up_behind_a_slow_one() -> None:
+    """The watchdog's deadlines drop settled publishes from anywhere, in order."""
+    conn = AmqpConnection(broker.URL)
+    waiters = [_Confirm() for _ in range(10)]
+    for i, waiter in enumerate(waiters):
+        conn._deadlines.append((float(i), 30.0, waiter))
+        if i % 3:  # 0, 3, 6, 9 stay unconfirmed, the front one among them
+            waiter.resolve()
+    conn._compact_deadlines()
+    assert [entry[2] for entry in conn._deadlines] == [waiters[i] for i in (0, 3, 6, 9)]
+    assert [entry[0] for entry in conn._deadlines] == [0.0, 3.0, 6.0, 9.0]
 
 
 async def test_confirms_that_do_not_come_time_out_from_the_call(

@@ -67,6 +67,7 @@ _HEARTBEAT_FRAME = frame.marshal(heartbeat.Heartbeat(), 0)
 _RECEIVE_SIZE = 256 * 1024
 _MAX_SEND_BATCH = 1024 * 1024
 _CLOSE_GRACE_S = 1.0
+_DEADLINES_SLACK = 1024  # see _compact_deadlines
 _MIN_FRAME = 4096  # AMQP's frame-min-size: what peers must accept before tuning
 _NOT_FOUND = 404
 
@@ -530,6 +531,8 @@ class AmqpConnection:
                         deadlines.popleft()  # settled: forgotten here, not by the watchdog
                     if not deadlines and self._deadline_added is not None:
                         self._deadline_added.set()
+                    elif len(deadlines) > 2 * self._in_flight + _DEADLINES_SLACK:
+                        self._compact_deadlines()
                     deadlines.append((deadline, timeout, waiter))
                 await waiter.event.wait()
                 if waiter.error is not None:
@@ -580,6 +583,18 @@ class AmqpConnection:
         self._in_flight += 1
         self._outbox.put(frames)
         return waiter
+
+    def _compact_deadlines(self) -> None:
+        """Drop settled entries from anywhere in `_deadlines`, keeping the order.
+
+        Settled ones are otherwise only dropped from the front: behind one slow
+        confirm, a whole `timeout` worth of publishes would stay. Called when
+        the deque holds over twice the publishes in flight (plus a slack), so
+        the cost per publish stays constant.
+        """
+        live = [entry for entry in self._deadlines if not entry[2].event.is_set()]
+        self._deadlines.clear()  # in place: the watchdog holds this deque
+        self._deadlines.extend(live)
 
     def _timeout_error(self, timeout: float, sent: bool) -> AmqpTimeoutError:
         what = "a confirm" if sent else "the broker to accept publishes"
