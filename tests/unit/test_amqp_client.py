@@ -15,11 +15,13 @@ from pamqp import commands, frame
 
 from kairoi_trio.runners.amqp_client import (
     AmqpChannelError,
+    AmqpConnection,
     AmqpConnectionError,
     AmqpOptions,
     AmqpReturnedError,
     AmqpTimeoutError,
     AmqpUrl,
+    _Confirm,
     message_properties,
     open_amqp_connection,
     serve_amqp_connection,
@@ -279,6 +281,59 @@ async def test_frozen_broker_is_detected_by_heartbeats(nursery: trio.Nursery, ro
         assert not conn.is_open
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_settled_confirms_do_not_pile_up_behind_a_slow_one() -> None:
+    """The watchdog's deadlines drop settled publishes from anywhere, in order."""
+    conn = AmqpConnection(broker.URL)
+    waiters = [_Confirm() for _ in range(10)]
+    for i, waiter in enumerate(waiters):
+        conn._deadlines.append((float(i), 30.0, waiter))
+        if i % 3:  # 0, 3, 6, 9 stay unconfirmed, the front one among them
+            waiter.resolve()
+    conn._compact_deadlines()
+    assert [entry[2] for entry in conn._deadlines] == [waiters[i] for i in (0, 3, 6, 9)]
+    assert [entry[0] for entry in conn._deadlines] == [0.0, 3.0, 6.0, 9.0]
+
+
+async def test_confirms_that_do_not_come_time_out_from_the_call(
+    nursery: trio.Nursery, admin: Admin, route: Route
+) -> None:
+    """A frozen broker confirms nothing: each publish fails at its own deadline, counted
+    from its call, whether the watchdog holds it (deadlines in order) or its own cancel
+    scope does (a shorter deadline behind a longer one); the connection stays usable."""
+    conn = await nursery.start(serve_amqp_connection, broker.URL, AmqpOptions(heartbeat_s=0))
+    await conn.publish(route.exchange, route.routing_key, b"warm-up")
+    waited: dict[bytes, float] = {}
+
+    async def publish(body: bytes, seconds: float) -> None:
+        started = trio.current_time()
+        with pytest.raises(AmqpTimeoutError, match=f"within {seconds:g}s waiting for a confirm$"):
+            await conn.publish(route.exchange, route.routing_key, body, timeout=seconds)
+        waited[body] = trio.current_time() - started
+
+    pid = broker.beam_pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as publishes:
+                publishes.start_soon(publish, b"long", 2.0)
+                await trio.sleep(0.1)
+                publishes.start_soon(publish, b"short", 0.5)  # behind a later deadline
+                publishes.start_soon(publish, b"long-2", 2.0)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert 0.5 <= waited[b"short"] < 1.5
+    assert 2.0 <= waited[b"long"] < 3.5
+    assert 2.0 <= waited[b"long-2"] < 3.5
+    assert conn.is_open
+    with trio.fail_after(10):
+        await conn.publish(route.exchange, route.routing_key, b"after", timeout=5)
+        await conn.wait_idle()
+    bodies = [m.body for m in await trio.to_thread.run_sync(admin.drain, route.queue)]
+    # All were sent (none lost by its timeout); "short" and "long-2" start in either order.
+    assert bodies[0] == b"warm-up" and bodies[-1] == b"after"
+    assert sorted(bodies[1:-1]) == [b"long", b"long-2", b"short"]
 
 
 async def test_blocked_connection_holds_publishes_until_unblocked(

@@ -12,9 +12,12 @@ import pytest
 import structlog.testing
 import trio
 from amqp_broker import Admin, Route
+from hypothesis import given
+from hypothesis import strategies as st
 from pamqp import commands
 
 from kairoi_trio.model import (
+    MAX_TIME_US,
     MIN_TIME_US,
     AmqpRunner,
     Job,
@@ -26,7 +29,7 @@ from kairoi_trio.model import (
     now_us,
     to_datetime,
 )
-from kairoi_trio.runners.amqp import AmqpRunnerBackend, split_dsn
+from kairoi_trio.runners.amqp import AmqpRunnerBackend, _time_text, split_dsn
 from kairoi_trio.runners.base import RunFailed
 
 # Stops, freezes or reconfigures the shared private node, or needs it as it should be:
@@ -409,6 +412,18 @@ async def test_a_bad_dsn_parameter_fails_the_run_with_a_reason(
     with pytest.raises(RunFailed) as info:
         await backend.run(job("j"), rule)
     assert info.value.message.startswith(reason)
+
+
+@given(st.integers(MIN_TIME_US - 2_000_000, MAX_TIME_US + 2_000_000))
+def test_header_times_are_format_time(us: int) -> None:
+    """The cached per-second formatting writes what format_time writes, and fails alike."""
+    try:
+        expected = format_time(us)
+    except ValueError:
+        with pytest.raises(ValueError):
+            _time_text(us)
+    else:
+        assert _time_text(us) == expected
 
 
 def test_split_dsn() -> None:

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import trio
 import trio.testing
 
-from kairoi_trio.commands import GetJob, Request, SetJob, SetRule, TriggerDue
+from kairoi_trio.commands import Dispatch, GetJob, Request, SetJob, SetRule, TriggerDue
 from kairoi_trio.core.actor import ActorClient, CommandActor
 from kairoi_trio.core.state import State
 from kairoi_trio.model import Job, Rule, ShellRunner, Status
-from kairoi_trio.runners.base import Runner
-from kairoi_trio.runners.pool import OUTCOME_RETRY_MAX_S, RunnerPool
+from kairoi_trio.runners.base import RunFailed, Runner
+from kairoi_trio.runners.pool import OUTCOME_RETRY_MAX_S, TAKES_PER_CHECKPOINT, RunnerPool
 from kairoi_trio.storage.records import JobStatus, Record
 
 RULE = Rule("r", "app.", ShellRunner("/bin/ok.sh"))
@@ -120,3 +120,35 @@ async def test_kept_outcomes_are_written_in_order_before_later_ones(
             r.id for r in h.log.records if isinstance(r, JobStatus) and r.status is Status.EXECUTED
         ]
         assert executed == ["app.1", "app.2", "app.3"]
+
+
+class FailsAtOnce(Runner):
+    """A run that never blocks (as one failing before any I/O does)."""
+
+    kind = "shell"
+
+    async def run(self, job: Job, rule: Rule) -> str:
+        raise RunFailed("fails at once")
+
+
+class NoStorage:
+    async def call_many(self, commands: list[object]) -> list[object]:
+        await trio.lowlevel.checkpoint()
+        return [None] * len(commands)
+
+
+async def test_runs_that_never_block_still_let_other_tasks_run() -> None:
+    """Queued jobs are taken without a checkpoint each, but never more than
+    TAKES_PER_CHECKPOINT in a row: a burst of failing runs does not starve the loop."""
+    jobs = 50 * TAKES_PER_CHECKPOINT
+    pool = RunnerPool(FailsAtOnce(), NoStorage(), concurrency=1, queue_size=jobs)  # type: ignore[arg-type]
+    for i in range(jobs):
+        pool.submit_nowait(Dispatch(Job(f"app.{i}", 0, attempts=1), RULE))
+    turns = 0
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        while pool.queued:
+            await trio.lowlevel.checkpoint()
+            turns += 1
+        nursery.cancel_scope.cancel()
+    assert turns >= jobs // (TAKES_PER_CHECKPOINT + 1) - 1  # one per 16 taken and 1 received

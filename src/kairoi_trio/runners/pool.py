@@ -21,7 +21,6 @@ import trio
 
 from kairoi_trio.commands import CommandError, Dispatch, RecordOutcome
 from kairoi_trio.core.actor import ActorClient, StorageUnavailable
-from kairoi_trio.model import Job, Rule
 from kairoi_trio.runners.base import RunFailed, Runner
 
 log = structlog.get_logger(__name__)
@@ -30,6 +29,10 @@ log = structlog.get_logger(__name__)
 # again, doubling after each failure up to the maximum.
 OUTCOME_RETRY_INITIAL_S = 0.1
 OUTCOME_RETRY_MAX_S = 5.0
+
+# A worker takes at most this many queued jobs in a row without a checkpoint of
+# its own: a run that never blocks (one failing at once) yields at least this often.
+TAKES_PER_CHECKPOINT = 16
 
 
 class RunnerPool:
@@ -153,20 +156,34 @@ class RunnerPool:
         self._runs_scope.cancel()
 
     async def _worker(self) -> None:
+        taken = 0  # jobs taken since receive() last checkpointed
         while True:
             try:
-                dispatch = await self._receive.receive()
+                if taken < TAKES_PER_CHECKPOINT:
+                    # A queued job is taken without receive()'s checkpoint (a full trip
+                    # through the scheduler per job): the run itself checkpoints.
+                    try:
+                        dispatch = self._receive.receive_nowait()
+                        taken += 1
+                    except trio.WouldBlock:
+                        dispatch = await self._receive.receive()
+                        taken = 0
+                else:  # runs that return without one (fail fast) cannot starve the loop
+                    dispatch = await self._receive.receive()
+                    taken = 0
             except trio.EndOfChannel:
                 return
             if self._closing:  # shutting down: leave it triggered for the next start
                 continue
             self.running += 1
-            self._signal()
+            self._signal()  # room in the queue: the dispatcher may be waiting for it
             try:
                 await self._run_one(dispatch)
             finally:
                 self.running -= 1
-                self._signal()
+                # Only drain waits for runs to end; no signal per run otherwise.
+                if self._closing:
+                    self._signal()
 
     def _signal(self) -> None:
         self.capacity_changed.set()
@@ -176,12 +193,21 @@ class RunnerPool:
         job, rule = dispatch.job, dispatch.rule
         timeout = rule.policy.timeout_s
         started = time.monotonic()
-        if timeout is None:  # no cancel scope: measurably cheaper per run
-            ok, message = await self._attempt(job, rule)
-        else:
-            ok, message = False, f"timed out after {timeout}s"
-            with trio.move_on_after(timeout):
-                ok, message = await self._attempt(job, rule)
+        ok = False
+        try:
+            if timeout is None:  # no cancel scope: measurably cheaper per run
+                message = await self.runner.run(job, rule)
+                ok = True
+            else:
+                message = f"timed out after {timeout}s"
+                with trio.move_on_after(timeout):
+                    message = await self.runner.run(job, rule)
+                    ok = True
+        except RunFailed as failure:
+            message = failure.message
+        except Exception as error:  # a runner bug fails the job, not the server
+            log.exception("runner crashed", kind=self.kind, job=job.id)
+            message = f"runner error: {error!r}"
         elapsed = time.monotonic() - started
         if self._observe_run is not None:
             self._observe_run(self.kind, ok, elapsed)
@@ -197,15 +223,6 @@ class RunnerPool:
         )
         self._outcomes.append(RecordOutcome(job.id, job.attempts, ok, message, rule.policy))
         self._outcomes_waiting.set()
-
-    async def _attempt(self, job: Job, rule: Rule) -> tuple[bool, str]:
-        try:
-            return True, await self.runner.run(job, rule)
-        except RunFailed as failure:
-            return False, failure.message
-        except Exception as error:  # a runner bug fails the job, not the server
-            log.exception("runner crashed", kind=self.kind, job=job.id)
-            return False, f"runner error: {error!r}"
 
 
 class RunnerPools:
