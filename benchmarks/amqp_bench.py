@@ -150,14 +150,16 @@ class Server:
         return sum(1 for line in list(self.lines) if needle in line)
 
     def events(self, name: str) -> list[dict]:
-        needle = f'"event": "{name}"'
+        needle = f'"{name}"'  # a cheap filter; the JSON says whether it is the event
         out = []
         for line in list(self.lines):
             if needle in line:
                 try:
-                    out.append(json.loads(line))
+                    event = json.loads(line)
                 except ValueError:
-                    pass
+                    continue
+                if event.get("event") == name:
+                    out.append(event)
         return out
 
     def stop(self) -> None:
