@@ -1,7 +1,9 @@
-"""Fixtures for end-to-end tests: a real `kairoi-trio serve` process per test."""
+"""Fixtures for end-to-end tests: a real `kairoi-trio serve` process per test,
+or one per module shared by the tests that need no fresh one (`shared_server`)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -74,4 +76,81 @@ def server(make_server: Callable[..., ServerProcess]) -> ServerProcess:
 @pytest.fixture
 def kcp(server: ServerProcess) -> Iterator[KcpClient]:
     with KcpClient(server.kcp_port) as client:
+        yield client
+
+
+class SharedServers:
+    """The servers the tests of one module share: one per store, started when
+    the first test asks for it and killed when the module is done (in each
+    xdist worker that runs some of the module's tests)."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.servers: dict[str, ServerProcess] = {}
+        self.databases: list[str] = []
+
+    def get(self, backend: str) -> ServerProcess:
+        server = self.servers.get(backend)
+        if server is None or server.process is None or server.process.poll() is not None:
+            dsn = None
+            if backend == "postgres":
+                dsn = pg.fresh_database("shared")
+                self.databases.append(dsn)
+            workdir = self.base / f"{backend}-{len(self.databases)}-{len(self.servers)}"
+            server = ServerProcess(workdir, postgres_dsn=dsn)
+            self.servers[backend] = server
+            server.start()
+        return server
+
+    def close(self) -> None:
+        for server in self.servers.values():
+            server.kill()
+        for dsn in self.databases:
+            pg.drop_database(dsn)
+
+
+@pytest.fixture(scope="module")
+def _shared_servers(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SharedServers]:
+    shared = SharedServers(tmp_path_factory.mktemp(f"shared-{request.module.__name__}"))
+    try:
+        yield shared
+    finally:
+        shared.close()
+
+
+@pytest.fixture
+def shared_server(_shared_servers: SharedServers, backend: str) -> Iterator[ServerProcess]:
+    """The module's server on this test's store, on the default configuration,
+    shared with the module's other tests: a test on it keeps to its own ids
+    (`prefix`), and does not stop, restart or reconfigure it, nor read what is
+    global (INFO counts, a LIST of everything, a rule matching every id,
+    metrics totals, log lines not filtered by its own ids)."""
+    server = _shared_servers.get(backend)
+    yield server
+    assert server.process is not None
+    if server.process.poll() is not None:  # the next test gets a new one
+        pytest.fail(
+            f"the shared server exited ({server.process.returncode}) during this test:\n"
+            + "\n".join(server.lines[-50:])
+        )
+
+
+@pytest.fixture
+def prefix(request: pytest.FixtureRequest) -> str:
+    """This test's own start for job and rule ids on a shared server: its name
+    without "test_", with a digest of its parameters other than the store, and
+    a dot ("ping_and_version."). No test's prefix starts another's."""
+    name = request.node.originalname.removeprefix("test_")
+    callspec = getattr(request.node, "callspec", None)
+    params = {k: v for k, v in (callspec.params if callspec else {}).items() if k != "backend"}
+    if params:
+        name += "-" + hashlib.sha1(repr(sorted(params.items())).encode()).hexdigest()[:8]
+    return name + "."
+
+
+@pytest.fixture
+def shared_kcp(shared_server: ServerProcess) -> Iterator[KcpClient]:
+    with KcpClient(shared_server.kcp_port) as client:
         yield client

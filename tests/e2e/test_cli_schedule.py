@@ -3,7 +3,9 @@
 The first test runs each command as a `python -m kairoi_trio` process talking
 gRPC to a real server process (helpers of test_grpc_cli.py's kind); the others
 call the same `main` in this process (a new process costs a second per command,
-the suite's time budget is 10 minutes), still against the real server.
+the suite's time budget is 10 minutes), still against the real server: the
+module's shared one (`shared_server`, tests/e2e/conftest.py), each test with
+job and rule ids of its own (`prefix`).
 """
 
 from __future__ import annotations
@@ -66,31 +68,34 @@ def cli_json(server: ServerProcess, *args: str) -> dict:
 PARIS = ("--tz", "Europe/Paris", "--start", "2031-03-28T00:00:00Z")
 
 
-def test_schedule_then_get_shows_the_schedule(server: ServerProcess) -> None:
+def test_schedule_then_get_shows_the_schedule(shared_server: ServerProcess, prefix: str) -> None:
+    server = shared_server
     scheduled = cli_process(
-        server, "job", "schedule", "app.r", "0 9 * * *", *PARIS, "--payload", "hi"
+        server, "job", "schedule", f"{prefix}app.r", "0 9 * * *", *PARIS, "--payload", "hi"
     )
     assert scheduled.returncode == 0 and scheduled.stdout == "OK\n", scheduled.stderr
-    assert cli_process(server, "job", "get", "app.r").stdout == (
-        "app.r\tplanned\t2031-03-28 08:00:00\tattempts=0\tschedule=0 9 * * *\ttz=Europe/Paris"
+    assert cli_process(server, "job", "get", f"{prefix}app.r").stdout == (
+        f"{prefix}app.r\tplanned\t2031-03-28 08:00:00\tattempts=0"
+        "\tschedule=0 9 * * *\ttz=Europe/Paris"
         "\truns=0\tscheduled_at=2031-03-28 08:00:00\tstart=2031-03-28 00:00:00\tpayload=hi\n"
     )
     # A one-shot job's line is unchanged.
-    ok(server, "job", "set", "app.once", "2031-01-01 00:00:00")
-    assert ok(server, "job", "get", "app.once") == (
-        "app.once\tplanned\t2031-01-01 00:00:00\tattempts=0\n"
+    ok(server, "job", "set", f"{prefix}app.once", "2031-01-01 00:00:00")
+    assert ok(server, "job", "get", f"{prefix}app.once") == (
+        f"{prefix}app.once\tplanned\t2031-01-01 00:00:00\tattempts=0\n"
     )
-    assert cli_json(server, "job", "get", "app.once")["schedule"] is None
+    assert cli_json(server, "job", "get", f"{prefix}app.once")["schedule"] is None
 
 
-def test_every_option_reaches_the_server(server: ServerProcess) -> None:
+def test_every_option_reaches_the_server(shared_server: ServerProcess, prefix: str) -> None:
+    server = shared_server
     job = cli_json(
         server,
-        *("job", "schedule", "app.all", "*/15 * * * *", "--start", "2031-03-28 00:00:00"),
+        *("job", "schedule", f"{prefix}app.all", "*/15 * * * *", "--start", "2031-03-28 00:00:00"),
         *("--end", "2031-12-31T00:00:00Z", "--max-runs", "3", "--jitter", "1.5"),
         *("--misfire", "all", "--catchup-window", "1h30m", "--overlap", "buffer_one"),
     )
-    assert job["id"] == "app.all" and job["status"] == "planned"
+    assert job["id"] == f"{prefix}app.all" and job["status"] == "planned"
     assert job["schedule"] == {
         "expression": "*/15 * * * *",
         "time_zone": "UTC",
@@ -106,8 +111,8 @@ def test_every_option_reaches_the_server(server: ServerProcess) -> None:
         "skipped": 0,
         "scheduled_at": "2031-03-28T00:00:00.000000Z",
     }
-    assert cli_json(server, "job", "get", "app.all") == job
-    line = ok(server, "job", "get", "app.all").rstrip("\n").split("\t")
+    assert cli_json(server, "job", "get", f"{prefix}app.all") == job
+    line = ok(server, "job", "get", f"{prefix}app.all").rstrip("\n").split("\t")
     assert line[4:] == [
         "schedule=*/15 * * * *",
         "tz=UTC",
@@ -123,19 +128,20 @@ def test_every_option_reaches_the_server(server: ServerProcess) -> None:
     ]
 
 
-def test_next_prints_utc_and_the_schedules_zone(server: ServerProcess) -> None:
-    ok(server, "job", "schedule", "app.r", "0 9 * * *", *PARIS)
-    assert ok(server, "job", "next", "app.r", "-n", "5") == (
+def test_next_prints_utc_and_the_schedules_zone(shared_server: ServerProcess, prefix: str) -> None:
+    server = shared_server
+    ok(server, "job", "schedule", f"{prefix}app.r", "0 9 * * *", *PARIS)
+    assert ok(server, "job", "next", f"{prefix}app.r", "-n", "5") == (
         "2031-03-28T08:00:00Z (2031-03-28T09:00:00+01:00 Europe/Paris)\n"
         "2031-03-29T08:00:00Z (2031-03-29T09:00:00+01:00 Europe/Paris)\n"
         "2031-03-30T07:00:00Z (2031-03-30T09:00:00+02:00 Europe/Paris)\n"
         "2031-03-31T07:00:00Z (2031-03-31T09:00:00+02:00 Europe/Paris)\n"
         "2031-04-01T07:00:00Z (2031-04-01T09:00:00+02:00 Europe/Paris)\n"
     )
-    assert len(ok(server, "job", "next", "app.r").splitlines()) == 5  # the default
-    document = cli_json(server, "job", "next", "app.r", "-n", "2")
+    assert len(ok(server, "job", "next", f"{prefix}app.r").splitlines()) == 5  # the default
+    document = cli_json(server, "job", "next", f"{prefix}app.r", "-n", "2")
     assert document == {
-        "id": "app.r",
+        "id": f"{prefix}app.r",
         "time_zone": "Europe/Paris",
         "occurrences": [
             {"at": "2031-03-28T08:00:00.000000Z", "local": "2031-03-28T09:00:00+01:00"},
@@ -144,48 +150,56 @@ def test_next_prints_utc_and_the_schedules_zone(server: ServerProcess) -> None:
     }
 
 
-def test_pause_resume_and_run_now(server: ServerProcess, tmp_path: Path) -> None:
+def test_pause_resume_and_run_now(
+    shared_server: ServerProcess, prefix: str, tmp_path: Path
+) -> None:
+    server = shared_server
     runs = tmp_path / "runs.txt"
     script = tmp_path / "record.sh"
     script.write_text(f'echo "$1" >> {runs}\n')
-    ok(server, "rule", "set", "r", "app.", "shell", str(script))
-    ok(server, "job", "schedule", "app.h", "every 1h")
-    planned = cli_json(server, "job", "get", "app.h")
+    ok(server, "rule", "set", f"{prefix}r", f"{prefix}app.", "shell", str(script))
+    ok(server, "job", "schedule", f"{prefix}app.h", "every 1h")
+    planned = cli_json(server, "job", "get", f"{prefix}app.h")
 
-    assert ok(server, "job", "pause", "app.h") == "OK\n"
-    assert "\tpaused=true" in ok(server, "job", "get", "app.h")
-    assert cli_json(server, "job", "resume", "app.h")["schedule"]["paused"] is False
-    assert "paused" not in ok(server, "job", "get", "app.h")
-    assert cli_json(server, "job", "pause", "app.h")["schedule"]["paused"] is True
-    assert ok(server, "job", "resume", "app.h") == "OK\n"
+    assert ok(server, "job", "pause", f"{prefix}app.h") == "OK\n"
+    assert "\tpaused=true" in ok(server, "job", "get", f"{prefix}app.h")
+    assert cli_json(server, "job", "resume", f"{prefix}app.h")["schedule"]["paused"] is False
+    assert "paused" not in ok(server, "job", "get", f"{prefix}app.h")
+    assert cli_json(server, "job", "pause", f"{prefix}app.h")["schedule"]["paused"] is True
+    assert ok(server, "job", "resume", f"{prefix}app.h") == "OK\n"
 
-    assert ok(server, "job", "run-now", "app.h") == "OK\n"
-    wait_for(lambda: runs.exists() and runs.read_text() == "app.h\n")
+    assert ok(server, "job", "run-now", f"{prefix}app.h") == "OK\n"
+    wait_for(lambda: runs.exists() and runs.read_text() == f"{prefix}app.h\n")
     after = wait_for(
         lambda: (
-            (job := cli_json(server, "job", "get", "app.h"))["schedule"]["runs"] == 1
+            (job := cli_json(server, "job", "get", f"{prefix}app.h"))["schedule"]["runs"] == 1
             and job["status"] == "planned"
             and job
         )
     )
     assert after["execute_at"] == planned["execute_at"]  # the schedule goes on as planned
-    job = cli_json(server, "job", "run-now", "app.h")
+    job = cli_json(server, "job", "run-now", f"{prefix}app.h")
     assert job["status"] in ("planned", "triggered")
-    wait_for(lambda: runs.read_text() == "app.h\napp.h\n")
+    wait_for(lambda: runs.read_text() == f"{prefix}app.h\n{prefix}app.h\n")
 
 
-def test_errors_of_the_server_are_named(server: ServerProcess) -> None:
-    bad = cli(server, "job", "schedule", "app.x", "61 * * * *")
+def test_errors_of_the_server_are_named(shared_server: ServerProcess, prefix: str) -> None:
+    server = shared_server
+    bad = cli(server, "job", "schedule", f"{prefix}app.x", "61 * * * *")
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr.startswith("kairoi-trio: INVALID_ARGUMENT: bad cron expression '61 * * * *'")
-    zone = cli(server, "job", "schedule", "app.x", "@daily", "--tz", "Mars/Olympus")
+    zone = cli(server, "job", "schedule", f"{prefix}app.x", "@daily", "--tz", "Mars/Olympus")
     assert zone.returncode == 1 and "unknown time zone 'Mars/Olympus'" in zone.stderr
-    ok(server, "job", "set", "app.once", "2031-01-01 00:00:00")
-    for args in (("pause", "app.once"), ("run-now", "app.once"), ("next", "app.once")):
+    ok(server, "job", "set", f"{prefix}app.once", "2031-01-01 00:00:00")
+    for args in (
+        ("pause", f"{prefix}app.once"),
+        ("run-now", f"{prefix}app.once"),
+        ("next", f"{prefix}app.once"),
+    ):
         done = cli(server, "job", *args)
         assert done.returncode == 1
         assert done.stderr.startswith("kairoi-trio: FAILED_PRECONDITION: "), done.stderr
-    missing = cli(server, "job", "next", "app.none")
+    missing = cli(server, "job", "next", f"{prefix}app.none")
     assert missing.returncode == 1 and missing.stderr.startswith("kairoi-trio: NOT_FOUND: ")
 
 

@@ -4,11 +4,17 @@ Clients run in the test process (the server is another process): the typed
 Python client from clients/python, the raw generated stubs where a test needs
 to send what the typed client would never build, KCP for cross-protocol
 checks, and the Node.js example through node.
+
+Most tests share the module's server (`shared_server`, tests/e2e/conftest.py),
+each with job and rule ids of its own (`prefix`); a test that configures or
+stops its server, fills its store, or reads what is global (INFO counts, a list
+of every job or rule) starts a fresh one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import resource
 import shutil
 import subprocess
@@ -72,6 +78,18 @@ def stub(server: ServerProcess) -> Iterator[pb_grpc.SchedulerStub]:
 
 
 @pytest.fixture
+def shared_client(shared_server: ServerProcess) -> Iterator[Client]:
+    with Client(f"127.0.0.1:{shared_server.grpc_port}") as c:
+        yield c
+
+
+@pytest.fixture
+def shared_stub(shared_server: ServerProcess) -> Iterator[pb_grpc.SchedulerStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{shared_server.grpc_port}") as channel:
+        yield pb_grpc.SchedulerStub(channel)
+
+
+@pytest.fixture
 def scripts(tmp_path: Path) -> dict[str, str]:
     """Shell runner commands: `sh <command> <job_id>` runs these scripts."""
     paths = {}
@@ -105,24 +123,25 @@ def collect(watch: JobWatch, count: int, into: list[JobEvent]) -> threading.Thre
 # -- jobs -------------------------------------------------------------------------------------
 
 
-def test_set_get_delete_job(client: Client) -> None:
-    job = client.set_job("app.a", LATER, b"\x00payload")
+def test_set_get_delete_job(shared_client: Client, prefix: str) -> None:
+    client, a = shared_client, f"{prefix}app.a"
+    job = client.set_job(a, LATER, b"\x00payload")
     assert (job.id, job.execute_at, job.status, job.payload) == (
-        "app.a",
+        a,
         LATER,
         JobStatus.PLANNED,
         b"\x00payload",
     )
     assert job.attempts == 0 and job.updated_at is not None
-    assert client.get_job("app.a") == job
-    replaced = client.set_job("app.a", PAST.replace(year=2041))
+    assert client.get_job(a) == job
+    replaced = client.set_job(a, PAST.replace(year=2041))
     assert replaced.execute_at == datetime(2041, 5, 26, 22, 26, 18, tzinfo=UTC)
     assert replaced.payload == b""
-    client.delete_job("app.a")
-    with pytest.raises(NotFound, match="no job app.a"):
-        client.get_job("app.a")
+    client.delete_job(a)
+    with pytest.raises(NotFound, match=f"no job {re.escape(a)}"):
+        client.get_job(a)
     with pytest.raises(NotFound):
-        client.delete_job("app.a")
+        client.delete_job(a)
 
 
 def test_job_errors(make_server: Callable[..., ServerProcess], scripts: dict[str, str]) -> None:
@@ -143,10 +162,13 @@ def test_job_errors(make_server: Callable[..., ServerProcess], scripts: dict[str
             client.delete_job("slow.1")
 
 
-def test_raw_requests_the_typed_client_would_not_send(stub: pb_grpc.SchedulerStub) -> None:
-    no_time = pb.SetJobRequest(id="a")
+def test_raw_requests_the_typed_client_would_not_send(
+    shared_stub: pb_grpc.SchedulerStub, prefix: str
+) -> None:
+    stub = shared_stub
+    no_time = pb.SetJobRequest(id=f"{prefix}a")
     assert code_of(lambda: stub.SetJob(no_time)) is grpc.StatusCode.INVALID_ARGUMENT
-    year_10000 = pb.SetJobRequest(id="a", execute_at=Timestamp(seconds=253_402_300_800))
+    year_10000 = pb.SetJobRequest(id=f"{prefix}a", execute_at=Timestamp(seconds=253_402_300_800))
     assert code_of(lambda: stub.SetJob(year_10000)) is grpc.StatusCode.INVALID_ARGUMENT
     bad_status = pb.ListJobsRequest(status=17)
     assert code_of(lambda: stub.ListJobs(bad_status)) is grpc.StatusCode.INVALID_ARGUMENT
@@ -154,29 +176,32 @@ def test_raw_requests_the_typed_client_would_not_send(stub: pb_grpc.SchedulerStu
     assert code_of(lambda: stub.ListJobs(negative)) is grpc.StatusCode.INVALID_ARGUMENT
     negative_rules = pb.ListRulesRequest(page_size=-5)
     assert code_of(lambda: stub.ListRules(negative_rules)) is grpc.StatusCode.INVALID_ARGUMENT
-    no_runner = pb.SetRuleRequest(rule=pb.Rule(id="r", pattern="a"))
+    no_runner = pb.SetRuleRequest(rule=pb.Rule(id=f"{prefix}r", pattern=f"{prefix}a"))
     assert code_of(lambda: stub.SetRule(no_runner)) is grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_batch_with_good_and_bad_jobs(client: Client, scripts: dict[str, str]) -> None:
-    client.set_rule(Rule("slow", "slow.", ShellRunner(scripts["slow"])))
-    client.set_job("slow.1", PAST)
-    wait_for(lambda: client.get_job("slow.1").status is JobStatus.TRIGGERED)
+def test_batch_with_good_and_bad_jobs(
+    shared_client: Client, prefix: str, scripts: dict[str, str]
+) -> None:
+    client, p = shared_client, prefix
+    client.set_rule(Rule(f"{p}slow", f"{p}slow.", ShellRunner(scripts["slow"])))
+    client.set_job(f"{p}slow.1", PAST)
+    wait_for(lambda: client.get_job(f"{p}slow.1").status is JobStatus.TRIGGERED)
     results = client.set_jobs(
         [
-            ("b.1", LATER),
+            (f"{p}b.1", LATER),
             ("", LATER),
-            ("b.2", LATER, b"p"),
-            ("slow.1", LATER),
-            ("b.1", LATER + timedelta(days=1)),  # a later entry for the same id wins
+            (f"{p}b.2", LATER, b"p"),
+            (f"{p}slow.1", LATER),
+            (f"{p}b.1", LATER + timedelta(days=1)),  # a later entry for the same id wins
         ]
     )
     assert [r.ok for r in results] == [True, False, True, False, True]
     assert isinstance(results[1].error, InvalidArgument)
     assert isinstance(results[3].error, FailedPrecondition)
-    assert client.get_job("b.1").execute_at == LATER + timedelta(days=1)
-    assert client.get_job("b.2").payload == b"p"
-    assert client.get_job("slow.1").status is JobStatus.TRIGGERED
+    assert client.get_job(f"{p}b.1").execute_at == LATER + timedelta(days=1)
+    assert client.get_job(f"{p}b.2").payload == b"p"
+    assert client.get_job(f"{p}slow.1").status is JobStatus.TRIGGERED
 
 
 def test_bulk_stream(client: Client) -> None:
@@ -277,44 +302,46 @@ def test_server_info(client: Client) -> None:
 
 
 def test_watch_sees_kcp_jobs_set_trigger_and_run(
-    client: Client, kcp: KcpClient, scripts: dict[str, str]
+    shared_client: Client, shared_kcp: KcpClient, prefix: str, scripts: dict[str, str]
 ) -> None:
-    assert kcp.request("RULE", "SET", "ok", "w.ok.", "shell", scripts["ok"]) == ["OK"]
-    assert kcp.request("RULE", "SET", "fail", "w.fail.", "shell", scripts["fail"]) == ["OK"]
+    client, kcp, p = shared_client, shared_kcp, prefix
+    assert kcp.request("RULE", "SET", f"{p}ok", f"{p}w.ok.", "shell", scripts["ok"]) == ["OK"]
+    assert kcp.request("RULE", "SET", f"{p}fail", f"{p}w.fail.", "shell", scripts["fail"]) == ["OK"]
     events: list[JobEvent] = []
-    with client.watch_jobs("w.") as watch:
+    with client.watch_jobs(f"{p}w.") as watch:
         reader = collect(watch, 8, events)
-        assert kcp.request("SET", "w.ok.1", "2020-05-26 22:26:18") == ["OK"]
-        assert kcp.request("SET", "w.fail.1", "2020-05-26 22:26:18") == ["OK"]
-        assert kcp.request("SET", "other.1", "2020-05-26 22:26:18") == ["OK"]  # not watched
-        assert kcp.request("SET", "w.later", "2040-01-01 00:00:00") == ["OK"]
-        assert kcp.request("UNSET", "w.later") == ["OK"]
+        assert kcp.request("SET", f"{p}w.ok.1", "2020-05-26 22:26:18") == ["OK"]
+        assert kcp.request("SET", f"{p}w.fail.1", "2020-05-26 22:26:18") == ["OK"]
+        assert kcp.request("SET", f"{p}other.1", "2020-05-26 22:26:18") == ["OK"]  # not watched
+        assert kcp.request("SET", f"{p}w.later", "2040-01-01 00:00:00") == ["OK"]
+        assert kcp.request("UNSET", f"{p}w.later") == ["OK"]
         reader.join(15)
     by_job: dict[str, list[EventType]] = {}
     for event in events:
         by_job.setdefault(event.job.id, []).append(event.type)
         assert event.at is not None and not event.snapshot
     assert by_job == {
-        "w.ok.1": [EventType.SET, EventType.TRIGGERED, EventType.EXECUTED],
-        "w.fail.1": [EventType.SET, EventType.TRIGGERED, EventType.FAILED],
-        "w.later": [EventType.SET, EventType.DELETED],
+        f"{p}w.ok.1": [EventType.SET, EventType.TRIGGERED, EventType.EXECUTED],
+        f"{p}w.fail.1": [EventType.SET, EventType.TRIGGERED, EventType.FAILED],
+        f"{p}w.later": [EventType.SET, EventType.DELETED],
     }
     failed = next(e for e in events if e.type is EventType.FAILED)
     assert failed.job.last_outcome and failed.job.attempts == 1
 
 
-def test_watch_snapshot_then_changes(client: Client) -> None:
-    client.set_jobs_batched([("s.1", LATER), ("s.2", LATER), ("t.1", LATER)])
-    with client.watch_jobs("s.", include_snapshot=True) as watch:
+def test_watch_snapshot_then_changes(shared_client: Client, prefix: str) -> None:
+    client, p = shared_client, prefix
+    client.set_jobs_batched([(f"{p}s.1", LATER), (f"{p}s.2", LATER), (f"{p}t.1", LATER)])
+    with client.watch_jobs(f"{p}s.", include_snapshot=True) as watch:
         snapshot = next(watch.batches())
         assert [(e.job.id, e.type, e.snapshot) for e in snapshot] == [
-            ("s.1", EventType.SET, True),
-            ("s.2", EventType.SET, True),
+            (f"{p}s.1", EventType.SET, True),
+            (f"{p}s.2", EventType.SET, True),
         ]
-        client.set_job("s.3", LATER)
+        client.set_job(f"{p}s.3", LATER)
         event = next(watch)
-        assert (event.job.id, event.type, event.snapshot) == ("s.3", EventType.SET, False)
-    with client.watch_jobs("none.", include_snapshot=True) as watch:
+        assert (event.job.id, event.type, event.snapshot) == (f"{p}s.3", EventType.SET, False)
+    with client.watch_jobs(f"{p}none.", include_snapshot=True) as watch:
         assert next(watch.batches()) == []  # an empty snapshot still says "snapshot done"
 
 
@@ -351,8 +378,8 @@ def test_watch_keeps_up_with_a_burst(client: Client) -> None:
 # -- standard services, auth, other clients -----------------------------------------------------
 
 
-def test_health_and_reflection(server: ServerProcess) -> None:
-    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+def test_health_and_reflection(shared_server: ServerProcess) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{shared_server.grpc_port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "kairoi.v1.Scheduler"):
             response = health.Check(health_pb2.HealthCheckRequest(service=service))
@@ -386,18 +413,20 @@ def test_tokens(make_server: Callable[..., ServerProcess]) -> None:
         assert health.Check(health_pb2.HealthCheckRequest()).status == 1
 
 
-def test_async_client(server: ServerProcess) -> None:
+def test_async_client(shared_server: ServerProcess, prefix: str) -> None:
+    p = f"{prefix}async."
+
     async def main() -> list[str]:
-        async with AsyncClient(f"127.0.0.1:{server.grpc_port}") as client:
-            watch = await client.watch_jobs("async.")
-            await client.set_job("async.1", LATER, b"a")
-            assert (await client.get_job("async.1")).payload == b"a"
-            result = await client.set_jobs_batched((f"async.{i}", LATER) for i in range(2, 1500))
+        async with AsyncClient(f"127.0.0.1:{shared_server.grpc_port}") as client:
+            watch = await client.watch_jobs(p)
+            await client.set_job(f"{p}1", LATER, b"a")
+            assert (await client.get_job(f"{p}1")).payload == b"a"
+            result = await client.set_jobs_batched((f"{p}{i}", LATER) for i in range(2, 1500))
             assert result.accepted == 1498
-            ids = [job.id async for job in client.list_jobs("async.", page_size=500)]
+            ids = [job.id async for job in client.list_jobs(p, page_size=500)]
             assert len(ids) == 1499
             try:
-                await client.get_job("async.nope")
+                await client.get_job(f"{p}nope")
             except NotFound:
                 pass
             seen = []
@@ -409,12 +438,13 @@ def test_async_client(server: ServerProcess) -> None:
             return seen
 
     seen = asyncio.run(main())
-    assert seen[0] == "async.1" and len(set(seen)) == 1499
+    assert seen[0] == f"{p}1" and len(set(seen)) == 1499
 
 
 @pytest.mark.backends("log")  # a client example: the store does not matter, and its
 # `npm install` in clients/node must not run twice at once (two xdist workers)
-def test_node_example(server: ServerProcess, tmp_path: Path) -> None:
+def test_node_example(shared_server: ServerProcess, prefix: str) -> None:
+    server, job = shared_server, f"{prefix}node.job.1"
     npm, node = shutil.which("npm"), shutil.which("node")
     if npm is None or node is None:
         pytest.skip("npm and node are needed for the Node.js example")
@@ -429,47 +459,48 @@ def test_node_example(server: ServerProcess, tmp_path: Path) -> None:
             timeout=300,
         )
     done = subprocess.run(
-        [node, "example.js", f"127.0.0.1:{server.grpc_port}", "node.job.1"],
+        [node, "example.js", f"127.0.0.1:{server.grpc_port}", job],
         cwd=example,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    assert '"id":"node.job.1"' in done.stdout and '"status":"JOB_STATUS_PLANNED"' in done.stdout
+    assert f'"id":"{job}"' in done.stdout and '"status":"JOB_STATUS_PLANNED"' in done.stdout
     with Client(f"127.0.0.1:{server.grpc_port}") as client:
-        assert client.get_job("node.job.1").payload == b"hello from node"
+        assert client.get_job(job).payload == b"hello from node"
 
 
 # -- both protocols, one state ----------------------------------------------------------------
 
 
 def test_cross_protocol_consistency(
-    client: Client, kcp: KcpClient, scripts: dict[str, str]
+    shared_client: Client, shared_kcp: KcpClient, prefix: str, scripts: dict[str, str]
 ) -> None:
+    client, kcp, p = shared_client, shared_kcp, prefix
     # A job set over KCP is visible and deletable over gRPC.
-    assert kcp.request("SET", "x.kcp", "2040-01-01 12:00:00.000001", "pay load") == ["OK"]
-    job = client.get_job("x.kcp")
+    assert kcp.request("SET", f"{p}x.kcp", "2040-01-01 12:00:00.000001", "pay load") == ["OK"]
+    job = client.get_job(f"{p}x.kcp")
     assert job.execute_at == datetime(2040, 1, 1, 12, 0, 0, 1, tzinfo=UTC)
     assert job.payload == b"pay load"
-    client.delete_job("x.kcp")
-    assert kcp.request("GET", "x.kcp")[0] == "ERROR"
+    client.delete_job(f"{p}x.kcp")
+    assert kcp.request("GET", f"{p}x.kcp")[0] == "ERROR"
 
     # And the other way round.
-    client.set_job("x.grpc", datetime(2040, 1, 1, 12, 0, 0), b"p")
-    assert kcp.request("GET", "x.grpc")[:2] == ["OK", "planned"]
-    assert kcp.request("UNSET", "x.grpc") == ["OK"]
+    client.set_job(f"{p}x.grpc", datetime(2040, 1, 1, 12, 0, 0), b"p")
+    assert kcp.request("GET", f"{p}x.grpc")[:2] == ["OK", "planned"]
+    assert kcp.request("UNSET", f"{p}x.grpc") == ["OK"]
     with pytest.raises(NotFound):
-        client.get_job("x.grpc")
+        client.get_job(f"{p}x.grpc")
 
     # Rules set either way pair jobs set either way.
-    assert kcp.request("RULE", "SET", "kr", "k.", "shell", scripts["ok"]) == ["OK"]
-    client.set_rule(Rule("gr", "g.", ShellRunner(scripts["ok"])))
-    assert client.get_rule("kr").runner == ShellRunner(scripts["ok"])
-    assert kcp.request("RULE", "GET", "gr")[0] == "OK"
-    client.set_job("k.from-grpc", PAST)
-    assert kcp.request("SET", "g.from-kcp", "2020-05-26 22:26:18") == ["OK"]
-    for job_id in ("k.from-grpc", "g.from-kcp"):
+    assert kcp.request("RULE", "SET", f"{p}kr", f"{p}k.", "shell", scripts["ok"]) == ["OK"]
+    client.set_rule(Rule(f"{p}gr", f"{p}g.", ShellRunner(scripts["ok"])))
+    assert client.get_rule(f"{p}kr").runner == ShellRunner(scripts["ok"])
+    assert kcp.request("RULE", "GET", f"{p}gr")[0] == "OK"
+    client.set_job(f"{p}k.from-grpc", PAST)
+    assert kcp.request("SET", f"{p}g.from-kcp", "2020-05-26 22:26:18") == ["OK"]
+    for job_id in (f"{p}k.from-grpc", f"{p}g.from-kcp"):
         wait_for(lambda job_id=job_id: client.get_job(job_id).status is JobStatus.EXECUTED)
         assert kcp.request("GET", job_id)[:2] == ["OK", "executed"]
 

@@ -2,6 +2,11 @@
 
 Each command is a `python -m kairoi_trio` process talking gRPC to a real
 server process; KCP cross-checks what reached the server.
+
+Most tests share the module's server (`shared_server`, tests/e2e/conftest.py),
+each with job and rule ids of its own (`prefix`); a test that configures its
+server or reads what is global (`info` counts, a list of every rule) starts a
+fresh one.
 """
 
 from __future__ import annotations
@@ -79,29 +84,34 @@ def test_job_and_rule_subcommands(server: ServerProcess) -> None:
     assert missing.stdout == ""
 
 
-def test_times_in_either_form_and_payloads_from_a_file(server: ServerProcess) -> None:
+def test_times_in_either_form_and_payloads_from_a_file(
+    shared_server: ServerProcess, prefix: str
+) -> None:
+    server, job = shared_server, f"{prefix}app.bin"
     # RFC 3339 with an offset is converted to UTC; the payload comes from stdin as bytes.
     done = cli(
         server,
-        *("job", "set", "app.bin", "2099-01-01T10:00:00.5+01:00", "--payload-file", "-"),
+        *("job", "set", job, "2099-01-01T10:00:00.5+01:00", "--payload-file", "-"),
         stdin=b"\xff\x00raw",
     )
     assert done.returncode == 0, done.stderr
     with KcpClient(server.kcp_port) as kcp:
-        assert kcp.request("GET", "app.bin")[2] == "2099-01-01 09:00:00.500000"
-    line = cli(server, "job", "get", "app.bin").stdout
+        assert kcp.request("GET", job)[2] == "2099-01-01 09:00:00.500000"
+    line = cli(server, "job", "get", job).stdout
     assert (
-        line
-        == "app.bin\tplanned\t2099-01-01 09:00:00.500000\tattempts=0\tpayload_base64=/wByYXc=\n"
+        line == f"{job}\tplanned\t2099-01-01 09:00:00.500000\tattempts=0\tpayload_base64=/wByYXc=\n"
     )
 
 
-def test_text_output_keeps_one_line_per_job_whatever_the_id(server: ServerProcess) -> None:
-    hostile = "app.\x1b[31mred\tand\nnewline\\"
+def test_text_output_keeps_one_line_per_job_whatever_the_id(
+    shared_server: ServerProcess, prefix: str
+) -> None:
+    server, p = shared_server, prefix  # a plain prefix: [a-z0-9_.-], shown as it is
+    hostile = f"{p}app.\x1b[31mred\tand\nnewline\\"
     assert cli(server, "job", "set", hostile, "2099-01-01 00:00:00").returncode == 0
-    listed = cli(server, "job", "list", "--prefix", "app.").stdout
+    listed = cli(server, "job", "list", "--prefix", f"{p}app.").stdout
     assert listed.splitlines() == [
-        "app.\\x1b[31mred\\tand\\nnewline\\\\\tplanned\t2099-01-01 00:00:00\tattempts=0"
+        f"{p}app.\\x1b[31mred\\tand\\nnewline\\\\\tplanned\t2099-01-01 00:00:00\tattempts=0"
     ]
     assert cli_json(server, "job", "get", hostile)["id"] == hostile  # type: ignore[index]
 
@@ -155,38 +165,41 @@ def test_json_documents(server: ServerProcess) -> None:
 # -- rule policies --------------------------------------------------------------------------
 
 
-def test_rule_set_takes_the_policy(server: ServerProcess) -> None:
+def test_rule_set_takes_the_policy(shared_server: ServerProcess, prefix: str) -> None:
+    server, rule = shared_server, f"{prefix}r"
     done = cli(
         server,
-        *("rule", "set", "r", "app.", "http", "http://127.0.0.1:1/hook"),
+        *("rule", "set", rule, f"{prefix}app.", "http", "http://127.0.0.1:1/hook"),
         *("--timeout", "1.5", "--max-attempts", "4", "--backoff-initial", "250ms"),
         *("--backoff-max", "2m", "--stale-after", "1h"),
     )
     assert (done.returncode, done.stdout) == (0, "OK\n"), done.stderr
-    assert cli_json(server, "rule", "get", "r")["policy"] == {  # type: ignore[index]
+    assert cli_json(server, "rule", "get", rule)["policy"] == {  # type: ignore[index]
         "timeout_s": 1.5,
         "max_attempts": 4,
         "backoff_initial_s": 0.25,
         "backoff_max_s": 120.0,
         "stale_after_s": 3600.0,
     }
-    assert cli(server, "rule", "get", "r").stdout == (
-        "r\tapp.\thttp\thttp://127.0.0.1:1/hook\ttimeout=1.5s\tmax_attempts=4"
+    assert cli(server, "rule", "get", rule).stdout == (
+        f"{rule}\t{prefix}app.\thttp\thttp://127.0.0.1:1/hook\ttimeout=1.5s\tmax_attempts=4"
         "\tbackoff=0.25s..120s\tstale_after=3600s\n"
     )
 
 
 def test_the_policy_set_from_the_terminal_governs_retries(
-    server: ServerProcess, tmp_path: Path
+    shared_server: ServerProcess, prefix: str, tmp_path: Path
 ) -> None:
+    server, p = shared_server, prefix
     failing = tmp_path / "fail.sh"
     failing.write_text("exit 3\n")
     policy = ("--max-attempts", "2", "--backoff-initial", "10ms", "--backoff-max", "10ms")
-    assert cli(server, "rule", "set", "r", "retry.", "shell", str(failing), *policy).returncode == 0
-    assert cli(server, "job", "set", "retry.1", "2020-01-01 00:00:00").returncode == 0
+    rule = ("rule", "set", f"{p}r", f"{p}retry.", "shell", str(failing), *policy)
+    assert cli(server, *rule).returncode == 0
+    assert cli(server, "job", "set", f"{p}retry.1", "2020-01-01 00:00:00").returncode == 0
     with KcpClient(server.kcp_port) as kcp:
-        wait_for(lambda: kcp.request("GET", "retry.1")[1] == "failed")
-    job = cli_json(server, "job", "get", "retry.1")
+        wait_for(lambda: kcp.request("GET", f"{p}retry.1")[1] == "failed")
+    job = cli_json(server, "job", "get", f"{p}retry.1")
     assert isinstance(job, dict) and job["attempts"] == 2 and job["last_outcome"]
 
 
@@ -234,8 +247,8 @@ def test_tokens_from_the_option_or_the_environment(
     assert cli(server, "info", "--token", "wrong", KAIROI_TOKEN="s3cret").returncode == 1
 
 
-def test_an_unreachable_server_is_named(server: ServerProcess) -> None:
-    done = cli(server, "info", "--server", "127.0.0.1:1")
+def test_an_unreachable_server_is_named(shared_server: ServerProcess) -> None:
+    done = cli(shared_server, "info", "--server", "127.0.0.1:1")
     assert done.returncode == 1
     assert done.stderr.startswith("kairoi-trio: UNAVAILABLE: ")
     assert "is a server listening at 127.0.0.1:1?" in done.stderr
@@ -302,33 +315,37 @@ class Watch:
         self.process.wait(10)
 
 
-def test_watch_prints_the_snapshot_a_marker_then_changes(server: ServerProcess) -> None:
+def test_watch_prints_the_snapshot_a_marker_then_changes(
+    shared_server: ServerProcess, prefix: str
+) -> None:
+    server, p = shared_server, prefix
     with KcpClient(server.kcp_port) as kcp:
-        assert kcp.request("SET", "app.a", "2099-01-01 00:00:00") == ["OK"]
-        watch = Watch(server, "--prefix", "app.", "--snapshot")
+        assert kcp.request("SET", f"{p}app.a", "2099-01-01 00:00:00") == ["OK"]
+        watch = Watch(server, "--prefix", f"{p}app.", "--snapshot")
         try:
             # The marker comes before any change: the snapshot is known to be whole.
             wait_for(lambda: f"{SNAPSHOT_END_TEXT}\n" in watch.lines)
-            assert kcp.request("SET", "app.b", "2099-01-01 00:00:00") == ["OK"]
-            assert kcp.request("SET", "other", "2099-01-01 00:00:00") == ["OK"]
-            assert kcp.request("UNSET", "app.a") == ["OK"]
+            assert kcp.request("SET", f"{p}app.b", "2099-01-01 00:00:00") == ["OK"]
+            assert kcp.request("SET", f"{p}other", "2099-01-01 00:00:00") == ["OK"]
+            assert kcp.request("UNSET", f"{p}app.a") == ["OK"]
             wait_for(lambda: len(watch.lines) >= 4)
         finally:
             watch.stop()
     assert [line.split("\t")[:2] for line in watch.lines] == [
-        ["set", "app.a"],
+        ["set", f"{p}app.a"],
         [SNAPSHOT_END_TEXT + "\n"],
-        ["set", "app.b"],
-        ["deleted", "app.a"],
+        ["set", f"{p}app.b"],
+        ["deleted", f"{p}app.a"],
     ]
 
 
-def test_watch_json_lines(server: ServerProcess) -> None:
+def test_watch_json_lines(shared_server: ServerProcess, prefix: str) -> None:
+    server, p = shared_server, prefix
     with KcpClient(server.kcp_port) as kcp:
-        watch = Watch(server, "--prefix", "app.", "--snapshot", "--json")
+        watch = Watch(server, "--prefix", f"{p}app.", "--snapshot", "--json")
         try:
             wait_for(lambda: watch.lines)  # an empty snapshot, then its end
-            assert kcp.request("SET", "app.b", "2099-01-01 00:00:00", "data") == ["OK"]
+            assert kcp.request("SET", f"{p}app.b", "2099-01-01 00:00:00", "data") == ["OK"]
             wait_for(lambda: len(watch.lines) >= 2)
         finally:
             watch.stop()
@@ -336,4 +353,4 @@ def test_watch_json_lines(server: ServerProcess) -> None:
     assert end == {"type": "snapshot_end"}
     assert change["type"] == "set" and change["snapshot"] is False
     assert RFC3339.fullmatch(change["at"])
-    assert change["job"]["id"] == "app.b" and change["job"]["payload"] == "data"
+    assert change["job"]["id"] == f"{p}app.b" and change["job"]["payload"] == "data"

@@ -1,4 +1,9 @@
-"""KCP SCHEDULE against a real server process: recurring jobs as a KCP client makes them."""
+"""KCP SCHEDULE against a real server process: recurring jobs as a KCP client makes them.
+
+Most tests share the module's server (`shared_server`, tests/e2e/conftest.py),
+each with job ids of its own (`prefix`); a test that configures its server, or
+leaves a job running every second, starts a fresh one.
+"""
 
 from __future__ import annotations
 
@@ -25,10 +30,13 @@ def script(tmp: Path, name: str, body: str) -> str:
     return str(path)
 
 
-def test_schedule_answers_the_next_time_and_get_shows_the_schedule(kcp: KcpClient) -> None:
+def test_schedule_answers_the_next_time_and_get_shows_the_schedule(
+    shared_kcp: KcpClient, prefix: str
+) -> None:
+    kcp = shared_kcp
     answer = kcp.request(
         "SCHEDULE",
-        "app.report",
+        f"{prefix}app.report",
         "0 9 * * *",
         "tz=Europe/Paris",
         f"start={START}",
@@ -40,7 +48,7 @@ def test_schedule_answers_the_next_time_and_get_shows_the_schedule(kcp: KcpClien
         "payload=weekly report",
     )
     assert answer == ["OK", FIRST]
-    assert kcp.request("GET", "app.report") == [
+    assert kcp.request("GET", f"{prefix}app.report") == [
         "OK",
         "planned",
         FIRST,
@@ -60,25 +68,31 @@ def test_schedule_answers_the_next_time_and_get_shows_the_schedule(kcp: KcpClien
     ]
     # the same request on the wire, as a client would type it
     kcp.send_raw(
-        b'A SCHEDULE app.weekly "0 9 * * 1-5" tz=Europe/Paris "start=2099-01-02 00:00:00"\n'
+        b"A SCHEDULE "
+        + prefix.encode()
+        + b'app.weekly "0 9 * * 1-5" tz=Europe/Paris "start=2099-01-02 00:00:00"\n'
     )
     reply = kcp.read_message()
     assert (reply.id, reply.args) == ("A", ["OK", "2099-01-02 08:00:00"])  # a Friday
 
 
-def test_a_job_without_payload_still_shows_an_empty_one(kcp: KcpClient) -> None:
-    assert kcp.request("SCHEDULE", "app.t", "@daily", f"start={START}") == [
+def test_a_job_without_payload_still_shows_an_empty_one(shared_kcp: KcpClient, prefix: str) -> None:
+    kcp = shared_kcp
+    assert kcp.request("SCHEDULE", f"{prefix}app.t", "@daily", f"start={START}") == [
         "OK",
         "2099-01-01 00:00:00",
     ]
-    answer = kcp.request("GET", "app.t")
+    answer = kcp.request("GET", f"{prefix}app.t")
     assert answer[:5] == ["OK", "planned", "2099-01-01 00:00:00", "", "@daily"]
     assert "tz=UTC" in answer and "misfire=coalesce" in answer and "overlap=skip" in answer
 
 
-def test_an_interval_without_start_begins_one_interval_later(kcp: KcpClient) -> None:
+def test_an_interval_without_start_begins_one_interval_later(
+    shared_kcp: KcpClient, prefix: str
+) -> None:
+    kcp = shared_kcp
     before = datetime.now(UTC).replace(tzinfo=None)
-    ok, first = kcp.request("SCHEDULE", "app.i", "PT1H")
+    ok, first = kcp.request("SCHEDULE", f"{prefix}app.i", "PT1H")
     after = datetime.now(UTC).replace(tzinfo=None)
     assert ok == "OK"
     planned = datetime.strptime(first, "%Y-%m-%d %H:%M:%S.%f")
@@ -86,28 +100,40 @@ def test_an_interval_without_start_begins_one_interval_later(kcp: KcpClient) -> 
     assert planned <= after + timedelta(hours=1) + timedelta(seconds=1)
 
 
-def test_mistakes_answer_error_with_the_reason_and_store_nothing(kcp: KcpClient) -> None:
+def test_mistakes_answer_error_with_the_reason_and_store_nothing(
+    shared_kcp: KcpClient, prefix: str
+) -> None:
+    kcp = shared_kcp
     cases = {
-        ("SCHEDULE", "app.x", "61 * * * *"): "bad cron expression '61 * * * *'",
-        ("SCHEDULE", "app.x", "@daily", "tz=Mars/Olympus"): "unknown time zone 'Mars/Olympus'",
-        ("SCHEDULE", "app.x", "@daily", "color=red"): "unknown option 'color'",
-        ("SCHEDULE", "app.x", "@daily", "misfire=later"): "must be coalesce, all or skip",
-        ("SCHEDULE", "app.x", "every 0s"): "at least 1 second",
-        ("SCHEDULE", "app.x", "*/5", "*", "*", "*", "*"): "quote a schedule",
-        ("SCHEDULE", "app.x"): "SCHEDULE takes <job_id> <schedule>",
+        ("SCHEDULE", f"{prefix}app.x", "61 * * * *"): "bad cron expression '61 * * * *'",
+        (
+            "SCHEDULE",
+            f"{prefix}app.x",
+            "@daily",
+            "tz=Mars/Olympus",
+        ): "unknown time zone 'Mars/Olympus'",
+        ("SCHEDULE", f"{prefix}app.x", "@daily", "color=red"): "unknown option 'color'",
+        ("SCHEDULE", f"{prefix}app.x", "@daily", "misfire=later"): "must be coalesce, all or skip",
+        ("SCHEDULE", f"{prefix}app.x", "every 0s"): "at least 1 second",
+        ("SCHEDULE", f"{prefix}app.x", "*/5", "*", "*", "*", "*"): "quote a schedule",
+        ("SCHEDULE", f"{prefix}app.x"): "SCHEDULE takes <job_id> <schedule>",
         # a day no month has is a bad expression already
-        ("SCHEDULE", "app.x", "0 0 30 2 *"): "bad cron expression '0 0 30 2 *': Bad day-of-month",
+        (
+            "SCHEDULE",
+            f"{prefix}app.x",
+            "0 0 30 2 *",
+        ): "bad cron expression '0 0 30 2 *': Bad day-of-month",
         # schedules without any occurrence: the server's own check
         (
             "SCHEDULE",
-            "app.x",
+            f"{prefix}app.x",
             "0 0 29 2 *",
             "start=2097-03-01 00:00:00",
             "end=2099-12-31 00:00:00",
         ): "has no occurrence",
         (
             "SCHEDULE",
-            "app.x",
+            f"{prefix}app.x",
             "@daily",
             "start=2099-01-01 00:00:01",
             "end=2099-01-01 23:59:59",
@@ -116,24 +142,28 @@ def test_mistakes_answer_error_with_the_reason_and_store_nothing(kcp: KcpClient)
     for request, reason in cases.items():
         answer = kcp.request(*request)
         assert answer[0] == "ERROR" and reason in answer[1], (request, answer)
-    assert kcp.request("GET", "app.x") == ["ERROR", "no job app.x"]
+    assert kcp.request("GET", f"{prefix}app.x") == ["ERROR", f"no job {prefix}app.x"]
     # a start or end cut in two by a missing quote
-    kcp.send_raw(b"B SCHEDULE app.x @daily start=2099-01-01 00:00:00\n")
+    kcp.send_raw(b"B SCHEDULE " + prefix.encode() + b"app.x @daily start=2099-01-01 00:00:00\n")
     reply = kcp.read_message()
     assert reply.args[0] == "ERROR" and '"start=2099-01-01 00:00:00"' in reply.args[1]
 
 
-def test_set_makes_it_one_shot_and_unset_deletes_it(kcp: KcpClient) -> None:
-    assert kcp.request("SCHEDULE", "app.r", "@hourly", f"start={START}", "payload=p")[0] == "OK"
-    assert len(kcp.request("GET", "app.r")) > 4
-    assert kcp.request("SET", "app.r", "2099-06-01 12:00:00") == ["OK"]
-    assert kcp.request("GET", "app.r") == ["OK", "planned", "2099-06-01 12:00:00"]
-    assert kcp.request("SET", "app.r", "2099-06-01 12:00:00", "again") == ["OK"]
-    assert kcp.request("GET", "app.r") == ["OK", "planned", "2099-06-01 12:00:00", "again"]
+def test_set_makes_it_one_shot_and_unset_deletes_it(shared_kcp: KcpClient, prefix: str) -> None:
+    kcp = shared_kcp
+    assert (
+        kcp.request("SCHEDULE", f"{prefix}app.r", "@hourly", f"start={START}", "payload=p")[0]
+        == "OK"
+    )
+    assert len(kcp.request("GET", f"{prefix}app.r")) > 4
+    assert kcp.request("SET", f"{prefix}app.r", "2099-06-01 12:00:00") == ["OK"]
+    assert kcp.request("GET", f"{prefix}app.r") == ["OK", "planned", "2099-06-01 12:00:00"]
+    assert kcp.request("SET", f"{prefix}app.r", "2099-06-01 12:00:00", "again") == ["OK"]
+    assert kcp.request("GET", f"{prefix}app.r") == ["OK", "planned", "2099-06-01 12:00:00", "again"]
 
-    assert kcp.request("SCHEDULE", "app.r", "@hourly", f"start={START}") == ["OK", START]
-    assert kcp.request("UNSET", "app.r") == ["OK"]
-    assert kcp.request("GET", "app.r") == ["ERROR", "no job app.r"]
+    assert kcp.request("SCHEDULE", f"{prefix}app.r", "@hourly", f"start={START}") == ["OK", START]
+    assert kcp.request("UNSET", f"{prefix}app.r") == ["OK"]
+    assert kcp.request("GET", f"{prefix}app.r") == ["ERROR", f"no job {prefix}app.r"]
 
 
 def test_a_read_token_may_not_schedule(make_server: Callable[..., ServerProcess]) -> None:

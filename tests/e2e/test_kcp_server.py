@@ -1,4 +1,9 @@
-"""The legacy text protocol against a real server process, as Kairoi clients use it."""
+"""The legacy text protocol against a real server process, as Kairoi clients use it.
+
+Most tests share the module's server (`shared_server`, tests/e2e/conftest.py),
+each with ids of its own (`prefix`); a test that configures, stops or floods
+its server starts a fresh one.
+"""
 
 from __future__ import annotations
 
@@ -35,35 +40,41 @@ def status_of(kcp: KcpClient, job_id: str) -> str:
     return response[1] if response[0] == "OK" else "missing"
 
 
-def test_ping_and_version(kcp):
+def test_ping_and_version(shared_kcp):
+    kcp = shared_kcp
     assert kcp.request("PING") == ["OK", "PONG"]
     ok, version = kcp.request("VERSION")
     assert ok == "OK" and version
 
 
-def test_pipelined_sets_are_answered_in_order_and_stored(kcp):
-    requests = [("SET", f"app.job.{i}", FUTURE) for i in range(2000)]
+def test_pipelined_sets_are_answered_in_order_and_stored(shared_kcp, prefix):
+    kcp = shared_kcp
+    requests = [("SET", f"{prefix}app.job.{i}", FUTURE) for i in range(2000)]
     assert kcp.pipeline(requests) == [["OK"]] * 2000
-    assert kcp.request("GET", "app.job.1999") == ["OK", "planned", FUTURE]
+    assert kcp.request("GET", f"{prefix}app.job.1999") == ["OK", "planned", FUTURE]
 
 
-def test_spec_examples_parse_over_the_wire(server, kcp):
-    kcp.send_raw(b'    Id   VERSION toto   32t\\ata titi 111   \n"123" "UNSET" x\n')
+def test_spec_examples_parse_over_the_wire(shared_kcp, prefix):
+    kcp = shared_kcp
+    p = prefix.encode()
+    kcp.send_raw(b'    Id   VERSION toto   32t\\ata titi 111   \n"123" "UNSET" ' + p + b"x\n")
     first = kcp.read_message()
     assert first.id == "Id" and first.args[0] == "ERROR"  # VERSION takes no argument
     second = kcp.read_message()
-    assert (second.id, second.args) == ("123", ["ERROR", "no job x"])
-    kcp.send_raw(b'A SET app.domain.example_job.0 "2020-05-26 22:26:18"\n')
+    assert (second.id, second.args) == ("123", ["ERROR", f"no job {prefix}x"])
+    kcp.send_raw(b"A SET " + p + b'app.domain.example_job.0 "2020-05-26 22:26:18"\n')
     assert kcp.read_message().args == ["OK"]
     # A universal string spanning lines is one argument.
-    kcp.send_raw(b'B SET "multi\nline" "2099-01-01 00:00:00"\n')
+    kcp.send_raw(b'B SET "' + p + b'multi\nline" "2099-01-01 00:00:00"\n')
     assert kcp.read_message().args == ["OK"]
-    assert kcp.request("GET", "multi\nline") == ["OK", "planned", FUTURE]
+    assert kcp.request("GET", f"{prefix}multi\nline") == ["OK", "planned", FUTURE]
 
 
-def test_fractional_seconds_and_payload_round_trip(kcp):
-    assert kcp.request("SET", "app.p", "2099-01-01 00:00:00.000250", "hello world") == ["OK"]
-    assert kcp.request("GET", "app.p") == [
+def test_fractional_seconds_and_payload_round_trip(shared_kcp, prefix):
+    kcp = shared_kcp
+    job = f"{prefix}app.p"
+    assert kcp.request("SET", job, "2099-01-01 00:00:00.000250", "hello world") == ["OK"]
+    assert kcp.request("GET", job) == [
         "OK",
         "planned",
         "2099-01-01 00:00:00.000250",
@@ -71,47 +82,50 @@ def test_fractional_seconds_and_payload_round_trip(kcp):
     ]
 
 
-def test_unset_and_rules_crud(kcp):
-    assert kcp.request("SET", "app.u", FUTURE) == ["OK"]
-    assert kcp.request("UNSET", "app.u") == ["OK"]
-    assert kcp.request("GET", "app.u")[0] == "ERROR"
-    assert kcp.request("UNSET", "app.u")[0] == "ERROR"
-    assert kcp.request("RULE", "SET", "r1", "app.", "shell", "run.sh") == ["OK"]
-    assert kcp.request("RULE", "GET", "r1") == ["OK", "app.", "shell", "run.sh"]
+def test_unset_and_rules_crud(shared_kcp, prefix):
+    kcp, p = shared_kcp, prefix
+    assert kcp.request("SET", f"{p}app.u", FUTURE) == ["OK"]
+    assert kcp.request("UNSET", f"{p}app.u") == ["OK"]
+    assert kcp.request("GET", f"{p}app.u")[0] == "ERROR"
+    assert kcp.request("UNSET", f"{p}app.u")[0] == "ERROR"
+    assert kcp.request("RULE", "SET", f"{p}r1", f"{p}app.", "shell", "run.sh") == ["OK"]
+    assert kcp.request("RULE", "GET", f"{p}r1") == ["OK", f"{p}app.", "shell", "run.sh"]
     assert kcp.request(
-        "RULE", "SET", "r2", "q.", "amqp", "amqp://guest:guest@localhost:5672/", "ex", "rk"
+        "RULE", "SET", f"{p}r2", f"{p}q.", "amqp", "amqp://guest:guest@localhost:5672/", "ex", "rk"
     ) == ["OK"]
-    assert kcp.request("RULE", "GET", "r2") == [
+    assert kcp.request("RULE", "GET", f"{p}r2") == [
         "OK",
-        "q.",
+        f"{p}q.",
         "amqp",
         "amqp://guest:guest@localhost:5672/",
         "ex",
         "rk",
     ]
-    assert kcp.request("RULE", "UNSET", "r1") == ["OK"]
-    assert kcp.request("RULE", "GET", "r1")[0] == "ERROR"
+    assert kcp.request("RULE", "UNSET", f"{p}r1") == ["OK"]
+    assert kcp.request("RULE", "GET", f"{p}r1")[0] == "ERROR"
 
 
-def test_bad_requests_get_a_reason_and_store_nothing(kcp):
+def test_bad_requests_get_a_reason_and_store_nothing(shared_kcp, prefix):
+    kcp, p = shared_kcp, prefix
     cases = {
-        ("SET", "app.x"): "SET takes",
-        ("SET", "app.x", "2020-02-30 10:00:00"): "invalid date",
-        ("SET", "app.x", "tomorrow"): "invalid time",
+        ("SET", f"{p}app.x"): "SET takes",
+        ("SET", f"{p}app.x", "2020-02-30 10:00:00"): "invalid date",
+        ("SET", f"{p}app.x", "tomorrow"): "invalid time",
         ("SET", "", FUTURE): "empty",
         ("FOO",): "unknown instruction FOO",
-        ("RULE", "SET", "r", "app.", "ftp", "x"): "unknown runner",
-        ("RULE", "SET", "r", "app.", "amqp", "amqp://h/"): "amqp takes",
-        ("RULE", "SET", "r", "app.", "amqp", "nonsense", "ex", "rk"): "amqp dsn",
+        ("RULE", "SET", f"{p}r", f"{p}app.", "ftp", "x"): "unknown runner",
+        ("RULE", "SET", f"{p}r", f"{p}app.", "amqp", "amqp://h/"): "amqp takes",
+        ("RULE", "SET", f"{p}r", f"{p}app.", "amqp", "nonsense", "ex", "rk"): "amqp dsn",
     }
     for request, reason in cases.items():
         response = kcp.request(*request)
         assert response[0] == "ERROR" and reason in response[1], (request, response)
-    assert kcp.request("GET", "app.x")[0] == "ERROR"
-    assert kcp.request("RULE", "GET", "r")[0] == "ERROR"
+    assert kcp.request("GET", f"{p}app.x")[0] == "ERROR"
+    assert kcp.request("RULE", "GET", f"{p}r")[0] == "ERROR"
 
 
-def test_malformed_lines_do_not_break_the_connection(kcp):
+def test_malformed_lines_do_not_break_the_connection(shared_kcp):
+    kcp = shared_kcp
     kcp.send_raw(b"lonely\n")
     assert kcp.read_message().args[0] == "ERROR"
     kcp.send_raw(b'X SET "bad \\q escape" now\n')
@@ -134,7 +148,9 @@ def test_oversize_message_gets_error_then_close(make_server):
         assert other.request("PING") == ["OK", "PONG"]
 
 
-def test_client_that_never_reads_does_not_grow_server_memory(server):
+def test_client_that_never_reads_does_not_grow_server_memory(shared_server):
+    server = shared_server
+
     def rss_kib() -> int:
         for line in Path(f"/proc/{server.process.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -160,60 +176,67 @@ def test_client_that_never_reads_does_not_grow_server_memory(server):
     flood.close()
 
 
-def test_shell_rule_runs_script_with_job_id_and_environment(server, kcp, tmp_path):
+def test_shell_rule_runs_script_with_job_id_and_environment(shared_kcp, prefix, tmp_path):
+    kcp, p = shared_kcp, prefix
     out = tmp_path / "out.txt"
     run = script(
         tmp_path,
         "job.sh",
         f'echo "$1 $KAIROI_JOB_ID $(cat "$KAIROI_PAYLOAD_FILE")" > {out}',
     )
-    assert kcp.request("RULE", "SET", "rule.app", "app.", "shell", run) == ["OK"]
-    assert kcp.request("SET", "app.job.0", PAST, "the payload") == ["OK"]
-    wait_for(lambda: status_of(kcp, "app.job.0") == "executed")
-    assert out.read_text() == "app.job.0 app.job.0 the payload\n"
+    assert kcp.request("RULE", "SET", f"{p}rule.app", f"{p}app.", "shell", run) == ["OK"]
+    assert kcp.request("SET", f"{p}app.job.0", PAST, "the payload") == ["OK"]
+    wait_for(lambda: status_of(kcp, f"{p}app.job.0") == "executed")
+    assert out.read_text() == f"{p}app.job.0 {p}app.job.0 the payload\n"
 
 
-def test_longest_prefix_wins_and_unmatched_jobs_fail(kcp, tmp_path):
+def test_longest_prefix_wins_and_unmatched_jobs_fail(shared_kcp, prefix, tmp_path):
+    kcp, p = shared_kcp, prefix
     out = tmp_path / "out.txt"
     general = script(tmp_path, "general.sh", f'echo "general $1" >> {out}')
     specific = script(tmp_path, "specific.sh", f'echo "specific $1" >> {out}')
-    assert kcp.request("RULE", "SET", "a", "app.", "shell", general) == ["OK"]
-    assert kcp.request("RULE", "SET", "b", "app.invoice.", "shell", specific) == ["OK"]
+    assert kcp.request("RULE", "SET", f"{p}a", f"{p}app.", "shell", general) == ["OK"]
+    assert kcp.request("RULE", "SET", f"{p}b", f"{p}app.invoice.", "shell", specific) == ["OK"]
     for job in ("app.invoice.1", "app.other", "appx", "other"):
-        assert kcp.request("SET", job, PAST) == ["OK"]
-    wait_for(lambda: status_of(kcp, "app.other") == "executed")
-    wait_for(lambda: status_of(kcp, "app.invoice.1") == "executed")
-    assert status_of(kcp, "appx") == "failed"  # "app." does not match "appx"
-    assert status_of(kcp, "other") == "failed"
-    assert sorted(out.read_text().splitlines()) == ["general app.other", "specific app.invoice.1"]
+        assert kcp.request("SET", f"{p}{job}", PAST) == ["OK"]
+    wait_for(lambda: status_of(kcp, f"{p}app.other") == "executed")
+    wait_for(lambda: status_of(kcp, f"{p}app.invoice.1") == "executed")
+    assert status_of(kcp, f"{p}appx") == "failed"  # "app." does not match "appx"
+    assert status_of(kcp, f"{p}other") == "failed"
+    assert sorted(out.read_text().splitlines()) == [
+        f"general {p}app.other",
+        f"specific {p}app.invoice.1",
+    ]
 
 
-def test_failed_script_marks_failed_and_reset_plans_again(kcp, tmp_path):
+def test_failed_script_marks_failed_and_reset_plans_again(shared_kcp, prefix, tmp_path):
+    kcp, job = shared_kcp, f"{prefix}app.flaky"
     marker = tmp_path / "second"
     run = script(tmp_path, "flaky.sh", f"if [ -e {marker} ]; then exit 0; fi; exit 3")
-    assert kcp.request("RULE", "SET", "r", "app.", "shell", run) == ["OK"]
-    assert kcp.request("SET", "app.flaky", PAST) == ["OK"]
-    wait_for(lambda: status_of(kcp, "app.flaky") == "failed")
+    assert kcp.request("RULE", "SET", f"{prefix}r", f"{prefix}app.", "shell", run) == ["OK"]
+    assert kcp.request("SET", job, PAST) == ["OK"]
+    wait_for(lambda: status_of(kcp, job) == "failed")
     marker.touch()
-    assert kcp.request("SET", "app.flaky", PAST) == ["OK"]
-    wait_for(lambda: status_of(kcp, "app.flaky") == "executed")
+    assert kcp.request("SET", job, PAST) == ["OK"]
+    wait_for(lambda: status_of(kcp, job) == "executed")
 
 
-def test_set_is_refused_while_the_job_runs(kcp, tmp_path):
+def test_set_is_refused_while_the_job_runs(shared_kcp, prefix, tmp_path):
+    kcp, job = shared_kcp, f"{prefix}app.slow"
     started, release = tmp_path / "started", tmp_path / "release"
     run = script(
         tmp_path, "slow.sh", f"touch {started}; while [ ! -e {release} ]; do sleep 0.05; done"
     )
-    assert kcp.request("RULE", "SET", "r", "app.", "shell", run) == ["OK"]
-    assert kcp.request("SET", "app.slow", PAST) == ["OK"]
+    assert kcp.request("RULE", "SET", f"{prefix}r", f"{prefix}app.", "shell", run) == ["OK"]
+    assert kcp.request("SET", job, PAST) == ["OK"]
     wait_for(started.exists)
-    assert status_of(kcp, "app.slow") == "triggered"
-    refused = kcp.request("SET", "app.slow", FUTURE)
+    assert status_of(kcp, job) == "triggered"
+    refused = kcp.request("SET", job, FUTURE)
     assert refused[0] == "ERROR" and "triggered" in refused[1]
-    assert kcp.request("UNSET", "app.slow")[0] == "ERROR"
+    assert kcp.request("UNSET", job)[0] == "ERROR"
     release.touch()
-    wait_for(lambda: status_of(kcp, "app.slow") == "executed")
-    assert kcp.request("SET", "app.slow", FUTURE) == ["OK"]
+    wait_for(lambda: status_of(kcp, job) == "executed")
+    assert kcp.request("SET", job, FUTURE) == ["OK"]
 
 
 def test_due_jobs_run_in_time_order(make_server, tmp_path):
@@ -233,15 +256,16 @@ def test_due_jobs_run_in_time_order(make_server, tmp_path):
     assert out.read_text().splitlines() == [f"job.{i}" for i in range(10)]
 
 
-def test_future_job_fires_close_to_its_time(kcp, tmp_path):
+def test_future_job_fires_close_to_its_time(shared_kcp, prefix, tmp_path):
+    kcp, job = shared_kcp, f"{prefix}app.soon"
     out = tmp_path / "when.txt"
     run = script(tmp_path, "when.sh", f"date +%s.%N > {out}")
-    assert kcp.request("RULE", "SET", "r", "app.", "shell", run) == ["OK"]
+    assert kcp.request("RULE", "SET", f"{prefix}r", f"{prefix}app.", "shell", run) == ["OK"]
     due = time.time() + 1.0
     assert kcp.request(
-        "SET", "app.soon", datetime.fromtimestamp(due, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+        "SET", job, datetime.fromtimestamp(due, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
     ) == ["OK"]
-    assert status_of(kcp, "app.soon") == "planned"
+    assert status_of(kcp, job) == "planned"
     wait_for(lambda: out.exists() and out.read_text().endswith("\n"))
     ran = float(out.read_text())
     assert due <= ran < due + 2.0  # not early; late only by process start-up
