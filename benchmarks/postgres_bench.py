@@ -502,12 +502,9 @@ def round_trips(port: int, n: int) -> dict[str, dict[str, float]]:
 
 
 def group_commits(server: Instance) -> int:
-    """The instance's group commits (transactions on PostgreSQL) so far, from /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as answer:
-        for line in answer.read().decode().splitlines():
-            if line.startswith("kairoi_log_append_seconds_count"):
-                return int(float(line.split()[-1]))
-    return 0
+    """The batches the instance's actor applied so far (one transaction each on
+    PostgreSQL), from /metrics."""
+    return int(server.metrics().get("kairoi_group_commits_total", 0))
 
 
 def statuses_log(port: int, ids: list[str]) -> Counter[str]:
