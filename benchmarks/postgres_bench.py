@@ -304,14 +304,20 @@ class Instance:
         config = self.workdir / "configuration.toml"
         config.write_text(self.config_text)
         started = time.monotonic()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "kairoi_trio", "serve", "-c", str(config)],
-            cwd=self.workdir,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=self.env,
-        )
+        # The log goes to a file, read as it grows: through a pipe, a reader of this
+        # (loaded) process that falls behind would fill it, and the server would wait
+        # in write() with its event loop stopped: the benchmark would throttle it.
+        log_path = self.workdir / "server.log"
+        with open(log_path, "wb") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "kairoi_trio", "serve", "-c", str(config)],
+                cwd=self.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+                env=self.env,
+            )
+        self._log_path = log_path
         self._reader = threading.Thread(target=self._read, args=(started,), daemon=True)
         self._reader.start()
         deadline = started + READY_TIMEOUT_S
@@ -322,9 +328,27 @@ class Instance:
                 raise RuntimeError(f"server did not start ({self.workdir}):\n{tail}")
         return self
 
+    def _lines(self) -> Any:
+        """The log's lines as the server writes them, until it has exited."""
+        assert self.process is not None
+        with open(self._log_path, "rb") as log_file:
+            partial = b""
+            while True:
+                chunk = log_file.readline()
+                if chunk.endswith(b"\n"):
+                    yield partial + chunk
+                    partial = b""
+                elif chunk:
+                    partial += chunk
+                elif self.process.poll() is not None:  # exited: what is left, and stop
+                    rest = partial + log_file.read()
+                    yield from (line + b"\n" for line in rest.splitlines())
+                    return
+                else:
+                    time.sleep(0.002)
+
     def _read(self, started: float) -> None:
-        assert self.process is not None and self.process.stderr is not None
-        for raw in self.process.stderr:
+        for raw in self._lines():
             now = time.monotonic()
             line = raw.decode("utf-8", "replace").rstrip("\n")
             self.lines.append((now, line))
