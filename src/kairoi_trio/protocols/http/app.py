@@ -52,10 +52,8 @@ log = structlog.get_logger(__name__)
 API_PREFIX = "/api/v1"
 REFUSAL_SEND_S = 5.0  # a refused client gets this long to take its 503
 KEEP_ALIVE_S = 5.0  # an idle connection (no request in progress) is closed after this
-STOP_GRACE_S = 2.0
-MAX_HEAD_BYTES = (
-    256 << 10
-)  # a request's line and headers  # at stop, requests in flight get this long before they are cut
+STOP_GRACE_S = 2.0  # at stop, requests in flight get this long before they are cut
+MAX_HEAD_BYTES = 256 << 10  # a request's line and headers
 
 
 def build_app(
