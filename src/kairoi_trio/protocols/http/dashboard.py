@@ -241,10 +241,15 @@ class Dashboard:
                     303,
                     headers=dict(SECURITY_HEADERS),
                 )
+            started = time.perf_counter()
             try:
                 response: Response = await handler(request, role)
             except CommandError as error:
-                return self._error(request, HTTP_STATUS.get(error.code, 500), error.message)
+                response = self._error(request, HTTP_STATUS.get(error.code, 500), error.message)
+            # The page's cost in the server (actor calls and rendering), in ms: what
+            # benchmarks/dashboard_bench.py reports, and a browser's network panel shows.
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            response.headers["server-timing"] = f"app;dur={elapsed_ms:.2f}"
             return response
 
         return endpoint
