@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up everything the tests need (virtualenv, packages, RabbitMQ and
-# PostgreSQL from Debian's packages), start a private RabbitMQ node and a
+# Set up everything the tests need (virtualenv, packages, RabbitMQ, PostgreSQL and
+# Chromium from Debian's packages), start a private RabbitMQ node and a
 # private PostgreSQL cluster for this run, run pytest, and stop both whatever
 # happened.
 #   scripts/test.sh [pytest arguments]
@@ -42,6 +42,7 @@ trap 'exit 143' TERM
 {
     scripts/rabbitmq.sh start "$rabbitmq_dir" --owner $$
     scripts/postgres.sh start "$postgres_dir" --owner $$
+    scripts/chromium.sh # the dashboard's browser tests: Debian's chromium, nothing started
 } &
 nodes_pid=$!
 scripts/setup.sh test

@@ -47,6 +47,7 @@ from kairoi_trio.observability.metrics import (
 from kairoi_trio.protocols.grpc.server import serve_grpc
 from kairoi_trio.protocols.http.api import Api
 from kairoi_trio.protocols.http.app import HttpServer, build_app
+from kairoi_trio.protocols.http.dashboard import Dashboard
 from kairoi_trio.protocols.kcp.server import KcpServer
 from kairoi_trio.runners.amqp import AmqpRunnerBackend
 from kairoi_trio.runners.base import Runner
@@ -54,6 +55,7 @@ from kairoi_trio.runners.http import HttpRunnerBackend
 from kairoi_trio.runners.pool import RunnerPool, RunnerPools
 from kairoi_trio.runners.shell import ShellRunnerBackend
 from kairoi_trio.storage import faults
+from kairoi_trio.storage.compaction import list_directory
 from kairoi_trio.storage.log import DurableLog, StorageError
 
 log = structlog.get_logger(__name__)
@@ -357,8 +359,9 @@ async def _serve_state(
                 )
                 kcp_port = await front.start(kcp.serve)
                 grpc_port = await _start_grpc(front, config, client, readiness)
-                register_state(lambda: _live_values(actor, store, pools, kcp))
-                http = _http_server(config, client, readiness)
+                live = partial(_live_values, actor, store, pools, kcp)
+                register_state(live)
+                http = _http_server(config, client, readiness, live, partial(_storage_info, store))
                 http_port = await front.start(http.serve) if http is not None else None
                 log.info(
                     "ready",
@@ -399,9 +402,34 @@ async def _run_in_scope(scope: trio.CancelScope, fn: Callable[[], Awaitable[None
         await fn()
 
 
-def _http_server(config: Config, client: ActorClient, readiness: Readiness) -> HttpServer | None:
+def _storage_info(store: Store) -> dict[str, object]:
+    """What the dashboard shows of the store (blocking: lists the data directory; run in
+    a thread): backend, bytes on disk (the log's newest snapshot and the segments
+    after it), the last compaction's time (the newest snapshot file's, µs; None
+    before the first) and whether one is running."""
+    durable = store.log
+    if not isinstance(durable, DurableLog):
+        return {"backend": "postgres", "bytes": None, "last_compaction_us": None}
+    listing = list_directory(durable.directory)
+    newest = max(listing.snapshots, default=None)
+    last = listing.snapshots[newest].stat().st_mtime_ns // 1000 if newest is not None else None
+    return {
+        "backend": "log",
+        "bytes": durable.snapshot_bytes + durable.bytes_since_snapshot,
+        "last_compaction_us": last,
+        "compacting": durable.compacting,
+    }
+
+
+def _http_server(
+    config: Config,
+    client: ActorClient,
+    readiness: Readiness,
+    live: Callable[[], dict[str, object]],
+    storage: Callable[[], dict[str, object]],
+) -> HttpServer | None:
     """The HTTP server of [http] (None when disabled, or [metrics] enabled = false: the
-    old name)."""
+    old name): probes, the API, and the dashboard at / (protocols/http/dashboard.py)."""
     if not config.http.enabled:
         return None
     api = Api(
@@ -410,7 +438,8 @@ def _http_server(config: Config, client: ActorClient, readiness: Readiness) -> H
         max_body_bytes=config.http.max_body_bytes,
         watch_buffer_bytes=config.grpc.max_watch_buffer_bytes,
     )
-    app = build_app(api, readiness)
+    dashboard = Dashboard(api, TokenTable.from_config(config.auth), live=live, storage=storage)
+    app = build_app(api, readiness, extra_routes=dashboard.routes())
     return HttpServer(app, api, config.http.listen, max_connections=config.http.max_connections)
 
 

@@ -1095,6 +1095,7 @@ class _Counting(Observer):
     def __init__(self, fail_triggers: int = 0) -> None:
         self.failed: list[tuple[FailReason, str]] = []
         self.fail_triggers = fail_triggers
+        self.sets: list[int] = []
 
     def triggered(self, lateness_s: float) -> None:
         if self.fail_triggers:
@@ -1103,6 +1104,9 @@ class _Counting(Observer):
 
     def failed_without_run(self, reason: FailReason, job_id: str) -> None:
         self.failed.append((reason, job_id))
+
+    def jobs_set(self, count: int) -> None:
+        self.sets.append(count)
 
 
 class _BrokenRunner:
@@ -1153,6 +1157,17 @@ async def test_every_job_failed_without_a_run_is_counted_with_its_reason() -> No
         (FailReason.STALE, "s.1"),
         (FailReason.NO_RUNNER, "web.1"),
     ]
+
+
+async def test_jobs_set_are_counted_once_committed_refusals_not() -> None:
+    """The dashboard's "jobs set per minute" (Observer.jobs_set): each committed batch
+    reports its sets; a refused SetJob is not one."""
+    observer = _Counting()
+    async with running_actor(observer=observer) as h:
+        await h.results(SetJob("a.1", at(0)), SetJob("a.2", at(0)), GetJob("a.1"))
+        await h.results(SetJob("", at(0)))  # refused: an empty id
+        await h.results(GetJob("a.2"))
+    assert observer.sets == [2]
 
 
 async def test_a_flood_of_unmatched_jobs_gives_two_log_lines_not_one_per_job() -> None:

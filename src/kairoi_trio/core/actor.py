@@ -206,6 +206,9 @@ class Observer:
     def triggered(self, lateness_s: float) -> None:
         pass
 
+    def jobs_set(self, count: int) -> None:
+        """The batch just committed set `count` jobs (SetJob, ScheduleJob; count > 0)."""
+
     def failed_without_run(self, reason: FailReason, job_id: str) -> None:
         """The actor failed a job itself: no rule, stale, no runner, an error."""
 
@@ -277,6 +280,7 @@ class CommandActor:
         self._immediate = False  # the request being applied is answered before the commit
         self._notes: list[tuple[FailReason, str, str]] = []  # jobs failed without a run
         self._lateness: list[float] = []  # of the jobs triggered
+        self._sets = 0  # jobs set by the batch (Observer.jobs_set)
         # Storage health: writable until a write fails, again after one succeeds.
         self.writable = True
         self.storage_error = ""
@@ -552,6 +556,7 @@ class CommandActor:
         self._uncommitted = True
         self._notes = []
         self._lateness = []
+        self._sets = 0
         deferred: list[tuple[Request, list[Result]]] = []  # answered once the batch is written
         first_write: tuple[int, int] | None = None  # (deferred request, command) of the 1st change
         writers: set[str] = set()  # what the batch's writes are for
@@ -680,6 +685,8 @@ class CommandActor:
         try:  # metrics must not stop the actor: what they failed to count is done
             for lateness in self._lateness:
                 observer.triggered(lateness)
+            if self._sets:
+                observer.jobs_set(self._sets)
         except Exception:
             log.exception("observer failed")
         for reason, job_id, outcome in self._notes:
@@ -743,6 +750,7 @@ class CommandActor:
         self._events.clear()
         self._notes.clear()
         self._lateness.clear()
+        self._sets = 0
         # Subscriptions answered with an error (after the first change) are dropped;
         # the ones answered before it stand.
         failed = self._new_subscribers[self._subscribers_before_write :]
@@ -811,6 +819,7 @@ class CommandActor:
             )
         job = new_job(command.id, command.execute_at, PLANNED, command.payload, 0, "", self._now)
         self._put_job(job)
+        self._sets += 1
         return job
 
     def _get_job(self, command: GetJob) -> Job:
@@ -1055,6 +1064,7 @@ class CommandActor:
             # ValueError/OverflowError: a value no check foresaw; still the client's input
             raise CommandError(ErrorCode.INVALID_ARGUMENT, str(error)) from None
         self._put_job(job)
+        self._sets += 1
         return job
 
     def _recurring(self, job_id: str, action: str) -> Job:

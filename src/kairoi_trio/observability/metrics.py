@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 
 from kairoi_trio.core.actor import Observer
 from kairoi_trio.core.failures import FailReason, job_prefix
+from kairoi_trio.observability.samples import SAMPLES
 
 log = structlog.get_logger(__name__)
 
@@ -232,7 +233,13 @@ class MetricsObserver(Observer):
             self._readiness.storage(ok, reason)
 
     def triggered(self, lateness_s: float) -> None:
-        TRIGGER_LATENESS.observe(max(lateness_s, 0.0))
+        lateness_s = max(lateness_s, 0.0)
+        TRIGGER_LATENESS.observe(lateness_s)
+        SAMPLES.record_lateness(lateness_s)  # the dashboard's last hour
+        SAMPLES.record("triggered")
+
+    def jobs_set(self, count: int) -> None:
+        SAMPLES.record("set", count)
 
     def failed_without_run(self, reason: FailReason, job_id: str) -> None:
         key = (reason, self._prefix(job_id))
@@ -240,6 +247,7 @@ class MetricsObserver(Observer):
         if series is None:  # .labels() takes a lock: once per series, not per job
             series = self._failed_series[key] = FAILED_WITHOUT_RUN.labels(reason.value, key[1])
         series.inc()
+        SAMPLES.record("failed")
 
 
 _RUN_SERIES: dict[tuple[str, bool], Histogram] = {}
@@ -250,3 +258,4 @@ def observe_run(kind: str, ok: bool, seconds: float) -> None:
     if series is None:  # .labels() is a look-up under a lock: once per series, not per run
         series = _RUN_SERIES[kind, ok] = RUN_SECONDS.labels(kind, "executed" if ok else "failed")
     series.observe(seconds)
+    SAMPLES.record("executed" if ok else "failed")
