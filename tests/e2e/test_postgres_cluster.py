@@ -158,6 +158,23 @@ def test_a_killed_instance_loses_nothing_and_its_runs_come_back_within_the_lease
     assert (at - killed_at).total_seconds() <= 2 * 2.0, at - killed_at
 
 
+def watch_on(
+    server: ServerProcess, prefix: str, until: Callable[[pb.WatchJobsResponse], bool]
+) -> None:
+    """Read a WatchJobs stream (snapshot included) of `server` until `until(message)`
+    says so, the stream fails, or 20 s have passed."""
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stream = pb_grpc.SchedulerStub(channel).WatchJobs(
+            pb.WatchJobsRequest(prefix=prefix, include_snapshot=True), timeout=20
+        )
+        try:
+            for message in stream:
+                if until(message):
+                    return
+        except grpc.RpcError:
+            return
+
+
 def test_a_job_set_on_one_instance_is_read_and_watched_on_another(
     make_server: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
@@ -166,22 +183,13 @@ def test_a_job_set_on_one_instance_is_read_and_watched_on_another(
     seen: list[pb.JobEvent] = []
     watching = threading.Event()
 
-    def watch() -> None:
-        with grpc.insecure_channel(f"127.0.0.1:{b.grpc_port}") as channel:
-            stream = pb_grpc.SchedulerStub(channel).WatchJobs(
-                pb.WatchJobsRequest(prefix="shared.", include_snapshot=True), timeout=20
-            )
-            try:
-                for message in stream:
-                    if not message.snapshot:
-                        watching.set()
-                    seen.extend(message.events)
-                    if any(e.job.id == "shared.2" for e in seen):
-                        return
-            except grpc.RpcError:
-                return
+    def until(message: pb.WatchJobsResponse) -> bool:
+        if not message.snapshot:
+            watching.set()
+        seen.extend(message.events)
+        return any(e.job.id == "shared.2" for e in seen)
 
-    watcher = threading.Thread(target=watch, daemon=True)
+    watcher = threading.Thread(target=watch_on, args=(b, "shared.", until), daemon=True)
     watcher.start()
     assert watching.wait(10)
     with KcpClient(a.kcp_port) as on_a, KcpClient(b.kcp_port) as on_b:
@@ -246,24 +254,15 @@ def test_changes_are_notified_only_while_another_instance_watches_and_none_is_mi
     seen: dict[str, int] = {}
     ended = threading.Event()
 
-    def watch() -> None:
-        with grpc.insecure_channel(f"127.0.0.1:{b.grpc_port}") as channel:
-            stream = pb_grpc.SchedulerStub(channel).WatchJobs(
-                pb.WatchJobsRequest(prefix="w.", include_snapshot=True), timeout=20
-            )
-            try:
-                for message in stream:
-                    for event in message.events:
-                        seen[event.job.id] = event.job.execute_at.ToMicroseconds()
-                    if ended.is_set() and not message.snapshot:
-                        return
-            except grpc.RpcError:
-                return
+    def until(message: pb.WatchJobsResponse) -> bool:
+        for event in message.events:
+            seen[event.job.id] = event.job.execute_at.ToMicroseconds()
+        return ended.is_set() and not message.snapshot
 
     writer = threading.Thread(target=write, daemon=True)
     writer.start()
     wait_for(lambda: writes >= 30, timeout=20)
-    watcher = threading.Thread(target=watch, daemon=True)
+    watcher = threading.Thread(target=watch_on, args=(b, "w.", until), daemon=True)
     watcher.start()
     wait_for(lambda: writes >= 150, timeout=30)
     stop.set()
