@@ -85,7 +85,18 @@ def fsync_directory(directory: Path) -> None:
     try:
         os.fsync(fd)
     finally:
+        close_quietly(fd, str(directory))
+
+
+def close_quietly(fd: int, what: str) -> None:
+    """Close a descriptor; an error is logged, never raised. close(2) releases the
+    descriptor even when it fails (Linux), and what the store needs durable was
+    synced before (an append's fdatasync, a file's or directory's fsync): a late
+    EIO from a file system must not fail a rotation or crash a clean stop."""
+    try:
         os.close(fd)
+    except OSError as exc:
+        log.warning("closing a file failed", file=what, error=f"{exc.strerror or exc}")
 
 
 # -- the compaction steps -------------------------------------------------------

@@ -169,8 +169,10 @@ class FaultyOs:
         _real.ftruncate(fd, length)
 
     def close(self, fd: int) -> None:
-        self._on_fd("close", fd)
-        _real.close(fd)
+        try:
+            self._on_fd("close", fd)
+        finally:  # as close(2) on Linux: the descriptor is released even when it fails
+            _real.close(fd)
 
     def open(self, path: Any, flags: int, mode: int = 0o777, **kwargs: Any) -> int:
         self._check("open", str(_real.fspath(path)))

@@ -50,6 +50,7 @@ from kairoi_trio.storage import compaction
 from kairoi_trio.storage.compaction import (
     LOCK_NAME,
     TMP_SUFFIX,
+    close_quietly,
     fsync_directory,
     list_directory,
     segment_path,
@@ -226,7 +227,7 @@ class DurableLog:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
+            close_quietly(fd, "the lock file")
             raise DirectoryLockedError(
                 f"data directory {self._dir} is already in use by another kairoi-trio server "
                 f"(lock file {path} is held)"
@@ -237,10 +238,10 @@ class DurableLog:
 
     def _unlock(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            close_quietly(self._fd, "the active segment")
             self._fd = None
         if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            close_quietly(self._lock_fd, "the lock file")  # closing it releases the flock
             self._lock_fd = None
 
     def _replay(self) -> LoadedState:
@@ -561,7 +562,7 @@ class DurableLog:
             if self._fsync:
                 fsync_directory(self._dir)
         except BaseException:
-            os.close(fd)
+            close_quietly(fd, str(tmp))
             tmp.unlink(missing_ok=True)
             raise
         return fd, HEADER_SIZE
@@ -575,7 +576,7 @@ class DurableLog:
         except OSError as exc:
             raise StorageError(f"cannot start a new log segment: {_describe(exc)}") from exc
         self._fd, self._active_seq, self._active_size = new_fd, old_seq + 1, new_size
-        os.close(old_fd)  # type: ignore[arg-type]
+        close_quietly(old_fd, f"segment {old_seq}")  # type: ignore[arg-type]
         return old_seq, old_size
 
     async def write_snapshot(
