@@ -62,6 +62,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import amqp_broker as broker  # noqa: E402
 
+from benchmarks.server import events_named  # noqa: E402
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CHUNK = 2000
 READY_TIMEOUT_S = 60.0
@@ -150,17 +152,7 @@ class Server:
         return sum(1 for line in list(self.lines) if needle in line)
 
     def events(self, name: str) -> list[dict]:
-        needle = f'"{name}"'  # a cheap filter; the JSON says whether it is the event
-        out = []
-        for line in list(self.lines):
-            if needle in line:
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if event.get("event") == name:
-                    out.append(event)
-        return out
+        return events_named(list(self.lines), name)
 
     def stop(self) -> None:
         if self.process.poll() is None:

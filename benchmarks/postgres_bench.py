@@ -82,7 +82,13 @@ from benchmarks.amqp_bench import Kcp
 from benchmarks.grpc_bench import Client, aggregate_stacks
 from benchmarks.lateness import fmt_time
 from benchmarks.profile import Profiler
-from benchmarks.server import cpu_seconds, load_average, machine_cpu, proc_status_kib
+from benchmarks.server import (
+    cpu_seconds,
+    events_named,
+    load_average,
+    machine_cpu,
+    proc_status_kib,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "postgres.sh"
@@ -367,17 +373,7 @@ class Instance:
                     self._ready.set()
 
     def events(self, name: str) -> list[dict]:
-        needle = f'"{name}"'
-        out = []
-        for _, line in list(self.lines):
-            if needle in line:
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if event.get("event") == name:
-                    out.append(event)
-        return out
+        return events_named((line for _, line in list(self.lines)), name)
 
     def metrics(self) -> dict[str, float]:
         """The actor's counters from /metrics: commands and group commits."""
@@ -1305,6 +1301,13 @@ class Bench:
         src = self.source("before" if kind == "log@before" else "after")
         return [Instance(self.work / name, src=src, tables=tables)], ""
 
+    def discard(self, name: str, dsn: str, servers: list[Instance]) -> None:
+        """Drop a case's database (if any) and its servers' directories."""
+        if dsn:
+            self.cluster.drop(f"bench_{name}")  # type: ignore[union-attr]
+        for server in servers:
+            shutil.rmtree(server.workdir, ignore_errors=True)
+
     def dispatch(self) -> list[dict[str, Any]]:
         n = self.args.jobs
         out = []
@@ -1338,10 +1341,7 @@ class Bench:
                 f" {result['postgres_cpu_us_per_job']:.0f}, broker {result['broker_cpu_us_per_job']:.0f};"
                 f" other CPU {result['other_cpu_s']:.1f} s; load {result['loadavg_1m']}"
             )
-            if dsn:
-                self.cluster.drop(f"bench_{name}")  # type: ignore[union-attr]
-            for server in servers:
-                shutil.rmtree(server.workdir, ignore_errors=True)
+            self.discard(name, dsn, servers)
         return out
 
     def lateness(self) -> list[dict[str, Any]]:
@@ -1372,10 +1372,7 @@ class Bench:
                 f" exactly once {result['exactly_once']}; per instance {result['per_instance']};"
                 f" other CPU {result['other_cpu_s']:.1f} s; load {result['loadavg_1m']}"
             )
-            if dsn:
-                self.cluster.drop(f"bench_{name}")  # type: ignore[union-attr]
-            for server in servers:
-                shutil.rmtree(server.workdir, ignore_errors=True)
+            self.discard(name, dsn, servers)
         return out
 
     # failover

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 READY_TIMEOUT_S = 60.0
@@ -172,6 +173,22 @@ class Server:
             self.stop()
         finally:
             self.kill()
+
+
+def events_named(lines: Iterable[str], name: str) -> list[dict]:
+    """The JSON log lines whose event is `name`, parsed (a cheap text filter first;
+    the JSON decides, whatever the renderer's spacing)."""
+    needle = f'"{name}"'
+    out = []
+    for line in lines:
+        if needle in line:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == name:
+                out.append(event)
+    return out
 
 
 def parse(line: str) -> dict:
