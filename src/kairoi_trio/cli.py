@@ -128,9 +128,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_server(config: Config) -> int:
     from kairoi_trio.observability.logging import configure_logging
+
+    close_log = configure_logging(config.log.level, config.log.format, batched=True)
+    try:
+        cause = _serve(config)
+    finally:
+        close_log()  # the lines still pending, before anything else is printed
+    if cause is not None:
+        print(f"kairoi-trio: cannot start: {cause}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _serve(config: Config) -> BaseException | None:
+    """Serve until a signal; the storage or socket error that stopped a start."""
     from kairoi_trio.open_files import check_open_files
 
-    configure_logging(config.log.level, config.log.format)
     # A file-size limit (ulimit -f) must fail a write with EFBIG, like a full
     # disk, instead of killing the scheduler.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -141,9 +154,8 @@ def run_server(config: Config) -> int:
         cause = _startup_cause(error)
         if cause is None:
             raise
-        print(f"kairoi-trio: cannot start: {cause}", file=sys.stderr)
-        return 1
-    return 0
+        return cause
+    return None
 
 
 def _startup_cause(error: BaseException) -> BaseException | None:

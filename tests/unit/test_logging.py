@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 
-from kairoi_trio.observability.logging import UtcTimestamper
+from kairoi_trio.observability.logging import BatchedLineWriter, UtcTimestamper
 
 
 def test_the_timestamp_is_utc_iso_8601_with_microseconds() -> None:
@@ -52,3 +54,75 @@ def test_json_lines_one_object_each_on_stderr() -> None:
     assert first["when"].startswith("<object object at")  # what JSON cannot hold is its repr
     assert datetime.fromisoformat(first["timestamp"]) <= datetime.now(UTC)
     assert second["text"] == "é\nnewline" and second["level"] == "warning"
+
+
+BATCHED = """
+import logging, structlog
+from kairoi_trio.observability.logging import configure_logging
+close = configure_logging("info", "{fmt}", batched=True)
+log = structlog.get_logger()
+for n in range(5000):
+    log.info("job run", n=n)
+    if n % 1000 == 0:
+        logging.getLogger("library").warning("library line %d", n)
+close()
+log.info("after close", n=5000)
+"""
+
+
+def test_batched_lines_all_arrive_in_order_with_the_librarys_in_their_place() -> None:
+    for fmt in ("json", "console"):
+        done = subprocess.run(
+            [sys.executable, "-c", BATCHED.format(fmt=fmt)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        lines = done.stderr.splitlines()
+        assert len(lines) == 5000 + 5 + 1, lines[-3:]
+        numbers = [
+            int(line.split("n=")[-1]) if fmt == "console" else json.loads(line)["n"]
+            for line in lines
+            if "library line" not in line
+        ]
+        assert numbers == list(range(5001))  # every line, in order, the one after close too
+        for k in range(5):  # each library line right after the structlog line it followed
+            at = next(i for i, line in enumerate(lines) if f"library line {k * 1000}" in line)
+            assert f"{k * 1000}" in lines[at - 1]
+
+
+def test_a_reader_that_stops_reading_holds_callers_back_and_loses_nothing() -> None:
+    read_end, write_end = os.pipe()
+    writer = BatchedLineWriter(os.fdopen(write_end, "wb"), limit_bytes=64 << 10)
+    line = b"x" * 1023 + b"\n"
+    written = 0
+    done = threading.Event()
+
+    def produce() -> None:
+        nonlocal written
+        for _ in range(1000):  # 1 MB: more than the pipe (64 KiB) and the limit hold
+            writer.write(line)
+            written += 1
+        done.set()
+
+    threading.Thread(target=produce, daemon=True).start()
+    time.sleep(0.5)
+    assert not done.is_set() and written < 1000  # held back, not buffered without end
+    received = bytearray()
+    with os.fdopen(read_end, "rb") as reader:
+        while len(received) < 1000 * len(line):
+            received += reader.read1(1 << 20)
+        assert done.wait(10)
+        writer.close()
+    assert bytes(received) == line * 1000
+
+
+def test_a_closed_stderr_does_not_fail_the_caller() -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    writer = BatchedLineWriter(os.fdopen(write_end, "wb"))
+    for _ in range(100):
+        writer.write(b"line\n")  # EPIPE in the writer thread: dropped, never raised here
+    writer.close()
+    writer.write(b"after close\n")  # written by the caller: the error is dropped too
