@@ -19,7 +19,7 @@ from kairoi_trio.commands import (
     TriggerDue,
 )
 from kairoi_trio.core.state import State
-from kairoi_trio.model import Job, Schedule, Status, new_job
+from kairoi_trio.model import Job, Recurrence, Schedule, Status, new_job
 from kairoi_trio.storage.postgres.view import (
     CLAIM_SLACK,
     BatchView,
@@ -186,3 +186,36 @@ def test_ids_and_prefixes_with_nul_are_not_sent_to_the_database() -> None:
     assert plan.ids == {"ok"} and plan.creating == {"ok"} and not plan.peeks
     # ids after "q.a\0z" are the ids after "q.a": none lies between them
     assert plan.lists == {("q.", None, "q.a", 5)}
+
+
+def test_only_a_change_of_status_columns_is_written_as_statuses() -> None:
+    """The store writes a job whose time, payload and schedule did not change with
+    the status columns only: every other field's change must take the whole row
+    (a field added to Job is written whole until the status statement has it)."""
+    from dataclasses import fields, replace
+
+    from kairoi_trio.storage.postgres.store import _split_updates
+
+    status_columns = {"status", "attempts", "last_outcome", "updated_at"}
+    old = new_job("r", 100, PLANNED, b"p", 0, "", 1)
+    recurring = replace(old, recurrence=Recurrence(Schedule("every 1m"), 100))
+    changed = {
+        "id": "r",  # (the same row)
+        "execute_at": 200,
+        "status": TRIGGERED,
+        "payload": b"q",
+        "attempts": 1,
+        "last_outcome": "ok",
+        "updated_at": 2,
+        "recurrence": Recurrence(Schedule("every 1m"), 100),
+    }
+    assert set(changed) == {f.name for f in fields(Job)}
+    for name, value in changed.items():
+        if name == "id":
+            continue
+        new = replace(old, **{name: value})
+        whole, marked = _split_updates([new], {"r": old})
+        assert (marked == [new]) == (name in status_columns), name
+        assert (whole == [new]) == (name not in status_columns), name
+    paused = replace(recurring, recurrence=replace(recurring.recurrence, paused=True))
+    assert _split_updates([paused], {"r": recurring}) == ([paused], [])

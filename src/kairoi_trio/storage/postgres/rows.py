@@ -48,11 +48,15 @@ STATUS_BY_NAME = {status.value: status for status in Status}
 JobRow = tuple[str, int, str, bool, bytes, int, str, int, str | None]
 
 
+def safe_text(text: str) -> str:
+    """`text` with each NUL as U+FFFD: PostgreSQL text cannot hold NUL (a script's
+    output, a job's outcome, can)."""
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
 def job_row(job: Job) -> JobRow:
     """The row of `job`, in JOB_COLUMNS order (recurrence as JSON text)."""
-    outcome = job.last_outcome
-    if "\x00" in outcome:  # PostgreSQL text cannot hold NUL; a script's output can
-        outcome = outcome.replace("\x00", "\ufffd")
+    outcome = safe_text(job.last_outcome)
     return (
         job.id,
         job.execute_at,

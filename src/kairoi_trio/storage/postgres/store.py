@@ -75,6 +75,7 @@ from kairoi_trio.storage.postgres.rows import (
     job_row,
     rule_from_row,
     rule_row,
+    safe_text,
 )
 from kairoi_trio.storage.postgres.schema import migrate
 from kairoi_trio.storage.postgres.view import BatchView, Loaded, LoadPlan, prefix_upper_bound
@@ -129,6 +130,14 @@ _UPDATE_JOBS = (
     " AS u(id, execute_at, status, waits, payload, attempts, last_outcome, updated_at,"
     " recurrence, owner) WHERE jobs.id = u.id"
 )
+# A job whose time, payload and schedule did not change (a trigger, most outcomes):
+# only its status columns are sent (~35% less to encode than _UPDATE_JOBS per row).
+_UPDATE_STATUSES = (
+    "UPDATE jobs SET status = u.status, waits = u.waits, attempts = u.attempts,"
+    " last_outcome = u.last_outcome, updated_at = u.updated_at, owner = u.owner"
+    f" FROM unnest({_unnest(('text', 'text', 'bool', 'int', 'text', 'bigint', 'uuid'))})"
+    " AS u(id, status, waits, attempts, last_outcome, updated_at, owner) WHERE jobs.id = u.id"
+)
 _UPSERT_RULES = (
     "INSERT INTO rules (id, pattern, runner, policy)"
     " SELECT * FROM unnest(%b::text[], %b::text[], %b::jsonb[], %b::jsonb[])"
@@ -158,6 +167,35 @@ def _job_arrays(jobs: list[Job], owner: str) -> list[list[Any]]:
     columns: list[list[Any]] = [list(c) for c in zip(*rows, strict=True)]
     columns.append([owner if job.status is Status.TRIGGERED else None for job in jobs])
     return columns
+
+
+def _status_arrays(jobs: list[Job], owner: str) -> list[list[Any]]:
+    """The columns of _UPDATE_STATUSES for `jobs` (as job_row writes them)."""
+    return [
+        [job.id for job in jobs],
+        [job.status.value for job in jobs],
+        [waits(job) for job in jobs],
+        [job.attempts for job in jobs],
+        [safe_text(job.last_outcome) for job in jobs],
+        [job.updated_at for job in jobs],
+        [owner if job.status is Status.TRIGGERED else None for job in jobs],
+    ]
+
+
+def _split_updates(updated: list[Job], before: dict[str, Job]) -> tuple[list[Job], list[Job]]:
+    """(whole rows, status-only rows): a job whose execute_at, payload and schedule
+    are those it was loaded with needs only its status columns written."""
+    whole: list[Job] = []
+    statuses: list[Job] = []
+    for job in updated:
+        old = before[job.id]
+        same = (
+            job.execute_at == old.execute_at
+            and job.payload == old.payload
+            and job.recurrence == old.recurrence
+        )
+        (statuses if same else whole).append(job)
+    return whole, statuses
 
 
 class PostgresStore:
@@ -550,8 +588,11 @@ class PostgresStore:
         with conn.pipeline():
             if inserted:
                 conn.execute(_INSERT_JOBS, _job_arrays(inserted, me))
-            if updated:
-                conn.execute(_UPDATE_JOBS, _job_arrays(updated, me))
+            whole, marked = _split_updates(updated, view.loaded.jobs)
+            if whole:
+                conn.execute(_UPDATE_JOBS, _job_arrays(whole, me))
+            if marked:
+                conn.execute(_UPDATE_STATUSES, _status_arrays(marked, me))
             if deleted:
                 conn.execute("DELETE FROM jobs WHERE id = ANY(%b::text[])", (deleted,))
             if deltas:
