@@ -338,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lateness", type=int, default=200, help="jobs due --gap apart")
     parser.add_argument("--gap", type=float, default=0.1, help="seconds between due times")
     parser.add_argument("--no-fsync", action="store_true", help="fsync_on_persist = false")
-    parser.add_argument("--config", default="", help=r"extra TOML, e.g. '[runners.shell]\nconcurrency = 64'")
+    parser.add_argument(
+        "--config", default="", help=r"extra TOML, e.g. '[runners.shell]\nconcurrency = 64'"
+    )
     parser.add_argument("--profile", metavar="DIR", help="py-spy record the server into DIR")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
@@ -373,7 +375,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
             if args.lateness:
                 time.sleep(SETTLE_S)
-                log(f"[{rep}] lateness: {args.lateness} jobs {args.gap * 1000:.0f} ms apart, server")
+                log(
+                    f"[{rep}] lateness: {args.lateness} jobs {args.gap * 1000:.0f} ms apart, server"
+                )
                 row["lateness_server"] = bench.server_lateness(rep, args.lateness, args.gap)
                 log(f"[{rep}] lateness: floor (one posix_spawn per due time)")
                 row["lateness_floor"] = bench.floor_lateness(rep, args.lateness, args.gap / 2)
