@@ -246,7 +246,7 @@ class Bench:
         path = Path(self.args.profile) / f"{name}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         self.profiles.append(path)
-        return Profiler(self.server.pid, path, rate=500)
+        return Profiler(self.server.pid, path, rate=200)
 
     def _wait_runs(self, n_before: int, n: int, timeout: float) -> None:
         """Until the server logged n more "job run" events (the runs ended)."""
@@ -270,22 +270,38 @@ class Bench:
         if time.time() > due - 0.1:
             raise RuntimeError("the SETs took too long: jobs were due before all were set")
         profiler = self._profile(f"burst-{rep}")
+        cpu_before = self.server.cpu_seconds()
         stamps = self.script.wait_for(prefix, n, timeout=60 + n / 50)
         self._wait_runs(runs_before, n, timeout=30)
+        cpu = self.server.cpu_seconds() - cpu_before
         if profiler is not None:
             profiler.stop()
         failed = [e for e in self.server.events("job run")[runs_before:] if not e["ok"]]
         if failed:
             raise RuntimeError(f"{len(failed)} runs failed, e.g. {failed[0]}")
         starts = sorted(at - due for at in stamps.values())
-        return {"first_ms": ms(starts[0]), "last_ms": ms(starts[-1]), "p50_ms": ms(starts[n // 2])}
+        return {
+            "first_ms": ms(starts[0]),
+            "last_ms": ms(starts[-1]),
+            "p50_ms": ms(starts[n // 2]),
+            # the server's CPU (all threads) from before T to the last "job run" line
+            "cpu_us_per_job": round(cpu / n * 1e6),
+        }
 
     def floor_burst(self, rep: int, n: int) -> dict:
         prefix = f"fb.{rep}."
+        before = resource.getrusage(resource.RUSAGE_SELF)
         due = self.floor.burst(prefix, n)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
         stamps = self.script.wait_for(prefix, n, timeout=30)
         starts = sorted(at - due for at in stamps.values())
-        return {"first_ms": ms(starts[0]), "last_ms": ms(starts[-1]), "p50_ms": ms(starts[n // 2])}
+        return {
+            "first_ms": ms(starts[0]),
+            "last_ms": ms(starts[-1]),
+            "p50_ms": ms(starts[n // 2]),
+            "cpu_us_per_job": round(cpu / n * 1e6),  # this process's, spawning and reaping
+        }
 
     def server_lateness(self, rep: int, m: int, gap_s: float) -> dict:
         prefix = f"l.{rep}."
@@ -298,7 +314,19 @@ class Bench:
         self._wait_runs(runs_before, m, timeout=30)
         if profiler is not None:
             profiler.stop()
-        return summary([stamps[i] - due for i, due in dues.items()])
+        result = summary([stamps[i] - due for i, due in dues.items()])
+        # Where the time goes: the pool's "job run" line gives when the run began
+        # (its timestamp minus its seconds), before the spawn.
+        began = {
+            e["job"]: datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+            - e["seconds"]
+            for e in self.server.events("job run")[runs_before:]
+        }
+        pool = [began[i] - due for i, due in dues.items() if i in began]
+        if pool:
+            result["run_began_p50_ms"] = ms(statistics.median(pool))
+            result["run_began_p99_ms"] = ms(pct(pool, 0.99))
+        return result
 
     def floor_lateness(self, rep: int, m: int, gap_s: float) -> dict:
         prefix = f"fl.{rep}."
@@ -371,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 log(
                     f"[{rep}] burst last start: server {row['burst_server']['last_ms']} ms, "
-                    f"floor {row['burst_floor']['last_ms']} ms, ratio {row['burst_ratio']}"
+                    f"floor {row['burst_floor']['last_ms']} ms, ratio {row['burst_ratio']}; "
+                    f"CPU per job: server {row['burst_server']['cpu_us_per_job']} µs, "
+                    f"floor {row['burst_floor']['cpu_us_per_job']} µs"
                 )
             if args.lateness:
                 time.sleep(SETTLE_S)
