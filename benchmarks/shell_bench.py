@@ -264,7 +264,7 @@ class Bench:
 
     def server_burst(self, rep: int, n: int) -> dict:
         prefix = f"b.{rep}."
-        due = self._due(time.time() + 0.5 + n / 20_000)
+        due = self._due(time.time() + 1.0 + n / 2_000)  # SET of 1,000 takes ~0.1 s idle
         runs_before = len(self.server.events("job run"))
         self._set([(f"{prefix}{i:06d}", due) for i in range(n)])
         if time.time() > due - 0.1:
