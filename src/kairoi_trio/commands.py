@@ -211,17 +211,10 @@ class TriggerDue:
     `capacity` is how many more runs each runner kind can queue right now; a
     due job whose runner kind is full stays planned (nothing is lost, and the
     other kinds are not held up behind it). Returns a TriggerResult.
-
-    `start_early`, if given, is called with the dispatches as soon as the jobs
-    are marked, before the `triggered` records are durable, so that runs start
-    while they are being synced; the result then holds no dispatches. A run so
-    started whose mark is lost (a crash, a failed write) runs again: at least
-    once. Only with the embedded log (see docs/runners.md, "Starting runs").
     """
 
     now: int
     capacity: dict[str, int]
-    start_early: Callable[[list[Dispatch]], None] | None = None
 
 
 @dataclass(slots=True)

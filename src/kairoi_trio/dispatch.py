@@ -1,12 +1,5 @@
 """The dispatcher: sleeps until the earliest planned job is due, then has the
-command actor mark due jobs triggered and hands them to runner pools.
-
-With the embedded log the runs are handed out as soon as the actor has marked
-them, while the `triggered` records are being written and synced (TriggerDue's
-`start_early`): the fsync (~1-3 ms) is no longer in a run's lateness. A run
-whose mark is then lost (a crash before the sync, a failed write) runs again,
-which at-least-once delivery allows. A per-batch store (PostgreSQL) hands them
-out once the trigger is committed.
+command actor mark due jobs triggered (durably) and hands them to runner pools.
 
 There is no polling tick. The actor tells the DueTimer the earliest due time
 after every commit; the timer's sleep is a cancel scope whose deadline is moved
@@ -26,7 +19,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 import trio
 
-from kairoi_trio.commands import CommandError, Dispatch, TriggerDue, TriggerResult
+from kairoi_trio.commands import CommandError, TriggerDue, TriggerResult
 from kairoi_trio.core.actor import ActorClient
 from kairoi_trio.model import MICROS, now_us
 from kairoi_trio.runners.pool import RunnerPools
@@ -89,7 +82,7 @@ class Dispatcher:
                 await self._first_of(self._timer.wait_due, self._pools.wait_for_capacity)
             try:
                 result: TriggerResult = await self._actor.call(
-                    TriggerDue(now_us(), self._pools.capacity(), self._start_early)
+                    TriggerDue(now_us(), self._pools.capacity())
                 )
             except CommandError as error:
                 # Nothing was triggered: the jobs stay planned, and due. Back off.
@@ -105,11 +98,6 @@ class Dispatcher:
             backlog = result.deferred
             if result.more_due:
                 await trio.lowlevel.checkpoint()
-
-    def _start_early(self, dispatches: list[Dispatch]) -> None:
-        """Hand the runs out while their `triggered` records are being synced."""
-        for dispatch in dispatches:
-            self._pools.submit_nowait(dispatch)
 
     @staticmethod
     async def _first_of(*waits: Callable[[], Awaitable[None]]) -> None:

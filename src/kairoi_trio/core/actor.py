@@ -915,18 +915,6 @@ class CommandActor:
                 more_due = True  # bounded, so that one call keeps the actor short
                 break
         deferred = frozenset(kind for kind, line in state.waiting.items() if line)
-        if (
-            command.start_early is not None
-            and dispatches
-            and self.writable
-            and not self._loads_per_batch
-        ):
-            # The runs start while the batch's records are written and synced (the
-            # embedded log). Not while storage fails: each retry would run the jobs
-            # again. Not with a per-batch store (PostgreSQL): another instance may
-            # take a trigger that fails to commit and run the job too.
-            command.start_early(dispatches)
-            dispatches = []
         return TriggerResult(dispatches, deferred=deferred, more_due=more_due)
 
     def _dispatch(
