@@ -93,12 +93,14 @@ async def test_a_missing_script_is_a_failure_not_an_exception(tmp_path: Path) ->
     assert failure.value.message in ("exit status 2", "exit status 127")
 
 
-async def test_a_missing_working_directory_is_a_failure(tmp_path: Path) -> None:
-    rule = script(tmp_path, "exit 0\n")
-    runner = ShellRunnerBackend(cwd=str(tmp_path / "gone"))
+async def test_no_sh_in_path_is_a_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rule = script(tmp_path, f"touch {tmp_path}/ran\n")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(RunFailed) as failure:
-        await runner.run(Job("j", 0), rule)
-    assert "cannot start" in failure.value.message
+        await ShellRunnerBackend().run(Job("j", 0), rule)
+    assert failure.value.message == "cannot start sh: No such file or directory"
+    assert not (tmp_path / "ran").exists()  # noqa: ASYNC240
 
 
 async def test_the_job_id_is_the_argument_and_in_the_environment(tmp_path: Path) -> None:
@@ -314,10 +316,13 @@ async def test_a_nul_in_the_id_fails_the_run_with_a_reason(tmp_path: Path) -> No
     assert not (tmp_path / "ran").exists()  # noqa: ASYNC240
 
 
-async def test_a_command_starting_with_a_dash_is_a_script_not_options(tmp_path: Path) -> None:
+async def test_a_command_starting_with_a_dash_is_a_script_not_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "-job.sh").write_text(f"printf '%s' \"$1\" > {tmp_path}/arg\n")
     rule = Rule("r", "", ShellRunner("-job.sh"))
-    runner = ShellRunnerBackend(cwd=str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # scripts run in the server's working directory
+    runner = ShellRunnerBackend()
     assert await runner.run(Job("app.1", 0), rule) == "exit status 0"
     assert (tmp_path / "arg").read_text() == "app.1"  # noqa: ASYNC240
 
@@ -426,3 +431,64 @@ async def test_a_guard_that_died_is_replaced(tmp_path: Path, guard: ProcessGuard
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
         "the process guard died: starting a new one"
     ]
+
+
+def spawn_marked(guard: ProcessGuard, mark: str) -> int:
+    """A `sleep 60` in a session of its own whose environment carries the guard's mark."""
+    env = dict(os.environ, **{ProcessGuard.ENV_NAME: mark})
+    return os.posix_spawn("/bin/sh", ["sh", "-c", "sleep 60"], env, setsid=True)
+
+
+async def test_a_script_spawned_but_not_yet_listed_dies_with_the_server(
+    guard: ProcessGuard,
+) -> None:
+    # The server killed between the spawn and watch(): the guard finds it by its mark.
+    pid = spawn_marked(guard, guard.expect())
+    try:
+        await trio.to_thread.run_sync(guard.close)
+        await poll(lambda: gone(pid))
+    finally:
+        if not gone(pid):
+            os.kill(pid, signal.SIGKILL)
+        await trio.to_thread.run_sync(os.waitpid, pid, 0)
+
+
+async def test_the_guard_keeps_track_of_more_scripts_than_its_first_table_holds(
+    guard: ProcessGuard,
+) -> None:
+    for _ in range(300):  # the table starts with 256 slots
+        guard.expect()
+    mark = guard.expect()
+    pid = spawn_marked(guard, mark)
+    guard.watch(pid, mark)
+    try:
+        await trio.to_thread.run_sync(guard.close)
+        await poll(lambda: gone(pid))
+    finally:
+        if not gone(pid):
+            os.kill(pid, signal.SIGKILL)
+        await trio.to_thread.run_sync(os.waitpid, pid, 0)
+
+
+async def test_a_script_runs_in_a_session_and_process_group_of_its_own(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    rule = script(tmp_path, f"cat /proc/$$/stat > {stat}\n")
+    assert await ShellRunnerBackend().run(Job("j", 0), rule) == "exit status 0"
+    pid, _, rest = stat.read_text().partition(" (")  # noqa: ASYNC240
+    fields = rest.rsplit(")", 1)[1].split()  # fields[0] is field 3, state
+    assert int(fields[2]) == int(fields[3]) == int(pid)  # process group, session: its own
+
+
+async def test_a_script_gets_no_descriptor_the_server_inherited(tmp_path: Path) -> None:
+    """Descriptors above 2 that the server got from whoever started it stay with it."""
+    out = tmp_path / "out"
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(fd, True)  # as one inherited from a parent would be
+    try:
+        rule = script(
+            tmp_path, f"[ -e /proc/$$/fd/{fd} ] && echo open > {out} || echo closed > {out}\n"
+        )
+        assert await ShellRunnerBackend().run(Job("j", 0), rule) == "exit status 0"
+        assert content(out) == "closed"
+    finally:
+        os.close(fd)

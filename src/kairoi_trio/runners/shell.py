@@ -30,11 +30,13 @@ the old ones. See docs/runners.md for why this and not PR_SET_PDEATHSIG.
 
 from __future__ import annotations
 
-import functools
 import itertools
+import mmap
 import os
 import secrets
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -59,16 +61,21 @@ class ShellRunnerBackend(Runner):
         self,
         *,
         output_limit_bytes: int = 64 << 10,
-        cwd: str | None = None,
         allowed_commands: Collection[str] = (),
         guard: ProcessGuard | None = None,
     ) -> None:
         """allowed_commands: when not empty, the only commands a run may start.
         guard: kills the scripts left when the server dies (default: the process's)."""
         self.output_limit = output_limit_bytes
-        self.cwd = cwd
         self.allowed_commands = frozenset(allowed_commands)
         self.guard = guard or default_guard()
+        # The server's environment, as bytes, taken once: copying os.environ for
+        # each run (decoding ~40 variables) cost more CPU than the spawn itself.
+        self._environ = dict(os.environb)
+        path = os.environ.get("PATH", os.defpath)
+        # Not found: the spawn fails with ENOENT, "cannot start sh: No such file ...".
+        self._sh = shutil.which("sh", path=path) or "/nonexistent/sh"
+        _no_inherited_descriptors()
 
     async def run(self, job: Job, rule: Rule) -> str:
         assert isinstance(rule.runner, ShellRunner)
@@ -80,13 +87,13 @@ class ShellRunnerBackend(Runner):
             check_allowed_command(rule.runner.command, self.allowed_commands)
         except CommandError as refused:
             raise RunFailed(refused.message) from None
-        env = dict(
-            os.environ, KAIROI_JOB_ID=job.id, KAIROI_SCHEDULED_AT=format_time(job.scheduled_at)
-        )
+        env = self._environ.copy()
+        env[b"KAIROI_JOB_ID"] = os.fsencode(job.id)
+        env[b"KAIROI_SCHEDULED_AT"] = format_time(job.scheduled_at).encode()
         payload_file = None
         if job.payload:
             payload_file = await trio.to_thread.run_sync(_write_temp, job.payload)
-            env["KAIROI_PAYLOAD_FILE"] = payload_file
+            env[b"KAIROI_PAYLOAD_FILE"] = os.fsencode(payload_file)
         try:
             status, output = await self._execute(["sh", "--", rule.runner.command, job.id], env)
         finally:
@@ -101,56 +108,73 @@ class ShellRunnerBackend(Runner):
             raise RunFailed(reason)
         return "exit status 0"
 
-    async def _execute(self, argv: list[str], env: dict[str, str]) -> tuple[int, bytes]:
-        # Popen forks and then waits for the child's exec in the calling thread:
-        # about a millisecond that must not be spent in the event loop. Shielded,
-        # so that a cancel cannot lose the process between its start and the
-        # `try` that kills it.
-        spawn = functools.partial(
-            self._spawn,
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=self.cwd,
-        )
-        with trio.CancelScope(shield=True):
-            try:
-                process = await trio.to_thread.run_sync(spawn)
-            except OSError as error:
-                raise RunFailed(f"cannot start sh: {error.strerror}") from None
-        assert process.stdout is not None
+    async def _execute(self, argv: list[str], env: dict[bytes, bytes]) -> tuple[int, bytes]:
+        """Run argv to its end: (exit status, or -signal; its output up to the bound).
+
+        Cancelled (a timeout, the end of the grace period): the process group is
+        killed and reaped before the cancel goes on."""
+        # In the event loop, not a worker thread: os.posix_spawn holds the GIL until
+        # `sh` is exec'd, so a thread would not let the loop work meanwhile, and the
+        # hop to it and back only adds latency (docs/runners.md, "Starting runs").
+        pid, output_fd = self._spawn(argv, env)
         output = bytearray()
-        pidfd = os.pidfd_open(process.pid)
+        try:
+            pidfd = os.pidfd_open(pid)  # readable once the process has exited
+        except OSError as error:  # out of descriptors: do not leave the script unwatched
+            _kill_group(pid)
+            os.close(output_fd)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(os.waitpid, pid, 0)
+            self.guard.forget(pid)
+            raise RunFailed(f"cannot watch sh: {error.strerror}") from None
+        status: int | None = None
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._capture, os.dup(process.stdout.fileno()), output)
-                await trio.lowlevel.wait_readable(pidfd)  # readable once the process exited
-                status = process.wait()
+                nursery.start_soon(self._capture, output_fd, output)
+                await trio.lowlevel.wait_readable(pidfd)
+                status = _reap(pid)
                 # The script may have left children holding the pipe open: do not wait for them.
                 nursery.cancel_scope.deadline = trio.current_time() + 0.1
         finally:
-            if process.returncode is None:  # cancelled: a timeout or the end of the grace period
-                _kill_group(process.pid)
+            if status is None:  # cancelled: a timeout or the end of the grace period
+                _kill_group(pid)
                 with trio.CancelScope(shield=True):
                     await trio.lowlevel.wait_readable(pidfd)
-                process.wait()
-            self.guard.forget(process.pid)  # reaped: its pid may be reused from now on
+                _reap(pid)
+            self.guard.forget(pid)  # reaped: its pid may be reused from now on
             os.close(pidfd)
-            process.stdout.close()
+        assert status is not None
         return status, bytes(output)
 
-    def _spawn(self, argv: list[str], **options: object) -> subprocess.Popen[bytes]:
+    def _spawn(self, argv: list[str], env: dict[bytes, bytes]) -> tuple[int, int]:
         """Start a script in a session (process group) of its own, registered with
-        the guard before anything else happens. Runs in a worker thread."""
-        env = options.pop("env")
-        assert isinstance(env, dict)
-        mark = self.guard.expect()  # before the fork: a kill right after it is covered too
-        env[ProcessGuard.ENV_NAME] = mark
-        process = subprocess.Popen(argv, start_new_session=True, env=env, **options)  # type: ignore[call-overload]
-        self.guard.watch(process.pid, mark)
-        return process
+        the guard before anything else happens: (pid, read end of its stdout+stderr).
+
+        os.posix_spawn is glibc's clone(CLONE_VM | CLONE_VFORK): no copy of the
+        server's page tables; it returns once `sh` is exec'd.
+        Raises RunFailed if `sh` cannot be started."""
+        mark = self.guard.expect()  # before the spawn: a kill right after it is covered too
+        env[ProcessGuard.ENV_NAME.encode()] = mark.encode()
+        read, write = os.pipe()  # close-on-exec: only the dup2'd copies reach the script
+        try:
+            pid = os.posix_spawn(
+                self._sh,
+                argv,
+                env,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, write, 1),
+                    (os.POSIX_SPAWN_DUP2, write, 2),
+                ],
+                setsid=True,
+            )
+        except OSError as error:
+            os.close(read)
+            raise RunFailed(f"cannot start sh: {error.strerror}") from None
+        finally:
+            os.close(write)
+        self.guard.watch(pid, mark)
+        return pid, read
 
     async def _capture(self, fd: int, output: bytearray) -> None:
         async with trio.lowlevel.FdStream(fd) as stream:
@@ -158,6 +182,33 @@ class ShellRunnerBackend(Runner):
                 room = self.output_limit - len(output)
                 if room > 0:
                     output += chunk[:room]
+
+
+def _reap(pid: int) -> int:
+    """Reap an exited child: its exit status, or -signal (as Popen.returncode)."""
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _no_inherited_descriptors() -> None:
+    """Make every descriptor above 2 close-on-exec.
+
+    posix_spawn does not close descriptors as Popen(close_fds=True) did: scripts
+    get those not marked close-on-exec. Python opens everything close-on-exec
+    (PEP 446); what is left are descriptors the server inherited from whoever
+    started it, dealt with here once."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return
+    for name in names:
+        fd = int(name)
+        if fd > 2:
+            try:
+                if os.get_inheritable(fd):
+                    os.set_inheritable(fd, False)
+            except OSError:  # the listing's own descriptor, closed by now
+                pass
 
 
 def _kill_group(pid: int) -> None:
@@ -183,30 +234,31 @@ def _remove(path: str) -> None:
 
 # -- scripts die with the server ------------------------------------------------------------
 
-# The guard: reads "+<pgid>" / "-<pgid>" lines from the server on stdin and, at
-# end-of-file (the server closed it, or died and the kernel closed it), kills every
-# process group still listed. Its own session keeps a terminal's Ctrl-C away from
-# it; -I -S: no site packages, no environment, a ~10 ms start.
+# The guard: blocks reading its stdin, a pipe whose write end only the server
+# holds, until end-of-file (the server closed it, or died and the kernel closed
+# it); then reads the table of scripts the server keeps in a memfd they share and
+# kills every process group still listed. The server updates the table in memory,
+# with no system call and no wake-up of the guard per script. A slot is two
+# int64: (mark, pgid); (0, 0) is free; (mark, 0) a script about to start with
+# that mark in its environment; (mark, pgid) one running. Its own session keeps a
+# terminal's Ctrl-C away from it; -I -S: no site packages, no environment, a
+# ~10 ms start.
 _GUARD_CODE = """
-import os, signal, sys
-name = sys.argv[1].encode()  # KAIROI_SCRIPT_GUARD
-groups, expected, pending = set(), set(), b""
-while chunk := os.read(0, 65536):
-    *lines, pending = (pending + chunk).split(b"\\n")
-    for line in lines:
-        if line[:1] == b"~":  # a script is about to start with this mark
-            expected.add(line[1:])
-        elif line[:1] == b"+":  # "+<pgid> <mark>": it started
-            pgid, _, mark = line[1:].partition(b" ")
-            groups.add(int(pgid))
-            expected.discard(mark)
-        elif line[:1] == b"-":
-            groups.discard(int(line[1:]))
-wanted = {name + b"=" + mark for mark in expected}
+import os, signal, struct, sys
+name, token, table = sys.argv[1].encode(), sys.argv[2].encode(), int(sys.argv[3])
+while os.read(0, 65536):
+    pass
+data = os.pread(table, os.fstat(table).st_size, 0)
+groups, wanted = set(), set()
+for mark, pgid in struct.iter_unpack("<qq", data):
+    if pgid > 0:
+        groups.add(pgid)
+    elif mark > 0:
+        wanted.add(name + b"=" + token + b".%d" % mark)
 
 def marked():
-    # Scripts forked but never announced (the server died between "~" and "+"):
-    # found by the mark their environment carries.
+    # Scripts spawned but not yet listed with their group (the server died
+    # during the spawn): found by the mark their environment carries.
     found = set()
     if not wanted:
         return found
@@ -226,18 +278,21 @@ for _ in range(2):  # twice: a script may have been forking while we looked
             os.killpg(pgid, signal.SIGKILL)
         except OSError:
             pass
-    groups = set()
 """
+
+_SLOT = struct.Struct("<qq")  # (mark, pgid), as _GUARD_CODE reads them
+_INITIAL_SLOTS = 256  # doubled when full
 
 
 class ProcessGuard:
     """A process outside the server that kills the scripts' process groups when the
     server is gone, however it went (SIGKILL, OOM killer, a crash).
 
-    `watch(pgid)` right after a script starts, `forget(pgid)` once it is reaped.
-    The guard is started on first use and restarted if it died (then the groups it
-    knew are unguarded). Writes never block: the pipe is non-blocking, and a guard
-    too slow to read costs a warning, not a stalled runner. Thread-safe.
+    `expect()` before a script starts, `watch(pgid, mark)` right after,
+    `forget(pgid)` once it is reaped. These only write a table in memory shared
+    with the guard (a memfd): no system call, nothing for the guard to wake up
+    for. The guard is started on first use and restarted, with the same table,
+    if it died. Thread-safe.
     """
 
     ENV_NAME = "KAIROI_SCRIPT_GUARD"
@@ -245,11 +300,16 @@ class ProcessGuard:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         # Marks put in scripts' environments (ENV_NAME): the guard finds by them the
-        # scripts whose "+<pgid>" never reached it (the server killed right after a fork).
+        # scripts whose group was not listed yet (the server killed during a spawn).
         self._token = secrets.token_hex(8)
-        self._marks = itertools.count()
+        self._marks = itertools.count(1)
+        self._table: mmap.mmap | None = None
+        self._table_fd: int | None = None
+        self._free: list[int] = []  # free slots' offsets
+        self._slot_of_mark: dict[str, int] = {}
+        self._slot_of_group: dict[int, int] = {}
         self._process: subprocess.Popen[bytes] | None = None
-        self._fd: int | None = None
+        self._fd: int | None = None  # the pipe whose end-of-file the guard waits for
         self._warned = False
 
     @property
@@ -258,44 +318,68 @@ class ProcessGuard:
 
     def expect(self) -> str:
         """A new mark for a script about to start (put it in its environment as ENV_NAME)."""
-        mark = f"{self._token}.{next(self._marks)}"
-        self._send(b"~%s\n" % mark.encode(), start=True)
+        number = next(self._marks)
+        mark = f"{self._token}.{number}"
+        with self._lock:
+            if not self._running():
+                return mark  # unguarded (warned)
+            if not self._free:
+                self._grow()
+            offset = self._free.pop()
+            assert self._table is not None
+            _SLOT.pack_into(self._table, offset, number, 0)
+            self._slot_of_mark[mark] = offset
         return mark
 
     def watch(self, pgid: int, mark: str = "") -> None:
-        self._send(b"+%d %s\n" % (pgid, mark.encode()), start=True)
+        with self._lock:
+            offset = self._slot_of_mark.pop(mark, None)
+            if offset is None or self._table is None:
+                return
+            _SLOT.pack_into(self._table, offset, int(mark.rpartition(".")[2]), pgid)
+            self._slot_of_group[pgid] = offset
 
     def forget(self, pgid: int) -> None:
-        self._send(b"-%d\n" % pgid, start=False)
+        with self._lock:
+            offset = self._slot_of_group.pop(pgid, None)
+            if offset is None or self._table is None:
+                return
+            _SLOT.pack_into(self._table, offset, 0, 0)
+            self._free.append(offset)
 
     def close(self) -> None:
         """Let the guard go: it kills the groups still watched, then exits."""
         with self._lock:
             self._stop()
 
-    def _send(self, line: bytes, *, start: bool) -> None:
-        with self._lock:
-            for _ in range(2):  # a second time after restarting a guard that died
-                if self._fd is None:
-                    if not start:
-                        return
-                    try:
-                        self._start()
-                    except OSError as error:  # the script runs anyway, unguarded
-                        self._warn(f"cannot start the process guard: {error}")
-                        return
-                assert self._fd is not None
-                try:
-                    os.write(self._fd, line)
-                    return
-                except BlockingIOError:
-                    self._warn("the process guard is not keeping up: a script went unguarded")
-                    return
-                except OSError:  # EPIPE: the guard died (killed by someone)
-                    log.warning("the process guard died: starting a new one")
-                    self._stop()
+    def _running(self) -> bool:
+        """Start the guard if there is none, or a new one if it died."""
+        if self._process is not None and self._process.poll() is not None:
+            log.warning("the process guard died: starting a new one")
+            self._stop()
+        if self._fd is None:
+            try:
+                self._start()
+            except OSError as error:  # the script runs anyway, unguarded
+                self._warn(f"cannot start the process guard: {error}")
+                return False
+        return True
+
+    def _grow(self) -> None:
+        assert self._table_fd is not None and self._table is not None
+        old = len(self._table)
+        os.ftruncate(self._table_fd, old * 2)  # zeros: free slots
+        self._table.close()
+        self._table = mmap.mmap(self._table_fd, old * 2)
+        self._free.extend(range(old * 2 - _SLOT.size, old - 1, -_SLOT.size))
 
     def _start(self) -> None:
+        if self._table_fd is None:
+            fd = os.memfd_create("kairoi-script-guard", os.MFD_CLOEXEC)
+            size = _INITIAL_SLOTS * _SLOT.size
+            os.ftruncate(fd, size)
+            self._table_fd, self._table = fd, mmap.mmap(fd, size)
+            self._free = list(range(size - _SLOT.size, -1, -_SLOT.size))
         read, write = os.pipe()  # close-on-exec: scripts never hold the write end
         try:
             self._process = subprocess.Popen(
@@ -306,19 +390,21 @@ class ProcessGuard:
                     "-c",
                     _GUARD_CODE,
                     self.ENV_NAME,
+                    self._token,
+                    str(self._table_fd),
                 ],
                 stdin=read,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,  # holds no pipe of the server's open after it
                 cwd="/",
                 start_new_session=True,
+                pass_fds=(self._table_fd,),
             )
         except OSError:
             os.close(write)
             raise
         finally:
             os.close(read)
-        os.set_blocking(write, False)
         self._fd = write
 
     def _stop(self) -> None:
