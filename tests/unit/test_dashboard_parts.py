@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from kairoi_trio.model import Rule, ShellRunner
 from kairoi_trio.observability.samples import MinuteRing
 from kairoi_trio.protocols.http.charts import bar_chart
-from kairoi_trio.protocols.http.dashboard import _local, pairing_rule, payload_preview
+from kairoi_trio.protocols.http.dashboard import _local, payload_preview
 
 
 class Clock:
@@ -52,16 +51,6 @@ def test_payload_preview_text_binary_and_cut() -> None:
     assert long.truncated and len(long.text) == 2048 and long.size == 5000
     big_binary = payload_preview(b"\x00" * 1000)
     assert big_binary.truncated and big_binary.text.count("\n") == 15  # 256 bytes, 16 a line
-
-
-def test_pairing_rule_is_the_longest_pattern_then_the_smallest_id() -> None:
-    def rule(rule_id: str, pattern: str) -> Rule:
-        return Rule(rule_id, pattern, ShellRunner("/x.sh"))
-
-    rules = [rule("b", "app."), rule("a", "app."), rule("long", "app.mail."), rule("o", "other.")]
-    assert pairing_rule(rules, "app.mail.1").id == "long"  # type: ignore[union-attr]
-    assert pairing_rule(rules, "app.x").id == "a"  # type: ignore[union-attr]
-    assert pairing_rule(rules, "nothing") is None
 
 
 def test_chart_says_its_figures_and_escapes_its_title() -> None:

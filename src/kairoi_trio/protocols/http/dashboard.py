@@ -15,8 +15,9 @@
 
 Every page is one or a few commands to the command actor (`Api.call`), each
 costing the page, not the number of jobs: counts from the counters the store
-keeps, lists from the ordered id index (ListJobs with `after`). The one
-exception is the rule a job pairs with, found among the rules (there are few).
+keeps, lists from the ordered id index (ListJobs with `after`; one sorted index
+per status, so a status filter costs the page too), the rule a job pairs with
+from the dispatcher's own pattern index (MatchRule).
 
 Authentication: the API's tokens and roles (core/auth.py). A browser cannot send
 `Authorization: Bearer` on a navigation, so /login takes the token in a form
@@ -142,20 +143,6 @@ def size_text(size: int | None) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{size} B"  # unreachable
-
-
-def pairing_rule(rules: list[Rule], job_id: str) -> Rule | None:
-    """The rule a job pairs with, as the core's State.match_rule decides: the longest
-    pattern that is a prefix of the id, the smallest rule id on ties."""
-    best: Rule | None = None
-    for rule in rules:
-        if job_id.startswith(rule.pattern) and (
-            best is None
-            or len(rule.pattern) > len(best.pattern)
-            or (len(rule.pattern) == len(best.pattern) and rule.id < best.id)
-        ):
-            best = rule
-    return best
 
 
 class Dashboard:
@@ -355,7 +342,7 @@ class Dashboard:
         occurrences: list[int] = []
         if job.recurrence is not None:
             occurrences = await self._api.call(c.PreviewJob(job.id, PREVIEW_OCCURRENCES))
-        rule = pairing_rule(await self._all_rules(), job.id)
+        rule: Rule | None = await self._api.call(c.MatchRule(job.id))
         return self._page(
             request,
             "job.html",
@@ -366,18 +353,6 @@ class Dashboard:
             payload=payload_preview(job.payload),
             done=request.query_params.get("done"),
         )
-
-    async def _all_rules(self) -> list[Rule]:
-        rules: list[Rule] = []
-        after = ""
-        while True:
-            page: list[Rule] = await self._api.call(
-                c.ListRules(after=after, limit=convert.MAX_RULE_PAGE)
-            )
-            rules.extend(page)
-            if len(page) < convert.MAX_RULE_PAGE:
-                return rules
-            after = page[-1].id
 
     async def job_action(self, request: Request, role: Role) -> Response:
         form = await _form(request)
@@ -561,4 +536,4 @@ def _parse_local_utc(text: str) -> int:
     return int(moment.timestamp() * 1_000_000)
 
 
-__all__ = ["Dashboard", "Markup", "PayloadPreview", "pairing_rule", "payload_preview"]
+__all__ = ["Dashboard", "Markup", "PayloadPreview", "payload_preview"]
