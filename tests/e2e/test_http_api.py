@@ -30,6 +30,7 @@ pytestmark = [
 
 ADMIN, CLIENT, READ = "admin-token", "client-token", "read-token"
 MAX_BODY = 64 << 10
+MAX_PAYLOAD = 40_000  # its base64 fits in MAX_BODY
 WATCH_BUFFER = 256 << 10
 FUTURE = "2030-01-01T00:00:00Z"
 CONFIG = f"""
@@ -37,6 +38,8 @@ CONFIG = f"""
 tokens = ["{ADMIN}"]
 client_tokens = ["{CLIENT}"]
 read_tokens = ["{READ}"]
+[jobs]
+max_payload_bytes = {MAX_PAYLOAD}
 [http]
 listen = "127.0.0.1:0"
 max_body_bytes = {MAX_BODY}
@@ -282,6 +285,9 @@ def test_client_input_gets_a_json_error_and_never_harms_the_server(
 
     large = {"execute_at": FUTURE, "payload": b64(b"x" * MAX_BODY)}
     assert error_of(api.put(path, json=large))[:2] == (413, "payload_too_large")
+    over = {"execute_at": FUTURE, "payload": b64(b"x" * (MAX_PAYLOAD + 1))}  # a body that fits
+    status, code, message = error_of(api.put(path, json=over))
+    assert (status, code) == (413, "payload_too_large") and "max_payload_bytes" in message
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: cut off while it streams in
         yield b'{"execute_at": "2030-01-01T00:00:00Z", "payload": "'

@@ -7,7 +7,8 @@
     GET  /job?id=            one job: times, attempts, outcome, payload preview,
                              schedule and next occurrences, the rule it pairs with
     POST /job/action         run now / re-plan at a time / delete: a confirmation page
-                             first, then the command (client or admin role)
+                             first, then the command; pause / resume of a recurring
+                             job at once (client or admin role)
     GET  /rules, /rule?id=   rules, and a rule with the jobs its pattern matches
     GET  /events             the live events page; its script reads
     GET  /events/stream      the API's Server-Sent Events, authenticated by cookie
@@ -91,7 +92,19 @@ SECURITY_HEADERS = {
 }
 
 # The actions of a job's page, and the command (role) each needs.
-ACTIONS: dict[str, type] = {"run": c.RunJobNow, "replan": c.SetJob, "delete": c.DeleteJob}
+ACTIONS: dict[str, type] = {
+    "run": c.RunJobNow,
+    "replan": c.SetJob,
+    "delete": c.DeleteJob,
+    "pause": c.PauseJob,
+    "resume": c.ResumeJob,
+}
+# The actions that ask first (pause and resume undo each other: no question).
+CONFIRMED = frozenset({"run", "replan", "delete"})
+# The jobs list's "previous page": the pages' start tokens travel in the query
+# string (`back`, oldest first), at most this many characters of them; older
+# ones are dropped (then only "First page" leads back that far).
+MAX_BACK_CHARS = 4000
 
 
 @dataclass(frozen=True)
@@ -317,10 +330,22 @@ class Dashboard:
         status = convert.status_filter(status_text or None)
         limit = convert.page_size(query.get("page_size"), JOB_PAGE, MAX_PAGE)
         after = query.get("after", "")
+        back = query.getlist("back")  # the start tokens of the pages before, oldest first
         page: c.JobPage = await self._api.call(
             c.ListJobs(prefix=prefix, status=status, after=after, limit=limit)
         )
-        base = {"prefix": prefix, "status": status_text}
+        base: dict[str, str] = {"prefix": prefix, "status": status_text}
+        if limit != JOB_PAGE:
+            base["page_size"] = str(limit)
+
+        def url(start: str, stack: list[str]) -> str:
+            pairs = list(base.items())
+            if start:
+                pairs.append(("after", start))
+            pairs += [("back", token) for token in stack]
+            return "/jobs?" + urlencode(pairs)
+
+        previous_url = url(back[-1], back[:-1]) if back else None
         return self._page(
             request,
             "jobs.html",
@@ -329,8 +354,9 @@ class Dashboard:
             status=status_text,
             statuses=[s.value for s in Status],
             after=after,
-            first_url="/jobs?" + urlencode(base),
-            next_url=("/jobs?" + urlencode({**base, "after": page.next_after}))
+            first_url=url("", []),
+            previous_url=previous_url,
+            next_url=url(page.next_after, _bounded_back([*back, after]))
             if page.next_after
             else None,
             deleted=query.get("deleted"),
@@ -371,7 +397,7 @@ class Dashboard:
         at_us: int | None = None
         if action == "replan":
             at_us = _parse_local_utc(at_text)
-        if form.get("confirm") != "yes":
+        if action in CONFIRMED and form.get("confirm") != "yes":
             return self._page(
                 request, "confirm.html", job=job, action=action, at_text=at_text, at_us=at_us
             )
@@ -381,7 +407,11 @@ class Dashboard:
             return RedirectResponse(
                 "/jobs?" + urlencode({"deleted": job.id}), 303, headers=dict(SECURITY_HEADERS)
             )
-        if action == "run":
+        if action == "pause":
+            await self._api.call(c.PauseJob(job.id))
+        elif action == "resume":
+            await self._api.call(c.ResumeJob(job.id))
+        elif action == "run":
             if job.recurrence is not None:
                 await self._api.call(c.RunJobNow(job.id))
             else:  # a one-shot job runs now by being planned now, payload kept
@@ -513,6 +543,16 @@ def _load_static(directory: Path) -> dict[str, tuple[bytes, str]]:
             media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
             files[path.name] = (path.read_bytes(), media)
     return files
+
+
+def _bounded_back(stack: list[str]) -> list[str]:
+    """The newest tokens of `stack` that fit in MAX_BACK_CHARS (oldest dropped)."""
+    size = 0
+    for i in range(len(stack) - 1, -1, -1):
+        size += len(stack[i]) + 6  # "&back=" (escapes aside)
+        if size > MAX_BACK_CHARS:
+            return stack[i + 1 :]
+    return stack
 
 
 def _local(target: str) -> str:
