@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from kairoi_trio.observability.samples import MinuteRing
 from kairoi_trio.protocols.http.charts import bar_chart
-from kairoi_trio.protocols.http.dashboard import _local, payload_preview
+from kairoi_trio.protocols.http.dashboard import (
+    MAX_BACK_CHARS,
+    _bounded_back,
+    _local,
+    payload_preview,
+)
 
 
 class Clock:
@@ -64,3 +69,12 @@ def test_login_returns_only_to_this_site() -> None:
     assert _local("/jobs?prefix=a") == "/jobs?prefix=a"
     for target in ("https://evil.example/", "//evil.example/", "/\\evil", "javascript:x"):
         assert _local(target) == "/"
+
+
+def test_the_previous_pages_stack_keeps_its_newest_tokens_within_bounds() -> None:
+    assert _bounded_back(["", "a.1", "a.2"]) == ["", "a.1", "a.2"]
+    long = "x" * (MAX_BACK_CHARS // 3)
+    kept = _bounded_back(["", long + "1", long + "2", long + "3", "last"])
+    assert kept[-1] == "last" and kept[0] != ""  # the oldest went first
+    assert sum(len(token) for token in kept) <= MAX_BACK_CHARS
+    assert _bounded_back(["y" * (MAX_BACK_CHARS + 1)]) == []  # one token too long: none
