@@ -165,6 +165,36 @@ def test_listing_pages_through_a_prefix_in_id_order_and_filters_by_status(
     assert error_of(api.get("/jobs", params={"page_size": "-1"}))[:2] == (400, "invalid_argument")
 
 
+def test_a_rare_status_comes_in_full_pages_with_a_token_to_go_on(api: httpx.Client) -> None:
+    # Failed jobs (due, no rule matches "rare1.") scattered among planned ones: each
+    # page of the failed ones is full until the last, on either store.
+    failed = [f"rare1.{n:02d}" for n in range(0, 15, 5)]
+    for n in range(15):
+        job_id = f"rare1.{n:02d}"
+        when = "2000-01-01T00:00:00Z" if job_id in failed else FUTURE
+        assert api.put(job_path(job_id), json={"execute_at": when}).status_code == 200
+    for job_id in failed:
+        wait_for(lambda job_id=job_id: api.get(job_path(job_id)).json()["status"] == "failed")
+    query = {"prefix": "rare1.", "status": "failed", "page_size": 2}
+    first = api.get("/jobs", params=query).json()
+    assert [job["id"] for job in first["jobs"]] == failed[:2]
+    assert first["next_page_token"] == failed[1]
+    rest = api.get("/jobs", params={**query, "page_token": first["next_page_token"]}).json()
+    assert rest == {"jobs": [api.get(job_path(failed[2])).json()], "next_page_token": ""}
+
+
+def test_the_overview_describes_the_store(base: str, backend: str) -> None:
+    with httpx.Client(base_url=base, timeout=10) as browser:
+        signed_in = browser.post("/login", data={"token": READ, "next": "/"})
+        assert signed_in.status_code == 303
+        page = browser.get("/")
+    assert page.status_code == 200
+    if backend == "postgres":  # from PostgreSQL's catalog: tables and indexes, vacuum
+        assert "tables and indexes" in page.text and "last vacuum of the jobs table" in page.text
+    else:
+        assert "size on disk" in page.text and "last compaction" in page.text
+
+
 def test_a_triggered_job_cannot_be_replaced_or_deleted_409(
     api: httpx.Client, tmp_path: Path
 ) -> None:
