@@ -362,6 +362,12 @@ def test_prefix_status_and_pages_together() -> None:
     assert after == "ab.01"
 
 
+def test_a_page_of_no_jobs_is_empty_and_complete() -> None:
+    state = State([job("a")])
+    assert state.list_jobs("", None, "", 0) == ([], "")
+    assert state.list_jobs("", PLANNED, "", -1) == ([], "")
+
+
 def test_a_rare_status_gives_full_pages_over_many_jobs() -> None:
     # 60,000 planned jobs and 120 failed ones, 500 ids apart: every page of the failed
     # ones is full, its token is its last id, and the last page ends the walk (the

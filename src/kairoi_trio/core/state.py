@@ -162,7 +162,10 @@ class State:
         """A page of at most `limit` jobs whose id starts with `prefix` and is
         greater than `after` (with `status` only, unless None), in id order. The
         second value is the id to continue after, or "" when no further job
-        matches. O(log n + limit): one more matching id is looked at to tell."""
+        matches. O(log n + limit): one more matching id is looked at to tell.
+        A limit below 1 gives an empty page (the actor refuses it before)."""
+        if limit < 1:
+            return [], ""
         ids = islice(self._ids_from(prefix, after, status), limit + 1)
         jobs = self.jobs
         page = [jobs[job_id] for job_id in ids]
