@@ -55,7 +55,7 @@ from kairoi_trio.runners.http import HttpRunnerBackend
 from kairoi_trio.runners.pool import RunnerPool, RunnerPools
 from kairoi_trio.runners.shell import ShellRunnerBackend
 from kairoi_trio.storage import faults
-from kairoi_trio.storage.compaction import list_directory
+from kairoi_trio.storage.info import describe_log
 from kairoi_trio.storage.log import DurableLog, StorageError
 
 log = structlog.get_logger(__name__)
@@ -205,7 +205,8 @@ class Store:
     log, state: the actor's Log and its State (for PostgreSQL, a view between
     batches); begin: the per-batch loader of a shared store (None for the
     embedded log); errors: what its failures raise; counts: jobs by status;
-    run: its background work, if any; compact_after_bytes: 0 never compacts.
+    run: its background work, if any; compact_after_bytes: 0 never compacts;
+    describe: what the dashboard shows of it (blocking; storage/info.py).
     """
 
     log: Any
@@ -215,6 +216,7 @@ class Store:
     counts: Callable[[], dict[Status, int]]
     compact_after_bytes: int
     run: Callable[[ActorClient, CommandActor, DueTimer], Awaitable[None]] | None = None
+    describe: Callable[[], dict[str, object]] | None = None
 
 
 async def serve(
@@ -242,6 +244,7 @@ async def serve(
         (StorageError,),
         lambda: state.counts,
         config.storage.compact_after_bytes,
+        describe=partial(describe_log, durable),
     )
     try:
         await _serve_state(config, stop, store, task_status)
@@ -288,6 +291,7 @@ async def _serve_postgres(
         lambda: postgres.counts,
         0,
         run,
+        postgres.describe,
     )
     try:
         await _serve_state(config, stop, store, task_status)
@@ -361,7 +365,7 @@ async def _serve_state(
                 grpc_port = await _start_grpc(front, config, client, readiness)
                 live = partial(_live_values, actor, store, pools, kcp)
                 register_state(live)
-                http = _http_server(config, client, readiness, live, partial(_storage_info, store))
+                http = _http_server(config, client, readiness, live, store.describe)
                 http_port = await front.start(http.serve) if http is not None else None
                 log.info(
                     "ready",
@@ -402,31 +406,12 @@ async def _run_in_scope(scope: trio.CancelScope, fn: Callable[[], Awaitable[None
         await fn()
 
 
-def _storage_info(store: Store) -> dict[str, object]:
-    """What the dashboard shows of the store (blocking: lists the data directory; run in
-    a thread): backend, bytes on disk (the log's newest snapshot and the segments
-    after it), the last compaction's time (the newest snapshot file's, µs; None
-    before the first) and whether one is running."""
-    durable = store.log
-    if not isinstance(durable, DurableLog):
-        return {"backend": "postgres", "bytes": None, "last_compaction_us": None}
-    listing = list_directory(durable.directory)
-    newest = max(listing.snapshots, default=None)
-    last = listing.snapshots[newest].stat().st_mtime_ns // 1000 if newest is not None else None
-    return {
-        "backend": "log",
-        "bytes": durable.snapshot_bytes + durable.bytes_since_snapshot,
-        "last_compaction_us": last,
-        "compacting": durable.compacting,
-    }
-
-
 def _http_server(
     config: Config,
     client: ActorClient,
     readiness: Readiness,
     live: Callable[[], dict[str, object]],
-    storage: Callable[[], dict[str, object]],
+    storage: Callable[[], dict[str, object]] | None,
 ) -> HttpServer | None:
     """The HTTP server of [http] (None when disabled, or [metrics] enabled = false: the
     old name): probes, the API, and the dashboard at / (protocols/http/dashboard.py)."""
@@ -437,6 +422,7 @@ def _http_server(
         TokenTable.from_config(config.auth),
         max_body_bytes=config.http.max_body_bytes,
         watch_buffer_bytes=config.grpc.max_watch_buffer_bytes,
+        max_payload_bytes=config.jobs.max_payload_bytes,
     )
     dashboard = Dashboard(api, TokenTable.from_config(config.auth), live=live, storage=storage)
     app = build_app(api, readiness, extra_routes=dashboard.routes())

@@ -158,6 +158,15 @@ class ListRules:
     limit: int = 1000
 
 
+@dataclass(slots=True)
+class MatchRule:
+    """The rule a job with this id pairs with when it triggers (the longest pattern
+    that is a prefix of the id, the smallest rule id on ties), or None: the
+    dispatcher's own look-up, O(distinct pattern lengths), for a job's page."""
+
+    job_id: str
+
+
 # -- server -------------------------------------------------------------------
 
 
@@ -274,6 +283,7 @@ Command = (
     | GetRule
     | DeleteRule
     | ListRules
+    | MatchRule
     | GetInfo
     | Subscribe
     | Unsubscribe

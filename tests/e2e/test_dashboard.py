@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from support.kcp_client import KcpClient
 from support.server import ServerProcess
@@ -200,6 +201,44 @@ def test_replan_a_job_at_a_time(browser, base_url, server) -> None:
     context.close()
 
 
+def test_pause_resume_a_recurring_job_and_page_back(browser, base_url, server) -> None:
+    with kcp_as_admin(server) as kcp:
+        assert kcp.request("SCHEDULE", "rec.1", "every 1h")[0] == "OK"
+        for n in range(3):
+            assert kcp.request("SET", f"pg.{n}", "2099-01-01 00:00:00") == ["OK"]
+    api = httpx.Client(base_url=base_url, headers={"authorization": f"Bearer {ADMIN}"})
+
+    def paused() -> bool:
+        answer = api.get("/api/v1/jobs/rec.1")
+        assert answer.status_code == 200, answer.text
+        return bool(answer.json()["schedule"]["paused"])
+
+    context, page = signed_in(browser, base_url, ADMIN)
+    page.goto("/job?id=rec.1")
+    page.get_by_role("button", name="Pause").click()  # undone by Resume: no question
+    playwright_sync.expect(page.get_by_role("status")).to_contain_text("paused")
+    assert paused()
+    shot(page, "job-paused")
+    page.get_by_role("button", name="Resume").click()
+    playwright_sync.expect(page.get_by_role("status")).to_contain_text("resumed")
+    assert not paused()
+    api.close()
+    # A page at a time, forwards and back again.
+    page.goto("/jobs?prefix=pg.&page_size=1")
+    links = page.locator("a.job-link")
+    assert page.locator("#previous-page").count() == 0
+    page.locator("#next-page").click()
+    page.locator("#next-page").click()
+    playwright_sync.expect(links).to_have_text(["pg.2"])
+    assert page.locator("#next-page").count() == 0
+    page.locator("#previous-page").click()
+    playwright_sync.expect(links).to_have_text(["pg.1"])
+    page.locator("#previous-page").click()
+    playwright_sync.expect(links).to_have_text(["pg.0"])
+    assert page.locator("#previous-page").count() == 0
+    context.close()
+
+
 def test_live_event_appears_when_a_job_is_set_over_kcp(browser, base_url, server) -> None:
     context, page = signed_in(browser, base_url, ADMIN)
     page.get_by_role("link", name="Live events").click()
@@ -229,8 +268,12 @@ def test_read_only_token_sees_pages_without_actions(browser, base_url, server) -
     with kcp_as_admin(server) as kcp:
         assert kcp.request("RULE", "SET", "ro", "ro.", "shell", "/bin/true") == ["OK"]
         assert kcp.request("SET", "ro.1", "2099-01-01 00:00:00") == ["OK"]
+        assert kcp.request("SCHEDULE", "ro.every", "every 1h")[0] == "OK"
         context, page = signed_in(browser, base_url, READER)
         playwright_sync.expect(page.locator(".role")).to_have_text("read token")
+        page.goto("/job?id=ro.every")  # recurring: would have Pause
+        playwright_sync.expect(page.locator("#job-id")).to_have_text("ro.every")
+        assert page.locator('form[action="/job/action"]').count() == 0
         page.goto("/job?id=ro.1")
         playwright_sync.expect(page.locator("#job-id")).to_have_text("ro.1")
         for name in ("Run now", "Re-plan", "Delete"):

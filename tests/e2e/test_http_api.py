@@ -30,6 +30,7 @@ pytestmark = [
 
 ADMIN, CLIENT, READ = "admin-token", "client-token", "read-token"
 MAX_BODY = 64 << 10
+MAX_PAYLOAD = 40_000  # its base64 fits in MAX_BODY
 WATCH_BUFFER = 256 << 10
 FUTURE = "2030-01-01T00:00:00Z"
 CONFIG = f"""
@@ -37,6 +38,8 @@ CONFIG = f"""
 tokens = ["{ADMIN}"]
 client_tokens = ["{CLIENT}"]
 read_tokens = ["{READ}"]
+[jobs]
+max_payload_bytes = {MAX_PAYLOAD}
 [http]
 listen = "127.0.0.1:0"
 max_body_bytes = {MAX_BODY}
@@ -162,6 +165,36 @@ def test_listing_pages_through_a_prefix_in_id_order_and_filters_by_status(
     assert error_of(api.get("/jobs", params={"page_size": "-1"}))[:2] == (400, "invalid_argument")
 
 
+def test_a_rare_status_comes_in_full_pages_with_a_token_to_go_on(api: httpx.Client) -> None:
+    # Failed jobs (due, no rule matches "rare1.") scattered among planned ones: each
+    # page of the failed ones is full until the last, on either store.
+    failed = [f"rare1.{n:02d}" for n in range(0, 15, 5)]
+    for n in range(15):
+        job_id = f"rare1.{n:02d}"
+        when = "2000-01-01T00:00:00Z" if job_id in failed else FUTURE
+        assert api.put(job_path(job_id), json={"execute_at": when}).status_code == 200
+    for job_id in failed:
+        wait_for(lambda job_id=job_id: api.get(job_path(job_id)).json()["status"] == "failed")
+    query = {"prefix": "rare1.", "status": "failed", "page_size": 2}
+    first = api.get("/jobs", params=query).json()
+    assert [job["id"] for job in first["jobs"]] == failed[:2]
+    assert first["next_page_token"] == failed[1]
+    rest = api.get("/jobs", params={**query, "page_token": first["next_page_token"]}).json()
+    assert rest == {"jobs": [api.get(job_path(failed[2])).json()], "next_page_token": ""}
+
+
+def test_the_overview_describes_the_store(base: str, backend: str) -> None:
+    with httpx.Client(base_url=base, timeout=10) as browser:
+        signed_in = browser.post("/login", data={"token": READ, "next": "/"})
+        assert signed_in.status_code == 303
+        page = browser.get("/")
+    assert page.status_code == 200
+    if backend == "postgres":  # from PostgreSQL's catalog: tables and indexes, vacuum
+        assert "tables and indexes" in page.text and "last vacuum of the jobs table" in page.text
+    else:
+        assert "size on disk" in page.text and "last compaction" in page.text
+
+
 def test_a_triggered_job_cannot_be_replaced_or_deleted_409(
     api: httpx.Client, tmp_path: Path
 ) -> None:
@@ -282,6 +315,9 @@ def test_client_input_gets_a_json_error_and_never_harms_the_server(
 
     large = {"execute_at": FUTURE, "payload": b64(b"x" * MAX_BODY)}
     assert error_of(api.put(path, json=large))[:2] == (413, "payload_too_large")
+    over = {"execute_at": FUTURE, "payload": b64(b"x" * (MAX_PAYLOAD + 1))}  # a body that fits
+    status, code, message = error_of(api.put(path, json=over))
+    assert (status, code) == (413, "payload_too_large") and "max_payload_bytes" in message
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: cut off while it streams in
         yield b'{"execute_at": "2030-01-01T00:00:00Z", "payload": "'

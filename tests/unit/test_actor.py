@@ -30,6 +30,7 @@ from kairoi_trio.commands import (
     JobPage,
     ListJobs,
     ListRules,
+    MatchRule,
     RecordOutcome,
     Request,
     ServerInfo,
@@ -701,6 +702,19 @@ async def test_list_jobs_and_rules_pages() -> None:
         assert await h.call(ListRules()) == [HTTP, SHELL]
         info = await h.call(GetInfo())
         assert (info.rules, info.jobs_by_status[Status.PLANNED]) == (2, 6)
+
+
+async def test_match_rule_answers_the_rule_a_job_would_pair_with() -> None:
+    async with running_actor() as h:
+        await h.call(SetRule(SHELL))
+        assert await h.call(MatchRule("app.mail.1")) == SHELL
+        assert await h.call(MatchRule("nothing")) is None  # a job needs not exist
+        longer = Rule("r.mail", "app.mail.", ShellRunner("/bin/mail.sh"))
+        # in one batch with the rule change: the answer sees it
+        results = await h.results(SetRule(longer), MatchRule("app.mail.1"), MatchRule("app.x"))
+        assert results[1:] == [longer, SHELL]
+        await h.call(DeleteRule("r.mail"))
+        assert await h.call(MatchRule("app.mail.1")) == SHELL
 
 
 # -- watching --------------------------------------------------------------------------------

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from kairoi_trio.model import Rule, ShellRunner
 from kairoi_trio.observability.samples import MinuteRing
 from kairoi_trio.protocols.http.charts import bar_chart
-from kairoi_trio.protocols.http.dashboard import _local, pairing_rule, payload_preview
+from kairoi_trio.protocols.http.dashboard import (
+    MAX_BACK_CHARS,
+    _bounded_back,
+    _local,
+    payload_preview,
+)
 
 
 class Clock:
@@ -54,16 +58,6 @@ def test_payload_preview_text_binary_and_cut() -> None:
     assert big_binary.truncated and big_binary.text.count("\n") == 15  # 256 bytes, 16 a line
 
 
-def test_pairing_rule_is_the_longest_pattern_then_the_smallest_id() -> None:
-    def rule(rule_id: str, pattern: str) -> Rule:
-        return Rule(rule_id, pattern, ShellRunner("/x.sh"))
-
-    rules = [rule("b", "app."), rule("a", "app."), rule("long", "app.mail."), rule("o", "other.")]
-    assert pairing_rule(rules, "app.mail.1").id == "long"  # type: ignore[union-attr]
-    assert pairing_rule(rules, "app.x").id == "a"  # type: ignore[union-attr]
-    assert pairing_rule(rules, "nothing") is None
-
-
 def test_chart_says_its_figures_and_escapes_its_title() -> None:
     svg = str(bar_chart("<jobs>", [0, 2, 4]))
     assert 'aria-label="&lt;jobs&gt;, last 3 minutes: peak 4, last minute 4, total 6"' in svg
@@ -75,3 +69,12 @@ def test_login_returns_only_to_this_site() -> None:
     assert _local("/jobs?prefix=a") == "/jobs?prefix=a"
     for target in ("https://evil.example/", "//evil.example/", "/\\evil", "javascript:x"):
         assert _local(target) == "/"
+
+
+def test_the_previous_pages_stack_keeps_its_newest_tokens_within_bounds() -> None:
+    assert _bounded_back(["", "a.1", "a.2"]) == ["", "a.1", "a.2"]
+    long = "x" * (MAX_BACK_CHARS // 3)
+    kept = _bounded_back(["", long + "1", long + "2", long + "3", "last"])
+    assert kept[-1] == "last" and kept[0] != ""  # the oldest went first
+    assert sum(len(token) for token in kept) <= MAX_BACK_CHARS
+    assert _bounded_back(["y" * (MAX_BACK_CHARS + 1)]) == []  # one token too long: none

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -312,33 +311,80 @@ def test_after_is_exclusive_and_may_lie_outside_the_prefix() -> None:
     assert [j.id for j in state.list_jobs("", None, "b2", 10)[0]] == ["b3", "c"]
 
 
-def test_status_filter_across_the_scan_cap_returns_every_match(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(state_module, "MAX_SCAN_PER_PAGE", 50)
-    state = State()
-    expected = []
-    for i in range(2000):
-        job_id = f"j{i:04d}"
-        failed = i % 173 == 0  # rare matches, long runs of non-matching ids between them
-        state.put_job(job(job_id, i, FAILED if failed else PLANNED, updated_at=i))
-        if failed:
-            expected.append(job_id)
-    state.put_job(job("k-last", 0, FAILED))  # outside the prefix
-    listed, pages = walk(state, "j", FAILED, 10)
-    assert listed == expected
-    assert pages >= 2000 // 50  # each page looked at no more than the cap
+def listed(state: State, prefix: str, status: Status | None) -> list[str]:
+    return walk(state, prefix, status, 3)[0]
 
 
-def test_status_filter_with_the_real_scan_cap_terminates() -> None:
-    state = State()
-    for i in range(45_000):
-        state.put_job(job(f"j{i:05d}", i, TRIGGERED if i in (3, 25_000, 44_999) else PLANNED))
-    first, after = state.list_jobs("", TRIGGERED, "", 100)
-    assert [j.id for j in first] == ["j00003"]
-    assert after  # the scan cap stopped the page; the client must go on
-    listed, _ = walk(state, "", TRIGGERED, 100)
-    assert listed == ["j00003", "j25000", "j44999"]
+def test_a_status_change_moves_the_id_between_the_status_indexes() -> None:
+    state = State([job("x.1"), job("x.2"), job("y.1")])
+    assert listed(state, "x.", PLANNED) == ["x.1", "x.2"]
+    state.put_job(job("x.1", 0, TRIGGERED))
+    assert listed(state, "x.", PLANNED) == ["x.2"]
+    assert listed(state, "x.", TRIGGERED) == ["x.1"]
+    state.put_job(job("x.1", 0, EXECUTED))
+    assert listed(state, "", TRIGGERED) == []
+    assert listed(state, "", EXECUTED) == ["x.1"]
+    state.put_job(job("x.1", 5, PLANNED))  # set again: planned again, in one index only
+    assert listed(state, "x.", PLANNED) == ["x.1", "x.2"]
+    assert listed(state, "", EXECUTED) == []
+    assert listed(state, "", None) == ["x.1", "x.2", "y.1"]
+    state.put_job(job("x.2", 9, PLANNED))  # a re-SET of a planned job stays where it is
+    assert listed(state, "x.", PLANNED) == ["x.1", "x.2"]
+
+
+def test_a_deleted_job_leaves_every_index() -> None:
+    state = State([job("a"), job("b", 0, FAILED), job("c", 0, EXECUTED)])
+    for job_id in ["a", "b", "c"]:
+        state.delete_job(job_id)
+    assert state.delete_job("a") is None
+    for status in [None, *Status]:
+        assert state.list_jobs("", status, "", 10) == ([], "")
+    state.put_job(job("b", 0, PLANNED))  # back, under its new status only
+    assert listed(state, "", FAILED) == []
+    assert listed(state, "", None) == ["b"]
+
+
+def test_prefix_status_and_pages_together() -> None:
+    statuses = [PLANNED, TRIGGERED, EXECUTED, FAILED]
+    state = State(
+        [job(f"{p}.{i:02d}", i, statuses[i % 4]) for p in ["a", "ab", "b"] for i in range(40)]
+    )
+    page, after = state.list_jobs("ab.", FAILED, "", 4)
+    assert [j.id for j in page] == ["ab.03", "ab.07", "ab.11", "ab.15"]
+    assert after == "ab.15"
+    page, after = state.list_jobs("ab.", FAILED, after, 4)
+    assert [j.id for j in page] == ["ab.19", "ab.23", "ab.27", "ab.31"]
+    page, after = state.list_jobs("ab.", FAILED, after, 4)
+    assert [j.id for j in page] == ["ab.35", "ab.39"]
+    assert after == ""  # the last page says so: no empty page to fetch
+    page, after = state.list_jobs("a", None, "a.38", 3)  # unfiltered: the merge of the four
+    assert [j.id for j in page] == ["a.39", "ab.00", "ab.01"]
+    assert after == "ab.01"
+
+
+def test_a_page_of_no_jobs_is_empty_and_complete() -> None:
+    state = State([job("a")])
+    assert state.list_jobs("", None, "", 0) == ([], "")
+    assert state.list_jobs("", PLANNED, "", -1) == ([], "")
+
+
+def test_a_rare_status_gives_full_pages_over_many_jobs() -> None:
+    # 60,000 planned jobs and 120 failed ones, 500 ids apart: every page of the failed
+    # ones is full, its token is its last id, and the last page ends the walk (the
+    # former index scanned at most 20,000 ids a page: short and empty pages here).
+    state = State([job(f"j{i:05d}") for i in range(60_000)])
+    failed = [f"j{i:05d}" for i in range(0, 60_000, 500)]
+    for job_id in failed:
+        state.put_job(job(job_id, 0, FAILED))
+    page, after = state.list_jobs("j", FAILED, "", 50)
+    assert [j.id for j in page] == failed[:50]
+    assert after == failed[49]
+    page, after = state.list_jobs("j", FAILED, after, 50)
+    assert [j.id for j in page] == failed[50:100]
+    page, after = state.list_jobs("j", FAILED, after, 50)
+    assert [j.id for j in page] == failed[100:]
+    assert after == ""
+    assert state.counts[FAILED] == 120
 
 
 # -- retention ------------------------------------------------------------------------
@@ -464,8 +510,12 @@ def test_state_agrees_with_a_naive_model(ops: list[tuple], probes: list[str]) ->
             expected = sorted(
                 i for i, j in jobs.items() if i.startswith(prefix) and status in (None, j.status)
             )
-            listed, _ = walk(state, prefix, status, 2)
-            assert listed == expected
+            ids, _ = walk(state, prefix, status, 2)
+            assert ids == expected
+    for prefix in ["", "r", "r2"]:
+        for after in ["", "r1", "r3", "q"]:
+            expected_rules = sorted(i for i in rules if i.startswith(prefix) and i > after)
+            assert [r.id for r in state.list_rules(prefix, after, 2)] == expected_rules[:2]
 
 
 # -- start-up recovery of a replayed log ---------------------------------------------------

@@ -56,6 +56,7 @@ from kairoi_trio.commands import (
     JobsChanged,
     ListJobs,
     ListRules,
+    MatchRule,
     PauseJob,
     PreviewJob,
     RecordOutcome,
@@ -450,6 +451,9 @@ class CommandActor:
             elif kind is ListRules:
                 prefix = command.prefix  # type: ignore[union-attr]
                 if _any_prefixed(rules, prefix) or _any_prefixed(held_rules, prefix):
+                    return False
+            elif kind is MatchRule:
+                if rules or held_rules:  # any rule change may change the pairing
                     return False
             elif kind is not GetInfo and kind is not Unsubscribe:
                 return False  # a write
@@ -865,6 +869,9 @@ class CommandActor:
     def _list_rules(self, command: ListRules) -> list[Rule]:
         return self.state.list_rules(command.prefix, command.after, command.limit)
 
+    def _match_rule(self, command: MatchRule) -> Rule | None:
+        return self.state.match_rule(command.job_id)
+
     def _get_info(self, command: GetInfo) -> ServerInfo:
         if self._immediate and self._uncommitted:  # as of the last commit, not the batch
             return ServerInfo(
@@ -1157,6 +1164,7 @@ class CommandActor:
         GetRule: _get_rule,
         DeleteRule: _delete_rule,
         ListRules: _list_rules,
+        MatchRule: _match_rule,
         GetInfo: _get_info,
         Subscribe: _subscribe,
         Unsubscribe: _unsubscribe,

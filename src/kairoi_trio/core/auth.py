@@ -50,6 +50,7 @@ _REQUIRED: dict[type, tuple[Role, str]] = {
     c.ListJobs: (Role.READ, "list jobs"),
     c.GetRule: (Role.READ, "read rules"),
     c.ListRules: (Role.READ, "list rules"),
+    c.MatchRule: (Role.READ, "read rules"),
     c.GetInfo: (Role.READ, "read server info"),
     c.Subscribe: (Role.READ, "watch jobs"),
     c.Unsubscribe: (Role.READ, "watch jobs"),

@@ -9,7 +9,13 @@ Costs, with n planned jobs and r rules:
   another time). The heap is rebuilt when stale entries outnumber live ones;
 - pairing a job with a rule: one dict look-up per distinct pattern length, not
   a scan of all rules;
-- listing by id prefix: O(log n + page) thanks to a sorted id index.
+- listing by id prefix, with or without a status filter: O(log n + page).
+  The ordered id index is one sorted list of ids per status: a filtered page
+  reads its status's list only, an unfiltered one merges the four (a merge of
+  four sorted streams: O(log n) to start, then O(page)). A new id costs one
+  sorted insert, as a single index would; a status change moves the id from
+  one list to another (two O(log n) operations), which a SET of an existing
+  planned job (the common re-SET) does not do.
 """
 
 from __future__ import annotations
@@ -17,14 +23,11 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Iterable, Iterator
+from itertools import islice
 
 from sortedcontainers import SortedList
 
 from kairoi_trio.model import MAX_TIME_US, MIN_TIME_US, Job, Rule, Status, new_job
-
-# How many ids a ListJobs page may look at when a status filter skips most of
-# them: bounds the time one page holds the command actor.
-MAX_SCAN_PER_PAGE = 20_000
 
 _PLANNED = Status.PLANNED
 _FINISHED = frozenset((Status.EXECUTED, Status.FAILED))
@@ -45,7 +48,13 @@ class State:
         self.counts: dict[Status, int] = dict.fromkeys(Status, 0)
         for job in self.jobs.values():
             self.counts[job.status] += 1
-        self._ids = SortedList(self.jobs)
+        # the ordered id index, one sorted list per status (see the module's docstring)
+        self._ids: dict[Status, SortedList] = {status: SortedList() for status in Status}
+        by_status: dict[Status, list[str]] = {status: [] for status in Status}
+        for job in self.jobs.values():
+            by_status[job.status].append(job.id)
+        for status, ids in by_status.items():
+            self._ids[status].update(ids)
         self._due: list[tuple[int, str]] = [
             (job.execute_at, job.id) for job in self.jobs.values() if waits(job)
         ]
@@ -60,6 +69,7 @@ class State:
         # pattern -> ids of the rules with that pattern, sorted (ties: smallest id wins)
         self._patterns: dict[str, list[str]] = {}
         self._pattern_lengths: list[int] = []  # distinct lengths, longest first
+        self._rule_ids = SortedList()  # for list_rules: O(log r + page)
         for rule in rules:
             self.put_rule(rule)
 
@@ -72,9 +82,13 @@ class State:
         self.jobs[job_id] = job
         counts = self.counts
         if old is None:
-            self._ids.add(job_id)
+            self._ids[status].add(job_id)
         else:
-            counts[old.status] -= 1
+            old_status = old.status
+            counts[old_status] -= 1
+            if old_status is not status:
+                self._ids[old_status].remove(job_id)
+                self._ids[status].add(job_id)
         counts[status] += 1
         # (the recurrence test first: waits() is a call, and SET is the hot path)
         if status is _PLANNED and (job.recurrence is None or waits(job)):
@@ -89,7 +103,7 @@ class State:
     def delete_job(self, job_id: str) -> Job | None:
         old = self.jobs.pop(job_id, None)
         if old is not None:
-            self._ids.remove(job_id)
+            self._ids[old.status].remove(job_id)
             self.counts[old.status] -= 1
         return old
 
@@ -145,36 +159,53 @@ class State:
     def list_jobs(
         self, prefix: str, status: Status | None, after: str, limit: int
     ) -> tuple[list[Job], str]:
-        """A page of jobs in id order; the second value is the id to continue
-        after, or "" when the listing is complete."""
-        start = max(prefix, after)
-        ids = self._ids.irange(minimum=start, inclusive=(after == "" or start != after, True))
-        page: list[Job] = []
-        scanned = 0
-        last = ""
-        for job_id in ids:
-            if not job_id.startswith(prefix):
-                return page, ""
-            if len(page) >= limit or scanned >= MAX_SCAN_PER_PAGE:
-                return page, last
-            scanned += 1
-            last = job_id
-            job = self.jobs[job_id]
-            if status is None or job.status is status:
-                page.append(job)
+        """A page of at most `limit` jobs whose id starts with `prefix` and is
+        greater than `after` (with `status` only, unless None), in id order. The
+        second value is the id to continue after, or "" when no further job
+        matches. O(log n + limit): one more matching id is looked at to tell.
+        A limit below 1 gives an empty page (the actor refuses it before)."""
+        if limit < 1:
+            return [], ""
+        ids = islice(self._ids_from(prefix, after, status), limit + 1)
+        jobs = self.jobs
+        page = [jobs[job_id] for job_id in ids]
+        if len(page) > limit:
+            del page[limit:]
+            return page, page[-1].id
         return page, ""
 
     def iter_prefix(self, prefix: str) -> Iterator[Job]:
-        for job_id in self._ids.irange(minimum=prefix):
+        """Every job whose id starts with `prefix`, in id order."""
+        jobs = self.jobs
+        for job_id in self._ids_from(prefix, "", None):
+            yield jobs[job_id]
+
+    def _ids_from(self, prefix: str, after: str, status: Status | None) -> Iterator[str]:
+        """Ids starting with `prefix`, greater than `after`, of `status` (any when
+        None), in order."""
+        start = max(prefix, after)
+        inclusive = (after == "" or start != after, True)
+        if status is not None:
+            ids: Iterator[str] = self._ids[status].irange(minimum=start, inclusive=inclusive)
+        else:
+            ids = heapq.merge(
+                *(
+                    index.irange(minimum=start, inclusive=inclusive)
+                    for index in self._ids.values()
+                    if index
+                )
+            )
+        for job_id in ids:
             if not job_id.startswith(prefix):
                 return
-            yield self.jobs[job_id]
+            yield job_id
 
     # -- rules ------------------------------------------------------------------
 
     def put_rule(self, rule: Rule) -> Rule | None:
         old = self.delete_rule(rule.id)
         self.rules[rule.id] = rule
+        self._rule_ids.add(rule.id)
         ids = self._patterns.setdefault(rule.pattern, [])
         if not ids:
             self._pattern_lengths = sorted(
@@ -187,6 +218,7 @@ class State:
     def delete_rule(self, rule_id: str) -> Rule | None:
         old = self.rules.pop(rule_id, None)
         if old is not None:
+            self._rule_ids.remove(rule_id)
             ids = self._patterns[old.pattern]
             ids.remove(rule_id)
             if not ids:
@@ -208,8 +240,16 @@ class State:
         return None
 
     def list_rules(self, prefix: str, after: str, limit: int) -> list[Rule]:
-        ids = sorted(i for i in self.rules if i.startswith(prefix) and i > after)
-        return [self.rules[i] for i in ids[:limit]]
+        """Up to `limit` rules whose id starts with `prefix` and is greater than
+        `after`, in id order: O(log r + limit)."""
+        start = max(prefix, after)
+        ids = self._rule_ids.irange(minimum=start, inclusive=(after == "" or start != after, True))
+        page: list[Rule] = []
+        for rule_id in ids:
+            if len(page) >= limit or not rule_id.startswith(prefix):
+                break
+            page.append(self.rules[rule_id])
+        return page
 
 
 def recover_replayed(jobs: dict[str, Job]) -> tuple[int, int]:

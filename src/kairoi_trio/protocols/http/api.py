@@ -94,6 +94,9 @@ class Api:
     requests: the actor's channel (sent to without waiting: a full queue is 429);
     auth: the tokens (none configured: everyone is admin);
     max_body_bytes: larger request bodies are 413;
+    max_payload_bytes: a job's payload larger than this is 413 too ([jobs]
+        max_payload_bytes; the actor refuses it anyway, as 400 on the other
+        protocols' INVALID_ARGUMENT); None leaves it to the actor;
     watch_buffer_bytes: encoded changes an event stream may have waiting or in
         flight before it is dropped ([grpc] max_watch_buffer_bytes, as WatchJobs).
     """
@@ -105,10 +108,12 @@ class Api:
         *,
         max_body_bytes: int,
         watch_buffer_bytes: int,
+        max_payload_bytes: int | None = None,
     ) -> None:
         self._requests = requests
         self._auth = auth
         self._max_body = max_body_bytes
+        self._max_payload = max_payload_bytes
         self._watch_limit = watch_buffer_bytes
         self._watches: set[_Watch] = set()
         self._frames = _Frames()
@@ -166,11 +171,12 @@ class Api:
                 return await handler(request)
             except CommandError as error:
                 return command_error_response(error)
-            except _TooLarge:
+            except _TooLarge as error:
                 return error_response(
                     413,
                     PAYLOAD_TOO_LARGE,
-                    f"request body larger than {self._max_body} bytes ([http] max_body_bytes)",
+                    str(error)
+                    or f"request body larger than {self._max_body} bytes ([http] max_body_bytes)",
                 )
 
         return endpoint
@@ -203,6 +209,12 @@ class Api:
 
     async def put_job(self, request: Request) -> Response:
         command = convert.set_job_from_json(_path_id(request), await self._body(request))
+        limit = self._max_payload
+        if limit is not None and len(command.payload) > limit:
+            raise _TooLarge(
+                f"payload larger than {limit} bytes ([jobs] max_payload_bytes):"
+                f" {len(command.payload)} bytes"
+            )
         return json_response(convert.job_to_json(await self.call(command)))
 
     async def get_job(self, request: Request) -> Response:

@@ -7,7 +7,8 @@
     GET  /job?id=            one job: times, attempts, outcome, payload preview,
                              schedule and next occurrences, the rule it pairs with
     POST /job/action         run now / re-plan at a time / delete: a confirmation page
-                             first, then the command (client or admin role)
+                             first, then the command; pause / resume of a recurring
+                             job at once (client or admin role)
     GET  /rules, /rule?id=   rules, and a rule with the jobs its pattern matches
     GET  /events             the live events page; its script reads
     GET  /events/stream      the API's Server-Sent Events, authenticated by cookie
@@ -15,8 +16,9 @@
 
 Every page is one or a few commands to the command actor (`Api.call`), each
 costing the page, not the number of jobs: counts from the counters the store
-keeps, lists from the ordered id index (ListJobs with `after`). The one
-exception is the rule a job pairs with, found among the rules (there are few).
+keeps, lists from the ordered id index (ListJobs with `after`; one sorted index
+per status, so a status filter costs the page too), the rule a job pairs with
+from the dispatcher's own pattern index (MatchRule).
 
 Authentication: the API's tokens and roles (core/auth.py). A browser cannot send
 `Authorization: Bearer` on a navigation, so /login takes the token in a form
@@ -90,7 +92,19 @@ SECURITY_HEADERS = {
 }
 
 # The actions of a job's page, and the command (role) each needs.
-ACTIONS: dict[str, type] = {"run": c.RunJobNow, "replan": c.SetJob, "delete": c.DeleteJob}
+ACTIONS: dict[str, type] = {
+    "run": c.RunJobNow,
+    "replan": c.SetJob,
+    "delete": c.DeleteJob,
+    "pause": c.PauseJob,
+    "resume": c.ResumeJob,
+}
+# The actions that ask first (pause and resume undo each other: no question).
+CONFIRMED = frozenset({"run", "replan", "delete"})
+# The jobs list's "previous page": the pages' start tokens travel in the query
+# string (`back`, oldest first), at most this many characters of them; older
+# ones are dropped (then only "First page" leads back that far).
+MAX_BACK_CHARS = 4000
 
 
 @dataclass(frozen=True)
@@ -142,20 +156,6 @@ def size_text(size: int | None) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{size} B"  # unreachable
-
-
-def pairing_rule(rules: list[Rule], job_id: str) -> Rule | None:
-    """The rule a job pairs with, as the core's State.match_rule decides: the longest
-    pattern that is a prefix of the id, the smallest rule id on ties."""
-    best: Rule | None = None
-    for rule in rules:
-        if job_id.startswith(rule.pattern) and (
-            best is None
-            or len(rule.pattern) > len(best.pattern)
-            or (len(rule.pattern) == len(best.pattern) and rule.id < best.id)
-        ):
-            best = rule
-    return best
 
 
 class Dashboard:
@@ -330,10 +330,22 @@ class Dashboard:
         status = convert.status_filter(status_text or None)
         limit = convert.page_size(query.get("page_size"), JOB_PAGE, MAX_PAGE)
         after = query.get("after", "")
+        back = query.getlist("back")  # the start tokens of the pages before, oldest first
         page: c.JobPage = await self._api.call(
             c.ListJobs(prefix=prefix, status=status, after=after, limit=limit)
         )
-        base = {"prefix": prefix, "status": status_text}
+        base: dict[str, str] = {"prefix": prefix, "status": status_text}
+        if limit != JOB_PAGE:
+            base["page_size"] = str(limit)
+
+        def url(start: str, stack: list[str]) -> str:
+            pairs = list(base.items())
+            if start:
+                pairs.append(("after", start))
+            pairs += [("back", token) for token in stack]
+            return "/jobs?" + urlencode(pairs)
+
+        previous_url = url(back[-1], back[:-1]) if back else None
         return self._page(
             request,
             "jobs.html",
@@ -342,8 +354,9 @@ class Dashboard:
             status=status_text,
             statuses=[s.value for s in Status],
             after=after,
-            first_url="/jobs?" + urlencode(base),
-            next_url=("/jobs?" + urlencode({**base, "after": page.next_after}))
+            first_url=url("", []),
+            previous_url=previous_url,
+            next_url=url(page.next_after, _bounded_back([*back, after]))
             if page.next_after
             else None,
             deleted=query.get("deleted"),
@@ -355,7 +368,7 @@ class Dashboard:
         occurrences: list[int] = []
         if job.recurrence is not None:
             occurrences = await self._api.call(c.PreviewJob(job.id, PREVIEW_OCCURRENCES))
-        rule = pairing_rule(await self._all_rules(), job.id)
+        rule: Rule | None = await self._api.call(c.MatchRule(job.id))
         return self._page(
             request,
             "job.html",
@@ -366,18 +379,6 @@ class Dashboard:
             payload=payload_preview(job.payload),
             done=request.query_params.get("done"),
         )
-
-    async def _all_rules(self) -> list[Rule]:
-        rules: list[Rule] = []
-        after = ""
-        while True:
-            page: list[Rule] = await self._api.call(
-                c.ListRules(after=after, limit=convert.MAX_RULE_PAGE)
-            )
-            rules.extend(page)
-            if len(page) < convert.MAX_RULE_PAGE:
-                return rules
-            after = page[-1].id
 
     async def job_action(self, request: Request, role: Role) -> Response:
         form = await _form(request)
@@ -396,7 +397,7 @@ class Dashboard:
         at_us: int | None = None
         if action == "replan":
             at_us = _parse_local_utc(at_text)
-        if form.get("confirm") != "yes":
+        if action in CONFIRMED and form.get("confirm") != "yes":
             return self._page(
                 request, "confirm.html", job=job, action=action, at_text=at_text, at_us=at_us
             )
@@ -406,7 +407,11 @@ class Dashboard:
             return RedirectResponse(
                 "/jobs?" + urlencode({"deleted": job.id}), 303, headers=dict(SECURITY_HEADERS)
             )
-        if action == "run":
+        if action == "pause":
+            await self._api.call(c.PauseJob(job.id))
+        elif action == "resume":
+            await self._api.call(c.ResumeJob(job.id))
+        elif action == "run":
             if job.recurrence is not None:
                 await self._api.call(c.RunJobNow(job.id))
             else:  # a one-shot job runs now by being planned now, payload kept
@@ -540,6 +545,16 @@ def _load_static(directory: Path) -> dict[str, tuple[bytes, str]]:
     return files
 
 
+def _bounded_back(stack: list[str]) -> list[str]:
+    """The newest tokens of `stack` that fit in MAX_BACK_CHARS (oldest dropped)."""
+    size = 0
+    for i in range(len(stack) - 1, -1, -1):
+        size += len(stack[i]) + 6  # "&back=" (escapes aside)
+        if size > MAX_BACK_CHARS:
+            return stack[i + 1 :]
+    return stack
+
+
 def _local(target: str) -> str:
     """`target` if it is a path of this site, else "/" (no open redirect to another site)."""
     if target.startswith("/") and not target.startswith("//") and "\\" not in target:
@@ -561,4 +576,4 @@ def _parse_local_utc(text: str) -> int:
     return int(moment.timestamp() * 1_000_000)
 
 
-__all__ = ["Dashboard", "Markup", "PayloadPreview", "pairing_rule", "payload_preview"]
+__all__ = ["Dashboard", "Markup", "PayloadPreview", "payload_preview"]

@@ -109,6 +109,19 @@ class PostgresUnavailable(Exception):
     """The database could not be used: the batch was not kept (UNAVAILABLE)."""
 
 
+# describe(): sizes from the catalog, the last vacuum from the statistics views,
+# live instances from their (small) table.
+_DESCRIBE = """
+SELECT
+    (SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint
+       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+      WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p')),
+    (SELECT greatest(last_vacuum, last_autovacuum) FROM pg_stat_user_tables
+      WHERE schemaname = current_schema() AND relname = 'jobs'),
+    (SELECT count(*) FROM instances WHERE lease_until > now())
+"""
+
+
 def _describe(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"PostgreSQL: {text[0] if text else type(error).__name__}"
@@ -294,6 +307,30 @@ class PostgresStore:
             self._reload_rules(conn)
             self._read_counts(conn)
             self._next_due = self._earliest_due(conn)
+
+    def describe(self) -> dict[str, object]:
+        """What the dashboard shows of this store (storage/info.py), from the catalog
+        and the statistics views, never a scan of the jobs: the schema's tables
+        with their indexes and TOAST (pg_total_relation_size: a stat of their
+        files), the jobs table's last vacuum (manual or automatic: the
+        compaction of PostgreSQL), and the live instances. Blocking; one pooled
+        connection for a moment. {"error": ...} when the database cannot answer."""
+        import psycopg
+        import psycopg_pool
+
+        try:
+            with self._pool.connection(timeout=CONNECT_WAIT_S) as conn:
+                row = conn.execute(_DESCRIBE).fetchone()
+                conn.commit()
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
+            return {"backend": "postgres", "error": f"PostgreSQL: {_describe(error)}"}
+        size, vacuumed, instances = row
+        return {
+            "backend": "postgres",
+            "bytes": int(size),
+            "last_vacuum_us": (None if vacuumed is None else int(vacuumed.timestamp() * 1_000_000)),
+            "instances": int(instances),
+        }
 
     def idle_view(self) -> BatchView:
         """The view between batches: rules, counts and the next due time, no jobs."""
