@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from kairoi_trio.observability.logging import BatchedLineWriter, UtcTimestamper
 
@@ -126,3 +127,41 @@ def test_a_closed_stderr_does_not_fail_the_caller() -> None:
         writer.write(b"line\n")  # EPIPE in the writer thread: dropped, never raised here
     writer.close()
     writer.write(b"after close\n")  # written by the caller: the error is dropped too
+
+
+def test_the_json_line_is_what_structlogs_own_chain_renders() -> None:
+    """JsonLine (one processor) against add_log_level, the timestamper,
+    format_exc_info and JSONRenderer(orjson) in a row: the same bytes, warn and
+    exception levels, a traceback and an object JSON cannot hold included."""
+    import orjson
+    import structlog
+
+    from kairoi_trio.observability.logging import JsonLine
+
+    class Frozen(UtcTimestamper):
+        def __call__(self, logger: object, method: str, event: dict) -> dict:  # type: ignore[override]
+            event["timestamp"] = "2026-11-30T00:00:00.000000Z"
+            return event
+
+    chain: list[Any] = [
+        structlog.processors.add_log_level,
+        Frozen(),
+        structlog.processors.format_exc_info,
+        structlog.processors.JSONRenderer(serializer=orjson.dumps),
+    ]
+    try:
+        raise ValueError("boom")
+    except ValueError as error:
+        caught = error
+    events: list[tuple[str, dict[str, Any]]] = [
+        ("info", {"event": "job run", "job": "a.1", "ok": True, "when": object}),
+        ("warn", {"event": "w", "text": "é\nx"}),
+        ("exception", {"event": "crash", "exc_info": caught}),
+        ("error", {"event": "e", "exc_info": False}),
+    ]
+    for method, event in events:
+        expected: Any = dict(event)
+        for step in chain:
+            expected = step(None, method, expected)
+        got = JsonLine(Frozen())(None, method, dict(event))
+        assert got == expected, method
