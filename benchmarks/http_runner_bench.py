@@ -226,6 +226,42 @@ def client_main(kind: str, url: str, n: int, concurrency: int) -> int:
                 for _ in range(concurrency):
                     nursery.start_soon(worker)
 
+    async def with_httpx_tuned() -> None:
+        import httpx
+
+        nonlocal ok
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(timeout=None, limits=limits, trust_env=False) as client:
+            built = [client.build_request("POST", url, content=b, headers=h) for b, h in requests]
+            todo = iter(built)
+
+            async def worker() -> None:
+                nonlocal ok
+                for request in todo:
+                    reply = await client.send(request)
+                    ok += reply.status_code == 204
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(concurrency):
+                    nursery.start_soon(worker)
+
+    async def with_httpcore() -> None:
+        import httpcore
+
+        nonlocal ok
+        async with httpcore.AsyncConnectionPool(max_connections=concurrency) as pool:
+            todo = iter(requests)
+
+            async def worker() -> None:
+                nonlocal ok
+                for body, headers in todo:
+                    reply = await pool.request("POST", url, headers=headers, content=body)
+                    ok += reply.status == 204
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(concurrency):
+                    nursery.start_soon(worker)
+
     async def with_h11() -> None:
         import h11
 
@@ -268,7 +304,13 @@ def client_main(kind: str, url: str, n: int, concurrency: int) -> int:
                 nursery.start_soon(worker)
 
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    trio.run(with_httpx if kind == "httpx" else with_h11)
+    kinds = {
+        "httpx": with_httpx,
+        "httpx-tuned": with_httpx_tuned,
+        "httpcore": with_httpcore,
+        "h11": with_h11,
+    }
+    trio.run(kinds[kind])
     seconds, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     print(json.dumps({"seconds": seconds, "cpu_s": cpu, "ok": ok}), flush=True)
     return 0
