@@ -422,8 +422,7 @@ def server_run(args: argparse.Namespace, work: Path, rep: int) -> dict:
     }
 
 
-def floor_run(args: argparse.Namespace, work: Path, kind: str) -> dict:
-    n = args.jobs
+def floor_run(args: argparse.Namespace, work: Path, kind: str, n: int) -> dict:
     endpoint = Endpoint(work)
     try:
         endpoint_cpu0 = endpoint.cpu_seconds()
@@ -451,6 +450,7 @@ def floor_run(args: argparse.Namespace, work: Path, kind: str) -> dict:
         received = endpoint.stop()
         endpoint.kill()
     return {
+        "requests": n,
         "requests_per_s": round(n / result["seconds"]),
         "client_cpu_us_per_request": round(result["cpu_s"] / n * MICROS, 1),
         "endpoint_cpu_us_per_request": round(endpoint_cpu / n * MICROS, 1),
@@ -471,7 +471,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=64, help="[runners.http] concurrency")
     parser.add_argument("--lead", type=float, default=3.0, help="seconds from now to the due time")
-    parser.add_argument("--no-h11", action="store_true", help="skip the bare h11 floor")
+    parser.add_argument(
+        "--floors",
+        default="httpx,h11",
+        help="bare clients to run, comma-separated: httpx, h11, httpx-tuned, httpcore ('' none)",
+    )
+    parser.add_argument(
+        "--floor-jobs",
+        type=int,
+        default=5_000,
+        help="POSTs per bare httpx/httpcore client (their CPU per request is the figure)",
+    )
     parser.add_argument("--no-server", action="store_true", help="the floors only")
     parser.add_argument(
         "--config", default="", help=r"extra TOML for the server ('\n' for newlines)"
@@ -481,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     info = machine()
     log(f"machine: nproc {info['nproc']}, load {info['loadavg']}, commit {info['commit']}")
-    results: dict[str, list[dict]] = {"server": [], "httpx": [], "h11": []}
+    floors = [kind for kind in args.floors.split(",") if kind]
+    results: dict[str, list[dict]] = {"server": [], **{kind: [] for kind in floors}}
     with tempfile.TemporaryDirectory(prefix="kairoi-http-bench-") as tmp:
         work = Path(tmp)
         for rep in range(args.reps):
@@ -495,9 +506,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['server_cpu_us_per_job']} µs CPU/job, endpoint "
                     f"{r['endpoint_cpu_us_per_job']} µs/job, every id once: {r['every_id_once']}"
                 )
-            for kind in ("httpx",) if args.no_h11 else ("httpx", "h11"):
-                log(f"rep {rep + 1}/{args.reps}: bare {kind} client, {args.jobs} POSTs")
-                f = floor_run(args, work, kind)
+            for kind in floors:
+                n = args.jobs if kind == "h11" else min(args.jobs, args.floor_jobs)
+                log(f"rep {rep + 1}/{args.reps}: bare {kind} client, {n} POSTs")
+                f = floor_run(args, work, kind, n)
                 results[kind].append(f)
                 log(
                     f"  {kind}: {f['requests_per_s']:,} req/s, "

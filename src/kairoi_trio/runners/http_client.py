@@ -35,6 +35,8 @@ KEEPALIVE_EXPIRY_S = 4.0  # below the 5 s of Node.js and Apache's idle keep-aliv
 MAX_HEAD_BYTES = 100 * 1024  # of an answer's status line and headers (httpcore's bound)
 RECEIVE_BYTES = 65536
 
+_NO_ANSWER = "the server closed the connection without an answer"
+
 Origin = tuple[str, str, int]  # scheme, host (ASCII), port
 
 
@@ -111,11 +113,14 @@ class Connection:
         while True:
             event = self.h11.next_event()
             if event is h11.NEED_DATA:
-                self.h11.receive_data(bytes(await self.stream.receive_some(RECEIVE_BYTES)))
+                data = bytes(await self.stream.receive_some(RECEIVE_BYTES))
+                if not data and self.h11.their_state is h11.SEND_RESPONSE:
+                    raise h11.RemoteProtocolError(_NO_ANSWER)  # (h11's words name its states)
+                self.h11.receive_data(data)
             elif isinstance(event, h11.Response | h11.Data | h11.EndOfMessage):
                 return event
             elif isinstance(event, h11.ConnectionClosed):
-                raise h11.RemoteProtocolError("the server closed the connection without an answer")
+                raise h11.RemoteProtocolError(_NO_ANSWER)
             # an h11.InformationalResponse (1xx): the answer comes after it
 
     @property
