@@ -489,7 +489,8 @@ async def test_at_the_bound_an_idle_connection_to_another_host_makes_room(
 async def test_a_connection_the_endpoint_closed_after_its_answer_is_not_reused(
     nursery: trio.Nursery,
 ) -> None:
-    """No `Connection: close`: the endpoint just hangs up after a complete answer."""
+    """No `Connection: close`: the endpoint just hangs up after a complete answer. Reused
+    at once, the connection fails without an answer; the run goes on a new one."""
 
     async def answer_and_hang_up(stream: trio.abc.Stream, request: Request) -> bool:
         await answer(204)(stream, request)
@@ -501,6 +502,25 @@ async def test_a_connection_the_endpoint_closed_after_its_answer_is_not_reused(
         assert await runner.run(job(), rule_for(endpoint.url)) == "HTTP 204"
         await trio.testing.wait_all_tasks_blocked()  # the endpoint's close is done
     assert endpoint.connections == 3
+
+
+async def test_an_unasked_answer_on_an_idle_connection_is_not_taken_for_the_next_one(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Some servers time an idle connection out with a "408" nobody asked for, then close."""
+
+    async def answer_then_time_out(stream: trio.abc.Stream, request: Request) -> bool:
+        await answer(204)(stream, request)
+        await trio.sleep(0.5)
+        await stream.send_all(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n")
+        return False
+
+    endpoint = await Endpoint(answer_then_time_out).start(nursery)
+    runner = await start_runner(nursery)
+    assert await runner.run(job(), rule_for(endpoint.url)) == "HTTP 204"
+    await trio.sleep(1)
+    assert await runner.run(job(), rule_for(endpoint.url)) == "HTTP 204"
+    assert endpoint.connections == 2
 
 
 async def test_connection_close_from_the_endpoint_is_honoured(nursery: trio.Nursery) -> None:

@@ -42,6 +42,7 @@ from kairoi_trio.model import HttpRunner, Job, Rule, RunnerSpec, format_time
 from kairoi_trio.runners.base import RunFailed, Runner
 from kairoi_trio.runners.http_client import (
     KEEPALIVE_EXPIRY_S,
+    Connection,
     ConnectionPool,
     Target,
     parse_target,
@@ -243,36 +244,34 @@ class HttpRunnerBackend(Runner):
         pool = self._pool
         if pool is None:
             raise RunFailed("the http runner is not running")
-        limit = self._max_response_bytes
-        conn = None
-        ended = False
         try:
-            conn = await pool.acquire(target)
-            await conn.send_request(target.path, headers, content)
-            while True:
-                event = await conn.next_event()
-                if isinstance(event, h11.Data):
-                    chunk = event.data
-                    answer.received += len(chunk)
-                    if answer.received > limit:
-                        raise _TooLarge
-                    room = _EXCERPT_BYTES - len(answer.excerpt)
-                    if room > 0:
-                        answer.excerpt += chunk[:room]
-                elif isinstance(event, h11.Response):
-                    answer.status = event.status_code
-                    for name, value in event.headers:
-                        if name == b"content-length" and int(value) > limit:
-                            raise _TooLarge
-                else:  # the end of the answer
+            for fresh in (False, True):
+                conn = await pool.acquire(target, fresh=fresh)
+                ended = False
+                try:
+                    await self._exchange(conn, target, content, headers, answer)
                     ended = True
+                except (OSError, trio.BrokenResourceError, h11.RemoteProtocolError):
+                    if fresh or not conn.stale_suspect:
+                        raise
+                    # A kept-alive connection the server had closed: once more on a new
+                    # one (at least once: a server that read the request and hung up
+                    # without answering gets it again).
+                finally:
+                    # Kept only when read to its end: a failure, a timeout or a
+                    # cancellation (the pool's rule timeout) mid-exchange closes it.
+                    if ended:
+                        pool.release(conn)
+                    else:
+                        pool.discard(conn)
+                if ended:
                     break
         except _TooLarge:
             if not answer.ok:
                 raise RunFailed(answer.failed_status(shown)) from None
             raise RunFailed(
                 f"answer from {shown} too large: HTTP {answer.status} "
-                f"with a body over {limit} bytes"
+                f"with a body over {self._max_response_bytes} bytes"
             ) from None
         except (OSError, trio.BrokenResourceError, h11.ProtocolError) as error:
             raise RunFailed(f"POST {shown} failed: {_reason(error)}") from None
@@ -280,17 +279,40 @@ class HttpRunnerBackend(Runner):
             raise RunFailed(
                 f"POST {shown} failed: the host name cannot be encoded: {error}"
             ) from None
-        finally:
-            if conn is not None:
-                # Kept only when read to its end: a failure, a timeout or a cancellation
-                # (the pool's rule timeout) mid-exchange closes it.
-                if ended:
-                    pool.release(conn)
-                else:
-                    pool.discard(conn)
         if not answer.ok:
             raise RunFailed(answer.failed_status(shown))
         return f"HTTP {answer.status}"
+
+    async def _exchange(
+        self,
+        conn: Connection,
+        target: Target,
+        content: bytes,
+        headers: list[tuple[bytes, bytes]],
+        answer: _Answer,
+    ) -> None:
+        """Send the request on `conn` and read the answer to its end into `answer`.
+
+        Raises _TooLarge past max_response_bytes, and what Connection raises."""
+        limit = self._max_response_bytes
+        await conn.send_request(target.path, headers, content)
+        while True:
+            event = await conn.next_event()
+            if isinstance(event, h11.Data):
+                chunk = event.data
+                answer.received += len(chunk)
+                if answer.received > limit:
+                    raise _TooLarge
+                room = _EXCERPT_BYTES - len(answer.excerpt)
+                if room > 0:
+                    answer.excerpt += chunk[:room]
+            elif isinstance(event, h11.Response):
+                answer.status = event.status_code
+                for name, value in event.headers:
+                    if name == b"content-length" and int(value) > limit:
+                        raise _TooLarge
+            else:  # the end of the answer
+                return
 
 
 def _reason(error: BaseException) -> str:

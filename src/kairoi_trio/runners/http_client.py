@@ -12,10 +12,12 @@ its origin (the most recently used) or opens one; a connection whose answer was
 read to its end, and that neither side asked to close, goes back to the idle
 list; any other (an error, a timeout or a cancellation mid-exchange, a body
 too large to read on) is closed. An idle connection is not reused once it has
-been idle for KEEPALIVE_EXPIRY_S or once its socket is readable (the server
-closed it, or sent bytes nobody asked for); `close_expired` closes those still
-held. At the bound, a run closes the idlest connection to another origin, or
-waits for one to be given back.
+been idle for KEEPALIVE_EXPIRY_S, nor, once idle for SOCKET_CHECK_AFTER_S, when
+its socket is readable (the server closed it, or sent bytes nobody asked for);
+`close_expired` closes those still held. A request that fails on a reused
+connection before any byte of answer (the server had closed it) is for the
+caller to try once more on a `fresh` one. At the bound, a run closes the
+idlest connection to another origin, or waits for one to be given back.
 
 URLs are parsed by httpx.URL (the same checks and IDNA host encoding as
 before). Proxies from the environment (HTTP_PROXY, ...) are not used.
@@ -32,6 +34,9 @@ import httpx
 import trio
 
 KEEPALIVE_EXPIRY_S = 4.0  # below the 5 s of Node.js and Apache's idle keep-alive timeout
+# Idle this long, a connection's socket is checked before reuse: a server that hangs up
+# on an idle connection (perhaps with an unasked "408 Request Timeout") does it later.
+SOCKET_CHECK_AFTER_S = 0.25
 MAX_HEAD_BYTES = 100 * 1024  # of an answer's status line and headers (httpcore's bound)
 RECEIVE_BYTES = 65536
 
@@ -83,7 +88,7 @@ def parse_target(url: str) -> Target:
 class Connection:
     """One HTTP/1.1 connection: its stream, the socket under it, and its h11 state."""
 
-    __slots__ = ("h11", "idle_since", "origin", "socket", "stream")
+    __slots__ = ("answered", "h11", "idle_since", "origin", "socket", "stream", "uses")
 
     def __init__(self, stream: trio.abc.Stream, socket: trio.socket.SocketType, origin: Origin):
         self.stream = stream
@@ -91,6 +96,14 @@ class Connection:
         self.origin = origin
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
         self.idle_since = 0.0
+        self.uses = 0  # exchanges completed on it
+        self.answered = False  # a byte of the current answer came
+
+    @property
+    def stale_suspect(self) -> bool:
+        """True when the current exchange failed as on a kept-alive connection the
+        server had already closed: reused, and not one byte of answer received."""
+        return self.uses > 0 and not self.answered
 
     async def send_request(
         self, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
@@ -99,6 +112,7 @@ class Connection:
 
         Raises h11.LocalProtocolError for a header h11 refuses, trio.BrokenResourceError
         (and OSError) when the connection fails."""
+        self.answered = False
         request = h11.Request(method=b"POST", target=target, headers=headers)
         parts = (self.h11.send(request), self.h11.send(h11.Data(data=body)))
         end = self.h11.send(h11.EndOfMessage())
@@ -116,6 +130,7 @@ class Connection:
                 data = bytes(await self.stream.receive_some(RECEIVE_BYTES))
                 if not data and self.h11.their_state is h11.SEND_RESPONSE:
                     raise h11.RemoteProtocolError(_NO_ANSWER)  # (h11's words name its states)
+                self.answered = self.answered or bool(data)
                 self.h11.receive_data(data)
             elif isinstance(event, h11.Response | h11.Data | h11.EndOfMessage):
                 return event
@@ -151,19 +166,19 @@ class ConnectionPool:
     def open_connections(self) -> int:
         return self._open
 
-    async def acquire(self, target: Target) -> Connection:
-        """A connection to target's origin: an idle one still fit for reuse, else a
-        new one. Raises OSError (refused, unreachable, TLS), UnicodeError (a host
+    async def acquire(self, target: Target, *, fresh: bool = False) -> Connection:
+        """A connection to target's origin: an idle one still fit for reuse, else (or
+        when `fresh`) a new one. Raises OSError (refused, unreachable, TLS), UnicodeError (a host
         name the resolver cannot encode), trio.BrokenResourceError."""
         if self._closed:
             raise trio.ClosedResourceError("the connection pool is closed")
         origin = target.origin
         while True:
-            idle = self._idle.get(origin)
+            idle = None if fresh else self._idle.get(origin)
             now = trio.current_time()
             while idle:
                 conn = idle.pop()
-                if now - conn.idle_since < KEEPALIVE_EXPIRY_S and not conn.socket.is_readable():
+                if self._fit(conn, now):
                     return conn
                 self._close(conn)
             if self._open < self._max:
@@ -184,6 +199,7 @@ class ConnectionPool:
             self._close(conn)
             return
         conn.h11.start_next_cycle()
+        conn.uses += 1
         conn.idle_since = trio.current_time()
         self._idle.setdefault(conn.origin, []).append(conn)
         self._waiters.unpark()
@@ -198,7 +214,7 @@ class ConnectionPool:
         for origin, idle in list(self._idle.items()):
             keep = []
             for conn in idle:
-                if now - conn.idle_since < KEEPALIVE_EXPIRY_S and not conn.socket.is_readable():
+                if self._fit(conn, now, check_socket=True):
                     keep.append(conn)
                 else:
                     self._close(conn)
@@ -215,6 +231,19 @@ class ConnectionPool:
                 self._close(conn)
         self._idle.clear()
         self._waiters.unpark_all()
+
+    @staticmethod
+    def _fit(conn: Connection, now: float, *, check_socket: bool = False) -> bool:
+        """Whether an idle connection may carry another request: not past its keep-alive
+        time and, once idle for SOCKET_CHECK_AFTER_S, its socket not readable (a poll(2)
+        a request; a connection reused sooner that the server closed fails without an
+        answer, and the runner tries once more on a new one)."""
+        idle_for = now - conn.idle_since
+        if idle_for >= KEEPALIVE_EXPIRY_S:
+            return False
+        if check_socket or idle_for >= SOCKET_CHECK_AFTER_S:
+            return not conn.socket.is_readable()
+        return True
 
     def _close(self, conn: Connection) -> None:
         conn.close()
