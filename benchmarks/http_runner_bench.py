@@ -28,7 +28,7 @@ The endpoint (its own process, Trio, `serve_tcp`, one task per connection)
 answers every POST `204 No Content` at once and keeps (receipt ns, body); it
 frames requests by hand (head up to CRLFCRLF, Content-Length body) because it
 is the benchmark's peer, not the code under test, and must cost as little CPU
-as possible on a 2-core machine. `GET /count` answers its request count.
+as possible on a 2-core machine. It counts the connections it accepted.
 
 Only 127.0.0.1 is contacted; every wait is bounded; every process started is
 stopped at the end.
@@ -64,8 +64,8 @@ _NO_CONTENT = b"HTTP/1.1 204 No Content\r\n\r\n"
 
 
 def endpoint_main(out: Path) -> int:
-    """Answer every POST 204 at once; `GET /count` answers how many POSTs came;
-    SIGTERM writes `<receipt ns> <body>` lines to `out` and exits."""
+    """Answer every request 204 at once; on SIGTERM write `<receipt ns> <body>` lines
+    to `out`, print the connections accepted, and exit."""
     import trio
 
     received: list[tuple[int, bytes]] = []
@@ -98,14 +98,8 @@ def endpoint_main(out: Path) -> int:
                         break
                     body = buf[end + 4 : end + 4 + length]
                     buf = buf[end + 4 + length :]
-                    if head.startswith(b"GET /count"):
-                        text = b"%d %d" % (len(received), connections)
-                        answers.append(
-                            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(text), text)
-                        )
-                    else:
-                        received.append((now, body))
-                        answers.append(_NO_CONTENT)
+                    received.append((now, body))
+                    answers.append(_NO_CONTENT)
                 if answers:
                     await stream.send_all(b"".join(answers))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -149,10 +143,6 @@ class Endpoint:
         self.url = f"http://127.0.0.1:{self.port}/hook"
         self.connections = 0
 
-    def count(self) -> int:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/count", timeout=10) as reply:
-            return int(reply.read().split()[0])
-
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.process.pid)
 
@@ -164,7 +154,7 @@ class Endpoint:
         self.process.wait(60)
         for line in tail.splitlines():
             if line.startswith("connections "):
-                self.connections = int(line.split()[1]) - 1  # without our GET /count's
+                self.connections = int(line.split()[1])
         out = []
         with open(self.out, "rb") as f:
             for line in f:
