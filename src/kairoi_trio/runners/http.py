@@ -273,7 +273,12 @@ class HttpRunnerBackend(Runner):
                 f"answer from {shown} too large: HTTP {answer.status} "
                 f"with a body over {self._max_response_bytes} bytes"
             ) from None
-        except (OSError, trio.BrokenResourceError, h11.ProtocolError) as error:
+        except (
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,  # the pool, closed as the server stops
+            h11.ProtocolError,
+        ) as error:
             raise RunFailed(f"POST {shown} failed: {_reason(error)}") from None
         except UnicodeError as error:  # the resolver's IDNA encoding of the host (a stored rule)
             raise RunFailed(
