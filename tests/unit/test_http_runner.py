@@ -12,8 +12,12 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import shutil
+import ssl
+import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import unquote
 
 import h11
@@ -29,6 +33,7 @@ from kairoi_trio.runners.http import (
     header_job_id,
     redacted,
 )
+from kairoi_trio.runners.http_client import KEEPALIVE_EXPIRY_S
 
 # Ids every protocol accepts (NUL too, until the protocols refuse it at input:
 # the runner must not be where it fails).
@@ -55,16 +60,18 @@ class Request:
     body: bytes
 
 
-Respond = Callable[[trio.SocketStream, Request], Awaitable[bool]]  # True: keep the connection
+Respond = Callable[[trio.abc.Stream, Request], Awaitable[bool]]  # True: keep the connection
 
 
 class Endpoint:
     """An HTTP/1.1 server on 127.0.0.1 that records requests and answers with `respond`."""
 
-    def __init__(self, respond: Respond) -> None:
+    def __init__(self, respond: Respond, tls: ssl.SSLContext | None = None) -> None:
         self.respond = respond
+        self.tls = tls
         self.requests: list[Request] = []
         self.connections = 0
+        self.closed = 0  # connections ended (either side)
         self.url = ""
 
     async def start(self, nursery: trio.Nursery) -> Endpoint:
@@ -73,8 +80,11 @@ class Endpoint:
         self.url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/hook"
         return self
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, tcp: trio.SocketStream) -> None:
         self.connections += 1
+        stream: trio.abc.Stream = tcp
+        if self.tls is not None:
+            stream = trio.SSLStream(tcp, self.tls, server_side=True)
         conn = h11.Connection(h11.SERVER)
         try:
             while True:
@@ -91,10 +101,11 @@ class Endpoint:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the runner hung up, as it should on a timeout or an oversized body
         finally:
-            await stream.aclose()
+            self.closed += 1
+            await trio.aclose_forcefully(stream)
 
     @staticmethod
-    async def _read_request(stream: trio.SocketStream, conn: h11.Connection) -> Request | None:
+    async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> Request | None:
         head: h11.Request | None = None
         body = bytearray()
         while True:
@@ -114,7 +125,7 @@ class Endpoint:
 
 
 def answer(status: int = 200, body: bytes = b"", reason: bytes = b"OK") -> Respond:
-    async def respond(stream: trio.SocketStream, request: Request) -> bool:
+    async def respond(stream: trio.abc.Stream, request: Request) -> bool:
         head = b"HTTP/1.1 %d %s\r\nContent-Length: %d\r\n\r\n" % (status, reason, len(body))
         await stream.send_all(head + body)
         return True
@@ -125,7 +136,7 @@ def answer(status: int = 200, body: bytes = b"", reason: bytes = b"OK") -> Respo
 def slow_body(length: int, every_s: float) -> Respond:
     """200 with Content-Length `length`, then one byte every `every_s` seconds."""
 
-    async def respond(stream: trio.SocketStream, request: Request) -> bool:
+    async def respond(stream: trio.abc.Stream, request: Request) -> bool:
         await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % length)
         for _ in range(length):
             await trio.sleep(every_s)
@@ -138,7 +149,7 @@ def slow_body(length: int, every_s: float) -> Respond:
 def endless_body(chunk: bytes, every_s: float, status: int = 200) -> Respond:
     """A chunked body that never ends: `chunk` every `every_s` seconds (0: flat out)."""
 
-    async def respond(stream: trio.SocketStream, request: Request) -> bool:
+    async def respond(stream: trio.abc.Stream, request: Request) -> bool:
         await stream.send_all(b"HTTP/1.1 %d X\r\nTransfer-Encoding: chunked\r\n\r\n" % status)
         frame = b"%x\r\n%s\r\n" % (len(chunk), chunk)
         while True:
@@ -148,12 +159,12 @@ def endless_body(chunk: bytes, every_s: float, status: int = 200) -> Respond:
     return respond
 
 
-async def no_answer(stream: trio.SocketStream, request: Request) -> bool:
+async def no_answer(stream: trio.abc.Stream, request: Request) -> bool:
     await trio.sleep_forever()
     return False
 
 
-async def cut_short(stream: trio.SocketStream, request: Request) -> bool:
+async def cut_short(stream: trio.abc.Stream, request: Request) -> bool:
     await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
     return False
 
@@ -384,7 +395,7 @@ async def test_an_endless_fast_body_is_cut_at_the_size_bound(nursery: trio.Nurse
 
 
 async def test_a_declared_oversized_body_is_not_read(nursery: trio.Nursery) -> None:
-    async def huge(stream: trio.SocketStream, request: Request) -> bool:
+    async def huge(stream: trio.abc.Stream, request: Request) -> bool:
         await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000001\r\n\r\n")
         await trio.sleep_forever()
         return False
@@ -437,3 +448,154 @@ async def test_a_cancelled_run_leaves_the_runner_usable(
     assert scope.cancelled_caught
     endpoint.respond = answer()
     assert await runner.run(job(), rule_for(endpoint.url)) == "HTTP 200"
+
+
+# --- connections: kept alive, bounded, dropped when unfit ---------------------------------
+
+
+async def test_concurrent_runs_share_at_most_max_connections(nursery: trio.Nursery) -> None:
+    async def slow_ok(stream: trio.abc.Stream, request: Request) -> bool:
+        await trio.sleep(0.01)  # keeps each connection busy, so that runs must wait
+        return await answer(204)(stream, request)
+
+    endpoint = await Endpoint(slow_ok).start(nursery)
+    runner = await start_runner(nursery, max_connections=3)
+    outcomes: list[str] = []
+
+    async def one(i: int) -> None:
+        outcomes.append(await runner.run(job(f"j{i}"), rule_for(endpoint.url)))
+
+    async with trio.open_nursery() as runs:
+        for i in range(12):
+            runs.start_soon(one, i)
+    assert outcomes == ["HTTP 204"] * 12
+    assert len(endpoint.requests) == 12
+    assert endpoint.connections == 3  # kept alive and reused, never over the bound
+
+
+async def test_at_the_bound_an_idle_connection_to_another_host_makes_room(
+    nursery: trio.Nursery,
+) -> None:
+    first = await Endpoint(answer()).start(nursery)
+    second = await Endpoint(answer()).start(nursery)
+    runner = await start_runner(nursery, max_connections=1)
+    assert await runner.run(job(), rule_for(first.url)) == "HTTP 200"
+    with trio.fail_after(5):
+        assert await runner.run(job(), rule_for(second.url)) == "HTTP 200"
+        await trio.testing.wait_all_tasks_blocked()
+    assert first.closed == 1  # closed for the other host, not left open past the bound
+
+
+async def test_a_connection_the_endpoint_closed_after_its_answer_is_not_reused(
+    nursery: trio.Nursery,
+) -> None:
+    """No `Connection: close`: the endpoint just hangs up after a complete answer. Reused
+    at once, the connection fails without an answer; the run goes on a new one."""
+
+    async def answer_and_hang_up(stream: trio.abc.Stream, request: Request) -> bool:
+        await answer(204)(stream, request)
+        return False
+
+    endpoint = await Endpoint(answer_and_hang_up).start(nursery)
+    runner = await start_runner(nursery)
+    for _ in range(3):
+        assert await runner.run(job(), rule_for(endpoint.url)) == "HTTP 204"
+        await trio.testing.wait_all_tasks_blocked()  # the endpoint's close is done
+    assert endpoint.connections == 3
+
+
+async def test_an_unasked_answer_on_an_idle_connection_is_not_taken_for_the_next_one(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Some servers time an idle connection out with a "408" nobody asked for, then close."""
+
+    async def answer_then_time_out(stream: trio.abc.Stream, request: Request) -> bool:
+        await answer(204)(stream, request)
+        await trio.sleep(0.5)
+        await stream.send_all(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n")
+        return False
+
+    endpoint = await Endpoint(answer_then_time_out).start(nursery)
+    runner = await start_runner(nursery)
+    assert await runner.run(job(), rule_for(endpoint.url)) == "HTTP 204"
+    await trio.sleep(1)
+    assert await runner.run(job(), rule_for(endpoint.url)) == "HTTP 204"
+    assert endpoint.connections == 2
+
+
+async def test_connection_close_from_the_endpoint_is_honoured(nursery: trio.Nursery) -> None:
+    async def close_after(stream: trio.abc.Stream, request: Request) -> bool:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        await trio.sleep(3600)  # the runner must not wait for the endpoint to close
+        return False
+
+    endpoint = await Endpoint(close_after).start(nursery)
+    runner = await start_runner(nursery)
+    with trio.fail_after(5):
+        assert await runner.run(job(), rule_for(endpoint.url)) == "HTTP 200"
+        endpoint.respond = answer()
+        assert await runner.run(job(), rule_for(endpoint.url)) == "HTTP 200"
+    assert endpoint.connections == 2
+
+
+async def test_a_half_sent_head_fails_at_the_deadline_and_the_connection_is_dropped(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def half_head(stream: trio.abc.Stream, request: Request) -> bool:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-")
+        await trio.sleep_forever()
+        return False
+
+    endpoint = await Endpoint(half_head).start(nursery)
+    runner = await start_runner(nursery, timeout_s=2)
+    assert await failure_of(runner, endpoint.url) == f"no answer from {endpoint.url} within 2s"
+    endpoint.respond = answer()
+    assert await runner.run(job(), rule_for(endpoint.url)) == "HTTP 200"
+    assert endpoint.connections == 2
+
+
+async def test_an_idle_connection_is_closed_after_its_keep_alive_time(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    endpoint = await Endpoint(answer()).start(nursery)
+    runner = await start_runner(nursery)
+    assert await runner.run(job(), rule_for(endpoint.url)) == "HTTP 200"
+    await trio.sleep(KEEPALIVE_EXPIRY_S * 2)
+    assert endpoint.closed == 1  # the runner closed it: no socket held for nothing
+    assert await runner.run(job(), rule_for(endpoint.url)) == "HTTP 200"
+    assert endpoint.connections == 2
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and its key (the openssl CLI)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl makes the test certificate")
+    cert, key = directory / "localhost.crt", directory / "localhost.key"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+        + ["-nodes", "-days", "1", "-subj", "/CN=localhost", "-addext"]
+        + ["subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+async def test_https_is_verified_against_the_trust_store(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = make_certificate(tmp_path)
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_side.load_cert_chain(cert, key)
+    endpoint = await Endpoint(answer(204), tls=server_side).start(nursery)
+    url = endpoint.url.replace("http://127.0.0.1", "https://localhost")
+    untrusting = await start_runner(nursery)
+    reason = await failure_of(untrusting, url)
+    assert reason.startswith(f"POST {url} failed: ") and "certificate verify failed" in reason
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # OpenSSL's own variable, read per context
+    runner = await start_runner(nursery)
+    for _ in range(2):
+        assert await runner.run(job(), rule_for(url)) == "HTTP 204"
+    assert endpoint.requests[-1].headers[b"host"] == f"localhost:{url.split(':')[2][:-5]}".encode()
+    assert endpoint.connections == 2  # the refused handshake, then one kept alive

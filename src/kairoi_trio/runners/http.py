@@ -21,8 +21,9 @@ receiver deduplicates on (id, scheduled_at), which the headers also carry.
 The run succeeds when the answer is 2xx and complete, body included, within
 `timeout_s` (one deadline for connecting, sending, the headers and the whole
 body) and with a body of at most `max_response_bytes`. The body is counted,
-not kept: only its first bytes are, for the outcome of a failed run. Built on
-httpx, which runs on Trio through anyio and keeps connections alive per host.
+not kept: only its first bytes are, for the outcome of a failed run. The
+exchange is h11 over Trio streams with connections kept alive per origin
+(runners/http_client.py).
 """
 
 from __future__ import annotations
@@ -32,13 +33,20 @@ import json
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit, urlunsplit
 
-import httpx
+import h11
 import idna
 import trio
 
 from kairoi_trio import __version__
 from kairoi_trio.model import HttpRunner, Job, Rule, RunnerSpec, format_time
 from kairoi_trio.runners.base import RunFailed, Runner
+from kairoi_trio.runners.http_client import (
+    KEEPALIVE_EXPIRY_S,
+    Connection,
+    ConnectionPool,
+    Target,
+    parse_target,
+)
 
 DEFAULT_MAX_RESPONSE_BYTES = 1 << 20
 # Longer ids go in the JSON body only: common servers refuse header lines of
@@ -46,6 +54,7 @@ DEFAULT_MAX_RESPONSE_BYTES = 1 << 20
 # lines of 64 KiB.
 MAX_ID_HEADER_BYTES = 4096
 _EXCERPT_BYTES = 200  # of a failed answer's body, for its outcome
+_MAX_TARGETS = 4096  # parsed URLs kept (one per rule in use)
 # Visible ASCII stays as it is, except the escape character itself and "+",
 # which form decoders read as a space.
 _ID_HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in "%+")
@@ -141,32 +150,30 @@ class HttpRunnerBackend(Runner):
     ) -> None:
         self._timeout = timeout_s
         self._max_response_bytes = max_response_bytes
-        self._limits = httpx.Limits(max_connections=max_connections)
-        self._client: httpx.AsyncClient | None = None
+        self._max_connections = max_connections
+        self._pool: ConnectionPool | None = None
+        self._targets: dict[str, Target] = {}  # by URL: parsed once, not per run
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        # No httpx timeouts: they bound each read and write, where one deadline
-        # must bound the whole exchange (see run).
-        async with httpx.AsyncClient(
-            timeout=None,
-            limits=self._limits,
-            headers={"User-Agent": f"kairoi-trio/{__version__}"},
-        ) as client:
-            self._client = client
-            task_status.started()
-            try:
-                await trio.sleep_forever()
-            finally:
-                self._client = None
+        pool = self._pool = ConnectionPool(self._max_connections)
+        task_status.started()
+        try:
+            while True:  # idle connections do not outlive their keep-alive time
+                await trio.sleep(KEEPALIVE_EXPIRY_S / 2)
+                pool.close_expired()
+        finally:
+            self._pool = None
+            pool.close()
 
     def check_rule(self, spec: RunnerSpec) -> None:
-        """Refuse a URL no request could ever be sent to (its host cannot be resolved
-        as a name: a label over 63 bytes, a bad IDNA label such as `xn--a`)."""
+        """Refuse a URL no request could ever be sent to (not http(s), no host, its
+        host not resolvable as a name: a label over 63 bytes, a bad IDNA label such
+        as `xn--a`)."""
         if not isinstance(spec, HttpRunner):
             return
         try:
-            httpx.URL(spec.url)
-        except httpx.InvalidURL as error:
+            parse_target(spec.url)
+        except ValueError as error:
             raise ValueError(f"http url {redacted(spec.url)!r} is not valid: {error}") from None
         reason = host_problem(urlsplit(spec.url).hostname or "")
         if reason:
@@ -177,22 +184,23 @@ class HttpRunnerBackend(Runner):
         assert isinstance(rule.runner, HttpRunner)
         url = rule.runner.url
         shown = redacted(url)
+        target = self._target(url, shown)
         execute_at = format_time(job.execute_at)
         scheduled_at = _scheduled_text(job, execute_at)
-        headers = {
-            "Content-Type": "application/json",
-            # Counted bytes are wire bytes, and no decompression bomb can go off.
-            "Accept-Encoding": "identity",
-            "X-Kairoi-Attempt": str(job.attempts),
-            "X-Kairoi-Scheduled-At": scheduled_at,
-        }
+        content = request_body(job, execute_at, scheduled_at)
+        headers = [
+            *target.headers,
+            *self._fixed_headers,
+            (b"Content-Length", b"%d" % len(content)),
+            (b"X-Kairoi-Attempt", b"%d" % job.attempts),
+            (b"X-Kairoi-Scheduled-At", scheduled_at.encode()),
+        ]
         encoded_id = header_job_id(job.id)
         if encoded_id is not None:
-            headers["X-Kairoi-Job-Id"] = encoded_id
+            headers.append((b"X-Kairoi-Job-Id", encoded_id.encode()))
         answer = _Answer()
         with trio.move_on_after(self._timeout):
-            content = request_body(job, execute_at, scheduled_at)
-            return await self._post(url, shown, content, headers, answer)
+            return await self._post(target, shown, content, headers, answer)
         if answer.status is None:
             raise RunFailed(f"no answer from {shown} within {self._timeout:g}s")
         if not answer.ok:
@@ -202,35 +210,76 @@ class HttpRunnerBackend(Runner):
             f"(HTTP {answer.status}, body unfinished after {answer.received} bytes)"
         )
 
+    _fixed_headers = (
+        (b"User-Agent", f"kairoi-trio/{__version__}".encode()),
+        (b"Accept", b"*/*"),
+        # Counted bytes are wire bytes, and no decompression bomb can go off.
+        (b"Accept-Encoding", b"identity"),
+        (b"Content-Type", b"application/json"),
+    )
+
+    def _target(self, url: str, shown: str) -> Target:
+        """The parsed URL (kept for the next runs), or RunFailed for a stored rule's
+        URL no request can go to."""
+        target = self._targets.get(url)
+        if target is None:
+            try:
+                target = parse_target(url)
+            except ValueError as error:
+                raise RunFailed(f"POST {shown} failed: {error}") from None
+            if len(self._targets) >= _MAX_TARGETS:
+                self._targets.clear()
+            self._targets[url] = target
+        return target
+
     async def _post(
-        self, url: str, shown: str, content: bytes, headers: dict[str, str], answer: _Answer
+        self,
+        target: Target,
+        shown: str,
+        content: bytes,
+        headers: list[tuple[bytes, bytes]],
+        answer: _Answer,
     ) -> str:
         """The exchange itself; `shown` is the URL as outcomes may show it."""
-        if self._client is None:
+        pool = self._pool
+        if pool is None:
             raise RunFailed("the http runner is not running")
-        limit = self._max_response_bytes
         try:
-            async with self._client.stream("POST", url, content=content, headers=headers) as reply:
-                answer.status = reply.status_code
-                declared = reply.headers.get("Content-Length", "")
-                if declared.isdigit() and int(declared) > limit:
-                    raise _TooLarge
-                async for chunk in reply.aiter_raw():
-                    answer.received += len(chunk)
-                    if answer.received > limit:
-                        raise _TooLarge  # leaving the block drops the connection
-                    room = _EXCERPT_BYTES - len(answer.excerpt)
-                    if room > 0:
-                        answer.excerpt += chunk[:room]
+            for fresh in (False, True):
+                conn = await pool.acquire(target, fresh=fresh)
+                ended = False
+                try:
+                    await self._exchange(conn, target, content, headers, answer)
+                    ended = True
+                except (OSError, trio.BrokenResourceError, h11.RemoteProtocolError):
+                    if fresh or not conn.stale_suspect:
+                        raise
+                    # A kept-alive connection the server had closed: once more on a new
+                    # one (at least once: a server that read the request and hung up
+                    # without answering gets it again).
+                finally:
+                    # Kept only when read to its end: a failure, a timeout or a
+                    # cancellation (the pool's rule timeout) mid-exchange closes it.
+                    if ended:
+                        pool.release(conn)
+                    else:
+                        pool.discard(conn)
+                if ended:
+                    break
         except _TooLarge:
             if not answer.ok:
                 raise RunFailed(answer.failed_status(shown)) from None
             raise RunFailed(
                 f"answer from {shown} too large: HTTP {answer.status} "
-                f"with a body over {limit} bytes"
+                f"with a body over {self._max_response_bytes} bytes"
             ) from None
-        except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as error:
-            raise RunFailed(f"POST {shown} failed: {error or type(error).__name__}") from None
+        except (
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,  # the pool, closed as the server stops
+            h11.ProtocolError,
+        ) as error:
+            raise RunFailed(f"POST {shown} failed: {_reason(error)}") from None
         except UnicodeError as error:  # the resolver's IDNA encoding of the host (a stored rule)
             raise RunFailed(
                 f"POST {shown} failed: the host name cannot be encoded: {error}"
@@ -239,13 +288,50 @@ class HttpRunnerBackend(Runner):
             raise RunFailed(answer.failed_status(shown))
         return f"HTTP {answer.status}"
 
+    async def _exchange(
+        self,
+        conn: Connection,
+        target: Target,
+        content: bytes,
+        headers: list[tuple[bytes, bytes]],
+        answer: _Answer,
+    ) -> None:
+        """Send the request on `conn` and read the answer to its end into `answer`.
+
+        Raises _TooLarge past max_response_bytes, and what Connection raises."""
+        limit = self._max_response_bytes
+        await conn.send_request(target.path, headers, content)
+        while True:
+            event = await conn.next_event()
+            if isinstance(event, h11.Data):
+                chunk = event.data
+                answer.received += len(chunk)
+                if answer.received > limit:
+                    raise _TooLarge
+                room = _EXCERPT_BYTES - len(answer.excerpt)
+                if room > 0:
+                    answer.excerpt += chunk[:room]
+            elif isinstance(event, h11.Response):
+                answer.status = event.status_code
+                for name, value in event.headers:
+                    if name == b"content-length" and int(value) > limit:
+                        raise _TooLarge
+            else:  # the end of the answer
+                return
+
+
+def _reason(error: BaseException) -> str:
+    """One line for a failed exchange (trio.BrokenResourceError wraps the OSError)."""
+    text = str(error) or str(error.__cause__ or "") or type(error).__name__
+    return " ".join(text.split())
+
 
 def host_problem(host: str) -> str:
     """Why the resolver would refuse `host` ("" when it would not).
 
-    ASCII names go to getaddrinfo as they are (anyio's idna2008_resolve), where
-    a label must be 1-63 bytes and an `xn--` label valid Punycode; other names
-    are IDNA 2008-encoded first (RFC 5891, the `idna` package httpx uses).
+    ASCII names go to getaddrinfo as they are (trio.open_tcp_stream), where a
+    label must be 1-63 bytes and an `xn--` label valid Punycode; other names are
+    IDNA 2008-encoded first (RFC 5891, the `idna` package httpx.URL uses).
     """
     if not host or ":" in host:  # an IPv6 literal
         return ""
