@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import support.postgres as pg
+from support import summary
 from support.kcp_client import KcpClient
 from support.server import ServerProcess
 
@@ -99,6 +100,7 @@ class SharedServers:
             workdir = self.base / f"{backend}-{len(self.databases)}-{len(self.servers)}"
             server = ServerProcess(workdir, postgres_dsn=dsn)
             self.servers[backend] = server
+            summary.count("servers", "{} of them shared (shared_server)")
             server.start()
         return server
 
