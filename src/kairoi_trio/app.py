@@ -37,7 +37,16 @@ from kairoi_trio.core.auth import TokenTable
 from kairoi_trio.core.state import State, recover_replayed
 from kairoi_trio.core.validation import RuleValidator
 from kairoi_trio.dispatch import Dispatcher, DueTimer
-from kairoi_trio.model import MAX_TIME_US, MICROS, MIN_TIME_US, Status, now_us
+from kairoi_trio.model import (
+    MAX_TIME_US,
+    MICROS,
+    MIN_TIME_US,
+    Job,
+    Rule,
+    RunnerSpec,
+    Status,
+    now_us,
+)
 from kairoi_trio.observability.metrics import (
     MetricsObserver,
     Readiness,
@@ -49,9 +58,7 @@ from kairoi_trio.protocols.http.api import Api
 from kairoi_trio.protocols.http.app import HttpServer, build_app
 from kairoi_trio.protocols.http.dashboard import Dashboard
 from kairoi_trio.protocols.kcp.server import KcpServer
-from kairoi_trio.runners.amqp import AmqpRunnerBackend
 from kairoi_trio.runners.base import Runner
-from kairoi_trio.runners.http import HttpRunnerBackend
 from kairoi_trio.runners.pool import RunnerPool, RunnerPools
 from kairoi_trio.runners.shell import ShellRunnerBackend
 from kairoi_trio.storage import faults
@@ -137,6 +144,65 @@ class HeapFreezer:
             self._mark = jobs
 
 
+class OnFirstUse(Runner):
+    """A runner kind built when a rule or a run first needs it, not at every start.
+
+    The AMQP and HTTP runners' modules (pamqp, httpx) cost ~60 ms of CPU to import
+    and httpx's client ~100-300 ms more (its TLS context loads the CA bundle): most
+    servers never use one of them. Built at the first rule checked or the first run
+    of the kind (a stored rule's), in the Trio thread; its `serve` starts then.
+    """
+
+    def __init__(self, kind: str, build: Callable[[], Runner]) -> None:
+        self.kind = kind
+        self._build = build
+        self._runner: Runner | None = None
+        self._needed = trio.Event()
+        self._serving = trio.Event()
+
+    def built(self) -> Runner:
+        if self._runner is None:
+            self._runner = self._build()
+            self._needed.set()
+        return self._runner
+
+    def check_rule(self, spec: RunnerSpec) -> None:
+        self.built().check_rule(spec)
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await self._needed.wait()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.built().serve)
+            self._serving.set()
+
+    async def run(self, job: Job, rule: Rule) -> str:
+        runner = self.built()
+        await self._serving.wait()
+        return await runner.run(job, rule)
+
+    async def aclose(self) -> None:
+        if self._runner is not None and self._serving.is_set():
+            await self._runner.aclose()
+
+
+def _amqp_runner(amqp: AmqpRunnerConfig) -> Runner:
+    from kairoi_trio.runners.amqp import AmqpRunnerBackend  # at first use (OnFirstUse)
+
+    return AmqpRunnerBackend(
+        max_connections=amqp.max_connections,
+        heartbeat_s=amqp.heartbeat_s,
+        connect_timeout_s=amqp.connect_timeout_s,
+        confirm_timeout_s=amqp.confirm_timeout_s,
+    )
+
+
+def _http_runner(http: HttpRunnerConfig) -> Runner:
+    from kairoi_trio.runners.http import HttpRunnerBackend  # at first use (OnFirstUse)
+
+    return HttpRunnerBackend(timeout_s=http.timeout_s, max_connections=http.concurrency)
+
+
 def build_pools(config: Config, actor: ActorClient) -> RunnerPools:
     runners = config.runners
 
@@ -162,21 +228,8 @@ def build_pools(config: Config, actor: ActorClient) -> RunnerPools:
                 ),
                 runners.shell,
             ),
-            "amqp": pool(
-                AmqpRunnerBackend(
-                    max_connections=amqp.max_connections,
-                    heartbeat_s=amqp.heartbeat_s,
-                    connect_timeout_s=amqp.connect_timeout_s,
-                    confirm_timeout_s=amqp.confirm_timeout_s,
-                ),
-                amqp,
-            ),
-            "http": pool(
-                HttpRunnerBackend(
-                    timeout_s=runners.http.timeout_s, max_connections=runners.http.concurrency
-                ),
-                runners.http,
-            ),
+            "amqp": pool(OnFirstUse("amqp", partial(_amqp_runner, amqp)), amqp),
+            "http": pool(OnFirstUse("http", partial(_http_runner, runners.http)), runners.http),
         }
     )
 

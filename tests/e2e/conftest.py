@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import support.postgres as pg
+from support import summary
 from support.kcp_client import KcpClient
 from support.server import ServerProcess
 
@@ -21,6 +22,19 @@ def pytest_configure(config: pytest.Config) -> None:
         "backends(*names): run the module's or test's servers on each of these stores"
         " (log, postgres); without it, on the embedded log only",
     )
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests on a module's shared server for one store form an xdist group:
+    one worker runs them, so the server starts once per module and store, not once
+    in each worker that happens to run one of them (docs/testing.md)."""
+    for item in items:
+        if "shared_server" not in getattr(item, "fixturenames", ()):
+            continue
+        callspec = getattr(item, "callspec", None)
+        backend = callspec.params.get("backend", "log") if callspec else "log"
+        item.add_marker(pytest.mark.xdist_group(f"shared-{item.module.__name__}-{backend}"))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -81,8 +95,8 @@ def kcp(server: ServerProcess) -> Iterator[KcpClient]:
 
 class SharedServers:
     """The servers the tests of one module share: one per store, started when
-    the first test asks for it and killed when the module is done (in each
-    xdist worker that runs some of the module's tests)."""
+    the first test asks for it and killed when the module is done (in parallel,
+    one worker runs a module's tests on one store: their xdist group, above)."""
 
     def __init__(self, base: Path) -> None:
         self.base = base
@@ -99,6 +113,7 @@ class SharedServers:
             workdir = self.base / f"{backend}-{len(self.databases)}-{len(self.servers)}"
             server = ServerProcess(workdir, postgres_dsn=dsn)
             self.servers[backend] = server
+            summary.count("servers", "{} of them shared (shared_server)")
             server.start()
         return server
 

@@ -66,3 +66,16 @@ def test_non_2xx_and_unreachable_fail_the_job(server, receiver):
     runs = {e["job"]: e["outcome"] for e in server.events("job run")}
     assert runs["web.1"] == f"HTTP 503 from {url}"
     assert runs["dead.1"].startswith("POST http://127.0.0.1:9/ failed")
+
+
+def test_a_stored_http_rule_runs_after_a_restart(server, receiver):
+    # The HTTP runner is built at its first use (app.OnFirstUse): after a restart
+    # that is the run of a stored rule, which no RULE SET checked in this process.
+    url, received, _ = receiver
+    with KcpClient(server.kcp_port) as kcp:
+        assert kcp.request("RULE", "SET", "h", "web.", "http", f"{url}/hook") == ["OK"]
+    server.restart()
+    with KcpClient(server.kcp_port) as kcp:
+        assert kcp.request("SET", "web.1", "2020-01-01 00:00:00") == ["OK"]
+        wait_for(lambda: kcp.request("GET", "web.1")[1] == "executed")
+    assert [(path, body["id"]) for path, _, body in received] == [("/hook", "web.1")]

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from support import summary
+
 READY_TIMEOUT_S = 30.0
 
 
@@ -66,6 +68,8 @@ class ServerProcess:
         )
 
     def start(self) -> ServerProcess:
+        # Server starts are most of the suite's CPU: the run's report counts them.
+        summary.count("servers", "{} server processes started")
         self.config_path.write_text(self.config_text())
         self.lines = []
         self._ready = threading.Event()

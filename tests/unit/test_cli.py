@@ -6,6 +6,7 @@ its time importing), and the tests check their results.
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -92,6 +93,8 @@ def test_version(runs: dict[str, Run]) -> None:
     result = runs["version"]
     assert result.returncode == 0
     assert result.stdout.strip() == f"kairoi-trio {__version__}"
+    # the package's metadata (pip show, the wheel) reads the same constant
+    assert importlib.metadata.version("kairoi-trio") == __version__
 
 
 def test_help(runs: dict[str, Run]) -> None:
