@@ -148,8 +148,6 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def run_server(config: Config) -> int:
-    import trio  # here: the client's commands do not need it
-
     from kairoi_trio.observability.logging import configure_logging
 
     close_log = configure_logging(config.log.level, config.log.format, batched=True)
@@ -165,6 +163,8 @@ def run_server(config: Config) -> int:
 
 def _serve(config: Config) -> BaseException | None:
     """Serve until a signal; the storage or socket error that stopped a start."""
+    import trio  # here: the client's commands do not need it
+
     from kairoi_trio.open_files import check_open_files
 
     # A file-size limit (ulimit -f) must fail a write with EFBIG, like a full
