@@ -31,7 +31,7 @@ from pathlib import Path
 
 from benchmarks import lateness
 from benchmarks.profile import Profiler, top
-from benchmarks.server import Server
+from benchmarks.server import Server, cpu_model
 
 LOADGEN_TIMEOUT_S = 300
 
@@ -41,12 +41,7 @@ def log(message: str) -> None:
 
 
 def machine() -> dict:
-    cpu = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     mem = subprocess.run(["free", "-h"], capture_output=True, text=True).stdout
     return {
         "nproc": os.cpu_count(),

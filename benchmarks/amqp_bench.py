@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import amqp_broker as broker  # noqa: E402
 
-from benchmarks.server import events_named  # noqa: E402
+from benchmarks.server import cpu_model, events_named  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CHUNK = 2000
@@ -81,12 +81,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def machine(rabbit: str) -> dict:
-    cpu = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     with open("/proc/meminfo") as f:
         mem_kib = int(f.readline().split()[1])
     return {

@@ -53,6 +53,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.server import cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SET_JOB = "/kairoi.v1.Scheduler/SetJob"
@@ -84,12 +86,7 @@ def load_average() -> tuple[float, float, float]:
 
 
 def machine() -> dict[str, Any]:
-    model = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+    model = cpu_model() or "unknown"
     mem_kib = 0
     with open("/proc/meminfo") as f:
         for line in f:

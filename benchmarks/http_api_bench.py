@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.server import Server, cpu_seconds, load_average, parse
+from benchmarks.server import Server, cpu_model, cpu_seconds, load_average, parse
 
 
 def _ids(count: int) -> list[str]:
@@ -171,12 +171,7 @@ def git_commit() -> str:
 
 
 def machine() -> dict[str, Any]:
-    model = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+    model = cpu_model() or "unknown"
     return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version()}
 
 

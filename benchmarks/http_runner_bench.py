@@ -54,7 +54,7 @@ from pathlib import Path
 from benchmarks.__main__ import log, machine
 from benchmarks.profile import Profiler, top
 from benchmarks.recurring_bench import kcp_time, pipeline
-from benchmarks.server import Server, cpu_seconds, parse
+from benchmarks.server import Server, cpu_seconds, parse, split_requests
 
 MICROS = 1_000_000
 _NO_CONTENT = b"HTTP/1.1 204 No Content\r\n\r\n"
@@ -83,23 +83,9 @@ def endpoint_main(out: Path) -> int:
                     return
                 now = clock()
                 buf = buf + data if buf else data
-                answers = []
-                while True:
-                    end = buf.find(b"\r\n\r\n")
-                    if end < 0:
-                        break
-                    head = buf[:end]
-                    at = head.lower().find(b"\r\ncontent-length:")
-                    length = 0
-                    if at >= 0:
-                        stop = head.find(b"\r\n", at + 2)
-                        length = int(head[at + 17 : stop if stop >= 0 else len(head)])
-                    if len(buf) < end + 4 + length:
-                        break
-                    body = buf[end + 4 : end + 4 + length]
-                    buf = buf[end + 4 + length :]
-                    received.append((now, body))
-                    answers.append(_NO_CONTENT)
+                requests, buf = split_requests(buf)
+                received.extend((now, body) for _, body in requests)
+                answers = [_NO_CONTENT] * len(requests)
                 if answers:
                     await stream.send_all(b"".join(answers))
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -51,7 +51,7 @@ from benchmarks.__main__ import empty_start, log, machine, restarts
 from benchmarks.lateness import summary
 from benchmarks.loadgen import CHUNK_REQUESTS, Conn
 from benchmarks.profile import Profiler, top
-from benchmarks.server import Server, cpu_seconds, load_average, machine_cpu
+from benchmarks.server import Server, cpu_seconds, load_average, machine_cpu, split_requests
 
 MICROS = 1_000_000
 MINUTE_US = 60 * MICROS
@@ -76,21 +76,8 @@ def endpoint_main(out: Path) -> int:
 
         def data_received(self, data: bytes) -> None:
             now = clock()
-            buf = self.buf + data if self.buf else data
-            while True:
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    break
-                head = buf[:end]
-                at = head.lower().find(b"\r\ncontent-length:")
-                length = 0
-                if at >= 0:
-                    stop = head.find(b"\r\n", at + 2)
-                    length = int(head[at + 17 : stop if stop >= 0 else len(head)])
-                if len(buf) < end + 4 + length:
-                    break
-                body = buf[end + 4 : end + 4 + length]
-                buf = buf[end + 4 + length :]
+            requests, buf = split_requests(self.buf + data if self.buf else data)
+            for head, body in requests:
                 if head.startswith(b"GET /count"):
                     text = str(len(received)).encode()
                     self.transport.write(  # type: ignore[attr-defined]

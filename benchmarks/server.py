@@ -29,6 +29,38 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("" when it says none)."""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return ""
+
+
+def split_requests(buf: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The complete HTTP/1.1 requests at the start of `buf`, as (head, body)
+    (the body is Content-Length bytes, 0 without the header), and what is left:
+    the benchmarks' endpoints' parser, the least work that serves keep-alive
+    POSTs. No chunked bodies."""
+    requests = []
+    while True:
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            break
+        head = buf[:end]
+        at = head.lower().find(b"\r\ncontent-length:")
+        length = 0
+        if at >= 0:
+            stop = head.find(b"\r\n", at + 2)
+            length = int(head[at + 17 : stop if stop >= 0 else len(head)])
+        if len(buf) < end + 4 + length:
+            break
+        requests.append((head, buf[end + 4 : end + 4 + length]))
+        buf = buf[end + 4 + length :]
+    return requests, buf
+
+
 def machine_cpu() -> tuple[float, float]:
     """(busy, total) CPU-seconds of the whole machine since boot, from /proc/stat."""
     with open("/proc/stat") as f:

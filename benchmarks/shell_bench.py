@@ -47,7 +47,7 @@ from pathlib import Path
 
 from benchmarks.amqp_bench import Kcp, kcp_time
 from benchmarks.profile import Profiler, top
-from benchmarks.server import Server, load_average
+from benchmarks.server import Server, cpu_model, load_average
 
 STAMP_C = r"""
 #include <fcntl.h>
@@ -344,12 +344,7 @@ def summary(lateness: list[float]) -> dict:
 
 
 def machine() -> dict:
-    cpu = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     return {
         "nproc": os.cpu_count(),
         "cpu": cpu,

@@ -111,7 +111,9 @@ def wait_final(kcp: KcpClient, ids: Sequence[str], timeout: float) -> dict[str, 
 
 
 def runs(server: ServerProcess) -> dict[str, list[dict]]:
-    """The "job run" log events, by job id, in order."""
+    """The "job run" log events, by job id, in order (once the log is quiet: a
+    run's line may come a few ms after its outcome is visible)."""
+    server.wait_quiet()
     out: dict[str, list[dict]] = {}
     for event in server.events("job run"):
         out.setdefault(event["job"], []).append(event)
@@ -399,6 +401,7 @@ def test_broker_stopped_mid_burst_fails_or_retries_every_job_then_recovers(
         ports_after = set(broker.broker_connections_of(burst.server.process.pid))
         assert ports_after and not ports_after & ports_before[burst]
         executed = {j for j, s in statuses(burst.kcp, burst.ids).items() if s == "executed"}
+        burst.server.wait_quiet()
         published = len(burst.server.events("job run"))
         arrived = Counter(
             m.body.decode() for m in consume(burst.route, len(executed) + 201, timeout=10)

@@ -63,7 +63,8 @@ def test_non_2xx_and_unreachable_fail_the_job(server, receiver):
         assert kcp.request("SET", "dead.1", "2020-01-01 00:00:00") == ["OK"]
         wait_for(lambda: kcp.request("GET", "web.1")[1] == "failed")
         wait_for(lambda: kcp.request("GET", "dead.1")[1] == "failed")
-    runs = {e["job"]: e["outcome"] for e in server.events("job run")}
+    ran = server.wait_events("job run", lambda e: e["job"] in ("web.1", "dead.1"), count=2)
+    runs = {e["job"]: e["outcome"] for e in ran}
     assert runs["web.1"] == f"HTTP 503 from {url}"
     assert runs["dead.1"].startswith("POST http://127.0.0.1:9/ failed")
 

@@ -310,7 +310,8 @@ def test_configured_default_policy_retries_kcp_rules(make_server, tmp_path):
         assert kcp.request("SET", "app.retry", PAST) == ["OK"]
         wait_for(lambda: status_of(kcp, "app.retry") == "executed")
     assert runs.read_text().splitlines() == ["app.retry"] * 3
-    outcomes = [e["outcome"] for e in server.events("job run") if e["job"] == "app.retry"]
+    runs = server.wait_events("job run", lambda e: e["job"] == "app.retry", count=3)
+    outcomes = [e["outcome"] for e in runs]
     assert outcomes == ["exit status 1", "exit status 1", "exit status 0"]
 
 
@@ -322,7 +323,8 @@ def test_rule_timeout_kills_the_run_and_fails_the_job(make_server, tmp_path):
         assert kcp.request("RULE", "SET", "r", "app.", "shell", run) == ["OK"]
         assert kcp.request("SET", "app.hang", PAST) == ["OK"]
         wait_for(lambda: status_of(kcp, "app.hang") == "failed")
-    outcome = [e["outcome"] for e in server.events("job run") if e["job"] == "app.hang"]
+    runs = server.wait_events("job run", lambda e: e["job"] == "app.hang")
+    outcome = [e["outcome"] for e in runs]
     assert outcome == ["timed out after 0.5s"]
     pid = int(pid_file.read_text())
     wait_for(

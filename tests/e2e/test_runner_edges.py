@@ -227,7 +227,7 @@ def test_http_times_have_four_digit_years(server: ServerProcess, endpoint):
 
 def final_outcome(server: ServerProcess, kcp: KcpClient, job_id: str) -> tuple[str, str]:
     status = wait_for(lambda: (s := kcp.request("GET", job_id)[1]) in FINAL and s, timeout=30)
-    [run] = [e for e in server.events("job run") if e["job"] == job_id]
+    [run] = server.wait_events("job run", lambda e: e["job"] == job_id)
     return status, run["outcome"]
 
 

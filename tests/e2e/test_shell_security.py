@@ -109,7 +109,7 @@ def test_a_rule_no_longer_allowed_fails_after_a_restart_with_the_list(
             "([runners.shell] allowed_commands)",
         ]
     assert wait_for(lambda: finished(server, "app.1"))[1] == "failed"
-    [run] = [e for e in server.events("job run") if e["job"] == "app.1"]
+    [run] = server.wait_events("job run", lambda e: e["job"] == "app.1")
     assert run["outcome"] == refused[1]
     assert not ran.exists()
 

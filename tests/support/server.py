@@ -118,6 +118,37 @@ class ServerProcess:
         parsed = [self._parse(line) for line in list(self.lines)]
         return [e for e in parsed if e and (name is None or e.get("event") == name)]
 
+    def wait_events(
+        self,
+        name: str,
+        where: Callable[[dict], bool] = lambda event: True,
+        count: int = 1,
+        timeout: float = 15.0,
+    ) -> list[dict]:
+        """The `name` events that `where` accepts, once there are at least `count`.
+
+        The server writes its log from a thread, in batches (docs/operations.md):
+        a "job run" line, logged before the run's outcome is recorded, may come a
+        few milliseconds after a client sees that outcome."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.events(name) if where(e)]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.01)
+
+    def wait_quiet(self, quiet_s: float = 0.1, timeout: float = 5.0) -> None:
+        """Return once no log line has come for `quiet_s` (or after `timeout`): the
+        lines the server logged before are out (its writer waits at most 5 ms)."""
+        deadline = time.monotonic() + timeout
+        seen, since = len(self.lines), time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(quiet_s / 5)
+            if len(self.lines) != seen:
+                seen, since = len(self.lines), time.monotonic()
+            elif time.monotonic() - since >= quiet_s:
+                return
+
     def log_text(self) -> str:
         return "\n".join(self.lines)
 
