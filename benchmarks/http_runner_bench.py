@@ -53,8 +53,8 @@ from pathlib import Path
 
 from benchmarks.__main__ import log, machine
 from benchmarks.profile import Profiler, top
-from benchmarks.recurring_bench import kcp_time, pipeline
-from benchmarks.server import Server, cpu_seconds, parse, split_requests
+from benchmarks.recurring_bench import Endpoint, kcp_time, pipeline
+from benchmarks.server import Server, parse, split_requests
 
 MICROS = 1_000_000
 _NO_CONTENT = b"HTTP/1.1 204 No Content\r\n\r\n"
@@ -110,49 +110,6 @@ def endpoint_main(out: Path) -> int:
             f.write(b"%d %s\n" % (ns, body))
     print(f"connections {connections}", flush=True)
     return 0
-
-
-class Endpoint:
-    def __init__(self, workdir: Path) -> None:
-        self.out = workdir / f"received-{time.monotonic_ns()}.txt"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.http_runner_bench", "_endpoint", str(self.out)],
-            stdout=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-        )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline().decode()
-        if not line.startswith("port "):
-            self.process.kill()
-            raise RuntimeError(f"endpoint did not start: {line!r}")
-        self.port = int(line.split()[1])
-        self.url = f"http://127.0.0.1:{self.port}/hook"
-        self.connections = 0
-
-    def cpu_seconds(self) -> float:
-        return cpu_seconds(self.process.pid)
-
-    def stop(self) -> list[tuple[int, bytes]]:
-        """(receipt µs, body) of every POST received; sets `connections` (accepted)."""
-        self.process.send_signal(signal.SIGTERM)
-        assert self.process.stdout is not None
-        tail = self.process.stdout.read().decode()
-        self.process.wait(60)
-        for line in tail.splitlines():
-            if line.startswith("connections "):
-                self.connections = int(line.split()[1])
-        out = []
-        with open(self.out, "rb") as f:
-            for line in f:
-                ns, _, body = line.rstrip(b"\n").partition(b" ")
-                out.append((int(ns) // 1000, body))
-        self.out.unlink()
-        return out
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
 
 
 # -- the bare clients (their own process) ---------------------------------------------------
@@ -322,7 +279,7 @@ def jobs_by_status(port: int) -> dict[str, int]:
 
 def server_run(args: argparse.Namespace, work: Path, rep: int) -> dict:
     n = args.jobs
-    endpoint = Endpoint(work)
+    endpoint = Endpoint(work, "benchmarks.http_runner_bench")
     extra = f"[runners.http]\nconcurrency = {args.concurrency}\n" + args.config.replace("\\n", "\n")
     server = Server(
         work / f"server-{rep}", work / f"server-{rep}" / "data", fsync=True, extra=extra
@@ -366,7 +323,7 @@ def server_run(args: argparse.Namespace, work: Path, rep: int) -> dict:
             profiler.stop()
         server.stop()
         server.kill()
-        received = endpoint.stop()
+        received = endpoint.stop_raw()
         endpoint.kill()
     ends = [_stamp_us(e["timestamp"]) for e in events]
     starts = [end - int(e["seconds"] * MICROS) for e, end in zip(events, ends, strict=True)]
@@ -399,7 +356,7 @@ def server_run(args: argparse.Namespace, work: Path, rep: int) -> dict:
 
 
 def floor_run(args: argparse.Namespace, work: Path, kind: str, n: int) -> dict:
-    endpoint = Endpoint(work)
+    endpoint = Endpoint(work, "benchmarks.http_runner_bench")
     try:
         endpoint_cpu0 = endpoint.cpu_seconds()
         done = subprocess.run(
@@ -423,7 +380,7 @@ def floor_run(args: argparse.Namespace, work: Path, kind: str, n: int) -> dict:
         result = json.loads(done.stdout.strip().splitlines()[-1])
         endpoint_cpu = endpoint.cpu_seconds() - endpoint_cpu0
     finally:
-        received = endpoint.stop()
+        received = endpoint.stop_raw()
         endpoint.kill()
     return {
         "requests": n,

@@ -107,10 +107,15 @@ def endpoint_main(out: Path) -> int:
 
 
 class Endpoint:
-    def __init__(self, workdir: Path) -> None:
-        self.out = workdir / "received.txt"
+    """A local HTTP endpoint in its own process: `python -m <module> _endpoint OUT`
+    (this module's endpoint_main, or another benchmark's with the same protocol:
+    "port N" on stdout when listening, `<receipt ns> <body>` lines in OUT after
+    SIGTERM, then optionally "connections N")."""
+
+    def __init__(self, workdir: Path, module: str = "benchmarks.recurring_bench") -> None:
+        self.out = workdir / f"received-{time.monotonic_ns()}.txt"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.recurring_bench", "_endpoint", str(self.out)],
+            [sys.executable, "-m", module, "_endpoint", str(self.out)],
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
         )
@@ -121,6 +126,7 @@ class Endpoint:
             raise RuntimeError(f"endpoint did not start: {line!r}")
         self.port = int(line.split()[1])
         self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.connections = 0  # accepted, when the endpoint tells (after stop)
 
     def count(self) -> int:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/count", timeout=10) as reply:
@@ -129,16 +135,26 @@ class Endpoint:
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.process.pid)
 
-    def stop(self) -> list[tuple[int, dict]]:
-        """(receipt µs, JSON body) of every POST received."""
+    def stop_raw(self) -> list[tuple[int, bytes]]:
+        """(receipt µs, body) of every POST received; sets `connections`."""
         self.process.send_signal(signal.SIGTERM)
+        assert self.process.stdout is not None
+        tail = self.process.stdout.read().decode()
         self.process.wait(60)
+        for line in tail.splitlines():
+            if line.startswith("connections "):
+                self.connections = int(line.split()[1])
         out = []
         with open(self.out, "rb") as f:
             for line in f:
                 ns, _, body = line.rstrip(b"\n").partition(b" ")
-                out.append((int(ns) // 1000, json.loads(body)))
+                out.append((int(ns) // 1000, body))
+        self.out.unlink()
         return out
+
+    def stop(self) -> list[tuple[int, dict]]:
+        """(receipt µs, JSON body) of every POST received."""
+        return [(at, json.loads(body)) for at, body in self.stop_raw()]
 
     def kill(self) -> None:
         if self.process.poll() is None:
