@@ -3,7 +3,6 @@ client (Python's ssl), and certificate/key pairs checked when the configuration 
 
 from __future__ import annotations
 
-import shutil
 import socket
 import ssl
 import subprocess
@@ -12,27 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support.certificates import self_signed
 from support.server import ServerProcess
 
 from kairoi_trio.protocols.kcp.codec import KcpParser, Message, encode_message
 
 TOKEN = "tls-token-81c2"
-
-
-def make_pair(directory: Path, name: str) -> tuple[Path, Path]:
-    """A self-signed certificate for localhost and its key, made with the openssl CLI."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl makes the test certificates")
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
-        + ["-nodes", "-days", "1", "-subj", "/CN=localhost", "-addext"]
-        + ["subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 def tls_config(cert: Path, key: Path, table: str = "controller") -> str:
@@ -57,7 +41,7 @@ def exchange(sock: socket.socket, requests: list[list[str]]) -> list[list[str]]:
 
 @pytest.fixture
 def pair(tmp_path: Path) -> tuple[Path, Path]:
-    return make_pair(tmp_path, "server")
+    return self_signed(tmp_path, "server")
 
 
 def test_kcp_over_tls_with_a_token(
@@ -110,8 +94,8 @@ def check_config(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
 def test_a_key_that_does_not_match_its_certificate_is_refused_in_one_line(
     tmp_path: Path, make_server: Callable[..., ServerProcess], table: str
 ) -> None:
-    cert, _ = make_pair(tmp_path, "one")
-    _, other_key = make_pair(tmp_path, "two")
+    cert, _ = self_signed(tmp_path, "one")
+    _, other_key = self_signed(tmp_path, "two")
     done = check_config(tmp_path, tls_config(cert, other_key, table))
     assert done.returncode != 0
     assert done.stderr == f"kairoi-trio: {table}.tls_key does not match {table}.tls_cert\n"
@@ -122,7 +106,7 @@ def test_a_key_that_does_not_match_its_certificate_is_refused_in_one_line(
 
 
 def test_unusable_tls_files_are_named(tmp_path: Path) -> None:
-    cert, key = make_pair(tmp_path, "good")
+    cert, key = self_signed(tmp_path, "good")
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate\n")
     cases = {

@@ -12,9 +12,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
-import shutil
 import ssl
-import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import h11
 import pytest
 import trio
 import trio.testing
+from support.certificates import self_signed
 
 from kairoi_trio.model import MAX_TIME_US, MIN_TIME_US, HttpRunner, Job, Recurrence, Rule, Schedule
 from kairoi_trio.runners.base import RunFailed
@@ -566,26 +565,10 @@ async def test_an_idle_connection_is_closed_after_its_keep_alive_time(
     assert endpoint.connections == 2
 
 
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for localhost and its key (the openssl CLI)."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl makes the test certificate")
-    cert, key = directory / "localhost.crt", directory / "localhost.key"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
-        + ["-nodes", "-days", "1", "-subj", "/CN=localhost", "-addext"]
-        + ["subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
-
-
 async def test_https_is_verified_against_the_trust_store(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cert, key = make_certificate(tmp_path)
+    cert, key = self_signed(tmp_path)
     server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_side.load_cert_chain(cert, key)
     endpoint = await Endpoint(answer(204), tls=server_side).start(nursery)
