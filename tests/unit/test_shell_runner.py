@@ -444,13 +444,7 @@ async def test_a_script_spawned_but_not_yet_listed_dies_with_the_server(
 ) -> None:
     # The server killed between the spawn and watch(): the guard finds it by its mark.
     pid = spawn_marked(guard, guard.expect())
-    try:
-        await trio.to_thread.run_sync(guard.close)
-        await poll(lambda: gone(pid))
-    finally:
-        if not gone(pid):
-            os.kill(pid, signal.SIGKILL)
-        await trio.to_thread.run_sync(os.waitpid, pid, 0)
+    await close_and_see_killed(guard, pid)
 
 
 async def test_the_guard_keeps_track_of_more_scripts_than_its_first_table_holds(
@@ -461,6 +455,11 @@ async def test_the_guard_keeps_track_of_more_scripts_than_its_first_table_holds(
     mark = guard.expect()
     pid = spawn_marked(guard, mark)
     guard.watch(pid, mark)
+    await close_and_see_killed(guard, pid)
+
+
+async def close_and_see_killed(guard: ProcessGuard, pid: int) -> None:
+    """Let the guard go and see it kill `pid` (which is reaped here, whatever happens)."""
     try:
         await trio.to_thread.run_sync(guard.close)
         await poll(lambda: gone(pid))
