@@ -147,8 +147,8 @@ class HeapFreezer:
 class OnFirstUse(Runner):
     """A runner kind built when a rule or a run first needs it, not at every start.
 
-    The AMQP and HTTP runners' modules (pamqp, httpx) cost ~60 ms of CPU to import
-    and httpx's client ~100-300 ms more (its TLS context loads the CA bundle): most
+    The AMQP and HTTP runners' modules (pamqp, h11, httpx's URL parser) cost ~60 ms
+    of CPU to import and their clients' TLS contexts load the CA bundle: most
     servers never use one of them. Built at the first rule checked or the first run
     of the kind (a stored rule's), in the Trio thread; its `serve` starts then.
     """
@@ -178,7 +178,8 @@ class OnFirstUse(Runner):
 
     async def run(self, job: Job, rule: Rule) -> str:
         runner = self.built()
-        await self._serving.wait()
+        if not self._serving.is_set():  # (a set Event's wait() is still a checkpoint: per run)
+            await self._serving.wait()
         return await runner.run(job, rule)
 
     async def aclose(self) -> None:
