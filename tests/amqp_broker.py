@@ -86,9 +86,8 @@ _started: Exception | bool = False
 def ensure_broker() -> None:
     """Start the private node once per session (under scripts/test.sh: check it runs).
 
-    Also undoes what an interrupted test may have left on that node: a
-    SIGSTOPped beam, a stopped app, the tiny memory watermark that blocks every
-    publisher. A failed start fails every later call at once.
+    A failed start fails every later call at once. (What an interrupted test may
+    have left on a node kept across runs is undone by reset_external_node.)
     """
     global _started, _directory
     if isinstance(_started, BaseException):
@@ -102,7 +101,7 @@ def ensure_broker() -> None:
                 "that is where a developer's own broker lives (see docs/testing.md)"
             )
         if EXTERNAL:
-            _reset_external_node()
+            _external_beam_pid()  # it runs (reset_external_node did the rest)
         else:
             _directory = Path(tempfile.mkdtemp(prefix="kairoi-rabbitmq."))
             atexit.register(stop_started_node)
@@ -114,16 +113,26 @@ def ensure_broker() -> None:
     _started = True
 
 
-def _reset_external_node() -> None:
-    """A node kept across runs (started by hand) may still be as an interrupted
-    test left it: frozen, its app stopped, its memory watermark tiny."""
+def _external_beam_pid() -> int:
+    """The pid of the node scripts/test.sh (or a developer) started; RuntimeError if none."""
     try:
-        os.kill(beam_pid(), signal.SIGCONT)
+        return beam_pid()
     except (OSError, ValueError) as error:
         raise RuntimeError(
             f"no test broker runs in KAIROI_TEST_RABBITMQ_DIR={directory()} ({error}); "
             f"start one with: {SCRIPT} start DIR"
         ) from error
+
+
+def reset_external_node() -> None:
+    """A node kept across runs (started by hand) may still be as an interrupted
+    test left it: frozen, its app stopped, its memory watermark tiny. Once per run,
+    before any test (tests/conftest.py, pytest_sessionstart, in the controller):
+    never from a worker, whose SIGCONT would thaw the node another worker's test
+    froze on purpose."""
+    if not EXTERNAL:
+        return
+    os.kill(_external_beam_pid(), signal.SIGCONT)
     status = subprocess.run([SCRIPT, "status", str(directory())], capture_output=True, timeout=60)
     if status.returncode:
         start_app()

@@ -50,6 +50,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.hookimpl(optionalhook=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Once per run, in the controller (or a run without xdist): the private broker
+    node, if the run was given one, as an interrupted earlier run may have left it."""
+    if getattr(session.config, "workerinput", None) is None:
+        broker.reset_external_node()
+
+
 def pytest_configure_node(node: Any) -> None:  # xdist's WorkerController, in the controller
     node.workerinput["kairoi_dist"] = node.config.option.dist
 
