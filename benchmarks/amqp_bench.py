@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import amqp_broker as broker  # noqa: E402
 
-from benchmarks.server import cpu_model, events_named  # noqa: E402
+from benchmarks.server import cpu_model, events_named, thread_cpu_seconds  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CHUNK = 2000
@@ -96,6 +96,9 @@ def machine(rabbit: str) -> dict:
 
 
 # -- the server
+
+
+RUN_EVENT = '"job run"'
 
 
 class Server:
@@ -230,6 +233,40 @@ def ensure_broker() -> str:
         admin.close()
 
 
+def floor(n: int, window: int) -> dict:
+    """The same n messages by a bare pamqp publisher (benchmarks/amqp_floor.py) in a
+    process of its own, on a route of its own: its rate and the broker's CPU per message."""
+    beam = broker.beam_pid()
+    admin = broker.Admin()
+    route = broker.make_route(admin, "floor")
+    admin.close()
+    try:
+        beam0 = cpu_seconds(beam)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.amqp_floor",
+                f"--port={broker.PORT}",
+                f"--exchange={route.exchange}",
+                f"--routing-key={route.routing_key}",
+                f"--count={n}",
+                f"--window={window}",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
+        result = dict(json.loads(done.stdout))
+        result["broker_cpu_us_per_message"] = round((cpu_seconds(beam) - beam0) / n * 1e6, 1)
+        result["client_cpu_us_per_message"] = round(result["client_cpu_s"] / n * 1e6, 1)
+        return result
+    finally:
+        broker.remove_route(route)
+
+
 def run(args: argparse.Namespace) -> dict:
     n = args.jobs
     broker.ensure_broker()  # started by main(); idempotent
@@ -263,6 +300,7 @@ def run(args: argparse.Namespace) -> dict:
         log(f"set in {set_s:.2f}s ({n / set_s:,.0f}/s); waiting for the due time")
         time.sleep(max(0.0, due - 0.2 - time.time()))
         server_cpu0, beam_cpu0 = cpu_seconds(server.pid), cpu_seconds(beam)
+        threads0 = thread_cpu_seconds(server.pid)
         if args.profile:
             profiler = subprocess.Popen(
                 [
@@ -281,9 +319,13 @@ def run(args: argparse.Namespace) -> dict:
                 stderr=subprocess.DEVNULL,
             )
         deadline = time.monotonic() + args.timeout
-        while server.count('"job run"') < n:
+        while server.count(RUN_EVENT) < n:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"only {server.count('job run')} of {n} runs in {args.timeout}s")
+                raise RuntimeError(
+                    f"only {server.count(RUN_EVENT)} of {n} runs in"
+                    f" {args.timeout}s; jobs by status {server.jobs_by_status()}; last lines:\n"
+                    + "\n".join(server.lines[-20:])
+                )
             if server.process.poll() is not None:
                 raise RuntimeError("server died:\n" + "\n".join(server.lines[-30:]))
             time.sleep(0.1)
@@ -296,6 +338,11 @@ def run(args: argparse.Namespace) -> dict:
                 break
             time.sleep(0.05)
         server_cpu = cpu_seconds(server.pid) - server_cpu0
+        threads = thread_cpu_seconds(server.pid)
+        thread_us = {
+            name: round((cpu - threads0.get(name, 0.0)) / n * 1e6, 1)
+            for name, cpu in sorted(threads.items(), key=lambda item: -item[1])
+        }
         beam_cpu = cpu_seconds(beam) - beam_cpu0
         statuses: Counter[str] = Counter()
         for start in range(0, n, CHUNK):  # then each job's own status
@@ -347,6 +394,7 @@ def run(args: argparse.Namespace) -> dict:
             "run_p99_ms": round(pct(durations, 0.99) * 1000, 2),
             "server_cpu_s": round(server_cpu, 2),
             "server_cpu_us_per_job": round(server_cpu / n * 1e6, 1),
+            "server_thread_cpu_us_per_job": thread_us,
             "broker_cpu_s": round(beam_cpu, 2),
             "broker_cpu_us_per_job": round(beam_cpu / n * 1e6, 1),
         }
@@ -404,7 +452,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     info = machine(ensure_broker())
     log(f"machine: {info}")
+    log(f"floor: a bare pamqp publisher, {args.jobs:,} messages, {args.concurrency:,} in flight")
+    bare = floor(args.jobs, args.concurrency)
+    log(f"floor: {bare}")
     result = run(args)
+    result["floor"] = bare
     result["machine"] = info
     result["date"] = time.strftime("%Y-%m-%d")
     print(json.dumps(result, indent=2))

@@ -86,6 +86,7 @@ from benchmarks.server import (
     cpu_seconds,
     events_named,
     load_average,
+    loop_cpu_seconds,
     machine_cpu,
     proc_status_kib,
 )
@@ -395,6 +396,12 @@ class Instance:
         except OSError:
             return 0.0
 
+    def loop_cpu(self) -> float:
+        try:
+            return loop_cpu_seconds(self.pid)
+        except OSError:
+            return 0.0
+
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
@@ -449,6 +456,7 @@ class Usage:
         self.t0 = time.monotonic()
         self.load = load1()
         self.server0 = [s.cpu() for s in servers]
+        self.loop0 = [s.loop_cpu() for s in servers]
         self.pg0 = cluster.cpu() if cluster else 0.0
         self.beam0 = cpu_seconds(beam) if beam else 0.0
         self.busy0, _ = machine_cpu()
@@ -456,6 +464,7 @@ class Usage:
     def done(self, client_cpu_s: float = 0.0) -> dict[str, Any]:
         wall = time.monotonic() - self.t0
         servers = [s.cpu() - c for s, c in zip(self.servers, self.server0, strict=True)]
+        loops = [s.loop_cpu() - c for s, c in zip(self.servers, self.loop0, strict=True)]
         pg = (self.cluster.cpu() - self.pg0) if self.cluster else 0.0
         beam = (cpu_seconds(self.beam) - self.beam0) if self.beam else 0.0
         busy, _ = machine_cpu()
@@ -463,6 +472,7 @@ class Usage:
         return {
             "wall_s": wall,
             "server_cpu_s": servers,
+            "loop_cpu_s": loops,  # each server's main thread: busy share = loop / wall
             "postgres_cpu_s": pg,
             "broker_cpu_s": beam,
             "other_cpu_s": max(0.0, other),
@@ -1329,6 +1339,7 @@ class Bench:
                 server_cpu_us_per_job=sum(result["server_cpu_s"]) / n * 1e6,
                 postgres_cpu_us_per_job=result["postgres_cpu_s"] / n * 1e6,
                 broker_cpu_us_per_job=result["broker_cpu_s"] / n * 1e6,
+                loop_busy=[round(c / result["wall_s"], 2) for c in result["loop_cpu_s"]],
             )
             out.append(result)
             log(
@@ -1339,7 +1350,8 @@ class Bench:
                 f" {result['group_commits']} group commits; server"
                 f" {result['server_cpu_us_per_job']:.0f} us CPU/job, PostgreSQL"
                 f" {result['postgres_cpu_us_per_job']:.0f}, broker {result['broker_cpu_us_per_job']:.0f};"
-                f" other CPU {result['other_cpu_s']:.1f} s; load {result['loadavg_1m']}"
+                f" other CPU {result['other_cpu_s']:.1f} s; event loops busy {result['loop_busy']}"
+                f" of the wall time; load {result['loadavg_1m']}"
             )
             self.discard(name, dsn, servers)
         return out

@@ -21,12 +21,36 @@ READY_TIMEOUT_S = 60.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int | str) -> float:
     """utime + stime of a process (all its threads), in seconds."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def loop_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process's main thread alone (the server's Trio event loop)."""
+    return cpu_seconds(f"{pid}/task/{pid}")  # type: ignore[arg-type]
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """utime + stime of each of a process's threads, summed by thread name (comm):
+    "python" is the main thread (the server's event loop), "log-writer" the log
+    writer, "trio[worker]" Trio's worker threads (fsync, the database), and so on."""
+    out: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                text = f.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        if tid == str(pid):
+            name = "main"
+        fields = text.rsplit(")", 1)[1].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return out
 
 
 def cpu_model() -> str:

@@ -165,3 +165,49 @@ def test_the_json_line_is_what_structlogs_own_chain_renders() -> None:
             expected = step(None, method, expected)
         got = JsonLine(Frozen())(None, method, dict(event))
         assert got == expected, method
+
+
+INFO_LINE = """
+import structlog
+from kairoi_trio.observability.logging import InfoLine, configure_logging
+close = configure_logging("{level}", "{fmt}", batched={batched})
+log = structlog.get_logger("kairoi_trio.runners.pool")
+line = InfoLine(log)
+fields = dict(job="a.1", rule="r", kind="amqp", ok=True, outcome="é", seconds=0.25, attempt=2)
+log.info("job run", **fields)
+line("job run", dict(fields))
+close()
+"""
+
+
+def test_info_line_writes_what_structlog_would_whatever_the_configuration() -> None:
+    """The direct path (JSON through the batched writer) and the fallback (console,
+    unbatched, a level above info) give the bytes `logger.info` gives, timestamps aside."""
+    for level, fmt, batched in (
+        ("info", "json", True),
+        ("debug", "json", True),
+        ("info", "json", False),
+        ("info", "console", True),
+        ("warn", "json", True),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", INFO_LINE.format(level=level, fmt=fmt, batched=batched)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        lines = done.stderr.splitlines()
+        if level == "warn":
+            assert lines == []
+            continue
+        assert len(lines) == 2, (level, fmt, batched, lines)
+        if fmt == "json":
+            first, second = (json.loads(line) for line in lines)
+            assert datetime.fromisoformat(second["timestamp"]) >= datetime.fromisoformat(
+                first["timestamp"]
+            )
+            del first["timestamp"], second["timestamp"]
+            assert list(first.items()) == list(second.items())  # the keys' order too
+        else:
+            assert lines[0][27:] == lines[1][27:]  # after the console's timestamp

@@ -197,6 +197,37 @@ class _LineStream:
         pass
 
 
+# Set by configure_logging when JSON lines go through a BatchedLineWriter: the
+# renderer and the writer, for `InfoLine`'s direct path.
+_direct: tuple[JsonLine, BatchedLineWriter] | None = None
+
+
+class InfoLine:
+    """An info event logged once per job (the pool's "job run"), at a third of the cost.
+
+    `line(event, fields)` writes the same bytes as `logger.info(event, **fields)`
+    would with the server's configuration (JSON lines through a BatchedLineWriter,
+    level info or lower): `fields` plus `event`, then JsonLine's level and
+    timestamp, in that order (structlog puts `event` after the keywords). It skips
+    structlog's proxy, its filtering method, the context copy and the processor
+    loop: ~4 µs a line instead of ~12. With any other configuration (console
+    lines, a level above info, a test's capture) it calls `logger.info`.
+    `fields` is consumed (the event is added to it).
+    """
+
+    def __init__(self, logger: Any) -> None:
+        self._logger = logger
+
+    def __call__(self, event: str, fields: dict[str, Any]) -> None:
+        direct = _direct
+        if direct is None:
+            self._logger.info(event, **fields)
+            return
+        render, writer = direct
+        fields["event"] = event
+        writer.write(render(None, "info", fields) + b"\n")
+
+
 def configure_logging(
     level: str = "info", fmt: str = "console", *, batched: bool = False
 ) -> Callable[[], None]:
@@ -213,9 +244,10 @@ def configure_logging(
     timestamper = UtcTimestamper()
     # JSON lines are rendered by orjson straight to bytes (~10 µs less a line than
     # the json module and a text stream: the server logs a line per job run).
+    json_line = JsonLine(timestamper) if fmt == "json" and hasattr(sys.stderr, "buffer") else None
     processors: list[structlog.typing.Processor] = (
-        [JsonLine(timestamper)]
-        if fmt == "json" and hasattr(sys.stderr, "buffer")
+        [json_line]
+        if json_line is not None
         else [
             structlog.processors.add_log_level,
             timestamper,
@@ -282,4 +314,8 @@ def configure_logging(
     logging.getLogger("httpx").setLevel(
         max(numeric, logging.WARNING) if numeric > logging.DEBUG else numeric
     )
+    global _direct
+    _direct = None
+    if json_line is not None and writer is not None and numeric <= logging.INFO:
+        _direct = (json_line, writer)
     return writer.close if writer is not None else lambda: None

@@ -21,9 +21,11 @@ import trio
 
 from kairoi_trio.commands import CommandError, Dispatch, RecordOutcome
 from kairoi_trio.core.actor import ActorClient, StorageUnavailable
+from kairoi_trio.observability.logging import InfoLine
 from kairoi_trio.runners.base import RunFailed, Runner
 
 log = structlog.get_logger(__name__)
+log_run = InfoLine(log)  # a line per run: the direct path
 
 # After outcomes could not be written, wait this long before writing them
 # again, doubling after each failure up to the maximum.
@@ -211,15 +213,17 @@ class RunnerPool:
         elapsed = time.monotonic() - started
         if self._observe_run is not None:
             self._observe_run(self.kind, ok, elapsed)
-        log.info(
+        log_run(
             "job run",
-            job=job.id,
-            rule=rule.id,
-            kind=self.kind,
-            ok=ok,
-            outcome=message,
-            seconds=round(elapsed, 6),
-            attempt=job.attempts,
+            {
+                "job": job.id,
+                "rule": rule.id,
+                "kind": self.kind,
+                "ok": ok,
+                "outcome": message,
+                "seconds": round(elapsed, 6),
+                "attempt": job.attempts,
+            },
         )
         self._outcomes.append(RecordOutcome(job.id, job.attempts, ok, message, rule.policy))
         self._outcomes_waiting.set()
