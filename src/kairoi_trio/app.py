@@ -182,6 +182,14 @@ class OnFirstUse(Runner):
             await self._serving.wait()
         return await runner.run(job, rule)
 
+    def start(
+        self, job: Job, rule: Rule, timeout_s: float | None, done: Callable[[bool, str], None]
+    ) -> bool:
+        runner = self._runner
+        if runner is None or not self._serving.is_set():
+            return False  # run() builds it and waits for its serve
+        return runner.start(job, rule, timeout_s, done)
+
     async def aclose(self) -> None:
         if self._runner is not None and self._serving.is_set():
             await self._runner.aclose()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
@@ -35,6 +36,7 @@ from kairoi_trio.runners.amqp_client import (
     AmqpError,
     AmqpOptions,
     AmqpReturnedError,
+    AmqpTimeoutError,
     AmqpUrl,
     check_publish_names,
     serve_amqp_connection,
@@ -158,21 +160,71 @@ class AmqpRunnerBackend(Runner):
                 mandatory=plan.mandatory,
                 timeout=self.confirm_timeout_s,
             )
-        except AmqpReturnedError as exc:
-            # "unroutable" first: the word users and alerts look for.
-            reason = (
-                f"unroutable: {plan.target} on {conn.url.redacted()} routes to no queue "
-                f"(the broker returned the message: {exc.reply})"
-            )
-            raise self._failed(job, reason) from None
         except AmqpError as exc:
-            reason = f"publish to {plan.target} on {conn.url.redacted()} failed: {exc.reason}"
-            raise self._failed(job, reason) from None
+            raise self._failed(job, _reason(exc, plan, conn)) from None
         finally:
-            slot.users -= 1
-            if len(self._slots) > self.max_connections:
-                self._evict()
+            self._release(slot)
         return plan.done
+
+    def start(
+        self, job: Job, rule: Rule, timeout_s: float | None, done: Callable[[bool, str], None]
+    ) -> bool:
+        """Publish at once on an open connection to a known exchange, and call
+        `done` from the connection's reader when the confirm (or a failure) comes;
+        False for anything else (first use of a DSN, a connection being opened, an
+        unchecked exchange, a blocked connection), which `run` handles."""
+        spec = rule.runner
+        if not isinstance(spec, AmqpRunner):
+            return False
+        try:
+            plan = _plan(spec)
+        except ValueError:
+            return False  # run() fails it with the reason
+        slot = self._slots.get(plan.dsn)
+        if slot is None or slot.conn is None or not slot.conn.is_open:
+            return False
+        conn = slot.conn
+        if not conn.exchange_known(spec.exchange):
+            return False
+        # The rule's timeout, when it comes first, is the deadline, with the pool's words.
+        timed_out = None
+        timeout = self.confirm_timeout_s
+        if timeout_s is not None and timeout_s <= timeout:
+            timeout, timed_out = timeout_s, f"timed out after {timeout_s}s"
+
+        def confirmed(error: AmqpError | None) -> None:
+            self._release(slot)
+            if error is None:
+                done(True, plan.done)
+            elif timed_out is not None and isinstance(error, AmqpTimeoutError):
+                done(False, timed_out)
+            else:
+                done(False, self._failed(job, _reason(error, plan, conn)).message)
+
+        slot.users += 1
+        try:
+            started = conn.publish_nowait(
+                spec.exchange,
+                spec.routing_key,
+                job.id.encode(),
+                confirmed,
+                properties=_properties(job),
+                mandatory=plan.mandatory,
+                timeout=timeout,
+            )
+        except AmqpError:
+            started = False  # run() fails it with the reason
+        if started:
+            self._slots.move_to_end(plan.dsn)
+        else:
+            slot.users -= 1
+        return started
+
+    def _release(self, slot: _Slot) -> None:
+        """A run is done with `slot`'s connection; enforce the connection limit again."""
+        slot.users -= 1
+        if len(self._slots) > self.max_connections:
+            self._evict()
 
     def _failed(self, job: Job, reason: str) -> RunFailed:
         log.warning("amqp.run_failed", job=job.id, reason=reason)
@@ -302,6 +354,17 @@ def _plan(spec: AmqpRunner) -> _Plan:
     dsn, mandatory = split_dsn(spec.dsn)
     target = f"{spec.exchange}/{spec.routing_key}"
     return _Plan(dsn, mandatory, target, f"published to {target}")
+
+
+def _reason(error: AmqpError, plan: _Plan, conn: AmqpConnection) -> str:
+    """A failed publish's outcome."""
+    if isinstance(error, AmqpReturnedError):
+        # "unroutable" first: the word users and alerts look for.
+        return (
+            f"unroutable: {plan.target} on {conn.url.redacted()} routes to no queue "
+            f"(the broker returned the message: {error.reply})"
+        )
+    return f"publish to {plan.target} on {conn.url.redacted()} failed: {error.reason}"
 
 
 @functools.lru_cache(maxsize=4096)

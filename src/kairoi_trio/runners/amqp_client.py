@@ -41,7 +41,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -224,9 +224,11 @@ class _Waiter:
     event: trio.Event = field(default_factory=trio.Event)
     result: Frame | None = None
     error: AmqpError | None = None
+    settled: bool = False
 
     def resolve(self, result: Frame | None = None, error: AmqpError | None = None) -> None:
-        if not self.event.is_set():
+        if not self.settled:
+            self.settled = True
             self.result, self.error = result, error
             self.event.set()
 
@@ -236,11 +238,35 @@ class _Waiter:
 _ReturnKey = tuple[str, str, bytes]
 
 
-@dataclass(slots=True)
-class _Confirm(_Waiter):
-    """One publish waiting for its confirm; `key` is set for mandatory ones."""
+class _Confirm:
+    """One publish waiting for its confirm; `key` is set for mandatory ones.
 
-    key: _ReturnKey | None = None
+    A task waits on `event` (publish), or `on_confirm` is called with the error
+    or None (publish_nowait), exactly once either way.
+    """
+
+    __slots__ = ("event", "error", "key", "on_confirm", "settled")
+
+    def __init__(self, on_confirm: Callable[[AmqpError | None], None] | None = None) -> None:
+        self.event: trio.Event | None = trio.Event() if on_confirm is None else None
+        self.on_confirm = on_confirm
+        self.error: AmqpError | None = None
+        self.key: _ReturnKey | None = None
+        self.settled = False
+
+    def resolve(self, result: Frame | None = None, error: AmqpError | None = None) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        self.error = error
+        if self.on_confirm is not None:
+            try:
+                self.on_confirm(error)
+            except Exception:  # a bug there must not take the reader task down
+                log.exception("amqp.confirm_callback_failed")
+        else:
+            assert self.event is not None
+            self.event.set()
 
 
 @dataclass(slots=True)
@@ -508,36 +534,13 @@ class AmqpConnection:
         Mandatory messages that are byte for byte the same (exchange, routing
         key, body) and in flight together are told apart by order only.
         """
-        channel = self._publish_channel
-        if (
-            self._blocked_reason is None
-            and channel is not None
-            and channel.is_open
-            and self._error is None
-            and (timeout is None or timeout >= 0)
-        ):
-            # The fast path: no cancel scope (entering, registering and leaving
-            # one per publish cost ~12% of the server's CPU per job). The
-            # watchdog fails the confirm at the deadline instead.
-            deadline = math.inf if timeout is None else trio.current_time() + timeout
-            deadlines = self._deadlines
-            if not deadlines or deadlines[-1][0] <= deadline:
-                waiter = self._enqueue_publish(
-                    channel, exchange, routing_key, body, properties, mandatory
-                )
-                if deadline != math.inf:
-                    assert timeout is not None
-                    while deadlines and deadlines[0][2].event.is_set():
-                        deadlines.popleft()  # settled: forgotten here, not by the watchdog
-                    if not deadlines and self._deadline_added is not None:
-                        self._deadline_added.set()
-                    elif len(deadlines) > 2 * self._in_flight + _DEADLINES_SLACK:
-                        self._compact_deadlines()
-                    deadlines.append((deadline, timeout, waiter))
-                await waiter.event.wait()
-                if waiter.error is not None:
-                    raise waiter.error
-                return
+        waiter = self._publish_fast(exchange, routing_key, body, properties, mandatory, timeout)
+        if waiter is not None:
+            assert waiter.event is not None
+            await waiter.event.wait()
+            if waiter.error is not None:
+                raise waiter.error
+            return
         # The slow path: blocked, no channel yet, or a deadline earlier than one
         # the watchdog already holds (its deadlines must stay in order).
         waiter_or_none: _Confirm | None = None
@@ -548,6 +551,7 @@ class AmqpConnection:
             waiter_or_none = self._enqueue_publish(
                 channel, exchange, routing_key, body, properties, mandatory
             )
+            assert waiter_or_none.event is not None
             await waiter_or_none.event.wait()
         if scope.cancelled_caught:
             assert timeout is not None
@@ -555,6 +559,75 @@ class AmqpConnection:
         assert waiter_or_none is not None
         if waiter_or_none.error is not None:
             raise waiter_or_none.error
+
+    def publish_nowait(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        on_confirm: Callable[[AmqpError | None], None],
+        *,
+        properties: Properties | MessageProperties | None = None,
+        mandatory: bool = False,
+        timeout: float | None = None,
+    ) -> bool:
+        """Publish one message without waiting: `on_confirm(None)` once the broker
+        confirms it, `on_confirm(error)` with what `publish` would raise otherwise
+        (called exactly once, from this connection's tasks; it must not block).
+
+        Answers False, having sent nothing, when the message cannot go out at once
+        (the connection closed or blocked, no open channel yet, a deadline earlier
+        than one the watchdog holds): then use `publish`, which waits or raises.
+        Raises AmqpError when the message cannot be encoded. No task per message:
+        the amqp runner's hot path.
+        """
+        waiter = _Confirm(on_confirm)
+        return (
+            self._publish_fast(exchange, routing_key, body, properties, mandatory, timeout, waiter)
+            is not None
+        )
+
+    def _publish_fast(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: Properties | MessageProperties | None,
+        mandatory: bool,
+        timeout: float | None,
+        waiter: _Confirm | None = None,
+    ) -> _Confirm | None:
+        """Queue the message on the open, unblocked channel with the watchdog as its
+        deadline, and answer its waiter; None (nothing sent) when it needs the slow
+        path. No cancel scope per publish (entering, registering and leaving one
+        cost ~12% of the server's CPU per job): the watchdog fails the confirm at
+        the deadline instead."""
+        channel = self._publish_channel
+        if (
+            self._blocked_reason is not None
+            or channel is None
+            or not channel.is_open
+            or self._error is not None
+            or (timeout is not None and timeout < 0)
+        ):
+            return None
+        deadline = math.inf if timeout is None else trio.current_time() + timeout
+        deadlines = self._deadlines
+        if deadlines and deadlines[-1][0] > deadline:
+            return None  # the watchdog's deadlines must stay in order
+        waiter = self._enqueue_publish(
+            channel, exchange, routing_key, body, properties, mandatory, waiter
+        )
+        if deadline != math.inf:
+            assert timeout is not None
+            while deadlines and deadlines[0][2].settled:
+                deadlines.popleft()  # settled: forgotten here, not by the watchdog
+            if not deadlines and self._deadline_added is not None:
+                self._deadline_added.set()
+            elif len(deadlines) > 2 * self._in_flight + _DEADLINES_SLACK:
+                self._compact_deadlines()
+            deadlines.append((deadline, timeout, waiter))
+        return waiter
 
     def _enqueue_publish(
         self,
@@ -564,6 +637,7 @@ class AmqpConnection:
         body: bytes,
         properties: Properties | MessageProperties | None,
         mandatory: bool,
+        waiter: _Confirm | None = None,
     ) -> _Confirm:
         """Encode, take the delivery tag and queue the frames: no checkpoint in here,
         so the tag we take is the one the broker will count for this message."""
@@ -573,7 +647,8 @@ class AmqpConnection:
         self._check_open()
         tag = channel.next_tag
         channel.next_tag += 1
-        waiter = _Confirm()
+        if waiter is None:
+            waiter = _Confirm()
         channel.unconfirmed[tag] = waiter
         if mandatory:
             waiter.key = (exchange, routing_key, body)
@@ -592,7 +667,7 @@ class AmqpConnection:
         the deque holds over twice the publishes in flight (plus a slack), so
         the cost per publish stays constant.
         """
-        live = [entry for entry in self._deadlines if not entry[2].event.is_set()]
+        live = [entry for entry in self._deadlines if not entry[2].settled]
         self._deadlines.clear()  # in place: the watchdog holds this deque
         self._deadlines.extend(live)
 
@@ -611,7 +686,7 @@ class AmqpConnection:
         """
         deadlines = self._deadlines
         while True:
-            while deadlines and deadlines[0][2].event.is_set():
+            while deadlines and deadlines[0][2].settled:
                 deadlines.popleft()
             if not deadlines:
                 self._deadline_added = trio.Event()
@@ -1038,7 +1113,7 @@ class AmqpConnection:
         self._channels.pop(channel.id, None)
         if self._publish_channel is channel:
             self._publish_channel = None
-        waiters: list[_Waiter] = list(channel.unconfirmed.values())
+        waiters: list[_Waiter | _Confirm] = list(channel.unconfirmed.values())
         channel.unconfirmed.clear()
         channel.returnable.clear()
         channel.returned.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 
 import trio
 
@@ -31,6 +32,21 @@ class Runner(abc.ABC):
 
     @abc.abstractmethod
     async def run(self, job: Job, rule: Rule) -> str: ...
+
+    def start(
+        self, job: Job, rule: Rule, timeout_s: float | None, done: Callable[[bool, str], None]
+    ) -> bool:
+        """Start a run that needs no task of its own, or answer False (the default).
+
+        A runner whose runs mostly wait on one shared connection (amqp: a publish
+        and its confirm) starts the run here, without blocking, and calls
+        `done(ok, message)` exactly once when it ends, from one of its own tasks,
+        with what `run` would have returned or raised (RunFailed's message; after
+        `timeout_s`, "timed out after {timeout_s}s"). False means nothing was
+        started: the pool then runs `run` in a task. Must not raise for a job's
+        own failure (that is `done(False, ...)` or False).
+        """
+        return False
 
     def check_rule(self, spec: RunnerSpec) -> None:  # noqa: B027 - most runners check nothing
         """Raise ValueError with a one-line reason if `spec` could never run.

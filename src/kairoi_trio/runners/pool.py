@@ -1,8 +1,15 @@
-"""Bounded runner pools: a queue and a fixed number of workers per runner kind.
+"""Bounded runner pools: a queue and at most `concurrency` runs at once per runner kind.
 
 A burst of due jobs waits in the queue instead of spawning without limit; the
 dispatcher only triggers as many jobs of a kind as that kind's queue has room
 for, so a slow or broken runner kind never holds up the others.
+
+One task per pool takes queued jobs while fewer than `concurrency` run. A run
+goes to its runner's `start` first: a runner whose runs wait on a shared
+connection (amqp: publish, then the broker's confirm) starts it there and calls
+back when it ends, with no task per run (a task parked and woken per job was
+a fifth of the server's CPU per amqp job). Other runs (a shell script, an HTTP
+request, the first publish on a new connection) get a task of their own.
 
 Outcomes go to the command actor in batches. One that cannot be written (the
 log's disk is full, read-only, failing) is kept, and written again, in order,
@@ -32,8 +39,8 @@ log_run = InfoLine(log)  # a line per run: the direct path
 OUTCOME_RETRY_INITIAL_S = 0.1
 OUTCOME_RETRY_MAX_S = 5.0
 
-# A worker takes at most this many queued jobs in a row without a checkpoint of
-# its own: a run that never blocks (one failing at once) yields at least this often.
+# The pool takes at most this many queued jobs in a row without a checkpoint of its
+# own: runs that never block (started by the runner, failing at once) yield this often.
 TAKES_PER_CHECKPOINT = 16
 
 
@@ -60,11 +67,13 @@ class RunnerPool:
         self._runs_scope = trio.CancelScope()
         self._closing = False
         # Outcomes wait here for the recorder task, which sends them to the actor in
-        # batches: a worker takes its next job without waiting for an fsync.
+        # batches: a run ends without waiting for an fsync.
         self._outcomes: list[RecordOutcome] = []
         self._outcomes_waiting = trio.Event()
         self._sending = trio.Lock()  # one batch of outcomes at a time, so they stay in order
         self.outcome_retries = 0  # batches of outcomes that could not be written
+        self._room: trio.Event | None = None  # set when a run ends: the starter waits for room
+        self._abandoned = False  # past the grace period: runs that end are not recorded
 
     @property
     def unrecorded(self) -> int:
@@ -83,14 +92,13 @@ class RunnerPool:
         self._send.send_nowait(dispatch)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the runner's own service and the workers until cancelled."""
+        """Run the runner's own service and the runs until cancelled."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.runner.serve)
             nursery.start_soon(self._record_outcomes)
             with self._runs_scope:
-                async with trio.open_nursery() as workers:
-                    for _ in range(self.concurrency):
-                        workers.start_soon(self._worker)
+                async with trio.open_nursery() as runs:
+                    runs.start_soon(self._start_runs, runs)
                     task_status.started()
             if not await self._send_outcomes():  # those of the runs that ended in the grace period
                 log.error(
@@ -142,8 +150,9 @@ class RunnerPool:
     async def drain(self, grace_s: float) -> None:
         """Stop taking queued jobs, give running ones `grace_s`, then cancel them.
 
-        Jobs still queued or cancelled stay `triggered` in the log and run again
-        at the next start (at-least-once)."""
+        Jobs still queued, cancelled, or started by the runner and not ended by
+        then stay `triggered` in the log and run again at the next start
+        (at-least-once)."""
         self._closing = True
         self._send.close()
         with trio.move_on_after(grace_s):
@@ -155,22 +164,35 @@ class RunnerPool:
                 kind=self.kind,
                 running=self.running,
             )
+        self._abandoned = True  # a started run that ends from now on is not recorded
         self._runs_scope.cancel()
 
-    async def _worker(self) -> None:
-        taken = 0  # jobs taken since receive() last checkpointed
+    async def _start_runs(self, runs: trio.Nursery) -> None:
+        """Take queued jobs while fewer than `concurrency` run, and start each: by the
+        runner without a task (Runner.start), else in a task of its own in `runs`.
+
+        A queued job is taken without receive()'s checkpoint (a full trip through
+        the scheduler per job), but at most TAKES_PER_CHECKPOINT in a row: runs
+        that start or fail without blocking cannot starve the loop.
+        """
+        taken = 0  # jobs taken since the last checkpoint
         while True:
+            if self.running >= self.concurrency:
+                self._signal()  # room in the queue: the dispatcher may be waiting for it
+                self._room = trio.Event()
+                await self._room.wait()
+                taken = 0
             try:
                 if taken < TAKES_PER_CHECKPOINT:
-                    # A queued job is taken without receive()'s checkpoint (a full trip
-                    # through the scheduler per job): the run itself checkpoints.
                     try:
                         dispatch = self._receive.receive_nowait()
                         taken += 1
                     except trio.WouldBlock:
+                        self._signal()
                         dispatch = await self._receive.receive()
                         taken = 0
-                else:  # runs that return without one (fail fast) cannot starve the loop
+                else:
+                    self._signal()
                     dispatch = await self._receive.receive()
                     taken = 0
             except trio.EndOfChannel:
@@ -178,20 +200,26 @@ class RunnerPool:
             if self._closing:  # shutting down: leave it triggered for the next start
                 continue
             self.running += 1
-            self._signal()  # room in the queue: the dispatcher may be waiting for it
-            try:
-                await self._run_one(dispatch)
-            finally:
-                self.running -= 1
-                # Only drain waits for runs to end; no signal per run otherwise.
-                if self._closing:
-                    self._signal()
+            if not self._start(dispatch):
+                runs.start_soon(self._run_task, dispatch)
 
-    def _signal(self) -> None:
-        self.capacity_changed.set()
-        self.capacity_changed = trio.Event()
+    def _start(self, dispatch: Dispatch) -> bool:
+        """Runner.start for `dispatch`; False when the runner needs a task for it."""
+        started = time.monotonic()
 
-    async def _run_one(self, dispatch: Dispatch) -> None:
+        def done(ok: bool, message: str) -> None:
+            self._ended(dispatch, ok, message, started)
+
+        try:
+            return self.runner.start(
+                dispatch.job, dispatch.rule, dispatch.rule.policy.timeout_s, done
+            )
+        except Exception as error:  # a runner bug fails the job, not the server
+            log.exception("runner crashed", kind=self.kind, job=dispatch.job.id)
+            done(False, f"runner error: {error!r}")
+            return True
+
+    async def _run_task(self, dispatch: Dispatch) -> None:
         job, rule = dispatch.job, dispatch.rule
         timeout = rule.policy.timeout_s
         started = time.monotonic()
@@ -210,6 +238,18 @@ class RunnerPool:
         except Exception as error:  # a runner bug fails the job, not the server
             log.exception("runner crashed", kind=self.kind, job=job.id)
             message = f"runner error: {error!r}"
+        except BaseException:  # cancelled at the end of the grace period: not recorded
+            self._free()
+            raise
+        self._ended(dispatch, ok, message, started)
+
+    def _ended(self, dispatch: Dispatch, ok: bool, message: str, started: float) -> None:
+        """A run ended (in its task, or by the runner's callback): count it, log it,
+        and queue its outcome for the recorder."""
+        self._free()
+        if self._abandoned:
+            return
+        job, rule = dispatch.job, dispatch.rule
         elapsed = time.monotonic() - started
         if self._observe_run is not None:
             self._observe_run(self.kind, ok, elapsed)
@@ -227,6 +267,19 @@ class RunnerPool:
         )
         self._outcomes.append(RecordOutcome(job.id, job.attempts, ok, message, rule.policy))
         self._outcomes_waiting.set()
+
+    def _free(self) -> None:
+        self.running -= 1
+        room = self._room
+        if room is not None:
+            self._room = None
+            room.set()
+        if self._closing:  # only drain waits for each run to end
+            self._signal()
+
+    def _signal(self) -> None:
+        self.capacity_changed.set()
+        self.capacity_changed = trio.Event()
 
 
 class RunnerPools:
