@@ -7,7 +7,7 @@ The real command actor and state, a log in memory that can be told to fail
 from __future__ import annotations
 
 import errno
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -65,7 +65,7 @@ class Harness:
         for job_id in ids:
             await self.client.call(SetJob(job_id, 0))
         result = await self.client.call(TriggerDue(1, {"shell": 100}))
-        assert [d.job.id for d in result.dispatches] == list(ids)
+        assert sorted(d.job.id for d in result.dispatches) == sorted(ids)
         for dispatch in result.dispatches:
             self.pool.submit_nowait(dispatch)
 
@@ -75,12 +75,14 @@ class Harness:
 
 
 @asynccontextmanager
-async def running_pool() -> AsyncIterator[Harness]:
+async def running_pool(
+    runner: Runner | None = None, concurrency: int = 4
+) -> AsyncIterator[Harness]:
     log = MemoryLog()
     send, receive = trio.open_memory_channel[Request](100)
     actor = CommandActor(State(), log, receive, clock=lambda: 2)
     client = ActorClient(send)
-    pool = RunnerPool(Quick(), client.clone(), concurrency=4, queue_size=10)
+    pool = RunnerPool(runner or Quick(), client.clone(), concurrency=concurrency, queue_size=100)
     async with trio.open_nursery() as nursery:
         await nursery.start(actor.run)
         await nursery.start(pool.run)
@@ -152,3 +154,80 @@ async def test_runs_that_never_block_still_let_other_tasks_run() -> None:
             turns += 1
         nursery.cancel_scope.cancel()
     assert turns >= jobs // (TAKES_PER_CHECKPOINT + 1) - 1  # one per 16 taken and 1 received
+
+
+class Starting(Runner):
+    """A runner that starts runs without a task (as amqp's publish_nowait does) and
+    ends each from a task of its own: `app.N` after N * 10 ms, ok unless N is odd and
+    `odd_fail`; `app.0` makes start() raise (a runner bug)."""
+
+    kind = "shell"
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.in_flight = self.most_in_flight = self.started = 0
+        self.ran_in_task: list[str] = []
+
+    def start(
+        self, job: Job, rule: Rule, timeout_s: float | None, done: Callable[[bool, str], None]
+    ) -> bool:
+        n = int(job.id.rsplit(".", 1)[1])
+        if n == 0:
+            raise RuntimeError("a bug")
+        if n >= 1000:
+            return False  # the pool gives this one a task: run() below
+        self.started += 1
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        self.nursery.start_soon(self._end, n, done)
+        return True
+
+    async def _end(self, n: int, done: Callable[[bool, str], None]) -> None:
+        await trio.sleep(0.01 * n)
+        self.in_flight -= 1
+        done(n % 3 != 2, f"ended {n}")
+
+    async def run(self, job: Job, rule: Rule) -> str:
+        self.ran_in_task.append(job.id)
+        await trio.sleep(0.01)
+        return "in a task"
+
+
+async def test_runs_started_by_the_runner_end_by_callback_within_the_concurrency(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        runner = Starting(nursery)
+        async with running_pool(runner, concurrency=3) as h:
+            ids = [f"app.{n}" for n in (5, 1, 8, 2, 7, 3, 1000, 4, 6, 9, 0)]
+            await h.trigger(*ids)
+            await trio.sleep(5)
+            statuses = {job_id: await h.status(job_id) for job_id in ids}
+            nursery.cancel_scope.cancel()
+    assert runner.started == 9 and runner.ran_in_task == ["app.1000"]
+    assert runner.most_in_flight == 3  # never more than `concurrency` at once
+    failed = {"app.2", "app.5", "app.8", "app.0"}  # n % 3 == 2, and the one whose start() raised
+    assert statuses == {
+        job_id: Status.FAILED if job_id in failed else Status.EXECUTED for job_id in ids
+    }
+    outcomes = {r.id: r.last_outcome for r in h.log.records if isinstance(r, JobStatus)}
+    assert outcomes["app.5"] == "ended 5" and outcomes["app.1000"] == "in a task"
+    assert outcomes["app.0"] == "runner error: RuntimeError('a bug')"
+
+
+async def test_a_started_run_ending_after_the_grace_period_is_not_recorded(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """At-least-once: it stays triggered and runs again at the next start."""
+    async with trio.open_nursery() as nursery:
+        runner = Starting(nursery)
+        async with running_pool(runner) as h:
+            await h.trigger("app.1", "app.300")  # 10 ms and 3 s
+            await trio.sleep(0.001)  # both started (a job still queued at drain stays so)
+            assert runner.started == 2
+            await h.pool.drain(grace_s=1)
+            await trio.sleep(5)  # app.300 ends now, after the grace period
+            assert await h.status("app.1") is Status.EXECUTED
+            assert await h.status("app.300") is Status.TRIGGERED
+            assert h.pool.running == 0
+            nursery.cancel_scope.cancel()

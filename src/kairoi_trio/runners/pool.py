@@ -195,7 +195,10 @@ class RunnerPool:
                     self._signal()
                     dispatch = await self._receive.receive()
                     taken = 0
-            except trio.EndOfChannel:
+            except trio.EndOfChannel:  # drain: wait for the started runs (its grace bounds it)
+                while self.running:
+                    self._room = trio.Event()
+                    await self._room.wait()
                 return
             if self._closing:  # shutting down: leave it triggered for the next start
                 continue
