@@ -603,3 +603,105 @@ async def test_a_recurring_run_is_scheduled_at_its_occurrence_not_its_execute_at
     assert all(m.properties.message_id == "r.hourly" for m in messages)
     keys = {(m.body, m.properties.headers["scheduled_at"]) for m in messages}
     assert len(keys) == 2  # the retry is the same delivery again; the next hour is a new one
+
+
+# --- runs started without a task (Runner.start, as the pool calls it first) -----------------------
+
+
+async def start(
+    backend: AmqpRunnerBackend, the_job: Job, rule: Rule, timeout_s: float | None = None
+) -> tuple[bool, str] | None:
+    """Runner.start as the pool calls it: (ok, message) from the callback, or None
+    when the runner answered False (the pool then calls run)."""
+    ended = trio.Event()
+    results: list[tuple[bool, str]] = []
+
+    def done(ok: bool, message: str) -> None:
+        results.append((ok, message))
+        ended.set()
+
+    if not backend.start(the_job, rule, timeout_s, done):
+        assert results == []
+        return None
+    await ended.wait()
+    await trio.sleep(0.05)  # a second call would show by now
+    assert len(results) == 1  # exactly once
+    return results[0]
+
+
+async def test_start_publishes_once_the_connection_and_the_exchange_are_known(
+    nursery: trio.Nursery, admin: Admin, route: Route
+) -> None:
+    backend = await start_backend(nursery)
+    rule = rule_for(route)
+    assert await start(backend, job("first"), rule) is None  # no connection yet: run() opens it
+    await backend.run(job("first"), rule)
+    done = f"published to {route.exchange}/{route.routing_key}"
+    assert await start(backend, job("started/ä", b"p \x00"), rule) == (True, done)
+    other = Route(broker.unique("unchecked-x"), route.queue, "rk")
+    assert await start(backend, job("x"), rule_for(other)) is None  # run() checks the exchange
+    first, started = await trio.to_thread.run_sync(admin.drain, route.queue)
+    assert started.body == "started/ä".encode() and started.properties.message_id == "started/ä"
+    assert started.properties.headers["kairoi-payload"] == "p \x00"
+    assert started.properties.headers["kairoi-attempt"] == 1
+    assert started.properties.delivery_mode == 2
+    assert backend._slots[broker.URL].users == 0  # every started run gave the connection back
+
+
+async def test_started_runs_fail_with_the_words_of_run(
+    nursery: trio.Nursery, admin: Admin, route: Route
+) -> None:
+    """Unroutable and nacked, as test_an_unroutable_message... and test_a_nack... say for run()."""
+    backend = await start_backend(nursery)
+    await backend.run(job("warm-up"), rule_for(route))
+    rule = unbound(route)
+    with pytest.raises(RunFailed) as info:
+        await backend.run(job("lost"), rule)
+    assert await start(backend, job("lost"), rule) == (False, info.value.message)
+    assert info.value.message.startswith("unroutable: ")
+    full = broker.unique("full-q")
+    arguments = {"x-max-length": 0, "x-overflow": "reject-publish"}
+    admin._call(
+        commands.Queue.Declare(queue=full, durable=True, arguments=arguments),
+        commands.Queue.DeclareOk,
+    )
+    try:
+        admin.bind(full, route.exchange, "full")
+        rule = rule_for(Route(route.exchange, full, "full"))
+        with pytest.raises(RunFailed) as info:
+            await backend.run(job("refused"), rule)
+        assert await start(backend, job("refused"), rule) == (False, info.value.message)
+        assert "nack" in info.value.message
+    finally:
+        admin.delete_queue(full)
+
+
+async def test_a_started_run_ends_at_the_rules_timeout_or_the_confirm_timeout(
+    nursery: trio.Nursery, route: Route
+) -> None:
+    """On a frozen broker: the rule's timeout when it is the shorter, in the pool's words;
+    else the confirm timeout, in run()'s."""
+    backend = await start_backend(nursery, confirm_timeout_s=2)
+    rule = rule_for(route)
+    await backend.run(job("warm-up"), rule)
+    pid = broker.beam_pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        results: dict[str, tuple[bool, str] | None] = {}
+
+        async def started(name: str, timeout_s: float | None) -> None:
+            results[name] = await start(backend, job(name), rule, timeout_s)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as runs:
+                runs.start_soon(started, "rule-timeout", 0.5)
+                await trio.sleep(0.01)  # first: the watchdog's deadlines stay in order
+                runs.start_soon(started, "confirm-timeout", None)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert results["rule-timeout"] == (False, "timed out after 0.5s")
+    assert results["confirm-timeout"] == (
+        False,
+        f"publish to {route.exchange}/rk on {broker.url(password=None)} failed: "
+        "no answer within 2s waiting for a confirm",
+    )
