@@ -219,11 +219,13 @@ class TriggerDue:
 
     `capacity` is how many more runs each runner kind can queue right now; a
     due job whose runner kind is full stays planned (nothing is lost, and the
-    other kinds are not held up behind it). Returns a TriggerResult.
+    other kinds are not held up behind it). At most `limit` due jobs are taken
+    (TriggerResult.more_due says whether more are). Returns a TriggerResult.
     """
 
     now: int
     capacity: dict[str, int]
+    limit: int = 4096
 
 
 @dataclass(slots=True)

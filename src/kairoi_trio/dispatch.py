@@ -33,6 +33,14 @@ MAX_SLEEP_S = 1.0
 TRIGGER_RETRY_INITIAL_S = 0.1
 TRIGGER_RETRY_MAX_S = 5.0
 
+# The first TriggerDue after a quiet spell takes at most FIRST_TRIGGER due jobs, so
+# that the first runs start while later ones are still being marked (a burst of
+# 15,000 due jobs: the first publish 0.15-0.2 s after the due time instead of
+# 0.3-0.4 s with 4,096); each call that finds more due doubles it, up to
+# MAX_TRIGGER, since larger batches cost less per job (one commit, one claim).
+FIRST_TRIGGER = 512
+MAX_TRIGGER = 4096
+
 log = structlog.get_logger(__name__)
 
 
@@ -75,6 +83,7 @@ class Dispatcher:
         task_status.started()
         backlog: frozenset[str] = frozenset()  # kinds whose due jobs wait for room
         retry_in = TRIGGER_RETRY_INITIAL_S
+        limit = FIRST_TRIGGER
         while True:
             if not backlog:
                 await self._timer.wait_due()
@@ -82,7 +91,7 @@ class Dispatcher:
                 await self._first_of(self._timer.wait_due, self._pools.wait_for_capacity)
             try:
                 result: TriggerResult = await self._actor.call(
-                    TriggerDue(now_us(), self._pools.capacity())
+                    TriggerDue(now_us(), self._pools.capacity(), limit)
                 )
             except CommandError as error:
                 # Nothing was triggered: the jobs stay planned, and due. Back off.
@@ -97,7 +106,10 @@ class Dispatcher:
                 self._pools.submit_nowait(dispatch)
             backlog = result.deferred
             if result.more_due:
+                limit = min(limit * 2, MAX_TRIGGER)
                 await trio.lowlevel.checkpoint()
+            else:
+                limit = FIRST_TRIGGER
 
     @staticmethod
     async def _first_of(*waits: Callable[[], Awaitable[None]]) -> None:

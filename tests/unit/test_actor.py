@@ -44,7 +44,6 @@ from kairoi_trio.commands import (
 from kairoi_trio.core.actor import (
     COMPACTION_RETRY_S,
     MAX_BATCH_COMMANDS,
-    MAX_POPS_PER_TRIGGER,
     PROBE_ID,
     PROBE_INITIAL_S,
     PROBE_MAX_S,
@@ -516,10 +515,10 @@ async def test_a_waiting_job_that_changed_meanwhile_is_served_as_it_is_now() -> 
 async def test_a_large_backlog_is_taken_from_the_heap_in_bounded_steps() -> None:
     async with running_actor() as h:
         await h.call(SetRule(SHELL))
-        await h.results(*[SetJob(f"app.{i:05d}", at(1)) for i in range(MAX_POPS_PER_TRIGGER + 10)])
-        first = await h.call(TriggerDue(at(2), {"shell": 3}))
+        await h.results(*[SetJob(f"app.{i:05d}", at(1)) for i in range(100 + 10)])
+        first = await h.call(TriggerDue(at(2), {"shell": 3}, limit=100))
         assert first.more_due and len(first.dispatches) == 3
-        second = await h.call(TriggerDue(at(2), {"shell": 3}))
+        second = await h.call(TriggerDue(at(2), {"shell": 3}, limit=100))
         assert not second.more_due
         ids = [d.job.id for d in first.dispatches + second.dispatches]
         assert ids == [f"app.{i:05d}" for i in range(6)]  # oldest first, across calls

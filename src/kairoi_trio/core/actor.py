@@ -98,8 +98,6 @@ PLANNED, TRIGGERED = Status.PLANNED, Status.TRIGGERED
 # instead of trying again after every batch.
 COMPACTION_RETRY_S = 60.0
 
-# At most this many due jobs are taken from the heap per TriggerDue.
-MAX_POPS_PER_TRIGGER = 4096
 
 # At most this many commands are applied per group commit, so one huge burst
 # cannot delay every reply behind a single enormous write.
@@ -918,7 +916,7 @@ class CommandActor:
         for job in state.pop_due(command.now):
             self._dispatch(job, command.now, capacity, dispatches)
             popped += 1
-            if popped >= MAX_POPS_PER_TRIGGER:
+            if popped >= command.limit:
                 more_due = True  # bounded, so that one call keeps the actor short
                 break
         deferred = frozenset(kind for kind, line in state.waiting.items() if line)

@@ -104,7 +104,7 @@ class LoadPlan:
             elif isinstance(command, TriggerDue):
                 room = sum(max(n, 0) for n in command.capacity.values()) + CLAIM_SLACK
                 plan.claim_now = max(plan.claim_now or command.now, command.now)
-                plan.claim_limit = min(plan.claim_limit + room, MAX_CLAIM)
+                plan.claim_limit = min(plan.claim_limit + room, command.limit, MAX_CLAIM)
             elif isinstance(command, ExpireFinished):
                 plan.expire_before = command.before
                 plan.expire_limit = max(plan.expire_limit, command.limit)
