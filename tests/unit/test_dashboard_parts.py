@@ -24,8 +24,8 @@ def test_ring_counts_per_minute_and_forgets_after_an_hour() -> None:
     clock = Clock(600 * 60 + 5)  # minute 600
     ring = MinuteRing(clock)
     ring.record("set", 3)
-    ring.record_lateness(0.5)
-    ring.record_lateness(1.5)
+    ring.record_lateness([0.5])
+    ring.record_lateness([1.5])
     clock.now += 60  # minute 601
     ring.record("set")
     ring.record("failed", 2)

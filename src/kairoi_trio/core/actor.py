@@ -202,8 +202,8 @@ class Observer:
     def writable(self, ok: bool, reason: str) -> None:
         """Storage writes began to fail (False, with the error) or work again (True)."""
 
-    def triggered(self, lateness_s: float) -> None:
-        pass
+    def triggered(self, lateness_s: list[float]) -> None:
+        """The batch just committed triggered these jobs, this late each (seconds)."""
 
     def jobs_set(self, count: int) -> None:
         """The batch just committed set `count` jobs (SetJob, ScheduleJob; count > 0)."""
@@ -685,8 +685,8 @@ class CommandActor:
         """Log and count what the batch did, now that it is on disk."""
         observer = self._observer
         try:  # metrics must not stop the actor: what they failed to count is done
-            for lateness in self._lateness:
-                observer.triggered(lateness)
+            if self._lateness:
+                observer.triggered(self._lateness)
             if self._sets:
                 observer.jobs_set(self._sets)
         except Exception:

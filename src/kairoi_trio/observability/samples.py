@@ -69,13 +69,16 @@ class MinuteRing:
         """`count` changes of `kind` (one of KINDS) in this minute's bin."""
         self._bin().counts[kind] += count
 
-    def record_lateness(self, seconds: float) -> None:
-        """One trigger's lateness (seconds, >= 0)."""
+    def record_lateness(self, seconds: list[float]) -> None:
+        """Triggers' lateness (seconds, each >= 0), all in this minute's bin."""
+        if not seconds:
+            return
         slot = self._bin()
-        slot.lateness_count += 1
-        slot.lateness_sum_s += seconds
-        if seconds > slot.lateness_max_s:
-            slot.lateness_max_s = seconds
+        slot.lateness_count += len(seconds)
+        slot.lateness_sum_s += sum(seconds)
+        worst = max(seconds)
+        if worst > slot.lateness_max_s:
+            slot.lateness_max_s = worst
 
     def series(self) -> list[Bin]:
         """The last MINUTES minutes, oldest first, the current minute last; a minute
