@@ -122,3 +122,53 @@ def test_a_message_id_over_255_bytes_is_refused_like_pamqp() -> None:
         content_header_frame(1, 0, props)
     with pytest.raises(TypeError, match="255"):
         pamqp_frame(1, 0, props)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    execute_at=st.integers(0, 253_402_300_799_999_999 - 86_400_000_000),
+    late_by=st.sampled_from([0, 1, 86_400_000_000]),
+    attempt=st.integers(1, 2**31 - 1),
+    payload=st.binary(max_size=500) | st.text(max_size=200).map(str.encode),
+    job_id=st.text(min_size=1, max_size=100),
+)
+def test_the_runners_frames_with_cached_headers_are_pamqps(
+    execute_at: int, late_by: int, attempt: int, payload: bytes, job_id: str
+) -> None:
+    """amqp._properties (its headers table encoded once per distinct time, attempt and
+    payload) and body_frame give pamqp's bytes for the message the runner sends."""
+    from pamqp import body as pamqp_body
+
+    from kairoi_trio.model import Recurrence, Schedule, Status, format_time, new_job
+    from kairoi_trio.runners.amqp import _properties
+    from kairoi_trio.runners.amqp_wire import body_frame
+
+    recurrence = None
+    if late_by:  # a recurring run: scheduled at its occurrence, executed later
+        recurrence = Recurrence(schedule=Schedule("@every 1m"), nominal=execute_at)
+    job = new_job(
+        job_id, execute_at + late_by, Status.TRIGGERED, payload, attempt, "", 0, recurrence
+    )
+    for _ in range(2):  # the second from the cache
+        props = _properties(job)
+        assert props.headers is None and props.encoded_headers is not None
+        headers: FieldTable = {
+            "kairoi-execute-at": format_time(job.execute_at),
+            "kairoi-attempt": attempt,
+            "scheduled_at": format_time(job.scheduled_at),
+        }
+        if payload:
+            try:
+                headers["kairoi-payload"] = payload.decode()
+            except UnicodeDecodeError:
+                headers["kairoi-payload"] = bytearray(payload)
+        expected = MessageProperties(
+            content_type="text/plain",
+            message_id=props.message_id,
+            timestamp=props.timestamp,
+            delivery_mode=2,
+            headers=headers,
+        )
+        body = job_id.encode()
+        assert content_header_frame(1, len(body), props) == pamqp_frame(1, len(body), expected)
+        assert body_frame(7, body) == frame.marshal(pamqp_body.ContentBody(body), 7)

@@ -41,7 +41,7 @@ from kairoi_trio.runners.amqp_client import (
     check_publish_names,
     serve_amqp_connection,
 )
-from kairoi_trio.runners.amqp_wire import MessageProperties
+from kairoi_trio.runners.amqp_wire import MessageProperties, field_table
 from kairoi_trio.runners.base import RunFailed, Runner
 
 log = structlog.get_logger(__name__)
@@ -381,20 +381,12 @@ def _time_text(us: int) -> str:
 
 
 def _properties(job: Job) -> MessageProperties:
-    """The message's properties; each time is formatted once (one string when equal).
+    """The message's properties; the headers table is encoded once for the jobs that
+    share it (a burst due at one instant: the same times, attempt and payload).
 
     MessageProperties, not pamqp's Basic.Properties: amqp_wire encodes them
     several times faster, and the timestamp is plain POSIX seconds.
     """
-    execute_at = _time_text(job.execute_at)
-    scheduled = job.scheduled_at
-    headers: FieldTable = {
-        "kairoi-execute-at": execute_at,
-        "kairoi-attempt": job.attempts,
-        "scheduled_at": execute_at if scheduled == job.execute_at else _time_text(scheduled),
-    }
-    if job.payload:
-        headers["kairoi-payload"] = _header_bytes(job.payload)
     # message_id is a short string; a longer id is still the body.
     job_id = job.id
     message_id = (
@@ -407,8 +399,22 @@ def _properties(job: Job) -> MessageProperties:
         message_id=message_id,
         timestamp=int(time.time()),
         delivery_mode=2,
-        headers=headers,
+        encoded_headers=_headers(job.execute_at, job.scheduled_at, job.attempts, job.payload),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _headers(execute_at: int, scheduled_at: int, attempts: int, payload: bytes) -> bytes:
+    """The encoded headers table; each time formatted once (one string when equal)."""
+    execute_text = _time_text(execute_at)
+    headers: FieldTable = {
+        "kairoi-execute-at": execute_text,
+        "kairoi-attempt": attempts,
+        "scheduled_at": execute_text if scheduled_at == execute_at else _time_text(scheduled_at),
+    }
+    if payload:
+        headers["kairoi-payload"] = _header_bytes(payload)
+    return field_table(headers)
 
 
 def _header_bytes(payload: bytes) -> str | bytearray:

@@ -55,7 +55,7 @@ from pamqp import commands, exceptions, frame, header, heartbeat
 from pamqp.base import Frame
 from pamqp.common import FieldTable
 
-from kairoi_trio.runners.amqp_wire import MessageProperties, content_header_frame
+from kairoi_trio.runners.amqp_wire import MessageProperties, body_frame, content_header_frame
 
 log = structlog.get_logger(__name__)
 
@@ -1276,9 +1276,11 @@ class AmqpConnection:
                 )
             parts = [method_frame, content_frame]
             chunk = self.frame_max - 8  # frame header (7) and frame end (1)
-            for start in range(0, len(body), chunk):
-                part = pamqp_body.ContentBody(body[start : start + chunk])
-                parts.append(frame.marshal(part, channel_id))
+            if 0 < len(body) <= chunk:  # an empty body has no body frame
+                parts.append(body_frame(channel_id, body))
+            else:
+                for start in range(0, len(body), chunk):
+                    parts.append(body_frame(channel_id, body[start : start + chunk]))
         except (ValueError, TypeError) as exc:
             raise AmqpError(f"cannot encode message: {exc}") from None
         return b"".join(parts)

@@ -51,6 +51,7 @@ _HEADER_START = struct.Struct(">HHQH")  # class-id 60, weight 0, body size, flag
 _LONG = struct.Struct(">I")
 _TIMESTAMP = struct.Struct(">Q")
 _FRAME_HEADER = 2
+_FRAME_BODY = 3
 _FRAME_END = b"\xce"
 _BASIC_CLASS = 60
 _MAX_SHORTSTR = 255
@@ -76,6 +77,9 @@ class MessageProperties:
     timestamp: int | None = None
     delivery_mode: int | None = None
     headers: FieldTable | None = None
+    # `field_table(headers)` already encoded (and kept by the caller across messages
+    # with the same headers); used instead of `headers` when set.
+    encoded_headers: bytes | None = None
 
     def to_pamqp(self) -> commands.Basic.Properties:
         """The same properties as pamqp's Basic.Properties (what the tests compare with)."""
@@ -110,10 +114,12 @@ def content_header_frame(channel_id: int, body_size: int, props: MessageProperti
     if content_type:
         flags |= _FLAG_CONTENT_TYPE
         parts.append(_short_string(content_type))
-    headers = props.headers
+    headers = props.encoded_headers
+    if headers is None and props.headers is not None:
+        headers = field_table(props.headers)
     if headers is not None:
         flags |= _FLAG_HEADERS
-        parts.append(field_table(headers))
+        parts.append(headers)
     if delivery_mode is not None:
         flags |= _FLAG_DELIVERY_MODE
         parts.append(b"\x02" if delivery_mode == 2 else b"\x01")
@@ -127,6 +133,13 @@ def content_header_frame(channel_id: int, body_size: int, props: MessageProperti
         parts.append(_TIMESTAMP.pack(timestamp))
     payload = _HEADER_START.pack(_BASIC_CLASS, 0, body_size, flags) + b"".join(parts)
     return _FRAME_HEADER_PREFIX.pack(_FRAME_HEADER, channel_id, len(payload)) + payload + _FRAME_END
+
+
+def body_frame(channel_id: int, body: bytes) -> bytes:
+    """One content body frame (4.2.6.2) carrying all of `body`: what pamqp's
+    `frame.marshal(ContentBody(body), channel_id)` returns. The caller splits a
+    body longer than the frame size allows."""
+    return _FRAME_HEADER_PREFIX.pack(_FRAME_BODY, channel_id, len(body)) + body + _FRAME_END
 
 
 def field_table(table: FieldTable) -> bytes:
