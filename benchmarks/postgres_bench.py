@@ -200,10 +200,14 @@ class Cluster:
         return psycopg.connect(self.dsn(db), autocommit=True)
 
     def fresh(self, name: str) -> str:
-        """A new empty database; its DSN."""
+        """A new empty database; its DSN. Then a CHECKPOINT: the earlier cases' dirty
+        pages are written out before this case starts, not by the checkpointer
+        during it (measured: up to 1.6 s of other CPU in a dispatch case that
+        followed the SET cases)."""
         with self.admin() as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
             conn.execute(f"CREATE DATABASE {name}")
+            conn.execute("CHECKPOINT")
         return self.dsn(name)
 
     def drop(self, name: str) -> None:
