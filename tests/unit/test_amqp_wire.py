@@ -129,7 +129,7 @@ def test_a_message_id_over_255_bytes_is_refused_like_pamqp() -> None:
     execute_at=st.integers(0, 253_402_300_799_999_999 - 86_400_000_000),
     late_by=st.sampled_from([0, 1, 86_400_000_000]),
     attempt=st.integers(1, 2**31 - 1),
-    payload=st.binary(max_size=500) | st.text(max_size=200).map(str.encode),
+    payload=st.binary(max_size=1500) | st.text(max_size=200).map(str.encode),
     job_id=st.text(min_size=1, max_size=100),
 )
 def test_the_runners_frames_with_cached_headers_are_pamqps(

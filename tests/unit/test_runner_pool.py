@@ -231,3 +231,29 @@ async def test_a_started_run_ending_after_the_grace_period_is_not_recorded(
             assert await h.status("app.300") is Status.TRIGGERED
             assert h.pool.running == 0
             nursery.cancel_scope.cancel()
+
+
+class EndsTwice(Runner):
+    """A buggy runner: every started run calls done twice."""
+
+    kind = "shell"
+
+    def start(
+        self, job: Job, rule: Rule, timeout_s: float | None, done: Callable[[bool, str], None]
+    ) -> bool:
+        done(True, "once")
+        done(False, "twice")
+        return True
+
+    async def run(self, job: Job, rule: Rule) -> str:
+        raise AssertionError("never: every run starts")
+
+
+async def test_a_run_ended_twice_counts_once(autojump_clock: trio.testing.MockClock) -> None:
+    """`running` must not drift (it bounds the runs at once), and the first outcome stands."""
+    async with running_pool(EndsTwice(), concurrency=1) as h:
+        await h.trigger("app.1", "app.2", "app.3")
+        await trio.sleep(1)
+        assert h.pool.running == 0
+        for job_id in ("app.1", "app.2", "app.3"):
+            assert await h.status(job_id) is Status.EXECUTED

@@ -403,9 +403,25 @@ def _properties(job: Job) -> MessageProperties:
     )
 
 
-@functools.lru_cache(maxsize=64)
+# Payloads up to this size are kept in _cached_headers' keys (64 of them at most);
+# a larger one is encoded for each message rather than held.
+_CACHED_PAYLOAD_MAX = 1024
+
+
 def _headers(execute_at: int, scheduled_at: int, attempts: int, payload: bytes) -> bytes:
-    """The encoded headers table; each time formatted once (one string when equal)."""
+    """The encoded headers table (amqp_wire.field_table)."""
+    if len(payload) <= _CACHED_PAYLOAD_MAX:
+        return _cached_headers(execute_at, scheduled_at, attempts, payload)
+    return _encode_headers(execute_at, scheduled_at, attempts, payload)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_headers(execute_at: int, scheduled_at: int, attempts: int, payload: bytes) -> bytes:
+    return _encode_headers(execute_at, scheduled_at, attempts, payload)
+
+
+def _encode_headers(execute_at: int, scheduled_at: int, attempts: int, payload: bytes) -> bytes:
+    """The headers table; each time formatted once (one string when equal)."""
     execute_text = _time_text(execute_at)
     headers: FieldTable = {
         "kairoi-execute-at": execute_text,

@@ -209,8 +209,14 @@ class RunnerPool:
     def _start(self, dispatch: Dispatch) -> bool:
         """Runner.start for `dispatch`; False when the runner needs a task for it."""
         started = time.monotonic()
+        ended = False
 
         def done(ok: bool, message: str) -> None:
+            nonlocal ended
+            if ended:  # a runner bug: counted once, or `running` would drift
+                log.error("run ended twice", kind=self.kind, job=dispatch.job.id)
+                return
+            ended = True
             self._ended(dispatch, ok, message, started)
 
         try:
