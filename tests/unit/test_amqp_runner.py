@@ -705,3 +705,25 @@ async def test_a_started_run_ends_at_the_rules_timeout_or_the_confirm_timeout(
         f"publish to {route.exchange}/rk on {broker.url(password=None)} failed: "
         "no answer within 2s waiting for a confirm",
     )
+
+
+async def test_runs_in_flight_at_aclose_fail_without_a_warning_each(
+    nursery: trio.Nursery, route: Route
+) -> None:
+    """Past the pool's grace period nobody records them; a line per run would flood the log."""
+    backend = await start_backend(nursery)
+    rule = rule_for(route)
+    await backend.run(job("warm-up"), rule)
+    ended: list[tuple[bool, str]] = []
+    pid = broker.beam_pid()
+    os.kill(pid, signal.SIGSTOP)  # no confirm comes
+    try:
+        for n in range(3):
+            assert backend.start(job(f"in-flight.{n}"), rule, None, lambda *e: ended.append(e))
+        with structlog.testing.capture_logs() as logs, trio.fail_after(10):
+            await backend.aclose()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert [ok for ok, _ in ended] == [False, False, False]
+    assert all(message.endswith("connection closed by client") for _, message in ended)
+    assert [e for e in logs if e["event"] == "amqp.run_failed"] == []

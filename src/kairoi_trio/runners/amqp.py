@@ -85,6 +85,7 @@ class AmqpRunnerBackend(Runner):
         self._options = AmqpOptions(heartbeat_s=heartbeat_s, connect_timeout_s=connect_timeout_s)
         self._slots: OrderedDict[str, _Slot] = OrderedDict()  # least recently used first
         self._nursery: trio.Nursery | None = None
+        self._closing = False  # aclose() began: runs still in flight fail without a line each
 
     # -- lifecycle
 
@@ -100,7 +101,12 @@ class AmqpRunnerBackend(Runner):
             self._slots.clear()
 
     async def aclose(self) -> None:
-        """Close every connection politely (for a graceful shutdown, before cancelling serve)."""
+        """Close every connection politely (for a graceful shutdown, before cancelling serve).
+
+        Publishes still unconfirmed fail ("connection closed by client") without a
+        warning each: the pool no longer records them (past its grace period), and
+        their jobs run again at the next start."""
+        self._closing = True
         slots = list(self._slots.values())
         self._slots.clear()
         async with trio.open_nursery() as nursery:
@@ -227,7 +233,8 @@ class AmqpRunnerBackend(Runner):
             self._evict()
 
     def _failed(self, job: Job, reason: str) -> RunFailed:
-        log.warning("amqp.run_failed", job=job.id, reason=reason)
+        if not self._closing:
+            log.warning("amqp.run_failed", job=job.id, reason=reason)
         return RunFailed(reason)
 
     async def _connection(self, dsn: str) -> tuple[_Slot, AmqpConnection]:
