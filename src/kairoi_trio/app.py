@@ -267,7 +267,8 @@ class Store:
     log, state: the actor's Log and its State (for PostgreSQL, a view between
     batches); begin: the per-batch loader of a shared store (None for the
     embedded log); errors: what its failures raise; counts: jobs by status;
-    run: its background work, if any; compact_after_bytes: 0 never compacts;
+    run: its background work, if any, started with `nursery.start` before any
+    front end (task_status once it is ready); compact_after_bytes: 0 never compacts;
     describe: what the dashboard shows of it (blocking; storage/info.py).
     """
 
@@ -277,7 +278,7 @@ class Store:
     errors: tuple[type[BaseException], ...]
     counts: Callable[[], dict[Status, int]]
     compact_after_bytes: int
-    run: Callable[[ActorClient, CommandActor, DueTimer], Awaitable[None]] | None = None
+    run: Callable[..., Awaitable[None]] | None = None
     describe: Callable[[], dict[str, object]] | None = None
 
 
@@ -334,7 +335,13 @@ async def _serve_postgres(
         schema=config.storage.postgres.schema,
     )
 
-    async def run(client: ActorClient, actor: CommandActor, timer: DueTimer) -> None:
+    async def run(
+        client: ActorClient,
+        actor: CommandActor,
+        timer: DueTimer,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         postgres.has_watchers = lambda: actor.watching
 
         async def jobs_changed(ids: list[str]) -> None:
@@ -343,7 +350,7 @@ async def _serve_postgres(
         async def probe() -> None:
             await client.call_many([])  # an empty batch: still one transaction
 
-        await postgres.run(timer.update, jobs_changed, probe)
+        await postgres.run(timer.update, jobs_changed, probe, task_status=task_status)
 
     store = Store(
         postgres,
@@ -402,8 +409,8 @@ async def _serve_state(
     timer.update(state.next_due())
     async with trio.open_nursery() as core:
         await core.start(actor.run)
-        if store.run is not None:
-            core.start_soon(store.run, client.clone(), actor, timer)
+        if store.run is not None:  # started before any front end: listening, for one
+            await core.start(store.run, client.clone(), actor, timer)
         core.start_soon(housekeeping, client.clone(), config.storage.retention_s)
         async with trio.open_nursery() as work:
             for pool in pools.pools.values():

@@ -200,3 +200,49 @@ def test_storage_copy_refuses_a_log_in_use_and_bad_endpoints(
     assert "expected log:DIRECTORY or postgres:DSN" in unknown.stderr
     same = kairoi("storage", "copy", "--from", "log:/tmp/a", "--to", "log:/tmp/b")
     assert same.returncode == 2 and "kairoi-trio backup" in same.stderr
+
+
+async def test_the_store_hears_other_instances_as_soon_as_it_has_started(
+    postgres_dsn: str,
+) -> None:
+    """`run` reports started only once its listener LISTENs: a change another
+    instance makes right after (a watcher subscribed as soon as the instance was
+    ready, a SET through another instance) is never missed. It was, under load,
+    when the listener connected in the background after the instance was ready."""
+    import json
+
+    import trio
+
+    from kairoi_trio.config import PostgresConfig
+    from kairoi_trio.storage.postgres.store import JOBS_CHANNEL, PostgresStore
+
+    store = PostgresStore(PostgresConfig(dsn=postgres_dsn))
+    await trio.to_thread.run_sync(store.open)
+    store.has_watchers = lambda: True
+    heard: list[str] = []
+    got = trio.Event()
+
+    async def changed(ids: list[str]) -> None:
+        heard.extend(ids)
+        got.set()
+
+    async def probe() -> None:
+        pass
+
+    other = psycopg.connect(postgres_dsn, autocommit=True)  # connected beforehand: at once
+
+    def notify_from_another_instance() -> None:
+        payload = json.dumps(["another-instance", ["shared.1"]])
+        other.execute("SELECT pg_notify(%s, %s)", (JOBS_CHANNEL, payload))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run, lambda due: None, changed, probe)
+            await trio.to_thread.run_sync(notify_from_another_instance)
+            with trio.move_on_after(5):
+                await got.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        other.close()
+        await trio.to_thread.run_sync(store.close)
+    assert heard == ["shared.1"]

@@ -757,7 +757,9 @@ class PostgresStore:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keep_lease, on_jobs_changed)
             nursery.start_soon(self._poll, probe)
-            nursery.start_soon(self._listen, on_jobs_changed)
+            # Started once it listens: a watcher subscribed after this instance is
+            # ready must hear every change another instance makes from then on.
+            await nursery.start(self._listen, on_jobs_changed)
             task_status.started()
 
     async def _keep_lease(self, on_jobs_changed: Callable[[list[str]], Awaitable[None]]) -> None:
@@ -841,18 +843,33 @@ class PostgresStore:
             self._read_counts(conn)
             return self._earliest_due(conn)
 
-    async def _listen(self, on_jobs_changed: Callable[[list[str]], Awaitable[None]]) -> None:
+    async def _listen(
+        self,
+        on_jobs_changed: Callable[[list[str]], Awaitable[None]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """LISTEN for other instances' changes; started once listening, or once
+        the first attempt failed (the database is down: it retries meanwhile, and
+        the actor's batches fail and say so)."""
         import psycopg
 
         delay = 0.1
+        started = False
         while True:
             try:
                 conn = await trio.to_thread.run_sync(self._listener)
             except psycopg.Error as error:
                 log.debug("listener cannot connect", error=_describe(error), retry_in_s=delay)
+                if not started:
+                    task_status.started()
+                    started = True
                 await trio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
+            if not started:
+                task_status.started()
+                started = True
             delay = 0.1
             try:
                 while True:
