@@ -28,9 +28,13 @@ import socket
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 from pamqp import body as pamqp_body
 from pamqp import commands, frame, header
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import amqp_broker as broker  # noqa: E402
 
 
 def _frames(channel: int, exchange: str, routing_key: str, message_id: str, at: str) -> bytes:
@@ -54,45 +58,19 @@ def _frames(channel: int, exchange: str, routing_key: str, message_id: str, at: 
     )
 
 
-class Publisher:
+class Publisher(broker.Admin):
+    """The suite's blocking one-channel client (tests/amqp_broker.py: connect, channel 1),
+    with the channel in confirm mode."""
+
     def __init__(self, host: str, port: int) -> None:
-        self.sock = socket.create_connection((host, port), timeout=30)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().__init__(host, port)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = bytearray()
-        self.send(frame.marshal(header.ProtocolHeader(), 0))
-        self.expect(commands.Connection.Start)
-        self.method(
-            commands.Connection.StartOk(
-                client_properties={"product": "kairoi-bench-floor"},
-                mechanism="PLAIN",
-                response="\0guest\0guest",
-                locale="en_US",
-            ),
-            0,
-        )
-        tune = self.expect(commands.Connection.Tune)
-        self.method(
-            commands.Connection.TuneOk(
-                channel_max=tune.channel_max, frame_max=tune.frame_max, heartbeat=0
-            ),
-            0,
-        )
-        self.method(commands.Connection.Open(virtual_host="/"), 0)
-        self.expect(commands.Connection.OpenOk)
-        self.method(commands.Channel.Open(), 1)
-        self.expect(commands.Channel.OpenOk)
-        self.method(commands.Confirm.Select(), 1)
-        self.expect(commands.Confirm.SelectOk)
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def method(self, value: object, channel: int = 1) -> None:
-        self.send(frame.marshal(value, channel))  # type: ignore[arg-type]
+        self._call(commands.Confirm.Select(), commands.Confirm.SelectOk)
 
     def frames(self) -> list[object]:
         """Every whole frame received so far, after at least one read."""
-        data = self.sock.recv(1 << 16)
+        data = self._sock.recv(1 << 16)
         if not data:
             raise ConnectionError("the broker closed the connection")
         self.buf += data
@@ -106,13 +84,6 @@ class Publisher:
         del self.buf[:pos]
         return out
 
-    def expect(self, kind: type) -> object:
-        while True:
-            for value in self.frames():
-                if isinstance(value, kind):
-                    return value
-                raise RuntimeError(f"expected {kind.__name__}, got {value!r}")
-
     def publish_all(self, exchange: str, routing_key: str, count: int, window: int) -> int:
         """Publish `count` messages, at most `window` unconfirmed; answer the ack frames read."""
         at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -123,7 +94,7 @@ class Publisher:
                 sent += 1
                 batch.append(_frames(1, exchange, routing_key, f"floor.{sent:07d}", at))
             if batch:
-                self.send(b"".join(batch))
+                self._send(b"".join(batch))
             for value in self.frames():
                 if isinstance(value, commands.Basic.Ack):
                     acks += 1
@@ -152,7 +123,7 @@ def main() -> int:
     acks = publisher.publish_all(args.exchange, args.routing_key, args.count, args.window)
     seconds = time.monotonic() - t0
     cpu = _cpu() - cpu0
-    publisher.sock.close()
+    publisher.close()
     json.dump(
         {
             "messages": args.count,

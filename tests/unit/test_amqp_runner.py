@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 
 import amqp_broker as broker
@@ -475,10 +477,10 @@ async def test_routed_and_unroutable_runs_in_flight_together_are_told_apart(
     assert arrived == set(outcomes) - failed
 
 
-async def test_a_nack_fails_the_run_with_a_reason(
-    nursery: trio.Nursery, admin: Admin, route: Route
-) -> None:
-    """A queue at its length limit with overflow reject-publish makes the broker nack."""
+@contextmanager
+def refusing_route(admin: Admin, route: Route) -> Iterator[Route]:
+    """A route (routing key "full") to a queue at its length limit with overflow
+    reject-publish: the broker nacks every message; the queue is deleted after."""
     full = broker.unique("full-q")
     arguments = {"x-max-length": 0, "x-overflow": "reject-publish"}
     admin._call(
@@ -487,8 +489,18 @@ async def test_a_nack_fails_the_run_with_a_reason(
     )
     try:
         admin.bind(full, route.exchange, "full")
+        yield Route(route.exchange, full, "full")
+    finally:
+        admin.delete_queue(full)
+
+
+async def test_a_nack_fails_the_run_with_a_reason(
+    nursery: trio.Nursery, admin: Admin, route: Route
+) -> None:
+    """A queue at its length limit with overflow reject-publish makes the broker nack."""
+    with refusing_route(admin, route) as refusing:
         backend = await start_backend(nursery)
-        rule = rule_for(Route(route.exchange, full, "full"))
+        rule = rule_for(refusing)
         with pytest.raises(RunFailed) as info:
             await backend.run(job("refused"), rule)
         assert info.value.message == (
@@ -499,8 +511,6 @@ async def test_a_nack_fails_the_run_with_a_reason(
         assert (
             await backend.run(job("fine"), rule_for(route)) == f"published to {route.exchange}/rk"
         )
-    finally:
-        admin.delete_queue(full)
 
 
 # --- every id and payload a protocol accepts is delivered ----------------------------------------
@@ -659,21 +669,12 @@ async def test_started_runs_fail_with_the_words_of_run(
         await backend.run(job("lost"), rule)
     assert await start(backend, job("lost"), rule) == (False, info.value.message)
     assert info.value.message.startswith("unroutable: ")
-    full = broker.unique("full-q")
-    arguments = {"x-max-length": 0, "x-overflow": "reject-publish"}
-    admin._call(
-        commands.Queue.Declare(queue=full, durable=True, arguments=arguments),
-        commands.Queue.DeclareOk,
-    )
-    try:
-        admin.bind(full, route.exchange, "full")
-        rule = rule_for(Route(route.exchange, full, "full"))
+    with refusing_route(admin, route) as refusing:
+        rule = rule_for(refusing)
         with pytest.raises(RunFailed) as info:
             await backend.run(job("refused"), rule)
         assert await start(backend, job("refused"), rule) == (False, info.value.message)
         assert "nack" in info.value.message
-    finally:
-        admin.delete_queue(full)
 
 
 async def test_a_started_run_ends_at_the_rules_timeout_or_the_confirm_timeout(
