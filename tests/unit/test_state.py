@@ -9,7 +9,16 @@ from hypothesis import strategies as st
 
 from kairoi_trio.core import state as state_module
 from kairoi_trio.core.state import State
-from kairoi_trio.model import MAX_TIME_US, MIN_TIME_US, Job, Rule, ShellRunner, Status
+from kairoi_trio.model import (
+    MAX_TIME_US,
+    MIN_TIME_US,
+    Job,
+    Recurrence,
+    Rule,
+    Schedule,
+    ShellRunner,
+    Status,
+)
 
 PLANNED, TRIGGERED, EXECUTED, FAILED = (
     Status.PLANNED,
@@ -73,6 +82,31 @@ def test_constructor_counts_and_indexes_given_jobs_and_rules() -> None:
     assert drain(state, 100) == ["z", "x"]
     assert state.match_rule("xyz") == rule("r", "x")
     assert state.expired_finished(before=2, limit=10) == ["y"]
+
+
+def test_a_dict_of_jobs_is_adopted_and_indexed_like_the_same_jobs_given_one_by_one() -> None:
+    paused = Recurrence(Schedule("every 60s"), 15, paused=True)
+    given = [
+        job("x", 30),
+        job("y", 10, EXECUTED, 4),
+        job("z", 20),
+        job("w", 5, TRIGGERED),
+        job("v", 7, FAILED, 2),
+        Job("p", 15, PLANNED, recurrence=paused),
+    ]
+    by_id = {j.id: j for j in given}
+    adopted = State(by_id)
+    assert adopted.jobs is by_id  # no second dict of n entries at start-up
+    one_by_one = State()
+    for j in given:
+        one_by_one.put_job(j)
+    for state in (adopted, one_by_one):
+        assert counts(state) == {PLANNED: 3, EXECUTED: 1, TRIGGERED: 1, FAILED: 1}
+        assert [j.id for j in state.iter_prefix("")] == ["p", "v", "w", "x", "y", "z"]
+        assert state.list_jobs("", FAILED, "", 10) == ([given[4]], "")
+        assert state.expired_finished(before=5, limit=10) == ["v", "y"]
+        assert state.next_due() == 20  # the paused job waits for no time
+        assert drain(state, 100) == ["z", "x"]
 
 
 # -- due order ----------------------------------------------------------------------
