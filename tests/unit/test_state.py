@@ -470,20 +470,23 @@ def test_expired_finished_lists_a_restored_job_once() -> None:
 IDS = st.sampled_from(["a", "ab", "a.", "a.b", "b", "b.a", "ba", "aab"])
 PATTERNS = st.sampled_from(["", "a", "ab", "a.", "b", "b.", "ba", "aab", "c"])
 STATUSES = st.sampled_from([PLANNED, PLANNED, PLANNED, TRIGGERED, EXECUTED, FAILED])
+# Times over several of the due index's buckets (2**32 µs), before and after the
+# epoch, with ties: later buckets become heap entries as the earlier ones run dry.
+TIMES = st.integers(-6, 20).map(lambda t: t * (1 << 30) + t % 3)
 
 operations = st.lists(
     st.one_of(
         st.tuples(
             st.just("put"),
             IDS,
-            st.integers(0, 20),
+            TIMES,
             STATUSES,
             st.integers(0, 20),
         ),
         st.tuples(st.just("delete"), IDS),
         st.tuples(st.just("rule"), st.sampled_from(["r1", "r2", "r3", "r4"]), PATTERNS),
         st.tuples(st.just("unrule"), st.sampled_from(["r1", "r2", "r3", "r4"])),
-        st.tuples(st.just("trigger"), st.integers(0, 20), st.integers(1, 5)),
+        st.tuples(st.just("trigger"), TIMES, st.integers(1, 5)),
     ),
     max_size=60,
 )
@@ -534,6 +537,7 @@ def test_state_agrees_with_a_naive_model(ops: list[tuple], probes: list[str]) ->
 
         planned = [j.execute_at for j in jobs.values() if j.status is PLANNED]
         assert state.next_due() == (min(planned) if planned else None)
+        assert State(dict(jobs)).next_due() == state.next_due()
         assert state.jobs == jobs
         assert state.counts == {s: sum(j.status is s for j in jobs.values()) for s in Status}
 
