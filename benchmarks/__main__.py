@@ -8,7 +8,14 @@ Figures (see docs/benchmarks.md for what each one measures):
             empty store and with N planned jobs already loaded (--preload)
   lateness  trigger lateness p50/p99/max: 1,000 jobs due at one instant and 200
             jobs 10 ms apart, fsync on and off
-  restart   restart-to-ready time and peak RSS with N planned jobs
+  restart   restart-to-ready time and peak RSS with N planned jobs, and the
+            bytes per job above the empty store (VmRSS)
+
+The store of N planned jobs is built through the protocol: pipelined KCP SETs
+on one connection (--preload-via kcp, the default), or gRPC SetJobs batches
+(--preload-via grpc, benchmarks/preload.py: about 2/3 of the server CPU per
+job, for 10,000,000 jobs). --source reuses a store kept (--keep) by an
+earlier run instead of building it again.
 
 Everything runs under a temporary directory (removed at the end unless
 --keep), talks only to 127.0.0.1, and stops by itself: every phase is bounded
@@ -34,6 +41,7 @@ from benchmarks.profile import Profiler, top
 from benchmarks.server import Server, cpu_model
 
 LOADGEN_TIMEOUT_S = 300
+PRELOAD_S_PER_JOB = 1e-4  # the preload's time limit: 100 µs a job (it takes ~30)
 
 
 def log(message: str) -> None:
@@ -62,7 +70,9 @@ def _git(*args: str) -> str:
     return done.stdout.strip()
 
 
-def loadgen(server: Server, count: int, conns: int, window: int, prefix: str) -> dict:
+def loadgen(
+    server: Server, count: int, conns: int, window: int, prefix: str, timeout: float | None = None
+) -> dict:
     argv = [
         sys.executable,
         "-m",
@@ -79,8 +89,12 @@ def loadgen(server: Server, count: int, conns: int, window: int, prefix: str) ->
         prefix,
         "--server-pid",
         str(server.pid),
+        "--timeout",
+        str(timeout or LOADGEN_TIMEOUT_S),
     ]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=LOADGEN_TIMEOUT_S)
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout or LOADGEN_TIMEOUT_S
+    )
     if done.returncode != 0 and not done.stdout.strip():
         raise RuntimeError(f"loadgen failed ({done.returncode}): {done.stderr[-2000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -99,18 +113,43 @@ def loaded_jobs(server: Server) -> int:
 # -- phases -------------------------------------------------------------------------
 
 
-def preload(work: Path, jobs: int, window: int) -> dict:
+def grpc_preload(server: Server, jobs: int) -> dict:
+    """benchmarks/preload.py against `server`: its progress goes to our stderr."""
+    argv = [sys.executable, "-m", "benchmarks.preload"]
+    argv += ["--port", str(server.grpc_port), "--count", str(jobs)]
+    timeout = max(LOADGEN_TIMEOUT_S, jobs * PRELOAD_S_PER_JOB)
+    done = subprocess.run(argv, stdout=subprocess.PIPE, text=True, timeout=timeout)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["errors"] or result["jobs"] != jobs:
+        raise RuntimeError(f"preload: {result['errors']} errors, e.g. {result['first_error']!r}")
+    return result
+
+
+def reused(source: Path) -> dict:
+    """A store kept by an earlier run (--keep): nothing is built, its size is counted."""
+    size = sum(p.stat().st_size for p in source.iterdir()) / 2**20
+    log(f"reusing the store in {source} ({size:.0f} MiB), built by an earlier run")
+    return {"jobs": None, "via": "reused", "dir": str(source), "data_mib": size}
+
+
+def preload(work: Path, jobs: int, window: int, via: str = "kcp") -> dict:
     """Fill a data directory with `jobs` planned jobs (fsync off), stop with SIGTERM."""
     data = work / "preloaded" / "data"
     server = Server(work / "preloaded", data, fsync=False)
     with server:
-        log(f"preloading {jobs:,} jobs (fsync off, 1 connection)")
-        result = loadgen(server, jobs, 1, window, "pre.")
+        if via == "grpc":
+            log(f"preloading {jobs:,} jobs (fsync off, gRPC SetJobs batches of 1,000)")
+            result = grpc_preload(server, jobs)
+        else:
+            log(f"preloading {jobs:,} jobs (fsync off, 1 connection)")
+            timeout = max(LOADGEN_TIMEOUT_S, jobs * PRELOAD_S_PER_JOB)
+            result = loadgen(server, jobs, 1, window, "pre.", timeout)
         rss = server.peak_rss_mib()
     size = sum(p.stat().st_size for p in data.iterdir()) / 2**20
     log(f"preloaded: {result['sets_per_s']:,.0f} SET/s, data directory {size:.0f} MiB")
     return {
         "jobs": jobs,
+        "via": via,
         "dir": str(data),
         "load": result,
         "peak_rss_mib": rss,
@@ -133,7 +172,7 @@ def set_once(
     data = case_dir / "data"
     if source is not None:
         shutil.copytree(source, data)
-    server = Server(case_dir, data, fsync=fsync)
+    server = Server(case_dir, data, fsync=fsync, ready_timeout=READY_TIMEOUT_LOADED_S)
     with server:
         jobs = loaded_jobs(server)
         ready_s, rss_ready = server.ready_seconds, server.peak_rss_mib()
@@ -207,6 +246,10 @@ def set_case(
     return out
 
 
+# A start on a preloaded store: ~7 µs a job today, so 10,000,000 jobs take over a minute.
+READY_TIMEOUT_LOADED_S = 600.0
+
+
 def restarts(work: Path, source: Path, times: int) -> list[dict]:
     """Start on a copy of the preloaded directory `times` times (stop with SIGTERM in between)."""
     case_dir = work / "restart"
@@ -214,7 +257,7 @@ def restarts(work: Path, source: Path, times: int) -> list[dict]:
     shutil.copytree(source, data)
     out = []
     for i in range(times):
-        server = Server(case_dir, data, fsync=True)
+        server = Server(case_dir, data, fsync=True, ready_timeout=READY_TIMEOUT_LOADED_S)
         with server:
             ready = server.ready_seconds
             hwm_ready = server.peak_rss_mib()
@@ -243,7 +286,13 @@ def empty_start(work: Path) -> dict:
     case_dir = work / "empty-start"
     server = Server(case_dir, case_dir / "data", fsync=True)
     with server:
-        out = {"ready_s": server.ready_seconds, "peak_rss_mib_at_ready": server.peak_rss_mib()}
+        ready, hwm_ready = server.ready_seconds, server.peak_rss_mib()
+        time.sleep(2.0)  # as restarts() does
+        out = {
+            "ready_s": ready,
+            "peak_rss_mib_at_ready": hwm_ready,
+            "rss_mib_2s_later": server.rss_mib(),
+        }
     shutil.rmtree(case_dir, ignore_errors=True)
     return out
 
@@ -263,7 +312,10 @@ def report(results: dict) -> str:
         f"Code: commit {m['commit']} ({m['src_modified_files']} uncommitted files under src/); "
         f"load average at start {' '.join(m['loadavg'])}"
     )
-    if "preload" in results:
+    if results.get("preload", {}).get("via") == "reused":
+        p = results["preload"]
+        add(f"Store: reused {p['dir']} ({p['data_mib']:.0f} MiB), built by an earlier run")
+    elif "preload" in results:
         p = results["preload"]
         prog = p["load"].get("progress") or []
         if len(prog) >= 2:
@@ -276,8 +328,9 @@ def report(results: dict) -> str:
                 f"Preload rate per tenth of the {p['jobs']:,} SETs (SET/s as the store grows): "
                 + " ".join(rates)
             )
+        how = "gRPC SetJobs batches of 1,000" if p["via"] == "grpc" else "SETs on 1 connection"
         add(
-            f"Preload: {p['jobs']:,} SETs on 1 connection with fsync off: "
+            f"Preload: {p['jobs']:,} {how} with fsync off: "
             f"{p['load']['sets_per_s']:,.0f} SET/s; data directory {p['data_mib']:.0f} MiB "
             f"({', '.join(p['files'])})"
         )
@@ -355,7 +408,18 @@ def report(results: dict) -> str:
         if "empty_start" in results:
             e = results["empty_start"]
             add(
-                f"Empty store for comparison: ready in {e['ready_s']:.2f} s, VmHWM {e['peak_rss_mib_at_ready']:.0f} MiB"
+                f"Empty store for comparison: ready in {e['ready_s']:.2f} s, VmHWM "
+                f"{e['peak_rss_mib_at_ready']:.0f} MiB, VmRSS 2 s later {e['rss_mib_2s_later']:.0f} MiB"
+            )
+            jobs = rs[0]["jobs"] or 1
+            rss = statistics.median(r["rss_mib_2s_later"] for r in rs)
+            hwm = statistics.median(r["peak_rss_mib_2s_later"] for r in rs)
+            add(
+                f"Bytes per job above the empty store: "
+                f"{(rss - e['rss_mib_2s_later']) * 2**20 / jobs:,.0f} (VmRSS, what the jobs hold "
+                f"once ready; median of the restarts), "
+                f"{(hwm - e['peak_rss_mib_at_ready']) * 2**20 / jobs:,.0f} (VmHWM: the peak, "
+                "including what replay holds only while it runs)"
             )
     profiled = [r for r in results.get("set", []) if "profile" in r]
     profiled += [
@@ -403,6 +467,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--restarts", type=int, default=3)
     parser.add_argument(
+        "--preload-via",
+        choices=["kcp", "grpc"],
+        default="kcp",
+        help="build the store with pipelined KCP SETs (1 connection) or gRPC SetJobs batches",
+    )
+    parser.add_argument(
+        "--source",
+        type=Path,
+        help="a preloaded data directory kept by an earlier run (--keep): used as it is",
+    )
+    parser.add_argument(
+        "--fsync",
+        choices=["on", "off", "both"],
+        default="both",
+        help="the SET cases to run (each also on 1 and 4 connections)",
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=3,
@@ -443,8 +524,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         need_store = args.what in ("all", "set", "restart")
-        if need_store:
-            results["preload"] = pre = preload(work, args.preload, args.window)
+        if need_store and args.source:
+            results["preload"] = reused(args.source)
+            source = args.source
+        elif need_store:
+            results["preload"] = pre = preload(work, args.preload, args.window, args.preload_via)
             source = Path(pre["dir"])
         if args.what in ("all", "restart"):
             results["restart"] = restarts(work, source, args.restarts)
@@ -462,8 +546,8 @@ def main(argv: list[str] | None = None) -> int:
                     args.repeat,
                     profile_dir,
                 )
-                for store, src in (("empty", None), (f"{args.preload // 1000}k", source))
-                for fsync in (True, False)
+                for store, src in (("empty", None), ("preloaded", source))
+                for fsync in {"on": (True,), "off": (False,), "both": (True, False)}[args.fsync]
                 for conns in (1, 4)
             ]
         if args.what in ("all", "lateness"):

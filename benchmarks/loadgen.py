@@ -107,7 +107,13 @@ class Conn:
 
 
 def run(
-    port: int, count: int, conns: int, window: int, prefix: str, server_pid: int | None
+    port: int,
+    count: int,
+    conns: int,
+    window: int,
+    prefix: str,
+    server_pid: int | None,
+    timeout: float = 600.0,
 ) -> dict:
     per = [count // conns + (1 if k < count % conns else 0) for k in range(conns)]
     built = time.perf_counter()
@@ -147,8 +153,8 @@ def run(
         if received >= next_mark:
             progress.append((time.perf_counter() - t0, received))
             next_mark = (received // step + 1) * step
-        if time.perf_counter() - t0 > 600:
-            raise TimeoutError("load run took more than 600 s")
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError(f"load run took more than {timeout:g} s")
     elapsed = time.perf_counter() - t0
     usage1 = resource.getrusage(resource.RUSAGE_SELF)
     busy1, _ = machine_cpu()
@@ -187,8 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=10_000)
     parser.add_argument("--prefix", default="bench.")
     parser.add_argument("--server-pid", type=int)
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds the run may take")
     args = parser.parse_args(argv)
-    result = run(args.port, args.count, args.conns, args.window, args.prefix, args.server_pid)
+    result = run(
+        args.port, args.count, args.conns, args.window, args.prefix, args.server_pid, args.timeout
+    )
     print(json.dumps(result), flush=True)
     return 1 if result["errors"] else 0
 

@@ -109,8 +109,17 @@ def proc_status_kib(pid: int, key: str) -> int:
 
 
 class Server:
-    def __init__(self, workdir: Path, data_dir: Path, *, fsync: bool, extra: str = "") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        data_dir: Path,
+        *,
+        fsync: bool,
+        extra: str = "",
+        ready_timeout: float = READY_TIMEOUT_S,
+    ) -> None:
         self.workdir = workdir
+        self.ready_timeout = ready_timeout  # seconds from fork to the "ready" line
         self.data_dir = data_dir
         self.fsync = fsync
         self.extra = extra
@@ -154,7 +163,7 @@ class Server:
         )
         self._reader = threading.Thread(target=self._read_logs, daemon=True)
         self._reader.start()
-        deadline = self._started + READY_TIMEOUT_S
+        deadline = self._started + self.ready_timeout
         while not self._ready.wait(0.01):
             if self.process.poll() is not None:
                 self._reader.join(2)
@@ -163,7 +172,7 @@ class Server:
                 )
             if time.monotonic() > deadline:
                 self.kill()
-                raise RuntimeError(f"server not ready in {READY_TIMEOUT_S}s:\n{self.log_text()}")
+                raise RuntimeError(f"server not ready in {self.ready_timeout}s:\n{self.log_text()}")
         return self
 
     def _read_logs(self) -> None:

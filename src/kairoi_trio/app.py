@@ -117,7 +117,7 @@ def _load_state(store: DurableLog) -> State:
             failed_out_of_range=out_of_range,
             repaired_tail_bytes=loaded.repaired_tail_bytes,
         )
-    return State(jobs.values(), loaded.rules.values())
+    return State(jobs, loaded.rules.values())  # the dict is adopted, not copied
 
 
 class HeapFreezer:

@@ -238,6 +238,20 @@ def test_replay_applies_status_over_put_keeping_payload() -> None:
     assert rules == {"r1": RULES[0], "r3": RULES[2]}
 
 
+def test_replay_shares_one_updated_at_object_among_a_run_of_equal_values() -> None:
+    """Jobs of one group commit carry the same updated_at: replay keeps one int
+    object for them (32 bytes a job at 10 million jobs), values unchanged."""
+    at = 1_800_000_000_000_000  # far above the small ints Python caches
+    jobs_in = [Job(f"j{i}", at + i, updated_at=at if i < 3 else at + 1) for i in range(5)]
+    jobs: dict = {}
+    result = replay_into(encode_records([JobPut(j) for j in jobs_in]), 0, jobs, {})
+    assert result.error is None and list(jobs.values()) == jobs_in
+    first, second, third, fourth, fifth = jobs.values()
+    assert first.updated_at is second.updated_at is third.updated_at
+    assert fourth.updated_at is fifth.updated_at
+    assert fourth.updated_at is not third.updated_at
+
+
 def test_recurring_jobs_round_trip_and_a_bad_schedule_is_named() -> None:
     """Type 7 (format 4): every field of a recurring job comes back, by the fast path
     of replay and by the general decoder; a checksummed record whose schedule is not

@@ -9,7 +9,16 @@ from hypothesis import strategies as st
 
 from kairoi_trio.core import state as state_module
 from kairoi_trio.core.state import State
-from kairoi_trio.model import MAX_TIME_US, MIN_TIME_US, Job, Rule, ShellRunner, Status
+from kairoi_trio.model import (
+    MAX_TIME_US,
+    MIN_TIME_US,
+    Job,
+    Recurrence,
+    Rule,
+    Schedule,
+    ShellRunner,
+    Status,
+)
 
 PLANNED, TRIGGERED, EXECUTED, FAILED = (
     Status.PLANNED,
@@ -73,6 +82,31 @@ def test_constructor_counts_and_indexes_given_jobs_and_rules() -> None:
     assert drain(state, 100) == ["z", "x"]
     assert state.match_rule("xyz") == rule("r", "x")
     assert state.expired_finished(before=2, limit=10) == ["y"]
+
+
+def test_a_dict_of_jobs_is_adopted_and_indexed_like_the_same_jobs_given_one_by_one() -> None:
+    paused = Recurrence(Schedule("every 60s"), 15, paused=True)
+    given = [
+        job("x", 30),
+        job("y", 10, EXECUTED, 4),
+        job("z", 20),
+        job("w", 5, TRIGGERED),
+        job("v", 7, FAILED, 2),
+        Job("p", 15, PLANNED, recurrence=paused),
+    ]
+    by_id = {j.id: j for j in given}
+    adopted = State(by_id)
+    assert adopted.jobs is by_id  # no second dict of n entries at start-up
+    one_by_one = State()
+    for j in given:
+        one_by_one.put_job(j)
+    for state in (adopted, one_by_one):
+        assert counts(state) == {PLANNED: 3, EXECUTED: 1, TRIGGERED: 1, FAILED: 1}
+        assert [j.id for j in state.iter_prefix("")] == ["p", "v", "w", "x", "y", "z"]
+        assert state.list_jobs("", FAILED, "", 10) == ([given[4]], "")
+        assert state.expired_finished(before=5, limit=10) == ["v", "y"]
+        assert state.next_due() == 20  # the paused job waits for no time
+        assert drain(state, 100) == ["z", "x"]
 
 
 # -- due order ----------------------------------------------------------------------
@@ -436,20 +470,23 @@ def test_expired_finished_lists_a_restored_job_once() -> None:
 IDS = st.sampled_from(["a", "ab", "a.", "a.b", "b", "b.a", "ba", "aab"])
 PATTERNS = st.sampled_from(["", "a", "ab", "a.", "b", "b.", "ba", "aab", "c"])
 STATUSES = st.sampled_from([PLANNED, PLANNED, PLANNED, TRIGGERED, EXECUTED, FAILED])
+# Times over several of the due index's buckets (2**32 µs), before and after the
+# epoch, with ties: later buckets become heap entries as the earlier ones run dry.
+TIMES = st.integers(-6, 20).map(lambda t: t * (1 << 30) + t % 3)
 
 operations = st.lists(
     st.one_of(
         st.tuples(
             st.just("put"),
             IDS,
-            st.integers(0, 20),
+            TIMES,
             STATUSES,
             st.integers(0, 20),
         ),
         st.tuples(st.just("delete"), IDS),
         st.tuples(st.just("rule"), st.sampled_from(["r1", "r2", "r3", "r4"]), PATTERNS),
         st.tuples(st.just("unrule"), st.sampled_from(["r1", "r2", "r3", "r4"])),
-        st.tuples(st.just("trigger"), st.integers(0, 20), st.integers(1, 5)),
+        st.tuples(st.just("trigger"), TIMES, st.integers(1, 5)),
     ),
     max_size=60,
 )
@@ -500,6 +537,7 @@ def test_state_agrees_with_a_naive_model(ops: list[tuple], probes: list[str]) ->
 
         planned = [j.execute_at for j in jobs.values() if j.status is PLANNED]
         assert state.next_due() == (min(planned) if planned else None)
+        assert State(dict(jobs)).next_due() == state.next_due()
         assert state.jobs == jobs
         assert state.counts == {s: sum(j.status is s for j in jobs.values()) for s in Status}
 

@@ -3,10 +3,12 @@
 Costs, with n planned jobs and r rules:
 - set / get / delete a job: O(log n) (dict, a heap push, a sorted-id insert
   only for a new id);
-- "what is due next" and popping due jobs: O(log n) each. The due heap uses
-  lazy deletion: a re-SET pushes a new entry and leaves the old one, which is
-  recognised as stale when it surfaces (its job is gone, not planned, or has
-  another time). The heap is rebuilt when stale entries outnumber live ones;
+- "what is due next" and popping due jobs: O(log n) each, from the due index
+  (core/due.py: a heap of the jobs due within the next ~72 minutes, bare ids in
+  buckets for the later ones, ~9 bytes a job instead of a 72-byte heap entry).
+  It uses lazy deletion: a re-SET pushes a new entry and leaves the old one,
+  which is recognised as stale when it surfaces (its job is gone, not planned,
+  or has another time). It is rebuilt when stale entries outnumber live ones;
 - pairing a job with a rule: one dict look-up per distinct pattern length, not
   a scan of all rules;
 - listing by id prefix, with or without a status filter: O(log n + page).
@@ -27,6 +29,7 @@ from itertools import islice
 
 from sortedcontainers import SortedList
 
+from kairoi_trio.core.due import DueIndex
 from kairoi_trio.model import MAX_TIME_US, MIN_TIME_US, Job, Rule, Status, new_job
 
 _PLANNED = Status.PLANNED
@@ -42,26 +45,37 @@ def waits(job: Job) -> bool:
 
 
 class State:
-    def __init__(self, jobs: Iterable[Job] = (), rules: Iterable[Rule] = ()) -> None:
-        self.jobs: dict[str, Job] = {job.id: job for job in jobs}
+    def __init__(
+        self, jobs: Iterable[Job] | dict[str, Job] = (), rules: Iterable[Rule] = ()
+    ) -> None:
+        """Index `jobs` and `rules`. A dict of jobs by id (the replayed log) is
+        adopted, not copied: a second dict of n entries would be most of the
+        peak RSS at start-up above the state itself (~34 bytes a job)."""
+        self.jobs: dict[str, Job] = (
+            jobs if isinstance(jobs, dict) else {job.id: job for job in jobs}
+        )
         self.rules: dict[str, Rule] = {}
-        self.counts: dict[Status, int] = dict.fromkeys(Status, 0)
-        for job in self.jobs.values():
-            self.counts[job.status] += 1
+        # One pass over the jobs for every index (n is 10 million at start-up).
+        by_status: dict[Status, list[str]] = {status: [] for status in Status}
+        self._due = due = DueIndex(self._due_at)
+        push_due = due.push
+        finished: list[tuple[int, str]] = []
+        ids_of = by_status.__getitem__
+        for job_id, job in self.jobs.items():
+            status = job.status
+            ids_of(status).append(job_id)
+            if status is _PLANNED:
+                if job.recurrence is None or waits(job):
+                    push_due(job.execute_at, job_id)
+            elif status in _FINISHED:
+                finished.append((job.updated_at, job_id))
+        self.counts: dict[Status, int] = {status: len(ids) for status, ids in by_status.items()}
         # the ordered id index, one sorted list per status (see the module's docstring)
         self._ids: dict[Status, SortedList] = {status: SortedList() for status in Status}
-        by_status: dict[Status, list[str]] = {status: [] for status in Status}
-        for job in self.jobs.values():
-            by_status[job.status].append(job.id)
         for status, ids in by_status.items():
             self._ids[status].update(ids)
-        self._due: list[tuple[int, str]] = [
-            (job.execute_at, job.id) for job in self.jobs.values() if waits(job)
-        ]
-        heapq.heapify(self._due)
-        finished = sorted(
-            (job.updated_at, job.id) for job in self.jobs.values() if job.status.finished
-        )
+        del by_status
+        finished.sort()
         # a heap, not a queue: a rollback can put back a job that finished earlier
         self._finished: list[tuple[int, str]] = finished
         # due jobs popped from the heap whose runner kind was full, per kind
@@ -93,7 +107,7 @@ class State:
         # (the recurrence test first: waits() is a call, and SET is the hot path)
         if status is _PLANNED and (job.recurrence is None or waits(job)):
             if old is None or old.execute_at != job.execute_at or not waits(old):
-                heapq.heappush(self._due, (job.execute_at, job_id))
+                self._due.push(job.execute_at, job_id)
                 if len(self._due) > 2 * counts[_PLANNED] + 1024:
                     self._rebuild_due()
         elif status in _FINISHED and (old is None or old.status not in _FINISHED):
@@ -110,20 +124,19 @@ class State:
     def next_due(self) -> int | None:
         """The earliest execute_at among planned jobs (paused ones aside), or None."""
         due = self._due
-        while due:
-            at, job_id = due[0]
+        while (entry := due.first()) is not None:
+            at, job_id = entry
             if self._is_live(at, job_id):
                 return at
-            heapq.heappop(due)
+            due.pop()
         return None
 
     def pop_due(self, now: int) -> Iterator[Job]:
         """Yield planned jobs with execute_at <= now, earliest first, removing them
         from the due index. The caller must change each yielded job's status (or
         `hold` it) before asking again."""
-        due = self._due
-        while due and due[0][0] <= now:
-            at, job_id = heapq.heappop(due)
+        while (entry := self._due.first()) is not None and entry[0] <= now:
+            at, job_id = self._due.pop()
             if self._is_live(at, job_id):
                 yield self.jobs[job_id]
 
@@ -138,10 +151,17 @@ class State:
         job = self.jobs.get(job_id)
         return job is not None and job.execute_at == at and waits(job)
 
+    def _due_at(self, job_id: str) -> int | None:
+        """The job's execute_at if it waits in the due index, else None (for DueIndex)."""
+        job = self.jobs.get(job_id)
+        return job.execute_at if job is not None and waits(job) else None
+
     def _rebuild_due(self) -> None:
         """Drop the stale entries once they outnumber the live ones."""
-        self._due = [(j.execute_at, j.id) for j in self.jobs.values() if waits(j)]
-        heapq.heapify(self._due)
+        self._due = due = DueIndex(self._due_at)
+        for job in self.jobs.values():
+            if waits(job):
+                due.push(job.execute_at, job.id)
 
     def expired_finished(self, before: int, limit: int) -> list[str]:
         """Ids of up to `limit` executed/failed jobs last changed before `before`."""

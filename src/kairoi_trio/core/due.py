@@ -1,0 +1,94 @@
+"""The due index: which planned job comes due next, at ~9 bytes a job (pure).
+
+A heap of (execute_at, id) tuples costs a 64-byte tuple and an 8-byte slot per
+planned job: a fifth of what a job costs in memory. Here only the jobs due
+before the *horizon* have a heap entry. Later ones are kept as bare ids (an
+8-byte list slot) in buckets of 2**BUCKET_SHIFT µs (~72 minutes); when the heap
+runs dry, the earliest bucket is turned into heap entries and the horizon moves
+to its end. So the heap's top is always the earliest entry of all: every
+bucketed time lies at or after the horizon, every heap entry before it.
+
+Entries may be stale (the job was re-set to another time, deleted, or is no
+longer planned): the caller checks each entry it takes, as with a plain heap
+(lazy deletion), and buckets drop theirs when turned into heap entries, by
+asking `when(id)` for the job's current due time.
+
+Costs: push O(1) for a later bucket, O(log h) into the heap (h: entries before
+the horizon); first/pop O(log h), plus, once per bucket, O(bucket) to turn it
+into heap entries (a bucket of a million jobs due within the same 72 minutes:
+~0.5 s once, when the jobs before it are all gone).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+
+BUCKET_SHIFT = 34  # 2**34 µs: ~4.8 hours a bucket
+_NO_HORIZON = -(1 << 80)  # before any time: nothing is in the heap yet
+
+
+class DueIndex:
+    """(execute_at µs, job id) entries, earliest first; see the module docstring.
+
+    `when(job_id)` gives a job's current due time, or None when it waits for
+    none (deleted, not planned, paused): used when a bucket becomes heap entries.
+    """
+
+    __slots__ = ("_when", "_heap", "_buckets", "_keys", "_horizon", "_bucketed")
+
+    def __init__(self, when: Callable[[str], int | None]) -> None:
+        self._when = when
+        self._heap: list[tuple[int, str]] = []
+        self._buckets: dict[int, list[str]] = {}  # bucket number -> ids, in push order
+        self._keys: list[int] = []  # heap of the bucket numbers in _buckets
+        self._horizon = _NO_HORIZON  # times before it go to the heap
+        self._bucketed = 0  # ids in buckets, stale ones included
+
+    def __len__(self) -> int:
+        """Entries held, stale ones included (the caller rebuilds when they dominate)."""
+        return len(self._heap) + self._bucketed
+
+    def push(self, at: int, job_id: str) -> None:
+        """Add an entry: `job_id` is due at `at` (µs since the epoch)."""
+        if at < self._horizon:
+            heapq.heappush(self._heap, (at, job_id))
+            return
+        key = at >> BUCKET_SHIFT
+        ids = self._buckets.get(key)
+        if ids is None:
+            self._buckets[key] = [job_id]
+            heapq.heappush(self._keys, key)
+        else:
+            ids.append(job_id)
+        self._bucketed += 1
+
+    def first(self) -> tuple[int, str] | None:
+        """The earliest entry (possibly stale), or None when there is none."""
+        while not self._heap:
+            if not self._keys:
+                return None
+            self._open_bucket()
+        return self._heap[0]
+
+    def pop(self) -> tuple[int, str]:
+        """Remove and return the entry first() gave. Raises IndexError when empty."""
+        if self.first() is None:
+            raise IndexError("pop from an empty DueIndex")
+        return heapq.heappop(self._heap)
+
+    def _open_bucket(self) -> None:
+        """Turn the earliest bucket into heap entries (its live ones) and move the horizon."""
+        key = heapq.heappop(self._keys)
+        ids = self._buckets.pop(key)
+        self._bucketed -= len(ids)
+        self._horizon = (key + 1) << BUCKET_SHIFT
+        when = self._when
+        entries = []
+        for job_id in ids:
+            at = when(job_id)
+            # a job re-set to another bucket has an entry there (or in the heap)
+            if at is not None and at >> BUCKET_SHIFT == key:
+                entries.append((at, job_id))
+        heapq.heapify(entries)
+        self._heap = entries
