@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kairoi_trio.core import state as state_module
+from kairoi_trio.core.due import BUCKET_SHIFT
 from kairoi_trio.core.state import State
 from kairoi_trio.model import (
     MAX_TIME_US,
@@ -470,9 +471,10 @@ def test_expired_finished_lists_a_restored_job_once() -> None:
 IDS = st.sampled_from(["a", "ab", "a.", "a.b", "b", "b.a", "ba", "aab"])
 PATTERNS = st.sampled_from(["", "a", "ab", "a.", "b", "b.", "ba", "aab", "c"])
 STATUSES = st.sampled_from([PLANNED, PLANNED, PLANNED, TRIGGERED, EXECUTED, FAILED])
-# Times over several of the due index's buckets (2**32 µs), before and after the
-# epoch, with ties: later buckets become heap entries as the earlier ones run dry.
-TIMES = st.integers(-6, 20).map(lambda t: t * (1 << 30) + t % 3)
+# Times over several of the due index's buckets (2**BUCKET_SHIFT µs: seven of them
+# here), before and after the epoch, with ties: later buckets become heap entries as
+# the earlier ones run dry.
+TIMES = st.integers(-6, 20).map(lambda t: t * (1 << (BUCKET_SHIFT - 2)) + t % 3)
 
 operations = st.lists(
     st.one_of(

@@ -3,7 +3,7 @@
 A heap of (execute_at, id) tuples costs a 64-byte tuple and an 8-byte slot per
 planned job: a fifth of what a job costs in memory. Here only the jobs due
 before the *horizon* have a heap entry. Later ones are kept as bare ids (an
-8-byte list slot) in buckets of 2**BUCKET_SHIFT µs (~72 minutes); when the heap
+8-byte list slot) in buckets of 2**BUCKET_SHIFT µs (~4.8 hours); when the heap
 runs dry, the earliest bucket is turned into heap entries and the horizon moves
 to its end. So the heap's top is always the earliest entry of all: every
 bucketed time lies at or after the horizon, every heap entry before it.
@@ -15,7 +15,7 @@ asking `when(id)` for the job's current due time.
 
 Costs: push O(1) for a later bucket, O(log h) into the heap (h: entries before
 the horizon); first/pop O(log h), plus, once per bucket, O(bucket) to turn it
-into heap entries (a bucket of a million jobs due within the same 72 minutes:
+into heap entries (a bucket of a million jobs due within the same 4.8 hours:
 ~0.5 s once, when the jobs before it are all gone).
 """
 

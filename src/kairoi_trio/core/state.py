@@ -4,7 +4,7 @@ Costs, with n planned jobs and r rules:
 - set / get / delete a job: O(log n) (dict, a heap push, a sorted-id insert
   only for a new id);
 - "what is due next" and popping due jobs: O(log n) each, from the due index
-  (core/due.py: a heap of the jobs due within the next ~72 minutes, bare ids in
+  (core/due.py: a heap of the jobs due within the next ~4.8 hours, bare ids in
   buckets for the later ones, ~9 bytes a job instead of a 72-byte heap entry).
   It uses lazy deletion: a re-SET pushes a new entry and leaves the old one,
   which is recognised as stale when it surfaces (its job is gone, not planned,
