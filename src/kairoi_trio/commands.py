@@ -213,6 +213,10 @@ class Unsubscribe:
 # -- internal: dispatcher and runners ------------------------------------------
 
 
+# The most due jobs one TriggerDue takes (and a PostgreSQL claim locks).
+MAX_TRIGGER = 4096
+
+
 @dataclass(slots=True)
 class TriggerDue:
     """Mark jobs due at `now` as triggered, oldest first.
@@ -225,7 +229,7 @@ class TriggerDue:
 
     now: int
     capacity: dict[str, int]
-    limit: int = 4096
+    limit: int = MAX_TRIGGER
 
 
 @dataclass(slots=True)

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 import trio
 
-from kairoi_trio.commands import CommandError, TriggerDue, TriggerResult
+from kairoi_trio.commands import MAX_TRIGGER, CommandError, TriggerDue, TriggerResult
 from kairoi_trio.core.actor import ActorClient
 from kairoi_trio.model import MICROS, now_us
 from kairoi_trio.runners.pool import RunnerPools
@@ -39,7 +39,6 @@ TRIGGER_RETRY_MAX_S = 5.0
 # 0.3-0.4 s with 4,096); each call that finds more due doubles it, up to
 # MAX_TRIGGER, since larger batches cost less per job (one commit, one claim).
 FIRST_TRIGGER = 512
-MAX_TRIGGER = 4096
 
 log = structlog.get_logger(__name__)
 

@@ -36,7 +36,7 @@ def test_the_same_observations_give_the_same_text(
     loop = LoopHistogram("x_seconds", "Help.", BUCKETS, ("kind", "outcome"), registry=ours)
     library = Histogram("x_seconds", "Help.", ["kind", "outcome"], buckets=BUCKETS, registry=theirs)
     for labels, value in observations:
-        loop.observe_into(loop.labels(*labels), value)
+        loop.labels(*labels).observe(value)
         library.labels(*labels).observe(value)
     assert exposition(ours) == exposition(theirs)
 

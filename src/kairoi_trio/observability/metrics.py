@@ -34,11 +34,18 @@ REGISTRY = CollectorRegistry()
 class _Buckets:
     """One series of a LoopHistogram: per-bucket counts (not cumulative) and the sum."""
 
-    __slots__ = ("counts", "total")
+    __slots__ = ("bounds", "counts", "total")
 
-    def __init__(self, size: int) -> None:
-        self.counts = [0] * size
+    def __init__(self, bounds: list[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
         self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        """One observation (seconds); a value on a bound counts in that bound's
+        bucket (le: less than or equal), as in prometheus_client."""
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
 
 
 class LoopHistogram(Collector):
@@ -76,18 +83,12 @@ class LoopHistogram(Collector):
         if series is None:
             if len(values) != len(self.labelnames):
                 raise ValueError(f"{self.name} takes labels {self.labelnames}, not {values}")
-            series = self._series[values] = _Buckets(len(self.bounds) + 1)
+            series = self._series[values] = _Buckets(self.bounds)
         return series
-
-    def observe_into(self, series: _Buckets, value: float) -> None:
-        """One observation (seconds) into `series`; a value on a bound counts in that
-        bound's bucket (le: less than or equal), as in prometheus_client."""
-        series.counts[bisect_left(self.bounds, value)] += 1
-        series.total += value
 
     def observe(self, value: float) -> None:
         """One observation into the unlabelled series."""
-        self.observe_into(self.labels(), value)
+        self.labels().observe(value)
 
     def collect(self) -> Iterable[HistogramMetricFamily]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=list(self.labelnames))
@@ -307,10 +308,10 @@ class MetricsObserver(Observer):
             self._readiness.storage(ok, reason)
 
     def triggered(self, lateness_s: list[float]) -> None:
-        observe, series = TRIGGER_LATENESS.observe_into, _TRIGGER_LATENESS_SERIES
+        observe = _TRIGGER_LATENESS_SERIES.observe
         late = [lateness if lateness > 0.0 else 0.0 for lateness in lateness_s]
         for lateness in late:
-            observe(series, lateness)
+            observe(lateness)
         SAMPLES.record_lateness(late)  # the dashboard's last hour
         SAMPLES.record("triggered", len(late))
 
@@ -335,5 +336,5 @@ def observe_run(kind: str, ok: bool, seconds: float) -> None:
     series = _RUN_SERIES.get((kind, ok))
     if series is None:
         series = _RUN_SERIES[kind, ok] = RUN_SECONDS.labels(kind, "executed" if ok else "failed")
-    RUN_SECONDS.observe_into(series, seconds)
+    series.observe(seconds)
     SAMPLES.record("executed" if ok else "failed")

@@ -144,14 +144,7 @@ class AmqpRunnerBackend(Runner):
             plan = _plan(spec)
         except ValueError as exc:
             raise RunFailed(str(exc)) from None
-        # The open connection without an await when there is one (nearly always).
-        slot = self._slots.get(plan.dsn)
-        if slot is not None and slot.conn is not None and slot.conn.is_open:
-            self._slots.move_to_end(plan.dsn)
-            slot.users += 1
-            conn = slot.conn
-        else:
-            slot, conn = await self._connection(plan.dsn)
+        slot, conn = await self._connection(plan.dsn)
         try:
             if not conn.exchange_known(spec.exchange) and not await conn.exchange_exists(
                 spec.exchange, timeout=self.confirm_timeout_s
@@ -187,10 +180,13 @@ class AmqpRunnerBackend(Runner):
         except ValueError:
             return False  # run() fails it with the reason
         slot = self._slots.get(plan.dsn)
-        if slot is None or slot.conn is None or not slot.conn.is_open:
-            return False
-        conn = slot.conn
-        if not conn.exchange_known(spec.exchange):
+        conn = slot.conn if slot is not None else None
+        if (
+            slot is None
+            or conn is None
+            or not conn.is_open
+            or not conn.exchange_known(spec.exchange)
+        ):
             return False
         # The rule's timeout, when it comes first, is the deadline, with the pool's words.
         timed_out = None

@@ -224,11 +224,9 @@ class _Waiter:
     event: trio.Event = field(default_factory=trio.Event)
     result: Frame | None = None
     error: AmqpError | None = None
-    settled: bool = False
 
     def resolve(self, result: Frame | None = None, error: AmqpError | None = None) -> None:
-        if not self.settled:
-            self.settled = True
+        if not self.event.is_set():
             self.result, self.error = result, error
             self.event.set()
 
@@ -1276,11 +1274,8 @@ class AmqpConnection:
                 )
             parts = [method_frame, content_frame]
             chunk = self.frame_max - 8  # frame header (7) and frame end (1)
-            if 0 < len(body) <= chunk:  # an empty body has no body frame
-                parts.append(body_frame(channel_id, body))
-            else:
-                for start in range(0, len(body), chunk):
-                    parts.append(body_frame(channel_id, body[start : start + chunk]))
+            for start in range(0, len(body), chunk):  # an empty body has no body frame
+                parts.append(body_frame(channel_id, body[start : start + chunk]))
         except (ValueError, TypeError) as exc:
             raise AmqpError(f"cannot encode message: {exc}") from None
         return b"".join(parts)

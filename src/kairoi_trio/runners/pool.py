@@ -179,8 +179,7 @@ class RunnerPool:
         while True:
             if self.running >= self.concurrency:
                 self._signal()  # room in the queue: the dispatcher may be waiting for it
-                self._room = trio.Event()
-                await self._room.wait()
+                await self._a_run_ended()
                 taken = 0
             try:
                 if taken < TAKES_PER_CHECKPOINT:
@@ -197,14 +196,17 @@ class RunnerPool:
                     taken = 0
             except trio.EndOfChannel:  # drain: wait for the started runs (its grace bounds it)
                 while self.running:
-                    self._room = trio.Event()
-                    await self._room.wait()
+                    await self._a_run_ended()
                 return
             if self._closing:  # shutting down: leave it triggered for the next start
                 continue
             self.running += 1
             if not self._start(dispatch):
                 runs.start_soon(self._run_task, dispatch)
+
+    async def _a_run_ended(self) -> None:
+        self._room = trio.Event()
+        await self._room.wait()
 
     def _start(self, dispatch: Dispatch) -> bool:
         """Runner.start for `dispatch`; False when the runner needs a task for it."""

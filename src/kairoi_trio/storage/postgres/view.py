@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kairoi_trio.commands import (
+    MAX_TRIGGER,
     Command,
     DeleteJob,
     ExpireFinished,
@@ -44,10 +45,10 @@ from kairoi_trio.commands import (
 from kairoi_trio.core.state import State, waits
 from kairoi_trio.model import Job, Rule, Status
 
-# A TriggerDue claims at most this many due jobs: what the runners have room
-# for, and a few more for jobs that fail without a run (no rule, stale).
+# A TriggerDue claims what the runners have room for, and a few more for jobs
+# that fail without a run (no rule, stale); never more than its limit, nor (several
+# TriggerDue in one batch) MAX_TRIGGER in all.
 CLAIM_SLACK = 64
-MAX_CLAIM = 4096
 
 # The commands that may change a job by id: it is locked and loaded for the batch.
 _WRITES_BY_ID = (SetJob, DeleteJob, ScheduleJob, PauseJob, ResumeJob, RunJobNow)
@@ -104,7 +105,7 @@ class LoadPlan:
             elif isinstance(command, TriggerDue):
                 room = sum(max(n, 0) for n in command.capacity.values()) + CLAIM_SLACK
                 plan.claim_now = max(plan.claim_now or command.now, command.now)
-                plan.claim_limit = min(plan.claim_limit + room, command.limit, MAX_CLAIM)
+                plan.claim_limit = min(plan.claim_limit + room, command.limit, MAX_TRIGGER)
             elif isinstance(command, ExpireFinished):
                 plan.expire_before = command.before
                 plan.expire_limit = max(plan.expire_limit, command.limit)
