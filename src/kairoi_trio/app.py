@@ -377,7 +377,8 @@ async def _serve_state(
     task_status: trio.TaskStatus[Ports],
 ) -> None:
     state = store.state
-    timer = DueTimer()
+    ahead_us = round(config.jobs.fire_ahead_s * MICROS)
+    timer = DueTimer(ahead_us)
     freezer = HeapFreezer(len(state.jobs))
 
     def after_commit(state: State) -> None:
@@ -388,6 +389,7 @@ async def _serve_state(
     client = ActorClient(send)
     pools = build_pools(config, client)
     readiness = Readiness()  # "can accept writes": /ready and gRPC health
+    observer = MetricsObserver(readiness)
     actor = CommandActor(
         state,
         store.log,
@@ -404,7 +406,7 @@ async def _serve_state(
         storage_errors=store.errors,
         on_commit=after_commit,
         compact_after_bytes=store.compact_after_bytes,
-        observer=MetricsObserver(readiness),
+        observer=observer,
     )
     timer.update(state.next_due())
     async with trio.open_nursery() as core:
@@ -416,7 +418,9 @@ async def _serve_state(
             for pool in pools.pools.values():
                 await work.start(pool.run)
             dispatching = trio.CancelScope()
-            dispatcher = Dispatcher(client.clone(), timer, pools)
+            dispatcher = Dispatcher(
+                client.clone(), timer, pools, ahead_us=ahead_us, observer=observer
+            )
             work.start_soon(_run_in_scope, dispatching, dispatcher.run)
             async with trio.open_nursery() as front:
                 controller = config.controller

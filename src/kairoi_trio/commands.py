@@ -219,17 +219,22 @@ MAX_TRIGGER = 4096
 
 @dataclass(slots=True)
 class TriggerDue:
-    """Mark jobs due at `now` as triggered, oldest first.
+    """Mark jobs due by `now + ahead` (µs) as triggered, oldest first.
 
     `capacity` is how many more runs each runner kind can queue right now; a
     due job whose runner kind is full stays planned (nothing is lost, and the
     other kinds are not held up behind it). At most `limit` due jobs are taken
     (TriggerResult.more_due says whether more are). Returns a TriggerResult.
+
+    `ahead` is the fire-ahead window (jobs.fire_ahead_s): a job due within it is
+    triggered now, durably, and its Dispatch is handed to a runner at its due
+    time by the dispatcher, so the trigger's fsync is not on the job's path.
     """
 
     now: int
     capacity: dict[str, int]
     limit: int = MAX_TRIGGER
+    ahead: int = 0
 
 
 @dataclass(slots=True)

@@ -26,6 +26,9 @@ from kairoi_trio.core.auth import check_tokens
 from kairoi_trio.core.validation import MAX_POLICY_SECONDS, check_policy
 from kairoi_trio.model import RulePolicy
 
+# Longer would keep a job `triggered` (refusing SET and UNSET) for long before its time.
+MAX_FIRE_AHEAD_S = 1.0
+
 
 class ConfigError(Exception):
     """A configuration problem, with a message fit for one line on stderr."""
@@ -118,6 +121,10 @@ class JobsConfig:
     # misfire=all: a recurring job catches up at most this many missed occurrences
     # (the latest ones); docs/recurring-jobs.md.
     max_catchup_runs: int = 100
+    # Trigger a job (its `triggered` mark written and synced) up to this long before
+    # it is due, and hand it to its runner at its due time: the mark's fsync is then
+    # off the job's path. 0: trigger at the due time. docs/runners.md, "Fire-ahead".
+    fire_ahead_s: float = 0.02
 
 
 @dataclass(frozen=True)
@@ -438,6 +445,7 @@ def _check(config: Config) -> None:
         "controller.auth_timeout_s": config.controller.auth_timeout_s,
         "controller.max_connections_per_address": config.controller.max_connections_per_address,
         "shutdown.grace_period_s": config.shutdown.grace_period_s,
+        "jobs.fire_ahead_s": config.jobs.fire_ahead_s,
     }
     for name, number in non_negative.items():
         if number < 0:
@@ -447,6 +455,10 @@ def _check(config: Config) -> None:
             raise ConfigError(
                 f"{name} must be at most {MAX_POLICY_SECONDS} (100 years), not {seconds}"
             )
+    if config.jobs.fire_ahead_s > MAX_FIRE_AHEAD_S:
+        raise ConfigError(
+            f"jobs.fire_ahead_s must be at most {MAX_FIRE_AHEAD_S}, not {config.jobs.fire_ahead_s}"
+        )
     if config.runners.amqp.heartbeat_s > 65535:  # a short uint in AMQP's connection.tune
         raise ConfigError("runners.amqp.heartbeat_s must be at most 65535")
     if not config.storage.directory:

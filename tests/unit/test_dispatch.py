@@ -21,8 +21,8 @@ import trio
 import trio.testing
 
 from kairoi_trio import dispatch
-from kairoi_trio.commands import Dispatch, GetJob, Request, SetJob, SetRule
-from kairoi_trio.core.actor import ActorClient, CommandActor
+from kairoi_trio.commands import CommandError, Dispatch, GetJob, Request, SetJob, SetRule
+from kairoi_trio.core.actor import ActorClient, CommandActor, Observer
 from kairoi_trio.core.state import State
 from kairoi_trio.dispatch import (
     TRIGGER_RETRY_INITIAL_S,
@@ -139,6 +139,14 @@ async def test_the_last_job_going_away_stops_the_wake_up(wall: trio.testing.Mock
         assert scope.cancelled_caught
 
 
+async def test_wakes_the_fire_ahead_window_before_the_due_time(
+    wall: trio.testing.MockClock,
+) -> None:
+    timer = DueTimer(ahead_us=20_000)
+    timer.update(at(0.75))
+    assert await woken_at(timer) == pytest.approx(0.73, abs=1e-6)
+
+
 async def test_wakes_at_the_due_time_on_real_clocks() -> None:
     timer = DueTimer()
     timer.update(now_us() + 300_000)
@@ -159,12 +167,13 @@ class MemoryLog:
     def __init__(self) -> None:
         self.records: list[Record] = []
         self.fail = False
+        self.sync_s = 0.0  # how long an append takes (its fsync)
         self.failed_appends = 0
         self.bytes_since_snapshot = 0
         self.snapshot_bytes = 0
 
     async def append(self, records: list[Record]) -> None:
-        await trio.lowlevel.checkpoint()
+        await trio.sleep(self.sync_s)
         if self.fail:
             self.failed_appends += 1
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -180,14 +189,29 @@ class MemoryLog:
 class Pools:
     """Stands in for RunnerPools: room for everything, and a record of what it was given."""
 
-    def __init__(self) -> None:
+    def __init__(self, log: MemoryLog) -> None:
+        self.log = log
         self.dispatched: list[Dispatch] = []
+        self.handed_at: list[float] = []  # trio time of each submit
+        self.marks_written: list[bool] = []  # was the job's trigger in the log by then?
+
+    room = 100  # runs that may be queued in all
 
     def capacity(self) -> dict[str, int]:
-        return {"shell": 100}
+        return {"shell": self.room - len(self.dispatched)}
 
     def submit_nowait(self, dispatch: Dispatch) -> None:
+        assert self.capacity()["shell"] > 0, "more handed out than the pool has room for"
         self.dispatched.append(dispatch)
+        self.handed_at.append(trio.current_time())
+        job = dispatch.job
+        self.marks_written.append(
+            any(
+                isinstance(r, JobStatus)
+                and (r.id, r.status, r.attempts) == (job.id, Status.TRIGGERED, job.attempts)
+                for r in self.log.records
+            )
+        )
 
     async def wait_for_capacity(self) -> None:
         await trio.sleep_forever()
@@ -201,10 +225,21 @@ class Scheduler:
     dispatcher: Dispatcher
 
 
+class Lateness(Observer):
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def triggered(self, lateness_s: list[float]) -> None:
+        self.seen.extend(lateness_s)
+
+
 @asynccontextmanager
-async def scheduler(wall: trio.testing.MockClock) -> AsyncIterator[Scheduler]:
+async def scheduler(
+    wall: trio.testing.MockClock, ahead_s: float = 0.0, observer: Observer | None = None
+) -> AsyncIterator[Scheduler]:
     log = MemoryLog()
-    timer = DueTimer()
+    ahead_us = round(ahead_s * MICROS)
+    timer = DueTimer(ahead_us)
     send, receive = trio.open_memory_channel[Request](100)
     actor = CommandActor(
         State(),
@@ -212,10 +247,17 @@ async def scheduler(wall: trio.testing.MockClock) -> AsyncIterator[Scheduler]:
         receive,
         on_commit=lambda state: timer.update(state.next_due()),
         clock=dispatch.now_us,
+        observer=observer,
     )
-    pools = Pools()
+    pools = Pools(log)
     client = ActorClient(send)
-    dispatcher = Dispatcher(client.clone(), timer, pools)  # type: ignore[arg-type]
+    dispatcher = Dispatcher(
+        client.clone(),
+        timer,
+        pools,  # type: ignore[arg-type]
+        ahead_us=ahead_us,
+        observer=observer,
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(actor.run)
         await nursery.start(dispatcher.run)
@@ -263,3 +305,106 @@ async def test_the_backoff_starts_again_small_after_a_trigger_is_written(
         failed = s.dispatcher.failed_triggers
         await trio.sleep_until(100 + TRIGGER_RETRY_INITIAL_S * 1.5)
         assert s.dispatcher.failed_triggers == failed + 2  # at 100 s and 0.1 s later
+
+
+# -- fire-ahead: the trigger's sync off the job's path (issue 12) ---------------------------
+
+
+DUE = [1.0, 1.001, 1.005, 1.03, 2.0]
+
+
+@pytest.mark.parametrize("sync_s", [0.003, 0.019])
+async def test_a_job_is_handed_out_at_its_due_time_after_its_mark_was_written(
+    wall: trio.testing.MockClock, sync_s: float
+) -> None:
+    """With a 20 ms window and a sync shorter than it, the runner gets the job at its
+    due time exactly, never before, and only once its `triggered` mark is written;
+    the dispatcher arms the next jobs while earlier ones wait for their time."""
+    lateness = Lateness()
+    async with scheduler(wall, ahead_s=0.02, observer=lateness) as s:
+        s.log.sync_s = sync_s
+        await s.client.call(SetRule(RULE))
+        for n, due in enumerate(DUE):
+            await s.client.call(SetJob(f"app.{n}", at(due)))
+        await trio.sleep(3)
+        assert [d.job.id for d in s.pools.dispatched] == [f"app.{n}" for n in range(5)]
+        if sync_s < 0.005:  # each sync ends before the next job's window opens
+            assert s.pools.handed_at == pytest.approx(DUE, abs=1e-6)
+            assert lateness.seen == pytest.approx([0.0] * 5, abs=1e-6)
+        else:  # the syncs follow each other: a job is late by what they overran its window
+            assert s.pools.handed_at == pytest.approx([1.0, 1.018, 1.018, 1.037, 2.0], abs=1e-6)
+            assert lateness.seen == pytest.approx([0.0, 0.017, 0.013, 0.007, 0.0], abs=1e-6)
+        assert all(handed >= due - 1e-9 for handed, due in zip(s.pools.handed_at, DUE))
+        assert s.pools.marks_written == [True] * 5
+        for n in range(5):
+            job = await s.client.call(GetJob(f"app.{n}"))
+            assert (job.status, job.attempts) == (Status.TRIGGERED, 1)
+
+
+async def test_a_job_armed_later_for_an_earlier_time_is_handed_out_first(
+    wall: trio.testing.MockClock,
+) -> None:
+    async with scheduler(wall, ahead_s=0.5) as s:
+        s.log.sync_s = 0.003
+        await s.client.call(SetRule(RULE))
+        await s.client.call(SetJob("app.late", at(1.4)))
+        await trio.sleep_until(1.0)  # app.late is armed (at 0.9), waiting for 1.4
+        assert s.pools.dispatched == []
+        await s.client.call(SetJob("app.early", at(1.1)))
+        await trio.sleep(1)
+        assert [d.job.id for d in s.pools.dispatched] == ["app.early", "app.late"]
+        assert s.pools.handed_at == pytest.approx([1.1, 1.4], abs=1e-6)
+
+
+async def test_armed_jobs_take_their_room_in_the_pools(wall: trio.testing.MockClock) -> None:
+    """A pool's room counts the jobs armed for it: never more handed out than it has."""
+    async with scheduler(wall, ahead_s=0.5) as s:
+        s.pools.room = 3
+        await s.client.call(SetRule(RULE))
+        for n in range(5):
+            await s.client.call(SetJob(f"app.{n}", at(1.0 + n / 100)))
+        await trio.sleep_until(0.9)
+        assert s.dispatcher._capacity() == {"shell": 0}
+        states = [(await s.client.call(GetJob(f"app.{n}"))).status for n in range(5)]
+        assert states == [Status.TRIGGERED] * 3 + [Status.PLANNED] * 2
+        await trio.sleep(2)
+        assert [d.job.id for d in s.pools.dispatched] == ["app.0", "app.1", "app.2"]
+
+
+async def test_without_fire_ahead_the_sync_delays_the_job(wall: trio.testing.MockClock) -> None:
+    lateness = Lateness()
+    async with scheduler(wall, ahead_s=0.0, observer=lateness) as s:
+        s.log.sync_s = 0.003
+        await s.client.call(SetRule(RULE))
+        await s.client.call(SetJob("app.1", at(1.0)))
+        await trio.sleep(2)
+        assert s.pools.handed_at == pytest.approx([1.003], abs=1e-6)
+        assert s.pools.marks_written == [True]
+        assert lateness.seen == pytest.approx([0.0], abs=1e-6)  # counted at the trigger
+
+
+async def test_a_sync_longer_than_the_window_hands_the_job_out_once_written(
+    wall: trio.testing.MockClock,
+) -> None:
+    async with scheduler(wall, ahead_s=0.02) as s:
+        s.log.sync_s = 0.05
+        await s.client.call(SetRule(RULE))
+        await s.client.call(SetJob("app.1", at(1.0)))
+        await trio.sleep(2)
+        # woken at 0.98, written at 1.03: late by what the sync overran the window
+        assert s.pools.handed_at == pytest.approx([1.03], abs=1e-6)
+        assert s.pools.marks_written == [True]
+
+
+async def test_a_job_armed_ahead_refuses_set_as_a_run_in_flight(
+    wall: trio.testing.MockClock,
+) -> None:
+    async with scheduler(wall, ahead_s=0.02) as s:
+        await s.client.call(SetRule(RULE))
+        await s.client.call(SetJob("app.1", at(1.0)))
+        await trio.sleep_until(0.99)
+        assert s.pools.dispatched == []
+        with pytest.raises(CommandError, match="triggered"):
+            await s.client.call(SetJob("app.1", at(5.0)))
+        await trio.sleep(1)
+        assert [d.job.execute_at for d in s.pools.dispatched] == [at(1.0)]

@@ -906,14 +906,15 @@ class CommandActor:
         state = self.state
         capacity = dict(command.capacity)
         dispatches: list[Dispatch] = []
+        until = command.now + command.ahead  # the fire-ahead window's end
         for kind, line in state.waiting.items():
             while line and capacity.get(kind, 0) > 0:
                 job = state.jobs.get(line.popleft().id)
-                if job is not None and waits(job) and job.execute_at <= command.now:
+                if job is not None and waits(job) and job.execute_at <= until:
                     self._dispatch(job, command.now, capacity, dispatches)
         popped = 0
         more_due = False
-        for job in state.pop_due(command.now):
+        for job in state.pop_due(until):
             self._dispatch(job, command.now, capacity, dispatches)
             popped += 1
             if popped >= command.limit:
@@ -959,10 +960,12 @@ class CommandActor:
         elif kind not in capacity:
             self._fail(job, FailReason.NO_RUNNER, f"no {kind} runner is available")
         elif capacity[kind] > 0:
-            # Late since the job became due: its time, or when it was set if that was later.
-            lateness = (now - max(job.execute_at, job.updated_at)) / MICROS
-            self._lateness.append(lateness)
-            log.debug("job triggered", job=job.id, rule=rule.id, lateness_us=int(lateness * MICROS))
+            if job.execute_at <= now:
+                # Late since the job became due: its time, or when it was set if later.
+                # (A job armed ahead of its time is counted when the dispatcher releases it.)
+                lateness = (now - max(job.execute_at, job.updated_at)) / MICROS
+                self._lateness.append(lateness)
+            log.debug("job triggered", job=job.id, rule=rule.id, execute_at=job.execute_at)
             triggered = self._change_status(job, TRIGGERED, "", job.attempts + 1)
             capacity[kind] -= 1
             dispatches.append(Dispatch(triggered, rule))  # last: nothing can fail after it

@@ -77,7 +77,7 @@ class LoadPlan:
     ids: set[str] = field(default_factory=set)  # jobs to lock and load
     peeks: set[str] = field(default_factory=set)  # jobs to read without a lock
     creating: set[str] = field(default_factory=set)  # ids a SET/SCHEDULE may create
-    claim_now: int | None = None  # claim jobs due at this time (TriggerDue)...
+    claim_now: int | None = None  # claim jobs due by this time (TriggerDue's now + ahead)...
     claim_limit: int = 0  # ...at most this many
     expire_before: int | None = None  # retention (ExpireFinished)...
     expire_limit: int = 0
@@ -104,7 +104,8 @@ class LoadPlan:
                 plan.ids.add(command.job_id)
             elif isinstance(command, TriggerDue):
                 room = sum(max(n, 0) for n in command.capacity.values()) + CLAIM_SLACK
-                plan.claim_now = max(plan.claim_now or command.now, command.now)
+                until = command.now + command.ahead  # the fire-ahead window's end
+                plan.claim_now = max(plan.claim_now or until, until)
                 plan.claim_limit = min(plan.claim_limit + room, command.limit, MAX_TRIGGER)
             elif isinstance(command, ExpireFinished):
                 plan.expire_before = command.before
