@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 import trio
 
+from kairoi_trio.alarm import Alarm, new_alarm
 from kairoi_trio.commands import (
     MAX_TRIGGER,
     CommandError,
@@ -107,7 +108,10 @@ class Dispatcher:
         *,
         ahead_us: int = 0,
         observer: Observer | None = None,
+        alarm: Alarm | None = None,
     ) -> None:
+        """alarm: wakes the release at a due time (default: alarm.new_alarm(), made
+        when run() starts; run() closes it)."""
         self._actor = actor
         self._timer = timer
         self._pools = pools
@@ -118,13 +122,16 @@ class Dispatcher:
         self._armed_by_kind: Counter[str] = Counter()  # their room in the pools is taken
         self._armed_seq = 0
         self._armed_added = trio.Event()
+        self._alarm: Alarm | None = alarm
         self.failed_triggers = 0  # TriggerDue calls that could not be written
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Trigger due jobs until cancelled. Cancelled, jobs armed and not handed out
         yet stay `triggered`, and run at the next start, as any run in flight would."""
+        if self._alarm is None:
+            self._alarm = new_alarm()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._release_armed)
+            nursery.start_soon(self._release_armed, self._alarm)
             task_status.started()
             await self._trigger_forever()
 
@@ -173,33 +180,36 @@ class Dispatcher:
 
     def _arm(self, dispatch: Dispatch) -> None:
         self._armed_seq += 1
-        heapq.heappush(self._armed, (dispatch.job.execute_at, self._armed_seq, dispatch))
+        entry = (dispatch.job.execute_at, self._armed_seq, dispatch)
+        heapq.heappush(self._armed, entry)
         self._armed_by_kind[dispatch.rule.runner.kind] += 1
+        if self._armed[0] is entry and self._alarm is not None:  # the release waits for it
+            self._alarm.set(entry[0])
         self._armed_added.set()
 
-    async def _release_armed(self) -> None:
-        """Hand each armed job to its runner at its due time (a job armed later may be
-        due earlier than those waiting: an addition wakes the wait)."""
+    async def _release_armed(self, alarm: Alarm) -> None:
+        """Hand each armed job to its runner at its due time, on an alarm set for the
+        earliest (an armed job due earlier than those waiting moves it: `_arm`)."""
         armed = self._armed
-        while True:
-            if not armed:
-                await self._armed_added.wait()
-                self._armed_added = trio.Event()
-                continue
-            wait_us = armed[0][0] - now_us()
-            if wait_us > 0:
-                with trio.move_on_after(wait_us / MICROS):
+        try:
+            while True:
+                if not armed:
                     await self._armed_added.wait()
                     self._armed_added = trio.Event()
-                continue
-            now = now_us()
-            lateness = []
-            while armed and armed[0][0] <= now:
-                due, _, dispatch = heapq.heappop(armed)
-                self._armed_by_kind[dispatch.rule.runner.kind] -= 1
-                self._pools.submit_nowait(dispatch)
-                lateness.append((now - due) / MICROS)
-            self._observer.triggered(lateness)
+                    continue
+                alarm.set(armed[0][0])
+                await alarm.wait()
+                now = now_us()
+                lateness = []
+                while armed and armed[0][0] <= now:
+                    due, _, dispatch = heapq.heappop(armed)
+                    self._armed_by_kind[dispatch.rule.runner.kind] -= 1
+                    self._pools.submit_nowait(dispatch)
+                    lateness.append((now - due) / MICROS)
+                if lateness:
+                    self._observer.triggered(lateness)
+        finally:
+            alarm.close()
 
     @staticmethod
     async def _first_of(*waits: Callable[[], Awaitable[None]]) -> None:
