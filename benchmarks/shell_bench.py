@@ -37,6 +37,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -164,6 +165,7 @@ class Floor:
                     (os.POSIX_SPAWN_DUP2, write, 2),
                 ],
                 setsid=True,
+                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # as the runner does
             )
         finally:
             os.close(write)

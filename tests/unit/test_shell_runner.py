@@ -491,3 +491,15 @@ async def test_a_script_gets_no_descriptor_the_server_inherited(tmp_path: Path) 
         assert content(out) == "closed"
     finally:
         os.close(fd)
+
+
+async def test_a_script_gets_the_default_signal_dispositions(tmp_path: Path) -> None:
+    """Python ignores SIGPIPE and SIGXFSZ; scripts must not inherit that (Popen's
+    restore_signals and Kairoi's Rust Command both reset them): `yes | head -1`
+    ends because `yes` dies of SIGPIPE, not because it checks write errors."""
+    out = tmp_path / "out"
+    rule = script(tmp_path, f"grep SigIgn /proc/$$/status > {out}\n")
+    assert await ShellRunnerBackend().run(Job("j", 0), rule) == "exit status 0"
+    ignored = int(content(out).split()[1], 16)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        assert not ignored & (1 << (sig - 1)), f"{sig.name} is ignored in the script"

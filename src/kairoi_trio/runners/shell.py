@@ -167,6 +167,9 @@ class ShellRunnerBackend(Runner):
                     (os.POSIX_SPAWN_DUP2, write, 2),
                 ],
                 setsid=True,
+                # Python ignores these at start-up and exec keeps an ignored signal
+                # ignored: reset them, as Popen(restore_signals=True) does.
+                setsigdef=_RESTORED_SIGNALS,
             )
         except OSError as error:
             os.close(read)
@@ -182,6 +185,9 @@ class ShellRunnerBackend(Runner):
                 room = self.output_limit - len(output)
                 if room > 0:
                     output += chunk[:room]
+
+
+_RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
 def _reap(pid: int) -> int:
