@@ -158,6 +158,20 @@ class ListRules:
     limit: int = 1000
 
 
+def rule_page(prefix: str, after: str, size: int) -> ListRules:
+    """The ListRules for a page of `size` rules: one more is asked for, so that
+    `next_rules_after` can tell whether another page follows."""
+    return ListRules(prefix, after, size + 1)
+
+
+def next_rules_after(rules: list[Rule], size: int) -> tuple[list[Rule], str]:
+    """The answer to rule_page(..., size): (the page, the id the next page starts
+    after, or "" when none follows)."""
+    if len(rules) > size:
+        return rules[:size], rules[size - 1].id
+    return rules, ""
+
+
 @dataclass(slots=True)
 class MatchRule:
     """The rule a job with this id pairs with when it triggers (the longest pattern

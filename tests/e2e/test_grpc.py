@@ -180,6 +180,23 @@ def test_raw_requests_the_typed_client_would_not_send(
     assert code_of(lambda: stub.SetRule(no_runner)) is grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_a_rule_page_that_ends_the_list_has_no_next_token(
+    stub: pb_grpc.SchedulerStub,
+) -> None:
+    for n in (1, 2):
+        rule = pb.Rule(id=f"pg.{n}", pattern=f"pg.{n}.", shell=pb.ShellRunner(command="/bin/true"))
+        stub.SetRule(pb.SetRuleRequest(rule=rule))
+    first = stub.ListRules(pb.ListRulesRequest(prefix="pg.", page_size=1))
+    assert [r.id for r in first.rules] == ["pg.1"] and first.next_page_token == "pg.1"
+    rest = stub.ListRules(
+        pb.ListRulesRequest(prefix="pg.", page_size=1, page_token=first.next_page_token)
+    )
+    # exactly one rule was left: a full page, and nothing after it
+    assert [r.id for r in rest.rules] == ["pg.2"] and rest.next_page_token == ""
+    both = stub.ListRules(pb.ListRulesRequest(prefix="pg.", page_size=2))
+    assert [r.id for r in both.rules] == ["pg.1", "pg.2"] and both.next_page_token == ""
+
+
 def test_batch_with_good_and_bad_jobs(
     shared_client: Client, prefix: str, scripts: dict[str, str]
 ) -> None:

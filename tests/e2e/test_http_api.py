@@ -266,8 +266,12 @@ def test_rules_set_read_list_and_delete(api: httpx.Client) -> None:
     assert api.put("/rules/rules1.sh", json=shell).status_code == 200
     listed = api.get("/rules", params={"prefix": "rules1.", "page_size": 1}).json()
     assert [r["id"] for r in listed["rules"]] == ["rules1.sh"] and listed["next_page_token"]
-    rest = api.get("/rules", params={"prefix": "rules1.", "page_token": listed["next_page_token"]})
-    assert [r["id"] for r in rest.json()["rules"]] == ["rules1.web"]
+    rest = api.get(
+        "/rules",
+        params={"prefix": "rules1.", "page_size": 1, "page_token": listed["next_page_token"]},
+    ).json()
+    # exactly one rule was left: a full page, and no token pointing at an empty one
+    assert [r["id"] for r in rest["rules"]] == ["rules1.web"] and rest["next_page_token"] == ""
 
     no_runner = api.put("/rules/rules1.bad", json={"pattern": "x"})
     assert error_of(no_runner)[:2] == (400, "invalid_argument")

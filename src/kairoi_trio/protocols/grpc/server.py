@@ -581,15 +581,13 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     @_rpc
     async def ListRules(self, request: pb.ListRulesRequest, context: Any) -> pb.ListRulesResponse:
-        command = convert.list_rules_from_pb(request)
-        rules = await self._one(command)
+        asked = convert.list_rules_from_pb(request)
+        command = c.rule_page(asked.prefix, asked.after, asked.limit)
+        rules, next_after = c.next_rules_after(await self._one(command), asked.limit)
         fitting = next(_fitting(rules, convert.rule_to_pb, self._budget), [])
         if len(fitting) < len(rules):  # cut short to fit the message size limit
             return pb.ListRulesResponse(rules=fitting, next_page_token=fitting[-1].id)
-        more = len(rules) >= command.limit
-        return pb.ListRulesResponse(
-            rules=fitting, next_page_token=rules[-1].id if more and rules else ""
-        )
+        return pb.ListRulesResponse(rules=fitting, next_page_token=next_after)
 
     # -- server ----------------------------------------------------------------
 

@@ -271,19 +271,15 @@ class Api:
 
     async def list_rules(self, request: Request) -> Response:
         query = request.query_params
-        command = c.ListRules(
-            prefix=query.get("prefix", ""),
-            after=query.get("page_token", ""),
-            limit=convert.page_size(
-                query.get("page_size"), convert.DEFAULT_RULE_PAGE, convert.MAX_RULE_PAGE
-            ),
+        size = convert.page_size(
+            query.get("page_size"), convert.DEFAULT_RULE_PAGE, convert.MAX_RULE_PAGE
         )
-        rules = await self.call(command)
-        more = len(rules) >= command.limit and rules
+        command = c.rule_page(query.get("prefix", ""), query.get("page_token", ""), size)
+        rules, next_after = c.next_rules_after(await self.call(command), size)
         return json_response(
             {
                 "rules": [convert.rule_to_json(rule) for rule in rules],
-                "next_page_token": rules[-1].id if more else "",
+                "next_page_token": next_after,
             }
         )
 

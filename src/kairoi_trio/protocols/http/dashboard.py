@@ -443,10 +443,8 @@ class Dashboard:
         query = request.query_params
         prefix = query.get("prefix", "")
         after = query.get("after", "")
-        rules: list[Rule] = await self._api.call(
-            c.ListRules(prefix=prefix, after=after, limit=RULE_PAGE)
-        )
-        more = len(rules) >= RULE_PAGE
+        answer: list[Rule] = await self._api.call(c.rule_page(prefix, after, RULE_PAGE))
+        rules, next_after = c.next_rules_after(answer, RULE_PAGE)
         return self._page(
             request,
             "rules.html",
@@ -454,8 +452,8 @@ class Dashboard:
             prefix=prefix,
             after=after,
             first_url="/rules?" + urlencode({"prefix": prefix}),
-            next_url=("/rules?" + urlencode({"prefix": prefix, "after": rules[-1].id}))
-            if more
+            next_url=("/rules?" + urlencode({"prefix": prefix, "after": next_after}))
+            if next_after
             else None,
         )
 
