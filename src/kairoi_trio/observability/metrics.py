@@ -106,7 +106,8 @@ class LoopHistogram(Collector):
 
 TRIGGER_LATENESS = LoopHistogram(
     "kairoi_trigger_lateness_seconds",
-    "Time from a job's execute_at to its trigger (for jobs not overdue at start-up)",
+    "Time from a job's execute_at to its hand-off to a runner (a job triggered ahead of its"
+    " time, jobs.fire_ahead_s, counts when handed out; jobs overdue at start-up do not count)",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30),
 )
 _TRIGGER_LATENESS_SERIES = TRIGGER_LATENESS.labels()
