@@ -373,29 +373,28 @@ async def test_armed_jobs_take_their_room_in_the_pools(wall: trio.testing.MockCl
         assert [d.job.id for d in s.pools.dispatched] == ["app.0", "app.1", "app.2"]
 
 
-async def test_without_fire_ahead_the_sync_delays_the_job(wall: trio.testing.MockClock) -> None:
-    lateness = Lateness()
-    async with scheduler(wall, ahead_s=0.0, observer=lateness) as s:
-        s.log.sync_s = 0.003
-        await s.client.call(SetRule(RULE))
-        await s.client.call(SetJob("app.1", at(1.0)))
-        await trio.sleep(2)
-        assert s.pools.handed_at == pytest.approx([1.003], abs=1e-6)
-        assert s.pools.marks_written == [True]
-        assert lateness.seen == pytest.approx([0.0], abs=1e-6)  # counted at the trigger
-
-
-async def test_a_sync_longer_than_the_window_hands_the_job_out_once_written(
-    wall: trio.testing.MockClock,
+@pytest.mark.parametrize(
+    ("ahead_s", "sync_s", "handed_at", "lateness_s"),
+    [
+        # no fire-ahead: the mark's sync is on the job's path; lateness counted at the trigger
+        (0.0, 0.003, 1.003, 0.0),
+        # woken at 0.98, written at 1.03: late by the overrun only, counted when handed out
+        (0.02, 0.05, 1.03, 0.03),
+    ],
+    ids=["no-window", "sync-longer-than-the-window"],
+)
+async def test_a_job_waits_for_its_marks_sync_when_the_window_does_not_cover_it(
+    wall: trio.testing.MockClock, ahead_s: float, sync_s: float, handed_at: float, lateness_s: float
 ) -> None:
-    async with scheduler(wall, ahead_s=0.02) as s:
-        s.log.sync_s = 0.05
+    lateness = Lateness()
+    async with scheduler(wall, ahead_s=ahead_s, observer=lateness) as s:
+        s.log.sync_s = sync_s
         await s.client.call(SetRule(RULE))
         await s.client.call(SetJob("app.1", at(1.0)))
         await trio.sleep(2)
-        # woken at 0.98, written at 1.03: late by what the sync overran the window
-        assert s.pools.handed_at == pytest.approx([1.03], abs=1e-6)
+        assert s.pools.handed_at == pytest.approx([handed_at], abs=1e-6)
         assert s.pools.marks_written == [True]
+        assert lateness.seen == pytest.approx([lateness_s], abs=1e-6)
 
 
 async def test_a_job_armed_ahead_refuses_set_as_a_run_in_flight(
