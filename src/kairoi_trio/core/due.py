@@ -29,6 +29,9 @@ from operator import rshift
 
 BUCKET_SHIFT = 34  # 2**34 µs: ~4.8 hours a bucket
 _NO_HORIZON = -(1 << 80)  # before any time: nothing is in the heap yet
+# fill() makes a list for every bucket number between the first and the last when
+# they are at most this far apart (~36 years of 4.8-hour buckets, 3.6 MB at most)
+_DENSE_SPAN = 1 << 16
 _consume: Callable[[Iterable[object]], None] = deque[object](maxlen=0).extend
 _append = list.append
 
@@ -68,22 +71,34 @@ class DueIndex:
             ids.append(job_id)
         self._bucketed += 1
 
-    def fill(self, times: Iterable[int], job_ids: Iterable[str]) -> None:
+    def fill(self, times: list[int], job_ids: list[str]) -> None:
         """push(at, job_id) for each pair of `times` and `job_ids` (of equal length), in
-        order: the start-up's bulk load, one C-level pass instead of a call a job."""
+        order: the start-up's bulk load, C-level passes instead of a call a job."""
         if self._heap or self._horizon != _NO_HORIZON:  # not fresh: some go to the heap
             for at, job_id in zip(times, job_ids, strict=True):
                 self.push(at, job_id)
             return
-        buckets: defaultdict[int, list[str]] = defaultdict(list, self._buckets)
-        before = sum(map(len, buckets.values()))
+        if not times:
+            return
+        low, high = min(times) >> BUCKET_SHIFT, max(times) >> BUCKET_SHIFT
+        buckets: dict[int, list[str]]
+        if high - low <= _DENSE_SPAN:
+            # One list for each bucket number of the span, made in one go: the
+            # look-ups compare a key with the dict's own keys, which then sit
+            # together in memory (keys first seen in the data would lie all over
+            # it, a cache miss a job).
+            buckets = {key: [] for key in range(low, high + 1)}
+        else:
+            buckets = defaultdict(list)
+        for key, ids in self._buckets.items():
+            buckets.setdefault(key, []).extend(ids)
         # buckets[at >> BUCKET_SHIFT].append(job_id), all in C
         keys = map(rshift, times, repeat(BUCKET_SHIFT))
         _consume(map(_append, map(buckets.__getitem__, keys), job_ids))
-        self._buckets = dict(buckets)
+        self._buckets = {key: ids for key, ids in buckets.items() if ids}
         self._keys = list(self._buckets)
         heapq.heapify(self._keys)
-        self._bucketed += sum(map(len, self._buckets.values())) - before
+        self._bucketed = sum(map(len, self._buckets.values()))
 
     def first(self) -> tuple[int, str] | None:
         """The earliest entry (possibly stale), or None when there is none."""
