@@ -130,17 +130,21 @@ class DueIndex:
             ids.append(job_id)
         self._bucketed += 1
 
-    def fill(self, times: list[int], job_ids: list[str]) -> None:
+    def fill(
+        self, times: list[int], job_ids: list[str], bounds: tuple[int, int] | None = None
+    ) -> None:
         """push(at, job_id) for each pair of `times` and `job_ids` (of equal length), in
         order, into a new index: the start-up's bulk load, kept cold (see the module
-        docstring). `job_ids` is kept: the caller must not change it afterwards."""
+        docstring). `job_ids` is kept: the caller must not change it afterwards.
+        `bounds`: (min(times), max(times)) when the caller has them."""
         if self._heap or self._horizon != _NO_HORIZON or self._keys:  # not new
             for at, job_id in zip(times, job_ids, strict=True):
                 self.push(at, job_id)
             return
         if not times:
             return
-        low, high = min(times) >> BUCKET_SHIFT, max(times) >> BUCKET_SHIFT
+        first, last = bounds or (min(times), max(times))
+        low, high = first >> BUCKET_SHIFT, last >> BUCKET_SHIFT
         if not -(1 << 31) <= low <= high < 1 << 31:  # beyond any supported time
             for at, job_id in zip(times, job_ids, strict=True):
                 self.push(at, job_id)

@@ -73,32 +73,41 @@ class State:
         # Python code a job: the status and time of each, then each status's ids.
         statuses = list(map(_status_of, self.jobs.values()))
         times = list(map(_execute_at_of, self.jobs.values()))
+        bounds = (min(times), max(times)) if replayed and times else None
         if replayed and (
             _TRIGGERED in statuses
-            or (times and not (MIN_TIME_US <= min(times) and max(times) <= MAX_TIME_US))
+            or (bounds and not (MIN_TIME_US <= bounds[0] and bounds[1] <= MAX_TIME_US))
         ):
             self.recovered = recover_replayed(self.jobs)
             statuses = list(map(_status_of, self.jobs.values()))
             times = list(map(_execute_at_of, self.jobs.values()))
+            bounds = None
+        counts = {status: statuses.count(status) for status in Status}
         ids = list(self.jobs)
-        by_status = {status: _where(ids, statuses, status) for status in Status}
+        by_status = {status: _where(ids, statuses, status, counts[status]) for status in Status}
         del ids
         # the due index: every planned job (but the paused recurring ones)
         planned_ids = by_status[_PLANNED]
-        times = _where(times, statuses, _PLANNED)
-        planned = _where(list(self.jobs.values()), statuses, _PLANNED)
+        planned_count = counts[_PLANNED]
+        if planned_count != len(statuses):
+            times = _where(times, statuses, _PLANNED, planned_count)
+            bounds = None
+        planned = _where(list(self.jobs.values()), statuses, _PLANNED, planned_count)
         if any(map(is_not, map(_recurrence_of, planned), repeat(None))):
             waiting = list(map(waits, planned))
             times = list(compress(times, waiting))
             planned_ids = list(compress(planned_ids, waiting))
+            bounds = None
         del planned
         self._due = due = DueIndex(self._due_at)
-        due.fill(times, planned_ids)
+        due.fill(times, planned_ids, bounds)
         del times, planned_ids
-        finished = [
-            (job.updated_at, job.id)
-            for job in compress(self.jobs.values(), map(_FINISHED.__contains__, statuses))
-        ]
+        finished: list[tuple[int, str]] = []
+        if counts[Status.EXECUTED] or counts[Status.FAILED]:
+            finished = [
+                (job.updated_at, job.id)
+                for job in compress(self.jobs.values(), map(_FINISHED.__contains__, statuses))
+            ]
         del statuses
         self.counts: dict[Status, int] = {status: len(ids) for status, ids in by_status.items()}
         # the ordered id index, one sorted list per status (see the module's docstring)
@@ -309,9 +318,9 @@ class State:
         return page
 
 
-def _where(items: list, statuses: list[Status], status: Status) -> list:
-    """The items whose status (same position in `statuses`) is `status`."""
-    count = statuses.count(status)
+def _where(items: list, statuses: list[Status], status: Status, count: int) -> list:
+    """The items whose status (same position in `statuses`) is `status`, of which
+    there are `count`."""
     if count == len(statuses):
         return items
     if not count:
