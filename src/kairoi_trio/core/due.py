@@ -31,66 +31,87 @@ own (bytes.find: a few ms for 10 million), in the order given. Cold entries cost
 from __future__ import annotations
 
 import heapq
+import sys
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterable
 from functools import partial
-from itertools import repeat
-from operator import lt, rshift
+from operator import lt
 
 BUCKET_SHIFT = 34  # 2**34 µs: ~4.8 hours a bucket
 _NO_HORIZON = -(1 << 80)  # before any time: nothing is in the heap yet
-_FILL_SLICE = 1 << 20  # fill() converts the bucket numbers a slice of jobs at a time
-_NUMBER = "i"  # a bucket number: int32 (every supported time's is, 2**34 µs buckets)
+# The cold index keeps time >> 32 (int32 for every supported time), 2**_SUB a bucket.
+_NUMBER = "i"  # (memoryview.cast below names it too)
 _NUMBER_SIZE = array(_NUMBER).itemsize
+_SUB = BUCKET_SHIFT - 32  # (time >> 32) >> _SUB is the bucket number
+_WINDOW_BITS = 8 - _SUB  # a window: the numbers sharing their upper 3 bytes
+if _NUMBER_SIZE != 4:  # pragma: no cover
+    raise ImportError("no 4-byte array type code 'i' on this platform")
 _consume: Callable[[Iterable[object]], None] = deque[object](maxlen=0).extend
 
 
 class _Cold:
-    """Bulk-loaded entries (see the module docstring): `ids[i]` is in bucket
-    `numbers[i]` (int32, native byte order); `next` is the first bucket number not
-    opened yet that holds one, None when none is left."""
+    """Bulk-loaded entries (see the module docstring): `ids[i]` is due at a time
+    whose upper 32 bits (time >> 32, int32, big-endian) are `numbers[i]`. They are
+    taken a *window* of _WINDOW_BUCKETS buckets (~12.7 days) at a time, by one scan
+    for the three bytes the numbers of a window share. `start` is the first bucket
+    of the first window not taken yet that holds one, None when none is left."""
 
-    __slots__ = ("ids", "numbers", "next")
+    __slots__ = ("ids", "numbers", "start")
 
     def __init__(self, times: list[int], ids: list[str], low: int) -> None:
-        self.ids = ids
-        numbers = array(_NUMBER)
-        for start in range(0, len(times), _FILL_SLICE):
-            numbers.extend(map(rshift, times[start : start + _FILL_SLICE], repeat(BUCKET_SHIFT)))
-        if len(numbers) != len(ids):
+        if len(times) != len(ids):
             raise ValueError("fill(): times and job_ids differ in length")
-        self.numbers = numbers.tobytes()
-        self.next: int | None = low
+        self.ids = ids
+        # The upper halves of the times as int64, copied out in C. Big-endian: a
+        # window's three common bytes come first.
+        values = array("q")
+        values.fromlist(times)
+        if sys.byteorder == "little":
+            values.byteswap()  # each int64 big-endian: its upper int32 first
+        self.numbers = memoryview(values).cast("B").cast("i")[::2].tobytes()
+        self.start: int | None = low >> _WINDOW_BITS << _WINDOW_BITS
 
-    def take(self, key: int) -> list[str]:
-        """The ids of bucket `key` (the next one), in order; then finds the next."""
-        found: list[str] = []
-        pattern = array(_NUMBER, [key]).tobytes()
-        numbers, ids = self.numbers, self.ids
-        at = numbers.find(pattern)
+    def _positions(self, window: int, first_only: bool = False) -> list[int]:
+        """Where the numbers of `window` are (byte offsets; all, or the first)."""
+        prefix = (window << 8).to_bytes(_NUMBER_SIZE, "big", signed=True)[:3]
+        numbers = self.numbers
+        found: list[int] = []
+        at = numbers.find(prefix)
         while at >= 0:
             if at % _NUMBER_SIZE:  # straddles two numbers
-                at = numbers.find(pattern, at + 1)
+                at = numbers.find(prefix, at + 1)
                 continue
-            found.append(ids[at // _NUMBER_SIZE])
-            at = numbers.find(pattern, at + _NUMBER_SIZE)
-        self.next = self._after(key)
+            found.append(at)
+            if first_only:
+                break
+            at = numbers.find(prefix, at + _NUMBER_SIZE)
         return found
 
-    def _after(self, key: int) -> int | None:
-        """The first bucket number after `key` that holds an id, or None."""
-        if self._holds(key + 1):  # the usual case: jobs every 4.8 hours
-            return key + 1
-        # a gap: one C-level pass for the smallest number above `key`
-        return min(filter(partial(lt, key), array(_NUMBER, self.numbers)), default=None)
-
-    def _holds(self, key: int) -> bool:
-        pattern = array(_NUMBER, [key]).tobytes()
-        at = self.numbers.find(pattern)
-        while at >= 0 and at % _NUMBER_SIZE:
-            at = self.numbers.find(pattern, at + 1)
-        return at >= 0
+    def take(self) -> dict[int, list[str]]:
+        """The ids of the window at `start`, by bucket number; then finds the next."""
+        assert self.start is not None
+        window = self.start >> _WINDOW_BITS
+        base = window << 8  # the window's first number (4 a bucket)
+        numbers, ids = self.numbers, self.ids
+        buckets: dict[int, list[str]] = {}
+        for at in self._positions(window):
+            key = (base | numbers[at + 3]) >> _SUB
+            ids_of = buckets.get(key)
+            if ids_of is None:
+                buckets[key] = [ids[at // _NUMBER_SIZE]]
+            else:
+                ids_of.append(ids[at // _NUMBER_SIZE])
+        following = window + 1
+        if self._positions(following, True):  # the usual case: jobs every 12.7 days
+            self.start = following << _WINDOW_BITS
+        else:  # a gap: one C-level pass for the smallest number beyond this window
+            values = array(_NUMBER, numbers)
+            if sys.byteorder == "little":
+                values.byteswap()
+            number = min(filter(partial(lt, (following << 8) - 1), values), default=None)
+            self.start = None if number is None else number >> 8 << _WINDOW_BITS
+        return buckets
 
 
 class DueIndex:
@@ -124,7 +145,7 @@ class DueIndex:
         ids = self._buckets.get(key)
         if ids is None:
             self._buckets[key] = [job_id]
-            if self._cold is None or key != self._cold.next:  # else in _keys already
+            if self._cold is None or key != self._cold.start:  # else in _keys already
                 heapq.heappush(self._keys, key)
         else:
             ids.append(job_id)
@@ -144,13 +165,14 @@ class DueIndex:
         if not times:
             return
         first, last = bounds or (min(times), max(times))
-        low, high = first >> BUCKET_SHIFT, last >> BUCKET_SHIFT
-        if not -(1 << 31) <= low <= high < 1 << 31:  # beyond any supported time
+        low = first >> BUCKET_SHIFT
+        if not -(1 << 63) <= first <= last < 1 << 63:  # beyond any supported time
             for at, job_id in zip(times, job_ids, strict=True):
                 self.push(at, job_id)
             return
-        self._cold = _Cold(times, job_ids, low)
-        self._keys = [low]
+        self._cold = cold = _Cold(times, job_ids, low)
+        assert cold.start is not None
+        self._keys = [cold.start]
         self._bucketed = len(job_ids)
 
     def first(self) -> tuple[int, str] | None:
@@ -170,15 +192,23 @@ class DueIndex:
     def _open_bucket(self) -> None:
         """Turn the earliest bucket into heap entries (its live ones) and move the horizon."""
         key = heapq.heappop(self._keys)
-        ids = self._buckets.pop(key, [])
         cold = self._cold
-        if cold is not None and key == cold.next:
-            ids = cold.take(key) + ids  # pushed before the others
-            following = cold.next
+        if cold is not None and key == cold.start:  # the first bucket of a cold window
+            buckets = self._buckets
+            for number, ids in cold.take().items():
+                warm = buckets.get(number)
+                if warm is None:
+                    buckets[number] = ids
+                    if number != key:
+                        heapq.heappush(self._keys, number)
+                else:  # pushed after fill(): its number is in _keys already (or is `key`)
+                    warm[:0] = ids
+            following = cold.start
             if following is None:
                 self._cold = None
-            elif following not in self._buckets:  # else in _keys already
+            elif following not in buckets:  # else in _keys already
                 heapq.heappush(self._keys, following)
+        ids = self._buckets.pop(key, [])
         self._bucketed -= len(ids)
         self._horizon = (key + 1) << BUCKET_SHIFT
         when = self._when
