@@ -26,7 +26,7 @@ import heapq
 from collections import deque
 from collections.abc import Iterable, Iterator
 from itertools import chain, compress, islice, repeat
-from operator import attrgetter, is_, is_not
+from operator import attrgetter, is_
 
 from sortedcontainers import SortedList
 
@@ -82,7 +82,12 @@ class State:
             statuses = list(map(_status_of, self.jobs.values()))
             times = list(map(_execute_at_of, self.jobs.values()))
             bounds = None
-        counts = {status: statuses.count(status) for status in Status}
+        counts = dict.fromkeys(Status, 0)
+        left = len(statuses)
+        for status in Status:  # (most often all planned: one pass, not four)
+            if left:
+                counts[status] = count = statuses.count(status)
+                left -= count
         ids = list(self.jobs)
         by_status = {status: _where(ids, statuses, status, counts[status]) for status in Status}
         del ids
@@ -93,7 +98,7 @@ class State:
             times = _where(times, statuses, _PLANNED, planned_count)
             bounds = None
         planned = _where(list(self.jobs.values()), statuses, _PLANNED, planned_count)
-        if any(map(is_not, map(_recurrence_of, planned), repeat(None))):
+        if set(map(_recurrence_of, planned)) - {None}:  # some may be paused
             waiting = list(map(waits, planned))
             times = list(compress(times, waiting))
             planned_ids = list(compress(planned_ids, waiting))
