@@ -22,10 +22,13 @@ The start-up's bulk load (`fill`) does not sort its ids into buckets: an append
 to one of 18,000 buckets (10 years) in the order the jobs come (by id, times at
 random) misses the cache and the TLB at almost every step, 0.8 µs a job, 8 s for
 10 million. It keeps them *cold* instead: the list of ids as given and, beside it,
-each one's bucket number (2 or 4 bytes), made by C-level passes in ~0.1 µs a job.
-A cold bucket's ids are found when it is opened, by searching the numbers for its
-own (bytes.find: a few ms for 10 million), in the order given. Cold entries cost
-~10-12 bytes a job instead of ~9, until every cold bucket was opened.
+the upper 32 bits of each one's time (4 bytes, big-endian), made by C-level
+passes (~0.07 µs a job). Cold ids are sorted into buckets a *window* of 64
+buckets (~12.7 days) at a time, when the index reaches it: one bytes.find scan
+for the 3 bytes the window's numbers share (~0.1 s for 10 million), then a
+Python step per id of the window. Between windows without any job (a gap), one
+C-level pass finds the next. Cold entries cost 12 bytes a job (list slot and
+number) instead of ~9, until the last window is taken.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ _consume: Callable[[Iterable[object]], None] = deque[object](maxlen=0).extend
 class _Cold:
     """Bulk-loaded entries (see the module docstring): `ids[i]` is due at a time
     whose upper 32 bits (time >> 32, int32, big-endian) are `numbers[i]`. They are
-    taken a *window* of _WINDOW_BUCKETS buckets (~12.7 days) at a time, by one scan
+    taken a *window* of 2**_WINDOW_BITS buckets (~12.7 days) at a time, by one scan
     for the three bytes the numbers of a window share. `start` is the first bucket
     of the first window not taken yet that holds one, None when none is left."""
 
