@@ -34,7 +34,7 @@ from kairoi_trio.config import (
 )
 from kairoi_trio.core.actor import ActorClient, CommandActor, StorageUnavailable
 from kairoi_trio.core.auth import TokenTable
-from kairoi_trio.core.state import State, recover_replayed
+from kairoi_trio.core.state import State
 from kairoi_trio.core.validation import RuleValidator
 from kairoi_trio.dispatch import Dispatcher, DueTimer
 from kairoi_trio.model import (
@@ -108,8 +108,9 @@ def load_state(store: DurableLog) -> State:
 
 def _load_state(store: DurableLog) -> State:
     loaded = store.load()
-    jobs = loaded.jobs
-    retriggered, out_of_range = recover_replayed(jobs)
+    # The dict is adopted, not copied; recover_replayed runs inside, when needed.
+    state = State(loaded.jobs, loaded.rules.values(), replayed=True)
+    retriggered, out_of_range = state.recovered
     if retriggered or out_of_range or loaded.repaired_tail_bytes:
         log.warning(
             "recovered",
@@ -117,7 +118,7 @@ def _load_state(store: DurableLog) -> State:
             failed_out_of_range=out_of_range,
             repaired_tail_bytes=loaded.repaired_tail_bytes,
         )
-    return State(jobs, loaded.rules.values())  # the dict is adopted, not copied
+    return state
 
 
 class HeapFreezer:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kairoi_trio.core.due import BUCKET_SHIFT, DueIndex
+from kairoi_trio.model import MAX_TIME_US, MIN_TIME_US
 
 BUCKET = 1 << BUCKET_SHIFT
 
@@ -62,3 +65,80 @@ def test_stale_bucket_entries_are_dropped_when_the_bucket_opens() -> None:
 def test_pop_from_an_empty_index_raises() -> None:
     with pytest.raises(IndexError):
         DueIndex(lambda _: None).pop()
+
+
+# -- fill(): the start-up's bulk load, kept cold ---------------------------------------
+
+WINDOW = BUCKET << 6  # fill() takes its entries ~12.7 days of buckets at a time
+
+# Times: clustered (several per bucket), spread over windows with gaps between them,
+# negative (before 1970) and at the edges of the supported range.
+times_strategy = st.one_of(
+    st.integers(min_value=-3 * WINDOW, max_value=3 * WINDOW),
+    st.integers(min_value=0, max_value=40 * BUCKET).map(lambda t: 1_800_000_000_000_000 + t),
+    st.sampled_from([MIN_TIME_US, MAX_TIME_US, -1, 0, BUCKET - 1, WINDOW, 50 * WINDOW]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(times_strategy, max_size=60),
+    st.lists(st.tuples(times_strategy, st.booleans()), max_size=20),
+    st.integers(min_value=0, max_value=20),
+)
+def test_fill_gives_what_pushing_one_by_one_gives(
+    filled: list[int], later: list[tuple[int, bool]], pops: int
+) -> None:
+    """A filled index pops the same entries as one pushed an entry at a time, with
+    pushes after the fill (before and after pops: into cold windows, the heap, new
+    buckets) and entries gone stale."""
+    times: dict[str, int | None] = {f"f{i}": at for i, at in enumerate(filled)}
+    bulk = DueIndex(times.get)
+    single = DueIndex(times.get)
+    bulk.fill(list(times.values()), list(times))  # type: ignore[arg-type]
+    for job_id, at in list(times.items()):
+        assert at is not None
+        single.push(at, job_id)
+    assert len(bulk) == len(single) == len(filled)
+    popped: tuple[list[tuple[int, str]], list[tuple[int, str]]] = ([], [])
+    for _ in range(pops):
+        for index, out in zip((bulk, single), popped, strict=True):
+            if index.first() is not None:
+                out.append(index.pop())
+    for i, (at, stale) in enumerate(later):
+        job_id = f"l{i}"
+        times[job_id] = at
+        bulk.push(at, job_id)
+        single.push(at, job_id)
+        if stale and filled:
+            times[f"f{i % len(filled)}"] = None  # deleted, or re-set elsewhere
+    assert popped[0] == popped[1]
+    assert drain(bulk) == drain(single)
+    assert len(bulk) == len(single) == 0
+
+
+def test_fill_keeps_entries_cold_and_takes_one_window_at_a_time() -> None:
+    times = {f"j{i}": (i % 300) * BUCKET + i for i in range(3000)}  # ~4.7 windows
+    index = DueIndex(times.get)
+    index.fill(list(times.values()), list(times))
+    assert index._cold is not None and not index._buckets and index._keys == [0]
+    assert index.first() == (0, "j0")
+    assert len(index._buckets) == 63  # the first window's other buckets, as lists
+    assert drain(index) == sorted((at, job_id) for job_id, at in times.items())
+    assert index._cold is None and len(index) == 0
+
+
+def test_fill_jumps_the_gaps_between_windows() -> None:
+    times = {"a": 5, "b": 100 * WINDOW + 3, "c": 100 * WINDOW + 2 * BUCKET, "d": 10**6 * WINDOW}
+    index = DueIndex(times.get)
+    index.fill(list(times.values()), list(times))
+    assert drain(index) == sorted((at, job_id) for job_id, at in times.items())
+
+
+def test_fill_of_an_index_in_use_pushes() -> None:
+    times = {"a": 3 * BUCKET, "b": 1}
+    index = DueIndex(times.get)
+    index.push(3 * BUCKET, "a")
+    index.fill([1], ["b"])
+    assert index._cold is None
+    assert drain(index) == [(1, "b"), (3 * BUCKET, "a")]

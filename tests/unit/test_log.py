@@ -522,7 +522,8 @@ async def test_append_before_load_or_after_close_is_a_programming_error(tmp_path
 
 FIXTURE_V1 = Path(__file__).parent.parent / "fixtures" / "data-v1"
 T0 = 1_800_000_000_000_000
-# What tests/fixtures/make_data.py left in data-v1 and data-v2 (snapshot 1, segments 2 and 3).
+# What tests/fixtures/make_data.py left in data-v1, data-v2 and data-v4 (snapshot 1, segments 2
+# and 3).
 EXPECTED_V1_JOBS = {
     "app.amqp.payload": Job(
         "app.amqp.payload",
@@ -573,10 +574,11 @@ def v1_copy(tmp_path: Path) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 4])
 def test_older_data_directory_loads_to_exactly_its_state(tmp_path: Path, version: int) -> None:
     """A data directory written by an earlier release (format 1: the first; format 2:
-    the release before recurring jobs) opens unchanged, to the same state."""
+    the release before recurring jobs; format 4: the release before columnar
+    snapshots) opens unchanged, to the same state."""
     fixture = FIXTURE_V1.parent / f"data-v{version}"
     directory = tmp_path / fixture.name
     shutil.copytree(fixture, directory)

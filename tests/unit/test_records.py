@@ -5,6 +5,7 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -282,3 +283,143 @@ def test_recurring_jobs_round_trip_and_a_bad_schedule_is_named() -> None:
     result = replay_into(bad, 0, jobs, {}, FORMAT_VERSION)
     assert jobs == {} and result.error is not None and not result.error.incomplete
     assert "undecodable record" in result.error.reason
+
+
+# -- job chunks (type 8, format 7) ------------------------------------------------------
+
+from kairoi_trio.model import Recurrence, Schedule  # noqa: E402
+from kairoi_trio.storage.records import (  # noqa: E402
+    CHUNK_JOBS,
+    T_JOB_CHUNK,
+    JobChunk,
+    encode_job_chunk,
+    encode_jobs,
+)
+
+TIME = 1_800_000_000_000_000
+job_ids = st.text(min_size=1, max_size=12).filter(lambda s: "\0" not in s)
+plain_jobs = st.builds(
+    Job,
+    job_ids,
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.sampled_from(list(Status)),
+    st.just(b""),
+    st.integers(min_value=0, max_value=2**32 - 1),
+    st.just(""),
+    st.sampled_from([0, TIME, TIME + 1, -5, 2**63 - 1]),
+)
+other_jobs = st.builds(
+    Job,
+    st.text(min_size=1, max_size=8),  # NUL allowed: such a job is a record of its own
+    st.integers(min_value=0, max_value=2**62),
+    st.sampled_from(list(Status)),
+    st.binary(max_size=5),
+    st.integers(min_value=0, max_value=9),
+    st.sampled_from(["", "exit 0"]),
+    st.integers(min_value=0, max_value=2**62),
+    st.sampled_from([None, Recurrence(Schedule("every 90s"), 5)]),
+)
+
+
+def replayed(data: bytes) -> dict[str, Job]:
+    jobs: dict[str, Job] = {}
+    result = replay_into(data, 0, jobs, {})
+    assert result.error is None and result.end == len(data)
+    return jobs
+
+
+@given(st.lists(st.one_of(plain_jobs, other_jobs), max_size=40, unique_by=lambda job: job.id))
+def test_snapshot_jobs_round_trip_through_chunks_and_records(jobs_in: list[Job]) -> None:
+    """encode_jobs: plain jobs in chunks, the others (payload, outcome, recurrence, an
+    id with NUL) one record each; replay and the general decoder give them all back,
+    with the same values (a snapshot's jobs come from a dict: ids are unique)."""
+    expected = {job.id: job for job in jobs_in}
+    data = b"".join(encode_jobs(jobs_in))
+    jobs = replayed(data)
+    assert jobs == expected
+    decoded = decode_records(data)
+    assert decoded.error is None
+    rebuilt: dict[str, Job] = {}
+    for record in decoded.records:
+        if isinstance(record, JobChunk):
+            rebuilt.update((job.id, job) for job in record.jobs)
+        else:
+            assert isinstance(record, JobPut)
+            rebuilt[record.job.id] = record.job
+    assert rebuilt == expected and list(rebuilt) == list(jobs)
+
+
+def test_chunks_hold_plain_jobs_many_a_frame_and_share_updated_at() -> None:
+    jobs_in = [
+        Job(f"pre.{i}", TIME + i, updated_at=TIME + i // 1000) for i in range(CHUNK_JOBS + 5)
+    ]
+    jobs_in[7] = Job("pay", 5, payload=b"x")
+    frames = list(encode_jobs(jobs_in))
+    assert len(frames) == 3  # a full chunk, its record apart, then a chunk of 5
+    assert [f[FRAME_SIZE] for f in frames] == [T_JOB_CHUNK, 1, T_JOB_CHUNK]
+    jobs = replayed(b"".join(frames))
+    assert jobs == {job.id: job for job in jobs_in}
+    assert jobs["pre.0"].updated_at is jobs["pre.999"].updated_at  # one int for a run
+    assert jobs["pre.999"].updated_at is not jobs["pre.1000"].updated_at
+    for bad in ([], [Job("pay", 5, payload=b"x")], [Job("a\0b", 5)]):
+        with pytest.raises(ValueError):
+            encode_job_chunk(bad)
+
+
+def test_long_ids_split_a_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kairoi_trio.storage import records
+
+    monkeypatch.setattr(records, "CHUNK_ID_BYTES", 100)
+    jobs_in = [Job("x" * 30 + str(i), i) for i in range(10)]
+    frames = list(encode_jobs(jobs_in))
+    assert len(frames) > 3 and all(f[FRAME_SIZE] == T_JOB_CHUNK for f in frames)
+    assert replayed(b"".join(frames)) == {job.id: job for job in jobs_in}
+
+
+def test_a_torn_or_damaged_chunk_is_reported_never_half_applied() -> None:
+    """A chunk is one frame: cut anywhere, it is an incomplete frame; any flipped byte
+    fails its checksum; nothing of it is applied either way."""
+    jobs_in = [Job(f"j{i}", TIME + i, Status.PLANNED, b"", i % 3, "", TIME) for i in range(50)]
+    head = encode_job(Job("before", 1, payload=b"p"))
+    chunk = encode_job_chunk(jobs_in)
+    data = head + chunk
+    for cut in range(len(head) + 1, len(data)):
+        jobs: dict[str, Job] = {}
+        result = replay_into(data[:cut], 0, jobs, {})
+        assert list(jobs) == ["before"] and result.end == len(head)
+        assert result.error is not None and result.error.incomplete
+        assert decode_records(data[:cut]).error == result.error
+    for position in range(len(head), len(data), 7):
+        damaged = bytearray(data)
+        damaged[position] ^= 0x10
+        jobs = {}
+        result = replay_into(bytes(damaged), 0, jobs, {})
+        assert list(jobs) == ["before"] and result.error is not None
+        assert not (result.error.incomplete and position >= len(head) + FRAME_SIZE)
+
+
+def malformed(body: bytes) -> str:
+    """The reason replay gives for a chunk whose checksum is right but content is not."""
+    jobs: dict[str, Job] = {}
+    result = replay_into(frame(body), 0, jobs, {})
+    assert jobs == {} and result.error is not None and not result.error.incomplete
+    assert decode_records(frame(body)).error == result.error
+    return result.error.reason
+
+
+def test_a_checksummed_but_inconsistent_chunk_is_malformed() -> None:
+    body = encode_job_chunk([Job("a", 1), Job("b", 2, Status.FAILED)])[FRAME_SIZE:]
+    status = 14 + 3 + 16  # header, "a\0b", two execute_at: the first status code
+    assert body[status : status + 2] == b"\x01\x04"
+
+    def changed(at: int, new: bytes) -> bytes:
+        return body[:at] + new + body[at + len(new) :]
+
+    assert "3 ids" in malformed(body.replace(b"a\0b", b"a\0\0"))
+    assert "status code" in malformed(changed(status, b"\x09"))
+    assert "status code" in malformed(changed(status + 1, b"\x00"))
+    assert "add up" in malformed(body + b"\0")
+    assert "inconsistent" in malformed(changed(1, b"\x01"))  # the reserved byte
+    assert "inconsistent" in malformed(changed(2, b"\x00\x00\x00\x00"))  # no job
+    assert "runs" in malformed(changed(len(body) - 4, b"\x03\x00\x00\x00"))
+    assert "utf-8" in malformed(body.replace(b"a\0b", b"\xff\0b"))

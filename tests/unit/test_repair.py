@@ -19,6 +19,7 @@ import trio
 from kairoi_trio.model import AmqpRunner, HttpRunner, Job, Rule, RulePolicy, ShellRunner, Status
 from kairoi_trio.storage import backup as backup_module
 from kairoi_trio.storage import compaction
+from kairoi_trio.storage import records as records_module
 from kairoi_trio.storage.backup import (
     BackupError,
     BackupRefused,
@@ -30,6 +31,7 @@ from kairoi_trio.storage.compaction import segment_path, snapshot_path
 from kairoi_trio.storage.log import CorruptLogError, DurableLog, LoadedState, read_state
 from kairoi_trio.storage.records import (
     FORMAT_VERSION,
+    FRAME_SIZE,
     HEADER_SIZE,
     FrameError,
     JobDelete,
@@ -521,3 +523,62 @@ def test_backup_refuses_bad_arguments(tmp_path: Path) -> None:
     assert run_backup(config, busy)[0] == 2
     config.write_text("[storage]\ndirectory = 5\n")
     assert run_backup(config, tmp_path / "copy")[0] == 2
+
+
+# -- format 7: snapshots of job chunks --------------------------------------------------
+
+
+def chunked(directory: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Snapshot 1 holding 150 plain jobs in 4 job chunks (of 40, 50, 50 and 10: the
+    first batch of 50 also holds the 10 jobs with a payload, written as records after
+    its chunk), 3 rules; segment 2 with a status change and a delete."""
+    monkeypatch.setattr(records_module, "CHUNK_JOBS", 50)
+    plain = [Job(f"p.{i:04d}", 5_000 + i, updated_at=7) for i in range(150)]
+    first = [[RulePut(r) for r in RULES], [JobPut(j) for j in plain[:75]]]
+    first += [[JobPut(job(i)) for i in range(10)], [JobPut(j) for j in plain[75:]]]
+    second = [[JobStatus("p.0003", Status.EXECUTED, 1, "exit 0", 9), JobDelete("p.0100")]]
+    return build(directory, first + second, compact_after=3)
+
+
+def chunk_frames(path: Path) -> list[tuple[int, int]]:
+    data = path.read_bytes()
+    return [(a, b) for a, b in frames(path) if data[a + FRAME_SIZE] == records_module.T_JOB_CHUNK]
+
+
+def test_repair_of_a_damaged_job_chunk_drops_that_chunk_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "src"
+    expected = chunked(src, monkeypatch)
+    snap = snapshot_path(src, 1)
+    spans = chunk_frames(snap)
+    assert len(spans) == 4
+    start, end = spans[1]
+    data = bytearray(snap.read_bytes())
+    data[(start + end) // 2] ^= 0xFF
+    snap.write_bytes(bytes(data))
+    with pytest.raises(CorruptLogError, match=f"offset {start}: checksum mismatch"):
+        read_state(src)
+    status, out, err = run_repair(str(src), str(tmp_path / "dest"))
+    assert status == 1, out + err
+    assert f"DROPPED {start}..{end} ({end - start} bytes): checksum mismatch" in out
+    state = repaired_state(tmp_path / "dest")
+    lost = {f"p.{i:04d}" for i in range(40, 90)}  # the second chunk's
+    assert state.jobs == {k: v for k, v in expected["jobs"].items() if k not in lost | {"p.0100"}}
+    assert state.rules == expected["rules"] and state.versions == {
+        "snapshot-0000000002.snap": FORMAT_VERSION
+    }
+
+
+def test_repair_and_backup_of_an_intact_chunked_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "src"
+    expected = chunked(src, monkeypatch)
+    status, out, err = run_repair(str(src), str(tmp_path / "dest"))
+    assert status == 0 and "nothing was dropped" in out, out + err
+    assert f"result: {len(expected['jobs'])} jobs, 3 rules" in out
+    assert repaired_state(tmp_path / "dest").jobs == expected["jobs"]
+    report = backup(src, tmp_path / "copy")
+    assert files(tmp_path / "copy") == files(src)
+    assert report.state is not None and report.state.jobs == expected["jobs"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -596,3 +597,35 @@ def test_recovery_fails_jobs_whose_time_is_outside_the_supported_range() -> None
     state = State(jobs.values())
     assert state.next_due() == MAX_TIME_US
     assert state.expired_finished(43, 10) == ["far"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"t": Job("t", 5, TRIGGERED, b"p", 2, "", 7)},
+        {"far": Job("far", MAX_TIME_US + 1, PLANNED, b"", 3, "x", 42)},
+        {"early": Job("early", MIN_TIME_US - 1, EXECUTED, b"", 1, "y", 43)},
+    ],
+)
+def test_a_replayed_state_is_recovered_as_recover_replayed_then_state_would(
+    extra: dict[str, Job],
+) -> None:
+    """State(replayed=True), the start-up's path, recovers in place only when a job
+    needs it, and indexes the result as State would after recover_replayed."""
+    jobs = {
+        **{f"p{i:03d}": job(f"p{i:03d}", (i % 17) * (1 << 34) + i) for i in range(200)},
+        "e": job("e", 1, EXECUTED, updated_at=3),
+        "f": job("f", 2, FAILED, updated_at=1),
+        **extra,
+    }
+    expected_jobs = dict(jobs)
+    expected_counts = state_module.recover_replayed(expected_jobs)
+    expected = State(dict(expected_jobs))
+    state = State(jobs, replayed=True)
+    assert state.recovered == expected_counts
+    assert state.jobs == expected_jobs
+    assert state.counts == expected.counts
+    assert state.id_order() == expected.id_order()
+    assert state.expired_finished(MAX_TIME_US, 100) == expected.expired_finished(MAX_TIME_US, 100)
+    assert list(state.pop_due(MAX_TIME_US)) == list(expected.pop_due(MAX_TIME_US))

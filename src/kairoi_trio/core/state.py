@@ -25,7 +25,8 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Iterable, Iterator
-from itertools import islice
+from itertools import chain, compress, islice, repeat
+from operator import attrgetter, is_
 
 from sortedcontainers import SortedList
 
@@ -33,7 +34,11 @@ from kairoi_trio.core.due import DueIndex
 from kairoi_trio.model import MAX_TIME_US, MIN_TIME_US, Job, Rule, Status, new_job
 
 _PLANNED = Status.PLANNED
+_TRIGGERED = Status.TRIGGERED
 _FINISHED = frozenset((Status.EXECUTED, Status.FAILED))
+_status_of = attrgetter("status")
+_execute_at_of = attrgetter("execute_at")
+_recurrence_of = attrgetter("recurrence")
 
 
 def waits(job: Job) -> bool:
@@ -46,29 +51,69 @@ def waits(job: Job) -> bool:
 
 class State:
     def __init__(
-        self, jobs: Iterable[Job] | dict[str, Job] = (), rules: Iterable[Rule] = ()
+        self,
+        jobs: Iterable[Job] | dict[str, Job] = (),
+        rules: Iterable[Rule] = (),
+        *,
+        replayed: bool = False,
     ) -> None:
         """Index `jobs` and `rules`. A dict of jobs by id (the replayed log) is
         adopted, not copied: a second dict of n entries would be most of the
-        peak RSS at start-up above the state itself (~34 bytes a job)."""
+        peak RSS at start-up above the state itself (~34 bytes a job).
+
+        `replayed`: the jobs come from a log; recover_replayed is applied first
+        (its counts in `recovered`), at no cost when nothing needs it.
+        """
         self.jobs: dict[str, Job] = (
             jobs if isinstance(jobs, dict) else {job.id: job for job in jobs}
         )
+        self.recovered = (0, 0)
         self.rules: dict[str, Rule] = {}
-        # One pass over the jobs for every index (n is 10 million at start-up).
-        by_status: dict[Status, list[str]] = {status: [] for status in Status}
+        # A few C-level passes over the jobs (n is 10 million at start-up), no
+        # Python code a job: the status and time of each, then each status's ids.
+        statuses = list(map(_status_of, self.jobs.values()))
+        times = list(map(_execute_at_of, self.jobs.values()))
+        bounds = (min(times), max(times)) if replayed and times else None
+        if replayed and (
+            _TRIGGERED in statuses
+            or (bounds and not (MIN_TIME_US <= bounds[0] and bounds[1] <= MAX_TIME_US))
+        ):
+            self.recovered = recover_replayed(self.jobs)
+            statuses = list(map(_status_of, self.jobs.values()))
+            times = list(map(_execute_at_of, self.jobs.values()))
+            bounds = None
+        counts = dict.fromkeys(Status, 0)
+        left = len(statuses)
+        for status in Status:  # (most often all planned: one pass, not four)
+            if left:
+                counts[status] = count = statuses.count(status)
+                left -= count
+        ids = list(self.jobs)
+        by_status = {status: _where(ids, statuses, status, counts[status]) for status in Status}
+        del ids
+        # the due index: every planned job (but the paused recurring ones)
+        planned_ids = by_status[_PLANNED]
+        planned_count = counts[_PLANNED]
+        if planned_count != len(statuses):
+            times = _where(times, statuses, _PLANNED, planned_count)
+            bounds = None
+        planned = _where(list(self.jobs.values()), statuses, _PLANNED, planned_count)
+        if set(map(_recurrence_of, planned)) - {None}:  # some may be paused
+            waiting = list(map(waits, planned))
+            times = list(compress(times, waiting))
+            planned_ids = list(compress(planned_ids, waiting))
+            bounds = None
+        del planned
         self._due = due = DueIndex(self._due_at)
-        push_due = due.push
+        due.fill(times, planned_ids, bounds)
+        del times, planned_ids
         finished: list[tuple[int, str]] = []
-        ids_of = by_status.__getitem__
-        for job_id, job in self.jobs.items():
-            status = job.status
-            ids_of(status).append(job_id)
-            if status is _PLANNED:
-                if job.recurrence is None or waits(job):
-                    push_due(job.execute_at, job_id)
-            elif status in _FINISHED:
-                finished.append((job.updated_at, job_id))
+        if counts[Status.EXECUTED] or counts[Status.FAILED]:
+            finished = [
+                (job.updated_at, job.id)
+                for job in compress(self.jobs.values(), map(_FINISHED.__contains__, statuses))
+            ]
+        del statuses
         self.counts: dict[Status, int] = {status: len(ids) for status, ids in by_status.items()}
         # the ordered id index, one sorted list per status (see the module's docstring)
         self._ids: dict[Status, SortedList] = {status: SortedList() for status in Status}
@@ -113,6 +158,12 @@ class State:
         elif status in _FINISHED and (old is None or old.status not in _FINISHED):
             heapq.heappush(self._finished, (job.updated_at, job_id))
         return old
+
+    def id_order(self) -> list[str]:
+        """Every job id, grouped by status (in Status order), each group in id order:
+        the order a snapshot stores its jobs in (storage/compaction.py), so that the
+        start-up finds each status's ids sorted. A C-level copy of the id indexes."""
+        return list(chain.from_iterable(self._ids[status] for status in Status))
 
     def delete_job(self, job_id: str) -> Job | None:
         old = self.jobs.pop(job_id, None)
@@ -270,6 +321,16 @@ class State:
                 break
             page.append(self.rules[rule_id])
         return page
+
+
+def _where(items: list, statuses: list[Status], status: Status, count: int) -> list:
+    """The items whose status (same position in `statuses`) is `status`, of which
+    there are `count`."""
+    if count == len(statuses):
+        return items
+    if not count:
+        return []
+    return list(compress(items, map(is_, statuses, repeat(status))))
 
 
 def recover_replayed(jobs: dict[str, Job]) -> tuple[int, int]:

@@ -1,8 +1,11 @@
 """Snapshots: the compacted form of the log, written so that a crash at any step loses nothing.
 
-A snapshot `snapshot-N.snap` holds the state (every job and rule, one JobPut or
-RulePut each) as of the END of segment N, followed by a SnapshotEnd record with
-the counts, which proves it is complete. Writing one takes four steps, each of
+A snapshot `snapshot-N.snap` holds the state (every job and rule) as of the END
+of segment N, followed by a SnapshotEnd record with the counts, which proves it
+is complete. Plain jobs (no payload, outcome or recurrence) are stored in job
+chunks of up to 65,536 (records.encode_jobs), the others one JobPut each, rules
+one RulePut each. Jobs are written grouped by status, each group in id order:
+start-up then finds every per-status id index already sorted. Writing one takes four steps, each of
 which leaves a directory that start-up reads correctly:
 
 1. write `snapshot-N.snap.tmp` and fsync it      crash: *.tmp is ignored and deleted; state =
@@ -19,18 +22,20 @@ are separate so the crash-safety tests can stop between any two of them.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from itertools import compress, repeat
+from operator import attrgetter, is_
 from pathlib import Path
 
 import structlog
 
-from kairoi_trio.model import Job, Rule
+from kairoi_trio.model import Job, Rule, Status
 from kairoi_trio.storage.faults import os  # os itself (a fault proxy in tests only)
 from kairoi_trio.storage.records import (
     SNAPSHOT_MAGIC,
     encode_header,
-    encode_job,
+    encode_jobs,
     encode_rule,
     encode_snapshot_end,
 )
@@ -99,6 +104,50 @@ def close_quietly(fd: int, what: str) -> None:
         log.warning("closing a file failed", file=what, error=f"{exc.strerror or exc}")
 
 
+# -- the order of the jobs in a snapshot -------------------------------------------
+
+
+class OrderedJobs(Mapping[str, Job]):
+    """Jobs by id (a dict) with the order to write them in: the command actor's copy
+    of its state, with its ids grouped by status and sorted (State.snapshot_order,
+    free: the state keeps them so), which the snapshot keeps."""
+
+    __slots__ = ("jobs", "order")
+
+    def __init__(self, jobs: dict[str, Job], order: list[str]) -> None:
+        self.jobs = jobs
+        self.order = order
+
+    def __getitem__(self, job_id: str) -> Job:
+        return self.jobs[job_id]
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.order)
+
+
+_status_of = attrgetter("status")
+
+
+def snapshot_order(jobs: Mapping[str, Job]) -> Iterable[Job]:
+    """The jobs as a snapshot stores them: grouped by status (in Status order), each
+    group in id order. Start-up puts the ids of each status in a sorted index: a
+    sorted run costs it one comparison an id, random order ~23 at 10 million.
+
+    An OrderedJobs gives its own order (the actor's, sorted already); any other
+    mapping is sorted here (the offline tools: repair, copy, import)."""
+    if isinstance(jobs, OrderedJobs):
+        return map(jobs.jobs.__getitem__, jobs.order)
+    ids = list(jobs)
+    statuses = list(map(_status_of, jobs.values()))
+    order: list[str] = []
+    for status in Status:
+        order += sorted(compress(ids, map(is_, statuses, repeat(status))))
+    return map(jobs.__getitem__, order)
+
+
 # -- the compaction steps -------------------------------------------------------
 
 _WRITE_BUFFER = 1 << 20
@@ -118,8 +167,8 @@ def write_snapshot_tmp(
         with open(tmp, "wb", buffering=_WRITE_BUFFER) as f:
             write = f.write
             write(encode_header(SNAPSHOT_MAGIC, seq))
-            for job in jobs.values():
-                write(encode_job(job))
+            for framed in encode_jobs(snapshot_order(jobs)):
+                write(framed)
             for rule in rules.values():
                 write(encode_rule(rule))
             write(encode_snapshot_end(len(jobs), len(rules)))
