@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kairoi_trio.core import due
 from kairoi_trio.core.due import BUCKET_SHIFT, DueIndex
 from kairoi_trio.model import MAX_TIME_US, MIN_TIME_US
 
@@ -133,6 +134,24 @@ def test_fill_jumps_the_gaps_between_windows() -> None:
     index = DueIndex(times.get)
     index.fill(list(times.values()), list(times))
     assert drain(index) == sorted((at, job_id) for job_id, at in times.items())
+
+
+def test_a_dense_fill_is_pushed_into_buckets_not_kept_cold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """More than COLD_MAX_PER_WINDOW jobs a window on average: taking such a window
+    would cost the actor a Python step an id at once, so they go to buckets now."""
+    monkeypatch.setattr(due, "COLD_MAX_PER_WINDOW", 10)
+    dense = {f"d{i}": 7 * WINDOW + (i % 3) * BUCKET + i for i in range(40)}  # one window
+    index = DueIndex(dense.get)
+    index.fill(list(dense.values()), list(dense))
+    assert index._cold is None and sorted(index._buckets) == [7 * 64, 7 * 64 + 1, 7 * 64 + 2]
+    assert drain(index) == sorted((at, job_id) for job_id, at in dense.items())
+    sparse = {f"s{i}": i * WINDOW for i in range(40)}  # one a window: cold
+    index = DueIndex(sparse.get)
+    index.fill(list(sparse.values()), list(sparse))
+    assert index._cold is not None
+    assert drain(index) == sorted((at, job_id) for job_id, at in sparse.items())
 
 
 def test_fill_of_an_index_in_use_pushes() -> None:

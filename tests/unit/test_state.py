@@ -228,6 +228,20 @@ def test_heap_rebuild_keeps_due_order_and_bounds_memory() -> None:
     assert state.next_due() is None
 
 
+def test_a_rebuild_leaves_paused_jobs_out_and_keeps_the_others() -> None:
+    paused = Recurrence(Schedule("every 60s"), 15, paused=True)
+    state = State([Job("p", 15, PLANNED, recurrence=paused), job("done", 5)])
+    state.put_job(replace(state.jobs["done"], status=TRIGGERED))
+    for i in range(20):
+        state.put_job(job(f"keep{i:02d}", 1000 - i))
+    for n in range(3000):  # stale entries enough for a rebuild
+        state.put_job(job("moving", 10_000 + n))
+    assert len(state._due) <= 2 * state.counts[PLANNED] + 1024 + 1
+    assert state.next_due() == 981
+    expected = [f"keep{i:02d}" for i in reversed(range(20))] + ["moving"]
+    assert drain(state, 10**9) == expected  # not "p" (paused), not "done" (triggered)
+
+
 # -- rules ------------------------------------------------------------------------
 
 

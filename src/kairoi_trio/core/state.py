@@ -39,6 +39,7 @@ _FINISHED = frozenset((Status.EXECUTED, Status.FAILED))
 _status_of = attrgetter("status")
 _execute_at_of = attrgetter("execute_at")
 _recurrence_of = attrgetter("recurrence")
+_id_of = attrgetter("id")
 
 
 def waits(job: Job) -> bool:
@@ -208,11 +209,15 @@ class State:
         return job.execute_at if job is not None and waits(job) else None
 
     def _rebuild_due(self) -> None:
-        """Drop the stale entries once they outnumber the live ones."""
+        """Drop the stale entries once they outnumber the live ones: a new index of the
+        planned jobs, filled in bulk from the planned id index by C-level passes (a
+        Python loop over every job paused the actor for ~10 s at 10 million jobs)."""
+        jobs = self.jobs.values()  # in the dict's own order: memory read in sequence
+        planned = list(compress(jobs, map(is_, map(_status_of, jobs), repeat(_PLANNED))))
+        if set(map(_recurrence_of, planned)) - {None}:  # some may be paused
+            planned = list(compress(planned, map(waits, planned)))
         self._due = due = DueIndex(self._due_at)
-        for job in self.jobs.values():
-            if waits(job):
-                due.push(job.execute_at, job.id)
+        due.fill(list(map(_execute_at_of, planned)), list(map(_id_of, planned)))
 
     def expired_finished(self, before: int, limit: int) -> list[str]:
         """Ids of up to `limit` executed/failed jobs last changed before `before`."""
