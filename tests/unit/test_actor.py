@@ -33,6 +33,7 @@ from kairoi_trio.commands import (
     MatchRule,
     RecordOutcome,
     Request,
+    ScheduleJob,
     ServerInfo,
     SetJob,
     SetRule,
@@ -65,6 +66,7 @@ from kairoi_trio.model import (
     JobEvent,
     Rule,
     RulePolicy,
+    Schedule,
     ShellRunner,
     Status,
 )
@@ -643,6 +645,19 @@ async def test_setting_a_job_again_resets_its_attempts() -> None:
         await h.call(SetJob("app.1", at(0)))
         assert (await h.call(GetJob("app.1"))).attempts == 0
         assert (await trigger_one(h, "app.1", at(0))).job.attempts == 1
+
+
+async def test_a_job_set_again_keeps_one_copy_of_its_id() -> None:
+    """The jobs dict keeps its first key object on a re-set: the new Job must use
+    it, or the state holds the id twice (an id may be 65,535 bytes)."""
+    async with running_actor() as h:
+        # each command's id a string object of its own, as a protocol decodes it
+        await h.call(SetJob("".join(["app.", "1"]), at(5)))
+        (key,) = [k for k in h.state.jobs if k == "app.1"]
+        await h.call(SetJob("".join(["app.", "1"]), at(9)))
+        assert h.state.jobs["app.1"].id is key
+        await h.call(ScheduleJob("".join(["app.", "1"]), Schedule("every 60s")))
+        assert h.state.jobs["app.1"].id is key
 
 
 async def test_outcomes_of_superseded_runs_are_ignored() -> None:

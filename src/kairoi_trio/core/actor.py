@@ -823,7 +823,9 @@ class CommandActor:
             raise CommandError(
                 ErrorCode.FAILED_PRECONDITION, f"job {command.id} is triggered: a run is in flight"
             )
-        job = new_job(command.id, command.execute_at, PLANNED, command.payload, 0, "", self._now)
+        # A re-set keeps the id string the jobs dict holds as its key: one copy, not two.
+        job_id = command.id if old is None else old.id
+        job = new_job(job_id, command.execute_at, PLANNED, command.payload, 0, "", self._now)
         self._put_job(job)
         self._sets += 1
         return job
@@ -1071,7 +1073,8 @@ class CommandActor:
                 ErrorCode.FAILED_PRECONDITION, f"job {command.id} is triggered: a run is in flight"
             )
         try:
-            job = self._planner.first(command.id, command.schedule, command.payload, self._now)
+            job_id = command.id if old is None else old.id  # one copy of the id (_set_job)
+            job = self._planner.first(job_id, command.schedule, command.payload, self._now)
         except (ScheduleError, ValueError, OverflowError) as error:
             # ValueError/OverflowError: a value no check foresaw; still the client's input
             raise CommandError(ErrorCode.INVALID_ARGUMENT, str(error)) from None
