@@ -234,10 +234,25 @@ class Lateness(Observer):
         self.seen.extend(lateness_s)
 
 
+class BoundedAlarm(TrioAlarm):
+    """A TrioAlarm that fails the test instead of letting a release spin on it."""
+
+    waits = 0
+
+    async def wait(self) -> None:
+        self.waits += 1
+        assert self.waits < 1000, "the release keeps waiting on an alarm that fired"
+        await super().wait()
+
+
 @asynccontextmanager
 async def scheduler(
-    wall: trio.testing.MockClock, ahead_s: float = 0.0, observer: Observer | None = None
+    wall: trio.testing.MockClock,
+    ahead_s: float = 0.0,
+    observer: Observer | None = None,
+    alarm_lead_us: int = 0,
 ) -> AsyncIterator[Scheduler]:
+    """alarm_lead_us: the alarm's clock runs this far ahead of the wall clock."""
     log = MemoryLog()
     ahead_us = round(ahead_s * MICROS)
     timer = DueTimer(ahead_us)
@@ -258,7 +273,7 @@ async def scheduler(
         pools,  # type: ignore[arg-type]
         ahead_us=ahead_us,
         observer=observer,
-        alarm=TrioAlarm(clock=lambda: dispatch.now_us()),
+        alarm=BoundedAlarm(clock=lambda: dispatch.now_us() + alarm_lead_us),
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(actor.run)
@@ -409,3 +424,16 @@ async def test_a_job_armed_ahead_refuses_set_as_a_run_in_flight(
             await s.client.call(SetJob("app.1", at(5.0)))
         await trio.sleep(1)
         assert [d.job.execute_at for d in s.pools.dispatched] == [at(1.0)]
+
+
+async def test_the_alarm_firing_is_the_due_time_even_if_the_wall_clock_lags(
+    wall: trio.testing.MockClock,
+) -> None:
+    """An alarm on another clock (Trio's) fires when the wall clock still reads a few
+    µs short of the due time: the job goes out then, instead of the release waiting
+    again (a whole millisecond of epoll's rounding on real clocks; here, a hang)."""
+    async with scheduler(wall, ahead_s=0.02, alarm_lead_us=5) as s:
+        await s.client.call(SetRule(RULE))
+        await s.client.call(SetJob("app.1", at(1.0)))
+        await trio.sleep(2)
+        assert s.pools.handed_at == pytest.approx([1.0], abs=1e-5)

@@ -166,22 +166,20 @@ class DueIndex:
         order, into a new index: the start-up's bulk load, kept cold (see the module
         docstring). `job_ids` is kept: the caller must not change it afterwards.
         `bounds`: (min(times), max(times)) when the caller has them."""
-        if self._heap or self._horizon != _NO_HORIZON or self._keys:  # not new
-            for at, job_id in zip(times, job_ids, strict=True):
-                self.push(at, job_id)
-            return
         if not times:
             return
         first, last = bounds or (min(times), max(times))
         low = first >> BUCKET_SHIFT
-        if not -(1 << 63) <= first <= last < 1 << 63:  # beyond any supported time
-            for at, job_id in zip(times, job_ids, strict=True):
-                self.push(at, job_id)
-            return
         windows = ((last >> BUCKET_SHIFT) >> _WINDOW_BITS) - (low >> _WINDOW_BITS) + 1
-        if len(times) > COLD_MAX_PER_WINDOW * windows:
+        if (
+            self._heap
+            or self._horizon != _NO_HORIZON
+            or self._keys  # not new
+            or not -(1 << 63) <= first <= last < 1 << 63  # beyond any supported time
             # Dense: few buckets, so pushing stays in the cache, and a cold window of
             # millions would cost the actor seconds when taken (a Python step an id).
+            or len(times) > COLD_MAX_PER_WINDOW * windows
+        ):
             for at, job_id in zip(times, job_ids, strict=True):
                 self.push(at, job_id)
             return

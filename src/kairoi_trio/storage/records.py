@@ -502,16 +502,6 @@ def _decode_chunk(body: bytes) -> tuple[list[str], list[Job]]:
     lengths = _column(_U32, view[f:])
     if sum(lengths) != n or 0 in lengths:
         raise MalformedRecord("job chunk updated_at runs do not add up to its jobs")
-    (
-        set_id,
-        set_execute_at,
-        set_status,
-        set_payload,
-        set_attempts,
-        set_last_outcome,
-        set_updated_at,
-        set_recurrence,
-    ) = JOB_SLOT_SETTERS
     times = iter(_column(_I64, view[b:c]))
     if codes.count(1) == n:  # all planned
         statuses: Iterator[Status | None] = repeat(_STATUS_BY_CODE[1])
@@ -528,14 +518,11 @@ def _decode_chunk(body: bytes) -> tuple[list[str], list[Job]]:
     # (Passes over 2,048 jobs at a time, to keep them in the CPU's cache, measured
     # no faster.)
     jobs = list(map(Job.__new__, repeat(Job, n)))
-    _consume(map(set_id, jobs, ids))
-    _consume(map(set_execute_at, jobs, times))
-    _consume(map(set_status, jobs, statuses))
-    _consume(map(set_payload, jobs, repeat(b"")))
-    _consume(map(set_attempts, jobs, attempts))
-    _consume(map(set_last_outcome, jobs, repeat("")))
-    _consume(map(set_updated_at, jobs, updated))
-    _consume(map(set_recurrence, jobs, repeat(None)))
+    # the columns in JOB_SLOT_SETTERS' order: id, execute_at, status, payload,
+    # attempts, last_outcome, updated_at, recurrence
+    columns = (ids, times, statuses, repeat(b""), attempts, repeat(""), updated, repeat(None))
+    for set_slot, column in zip(JOB_SLOT_SETTERS, columns, strict=True):
+        _consume(map(set_slot, jobs, column))
     return ids, jobs
 
 
