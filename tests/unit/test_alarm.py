@@ -4,10 +4,12 @@ kernel's, so bounds above are generous (a loaded machine may be late, never earl
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import trio
 
-from kairoi_trio.alarm import Alarm, TimerfdAlarm, TrioAlarm, new_alarm
+from kairoi_trio.alarm import SPIN_US, Alarm, TimerfdAlarm, TrioAlarm, new_alarm
 from kairoi_trio.model import now_us
 
 
@@ -82,3 +84,39 @@ def test_new_alarm_is_a_timerfd_on_linux() -> None:
         assert isinstance(made, TimerfdAlarm)
     finally:
         made.close()
+
+
+async def test_set_later_while_it_waits_out_its_last_moments_does_not_fire_early() -> None:
+    """The timerfd fires SPIN_US early and wait() yields until the time itself: a set()
+    for a later time in that window moves it, as before the timer fired, and the
+    wait for the new time is on the timer again, not a busy loop."""
+    alarm = TimerfdAlarm()
+    moved_in_time = 0
+    try:
+        for _ in range(10):
+            due = now_us() + 20_000
+            later = due + 300_000
+            alarm.set(due)
+            fired: list[int] = []
+            moved: list[bool] = []
+
+            async def move_later(
+                due: int = due, later: int = later, moved: list[bool] = moved
+            ) -> None:
+                while now_us() < due - SPIN_US // 3:  # inside the window, before the time
+                    await trio.lowlevel.checkpoint()
+                alarm.set(later)
+                moved.append(not fired)
+
+            cpu = time.process_time()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(move_later)
+                fired.append(await fired_at(alarm))
+            cpu = time.process_time() - cpu
+            if moved[0]:  # moved before it fired: it must fire at the new time
+                moved_in_time += 1
+                assert fired[0] >= later
+                assert cpu < 0.15  # 0.3 s of waiting: a busy loop would use all of it
+    finally:
+        alarm.close()
+    assert moved_in_time >= 3  # the window was hit, not only missed

@@ -214,6 +214,8 @@ class Pools:
             )
         )
 
+    start_nowait = submit_nowait  # the real pools start a run at once when they have room
+
     async def wait_for_capacity(self) -> None:
         await trio.sleep_forever()
 

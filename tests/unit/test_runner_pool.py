@@ -257,3 +257,49 @@ async def test_a_run_ended_twice_counts_once(autojump_clock: trio.testing.MockCl
         assert h.pool.running == 0
         for job_id in ("app.1", "app.2", "app.3"):
             assert await h.status(job_id) is Status.EXECUTED
+
+
+class Recording(Runner):
+    """Records the order runs start in; each takes 10 ms."""
+
+    kind = "shell"
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.in_flight = self.most_in_flight = 0
+
+    async def run(self, job: Job, rule: Rule) -> str:
+        self.started.append(job.id)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        await trio.sleep(0.01)
+        self.in_flight -= 1
+        return "ok"
+
+
+async def test_start_nowait_starts_at_once_with_room_and_queues_behind_waiting_jobs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An armed job's run starts without waiting for the starter task when the pool
+    has room; otherwise it queues, behind the jobs already waiting, and the
+    concurrency holds either way."""
+    runner = Recording()
+    async with running_pool(runner, concurrency=2) as h:
+        for n in range(1, 6):
+            await h.client.call(SetJob(f"app.{n}", 0))
+        result = await h.client.call(TriggerDue(1, {"shell": 100}))
+        first, *rest = sorted(result.dispatches, key=lambda d: d.job.id)
+        h.pool.start_nowait(first)
+        assert h.pool.running == 1 and h.pool.queued == 0  # started, not queued
+        h.pool.start_nowait(rest[0])
+        h.pool.start_nowait(rest[1])  # no room left: queued
+        assert h.pool.running == 2 and h.pool.queued == 1
+        h.pool.submit_nowait(rest[2])
+        h.pool.start_nowait(rest[3])  # behind app.4, although the pool has room soon
+        await trio.sleep(1)
+        # runs started in the same step start in any order: compare by waves of two
+        waves = [set(runner.started[i : i + 2]) for i in range(0, 5, 2)]
+        assert waves == [{"app.1", "app.2"}, {"app.3", "app.4"}, {"app.5"}]
+        assert runner.most_in_flight == 2
+        for n in range(1, 6):
+            assert await h.status(f"app.{n}") is Status.EXECUTED

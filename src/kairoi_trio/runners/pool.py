@@ -74,6 +74,8 @@ class RunnerPool:
         self.outcome_retries = 0  # batches of outcomes that could not be written
         self._room: trio.Event | None = None  # set when a run ends: the starter waits for room
         self._abandoned = False  # past the grace period: runs that end are not recorded
+        self._runs: trio.Nursery | None = None  # where runs get their task, once running
+        self._queue_event: trio.Event | None = None  # set when a job is queued: the starter waits
 
     @property
     def unrecorded(self) -> int:
@@ -89,7 +91,22 @@ class RunnerPool:
         return self.queue_size - self.queued
 
     def submit_nowait(self, dispatch: Dispatch) -> None:
+        """Queue a job for the starter task. Raises trio.WouldBlock if the queue is full."""
         self._send.send_nowait(dispatch)
+        self._wake_starter()
+
+    def start_nowait(self, dispatch: Dispatch) -> None:
+        """Start the run now if the pool has room and nothing queued ahead of it, else
+        queue it (as submit_nowait): for an armed job at its due time, this saves the
+        starter task's turn through the scheduler (~0.1 ms at p50 on the benchmark
+        machine). Raises trio.WouldBlock if it must queue and the queue is full."""
+        runs = self._runs
+        if runs is None or self._closing or self.running >= self.concurrency or self.queued:
+            self.submit_nowait(dispatch)
+            return
+        self.running += 1
+        if not self._start(dispatch):
+            runs.start_soon(self._run_task, dispatch)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the runner's own service and the runs until cancelled."""
@@ -98,6 +115,7 @@ class RunnerPool:
             nursery.start_soon(self._record_outcomes)
             with self._runs_scope:
                 async with trio.open_nursery() as runs:
+                    self._runs = runs
                     runs.start_soon(self._start_runs, runs)
                     task_status.started()
             if not await self._send_outcomes():  # those of the runs that ended in the grace period
@@ -155,6 +173,7 @@ class RunnerPool:
         (at-least-once)."""
         self._closing = True
         self._send.close()
+        self._wake_starter()  # it ends once the queue is empty
         with trio.move_on_after(grace_s):
             while self.running:
                 await self.capacity_changed.wait()
@@ -171,38 +190,49 @@ class RunnerPool:
         """Take queued jobs while fewer than `concurrency` run, and start each: by the
         runner without a task (Runner.start), else in a task of its own in `runs`.
 
-        A queued job is taken without receive()'s checkpoint (a full trip through
-        the scheduler per job), but at most TAKES_PER_CHECKPOINT in a row: runs
-        that start or fail without blocking cannot starve the loop.
+        A job stays in the queue until this task takes it and starts it in the same
+        step, so that `queued` is exact for start_nowait. Queued jobs are taken
+        without a checkpoint each (a full trip through the scheduler per job), but
+        at most TAKES_PER_CHECKPOINT in a row: runs that start or fail without
+        blocking cannot starve the loop.
         """
         taken = 0  # jobs taken since the last checkpoint
         while True:
-            if self.running >= self.concurrency:
+            while self.running >= self.concurrency:  # start_nowait may take freed room first
                 self._signal()  # room in the queue: the dispatcher may be waiting for it
                 await self._a_run_ended()
                 taken = 0
+            if taken >= TAKES_PER_CHECKPOINT:
+                await trio.lowlevel.checkpoint()
+                taken = 0
+                continue
             try:
-                if taken < TAKES_PER_CHECKPOINT:
-                    try:
-                        dispatch = self._receive.receive_nowait()
-                        taken += 1
-                    except trio.WouldBlock:
-                        self._signal()
-                        dispatch = await self._receive.receive()
-                        taken = 0
-                else:
-                    self._signal()
-                    dispatch = await self._receive.receive()
-                    taken = 0
+                dispatch = self._receive.receive_nowait()
+            except trio.WouldBlock:
+                self._signal()
+                await self._a_job_queued()
+                taken = 0
+                continue
             except trio.EndOfChannel:  # drain: wait for the started runs (its grace bounds it)
                 while self.running:
                     await self._a_run_ended()
                 return
+            taken += 1
             if self._closing:  # shutting down: leave it triggered for the next start
                 continue
             self.running += 1
             if not self._start(dispatch):
                 runs.start_soon(self._run_task, dispatch)
+
+    async def _a_job_queued(self) -> None:
+        self._queue_event = trio.Event()
+        await self._queue_event.wait()
+
+    def _wake_starter(self) -> None:
+        event = self._queue_event
+        if event is not None:
+            self._queue_event = None
+            event.set()
 
     async def _a_run_ended(self) -> None:
         self._room = trio.Event()
@@ -304,6 +334,9 @@ class RunnerPools:
 
     def submit_nowait(self, dispatch: Dispatch) -> None:
         self.pools[dispatch.rule.runner.kind].submit_nowait(dispatch)
+
+    def start_nowait(self, dispatch: Dispatch) -> None:
+        self.pools[dispatch.rule.runner.kind].start_nowait(dispatch)
 
     async def wait_for_capacity(self) -> None:
         """Return once any pool took a job from its queue (room freed up)."""
