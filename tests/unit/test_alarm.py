@@ -92,6 +92,13 @@ async def test_set_later_while_it_waits_out_its_last_moments_does_not_fire_early
     wait for the new time is on the timer again, not a busy loop."""
     alarm = TimerfdAlarm()
     moved_in_time = 0
+
+    async def move_later(due: int, later: int, fired: list[int], moved: list[bool]) -> None:
+        while now_us() < due - SPIN_US // 3:  # inside the window, before the time
+            await trio.lowlevel.checkpoint()
+        alarm.set(later)
+        moved.append(not fired)
+
     try:
         for _ in range(10):
             due = now_us() + 20_000
@@ -99,18 +106,9 @@ async def test_set_later_while_it_waits_out_its_last_moments_does_not_fire_early
             alarm.set(due)
             fired: list[int] = []
             moved: list[bool] = []
-
-            async def move_later(
-                due: int = due, later: int = later, moved: list[bool] = moved
-            ) -> None:
-                while now_us() < due - SPIN_US // 3:  # inside the window, before the time
-                    await trio.lowlevel.checkpoint()
-                alarm.set(later)
-                moved.append(not fired)
-
             cpu = time.process_time()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(move_later)
+                nursery.start_soon(move_later, due, later, fired, moved)
                 fired.append(await fired_at(alarm))
             cpu = time.process_time() - cpu
             if moved[0]:  # moved before it fired: it must fire at the new time
