@@ -48,7 +48,7 @@ from pathlib import Path
 
 from benchmarks.amqp_bench import Kcp, kcp_time
 from benchmarks.profile import Profiler, top
-from benchmarks.server import Server, cpu_model, load_average
+from benchmarks.server import Server, cpu_model, load_average, loop_cpu_seconds
 
 STAMP_C = r"""
 #include <fcntl.h>
@@ -273,9 +273,12 @@ class Bench:
             raise RuntimeError("the SETs took too long: jobs were due before all were set")
         profiler = self._profile(f"burst-{rep}")
         cpu_before = self.server.cpu_seconds()
+        loop_before = loop_cpu_seconds(self.server.pid)
         stamps = self.script.wait_for(prefix, n, timeout=60 + n / 50)
         self._wait_runs(runs_before, n, timeout=30)
         cpu = self.server.cpu_seconds() - cpu_before
+        loop = loop_cpu_seconds(self.server.pid) - loop_before
+
         if profiler is not None:
             profiler.stop()
         failed = [e for e in self.server.events("job run")[runs_before:] if not e["ok"]]
@@ -288,6 +291,7 @@ class Bench:
             "p50_ms": ms(starts[n // 2]),
             # the server's CPU (all threads) from before T to the last "job run" line
             "cpu_us_per_job": round(cpu / n * 1e6),
+            "loop_cpu_us_per_job": round(loop / n * 1e6),  # its event loop's thread alone
         }
 
     def floor_burst(self, rep: int, n: int) -> dict:
@@ -397,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                 log(
                     f"[{rep}] burst last start: server {row['burst_server']['last_ms']} ms, "
                     f"floor {row['burst_floor']['last_ms']} ms, ratio {row['burst_ratio']}; "
-                    f"CPU per job: server {row['burst_server']['cpu_us_per_job']} µs, "
+                    f"CPU per job: server {row['burst_server']['cpu_us_per_job']} µs "
+                    f"(event loop {row['burst_server']['loop_cpu_us_per_job']}), "
                     f"floor {row['burst_floor']['cpu_us_per_job']} µs"
                 )
             if args.lateness:
