@@ -57,6 +57,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         broker.reset_external_node()
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: `-p no:xdist` runs without it
 def pytest_configure_node(node: Any) -> None:  # xdist's WorkerController, in the controller
     node.workerinput["kairoi_dist"] = node.config.option.dist
 
