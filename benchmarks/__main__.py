@@ -65,7 +65,12 @@ def machine() -> dict:
 
 
 def _git(*args: str) -> str:
-    root = Path(__file__).resolve().parent.parent
+    """git in the checkout of the code under test: the `kairoi_trio` this process
+    imports (the server's, same interpreter and PYTHONPATH), which need not be the
+    harness's own checkout."""
+    import kairoi_trio
+
+    root = Path(kairoi_trio.__file__).resolve().parent.parent.parent  # <root>/src/kairoi_trio
     done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
     return done.stdout.strip()
 

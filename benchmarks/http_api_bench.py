@@ -162,11 +162,12 @@ def load_jobs(port: int, ids: list[str]) -> None:
 
 
 def git_commit() -> str:
+    """The commit of the code under test (benchmarks.__main__._git), or "unknown"."""
+    from benchmarks.__main__ import _git
+
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+        return _git("rev-parse", "--short", "HEAD") or "unknown"
+    except OSError:
         return "unknown"
 
 
