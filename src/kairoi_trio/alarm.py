@@ -114,6 +114,7 @@ class TimerfdAlarm:
         self._fd = fd
         self._spec = _Itimerspec()
         self._at = 0
+        self._armed = False  # set, and not fired (read) since
 
     def set(self, at_us: int) -> None:
         self._at = at_us
@@ -124,22 +125,24 @@ class TimerfdAlarm:
         if self._settime(self._fd, _TFD_TIMER_ABSTIME, ctypes.byref(self._spec), None) != 0:
             code = ctypes.get_errno()
             raise OSError(code, f"timerfd_settime: {os.strerror(code)}")
+        self._armed = True  # (re-arming also drops an expiry not read yet)
 
     async def wait(self) -> None:
         while True:
+            left = self._at - now_us()
+            if left <= 0:
+                return
+            if left <= SPIN_US:  # woken early (or called late): yield until the time itself
+                await trio.lowlevel.checkpoint()
+                continue
+            if not self._armed:  # it fired and the wall clock went back since, or a wait
+                self.set(self._at)  # was cancelled after it fired: arm it again
             await trio.lowlevel.wait_readable(self._fd)
             try:
                 os.read(self._fd, 8)  # the expirations count; reading resets readiness
+                self._armed = False
             except BlockingIOError:
-                continue  # re-armed (set) after it became readable: wait for the new time
-            # Woken SPIN_US early: yield to the other tasks until the time itself.
-            while True:
-                left = self._at - now_us()
-                if left <= 0:
-                    return
-                if left > SPIN_US:  # set() for a later time meanwhile: the timer has it
-                    break
-                await trio.lowlevel.checkpoint()
+                pass  # re-armed (set) after it became readable: look again
 
     def close(self) -> None:
         if self._fd >= 0:
