@@ -278,7 +278,6 @@ class Bench:
         self._wait_runs(runs_before, n, timeout=30)
         cpu = self.server.cpu_seconds() - cpu_before
         loop = loop_cpu_seconds(self.server.pid) - loop_before
-
         if profiler is not None:
             profiler.stop()
         failed = [e for e in self.server.events("job run")[runs_before:] if not e["ok"]]

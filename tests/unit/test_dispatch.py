@@ -10,7 +10,6 @@ they are handed.
 
 from __future__ import annotations
 
-import errno
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,12 +18,12 @@ from dataclasses import dataclass
 import pytest
 import trio
 import trio.testing
+from support.dispatch_harness import MemoryLog, at, tie_wall_clock, timed_actor
 
 from kairoi_trio import dispatch
 from kairoi_trio.alarm import TrioAlarm
-from kairoi_trio.commands import CommandError, Dispatch, GetJob, Request, SetJob, SetRule
-from kairoi_trio.core.actor import ActorClient, CommandActor, Observer
-from kairoi_trio.core.state import State
+from kairoi_trio.commands import CommandError, Dispatch, GetJob, SetJob, SetRule
+from kairoi_trio.core.actor import ActorClient, Observer
 from kairoi_trio.dispatch import (
     TRIGGER_RETRY_INITIAL_S,
     TRIGGER_RETRY_MAX_S,
@@ -32,9 +31,7 @@ from kairoi_trio.dispatch import (
     DueTimer,
 )
 from kairoi_trio.model import MICROS, Rule, ShellRunner, Status, now_us
-from kairoi_trio.storage.records import JobStatus, Record
-
-WALL_START = 1_700_000_000 * MICROS
+from kairoi_trio.storage.records import JobStatus
 
 
 @pytest.fixture
@@ -44,14 +41,8 @@ def wall(
     """now_us() follows the mock clock: WALL_START at trio time 0.
 
     The test takes this clock as an argument, so pytest-trio runs it on it."""
-    monkeypatch.setattr(
-        dispatch, "now_us", lambda: WALL_START + round(trio.current_time() * MICROS)
-    )
+    tie_wall_clock(monkeypatch)
     return autojump_clock
-
-
-def at(seconds: float) -> int:
-    return WALL_START + round(seconds * MICROS)
 
 
 async def woken_at(timer: DueTimer) -> float:
@@ -162,31 +153,6 @@ async def test_wakes_at_the_due_time_on_real_clocks() -> None:
 # -- the Dispatcher while storage fails (issue 8, item 1) ----------------------------------
 
 
-class MemoryLog:
-    """Appends kept in memory; `fail` makes them raise ENOSPC, as a full disk does."""
-
-    def __init__(self) -> None:
-        self.records: list[Record] = []
-        self.fail = False
-        self.sync_s = 0.0  # how long an append takes (its fsync)
-        self.failed_appends = 0
-        self.bytes_since_snapshot = 0
-        self.snapshot_bytes = 0
-
-    async def append(self, records: list[Record]) -> None:
-        await trio.sleep(self.sync_s)
-        if self.fail:
-            self.failed_appends += 1
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.records.extend(records)
-
-    async def rotate(self) -> int:
-        raise AssertionError("no compaction here")
-
-    async def write_snapshot(self, seq: int, jobs: object, rules: object) -> None:
-        raise AssertionError("no compaction here")
-
-
 class Pools:
     """Stands in for RunnerPools: room for everything, and a record of what it was given."""
 
@@ -257,18 +223,8 @@ async def scheduler(
     """alarm_lead_us: the alarm's clock runs this far ahead of the wall clock."""
     log = MemoryLog()
     ahead_us = round(ahead_s * MICROS)
-    timer = DueTimer(ahead_us)
-    send, receive = trio.open_memory_channel[Request](100)
-    actor = CommandActor(
-        State(),
-        log,
-        receive,
-        on_commit=lambda state: timer.update(state.next_due()),
-        clock=dispatch.now_us,
-        observer=observer,
-    )
+    timer, actor, client = timed_actor(log, ahead_us, observer)
     pools = Pools(log)
-    client = ActorClient(send)
     dispatcher = Dispatcher(
         client.clone(),
         timer,

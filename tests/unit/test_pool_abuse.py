@@ -10,7 +10,6 @@ and a burst never starves the other tasks.
 
 from __future__ import annotations
 
-import errno
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,17 +17,15 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
+from support.dispatch_harness import MemoryLog, at, tie_wall_clock, timed_actor
 
 from kairoi_trio import dispatch
 from kairoi_trio.alarm import TrioAlarm
-from kairoi_trio.commands import Dispatch, GetJob, Request, SetJob, SetRule
-from kairoi_trio.core.actor import ActorClient, CommandActor
-from kairoi_trio.core.state import State
-from kairoi_trio.dispatch import Dispatcher, DueTimer
-from kairoi_trio.model import MICROS, Job, Rule, ShellRunner, Status
+from kairoi_trio.commands import Dispatch, GetJob, SetJob, SetRule
+from kairoi_trio.dispatch import Dispatcher
+from kairoi_trio.model import Job, Rule, ShellRunner, Status
 from kairoi_trio.runners.base import Runner
 from kairoi_trio.runners.pool import TAKES_PER_CHECKPOINT, RunnerPool, RunnerPools
-from kairoi_trio.storage.records import Record
 
 RULE = Rule("r", "app.", ShellRunner("/bin/ok.sh"))
 
@@ -266,40 +263,13 @@ async def test_no_run_starts_once_drain_began_even_in_the_middle_of_a_burst(
 
 # -- the dispatcher's release of armed jobs through real pools ------------------------
 
-WALL_START = 1_700_000_000 * MICROS
-
 
 @pytest.fixture
 def wall(
     monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
 ) -> trio.testing.MockClock:
-    monkeypatch.setattr(
-        dispatch, "now_us", lambda: WALL_START + round(trio.current_time() * MICROS)
-    )
+    tie_wall_clock(monkeypatch)
     return autojump_clock
-
-
-def at(seconds: float) -> int:
-    return WALL_START + round(seconds * MICROS)
-
-
-class MemoryLog:
-    def __init__(self) -> None:
-        self.records: list[Record] = []
-        self.sync_s = 0.003
-        self.bytes_since_snapshot = 0
-        self.snapshot_bytes = 0
-        self.failed_appends = 0
-
-    async def append(self, records: list[Record]) -> None:
-        await trio.sleep(self.sync_s)
-        self.records.extend(records)
-
-    async def rotate(self) -> int:
-        raise AssertionError(errno.ENOSYS)
-
-    async def write_snapshot(self, seq: int, jobs: object, rules: object) -> None:
-        raise AssertionError(errno.ENOSYS)
 
 
 class Publishing(Runner):
@@ -349,18 +319,8 @@ async def test_a_burst_of_armed_jobs_due_at_once_runs_each_once_within_the_concu
     started once (none before its time), never more than `concurrency` at once, all end
     executed, and the release lets the other tasks in while it starts them."""
     jobs = 200
-    log = MemoryLog()
     ahead_us = 20_000
-    timer = DueTimer(ahead_us)
-    send, receive = trio.open_memory_channel[Request](100)
-    actor = CommandActor(
-        State(),
-        log,
-        receive,
-        on_commit=lambda state: timer.update(state.next_due()),
-        clock=dispatch.now_us,
-    )
-    client = ActorClient(send)
+    timer, actor, client = timed_actor(MemoryLog(sync_s=0.003), ahead_us)
     async with trio.open_nursery() as outside:
         runner = Publishing(outside)
         pool = RunnerPool(runner, client.clone(), concurrency=concurrency, queue_size=queue_size)

@@ -44,6 +44,26 @@ OUTCOME_RETRY_MAX_S = 5.0
 TAKES_PER_CHECKPOINT = 16
 
 
+class _Wakeup:
+    """Wakes the one task waiting in wait(), if any: a set() with none waiting is not
+    kept (the waiter looks at what it waits for before it waits)."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event: trio.Event | None = None
+
+    async def wait(self) -> None:
+        self._event = trio.Event()
+        await self._event.wait()
+
+    def set(self) -> None:
+        event = self._event
+        if event is not None:
+            self._event = None
+            event.set()
+
+
 class RunnerPool:
     def __init__(
         self,
@@ -72,10 +92,10 @@ class RunnerPool:
         self._outcomes_waiting = trio.Event()
         self._sending = trio.Lock()  # one batch of outcomes at a time, so they stay in order
         self.outcome_retries = 0  # batches of outcomes that could not be written
-        self._room: trio.Event | None = None  # set when a run ends: the starter waits for room
+        self._room = _Wakeup()  # a run ended: the starter may wait for room
         self._abandoned = False  # past the grace period: runs that end are not recorded
         self._runs: trio.Nursery | None = None  # where runs get their task, once running
-        self._queue_event: trio.Event | None = None  # set when a job is queued: the starter waits
+        self._queued = _Wakeup()  # a job was queued: the starter may wait for one
 
     @property
     def unrecorded(self) -> int:
@@ -93,7 +113,7 @@ class RunnerPool:
     def submit_nowait(self, dispatch: Dispatch) -> None:
         """Queue a job for the starter task. Raises trio.WouldBlock if the queue is full."""
         self._send.send_nowait(dispatch)
-        self._wake_starter()
+        self._queued.set()
 
     def start_nowait(self, dispatch: Dispatch) -> None:
         """Start the run now if the pool has room and nothing queued ahead of it, else
@@ -104,9 +124,7 @@ class RunnerPool:
         if runs is None or self._closing or self.running >= self.concurrency or self.queued:
             self.submit_nowait(dispatch)
             return
-        self.running += 1
-        if not self._start(dispatch):
-            runs.start_soon(self._run_task, dispatch)
+        self._launch(dispatch, runs)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the runner's own service and the runs until cancelled."""
@@ -173,7 +191,7 @@ class RunnerPool:
         (at-least-once)."""
         self._closing = True
         self._send.close()
-        self._wake_starter()  # it ends once the queue is empty
+        self._queued.set()  # the starter ends once the queue is empty
         with trio.move_on_after(grace_s):
             while self.running:
                 await self.capacity_changed.wait()
@@ -200,7 +218,7 @@ class RunnerPool:
         while True:
             while self.running >= self.concurrency:  # start_nowait may take freed room first
                 self._signal()  # room in the queue: the dispatcher may be waiting for it
-                await self._a_run_ended()
+                await self._room.wait()
                 taken = 0
             if taken >= TAKES_PER_CHECKPOINT:
                 await trio.lowlevel.checkpoint()
@@ -210,33 +228,23 @@ class RunnerPool:
                 dispatch = self._receive.receive_nowait()
             except trio.WouldBlock:
                 self._signal()
-                await self._a_job_queued()
+                await self._queued.wait()
                 taken = 0
                 continue
             except trio.EndOfChannel:  # drain: wait for the started runs (its grace bounds it)
                 while self.running:
-                    await self._a_run_ended()
+                    await self._room.wait()
                 return
             taken += 1
             if self._closing:  # shutting down: leave it triggered for the next start
                 continue
-            self.running += 1
-            if not self._start(dispatch):
-                runs.start_soon(self._run_task, dispatch)
+            self._launch(dispatch, runs)
 
-    async def _a_job_queued(self) -> None:
-        self._queue_event = trio.Event()
-        await self._queue_event.wait()
-
-    def _wake_starter(self) -> None:
-        event = self._queue_event
-        if event is not None:
-            self._queue_event = None
-            event.set()
-
-    async def _a_run_ended(self) -> None:
-        self._room = trio.Event()
-        await self._room.wait()
+    def _launch(self, dispatch: Dispatch, runs: trio.Nursery) -> None:
+        """Count the run and start it: by the runner, or in a task of its own in `runs`."""
+        self.running += 1
+        if not self._start(dispatch):
+            runs.start_soon(self._run_task, dispatch)
 
     def _start(self, dispatch: Dispatch) -> bool:
         """Runner.start for `dispatch`; False when the runner needs a task for it."""
@@ -311,10 +319,7 @@ class RunnerPool:
 
     def _free(self) -> None:
         self.running -= 1
-        room = self._room
-        if room is not None:
-            self._room = None
-            room.set()
+        self._room.set()
         if self._closing:  # only drain waits for each run to end
             self._signal()
 
