@@ -6,13 +6,13 @@ The real command actor and state, a log in memory that can be told to fail
 
 from __future__ import annotations
 
-import errno
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import trio
 import trio.testing
+from support.dispatch_harness import MemoryLog
 
 from kairoi_trio.commands import Dispatch, GetJob, Request, SetJob, SetRule, TriggerDue
 from kairoi_trio.core.actor import ActorClient, CommandActor
@@ -20,31 +20,9 @@ from kairoi_trio.core.state import State
 from kairoi_trio.model import Job, Rule, ShellRunner, Status
 from kairoi_trio.runners.base import RunFailed, Runner
 from kairoi_trio.runners.pool import OUTCOME_RETRY_MAX_S, TAKES_PER_CHECKPOINT, RunnerPool
-from kairoi_trio.storage.records import JobStatus, Record
+from kairoi_trio.storage.records import JobStatus
 
 RULE = Rule("r", "app.", ShellRunner("/bin/ok.sh"))
-
-
-class MemoryLog:
-    def __init__(self) -> None:
-        self.records: list[Record] = []
-        self.fail = False
-        self.failed_appends = 0
-        self.bytes_since_snapshot = 0
-        self.snapshot_bytes = 0
-
-    async def append(self, records: list[Record]) -> None:
-        await trio.lowlevel.checkpoint()
-        if self.fail:
-            self.failed_appends += 1
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.records.extend(records)
-
-    async def rotate(self) -> int:
-        raise AssertionError("no compaction here")
-
-    async def write_snapshot(self, seq: int, jobs: object, rules: object) -> None:
-        raise AssertionError("no compaction here")
 
 
 class Quick(Runner):
