@@ -30,7 +30,9 @@ the old ones. See docs/runners.md for why this and not PR_SET_PDEATHSIG.
 
 from __future__ import annotations
 
+import heapq
 import itertools
+import math
 import mmap
 import os
 import secrets
@@ -42,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import structlog
 import trio
@@ -77,20 +79,14 @@ class ShellRunnerBackend(Runner):
         # Not found: the spawn fails with ENOENT, "cannot start sh: No such file ...".
         self._sh = shutil.which("sh", path=path) or "/nonexistent/sh"
         _no_inherited_descriptors()
+        self._watcher: _Watcher | None = None  # while serve() runs
 
     async def run(self, job: Job, rule: Rule) -> str:
         assert isinstance(rule.runner, ShellRunner)
-        if "\0" in job.id or "\0" in rule.runner.command:
-            # execve takes C strings: a NUL would cut the id short, so refuse it.
-            what = "job id" if "\0" in job.id else "rule's command"
-            raise RunFailed(f"the {what} contains a NUL character, which no process can receive")
-        try:
-            check_allowed_command(rule.runner.command, self.allowed_commands)
-        except CommandError as refused:
-            raise RunFailed(refused.message) from None
-        env = self._environ.copy()
-        env[b"KAIROI_JOB_ID"] = os.fsencode(job.id)
-        env[b"KAIROI_SCHEDULED_AT"] = format_time(job.scheduled_at).encode()
+        refusal = self._refusal(job, rule.runner)
+        if refusal is not None:
+            raise RunFailed(refusal)
+        env = self._environment(job)
         payload_file = None
         if job.payload:
             payload_file = await trio.to_thread.run_sync(_write_temp, job.payload)
@@ -101,13 +97,76 @@ class ShellRunnerBackend(Runner):
             if payload_file is not None:
                 with trio.CancelScope(shield=True):  # also after a timeout or a shutdown
                     await trio.to_thread.run_sync(_remove, payload_file)
-        text = output.decode("utf-8", "replace").strip()
-        if text:
-            log.info("shell output", job=job.id, rule=rule.id, exit_status=status, output=text)
-        if status != 0:
-            reason = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
-            raise RunFailed(reason)
-        return "exit status 0"
+        ok, message = _outcome(job, rule, status, output)
+        if not ok:
+            raise RunFailed(message)
+        return message
+
+    def start(
+        self, job: Job, rule: Rule, timeout_s: float | None, done: Callable[[bool, str], None]
+    ) -> bool:
+        """Start the script now and leave it to `serve`'s watcher, which calls `done`
+        once it has ended: no task per run. False (run() then takes it) when `serve`
+        is not running, for a job with a payload (its file is written in a thread) and
+        for a run that fails at once (a NUL, a command not allowed).
+
+        A run that outlives `timeout_s` is killed (its whole process group) and ends
+        with "timed out after {timeout_s}s", as the pool words a task's timeout."""
+        watcher = self._watcher
+        spec = rule.runner
+        if (
+            watcher is None
+            or job.payload
+            or not isinstance(spec, ShellRunner)
+            or self._refusal(job, spec) is not None
+        ):
+            return False
+        try:
+            pid, output_fd = self._spawn(["sh", "--", spec.command, job.id], self._environment(job))
+        except RunFailed as failure:
+            done(False, failure.message)
+            return True
+        watcher.watch(_WatchedRun(job, rule, pid, output_fd, timeout_s, done))
+        return True
+
+    def _refusal(self, job: Job, spec: ShellRunner) -> str | None:
+        """Why this run must fail without starting, or None."""
+        if "\0" in job.id or "\0" in spec.command:
+            # execve takes C strings: a NUL would cut the id short, so refuse it.
+            what = "job id" if "\0" in job.id else "rule's command"
+            return f"the {what} contains a NUL character, which no process can receive"
+        try:
+            check_allowed_command(spec.command, self.allowed_commands)
+        except CommandError as refused:
+            return refused.message
+        return None
+
+    def _environment(self, job: Job) -> dict[bytes, bytes]:
+        env = self._environ.copy()
+        env[b"KAIROI_JOB_ID"] = os.fsencode(job.id)
+        env[b"KAIROI_SCHEDULED_AT"] = format_time(job.scheduled_at).encode()
+        return env
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Watch the scripts `start` started, until cancelled; then kill those left."""
+        watcher = _Watcher(self)
+        try:
+            async with trio.open_nursery() as nursery:
+                watcher.nursery = nursery
+                self._watcher = watcher
+                task_status.started()
+                await watcher.watch_forever()
+        finally:
+            self._watcher = None
+            with trio.CancelScope(shield=True):
+                await watcher.kill_all()
+            watcher.close()
+
+    async def aclose(self) -> None:
+        """Past the grace period: kill the scripts still running (their jobs stay
+        triggered, as a cancelled run's do)."""
+        if self._watcher is not None:
+            await self._watcher.kill_all()
 
     async def _execute(self, argv: list[str], env: dict[bytes, bytes]) -> tuple[int, bytes]:
         """Run argv to its end: (exit status, or -signal; its output up to the bound).
@@ -229,10 +288,203 @@ class ShellRunnerBackend(Runner):
 _RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
+def _outcome(job: Job, rule: Rule, status: int, output: bytes) -> tuple[bool, str]:
+    """A finished script's result (ok, message), its output logged if it wrote any."""
+    text = output.decode("utf-8", "replace").strip()
+    if text:
+        log.info("shell output", job=job.id, rule=rule.id, exit_status=status, output=text)
+    if status == 0:
+        return True, "exit status 0"
+    return False, f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+
+
+# What a script's children still write to its output, once it has exited, is read
+# for this long at most (they may hold the pipe open for ever).
+LINGER_S = 0.1
+
+
+class _WatchedRun:
+    """A script started by ShellRunnerBackend.start, until its `done` is called."""
+
+    __slots__ = (
+        "job", "rule", "pid", "output_fd", "pidfd", "output", "status", "timeout_s", "timed_out",
+        "done", "ended",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        job: Job,
+        rule: Rule,
+        pid: int,
+        output_fd: int,
+        timeout_s: float | None,
+        done: Callable[[bool, str], None],
+    ) -> None:
+        self.job, self.rule, self.pid, self.output_fd = job, rule, pid, output_fd
+        self.pidfd = -1  # readable once the script has exited
+        self.output = bytearray()
+        self.status: int | None = None  # once reaped
+        self.timeout_s, self.timed_out = timeout_s, False
+        self.done = done
+        self.ended = False
+
+
+class _Watcher:
+    """The scripts started without a task, in one epoll set that one task waits on.
+
+    Per run, the set holds the script's pidfd and the read end of its output pipe.
+    The watcher reads output as it comes (up to the bound, so a chatty script never
+    blocks on a full pipe), reaps a script once its pidfd is readable, reads for
+    LINGER_S more if the script's children still hold the pipe, then calls the
+    run's `done`. Timeouts and lingering runs wait in a heap of deadlines, which
+    bounds the task's wait. One set and one waiting task for every run, instead
+    of a task, a set and Trio's registration of it per run, is what makes a burst
+    of short scripts cheaper (docs/runners.md, "Starting runs").
+    """
+
+    def __init__(self, backend: ShellRunnerBackend) -> None:
+        self.backend = backend
+        self.epoll = select.epoll()
+        self.nursery: trio.Nursery | None = None
+        self._runs: dict[int, _WatchedRun] = {}  # by pidfd and by output_fd
+        self._deadlines: list[tuple[float, int, _WatchedRun]] = []  # a heap
+        self._sequence = itertools.count()  # ties in the heap
+        self._waiting: trio.CancelScope | None = None  # the wait, bounded by the deadlines
+
+    def watch(self, run: _WatchedRun) -> None:
+        """Take a spawned script: watched until its `done` is called."""
+        try:
+            run.pidfd = os.pidfd_open(run.pid)
+            os.set_blocking(run.output_fd, False)
+            self.epoll.register(run.pidfd, select.EPOLLIN)
+            self._runs[run.pidfd] = run
+            self.epoll.register(run.output_fd, select.EPOLLIN)
+            self._runs[run.output_fd] = run
+        except OSError as error:  # out of descriptors: do not leave the script unwatched
+            _kill_group(run.pid)
+            self._unwatch(run)
+            assert self.nursery is not None
+            self.nursery.start_soon(self._reap_in_thread, run.pid)
+            self._end(run, False, f"cannot watch sh: {error.strerror}")
+            return
+        if run.timeout_s is not None:
+            self._after(run, run.timeout_s)
+
+    async def watch_forever(self) -> None:
+        while True:
+            deadline = self._deadlines[0][0] if self._deadlines else math.inf
+            with trio.move_on_at(deadline) as self._waiting:
+                await trio.lowlevel.wait_readable(self.epoll.fileno())
+            self._waiting = None
+            for fd, _ in self.epoll.poll(0):
+                run = self._runs.get(fd)
+                if run is None:  # its run ended earlier in this batch
+                    continue
+                if fd == run.pidfd:
+                    self._exited(run)
+                elif not self.backend._read_output(fd, run.output):
+                    self._output_closed(run)
+            self._expire(trio.current_time())
+
+    def _after(self, run: _WatchedRun, seconds: float) -> None:
+        deadline = trio.current_time() + seconds
+        heapq.heappush(self._deadlines, (deadline, next(self._sequence), run))
+        if self._waiting is not None and deadline < self._waiting.deadline:
+            self._waiting.deadline = deadline
+
+    def _expire(self, now: float) -> None:
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            run = heapq.heappop(deadlines)[2]
+            if run.ended:
+                continue
+            if run.status is None:  # its timeout: the pidfd says when it is dead
+                run.timed_out = True
+                _kill_group(run.pid)
+            else:  # done lingering
+                self._finish(run)
+
+    def _exited(self, run: _WatchedRun) -> None:
+        run.status = _reap(run.pid)
+        self.backend.guard.forget(run.pid)  # reaped: its pid may be reused from now on
+        self._close(run, "pidfd")
+        if run.timed_out or run.output_fd < 0:
+            self._finish(run)
+        else:  # children of the script may hold the pipe: what they write in LINGER_S
+            self._after(run, LINGER_S)
+
+    def _output_closed(self, run: _WatchedRun) -> None:
+        self._close(run, "output_fd")
+        if run.status is not None:
+            self._finish(run)
+
+    def _finish(self, run: _WatchedRun) -> None:
+        self._unwatch(run)
+        assert run.status is not None
+        if run.timed_out:
+            self._end(run, False, f"timed out after {run.timeout_s}s")
+        else:
+            self._end(run, *_outcome(run.job, run.rule, run.status, bytes(run.output)))
+
+    @staticmethod
+    def _end(run: _WatchedRun, ok: bool, message: str) -> None:
+        run.ended = True
+        run.done(ok, message)
+
+    def _close(self, run: _WatchedRun, which: str) -> None:
+        fd = getattr(run, which)
+        if fd >= 0:
+            setattr(run, which, -1)
+            if self._runs.pop(fd, None) is not None:
+                self.epoll.unregister(fd)
+            os.close(fd)
+
+    def _unwatch(self, run: _WatchedRun) -> None:
+        self._close(run, "pidfd")
+        self._close(run, "output_fd")
+
+    async def kill_all(self) -> None:
+        """Kill the scripts still running and reap them; their runs end without `done`
+        (as a cancelled task's run: the job stays triggered and runs again)."""
+        runs = {id(run): run for run in self._runs.values()}.values()
+        for fd in self._runs:
+            self.epoll.unregister(fd)
+        self._runs.clear()  # the watching task sees none of them from now on
+        for run in runs:
+            run.ended = True
+            if run.status is None:
+                _kill_group(run.pid)
+        with trio.move_on_after(5):  # SIGKILLed: only a process stuck in the kernel is slower
+            for run in runs:
+                if run.status is None:
+                    await trio.lowlevel.wait_readable(run.pidfd)
+        for run in runs:
+            if run.status is None:
+                run.status = _reap_nowait(run.pid)
+                if run.status is not None:
+                    self.backend.guard.forget(run.pid)
+                trio.lowlevel.notify_closing(run.pidfd)
+            self._unwatch(run)
+
+    async def _reap_in_thread(self, pid: int) -> None:
+        await trio.to_thread.run_sync(os.waitpid, pid, 0)
+        self.backend.guard.forget(pid)
+
+    def close(self) -> None:
+        trio.lowlevel.notify_closing(self.epoll.fileno())
+        self.epoll.close()
+
+
 def _reap(pid: int) -> int:
     """Reap an exited child: its exit status, or -signal (as Popen.returncode)."""
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
+
+
+def _reap_nowait(pid: int) -> int | None:
+    """_reap for a child that may still run: None if it does."""
+    found, status = os.waitpid(pid, os.WNOHANG)
+    return os.waitstatus_to_exitcode(status) if found else None
 
 
 def _no_inherited_descriptors() -> None:
