@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,6 +33,11 @@ def gone(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
+def reaped(pid: int) -> bool:
+    """Gone and reaped: not even a zombie is left."""
+    return not Path(f"/proc/{pid}").exists()
+
+
 def written(path: Path) -> bool:
     return path.exists() and path.read_text().endswith("\n")
 
@@ -56,6 +63,42 @@ async def poll(predicate: Callable[[], bool]) -> None:
 async def wait_for_file(path: Path) -> str:
     await poll(lambda: written(path))
     return content(path)
+
+
+_run_in_a_task = ShellRunnerBackend.run
+
+
+async def _run_watched(self: ShellRunnerBackend, job: Job, rule: Rule) -> str:
+    """ShellRunnerBackend.run by way of `start` and the watcher in `serve`, as the pool
+    runs a job without a payload; cancelling it ends `serve`, as a shutdown does."""
+    ended: list[tuple[bool, str]] = []
+    finished = trio.Event()
+
+    def done(ok: bool, message: str) -> None:
+        ended.append((ok, message))
+        finished.set()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(self.serve)
+        started = self.start(job, rule, None, done)
+        if started:
+            await finished.wait()
+        nursery.cancel_scope.cancel()
+    if not started:  # a payload, a refusal: the task's way
+        return await _run_in_a_task(self, job, rule)
+    ((ok, message),) = ended  # exactly once
+    if not ok:
+        raise RunFailed(message)
+    return message
+
+
+@pytest.fixture(autouse=True, params=["task", "watched"])
+def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs its scripts both ways: in a task (`run`, for jobs with a payload
+    and in the tests' own calls) and watched without a task (`start`, the pool's way)."""
+    if request.param == "watched":
+        monkeypatch.setattr(ShellRunnerBackend, "run", _run_watched)
+    return str(request.param)
 
 
 @pytest.fixture(autouse=True)
@@ -503,3 +546,136 @@ async def test_a_script_gets_the_default_signal_dispositions(tmp_path: Path) -> 
     ignored = int(content(out).split()[1], 16)
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):
         assert not ignored & (1 << (sig - 1)), f"{sig.name} is ignored in the script"
+
+
+# -- runs without a task of their own: `start`, watched by `serve` (the pool's way)
+
+
+class Ends:
+    """The `done` callbacks of watched runs: what each run ended with, and when."""
+
+    def __init__(self) -> None:
+        self.by_job: dict[str, list[tuple[bool, str]]] = {}
+        self.changed = trio.Event()
+
+    def done_for(self, job_id: str) -> Callable[[bool, str], None]:
+        def done(ok: bool, message: str) -> None:
+            self.by_job.setdefault(job_id, []).append((ok, message))
+            self.changed.set()
+            self.changed = trio.Event()
+
+        return done
+
+    async def wait_for(self, n: int) -> None:
+        while len(self.by_job) < n:
+            await self.changed.wait()
+
+
+@pytest.mark.parametrize("way", ["watched"], indirect=True)
+async def test_a_watched_run_past_its_timeout_is_killed_with_its_group(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    rule = script(tmp_path, f"sleep 60 &\necho $$ $! > {pids}\nwait\n")
+    runner, ends = ShellRunnerBackend(), Ends()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runner.serve)
+        await trio.sleep(0.05)  # the watcher is waiting, with no deadline, when the run comes
+        with trio.fail_after(5):
+            assert runner.start(Job("j", 0), rule, 0.3, ends.done_for("j"))
+            shell_pid, child_pid = map(int, (await wait_for_file(pids)).split())
+            await ends.wait_for(1)
+        assert ends.by_job == {"j": [(False, "timed out after 0.3s")]}
+        await poll(lambda: gone(shell_pid) and gone(child_pid))
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("way", ["watched"], indirect=True)
+async def test_scripts_watched_together_each_end_once_with_their_own_status(
+    tmp_path: Path,
+) -> None:
+    rule = script(tmp_path, 'echo "out $1"\nsleep 0.0$(( ${1#j} % 7 ))\nexit $(( ${1#j} % 4 ))\n')
+    slow = script(tmp_path, "sleep 60\n", name="slow.sh")
+    runner, ends = ShellRunnerBackend(), Ends()
+    expected = {
+        f"j{i}": [(True, "exit status 0") if i % 4 == 0 else (False, f"exit status {i % 4}")]
+        for i in range(60)
+    }
+    expected["slow"] = [(False, "timed out after 0.5s")]
+    with structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(runner.serve)
+            assert runner.start(Job("slow", 0), slow, 0.5, ends.done_for("slow"))
+            for i in range(60):
+                job_id = f"j{i}"
+                assert runner.start(Job(job_id, 0), rule, 30.0, ends.done_for(job_id))
+            with trio.fail_after(10):
+                await ends.wait_for(61)
+            nursery.cancel_scope.cancel()
+    assert ends.by_job == expected
+    outputs = {e["job"]: e["output"] for e in logs if e["event"] == "shell output"}
+    assert outputs == {f"j{i}": f"out j{i}" for i in range(60)}
+
+
+@pytest.mark.parametrize("way", ["watched"], indirect=True)
+async def test_aclose_kills_the_watched_scripts_and_ends_none_of_their_runs(
+    tmp_path: Path,
+) -> None:
+    """Past the grace period the pool calls aclose: the scripts die, and their jobs stay
+    triggered (no outcome), as a cancelled task's run."""
+    pids = tmp_path / "pids"
+    rule = script(tmp_path, f"sleep 60 &\necho $$ $! > {pids}\nwait\n")
+    runner, ends = ShellRunnerBackend(), Ends()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runner.serve)
+        assert runner.start(Job("j", 0), rule, None, ends.done_for("j"))
+        shell_pid, child_pid = map(int, (await wait_for_file(pids)).split())
+        with trio.fail_after(5):
+            await runner.aclose()
+        assert reaped(shell_pid)  # killed and reaped by aclose itself
+        await poll(lambda: gone(child_pid))
+        await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    assert ends.by_job == {}
+
+
+@pytest.mark.parametrize("way", ["watched"], indirect=True)
+async def test_without_serve_or_with_a_payload_a_run_is_left_to_a_task(tmp_path: Path) -> None:
+    rule = script(tmp_path, "exit 0\n")
+    runner, ends = ShellRunnerBackend(), Ends()
+    assert not runner.start(Job("j", 0), rule, None, ends.done_for("j"))  # no serve
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runner.serve)
+        assert not runner.start(Job("j", 0, payload=b"p"), rule, None, ends.done_for("j"))
+        assert not runner.start(Job("h.nul\x00", 0), rule, None, ends.done_for("j"))
+        nursery.cancel_scope.cancel()
+    assert ends.by_job == {}
+
+
+@pytest.mark.parametrize("way", ["watched"], indirect=True)
+async def test_a_script_that_cannot_be_watched_is_killed_reaped_and_fails_with_a_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pids = tmp_path / "pids"
+    rule = script(tmp_path, f"echo $$ > {pids}\nsleep 60\n")
+    runner, ends = ShellRunnerBackend(), Ends()
+    spawn = runner._spawn
+
+    def spawn_then_wait_for_the_script(argv: list[str], env: dict[bytes, bytes]) -> tuple[int, int]:
+        started = spawn(argv, env)
+        for _ in range(500):  # so that the kill finds it running, not still starting
+            if written(pids):
+                break
+            time.sleep(0.01)
+        return started
+
+    def out_of_descriptors(pid: int) -> int:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(runner, "_spawn", spawn_then_wait_for_the_script)
+    monkeypatch.setattr(os, "pidfd_open", out_of_descriptors)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runner.serve)
+        assert runner.start(Job("j", 0), rule, None, ends.done_for("j"))
+        assert ends.by_job == {"j": [(False, "cannot watch sh: Too many open files")]}
+        pid = int(content(pids))
+        await poll(lambda: reaped(pid))
+        nursery.cancel_scope.cancel()
