@@ -5,11 +5,12 @@ dispatcher only triggers as many jobs of a kind as that kind's queue has room
 for, so a slow or broken runner kind never holds up the others.
 
 One task per pool takes queued jobs while fewer than `concurrency` run. A run
-goes to its runner's `start` first: a runner whose runs wait on a shared
-connection (amqp: publish, then the broker's confirm) starts it there and calls
-back when it ends, with no task per run (a task parked and woken per job was
-a fifth of the server's CPU per amqp job). Other runs (a shell script, an HTTP
-request, the first publish on a new connection) get a task of their own.
+goes to its runner's `start` first: a runner whose runs wait on something
+shared (amqp: a connection, the broker's confirm; shell: one task watching
+every script) starts it there and calls back when it ends, with no task per
+run (a task parked and woken per job was a fifth of the server's CPU per amqp
+job). Other runs (an HTTP request, a script with a payload, the first publish
+on a new connection) get a task of their own.
 
 Outcomes go to the command actor in batches. One that cannot be written (the
 log's disk is full, read-only, failing) is kept, and written again, in order,

@@ -21,6 +21,11 @@ With `[runners.shell] allowed_commands`, a rule whose command is not in the list
 fails without running: the list is checked when a rule is set and again here,
 since a rule stored before the list was configured is still in the log.
 
+The pool starts most runs with `start` (no task per run): the script is
+spawned there and then, and one task (`serve`, the _Watcher) waits on one
+epoll set holding every script's pidfd and output pipe. A job with a payload
+runs in a task of its own, with `run` (docs/runners.md, "Starting runs").
+
 Scripts die with the server: a small guard process (ProcessGuard) learns the
 process group of every script and kills the groups still running when the
 server is gone (its pipe from the server reads end-of-file), e.g. after a
