@@ -679,3 +679,25 @@ async def test_a_script_that_cannot_be_watched_is_killed_reaped_and_fails_with_a
         pid = int(content(pids))
         await poll(lambda: reaped(pid))
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("way", ["watched"], indirect=True)
+async def test_runs_that_end_long_before_their_timeout_do_not_pile_up(tmp_path: Path) -> None:
+    """A rule with an hour's timeout and a run every few ms: what the watcher keeps of
+    the ended runs (their timeouts) stays bounded, not an hour's worth of runs."""
+    rule = script(tmp_path, "exit 0\n")
+    runner, ends = ShellRunnerBackend(), Ends()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runner.serve)
+        watcher = runner._watcher
+        assert watcher is not None
+        most = 0
+        for i in range(400):
+            assert runner.start(Job(f"j{i}", 0), rule, 3600.0, ends.done_for(f"j{i}"))
+            if i % 8 == 7:
+                await ends.wait_for(i + 1)
+            most = max(most, len(watcher._deadlines))
+        await ends.wait_for(400)
+        nursery.cancel_scope.cancel()
+    assert all(outcome == [(True, "exit status 0")] for outcome in ends.by_job.values())
+    assert most <= 2 * 64 + 8

@@ -313,7 +313,7 @@ class _WatchedRun:
 
     __slots__ = (
         "job", "rule", "pid", "output_fd", "pidfd", "output", "status", "timeout_s", "timed_out",
-        "done", "ended",
+        "done", "ended", "deadlines",
     )  # fmt: skip
 
     def __init__(
@@ -332,6 +332,7 @@ class _WatchedRun:
         self.timeout_s, self.timed_out = timeout_s, False
         self.done = done
         self.ended = False
+        self.deadlines = 0  # its entries in the watcher's heap
 
 
 class _Watcher:
@@ -353,6 +354,7 @@ class _Watcher:
         self.nursery: trio.Nursery | None = None
         self._runs: dict[int, _WatchedRun] = {}  # by pidfd and by output_fd
         self._deadlines: list[tuple[float, int, _WatchedRun]] = []  # a heap
+        self._stale = 0  # entries in it of runs that have ended
         self._sequence = itertools.count()  # ties in the heap
         self._waiting: trio.CancelScope | None = None  # the wait, bounded by the deadlines
 
@@ -394,6 +396,7 @@ class _Watcher:
     def _after(self, run: _WatchedRun, seconds: float) -> None:
         deadline = trio.current_time() + seconds
         heapq.heappush(self._deadlines, (deadline, next(self._sequence), run))
+        run.deadlines += 1
         if self._waiting is not None and deadline < self._waiting.deadline:
             self._waiting.deadline = deadline
 
@@ -401,7 +404,9 @@ class _Watcher:
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
             run = heapq.heappop(deadlines)[2]
+            run.deadlines -= 1
             if run.ended:
+                self._stale -= 1
                 continue
             if run.status is None:  # its timeout: the pidfd says when it is dead
                 run.timed_out = True
@@ -431,10 +436,24 @@ class _Watcher:
         else:
             self._end(run, *_outcome(run.job, run.rule, run.status, bytes(run.output)))
 
-    @staticmethod
-    def _end(run: _WatchedRun, ok: bool, message: str) -> None:
+    def _end(self, run: _WatchedRun, ok: bool, message: str) -> None:
         run.ended = True
+        self._forget_deadlines(run)
         run.done(ok, message)
+
+    def _forget_deadlines(self, run: _WatchedRun) -> None:
+        """An ended run's entries stay in the heap until popped; once they are most of
+        it, it is rebuilt without them: runs that end long before a long timeout
+        (an hour, at hundreds of runs a second) must not pile up in memory."""
+        self._stale += run.deadlines
+        if self._stale > 64 and self._stale * 2 > len(self._deadlines):
+            live = [entry for entry in self._deadlines if not entry[2].ended]
+            for entry in self._deadlines:
+                entry[2].deadlines = 0
+            for entry in live:
+                entry[2].deadlines += 1
+            heapq.heapify(live)
+            self._deadlines, self._stale = live, 0
 
     def _close(self, run: _WatchedRun, which: str) -> None:
         fd = getattr(run, which)
@@ -457,6 +476,7 @@ class _Watcher:
         self._runs.clear()  # the watching task sees none of them from now on
         for run in runs:
             run.ended = True
+            self._forget_deadlines(run)
             if run.status is None:
                 _kill_group(run.pid)
         with trio.move_on_after(5):  # SIGKILLed: only a process stuck in the kernel is slower
