@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import resource
 import signal
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -701,3 +704,92 @@ async def test_runs_that_end_long_before_their_timeout_do_not_pile_up(tmp_path: 
         nursery.cancel_scope.cancel()
     assert all(outcome == [(True, "exit status 0")] for outcome in ends.by_job.values())
     assert most <= 2 * 64 + 8
+
+
+async def test_scripts_that_cannot_start_leave_nothing_in_the_guards_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, guard: ProcessGuard
+) -> None:
+    """A rule whose every run fails to start (no `sh`) must not grow the table of
+    scripts the guard keeps, one slot per failed run, for as long as the server runs."""
+    rule = script(tmp_path, "exit 0\n")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    runner = ShellRunnerBackend(guard=guard)
+    for _ in range(300):
+        with pytest.raises(RunFailed, match="cannot start sh"):
+            await runner.run(Job("j", 0), rule)
+    assert guard._slot_of_mark == {}
+    assert guard._table is not None and len(guard._table) == 256 * 16  # never grown
+
+
+@contextlib.contextmanager
+def out_of_descriptors() -> Iterator[None]:
+    """Every descriptor the (lowered) limit allows is taken, for the block."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+        while True:
+            try:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                break
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("way", ["task"], indirect=True)
+async def test_out_of_descriptors_fails_the_run_with_a_reason_and_the_next_one_runs(
+    tmp_path: Path,
+) -> None:
+    rule = script(tmp_path, "exit 0\n")
+    runner = ShellRunnerBackend()
+    assert await runner.run(Job("warm-up", 0), rule) == "exit status 0"  # the guard is up
+    with out_of_descriptors(), pytest.raises(RunFailed) as failure:
+        await runner.run(Job("j", 0), rule)
+    assert failure.value.message == "cannot start sh: Too many open files"
+    assert await runner.run(Job("j", 0), rule) == "exit status 0"
+
+
+@pytest.mark.parametrize("way", ["watched"], indirect=True)
+async def test_out_of_descriptors_fails_a_watched_run_with_a_reason_and_the_next_one_runs(
+    tmp_path: Path,
+) -> None:
+    rule = script(tmp_path, "exit 0\n")
+    runner, ends = ShellRunnerBackend(), Ends()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runner.serve)
+        assert runner.start(Job("warm-up", 0), rule, None, ends.done_for("warm-up"))
+        await ends.wait_for(1)
+        with out_of_descriptors():
+            assert runner.start(Job("j", 0), rule, None, ends.done_for("j"))
+        assert ends.by_job["j"] == [(False, "cannot start sh: Too many open files")]
+        assert runner.start(Job("k", 0), rule, None, ends.done_for("k"))
+        with trio.fail_after(5):
+            await ends.wait_for(3)
+        nursery.cancel_scope.cancel()
+    assert ends.by_job["k"] == [(True, "exit status 0")]
+
+
+async def test_a_payload_that_cannot_be_written_fails_the_run_and_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on a full disk: the write of the payload's file fails (here: the file size
+    limit), the run fails with the reason, and no half-written file is left behind."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    rule = script(tmp_path, f"touch {tmp_path}/ran\n")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, hard))
+    try:
+        with pytest.raises(RunFailed) as failure:
+            await ShellRunnerBackend().run(Job("j", 0, payload=b"x" * 100_000), rule)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert failure.value.message == "cannot write the payload's file: File too large"
+    assert list(temp.iterdir()) == []  # noqa: ASYNC240
+    assert not (tmp_path / "ran").exists()  # noqa: ASYNC240

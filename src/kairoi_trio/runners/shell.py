@@ -94,7 +94,10 @@ class ShellRunnerBackend(Runner):
         env = self._environment(job)
         payload_file = None
         if job.payload:
-            payload_file = await trio.to_thread.run_sync(_write_temp, job.payload)
+            try:
+                payload_file = await trio.to_thread.run_sync(_write_temp, job.payload)
+            except OSError as error:  # a full disk, a read-only /tmp
+                raise RunFailed(f"cannot write the payload's file: {error.strerror}") from None
             env[b"KAIROI_PAYLOAD_FILE"] = os.fsencode(payload_file)
         try:
             status, output = await self._execute(["sh", "--", rule.runner.command, job.id], env)
@@ -265,7 +268,11 @@ class ShellRunnerBackend(Runner):
         Raises RunFailed if `sh` cannot be started."""
         mark = self.guard.expect()  # before the spawn: a kill right after it is covered too
         env[ProcessGuard.ENV_NAME.encode()] = mark.encode()
-        read, write = os.pipe()  # close-on-exec: only the dup2'd copies reach the script
+        try:
+            read, write = os.pipe()  # close-on-exec: only the dup2'd copies reach the script
+        except OSError as error:  # out of descriptors
+            self.guard.abandon(mark)
+            raise RunFailed(f"cannot start sh: {error.strerror}") from None
         try:
             pid = os.posix_spawn(
                 self._sh,
@@ -283,6 +290,7 @@ class ShellRunnerBackend(Runner):
             )
         except OSError as error:
             os.close(read)
+            self.guard.abandon(mark)
             raise RunFailed(f"cannot start sh: {error.strerror}") from None
         finally:
             os.close(write)
@@ -541,9 +549,14 @@ def _kill_group(pid: int) -> None:
 
 
 def _write_temp(payload: bytes) -> str:
+    """A new temporary file holding `payload`: its path. Raises OSError, leaving no file."""
     fd, path = tempfile.mkstemp(prefix="kairoi-payload-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(payload)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+    except BaseException:
+        _remove(path)
+        raise
     return path
 
 
@@ -610,11 +623,11 @@ class ProcessGuard:
     """A process outside the server that kills the scripts' process groups when the
     server is gone, however it went (SIGKILL, OOM killer, a crash).
 
-    `expect()` before a script starts, `watch(pgid, mark)` right after,
-    `forget(pgid)` once it is reaped. These only write a table in memory shared
-    with the guard (a memfd): no system call, nothing for the guard to wake up
-    for. The guard is started on first use and restarted, with the same table,
-    if it died. Thread-safe.
+    `expect()` before a script starts, `watch(pgid, mark)` right after (or
+    `abandon(mark)` if it did not start), `forget(pgid)` once it is reaped.
+    These only write a table in memory shared with the guard (a memfd): no
+    system call, nothing for the guard to wake up for. The guard is started on
+    first use and restarted, with the same table, if it died. Thread-safe.
     """
 
     ENV_NAME = "KAIROI_SCRIPT_GUARD"
@@ -652,6 +665,15 @@ class ProcessGuard:
             _SLOT.pack_into(self._table, offset, number, 0)
             self._slot_of_mark[mark] = offset
         return mark
+
+    def abandon(self, mark: str) -> None:
+        """The script `expect` made `mark` for did not start: free its slot."""
+        with self._lock:
+            offset = self._slot_of_mark.pop(mark, None)
+            if offset is None or self._table is None:
+                return
+            _SLOT.pack_into(self._table, offset, 0, 0)
+            self._free.append(offset)
 
     def watch(self, pgid: int, mark: str = "") -> None:
         with self._lock:
