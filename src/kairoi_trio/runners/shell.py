@@ -409,9 +409,11 @@ class _Watcher:
             self._waiting.deadline = deadline
 
     def _expire(self, now: float) -> None:
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= now:
-            run = heapq.heappop(deadlines)[2]
+        # self._deadlines each time, not a local alias: a run that ends here may have
+        # the heap rebuilt (_forget_deadlines), and popping the old list would count
+        # the entries it shares with the new one twice.
+        while self._deadlines and self._deadlines[0][0] <= now:
+            run = heapq.heappop(self._deadlines)[2]
             run.deadlines -= 1
             if run.ended:
                 self._stale -= 1
