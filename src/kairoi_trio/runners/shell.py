@@ -489,7 +489,10 @@ class _Watcher:
             self._forget_deadlines(run)
             if run.status is None:
                 _kill_group(run.pid)
-        with trio.move_on_after(5):  # SIGKILLed: only a process stuck in the kernel is slower
+        # Shielded: these runs are out of the watcher's hands now, so a caller already
+        # cancelled (aclose in a pool whose task was cancelled) must still reap them and
+        # close their descriptors. SIGKILLed: only a process stuck in the kernel is slower.
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
             for run in runs:
                 if run.status is None:
                     await trio.lowlevel.wait_readable(run.pidfd)
