@@ -505,7 +505,10 @@ class _Watcher:
             self._unwatch(run)
 
     async def _reap_in_thread(self, pid: int) -> None:
-        await trio.to_thread.run_sync(os.waitpid, pid, 0)
+        # Shielded: to_thread.run_sync checks for a cancel before it starts the thread,
+        # and serve cancelled right after `watch` must not leave a zombie (killed already).
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(os.waitpid, pid, 0)
         self.backend.guard.forget(pid)
 
     def close(self) -> None:
