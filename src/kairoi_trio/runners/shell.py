@@ -391,13 +391,19 @@ class _Watcher:
             with trio.move_on_at(deadline) as self._waiting:
                 await trio.lowlevel.wait_readable(self.epoll.fileno())
             self._waiting = None
-            for fd, _ in self.epoll.poll(0):
-                run = self._runs.get(fd)
-                if run is None:  # its run ended earlier in this batch
+            # Each event's run is looked up before any is handled: a `done` called in
+            # this batch may start a run (a retry) whose pipe or pidfd reuses the number
+            # of a descriptor closed earlier in it, and an event of the old descriptor
+            # must not be taken for the new one's (a pidfd "readable" while its script
+            # runs: waitpid would block the event loop until it ends).
+            runs = self._runs
+            events = [(fd, runs.get(fd)) for fd, _ in self.epoll.poll(0)]
+            for fd, run in events:
+                if run is None or run.ended:  # its run ended earlier in this batch
                     continue
                 if fd == run.pidfd:
                     self._exited(run)
-                elif not self.backend._read_output(fd, run.output):
+                elif fd == run.output_fd and not self.backend._read_output(fd, run.output):
                     self._output_closed(run)
             self._expire(trio.current_time())
 
