@@ -143,6 +143,15 @@ class ShellRunnerBackend(Runner):
             # execve takes C strings: a NUL would cut the id short, so refuse it.
             what = "job id" if "\0" in job.id else "rule's command"
             return f"the {what} contains a NUL character, which no process can receive"
+        for what, text in (("job id", job.id), ("rule's command", spec.command)):
+            if not text.isascii():  # cheap; a lone surrogate cannot be encoded for argv
+                try:
+                    os.fsencode(text)
+                except UnicodeEncodeError as error:
+                    return (
+                        f"the {what} contains {text[error.start]!r}, a lone surrogate, "
+                        "which no process can receive"
+                    )
         try:
             check_allowed_command(spec.command, self.allowed_commands)
         except CommandError as refused:
