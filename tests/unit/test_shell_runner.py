@@ -793,3 +793,22 @@ async def test_a_payload_that_cannot_be_written_fails_the_run_and_leaves_no_file
     assert failure.value.message == "cannot write the payload's file: File too large"
     assert list(temp.iterdir()) == []  # noqa: ASYNC240
     assert not (tmp_path / "ran").exists()  # noqa: ASYNC240
+
+
+@pytest.mark.parametrize("way", ["task"], indirect=True)
+async def test_a_closed_guard_keeps_no_descriptor_and_a_new_one_works(tmp_path: Path) -> None:
+    rule = script(tmp_path, "exit 0\n")
+
+    def guard_tables() -> int:
+        return sum(
+            "kairoi-script-guard" in os.readlink(f"/proc/self/fd/{fd}")
+            for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")
+        )
+
+    before = guard_tables()
+    guard = ProcessGuard()
+    for _ in range(5):
+        assert await ShellRunnerBackend(guard=guard).run(Job("j", 0), rule) == "exit status 0"
+        guard.close()
+    assert guard_tables() == before

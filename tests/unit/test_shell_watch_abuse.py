@@ -59,8 +59,8 @@ def reaped(pid: int) -> bool:
 
 def open_fds() -> set[str]:
     """This process's descriptors, with what each is (a pipe, a pidfd, a file). Not
-    the guards' tables: a closed ProcessGuard's mmap keeps a copy of its memfd until
-    it is garbage collected, at any time."""
+    the guards' tables: a guard keeps its memfd until it is closed, and the tests'
+    guards are closed at their end (test_shell_runner checks that close frees it)."""
     found = set()
     for name in os.listdir("/proc/self/fd"):
         try:

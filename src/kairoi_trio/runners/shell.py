@@ -715,9 +715,18 @@ class ProcessGuard:
             self._free.append(offset)
 
     def close(self) -> None:
-        """Let the guard go: it kills the groups still watched, then exits."""
+        """Let the guard go: it kills the groups still watched, then exits. Its table
+        is freed too (a script started later gets a new guard and a new table)."""
         with self._lock:
             self._stop()
+            if self._table is not None:
+                self._table.close()
+                self._table = None
+            if self._table_fd is not None:
+                os.close(self._table_fd)
+                self._table_fd = None
+            self._slot_of_mark.clear()
+            self._slot_of_group.clear()
 
     def _running(self) -> bool:
         """Start the guard if there is none, or a new one if it died."""
