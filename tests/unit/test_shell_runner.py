@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import structlog.testing
 import trio
+from support.run_ends import Ends
 
 from kairoi_trio.model import MIN_TIME_US, Job, Recurrence, Rule, Schedule, ShellRunner
 from kairoi_trio.runners.base import RunFailed
@@ -552,26 +553,6 @@ async def test_a_script_gets_the_default_signal_dispositions(tmp_path: Path) -> 
 
 
 # -- runs without a task of their own: `start`, watched by `serve` (the pool's way)
-
-
-class Ends:
-    """The `done` callbacks of watched runs: what each run ended with, and when."""
-
-    def __init__(self) -> None:
-        self.by_job: dict[str, list[tuple[bool, str]]] = {}
-        self.changed = trio.Event()
-
-    def done_for(self, job_id: str) -> Callable[[bool, str], None]:
-        def done(ok: bool, message: str) -> None:
-            self.by_job.setdefault(job_id, []).append((ok, message))
-            self.changed.set()
-            self.changed = trio.Event()
-
-        return done
-
-    async def wait_for(self, n: int) -> None:
-        while len(self.by_job) < n:
-            await self.changed.wait()
 
 
 @pytest.mark.parametrize("way", ["watched"], indirect=True)

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 import structlog.testing
 import trio
+from support.run_ends import Ends
 
 from kairoi_trio.commands import Dispatch
 from kairoi_trio.model import Job, Rule, RulePolicy, ShellRunner
@@ -122,31 +123,6 @@ async def poll(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
         await trio.sleep(0.01)
 
 
-class Ends:
-    """The `done` callbacks of watched runs: every call, by job."""
-
-    def __init__(self) -> None:
-        self.by_job: dict[str, list[tuple[bool, str]]] = {}
-        self.calls = 0
-        self.changed = trio.Event()
-
-    def done_for(self, job_id: str) -> Callable[[bool, str], None]:
-        def done(ok: bool, message: str) -> None:
-            self.by_job.setdefault(job_id, []).append((ok, message))
-            self.calls += 1
-            self.changed.set()
-            self.changed = trio.Event()
-
-        return done
-
-    async def wait_for(self, n: int) -> None:
-        while len(self.by_job) < n:
-            await self.changed.wait()
-
-    def twice(self) -> dict[str, list[tuple[bool, str]]]:
-        return {job: ends for job, ends in self.by_job.items() if len(ends) != 1}
-
-
 @pytest.fixture
 def guard() -> Iterator[ProcessGuard]:
     """A guard of the test's own: its mark finds the test's scripts in /proc, and its
@@ -158,6 +134,13 @@ def guard() -> Iterator[ProcessGuard]:
     guard.close()
     for pid in our_zombies():  # a failed test's: not the next test's failure
         os.waitpid(pid, 0)
+
+
+def assert_nothing_left(guard: ProcessGuard, fds_before: set[str]) -> None:
+    """No zombie, no descriptor beyond those open before, nothing in the guard."""
+    assert our_zombies() == []
+    assert open_fds() == fds_before
+    assert_guard_empty(guard)
 
 
 def assert_guard_empty(guard: ProcessGuard) -> None:
@@ -292,9 +275,7 @@ async def test_a_random_mix_of_scripts_each_end_once_with_their_outcome_and_outp
     timed_out = {pids[j] for j, (_, e, _) in jobs.items() if e[1].startswith("timed out")}
     await poll(lambda: not scripts_alive(guard, timed_out))  # the whole group is killed
     assert all(reaped(pid) for pid in pids.values())
-    assert our_zombies() == []
-    assert open_fds() == before
-    assert_guard_empty(guard)
+    assert_nothing_left(guard, before)
 
 
 # -- the heap of deadlines -------------------------------------------------------------------
@@ -374,9 +355,7 @@ async def test_aclose_at_every_stage_kills_reaps_and_ends_nothing(
     assert ends.by_job == {"after": [(True, "exit status 0")]}
     killed = {pids[name] for name in ("running", "closed", "timing", "starting", "last")}
     await poll(lambda: not scripts_alive(guard, killed))
-    assert our_zombies() == []
-    assert open_fds() == before
-    assert_guard_empty(guard)
+    assert_nothing_left(guard, before)
 
 
 async def test_aclose_in_a_cancelled_scope_still_reaps_its_scripts_and_closes_their_fds(
@@ -401,9 +380,7 @@ async def test_aclose_in_a_cancelled_scope_still_reaps_its_scripts_and_closes_th
     await trio.sleep(0.1)
     assert ends.calls == 0
     assert [pid for pid in pids.values() if not reaped(pid)] == []
-    assert our_zombies() == []
-    assert open_fds() == before
-    assert_guard_empty(guard)
+    assert_nothing_left(guard, before)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -442,9 +419,7 @@ async def test_serve_cancelled_at_a_random_moment_ends_each_run_at_most_once_and
     assert ends.calls == calls, "done after serve ended"
     assert ends.twice() == {}
     assert [pid for pid in pids.values() if not reaped(pid)] == []
-    assert our_zombies() == []
-    assert open_fds() == before
-    assert_guard_empty(guard)
+    assert_nothing_left(guard, before)
 
 
 # -- 3. through a real RunnerPool ------------------------------------------------------------
@@ -526,9 +501,7 @@ async def test_a_pool_of_watched_scripts_keeps_its_concurrency_and_records_each_
     assert sorted(j for j, _, _ in recorder.recorded) == sorted(expected)
     assert {j: (ok, m) for j, ok, m in recorder.recorded} == expected
     assert max_overlap(trace.read_text().splitlines()) <= concurrency  # noqa: ASYNC240
-    assert our_zombies() == []
-    assert open_fds() == before
-    assert_guard_empty(guard)
+    assert_nothing_left(guard, before)
 
 
 async def test_drain_records_the_runs_that_end_in_the_grace_period_and_not_those_killed(
@@ -559,9 +532,7 @@ async def test_drain_records_the_runs_that_end_in_the_grace_period_and_not_those
     assert all(reaped(pid) for pid in pids.values())
     longs = {pids[f"long{i}"] for i in range(4)}
     await poll(lambda: not scripts_alive(guard, longs))
-    assert our_zombies() == []
-    assert open_fds() == before
-    assert_guard_empty(guard)
+    assert_nothing_left(guard, before)
 
 
 # -- 4. descriptors and timing edges ---------------------------------------------------------
@@ -608,9 +579,7 @@ async def test_closed_output_children_holding_it_and_timeouts_shorter_than_the_l
     assert times["closed_then_long"] < 1.5
     killed = {pids[n] for n in ("closed_then_long", "short_timeout", "short_timeout_child")}
     await poll(lambda: not scripts_alive(guard, killed))
-    assert our_zombies() == []
-    assert open_fds() == before
-    assert_guard_empty(guard)
+    assert_nothing_left(guard, before)
 
 
 async def test_runs_ending_and_starting_while_others_end_keep_their_own_descriptors(
@@ -669,9 +638,7 @@ async def test_runs_ending_and_starting_while_others_end_keep_their_own_descript
     assert {job: e[0] for job, e in ends.by_job.items()} == expected
     assert gap < 0.5, f"the event loop was blocked for {gap:.2f}s"
     await poll(lambda: not scripts_alive(guard))
-    assert our_zombies() == []
-    assert open_fds() == before
-    assert_guard_empty(guard)
+    assert_nothing_left(guard, before)
 
 
 # -- 5. injected failures --------------------------------------------------------------------
@@ -757,9 +724,7 @@ async def test_watch_failures_in_a_mix_fail_only_those_runs_and_leak_nothing(
     await poll(lambda: all(reaped(pid) for pid in pids.values()))
     slow_groups = {pids[j] for j, k in kinds.items() if k == "slow"}
     await poll(lambda: not scripts_alive(guard, slow_groups))
-    assert our_zombies() == []
-    assert open_fds() == before
-    assert_guard_empty(guard)
+    assert_nothing_left(guard, before)
 
 
 async def test_a_run_that_cannot_be_watched_is_reaped_even_when_serve_ends_at_once(
@@ -833,9 +798,7 @@ async def test_out_of_descriptors_runs_fail_with_a_reason_and_the_others_go_on(
         e[0][1] in ("cannot start sh: Too many open files", "cannot watch sh: Too many open files")
         for e in failed.values()
     ), failed
-    assert our_zombies() == []
-    assert open_fds() == before
-    assert_guard_empty(guard)
+    assert_nothing_left(guard, before)
 
 
 async def test_spawns_that_fail_leave_nothing_in_the_guard(
@@ -939,6 +902,4 @@ async def test_a_tight_loop_of_2000_short_scripts(
         e == [(len(j) % 2 == 0, f"exit status {len(j) % 2}")] for j, e in ends.by_job.items()
     )
     assert most <= 2 * 64 + 64
-    assert our_zombies() == []
-    assert open_fds() == before
-    assert_guard_empty(guard)
+    assert_nothing_left(guard, before)

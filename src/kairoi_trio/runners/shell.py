@@ -50,6 +50,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Collection
+from typing import TypeVar
 
 import structlog
 import trio
@@ -638,6 +639,7 @@ for _ in range(2):  # twice: a script may have been forking while we looked
             pass
 """
 
+_Key = TypeVar("_Key", str, int)  # a mark, or a process group
 _SLOT = struct.Struct("<qq")  # (mark, pgid), as _GUARD_CODE reads them
 _INITIAL_SLOTS = 256  # doubled when full
 
@@ -691,12 +693,7 @@ class ProcessGuard:
 
     def abandon(self, mark: str) -> None:
         """The script `expect` made `mark` for did not start: free its slot."""
-        with self._lock:
-            offset = self._slot_of_mark.pop(mark, None)
-            if offset is None or self._table is None:
-                return
-            _SLOT.pack_into(self._table, offset, 0, 0)
-            self._free.append(offset)
+        self._release(self._slot_of_mark, mark)
 
     def watch(self, pgid: int, mark: str = "") -> None:
         with self._lock:
@@ -707,8 +704,12 @@ class ProcessGuard:
             self._slot_of_group[pgid] = offset
 
     def forget(self, pgid: int) -> None:
+        self._release(self._slot_of_group, pgid)
+
+    def _release(self, slots: dict[_Key, int], key: _Key) -> None:
+        """Free the slot `slots` holds for `key`, if any."""
         with self._lock:
-            offset = self._slot_of_group.pop(pgid, None)
+            offset = slots.pop(key, None)
             if offset is None or self._table is None:
                 return
             _SLOT.pack_into(self._table, offset, 0, 0)
