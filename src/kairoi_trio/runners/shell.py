@@ -176,8 +176,7 @@ class ShellRunnerBackend(Runner):
                 await watcher.watch_forever()
         finally:
             self._watcher = None
-            with trio.CancelScope(shield=True):
-                await watcher.kill_all()
+            await watcher.kill_all()  # its wait is shielded: it runs when cancelled too
             watcher.close()
 
     async def aclose(self) -> None:
