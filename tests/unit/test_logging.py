@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import pytest
 
 from kairoi_trio.observability.logging import BatchedLineWriter, UtcTimestamper
 
@@ -91,6 +94,73 @@ def test_batched_lines_all_arrive_in_order_with_the_librarys_in_their_place() ->
         for k in range(5):  # each library line right after the structlog line it followed
             at = next(i for i, line in enumerate(lines) if f"library line {k * 1000}" in line)
             assert f"{k * 1000}" in lines[at - 1]
+
+
+SLOW_READER = """
+import os, signal, structlog, sys
+from kairoi_trio.observability.logging import configure_logging
+signal.signal(signal.SIGUSR1, lambda *_: None)  # a handler: its signal interrupts write(2)
+if {nonblocking}:
+    os.set_blocking(2, False)  # as a parent that shares its pipe non-blocking may leave it
+close = configure_logging("info", "json", batched={batched})
+if {batched}:  # the signals go to the thread that writes (started above, it is not masked)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGUSR1}})
+print("go", flush=True)
+log = structlog.get_logger()
+for n in range({lines}):
+    log.info("job run", n=n, pad="x" * {pad})
+close()
+os.close(2)  # the end of the lines for the reader; exit once it stopped the signals
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize(
+    ("batched", "nonblocking"), [(True, False), (False, False), (True, True), (False, True)]
+)
+def test_a_slow_reader_and_signals_lose_no_line_and_cut_none(
+    batched: bool, nonblocking: bool
+) -> None:
+    """stderr's binary layer is raw: one write(2) may take part of a batch (a signal
+    interrupting a write to a full pipe: SIGTERM at shutdown, a profiler) or none (a
+    non-blocking pipe). The rest must still be written, whole lines only."""
+    lines = 20_000 if batched else 1_500
+    pad = 100 if batched else 6_000  # one line > PIPE_BUF: a write of it can be cut
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            SLOW_READER.format(batched=batched, nonblocking=nonblocking, lines=lines, pad=pad),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
+    try:
+        assert child.stdout.readline() == b"go\n"
+        stop = threading.Event()
+
+        def pester() -> None:
+            while not stop.is_set():
+                child.send_signal(signal.SIGUSR1)
+                time.sleep(0.0005)
+
+        pesterer = threading.Thread(target=pester, daemon=True)
+        pesterer.start()
+        received = bytearray()
+        while chunk := child.stderr.read1(4096):  # slowly: the pipe stays full
+            received += chunk
+            time.sleep(0.0002)
+        stop.set()
+        pesterer.join()
+        child.stdin.close()
+        assert child.wait(30) == 0
+    finally:
+        child.kill()
+        child.wait()
+    numbers = [json.loads(line)["n"] for line in bytes(received).splitlines()]
+    assert numbers == list(range(lines))
 
 
 def test_a_reader_that_stops_reading_holds_callers_back_and_loses_nothing() -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import select
 import sys
 import threading
 import time
 from collections.abc import Callable, MutableMapping
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import orjson
 import structlog
@@ -161,10 +162,51 @@ class BatchedLineWriter:
 
     def _write_now(self, lines: list[bytes]) -> None:
         try:
-            self._file.write(b"".join(lines))
-            self._file.flush()
+            write_all(self._file, b"".join(lines))
         except (OSError, ValueError):  # a closed pipe or file
             pass
+
+
+# How long write_all waits at a time for a full non-blocking pipe to take more (s).
+_WRITABLE_WAIT_S = 1.0
+
+
+def write_all(file: BinaryIO, data: bytes) -> None:
+    """Write all of `data` to `file`, then flush it.
+
+    stderr's binary layer is a raw FileIO: one write(2), which may take only part
+    of `data` when a signal (SIGTERM, a profiler's ptrace stop) interrupts a
+    write to a full pipe, and none (None, or BlockingIOError from a buffered
+    layer) when the pipe is non-blocking and full. Either way the rest is
+    written, after waiting for the pipe to take more: a line is never cut.
+    Raises OSError (a closed pipe: EPIPE) and ValueError (a closed file).
+    """
+    view = memoryview(data)
+    while view:
+        try:
+            written = file.write(view)
+        except BlockingIOError as error:
+            written = error.characters_written
+        if not written:  # a full non-blocking pipe: wait until it takes more
+            select.select([], [file], [], _WRITABLE_WAIT_S)
+            continue
+        view = view[written:]
+    file.flush()
+
+
+class WholeWrites:
+    """A binary file whose write() writes all it is given (write_all): for
+    structlog's BytesLogger on stderr's raw layer."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+
+    def write(self, data: bytes) -> int:
+        write_all(self._file, data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass  # write_all flushed
 
 
 class _LineLogger:
@@ -269,7 +311,8 @@ def configure_logging(
         logger = _LineLogger(writer)
         factory = lambda *args: logger  # noqa: E731
     elif fmt == "json" and hasattr(sys.stderr, "buffer"):
-        factory = structlog.BytesLoggerFactory(sys.stderr.buffer)
+        # BytesLogger calls only write() and flush()
+        factory = structlog.BytesLoggerFactory(cast(BinaryIO, WholeWrites(sys.stderr.buffer)))
     else:
         factory = structlog.PrintLoggerFactory(sys.stderr)
     structlog.configure(
