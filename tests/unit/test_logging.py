@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -102,7 +103,7 @@ from kairoi_trio.observability.logging import configure_logging
 signal.signal(signal.SIGUSR1, lambda *_: None)  # a handler: its signal interrupts write(2)
 if {nonblocking}:
     os.set_blocking(2, False)  # as a parent that shares its pipe non-blocking may leave it
-close = configure_logging("info", "json", batched={batched})
+close = configure_logging("info", "{fmt}", batched={batched})
 if {batched}:  # the signals go to the thread that writes (started above, it is not masked)
     signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGUSR1}})
 print("go", flush=True)
@@ -115,11 +116,12 @@ sys.stdin.read()
 """
 
 
+@pytest.mark.parametrize("fmt", ["json", "console"])
 @pytest.mark.parametrize(
     ("batched", "nonblocking"), [(True, False), (False, False), (True, True), (False, True)]
 )
 def test_a_slow_reader_and_signals_lose_no_line_and_cut_none(
-    batched: bool, nonblocking: bool
+    batched: bool, nonblocking: bool, fmt: str
 ) -> None:
     """stderr's binary layer is raw: one write(2) may take part of a batch (a signal
     interrupting a write to a full pipe: SIGTERM at shutdown, a profiler) or none (a
@@ -130,7 +132,9 @@ def test_a_slow_reader_and_signals_lose_no_line_and_cut_none(
         [
             sys.executable,
             "-c",
-            SLOW_READER.format(batched=batched, nonblocking=nonblocking, lines=lines, pad=pad),
+            SLOW_READER.format(
+                batched=batched, nonblocking=nonblocking, lines=lines, pad=pad, fmt=fmt
+            ),
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -159,7 +163,11 @@ def test_a_slow_reader_and_signals_lose_no_line_and_cut_none(
     finally:
         child.kill()
         child.wait()
-    numbers = [json.loads(line)["n"] for line in bytes(received).splitlines()]
+    text = bytes(received).decode()
+    if fmt == "json":
+        numbers = [json.loads(line)["n"] for line in text.splitlines()]
+    else:  # "... [info     ] job run    n=12 pad=xxx...x"
+        numbers = [int(re.fullmatch(r".* n=(\d+) pad=x+", line)[1]) for line in text.splitlines()]
     assert numbers == list(range(lines))
 
 

@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, MutableMapping
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, TextIO, cast
 
 import orjson
 import structlog
@@ -195,13 +195,17 @@ def write_all(file: BinaryIO, data: bytes) -> None:
 
 
 class WholeWrites:
-    """A binary file whose write() writes all it is given (write_all): for
-    structlog's BytesLogger on stderr's raw layer."""
+    """A file on `file` (binary) whose write() writes all it is given (write_all):
+    bytes as they are, text as UTF-8. For the unbatched loggers on stderr's raw
+    layer (a text stream over it drops what a partial write left out: CPython's
+    TextIOWrapper does not look at the count)."""
 
     def __init__(self, file: BinaryIO) -> None:
         self._file = file
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | str) -> int:
+        if isinstance(data, str):
+            data = data.encode("utf-8", "backslashreplace")
         write_all(self._file, data)
         return len(data)
 
@@ -304,15 +308,19 @@ def configure_logging(
         if batched and numeric != OFF and hasattr(sys.stderr, "buffer")
         else None
     )
+    whole = WholeWrites(sys.stderr.buffer) if hasattr(sys.stderr, "buffer") else None
     factory: Any
     if numeric == OFF:
         factory = structlog.ReturnLoggerFactory()
     elif writer is not None:
         logger = _LineLogger(writer)
         factory = lambda *args: logger  # noqa: E731
-    elif fmt == "json" and hasattr(sys.stderr, "buffer"):
-        # BytesLogger calls only write() and flush()
-        factory = structlog.BytesLoggerFactory(cast(BinaryIO, WholeWrites(sys.stderr.buffer)))
+    elif whole is not None:  # (the loggers call only write() and flush())
+        factory = (
+            structlog.BytesLoggerFactory(cast(BinaryIO, whole))
+            if fmt == "json"
+            else structlog.PrintLoggerFactory(cast(TextIO, whole))
+        )
     else:
         factory = structlog.PrintLoggerFactory(sys.stderr)
     structlog.configure(
@@ -331,7 +339,7 @@ def configure_logging(
     # Libraries (trio's accept loop, grpc) log through the standard library: their
     # records go through the same renderer, so that with `json` a library's error,
     # traceback included, is one JSON object on one line like every other.
-    stream: Any = _LineStream(writer) if writer is not None else sys.stderr
+    stream: Any = _LineStream(writer) if writer is not None else whole or sys.stderr
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
