@@ -22,6 +22,7 @@ from kairoi_trio.storage.records import (
     JobStatus,
     RuleDelete,
     RulePut,
+    apply_record,
     decode_records,
     encode_job,
     encode_record,
@@ -237,6 +238,52 @@ def test_replay_applies_status_over_put_keeping_payload() -> None:
     assert result.error is None and result.records == 7 and result.orphan_status == 1
     assert jobs[JOB.id] == Job(JOB.id, JOB.execute_at, Status.EXECUTED, JOB.payload, 4, "ok", 99)
     assert rules == {"r1": RULES[0], "r3": RULES[2]}
+
+
+_ids = st.sampled_from([f"job.{i}" for i in range(6)])
+_statuses = st.sampled_from(list(Status))
+_outcomes = st.sampled_from(["", "ok", "published to x/rk", "é failed: exit 1"])
+_records = st.one_of(
+    st.builds(
+        lambda job_id, at, status, payload, attempts, outcome: JobPut(
+            Job(job_id, at, status, payload, attempts, outcome, at - 7)
+        ),
+        _ids,
+        st.integers(0, 2**62),
+        _statuses,
+        st.sampled_from([b"", b"{}", b"\xff"]),
+        st.integers(0, 5),
+        _outcomes,
+    ),
+    st.builds(JobStatus, _ids, _statuses, st.integers(0, 5), _outcomes, st.integers(0, 2**62)),
+    st.builds(JobDelete, _ids),
+)
+
+
+@given(st.lists(_records, max_size=30))
+def test_replay_matches_the_general_decoder_record_by_record(records: list) -> None:
+    """The fast paths (JobPut, JobStatus in place) give the state, the count and the
+    orphans that decoding each record and applying it give."""
+    data = encode_records(records)
+    fast: dict = {}
+    result = replay_into(data, 0, fast, {})
+    slow: dict = {}
+    decoded = decode_records(data, 0)
+    orphans = sum(not apply_record(slow, {}, record) for record in decoded.records)
+    assert result.error is None and decoded.error is None
+    assert (result.records, result.orphan_status) == (len(records), orphans)
+    assert fast == slow
+
+
+def test_a_status_record_with_a_bad_outcome_is_reported_by_the_general_path() -> None:
+    good = encode_records([JobPut(JOB), JobStatus(JOB.id, Status.EXECUTED, 1, "ok", 5)])
+    bad = bytearray(encode_records([JobStatus(JOB.id, Status.EXECUTED, 1, "ok", 5)]))
+    bad[-2:] = b"\xff\xfe"  # not UTF-8: the frame's checksum is then made to match
+    payload = bytes(bad[12:])
+    data = good + frame(payload)
+    result = replay_into(data, 0, {}, {})
+    assert result.records == 2 and result.end == len(good)
+    assert result.error is not None and "undecodable record" in result.error.reason
 
 
 def test_replay_shares_one_updated_at_object_among_a_run_of_equal_values() -> None:

@@ -22,10 +22,11 @@ the log) use a fixed little-endian struct followed by the variable-length
 fields; rules are rare and are stored as JSON.
 
 Decoding is the start-up hot path (ten million jobs must replay in seconds), so
-`replay_into` decodes JobPut frames inline: it shares the Status members and
-the empty payload, caches outcome strings and the length checks (lengths
-repeat), and builds Job objects through the slot descriptors (half the cost of
-the frozen dataclass __init__, same result). A snapshot holds most jobs in job
+`replay_into` decodes JobPut and JobStatus frames inline: it shares the Status
+members and the empty payload, caches outcome strings and the length checks
+(lengths repeat), and builds Job objects through the slot descriptors (half the
+cost of the frozen dataclass __init__, same result). A JobStatus changes the
+Job replay built in place: nothing else holds it yet. A snapshot holds most jobs in job
 chunks (type 8): up to CHUNK_JOBS plain jobs a frame, each field a column, so
 that a chunk is decoded by a few C-level passes (one decode and split of its
 ids, arrays of its integers) instead of a Python loop per job.
@@ -1123,6 +1124,9 @@ class ReplayResult:
 
 # Frame header + JobPut header in one unpack: the fast path of replay.
 _FRAMED_JOB_PUT = struct.Struct("<III" + _JOB_PUT.format[1:])
+# The same for JobStatus: a running server's segments are mostly these (a trigger and
+# an outcome a run), which the general path replays at ~5.5 µs each against ~3.
+_FRAMED_JOB_STATUS = struct.Struct("<III" + _JOB_STATUS.format[1:])
 
 
 def replay_into(
@@ -1135,9 +1139,12 @@ def replay_into(
     """Decode frames of `data` (format `version`) from `offset` and apply them in place.
 
     Same stopping rules as decode_records (it stops at the first bad or
-    incomplete frame and reports it), but JobPut frames, which are almost all of
-    a log or snapshot, are decoded inline without intermediate objects. Stops
-    after a SnapshotEnd record.
+    incomplete frame and reports it), but JobPut and JobStatus frames, which
+    are almost all of a log or snapshot, are decoded inline without intermediate
+    objects. Stops after a SnapshotEnd record.
+
+    `jobs` must be replay's own: a JobStatus changes the Job it names in place
+    (the Job objects in `jobs` are not to be held anywhere else meanwhile).
     """
     if version >= 2:
         return _replay_v2(data, offset, jobs, rules, version)
@@ -1179,6 +1186,9 @@ def _replay_v2(
     checks = _length_checks.get
     unpack = _FRAMED_JOB_PUT.unpack_from
     head = _FRAMED_JOB_PUT.size
+    unpack_status = _FRAMED_JOB_STATUS.unpack_from
+    status_head = _FRAMED_JOB_STATUS.size
+    get = jobs.get
     last_head = size - head
     by_code = _STATUS_BY_CODE
     outcome = _outcome
@@ -1247,6 +1257,41 @@ def _replay_v2(
                 count += 1
                 pos = end
                 continue
+            if kind == 2:  # T_JOB_STATUS: a status change onto the job it names
+                length, check, crc, _, code, updated_at, attempts, id_len, out_len = unpack_status(
+                    data, pos
+                )
+                end = pos + 12 + length
+                if (
+                    end <= size
+                    and 22 + id_len + out_len == length  # 22 = _JOB_STATUS.size
+                    and 0 < code < 5
+                    and check == (checks(length) or length_check(length))
+                    and crc32(data[pos + 12 : end]) == crc
+                ):
+                    a = pos + status_head
+                    b = a + id_len
+                    try:
+                        job_id = data[a:b].decode()
+                        last = outcome(data[b:end]) if out_len else ""
+                    except UnicodeDecodeError:
+                        pass  # the general path reports it
+                    else:
+                        changed = get(job_id)
+                        if changed is None:
+                            result.orphan_status += 1
+                        else:
+                            # In place: replay made this Job and nothing else holds it
+                            # yet (a new one costs an allocation and a dict store more).
+                            if updated_at != shared_updated_at:
+                                shared_updated_at = updated_at
+                            set_status(changed, by_code[code])
+                            set_attempts(changed, attempts)
+                            set_last_outcome(changed, last)
+                            set_updated_at(changed, shared_updated_at)
+                        count += 1
+                        pos = end
+                        continue
             if (
                 kind == 8  # T_JOB_CHUNK: many plain jobs, decoded column by column
                 and end <= size

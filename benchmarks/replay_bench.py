@@ -1,0 +1,158 @@
+"""Replay of a log's segments: the records a running server writes, replayed at start-up.
+
+    .venv/bin/python -m benchmarks.replay_bench                 # both parts, ~2 minutes
+    .venv/bin/python -m benchmarks.replay_bench --jobs 200000 --no-server
+
+A running server's segments hold a JobPut per SET and a JobStatus per status change
+(a trigger and an outcome per run, or a failure without a run). Compaction lets them
+grow to the snapshot's size (storage.compact_after_bytes, at least), so a restart
+just before one replays that many records after the snapshot.
+
+1. In-process: `replay_into` over `--jobs` JobPut records, then as many `triggered`
+   and as many `executed` JobStatus records of the same jobs (the order a run writes
+   them), µs per record of each kind, best of `--repeat`. GC off, as at start-up.
+2. The real server (`--no-server` leaves it out): `--jobs` jobs set over KCP (fsync
+   off, compaction held off) due a minute ago, with no rule, so each fails at once and
+   gets a JobStatus; SIGTERM; then `--restarts` starts, each on a fresh copy of
+   that directory: seconds from fork to "ready" and the "log replayed" time.
+
+Progress goes to stderr, the results as JSON to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from benchmarks.__main__ import log, machine
+from benchmarks.amqp_bench import Kcp
+from benchmarks.server import Server
+from kairoi_trio.model import Job, Status
+from kairoi_trio.storage.records import JobPut, JobStatus, encode_records, replay_into
+
+AT = 1_800_000_000_000_000  # µs: 2027-01-15
+CHUNK = 2000  # SETs per KCP pipeline
+
+
+def in_process(jobs: int, repeat: int) -> dict:
+    """µs per record of each kind, the best of `repeat` replays into a fresh dict."""
+    ids = [f"app.invoice.{i:08d}" for i in range(jobs)]
+    puts = encode_records(
+        JobPut(Job(job_id, AT + i, Status.PLANNED, b"", 0, "", AT - 5))
+        for i, job_id in enumerate(ids)
+    )
+    triggered = encode_records(
+        JobStatus(job_id, Status.TRIGGERED, 1, "", AT + i) for i, job_id in enumerate(ids)
+    )
+    executed = encode_records(
+        JobStatus(job_id, Status.EXECUTED, 1, "published to x/rk", AT + i + 9)
+        for i, job_id in enumerate(ids)
+    )
+    best: dict[str, float] = {}
+    gc.disable()
+    try:
+        for _ in range(repeat):
+            state: dict = {}
+            for name, data in (("put", puts), ("triggered", triggered), ("executed", executed)):
+                started = time.perf_counter()
+                result = replay_into(data, 0, state, {})
+                seconds = time.perf_counter() - started
+                assert result.error is None and result.records == jobs, result
+                best[name] = min(best.get(name, seconds), seconds)
+            assert all(job.status is Status.EXECUTED for job in state.values())
+            del state
+            gc.collect()
+    finally:
+        gc.enable()
+    out = {f"{name}_us_per_record": round(s / jobs * 1e6, 2) for name, s in best.items()}
+    log(f"in-process, {jobs:,} of each: {out}")
+    return out
+
+
+def jobs_by_status(port: int) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/info", timeout=10) as answer:
+        return dict(json.load(answer)["jobs"])
+
+
+class _Builder(Server):
+    """The server that builds the store: compaction held off, so that every record stays
+    in the segments."""
+
+    def config_text(self) -> str:
+        never = "compact_after_bytes = 1099511627776\n"  # 1 TiB
+        return super().config_text().replace("[storage]\n", "[storage]\n" + never)
+
+
+def build_store(work: Path, jobs: int) -> Path:
+    """A data directory of `jobs` JobPut and `jobs` JobStatus (failed: no rule) records."""
+    data = work / "data"
+    server = _Builder(work, data, fsync=False)  # ([metrics] listen: the HTTP API too)
+    with server:
+        http_port = server.events("ready")[-1]["http_port"]
+        kcp = Kcp(server.kcp_port)
+        due = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() - 60))
+        started = time.monotonic()
+        for start in range(0, jobs, CHUNK):
+            ids = [f"app.invoice.{i:08d}" for i in range(start, min(start + CHUNK, jobs))]
+            answers = kcp.pipeline([["SET", job_id, due] for job_id in ids])
+            if any(answer != ["OK"] for answer in answers):
+                raise RuntimeError(f"SET failed: {answers[:3]}")
+        kcp.close()
+        while jobs_by_status(http_port).get("failed", 0) < jobs:
+            time.sleep(0.2)
+        log(f"store: {jobs:,} set and failed (no rule) in {time.monotonic() - started:.1f}s")
+    size = sum(p.stat().st_size for p in data.iterdir()) / 2**20
+    log(f"store: {size:.0f} MiB, files {sorted(p.name for p in data.iterdir())}")
+    return data
+
+
+def restarts(work: Path, source: Path, times: int) -> list[dict]:
+    """Start `times` times, each on a fresh copy of `source` (the server may compact it)."""
+    out = []
+    for i in range(times):
+        data = work / "restart" / "data"
+        shutil.rmtree(data.parent, ignore_errors=True)
+        shutil.copytree(source, data)
+        server = Server(data.parent, data, fsync=True, ready_timeout=600)
+        with server:
+            replayed = server.events("log replayed")
+            loaded = server.events("log loaded")
+            out.append(
+                {
+                    "ready_s": round(server.ready_seconds, 2),
+                    "replay_s": replayed[-1]["seconds"] if replayed else None,
+                    "records": loaded[-1]["records"] if loaded else None,
+                }
+            )
+        log(f"restart {i + 1}: {out[-1]}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=500_000)
+    parser.add_argument("--repeat", type=int, default=3, help="in-process replays")
+    parser.add_argument("--restarts", type=int, default=2)
+    parser.add_argument("--no-server", action="store_true", help="the in-process part only")
+    args = parser.parse_args(argv)
+    results: dict = {"machine": machine(), "jobs": args.jobs}
+    results["in_process"] = in_process(args.jobs, args.repeat)
+    if not args.no_server:
+        with tempfile.TemporaryDirectory(prefix="kairoi-replay-") as tmp:
+            work = Path(tmp)
+            data = build_store(work, args.jobs)
+            results["restarts"] = restarts(work, data, args.restarts)
+    json.dump(results, sys.stdout, indent=1)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
