@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     or command line; 1: the server could not start.
     """
     argv = sys.argv[1:] if argv is None else argv
+    open_standard_streams()
     # Serving needs none of the client, import, repair and backup commands: their
     # modules (a quarter of a second of imports) load only for the full parser.
     parser = _server_parser() if _serves(argv) else _parser(_command_of(argv))
@@ -68,6 +70,33 @@ _SERVER_COMMANDS = (
     ("serve", "run the server (the default command)"),
     ("check-config", "validate the configuration and exit"),
 )
+
+
+def open_standard_streams() -> None:
+    """Open /dev/null on whichever of file descriptors 0, 1 and 2 is closed, as
+    daemon(3) does, and give Python a stream for each that it has none for.
+
+    A server started with its output closed (`>&- 2>&-`) otherwise stopped at its
+    first log line, saying nothing; and with fd 2 closed, a data file opened later
+    could take that number and receive what a C library writes to stderr (gRPC's
+    core does), corrupting the log.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:  # EBADF: closed
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself,
+            if null != fd:  # unless a lower one was closed too and took it
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stdin is None:
+        sys.stdin = open(0, closefd=False)  # noqa: SIM115 (as long as the process)
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False, errors="backslashreplace")  # noqa: SIM115
+    if sys.stderr is None:
+        sys.stderr = open(  # noqa: SIM115
+            2, "w", buffering=1, closefd=False, errors="backslashreplace"
+        )
 
 
 def _serves(argv: list[str]) -> bool:

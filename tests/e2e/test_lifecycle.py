@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -133,3 +134,54 @@ def test_a_port_in_use_is_a_one_line_start_error(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("kairoi-trio: cannot start:") and f"127.0.0.1:{port}" in last
     assert "Traceback" not in result.stderr
+
+
+def _connect(port: int, server: subprocess.Popen) -> KcpClient | None:
+    if server.poll() is not None:
+        raise AssertionError(f"the server exited with status {server.returncode}")
+    try:
+        return KcpClient(port)
+    except OSError:  # not listening yet
+        return None
+
+
+def test_a_server_started_with_its_output_closed_serves_and_keeps_its_log_whole(tmp_path):
+    """`kairoi-trio serve <&- >&- 2>&-` (a launcher that closes what it does not pass
+    on): /dev/null goes on the closed descriptors. Before, the server stopped at its
+    first log line without a word, and a data file could take descriptor 2."""
+    import os
+    import sys
+
+    from support.ports import free_port
+
+    port = free_port()
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[controller]\nlisten = "127.0.0.1:{port}"\n[grpc]\nlisten = "127.0.0.1:0"\n'
+        f'[metrics]\nlisten = "127.0.0.1:0"\n[storage]\ndirectory = "{tmp_path / "data"}"\n'
+    )
+    command = [sys.executable, "-m", "kairoi_trio", "serve", "-c", str(config)]
+    closed = subprocess.Popen(["sh", "-c", 'exec "$@" <&- >&- 2>&-', "sh", *command])
+    try:
+        with wait_for(lambda: _connect(port, closed), timeout=30) as client:
+            assert client.request("SET", "closed.1", FUTURE) == ["OK"]
+            assert client.request("GET", "closed.1")[:2] == ["OK", "planned"]
+        for fd in (0, 1, 2):
+            assert os.readlink(f"/proc/{closed.pid}/fd/{fd}") == os.devnull
+        closed.send_signal(signal.SIGTERM)
+        assert closed.wait(30) == 0
+    finally:
+        closed.kill()
+        closed.wait()
+    # The log holds the job and nothing else: the next start reads it without a warning.
+    again = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        with wait_for(lambda: _connect(port, again), timeout=30) as client:
+            assert client.request("GET", "closed.1")[:2] == ["OK", "planned"]
+        again.send_signal(signal.SIGTERM)
+        _, err = again.communicate(timeout=30)
+    finally:
+        again.kill()
+        again.wait()
+    assert again.returncode == 0
+    assert "warning" not in err and "error" not in err, err
