@@ -87,8 +87,10 @@ def open_standard_streams() -> None:
         except OSError:  # EBADF: closed
             null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself,
             if null != fd:  # unless a lower one was closed too and took it
-                os.dup2(null, fd)
+                os.dup2(null, fd)  # (inheritable)
                 os.close(null)
+            else:  # Python opens close-on-exec: a program started later would find
+                os.set_inheritable(fd, True)  # it closed, as if nothing were done
     if sys.stdin is None:
         sys.stdin = open(0, closefd=False)  # noqa: SIM115 (as long as the process)
     if sys.stdout is None:

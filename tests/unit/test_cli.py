@@ -133,3 +133,24 @@ def test_check_config_rejects_a_bad_file(runs: dict[str, Run]) -> None:
     result = runs["check-bad"]
     assert_one_line_error(result, "runners.shell.concurrency")
     assert "valid" not in result.stdout
+
+
+# A process started with some of 0, 1 and 2 closed: it opens the standard streams,
+# then starts a program that exits 3 if any of 0, 1 and 2 is closed in it.
+INHERITED = """
+import subprocess, sys
+from kairoi_trio.cli import open_standard_streams
+open_standard_streams()
+probe = "import os, sys; sys.exit(3 * (not all(map(os.path.exists, sys.argv[1:]))))"
+fds = [f"/proc/self/fd/{fd}" for fd in (0, 1, 2)]
+sys.exit(subprocess.run([sys.executable, "-c", probe, *fds]).returncode)
+"""
+
+
+@pytest.mark.parametrize("closed", ["<&-", ">&-", "2>&-", "<&- >&- 2>&-"])
+def test_the_null_descriptors_of_closed_streams_reach_a_child_process(closed: str) -> None:
+    """The /dev/null put on a closed descriptor is inherited, as daemon(3)'s is: a
+    program started without its own (a script, a hook) finds 0, 1 and 2 open."""
+    command = [sys.executable, "-c", INHERITED]
+    result = subprocess.run(["sh", "-c", f'exec "$@" {closed}', "sh", *command], timeout=30)
+    assert result.returncode == 0
