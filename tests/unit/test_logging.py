@@ -171,6 +171,38 @@ def test_a_slow_reader_and_signals_lose_no_line_and_cut_none(
     assert numbers == list(range(lines))
 
 
+WRITES = """
+import io, json, logging, structlog, sys
+from kairoi_trio.observability.logging import configure_logging
+class Raw(io.RawIOBase):  # stderr's binary layer, recording each write(2) it is given
+    calls = []
+    def writable(self): return True
+    def write(self, data): self.calls.append(bytes(data).decode()); return len(data)
+out, sys.stderr = sys.stderr, io.TextIOWrapper(Raw())
+configure_logging("info", "{fmt}")
+for n in range(3):
+    structlog.get_logger().warning("line", n=n)
+    logging.getLogger("library").warning("library line %d", n)
+print(json.dumps(Raw.calls))
+"""
+
+
+def test_unbatched_lines_go_out_whole_one_write_each() -> None:
+    """A line and its newline in one write: in two, another writer of the same
+    stderr (a process sharing it, gRPC's core) can put its own bytes between them."""
+    for fmt in ("json", "console"):
+        done = subprocess.run(
+            [sys.executable, "-c", WRITES.format(fmt=fmt)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        writes = json.loads(done.stdout)
+        assert len(writes) == 6, (fmt, writes)
+        assert all(w.endswith("\n") and w.count("\n") == 1 for w in writes), (fmt, writes)
+
+
 def test_a_reader_that_stops_reading_holds_callers_back_and_loses_nothing() -> None:
     read_end, write_end = os.pipe()
     writer = BatchedLineWriter(os.fdopen(write_end, "wb"), limit_bytes=64 << 10)

@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, MutableMapping
-from typing import Any, BinaryIO, TextIO, cast
+from typing import Any, BinaryIO
 
 import orjson
 import structlog
@@ -202,11 +202,14 @@ class WholeWrites:
 
     def __init__(self, file: BinaryIO) -> None:
         self._file = file
+        # A thread's line is not cut by another's (reentrant: a signal handler may log).
+        self._lock = threading.RLock()
 
     def write(self, data: bytes | str) -> int:
         if isinstance(data, str):
             data = data.encode("utf-8", "backslashreplace")
-        write_all(self._file, data)
+        with self._lock:
+            write_all(self._file, data)
         return len(data)
 
     def flush(self) -> None:
@@ -214,10 +217,10 @@ class WholeWrites:
 
 
 class _LineLogger:
-    """structlog's logger on a BatchedLineWriter: every method writes the rendered
-    event (str or bytes) as one line."""
+    """structlog's logger on a BatchedLineWriter or a WholeWrites: every method
+    writes the rendered event (str or bytes) and its newline in one write."""
 
-    def __init__(self, writer: BatchedLineWriter) -> None:
+    def __init__(self, writer: BatchedLineWriter | WholeWrites) -> None:
         self._writer = writer
 
     def msg(self, message: str | bytes) -> None:
@@ -315,12 +318,11 @@ def configure_logging(
     elif writer is not None:
         logger = _LineLogger(writer)
         factory = lambda *args: logger  # noqa: E731
-    elif whole is not None:  # (the loggers call only write() and flush())
-        factory = (
-            structlog.BytesLoggerFactory(cast(BinaryIO, whole))
-            if fmt == "json"
-            else structlog.PrintLoggerFactory(cast(TextIO, whole))
-        )
+    elif whole is not None:
+        # A line and its newline in one write (structlog's PrintLogger prints them
+        # in two: another writer of stderr could put its bytes between them).
+        whole_lines = _LineLogger(whole)
+        factory = lambda *args: whole_lines  # noqa: E731
     else:
         factory = structlog.PrintLoggerFactory(sys.stderr)
     structlog.configure(
