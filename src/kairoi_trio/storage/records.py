@@ -26,10 +26,10 @@ Decoding is the start-up hot path (ten million jobs must replay in seconds), so
 members and the empty payload, caches outcome strings and the length checks
 (lengths repeat), and builds Job objects through the slot descriptors (half the
 cost of the frozen dataclass __init__, same result). A JobStatus changes the
-Job replay built in place: nothing else holds it yet. A snapshot holds most jobs in job
-chunks (type 8): up to CHUNK_JOBS plain jobs a frame, each field a column, so
-that a chunk is decoded by a few C-level passes (one decode and split of its
-ids, arrays of its integers) instead of a Python loop per job.
+Job replay built in place: nothing else holds it yet. A snapshot holds most
+jobs in job chunks (type 8): up to CHUNK_JOBS plain jobs a frame, each field a
+column, so that a chunk is decoded by a few C-level passes (one decode and
+split of its ids, arrays of its integers) instead of a Python loop per job.
 """
 
 from __future__ import annotations
