@@ -5,7 +5,8 @@
 
 Figures (see docs/benchmarks.md for what each one measures):
   set       pipelined SET/s on 1 and 4 connections, fsync on and off, with an
-            empty store and with N planned jobs already loaded (--preload)
+            empty store and with N planned jobs already loaded (--preload);
+            beside it, the disk's own fdatasync rate (benchmarks/fsync_floor.py)
   lateness  trigger lateness p50/p99/max: 1,000 jobs due at one instant and 200
             jobs 10 ms apart, fsync on and off
   restart   restart-to-ready time and peak RSS with N planned jobs, and the
@@ -37,6 +38,7 @@ import time
 from pathlib import Path
 
 from benchmarks import lateness
+from benchmarks.fsync_floor import fdatasync_rate
 from benchmarks.profile import Profiler, top
 from benchmarks.server import Server, cpu_model
 
@@ -352,6 +354,7 @@ def report(results: dict) -> str:
             "SET per server-CPU-s | vs empty | client CPU s | other processes CPU s |"
         )
         add("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        floor = results.get("fdatasync")
         base = {(r["fsync"], r["conns"]): r for r in results["set"] if r["store"] == "empty"}
         for r in results["set"]:
             ref = base.get((r["fsync"], r["conns"]))
@@ -366,6 +369,15 @@ def report(results: dict) -> str:
                 f"{r['conns']} | {r['sets_per_s']:,.0f} ({r['sets_per_s_median']:,.0f}) | {rel} | "
                 f"{r['server_cpu_s']:.2f} | {r['sets_per_server_cpu_s']:,.0f} | {rel_cpu} | "
                 f"{r['client_cpu_s']:.2f} | {r['other_cpu_s'] or 0:.2f} |"
+            )
+        if floor:
+            add("")
+            add(
+                f"Floor of durable writes: this disk's fdatasync, one 8 kB write and its "
+                f"fdatasync in a loop (`benchmarks/fsync_floor.py`): "
+                f"{floor['fdatasync_per_s']:,.0f}/s ({floor['us_per_sync']:.0f} µs each, "
+                f"load {floor['loadavg_1m']:.1f}); a SET with fsync on waits for one, "
+                "shared by its group commit"
             )
     if "lateness" in results:
         for run in results["lateness"]:
@@ -539,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
             results["restart"] = restarts(work, source, args.restarts)
             results["empty_start"] = empty_start(work)
         if args.what in ("all", "set"):
+            if args.fsync in ("on", "both"):  # the floor of durable writes on this disk
+                results["fdatasync"] = fdatasync_rate(work)
             results["set"] = [
                 set_case(
                     work,

@@ -79,6 +79,7 @@ from typing import Any
 
 from benchmarks.__main__ import loadgen, machine
 from benchmarks.amqp_bench import Kcp
+from benchmarks.fsync_floor import fdatasync_rate
 from benchmarks.grpc_bench import Client, aggregate_stacks
 from benchmarks.lateness import fmt_time
 from benchmarks.profile import Profiler
@@ -644,26 +645,9 @@ class Bench:
 
     def fsync(self) -> dict[str, Any]:
         assert self.cluster is not None
-        path = self.cluster.directory / "fsync-test.tmp"
-        block = os.urandom(8192)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, block * 16)
-            os.fsync(fd)
-            n = 0
-            load = load1()
-            t0 = time.perf_counter()
-            while time.perf_counter() - t0 < self.args.fsync_seconds:
-                os.pwrite(fd, block, 0)
-                os.fdatasync(fd)
-                n += 1
-            elapsed = time.perf_counter() - t0
-        finally:
-            os.close(fd)
-            path.unlink()
-        out = {"fdatasync_per_s": n / elapsed, "us_per_sync": elapsed / n * 1e6, "loadavg_1m": load}
+        out = fdatasync_rate(self.cluster.directory, self.args.fsync_seconds)
         log(f"fdatasync: {out['fdatasync_per_s']:,.0f}/s ({out['us_per_sync']:.0f} us each)")
-        return out
+        return dict(out)
 
     # explain
 
