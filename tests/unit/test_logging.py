@@ -18,6 +18,13 @@ import pytest
 from kairoi_trio.observability.logging import BatchedLineWriter, UtcTimestamper
 
 
+def run_python(program: str) -> subprocess.CompletedProcess[str]:
+    """`program` run by this Python in a process of its own: its output as text."""
+    return subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True
+    )
+
+
 def test_the_timestamp_is_utc_iso_8601_with_microseconds() -> None:
     stamp = UtcTimestamper()
     for _ in range(3):  # the second's prefix is cached: the same answer each time
@@ -50,9 +57,7 @@ log.warning("second", text="é\\nnewline")
 
 
 def test_json_lines_one_object_each_on_stderr() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", PROGRAM], capture_output=True, text=True, timeout=60, check=True
-    )
+    done = run_python(PROGRAM)
     first, second = (json.loads(line) for line in done.stderr.splitlines())
     assert first["event"] == "job run" and first["level"] == "info"
     assert (first["job"], first["ok"], first["seconds"], first["attempt"]) == ("a.1", True, 0.25, 2)
@@ -77,13 +82,7 @@ log.info("after close", n=5000)
 
 def test_batched_lines_all_arrive_in_order_with_the_librarys_in_their_place() -> None:
     for fmt in ("json", "console"):
-        done = subprocess.run(
-            [sys.executable, "-c", BATCHED.format(fmt=fmt)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
+        done = run_python(BATCHED.format(fmt=fmt))
         lines = done.stderr.splitlines()
         assert len(lines) == 5000 + 5 + 1, lines[-3:]
         numbers = [
@@ -191,13 +190,7 @@ def test_unbatched_lines_go_out_whole_one_write_each() -> None:
     """A line and its newline in one write: in two, another writer of the same
     stderr (a process sharing it, gRPC's core) can put its own bytes between them."""
     for fmt in ("json", "console"):
-        done = subprocess.run(
-            [sys.executable, "-c", WRITES.format(fmt=fmt)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
+        done = run_python(WRITES.format(fmt=fmt))
         writes = json.loads(done.stdout)
         assert len(writes) == 6, (fmt, writes)
         assert all(w.endswith("\n") and w.count("\n") == 1 for w in writes), (fmt, writes)
@@ -300,13 +293,7 @@ def test_info_line_writes_what_structlog_would_whatever_the_configuration() -> N
         ("info", "console", True),
         ("warn", "json", True),
     ):
-        done = subprocess.run(
-            [sys.executable, "-c", INFO_LINE.format(level=level, fmt=fmt, batched=batched)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
+        done = run_python(INFO_LINE.format(level=level, fmt=fmt, batched=batched))
         lines = done.stderr.splitlines()
         if level == "warn":
             assert lines == []
