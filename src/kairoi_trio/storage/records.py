@@ -521,7 +521,17 @@ def _decode_chunk(body: bytes) -> tuple[list[str], list[Job]]:
     jobs = list(map(Job.__new__, repeat(Job, n)))
     # the columns in JOB_SLOT_SETTERS' order: id, execute_at, status, payload,
     # attempts, last_outcome, updated_at, recurrence
-    columns = (ids, times, statuses, repeat(b""), attempts, repeat(""), updated, repeat(None))
+    # (typed: mypy's join of the eight column types is not stable from run to run)
+    columns: tuple[Iterable[Any], ...] = (
+        ids,
+        times,
+        statuses,
+        repeat(b""),
+        attempts,
+        repeat(""),
+        updated,
+        repeat(None),
+    )
     for set_slot, column in zip(JOB_SLOT_SETTERS, columns, strict=True):
         _consume(map(set_slot, jobs, column))
     return ids, jobs
