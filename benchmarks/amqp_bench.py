@@ -54,7 +54,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,7 +62,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import amqp_broker as broker  # noqa: E402
 
-from benchmarks.server import cpu_model, events_named, thread_cpu_seconds  # noqa: E402
+from benchmarks.server import (  # noqa: E402
+    cpu_model,
+    events_named,
+    jobs_by_status,
+    thread_cpu_seconds,
+)
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CHUNK = 2000
@@ -151,9 +155,7 @@ class Server:
 
     def jobs_by_status(self) -> dict[str, int]:
         """The job counts by status (`GET /api/v1/info`): a cheap poll."""
-        address = f"http://127.0.0.1:{self.http_port}/api/v1/info"
-        with urllib.request.urlopen(address, timeout=10) as answer:
-            return dict(json.load(answer)["jobs"])
+        return jobs_by_status(self.http_port)
 
     def count(self, needle: str) -> int:
         return sum(1 for line in list(self.lines) if needle in line)

@@ -46,7 +46,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,7 +53,7 @@ from pathlib import Path
 from benchmarks.__main__ import log, machine
 from benchmarks.profile import Profiler, top
 from benchmarks.recurring_bench import Endpoint, kcp_time, pipeline
-from benchmarks.server import Server, parse, split_requests
+from benchmarks.server import Server, jobs_by_status, parse, split_requests
 
 MICROS = 1_000_000
 _NO_CONTENT = b"HTTP/1.1 204 No Content\r\n\r\n"
@@ -269,12 +268,6 @@ def http_port(server: Server) -> int:
         if event.get("event") == "ready":
             return int(event["http_port"])
     raise RuntimeError("no ready line")
-
-
-def jobs_by_status(port: int) -> dict[str, int]:
-    address = f"http://127.0.0.1:{port}/api/v1/info"
-    with urllib.request.urlopen(address, timeout=10) as answer:
-        return dict(json.load(answer)["jobs"])
 
 
 def server_run(args: argparse.Namespace, work: Path, rep: int) -> dict:

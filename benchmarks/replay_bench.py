@@ -28,12 +28,11 @@ import shutil
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from benchmarks.__main__ import log, machine
 from benchmarks.amqp_bench import Kcp
-from benchmarks.server import Server
+from benchmarks.server import Server, jobs_by_status
 from kairoi_trio.model import Job, Status
 from kairoi_trio.storage.records import JobPut, JobStatus, encode_records, replay_into
 
@@ -74,11 +73,6 @@ def in_process(jobs: int, repeat: int) -> dict:
     out = {f"{name}_us_per_record": round(s / jobs * 1e6, 2) for name, s in best.items()}
     log(f"in-process, {jobs:,} of each: {out}")
     return out
-
-
-def jobs_by_status(port: int) -> dict[str, int]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/info", timeout=10) as answer:
-        return dict(json.load(answer)["jobs"])
 
 
 class _Builder(Server):

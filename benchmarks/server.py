@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -92,6 +93,12 @@ def machine_cpu() -> tuple[float, float]:
     user, nice, system, idle, iowait, irq, softirq, steal = (values + [0] * 8)[:8]
     busy = user + nice + system + irq + softirq + steal
     return busy / CLOCK_TICKS, (busy + idle + iowait) / CLOCK_TICKS
+
+
+def jobs_by_status(http_port: int) -> dict[str, int]:
+    """The server's job counts by status (`GET /api/v1/info` on its HTTP port): a cheap poll."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/api/v1/info", timeout=10) as answer:
+        return dict(json.load(answer)["jobs"])
 
 
 def load_average() -> float:
