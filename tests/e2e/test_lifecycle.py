@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -150,17 +151,14 @@ def test_a_server_started_with_its_output_closed_serves_and_keeps_its_log_whole(
     on): /dev/null goes on the closed descriptors. Before, the server stopped at its
     first log line without a word, and a data file could take descriptor 2."""
     import os
-    import sys
 
     from support.ports import free_port
+    from support.server import ServerProcess
 
-    port = free_port()
-    config = tmp_path / "c.toml"
-    config.write_text(
-        f'[controller]\nlisten = "127.0.0.1:{port}"\n[grpc]\nlisten = "127.0.0.1:0"\n'
-        f'[metrics]\nlisten = "127.0.0.1:0"\n[storage]\ndirectory = "{tmp_path / "data"}"\n'
-    )
-    command = [sys.executable, "-m", "kairoi_trio", "serve", "-c", str(config)]
+    port = free_port()  # fixed: with no stderr there is no "ready" line to read it from
+    server = ServerProcess(tmp_path, f'[controller]\nlisten = "127.0.0.1:{port}"\n')
+    server.config_path.write_text(server.config_text())
+    command = [sys.executable, "-m", "kairoi_trio", "serve", "-c", str(server.config_path)]
     closed = subprocess.Popen(["sh", "-c", 'exec "$@" <&- >&- 2>&-', "sh", *command])
     try:
         with wait_for(lambda: _connect(port, closed), timeout=30) as client:
@@ -174,14 +172,12 @@ def test_a_server_started_with_its_output_closed_serves_and_keeps_its_log_whole(
         closed.kill()
         closed.wait()
     # The log holds the job and nothing else: the next start reads it without a warning.
-    again = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    again = ServerProcess(tmp_path).start()
     try:
-        with wait_for(lambda: _connect(port, again), timeout=30) as client:
+        with KcpClient(again.kcp_port) as client:
             assert client.request("GET", "closed.1")[:2] == ["OK", "planned"]
-        again.send_signal(signal.SIGTERM)
-        _, err = again.communicate(timeout=30)
+        assert again.stop() == 0
     finally:
         again.kill()
-        again.wait()
-    assert again.returncode == 0
-    assert "warning" not in err and "error" not in err, err
+    noted = [e for e in again.events() if e.get("level") in ("warning", "error", "critical")]
+    assert not noted, again.log_text()
