@@ -279,7 +279,7 @@ def test_a_status_record_with_a_bad_outcome_is_reported_by_the_general_path() ->
     good = encode_records([JobPut(JOB), JobStatus(JOB.id, Status.EXECUTED, 1, "ok", 5)])
     bad = bytearray(encode_records([JobStatus(JOB.id, Status.EXECUTED, 1, "ok", 5)]))
     bad[-2:] = b"\xff\xfe"  # not UTF-8: the frame's checksum is then made to match
-    payload = bytes(bad[12:])
+    payload = bytes(bad[FRAME_SIZE:])
     data = good + frame(payload)
     result = replay_into(data, 0, {}, {})
     assert result.records == 2 and result.end == len(good)
