@@ -346,14 +346,14 @@ def run(args: argparse.Namespace) -> dict:
             for name, cpu in sorted(threads.items(), key=lambda item: -item[1])
         }
         beam_cpu = cpu_seconds(beam) - beam_cpu0
+        if profiler is not None:  # the run phase only: not the GETs that check it
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait(60)
         statuses: Counter[str] = Counter()
         for start in range(0, n, CHUNK):  # then each job's own status
             for answer in kcp.pipeline([["GET", i] for i in ids[start : start + CHUNK]]):
                 statuses[answer[1] if answer[0] == "OK" else "error"] += 1
         executed_seen = time.time()
-        if profiler is not None:
-            profiler.send_signal(signal.SIGINT)
-            profiler.wait(60)
         kcp.close()
 
         events = server.events("job run")

@@ -25,6 +25,7 @@ def py_spy() -> str | None:
 class Profiler:
     def __init__(self, pid: int, path: Path, *, rate: int = 250, idle: bool = False) -> None:
         self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)  # py-spy does not make it
         exe = py_spy()
         self.process: subprocess.Popen[bytes] | None = None
         if exe is None:
