@@ -16,6 +16,13 @@ just before one replays that many records after the snapshot.
    gets a JobStatus; SIGTERM; then `--restarts` starts, each on a fresh copy of
    that directory: seconds from fork to "ready" and the "log replayed" time.
 
+3. `--ratios 0.25,0.5,1` (instead of 1 and 2): what `[storage] compact_ratio` bounds.
+   A snapshot of `--jobs` planned jobs (set over KCP, then compacted by the server),
+   followed for each ratio by segments of that many times the snapshot's size (new
+   jobs set over KCP due a minute ago, with no rule: a JobPut and a JobStatus each),
+   the most a restart replays with that ratio; `--restarts` starts of each, and of the
+   snapshot alone.
+
 Progress goes to stderr, the results as JSON to stdout.
 """
 
@@ -29,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks.__main__ import log, machine
 from benchmarks.amqp_bench import Kcp
@@ -75,13 +83,20 @@ def in_process(jobs: int, repeat: int) -> dict:
     return out
 
 
+NEVER = "compact_after_bytes = 1099511627776\n"  # 1 TiB: every record stays in the segments
+NOW = "compact_after_bytes = 1\ncompact_ratio = 1e-9\n"  # compact after the next write
+
+
 class _Builder(Server):
-    """The server that builds the store: compaction held off, so that every record stays
-    in the segments."""
+    """The server that builds the store, with its own compaction settings (`storage`:
+    [storage] lines; by default compaction is held off)."""
+
+    def __init__(self, *args: Any, storage: str = NEVER, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.storage = storage
 
     def config_text(self) -> str:
-        never = "compact_after_bytes = 1099511627776\n"  # 1 TiB
-        return super().config_text().replace("[storage]\n", "[storage]\n" + never)
+        return super().config_text().replace("[storage]\n", "[storage]\n" + self.storage)
 
 
 def build_store(work: Path, jobs: int) -> Path:
@@ -129,14 +144,86 @@ def restarts(work: Path, source: Path, times: int) -> list[dict]:
     return out
 
 
+def _set(kcp: Kcp, first: int, count: int, due: str) -> None:
+    for start in range(first, first + count, CHUNK):
+        ids = [f"app.invoice.{i:08d}" for i in range(start, min(start + CHUNK, first + count))]
+        answers = kcp.pipeline([["SET", job_id, due] for job_id in ids])
+        if any(answer != ["OK"] for answer in answers):
+            raise RuntimeError(f"SET failed: {answers[:3]}")
+
+
+def _bytes(data: Path, pattern: str) -> int:
+    return sum(p.stat().st_size for p in data.glob(pattern))
+
+
+def _wait_failed(http_port: int, count: int) -> None:
+    while jobs_by_status(http_port).get("failed", 0) < count:
+        time.sleep(0.1)
+
+
+def ratio_stores(work: Path, jobs: int, ratios: list[float], times: int) -> dict:
+    """Restarts of a snapshot of `jobs` planned jobs, alone and followed by `ratio` times
+    its size of segments (module docstring, part 3)."""
+    base = work / "base" / "data"
+    later = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() + 10 * 365 * 86400))
+    with _Builder(base.parent, base, fsync=False) as server:
+        kcp = Kcp(server.kcp_port)
+        _set(kcp, 0, jobs, later)
+        kcp.close()
+    with _Builder(base.parent, base, fsync=False, storage=NOW) as server:
+        kcp = Kcp(server.kcp_port)
+        _set(kcp, jobs, 1, later)  # a write, after which the actor compacts
+        kcp.close()
+        while not server.events("log compacted"):
+            time.sleep(0.1)
+    snapshot = _bytes(base, "*.snap")
+    log(f"snapshot of {jobs + 1:,} planned jobs: {snapshot / 2**20:.1f} MiB")
+    out: dict = {"snapshot_mib": round(snapshot / 2**20, 1), "snapshot_only": []}
+    out["snapshot_only"] = restarts(work, base, times)
+    due = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() - 60))
+    for ratio in ratios:
+        data = work / f"ratio-{ratio}" / "data"
+        shutil.copytree(base, data)
+        with _Builder(data.parent, data, fsync=False) as server:
+            http_port = server.events("ready")[-1]["http_port"]
+            kcp = Kcp(server.kcp_port)
+            first, probe = jobs + 1, max(100, min(10_000, jobs // 100))  # to size the rest
+            before = _bytes(data, "*.log")
+            _set(kcp, first, probe, due)
+            _wait_failed(http_port, probe)
+            per_job = (_bytes(data, "*.log") - before) / probe
+            rest = max(0, int((ratio * snapshot - (_bytes(data, "*.log") - before)) / per_job))
+            _set(kcp, first + probe, rest, due)
+            _wait_failed(http_port, probe + rest)
+            kcp.close()
+        segments = _bytes(data, "*.log")
+        mib = segments / 2**20
+        log(f"ratio {ratio}: {probe + rest:,} jobs set and failed, segments {mib:.1f} MiB")
+        out[f"ratio_{ratio}"] = {
+            "segments_mib": round(segments / 2**20, 1),
+            "jobs_failed": probe + rest,
+            "restarts": restarts(work, data, times),
+        }
+        shutil.rmtree(data.parent)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=500_000)
     parser.add_argument("--repeat", type=int, default=3, help="in-process replays")
     parser.add_argument("--restarts", type=int, default=2)
     parser.add_argument("--no-server", action="store_true", help="the in-process part only")
+    parser.add_argument("--ratios", help="part 3 only: compact_ratio values, e.g. 0.25,0.5,1")
     args = parser.parse_args(argv)
     results: dict = {"machine": machine(), "jobs": args.jobs}
+    if args.ratios:
+        ratios = [float(r) for r in args.ratios.split(",")]
+        with tempfile.TemporaryDirectory(prefix="kairoi-replay-") as tmp:
+            results["ratios"] = ratio_stores(Path(tmp), args.jobs, ratios, args.restarts)
+        json.dump(results, sys.stdout, indent=1)
+        print()
+        return 0
     results["in_process"] = in_process(args.jobs, args.repeat)
     if not args.no_server:
         with tempfile.TemporaryDirectory(prefix="kairoi-replay-") as tmp:

@@ -407,6 +407,7 @@ async def _serve_state(
         storage_errors=store.errors,
         on_commit=after_commit,
         compact_after_bytes=store.compact_after_bytes,
+        compact_ratio=config.storage.compact_ratio,
         observer=observer,
     )
     timer.update(state.next_due())

@@ -109,8 +109,11 @@ class StorageConfig:
     # PostgreSQL database ([storage.postgres]; several instances).
     backend: str = "log"
     directory: str = "kairoi-data"
-    # Compact when the log since the last snapshot is larger than this.
+    # Compact when the log since the last snapshot is larger than this, and than
+    # compact_ratio times the snapshot: a smaller ratio bounds the replay at a restart
+    # (docs/storage.md, "When the log is compacted").
     compact_after_bytes: int = 64 << 20
+    compact_ratio: float = 1.0
     retention_s: float = 7 * 24 * 3600.0  # how long executed/failed jobs are kept
     postgres: PostgresConfig = field(default_factory=PostgresConfig)
 
@@ -428,6 +431,7 @@ def _check(config: Config) -> None:
         "runners.amqp.confirm_timeout_s": config.runners.amqp.confirm_timeout_s,
         "grpc.max_message_bytes": config.grpc.max_message_bytes,
         "storage.compact_after_bytes": config.storage.compact_after_bytes,
+        "storage.compact_ratio": config.storage.compact_ratio,
         "runners.shell.output_limit_bytes": config.runners.shell.output_limit_bytes,
     }
     for name, value in positive.items():

@@ -951,6 +951,21 @@ async def test_no_compaction_below_the_snapshot_size_or_when_disabled() -> None:
         assert h.log.rotations == 0
 
 
+async def test_compact_ratio_compacts_at_a_fraction_of_the_snapshot() -> None:
+    """[storage] compact_ratio: with a snapshot of 10,000 bytes and a ratio of 0.25, the
+    log is compacted once 2,500 bytes follow the snapshot (not 10,000), and not before."""
+    async with running_actor(compact_after_bytes=500, compact_ratio=0.25) as h:
+        h.log.snapshot_bytes = 10_000
+        h.log.record_bytes = 100
+        for i in range(24):
+            await h.call(SetJob(f"j{i}", at(i)))
+        await trio.testing.wait_all_tasks_blocked()
+        assert h.log.rotations == 0  # 2,400 bytes
+        await h.call(SetJob("j24", at(24)))
+        await trio.testing.wait_all_tasks_blocked()
+        assert h.log.rotations == 1  # 2,500 bytes
+
+
 async def test_on_commit_sees_every_batch() -> None:
     async with running_actor() as h:
         await h.call(SetJob("a", at(1)))

@@ -184,6 +184,9 @@ def test_parse_address(address: str, parsed: tuple[str, int]) -> None:
         "[runners.http]\ntimeout_s = -1\n",
         "[grpc]\nmax_message_bytes = -1\n",
         "[shutdown]\ngrace_period_s = nan\n",
+        "[storage]\ncompact_ratio = 0\n",
+        "[storage]\ncompact_ratio = -0.5\n",
+        "[storage]\ncompact_ratio = inf\n",
     ],
     ids=lambda text: " ".join(text.split()),
 )
@@ -192,6 +195,12 @@ def test_negative_or_zero_sizes_and_durations_are_rejected(tmp_path: Path, text:
     with pytest.raises(ConfigError) as error:
         load_text(tmp_path, text)
     assert key in str(error.value)
+
+
+@pytest.mark.parametrize(("text", "ratio"), [("0.25", 0.25), ("2", 2.0), ("1e-3", 0.001)])
+def test_compact_ratio_takes_any_positive_number(tmp_path: Path, text: str, ratio: float) -> None:
+    assert load_text(tmp_path, f"[storage]\ncompact_ratio = {text}\n").storage.compact_ratio == ratio
+    assert load_text(tmp_path, "").storage.compact_ratio == 1.0
 
 
 def test_zero_is_fine_where_it_means_never(tmp_path: Path) -> None:

@@ -233,6 +233,7 @@ class CommandActor:
         storage_errors: tuple[type[BaseException], ...] = (OSError,),
         on_commit: Callable[[State], None] | None = None,
         compact_after_bytes: int = 0,
+        compact_ratio: float = 1.0,
         observer: Observer | None = None,
         clock: Callable[[], int] = now_us,
         planner: Planner | None = None,
@@ -251,6 +252,7 @@ class CommandActor:
         self._subscribers: list[_Subscriber] = []
         self._observer = observer or Observer()
         self._compact_after = compact_after_bytes  # 0: never
+        self._compact_ratio = compact_ratio
         self._compacting = False
         self._compaction_retry_at = 0.0  # trio clock; after a failure, wait before trying again
         self._background: trio.Nursery | None = None
@@ -496,8 +498,10 @@ class CommandActor:
             self._compact_after > 0
             and not self._compacting
             and trio.current_time() >= self._compaction_retry_at
-            # a log twice the live data or more, and at least the configured size
-            and self._log.bytes_since_snapshot >= max(self._compact_after, self._log.snapshot_bytes)
+            # the log since the snapshot at least compact_ratio times the snapshot (1: the
+            # live data twice over), and at least the configured size
+            and self._log.bytes_since_snapshot
+            >= max(self._compact_after, self._compact_ratio * self._log.snapshot_bytes)
         )
 
     async def _start_compaction(self) -> None:

@@ -158,8 +158,9 @@ class DurableLog:
     def bytes_since_snapshot(self) -> int:
         """Bytes of segment files written after the newest snapshot: compact when this is large.
 
-        A good rule is `bytes_since_snapshot > max(threshold, snapshot_bytes)`,
-        so that compaction work stays proportional to the log's growth.
+        A good rule is `bytes_since_snapshot > max(threshold, ratio * snapshot_bytes)`,
+        so that compaction work stays proportional to the log's growth (the actor's,
+        with `[storage] compact_after_bytes` and `compact_ratio`).
         """
         return sum(self._sealed.values()) + self._active_size
 
