@@ -41,6 +41,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from kairoi.v1 import scheduler_pb2 as pb
 from kairoi.v1 import scheduler_pb2_grpc as pb_grpc
 from kairoi_trio.commands import CommandError
+from kairoi_trio.core.validation import MAX_POLICY_SECONDS
 from kairoi_trio.model import DEFAULT_POLICY, MICROS, Status, format_time, from_datetime
 from kairoi_trio.protocols.kcp.instructions import parse_time
 from kairoi_trio.scheduling.occurrences import ScheduleError, parse_duration
@@ -463,16 +464,17 @@ def _time_arg(text: str) -> int:
 
 
 def _duration_arg(text: str) -> float:
-    """D -> seconds (a float above 0); argparse.ArgumentTypeError with the reason."""
+    """A policy's D -> seconds (above 0, at most MAX_POLICY_SECONDS); argparse.ArgumentTypeError
+    with the reason."""
     match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)?", text.strip(), re.ASCII)
     if match is None and text.strip().startswith("-"):
         raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be more than 0")
     if match is None:
         raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected {_DURATION_HELP}")
     seconds = float(match[1]) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match[2]]
-    if not 0 < seconds <= _MAX_DURATION_S:
+    if not 0 < seconds <= MAX_POLICY_SECONDS:  # the server's bound, checked before sending
         raise argparse.ArgumentTypeError(
-            f"invalid duration {text!r}: must be more than 0 and at most 10,000 years"
+            f"invalid duration {text!r}: must be more than 0 and at most 100 years"
         )
     return seconds
 

@@ -219,6 +219,10 @@ def test_the_policy_set_from_the_terminal_governs_retries(
         (("rule", "set", "r", "p.", "ftp", "x"), "argument RUNNER: invalid choice: 'ftp'"),
         (("rule", "set", "r", "p.", "shell", "a", "--timeout", "-1"), "must be more than 0"),
         (("rule", "set", "r", "p.", "shell", "a", "--timeout", "5 minutes"), "invalid duration"),
+        (  # the server's bound (core/validation.py), not protobuf's 10,000 years
+            ("rule", "set", "r", "p.", "shell", "a", "--stale-after", "3153600001"),
+            "at most 100 years",
+        ),
         (("rule", "set", "r", "p.", "shell", "a", "--max-attempts", "0"), "from 1 to"),
         (("job", "list", "--status", "done"), "argument --status: invalid choice: 'done'"),
         (("job", "get", "a\udcff"), "argument ID: 'a\\xff' is not valid UTF-8"),  # argv bytes
