@@ -59,6 +59,7 @@ def test_metrics_report_jobs_runs_and_lateness(server, tmp_path):
     assert status == 200
     assert 'kairoi_jobs{status="planned"} 1.0' in text
     assert "kairoi_rules 1.0" in text
+    assert "kairoi_jobs_set_total 6.0" in text  # the dashboard's "set" series, for Prometheus
     assert "kairoi_trigger_lateness_seconds_count 5.0" in text
     assert 'kairoi_run_duration_seconds_count{kind="shell",outcome="executed"} 5.0' in text
     assert 'kairoi_runner_queue_depth{kind="shell"} 0.0' in text

@@ -199,7 +199,9 @@ def test_negative_or_zero_sizes_and_durations_are_rejected(tmp_path: Path, text:
 
 @pytest.mark.parametrize(("text", "ratio"), [("0.25", 0.25), ("2", 2.0), ("1e-3", 0.001)])
 def test_compact_ratio_takes_any_positive_number(tmp_path: Path, text: str, ratio: float) -> None:
-    assert load_text(tmp_path, f"[storage]\ncompact_ratio = {text}\n").storage.compact_ratio == ratio
+    assert (
+        load_text(tmp_path, f"[storage]\ncompact_ratio = {text}\n").storage.compact_ratio == ratio
+    )
     assert load_text(tmp_path, "").storage.compact_ratio == 1.0
 
 

@@ -142,6 +142,11 @@ STORAGE_WRITABLE = Gauge(
     registry=REGISTRY,
 )
 STORAGE_WRITABLE.set(1)
+JOBS_SET = Counter(
+    "kairoi_jobs_set",
+    "Jobs set (created or replaced, one-shot or recurring) by every front end, once written",
+    registry=REGISTRY,
+)
 FAILED_WITHOUT_RUN = Counter(
     "kairoi_jobs_failed_without_run",
     "Jobs the scheduler failed itself (no rule matches, stale, no runner, error), by job prefix",
@@ -317,6 +322,7 @@ class MetricsObserver(Observer):
         SAMPLES.record("triggered", len(late))
 
     def jobs_set(self, count: int) -> None:
+        JOBS_SET.inc(count)  # a batch's count: one lock a group commit, not a job
         SAMPLES.record("set", count)
 
     def failed_without_run(self, reason: FailReason, job_id: str) -> None:

@@ -82,7 +82,8 @@ def _operation(
     operation: dict[str, Any] = {
         "operationId": operation_id,
         "summary": summary,
-        "description": f"Needs a {role} token (or better) when tokens are configured.",
+        "description": f"Needs {'an' if role[0] in 'aeiou' else 'a'} {role} token (or better)"
+        " when tokens are configured.",
         "responses": {**ok, **_ERRORS, **errors},
     }
     if parameters:
