@@ -281,6 +281,26 @@ def test_a_connection_must_authenticate_in_time(make_server) -> None:
         assert prompt.request("SET", "app.a", FUTURE) == ["OK"]
 
 
+@pytest.mark.backends("log")  # the KCP front end's own timing: the store plays no part
+def test_the_auth_deadline_answers_a_held_guess_then_gives_its_reason(make_server) -> None:
+    # Twelve wrong AUTH at once: the 4th to 7th answers come 0.5, 1, 2 and 4 s late and the
+    # 8th is held for 8 s (7.5 s to 15.5 s), past the deadline at 8 s and the 5 s given
+    # to the last answers then. It was never written, nor the reason: the client got
+    # only EOF, at 13 s. The held answer now goes at the deadline, then the reason, and
+    # nothing after it.
+    server = make_server('[auth]\ntokens = ["s3cret"]\n[controller]\nauth_timeout_s = 8.0')
+    with KcpClient(server.kcp_port) as guesser:
+        guesser.sock.sendall(b"".join(b"%d AUTH bad\n" % i for i in range(1, 13)))
+        started = time.monotonic()
+        answers = answers_until_closed(guesser.sock)
+        elapsed = time.monotonic() - started
+    wrong = ["ERROR", "invalid token"]
+    assert answers == [(str(i), wrong) for i in range(1, 9)] + [
+        ("*", ["ERROR", "authentication timed out"])
+    ]
+    assert elapsed < 12.0  # at the deadline, not after the 8th guess's full delay
+
+
 def test_idle_clients_of_the_metrics_port_cannot_take_every_descriptor(
     server: ServerProcess,
 ) -> None:

@@ -206,6 +206,7 @@ class _Connection:
         self.role: Role | None = server.auth.anonymous
         self.auth_failures = 0
         self._late_auth: tuple[_Slot, float, bool] | None = None  # a failed AUTH answered late
+        self._late_auth_wait: trio.CancelScope | None = None  # its delay; _end cuts it short
         self.reading = True
         self.answered = trio.Event()  # set when a slot gets its answer
         self.written = trio.Event()  # set when the writer freed slots
@@ -304,6 +305,8 @@ class _Connection:
         self.close_by = trio.current_time() + CLOSE_FLUSH_S
         if self._wait_scope is not None:
             self._wait_scope.cancel()
+        if self._late_auth_wait is not None:  # the held answer goes now, before the reason:
+            self._late_auth_wait.cancel()  # its delay (up to 128 s) would outlast the flush
         self.answered.set()
 
     def _queue(self, slot: _Slot) -> None:
@@ -316,6 +319,9 @@ class _Connection:
         slots: list[_Slot] = []
         keep_reading = True
         for event in events:
+            if self.closing:  # (_end, from the AUTH deadline): nothing is answered after it
+                keep_reading = False
+                break
             if isinstance(event, codec.Message):
                 slot = _Slot(event.id, size=sum(map(len, event.args)))
                 self._queue(slot)
@@ -391,7 +397,9 @@ class _Connection:
         self._late_auth = None
         if delay:
             self.answered.set()  # the answers before it go out meanwhile
-            await trio.sleep(delay)
+            with trio.CancelScope() as self._late_auth_wait:
+                await trio.sleep(delay)
+            self._late_auth_wait = None
         reason = "invalid token"
         if last:
             reason += f": {self.auth_failures} failed AUTH on this connection, closing it"
