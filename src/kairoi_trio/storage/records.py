@@ -925,7 +925,9 @@ def decode_frame(
         return FrameError(pos, str(exc), False)
 
 
-def decode_records(data: Buffer, offset: int = 0, version: int = FORMAT_VERSION) -> DecodeResult:
+def decode_records(
+    data: Buffer | memoryview, offset: int = 0, version: int = FORMAT_VERSION
+) -> DecodeResult:
     """Decode consecutive frames of `data` from `offset` until the end or the first bad frame.
 
     Never raises for bad input: the result says how far the good frames go
