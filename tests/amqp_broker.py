@@ -31,7 +31,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pamqp import base, commands, frame, header
 from pamqp import body as pamqp_body
@@ -251,6 +251,15 @@ class Message:
     body: bytes
     properties: commands.Basic.Properties
     redelivered: bool
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        """The message's headers, which the tests index and compare: their values are
+        pamqp's union of field types (str, int, bytearray, tables...), Any here. A message
+        without headers fails."""
+        headers = self.properties.headers
+        assert headers is not None, "the message has no headers"
+        return headers
 
 
 class Admin:

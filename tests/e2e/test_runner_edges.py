@@ -288,7 +288,7 @@ def test_the_amqp_runner_delivers_every_id_and_payload(server: ServerProcess, ro
         job_id = message.body.decode()
         props = message.properties
         assert props.message_id == (job_id if len(message.body) <= 255 else None)
-        assert props.headers["kairoi-execute-at"] == "2020-01-01T00:00:00.000000Z"
-        value = props.headers.get("kairoi-payload", b"")
+        assert message.headers["kairoi-execute-at"] == "2020-01-01T00:00:00.000000Z"
+        value = message.headers.get("kairoi-payload", b"")
         got[job_id] = value.encode() if isinstance(value, str) else bytes(value)
     assert got == jobs.sent

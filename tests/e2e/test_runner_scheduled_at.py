@@ -100,7 +100,7 @@ def test_an_amqp_delivery_carries_the_jobs_time_to_the_microsecond(
         assert stored_time(kcp, "mq.1") == SCHEDULED_AT
     [message] = admin.drain(route.queue)
     assert message.body == b"mq.1"
-    headers = message.properties.headers
+    headers = message.headers
     assert headers["scheduled_at"] == headers["kairoi-execute-at"] == SCHEDULED_AT
     assert headers["kairoi-payload"] == "payload" and headers["kairoi-attempt"] == 1
 

@@ -48,6 +48,12 @@ class ServerProcess:
         self.metrics_port: int | None = None
         self._ready = threading.Event()
 
+    @property
+    def pid(self) -> int:
+        """The server process's id (once started)."""
+        assert self.process is not None, "the server was not started"
+        return self.process.pid
+
     def config_text(self) -> str:
         tables: dict[str, dict[str, str]] = {
             "log": {"level": '"info"', "format": '"json"'},

@@ -12,6 +12,7 @@ import pytest
 import trio
 from amqp_broker import Admin, Route
 from pamqp import commands, frame
+from pamqp.common import FieldTable
 
 from kairoi_trio.runners.amqp_client import (
     AmqpChannelError,
@@ -79,7 +80,7 @@ def test_url_query_parameters() -> None:
 
 
 async def test_publish_is_confirmed_and_arrives(admin: Admin, route: Route) -> None:
-    headers = {"kairoi-payload": "hé", "raw": bytearray(b"\xff\x00"), "n": 3}
+    headers: FieldTable = {"kairoi-payload": "hé", "raw": bytearray(b"\xff\x00"), "n": 3}
     props = message_properties(content_type="text/plain", message_id="m-1", headers=headers)
     async with open_amqp_connection(broker.URL) as conn:
         assert conn.is_open
@@ -93,9 +94,9 @@ async def test_publish_is_confirmed_and_arrives(admin: Admin, route: Route) -> N
     assert message.properties.content_type == "text/plain"
     assert message.properties.delivery_mode == 2
     assert message.properties.timestamp is not None
-    assert message.properties.headers["kairoi-payload"] == "hé"
-    assert message.properties.headers["raw"] == bytearray(b"\xff\x00")
-    assert message.properties.headers["n"] == 3
+    assert message.headers["kairoi-payload"] == "hé"
+    assert message.headers["raw"] == bytearray(b"\xff\x00")
+    assert message.headers["n"] == 3
 
 
 async def test_a_thousand_concurrent_publishes_all_confirmed_once(
