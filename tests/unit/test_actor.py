@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import pytest
 import structlog.testing
@@ -32,7 +33,9 @@ from kairoi_trio.commands import (
     ListRules,
     MatchRule,
     RecordOutcome,
+    Reply,
     Request,
+    Result,
     ScheduleJob,
     ServerInfo,
     SetJob,
@@ -352,15 +355,20 @@ async def test_storage_failure_fails_every_request_of_the_batch() -> None:
         await h.call(SetJob("kept", at(1)))
         h.log.gate = trio.Event()
         h.log.fail = True
-        replies: dict[str, list] = {}
-        await h.client.submit(Request([SetJob("a", at(1))], lambda r: replies.setdefault("a", r)))
+        replies: dict[str, list[Any]] = {}
+
+        def keep(name: str) -> Reply:
+            def reply(results: list[Result]) -> None:
+                replies.setdefault(name, results)
+
+            return reply
+
+        await h.client.submit(Request([SetJob("a", at(1))], keep("a")))
         await trio.testing.wait_all_tasks_blocked()
         # the next batch: a read, then writes
-        await h.client.submit(Request([GetJob("kept")], lambda r: replies.setdefault("read", r)))
+        await h.client.submit(Request([GetJob("kept")], keep("read")))
         for name in ["b", "c"]:
-            await h.client.submit(
-                Request([SetJob(name, at(1))], lambda r, n=name: replies.setdefault(n, r))
-            )
+            await h.client.submit(Request([SetJob(name, at(1))], keep(name)))
         h.log.gate.set()
         await trio.testing.wait_all_tasks_blocked()
         for name in ["a", "b", "c"]:
@@ -1140,7 +1148,7 @@ class _Counting(Observer):
         self.fail_triggers = fail_triggers
         self.sets: list[int] = []
 
-    def triggered(self, lateness_s: float) -> None:
+    def triggered(self, lateness_s: list[float]) -> None:
         if self.fail_triggers:
             self.fail_triggers -= 1
             raise RuntimeError("observer bug")
@@ -1259,16 +1267,16 @@ class Replies:
 
     def __init__(self) -> None:
         self.order: list[str] = []
-        self.results: dict[str, list] = {}
+        self.results: dict[str, list[Result]] = {}
 
-    def __call__(self, name: str):  # noqa: ANN204 - a reply callback
-        def reply(results: list) -> None:
+    def __call__(self, name: str) -> Reply:
+        def reply(results: list[Result]) -> None:
             self.order.append(name)
             self.results[name] = results
 
         return reply
 
-    def one(self, name: str) -> object:
+    def one(self, name: str) -> Any:  # the test knows which result it asked for
         return self.results[name][0]
 
 
@@ -1522,8 +1530,12 @@ async def test_each_failed_write_is_counted_by_what_it_was_for() -> None:
 
 async def test_a_failed_trigger_leaves_the_jobs_planned_and_counts_nothing_until_written() -> None:
     observer = _Counting()
-    lateness: list[float] = []
-    observer.triggered = lateness.append  # type: ignore[method-assign]
+    lateness: list[list[float]] = []  # one list a trigger
+
+    def triggered(lateness_s: list[float]) -> None:
+        lateness.append(lateness_s)
+
+    observer.triggered = triggered  # type: ignore[method-assign]
     async with running_actor(observer=observer) as h:
         await h.call(SetRule(SHELL))
         await h.results(SetJob("app.1", at(0)), SetJob("nomatch", at(0)))
