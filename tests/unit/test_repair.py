@@ -11,6 +11,7 @@ import io
 import random
 import shutil
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,7 @@ from kairoi_trio.storage.records import (
     JobDelete,
     JobPut,
     JobStatus,
+    Record,
     RuleDelete,
     RulePut,
     apply_record,
@@ -56,7 +58,9 @@ def job(i: int, size: int = 40) -> Job:
     return Job(f"a.{i:05d}", 1_000 + i, payload=f"payload {i} ".encode().ljust(size, b"."))
 
 
-async def _build(directory: Path, batches: list[list], compact_after: int | None = None) -> dict:
+async def _build(
+    directory: Path, batches: Sequence[Sequence[Record]], compact_after: int | None = None
+) -> dict:
     """Write `batches` through a real DurableLog (compacting after batch `compact_after`)."""
     log = DurableLog(directory)
     await trio.to_thread.run_sync(log.load)
@@ -73,14 +77,16 @@ async def _build(directory: Path, batches: list[list], compact_after: int | None
     return {"jobs": jobs, "rules": rules}
 
 
-def build(directory: Path, batches: list[list], compact_after: int | None = None) -> dict:
+def build(
+    directory: Path, batches: Sequence[Sequence[Record]], compact_after: int | None = None
+) -> dict:
     return trio.run(_build, directory, batches, compact_after)
 
 
 def standard(directory: Path) -> dict:
     """Snapshot 1 (100 jobs, 3 rules), segment 2 (100 more, status changes, deletes)."""
-    first = [[RulePut(r) for r in RULES], [JobPut(job(i)) for i in range(100)]]
-    second = [
+    first: list[list[Record]] = [[RulePut(r) for r in RULES], [JobPut(job(i)) for i in range(100)]]
+    second: list[list[Record]] = [
         [JobPut(job(i)) for i in range(100, 200)],
         [JobStatus(job(5).id, Status.EXECUTED, 1, "exit 0", 9), JobDelete(job(7).id)],
         [RuleDelete("r.http")],
@@ -433,7 +439,7 @@ def test_backup_starts_again_when_a_compaction_removes_listed_files(
     state_at_1 = build(src, [[RulePut(RULES[0])], [JobPut(job(i)) for i in range(30)]])
     trio.run(_rotate_and_append, src)
     real_list = backup_module.list_directory
-    calls = []
+    calls: list[list[str]] = []
 
     def list_then_compact(directory):
         listing = real_list(directory)
@@ -534,9 +540,11 @@ def chunked(directory: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     its chunk), 3 rules; segment 2 with a status change and a delete."""
     monkeypatch.setattr(records_module, "CHUNK_JOBS", 50)
     plain = [Job(f"p.{i:04d}", 5_000 + i, updated_at=7) for i in range(150)]
-    first = [[RulePut(r) for r in RULES], [JobPut(j) for j in plain[:75]]]
+    first: list[list[Record]] = [[RulePut(r) for r in RULES], [JobPut(j) for j in plain[:75]]]
     first += [[JobPut(job(i)) for i in range(10)], [JobPut(j) for j in plain[75:]]]
-    second = [[JobStatus("p.0003", Status.EXECUTED, 1, "exit 0", 9), JobDelete("p.0100")]]
+    second: list[list[Record]] = [
+        [JobStatus("p.0003", Status.EXECUTED, 1, "exit 0", 9), JobDelete("p.0100")]
+    ]
     return build(directory, first + second, compact_after=3)
 
 
