@@ -110,7 +110,7 @@ class Endpoint:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
+                conn.receive_data(bytes(await stream.receive_some(65536)))
             elif isinstance(event, h11.Request):
                 head = event
             elif isinstance(event, h11.Data):

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from kairoi_trio import __version__
 from kairoi_trio.commands import (
+    Command,
     CommandError,
     DeleteJob,
     DeleteRule,
@@ -277,7 +278,8 @@ def test_render_round_trips_through_translate() -> None:
 def test_only_gets_answer_with_data() -> None:
     assert renders_data(GetJob("a"))
     assert renders_data(GetRule("a"))
-    for command in [SetJob("a", 0), DeleteJob("a"), SetRule(Rule("r", "", HttpRunner("x")))]:
+    bare: list[Command] = [SetJob("a", 0), DeleteJob("a"), SetRule(Rule("r", "", HttpRunner("x")))]
+    for command in bare:
         assert not renders_data(command)
     assert render(None) == ()
 
@@ -289,4 +291,6 @@ def test_set_rule_word_order_of_kairois_runner_docs_is_rule_set() -> None:
     command = translate(["SET", "RULE", "app.default.rule", "app.job.0", "shell", "script.sh"])
     assert command == SetRule(Rule("app.default.rule", "app.job.0", ShellRunner("script.sh")))
     # A job whose id is RULE is still a job.
-    assert translate(["SET", "RULE", "2020-01-01 00:00:00"]).id == "RULE"
+    job = translate(["SET", "RULE", "2020-01-01 00:00:00"])
+    assert isinstance(job, SetJob)  # (for mypy: a SetJob has an id)
+    assert job.id == "RULE"

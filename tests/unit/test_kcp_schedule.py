@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kairoi_trio.commands import (
+    Command,
     CommandError,
     ErrorCode,
     GetJob,
@@ -32,6 +33,8 @@ from kairoi_trio.model import (
 )
 from kairoi_trio.protocols.kcp.codec import KcpParser, Message, encode_message, ok
 from kairoi_trio.protocols.kcp.instructions import (
+    Answer,
+    Authenticate,
     format_duration,
     render,
     renders_data,
@@ -302,8 +305,15 @@ def recurring(**changes: object) -> Job:
     return Job(**fields)  # type: ignore[arg-type]
 
 
+def command_of(args: list[str]) -> Command:
+    """translate() of a request that is a command (neither an answer nor AUTH)."""
+    command = translate(args)
+    assert not isinstance(command, Answer | Authenticate), command
+    return command
+
+
 def test_schedule_answers_the_next_time_only() -> None:
-    command = translate(["SCHEDULE", "app.report", "0 12 * * *", "payload=x"])
+    command = command_of(["SCHEDULE", "app.report", "0 12 * * *", "payload=x"])
     assert renders_data(command)
     job = recurring(payload=b"x")
     assert render(job, command) == ("2026-12-01 12:00:01.500000",)
@@ -437,7 +447,7 @@ def test_the_server_writes_schedule_and_get_answers_by_their_request() -> None:
 
     answers = []
     for request in (["SCHEDULE", "app.report", "0 12 * * *"], ["GET", "app.report"]):
-        command = translate(request)
+        command = command_of(request)
         assert renders_data(command)
         slot = _Slot("5")
         slot.with_data, slot.command, slot.result = True, command, recurring()
