@@ -59,7 +59,8 @@ def _start_clusters(*owners: int, cwd: Path) -> list[pg.Cluster]:
     return [pg.check_private(pg.cluster_from(pg.read_node_env(d))) for d in directories]
 
 
-def _postmaster(cluster: pg.Cluster) -> int:
+def _postmaster_pid(cluster: pg.Cluster) -> int:
+    """The running cluster's postmaster pid (from its postmaster.pid; fails without one)."""
     return int((cluster.data / "postmaster.pid").read_text().split("\n", 1)[0])
 
 
@@ -209,7 +210,7 @@ def test_a_second_cluster_gets_another_port_and_stops_alone(tmp_path: Path) -> N
         assert other.port not in (suite.port, pg.DEFAULT_PORT)
         assert other.directory != suite.directory
         assert _answers(other.dsn()) and _answers(suite.dsn())
-        other_pid = _postmaster(other)
+        other_pid = _postmaster_pid(other)
         assert _script("status", str(other.directory)).returncode == 0
     finally:
         _script("stop", str(other.directory))
@@ -223,7 +224,7 @@ def test_reap_stops_the_clusters_whose_owner_died_only(tmp_path: Path) -> None:
     owner = subprocess.Popen(["sleep", "60"])
     orphan, living = _start_clusters(owner.pid, os.getpid(), cwd=tmp_path)
     try:
-        orphan_pid, living_pid = _postmaster(orphan), _postmaster(living)
+        orphan_pid, living_pid = _postmaster_pid(orphan), _postmaster_pid(living)
         owner.kill()
         owner.wait()
         _script("reap")
@@ -244,7 +245,7 @@ def test_restart_keeps_committed_data(mode: str) -> None:
         with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
             conn.execute("CREATE TABLE t (n int)")
             conn.execute("INSERT INTO t SELECT generate_series(1, 1000)")
-        before = _postmaster(cluster)
+        before = _postmaster_pid(cluster)
         pg.restart(mode, of=cluster)
         after = _postmaster(cluster)
         assert after is not None and after != before
