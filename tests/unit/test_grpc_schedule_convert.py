@@ -178,7 +178,8 @@ def test_timestamps_outside_the_supported_range_are_refused(name: str, bad: Time
 
 @pytest.mark.parametrize(("name", "value"), [("misfire", 9), ("overlap", 7)])
 def test_unknown_enum_values_are_refused(name: str, value: int) -> None:
-    message = pb.Schedule(expression="@hourly", **{name: value})
+    # An enum value the stubs do not know, on purpose.
+    message = pb.Schedule(expression="@hourly", **{name: value})  # type: ignore[arg-type]
     assert invalid(convert.schedule_from_pb, message) == f"unknown schedule.{name} policy {value}"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -115,6 +116,13 @@ sys.stdin.read()
 """
 
 
+def _console_n(line: str) -> str:
+    """The n of a console line "... [info     ] job run    n=12 pad=xxx...x"."""
+    match = re.fullmatch(r".* n=(\d+) pad=x+", line)
+    assert match is not None, line
+    return match[1]
+
+
 @pytest.mark.parametrize("fmt", ["json", "console"])
 @pytest.mark.parametrize(
     ("batched", "nonblocking"), [(True, False), (False, False), (True, True), (False, True)]
@@ -152,6 +160,7 @@ def test_a_slow_reader_and_signals_lose_no_line_and_cut_none(
         pesterer = threading.Thread(target=pester, daemon=True)
         pesterer.start()
         received = bytearray()
+        assert isinstance(child.stderr, io.BufferedReader)  # (has read1: Popen's default)
         while chunk := child.stderr.read1(4096):  # slowly: the pipe stays full
             received += chunk
             time.sleep(0.0002)
@@ -166,7 +175,7 @@ def test_a_slow_reader_and_signals_lose_no_line_and_cut_none(
     if fmt == "json":
         numbers = [json.loads(line)["n"] for line in text.splitlines()]
     else:  # "... [info     ] job run    n=12 pad=xxx...x"
-        numbers = [int(re.fullmatch(r".* n=(\d+) pad=x+", line)[1]) for line in text.splitlines()]
+        numbers = [int(_console_n(line)) for line in text.splitlines()]
     assert numbers == list(range(lines))
 
 

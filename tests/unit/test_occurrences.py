@@ -32,8 +32,8 @@ HOUR = 60 * MINUTE
 DAY = 24 * HOUR
 
 
-def utc(*fields: int) -> int:
-    return from_datetime(datetime(*fields, tzinfo=UTC))
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> int:
+    return from_datetime(datetime(year, month, day, hour, minute, second, tzinfo=UTC))
 
 
 def between(schedule: Schedule, after: int, at_or_before: int) -> list[int]:
@@ -304,7 +304,7 @@ def _oracle(expression: str, tz: str, after: int, at_or_before: int) -> list[int
     when it exists twice, and the gap's end when it does not exist."""
     zone = ZoneInfo(tz)
     epoch = datetime(1970, 1, 1, tzinfo=UTC)
-    found = []
+    found: list[int] = []
     at = after - after % MINUTE
     reached = (epoch + timedelta(microseconds=at)).astimezone(zone).replace(tzinfo=None)
     while True:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -30,8 +31,8 @@ DAY = 24 * HOUR
 YEAR = 365 * DAY
 
 
-def utc(*fields: int) -> int:
-    return from_datetime(datetime(*fields, tzinfo=UTC))
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0) -> int:
+    return from_datetime(datetime(year, month, day, hour, minute, second, tzinfo=UTC))
 
 
 T0 = utc(2027, 1, 1, 12, 0, 0)
@@ -68,7 +69,7 @@ def nominal(job: Job) -> int:
 
 def runs_until_caught_up(p: Planner, job: Job, now: int, step: int = SECOND) -> tuple[list, Job]:
     """Run the job while it is due (each run taking `step`); the nominal times run."""
-    ran = []
+    ran: list[int] = []
     for _ in range(10_000):
         if job.status is not Status.PLANNED or job.execute_at > now:
             return ran, job
@@ -385,7 +386,7 @@ def test_overlap_buffer_one_with_a_single_overlapped_occurrence() -> None:
 # -- misfire: occurrences that came due while the server was down ----------------------
 
 
-def _down_for_five(misfire: Misfire, **options: int) -> tuple[Planner, Job, int]:
+def _down_for_five(misfire: Misfire, **options: Any) -> tuple[Planner, Job, int]:
     """A per-minute job planned at T0 + 1m; the server is down until 4.5 minutes
     later: T0+1m .. T0+5m (five occurrences) came due while it was down."""
     job = planner(started_at=T0 - DAY).first(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -199,7 +201,7 @@ def test_only_a_change_of_status_columns_is_written_as_statuses() -> None:
     status_columns = {"status", "attempts", "last_outcome", "updated_at"}
     old = new_job("r", 100, PLANNED, b"p", 0, "", 1)
     recurring = replace(old, recurrence=Recurrence(Schedule("every 1m"), 100))
-    changed = {
+    changed: dict[str, Any] = {
         "id": "r",  # (the same row)
         "execute_at": 200,
         "status": TRIGGERED,
@@ -217,5 +219,6 @@ def test_only_a_change_of_status_columns_is_written_as_statuses() -> None:
         whole, marked = _split_updates([new], {"r": old})
         assert (marked == [new]) == (name in status_columns), name
         assert (whole == [new]) == (name not in status_columns), name
+    assert recurring.recurrence is not None
     paused = replace(recurring, recurrence=replace(recurring.recurrence, paused=True))
     assert _split_updates([paused], {"r": recurring}) == ([paused], [])

@@ -171,7 +171,9 @@ def test_the_postgres_dsn_fixture_gives_a_database_of_the_private_cluster(
     postgres_dsn: str,
 ) -> None:
     params = conninfo_to_dict(postgres_dsn)
-    assert (params["host"], int(params["port"])) == ("127.0.0.1", pg.port())
+    port = params["port"]
+    assert port is not None
+    assert (params["host"], int(port)) == ("127.0.0.1", pg.port())
     assert str(params["dbname"]).startswith("kairoi_test_")
     with psycopg.connect(postgres_dsn) as conn:
         assert conn.execute("SELECT current_database()").fetchone() == (params["dbname"],)

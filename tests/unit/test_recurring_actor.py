@@ -226,6 +226,7 @@ async def test_a_recurring_job_ends_when_its_runs_are_spent() -> None:
             await h.call(RecordOutcome("app.a", 1, ok, "exit 0" if ok else "exit 1"))
         job = h.state.jobs["app.a"]
         assert job.status is Status.FAILED and job.last_outcome == "exit 1"
+        assert job.recurrence is not None
         assert job.recurrence == replace(job.recurrence, runs=2, last_failed=True)  # kept, for GET
         refused = (await h.results(RunJobNow("app.a")))[0]
         assert isinstance(refused, CommandError) and "ended" in refused.message
