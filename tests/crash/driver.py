@@ -211,7 +211,8 @@ class CrashDriver:
             time.sleep(rng.uniform(0.0, RUN_SLEEP_S / 2))
 
     def runs_in_flight(self, pid: int) -> set[str]:
-        started, ended = set(), set()
+        started: set[str] = set()
+        ended: set[str] = set()
         for run in self.read_runs():
             if run[2] == str(pid):
                 (started if run[1] == "start" else ended).add(run[0])

@@ -170,7 +170,7 @@ def test_raw_requests_the_typed_client_would_not_send(
     assert code_of(lambda: stub.SetJob(no_time)) is grpc.StatusCode.INVALID_ARGUMENT
     year_10000 = pb.SetJobRequest(id=f"{prefix}a", execute_at=Timestamp(seconds=253_402_300_800))
     assert code_of(lambda: stub.SetJob(year_10000)) is grpc.StatusCode.INVALID_ARGUMENT
-    bad_status = pb.ListJobsRequest(status=17)
+    bad_status = pb.ListJobsRequest(status=17)  # type: ignore[arg-type]  # no such status, on purpose
     assert code_of(lambda: stub.ListJobs(bad_status)) is grpc.StatusCode.INVALID_ARGUMENT
     negative = pb.ListJobsRequest(page_size=-1)
     assert code_of(lambda: stub.ListJobs(negative)) is grpc.StatusCode.INVALID_ARGUMENT
@@ -256,7 +256,7 @@ def test_storage_failure_is_unavailable_and_reads_go_on(server: ServerProcess) -
         client.set_job("kept", LATER)
         # Let the server's files grow no further: writes fail with EFBIG, as on a full disk.
         size = max(f.stat().st_size for f in server.data_dir.glob("segment-*.log"))
-        pid = server.process.pid
+        pid = server.pid
         resource.prlimit(pid, resource.RLIMIT_FSIZE, (size + 10, resource.RLIM_INFINITY))
         try:
             with pytest.raises(Unavailable, match="storage"):
@@ -518,7 +518,11 @@ def test_cross_protocol_consistency(
     client.set_job(f"{p}k.from-grpc", PAST)
     assert kcp.request("SET", f"{p}g.from-kcp", "2020-05-26 22:26:18") == ["OK"]
     for job_id in (f"{p}k.from-grpc", f"{p}g.from-kcp"):
-        wait_for(lambda job_id=job_id: client.get_job(job_id).status is JobStatus.EXECUTED)
+
+        def executed(job_id: str = job_id) -> bool:
+            return client.get_job(job_id).status is JobStatus.EXECUTED
+
+        wait_for(executed)
         assert kcp.request("GET", job_id)[:2] == ["OK", "executed"]
 
 

@@ -174,8 +174,12 @@ def test_a_rare_status_comes_in_full_pages_with_a_token_to_go_on(api: httpx.Clie
         when = "2000-01-01T00:00:00Z" if job_id in failed else FUTURE
         assert api.put(job_path(job_id), json={"execute_at": when}).status_code == 200
     for job_id in failed:
-        wait_for(lambda job_id=job_id: api.get(job_path(job_id)).json()["status"] == "failed")
-    query = {"prefix": "rare1.", "status": "failed", "page_size": 2}
+
+        def has_failed(job_id: str = job_id) -> bool:
+            return api.get(job_path(job_id)).json()["status"] == "failed"
+
+        wait_for(has_failed)
+    query: dict[str, str | int] = {"prefix": "rare1.", "status": "failed", "page_size": 2}
     first = api.get("/jobs", params=query).json()
     assert [job["id"] for job in first["jobs"]] == failed[:2]
     assert first["next_page_token"] == failed[1]

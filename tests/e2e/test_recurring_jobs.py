@@ -310,12 +310,13 @@ def test_misfire_policies_after_a_clean_stop_across_five_occurrences(
         # until each job has run an occurrence later than the restart's next one
         for job_id in jobs.values():
             last = latest_missed(job_id)
-            wait_for(
-                lambda job_id=job_id, last=last: any(
+
+            def ran_later(job_id: str = job_id, last: int = last) -> bool:
+                return any(
                     index(starts[job_id], run.scheduled_at) > last + 1 for run in after(job_id)
-                ),
-                interval=0.05,
-            )
+                )
+
+            wait_for(ran_later, interval=0.05)
         states = {job_id: settled(kcp, recorder, job_id) for job_id in jobs.values()}
     runs_after = {job_id: runs[len(before[job_id]) :] for job_id, (_, runs) in states.items()}
     for job_id, runs in runs_after.items():

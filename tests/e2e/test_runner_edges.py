@@ -76,14 +76,14 @@ class Jobs:
                 self.sent[job_id] = payload.encode()
         with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
             stub = pb_grpc.SchedulerStub(channel)
-            for i, payload in enumerate(BINARY_PAYLOADS):
+            for i, binary in enumerate(BINARY_PAYLOADS):
                 job_id = f"{prefix}binary\n{i}"
                 stub.SetJob(
                     pb.SetJobRequest(
-                        id=job_id, execute_at=Timestamp(seconds=PAST_SECONDS), payload=payload
+                        id=job_id, execute_at=Timestamp(seconds=PAST_SECONDS), payload=binary
                     )
                 )
-                self.sent[job_id] = payload
+                self.sent[job_id] = binary
 
     def wait_executed(self, server: ServerProcess) -> None:
         with KcpClient(server.kcp_port, timeout=30) as kcp:

@@ -60,7 +60,11 @@ def stored_time(kcp: KcpClient, job_id: str) -> str:
 
 def wait_executed(kcp: KcpClient, *job_ids: str) -> None:
     for job_id in job_ids:
-        wait_for(lambda job_id=job_id: kcp.request("GET", job_id)[1] in ("executed", "failed"))
+
+        def finished(job_id: str = job_id) -> bool:
+            return kcp.request("GET", job_id)[1] in ("executed", "failed")
+
+        wait_for(finished)
         assert kcp.request("GET", job_id)[1] == "executed", kcp.request("GET", job_id)
 
 

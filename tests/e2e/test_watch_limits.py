@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.kcp_client import KcpClient
@@ -45,7 +46,7 @@ def start_client(server: ServerProcess, body: str) -> subprocess.Popen[str]:
     )
 
 
-def read_line(client: subprocess.Popen[str]) -> object:
+def read_line(client: subprocess.Popen[str]) -> Any:  # a JSON value
     assert client.stdout is not None
     line = client.stdout.readline()
     assert line, f"the client ended (status {client.wait()})"
@@ -100,7 +101,7 @@ def test_a_watcher_that_stops_reading_is_dropped_and_memory_stays_bounded(
         assert client.stdin is not None
         client.stdin.write("go\n")
         client.stdin.flush()
-        code, details, events = read_line(client)  # type: ignore[misc]
+        code, details, events = read_line(client)
     finally:
         client.kill()
         client.wait()

@@ -354,7 +354,11 @@ def test_an_http_host_that_cannot_be_encoded_is_refused_or_fails_plainly(tmp_pat
                 assert answer[0] == "ERROR" and "host name" in answer[1], answer
                 assert kcp.request("SET", f"o{i}.job", "2020-01-01 00:00:00") == ["OK"]
             for i in range(len(hosts)):
-                wait_for(lambda i=i: kcp.request("GET", f"o{i}.job")[1] == "failed")
+
+                def has_failed(i: int = i) -> bool:
+                    return kcp.request("GET", f"o{i}.job")[1] == "failed"
+
+                wait_for(has_failed)
         crashed = server.events("runner crashed")
         assert not crashed, [event.get("exception", "").splitlines()[-1] for event in crashed]
     finally:
