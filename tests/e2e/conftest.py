@@ -32,6 +32,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "shared_server" not in getattr(item, "fixturenames", ()):
             continue
+        assert isinstance(item, pytest.Function)  # (a test function: it has a module)
         callspec = getattr(item, "callspec", None)
         backend = callspec.params.get("backend", "log") if callspec else "log"
         item.add_marker(pytest.mark.xdist_group(f"shared-{item.module.__name__}-{backend}"))

@@ -36,6 +36,7 @@ def cli(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
             code = main([*args, "--server", f"127.0.0.1:{server.grpc_port}"])
         except SystemExit as exited:
             code = exited.code
+    assert not isinstance(code, str), code  # main returns or exits with a status number
     return subprocess.CompletedProcess(args, code or 0, out.getvalue(), err.getvalue())
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -13,8 +14,12 @@ from support.waiting import wait_for
 pytestmark = pytest.mark.backends("log", "postgres")
 
 
+# The endpoint's URL, the (path, headers, JSON body) of each POST, the status it answers.
+Receiver = tuple[str, list[tuple[str, dict, dict]], dict[str, int]]
+
+
 @pytest.fixture
-def receiver():
+def receiver() -> Iterator[Receiver]:
     received: list[tuple[str, dict, dict]] = []
     status = {"code": 200}
 

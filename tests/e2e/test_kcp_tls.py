@@ -26,7 +26,8 @@ def tls_config(cert: Path, key: Path, table: str = "controller") -> str:
 def exchange(sock: socket.socket, requests: list[list[str]]) -> list[list[str]]:
     """Send the requests pipelined; read one answer each, in order."""
     sock.sendall(b"".join(encode_message(str(i), args) for i, args in enumerate(requests)))
-    parser, answers = KcpParser(), []
+    parser = KcpParser()
+    answers: list[list[str]] = []
     while len(answers) < len(requests):
         data = sock.recv(65536)
         if not data:

@@ -234,6 +234,7 @@ def test_changes_are_notified_only_while_another_instance_watches_and_none_is_mi
     the gap between B's snapshot and A's first notification."""
     a = make_server(LEASE, name="a", database="gate")
     b = make_server(LEASE, name="b", database="gate")
+    assert a.postgres_dsn is not None
     heard = jobs_notifications(a.postgres_dsn)
     with KcpClient(a.kcp_port) as on_a:
         set_jobs(on_a, [f"quiet.{i}" for i in range(200)], "2099-01-01 00:00:00")
@@ -292,8 +293,11 @@ def any_watching(server: ServerProcess) -> bool:
     """Whether any instance of the server's database has its watching flag set."""
     import psycopg
 
+    assert server.postgres_dsn is not None
     with psycopg.connect(server.postgres_dsn) as conn:
-        return bool(conn.execute("SELECT bool_or(watching) FROM kairoi.instances").fetchone()[0])
+        row = conn.execute("SELECT bool_or(watching) FROM kairoi.instances").fetchone()
+        assert row is not None  # (an aggregate gives one row)
+        return bool(row[0])
 
 
 def ready(server: ServerProcess) -> int:

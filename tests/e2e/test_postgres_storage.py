@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -33,7 +33,7 @@ def kairoi(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[s
 
 
 @pytest.fixture
-def database() -> Callable[[], str]:
+def database() -> Iterator[Callable[[], str]]:
     made: list[str] = []
 
     def make() -> str:
@@ -145,7 +145,7 @@ def test_storage_copy_moves_every_job_and_rule_both_ways(
     source = ServerProcess(tmp_path / "source").start()
     try:
         with KcpClient(source.kcp_port) as kcp:
-            requests = [("RULE", "SET", "r1", "copy.", "shell", "/bin/true")]
+            requests: list[tuple[str, ...]] = [("RULE", "SET", "r1", "copy.", "shell", "/bin/true")]
             requests += [("SET", f"copy.{i}", FUTURE, f"payload {i} é") for i in range(6)]
             requests += [("SCHEDULE", "every.1", "every 1h", "tz=Europe/Paris")]
             requests += [("SET", "gone", FUTURE), ("UNSET", "gone")]
