@@ -196,7 +196,7 @@ class Kcp:
             self.next_id += 1
             out += encode_message(str(self.next_id), args)
         self.sock.sendall(bytes(out))
-        answers = []
+        answers: list[list[str]] = []
         while len(answers) < len(requests):
             while not self.pending:
                 data = self.sock.recv(1 << 16)

@@ -74,7 +74,8 @@ class Publisher(broker.Admin):
         if not data:
             raise ConnectionError("the broker closed the connection")
         self.buf += data
-        out, pos = [], 0
+        out: list[object] = []
+        pos = 0
         while len(self.buf) - pos >= 7:
             end = pos + 8 + int.from_bytes(self.buf[pos + 3 : pos + 7], "big")
             if end > len(self.buf):

@@ -49,6 +49,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1214,12 +1215,13 @@ async def client_watcher(port: int, prefix: str, expected: int, wait_s: float) -
 
 def client_main(kind: str, raw_args: str) -> None:
     args = json.loads(raw_args)
-    runner = {
+    runners: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
         "unary": client_unary,
         "batches": client_batches,
         "loader": client_loader,
         "watcher": client_watcher,
-    }[kind]
+    }
+    runner = runners[kind]
     result = asyncio.run(runner(**args))
     _say(json.dumps(result))
 

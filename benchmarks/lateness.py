@@ -24,6 +24,7 @@ import socket
 import statistics
 import threading
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -118,7 +119,7 @@ class Watch:
         self.channel.close()
 
 
-def summary(values_us: list[float]) -> dict:
+def summary(values_us: Sequence[float]) -> dict:
     values = sorted(v / 1000 for v in values_us)  # ms
     if not values:
         return {}
@@ -155,11 +156,11 @@ def run_scenario(
 
     run_start = []
     for event in server.events("job run"):
-        job_id = event.get("job")
-        if job_id in wanted:
+        run_id = event.get("job")
+        if run_id in wanted:
             end = datetime.fromisoformat(event["timestamp"]).timestamp()
             start_us = round((end - event["seconds"]) * 1_000_000)
-            run_start.append(start_us - execute_at[job_id])
+            run_start.append(start_us - execute_at[run_id])
 
     script = []
     for line in fired_file.read_text().splitlines():

@@ -135,7 +135,7 @@ def run(
     next_mark = step
     while active:
         for key, mask in sel.select(timeout=30):
-            c: Conn = key.data
+            c = key.data  # a Conn (registered above)
             if mask & selectors.EVENT_READ:
                 c.on_read()
             if mask & selectors.EVENT_WRITE:

@@ -705,7 +705,9 @@ class Bench:
                 conn.execute(definition)
             conn.execute("VACUUM ANALYZE jobs")
             conn.execute("CHECKPOINT")
-            (size,) = conn.execute("SELECT pg_total_relation_size('jobs')").fetchone()
+            row = conn.execute("SELECT pg_total_relation_size('jobs')").fetchone()
+            assert row is not None
+            (size,) = row
         self.explain_db = {"dsn": dsn, "jobs": n, "due": 5000, "now": now}
         log(f"explain database ready in {time.monotonic() - t0:.1f} s ({size / 2**20:.0f} MiB)")
         self.explain_db["table_mib"] = size / 2**20
@@ -813,9 +815,11 @@ class Bench:
                     conn.rollback()
                 for before, args in setup:
                     conn.execute(before, args)
-                (plan,) = conn.execute(
+                row = conn.execute(
                     "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql, params or None
                 ).fetchone()
+                assert row is not None
+                (plan,) = row
                 conn.rollback()
                 top = plan[0]
                 out.append(
@@ -842,9 +846,11 @@ class Bench:
                     got = len(conn.execute(claim, (now, 4096)).fetchall())
                     times.append((time.perf_counter() - t0) * 1000)
                     conn.rollback()
-                (plan,) = conn.execute(
+                row = conn.execute(
                     "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + claim, (now, 4096)
                 ).fetchone()
+                assert row is not None
+                (plan,) = row
                 conn.rollback()
                 other.rollback()
             out.append(
@@ -1412,9 +1418,11 @@ class Bench:
             assert answer == ["OK"], answer
             ids = [f"f.{i:04d}" for i in range(held)]
             kcp_set(victim.kcp_port, ids, [int((time.time() + 0.3) * 1e6)] * held)
-            (victim_id,) = conn.execute(
+            row = conn.execute(
                 f"SELECT id FROM {SCHEMA}.instances WHERE pid = %s", (victim.pid,)
             ).fetchone()
+            assert row is not None
+            (victim_id,) = row
             wait_until(
                 lambda: len(conn.execute(owned, (victim_id,)).fetchall()) == held,
                 30,

@@ -54,7 +54,7 @@ async def preload(port: int, count: int, batch: int, inflight: int, prefix: str)
         return request_type(jobs=jobs).SerializeToString()
 
     starts = iter(range(0, count, batch))
-    done = {"jobs": 0, "errors": 0, "first_error": ""}
+    done: dict[str, Any] = {"jobs": 0, "errors": 0, "first_error": ""}
     step = max(1, count // 10)
     progress: list[tuple[float, int]] = []
     t0 = time.perf_counter()

@@ -146,8 +146,8 @@ class Endpoint:
                 self.connections = int(line.split()[1])
         out = []
         with open(self.out, "rb") as f:
-            for line in f:
-                ns, _, body = line.rstrip(b"\n").partition(b" ")
+            for raw in f:
+                ns, _, body = raw.rstrip(b"\n").partition(b" ")
                 out.append((int(ns) // 1000, body))
         self.out.unlink()
         return out
@@ -571,9 +571,9 @@ def write_store(directory: Path, recurring: bool, jobs: int, seed: int = 1) -> d
         shared = [(share, Schedule(expr, tz)) for share, expr, tz in RESTART_MIX]
         cut = []
         total = 0.0
-        for share, schedule in shared:
+        for share, mixed in shared:
             total += share
-            cut.append((total, schedule))
+            cut.append((total, mixed))
         for i in range(jobs):
             job_id = f"job.{i:07d}"
             x = rng.random()
