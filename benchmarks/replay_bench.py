@@ -92,6 +92,7 @@ class _Builder(Server):
     [storage] lines; by default compaction is held off)."""
 
     def __init__(self, *args: Any, storage: str = NEVER, **kwargs: Any) -> None:
+        kwargs.setdefault("ready_timeout", 600)  # a start that replays 10M records takes ~40 s
         super().__init__(*args, **kwargs)
         self.storage = storage
 
