@@ -145,10 +145,17 @@ def restarts(work: Path, source: Path, times: int) -> list[dict]:
     return out
 
 
-def _set(kcp: Kcp, first: int, count: int, due: str) -> None:
+def _set(kcp: Kcp, first: int, count: int, due: str | list[str]) -> None:
+    """SET jobs `first`... at `due`, or at due[i % len(due)] for a list of times."""
+    times = [due] if isinstance(due, str) else due
+    tenth = max(CHUNK, count // 10 // CHUNK * CHUNK)
     for start in range(first, first + count, CHUNK):
-        ids = [f"app.invoice.{i:08d}" for i in range(start, min(start + CHUNK, first + count))]
-        answers = kcp.pipeline([["SET", job_id, due] for job_id in ids])
+        if start > first and (start - first) % tenth == 0:
+            log(f"set {start - first:,} of {count:,}")
+        ids = range(start, min(start + CHUNK, first + count))
+        answers = kcp.pipeline(
+            [["SET", f"app.invoice.{i:08d}", times[i % len(times)]] for i in ids]
+        )
         if any(answer != ["OK"] for answer in answers):
             raise RuntimeError(f"SET failed: {answers[:3]}")
 
@@ -166,7 +173,13 @@ def ratio_stores(work: Path, jobs: int, ratios: list[float], times: int) -> dict
     """Restarts of a snapshot of `jobs` planned jobs, alone and followed by `ratio` times
     its size of segments (module docstring, part 3)."""
     base = work / "base" / "data"
-    later = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() + 10 * 365 * 86400))
+    # 100,003 whole seconds scattered over the next ten years, as loadgen's are: jobs due
+    # together are few (a store of jobs all due at one instant loads another way).
+    now, span = int(time.time()) + 86400, 10 * 365 * 86400
+    later = [
+        time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now + (k * 7919) % span))
+        for k in range(100_003)
+    ]
     with _Builder(base.parent, base, fsync=False) as server:
         kcp = Kcp(server.kcp_port)
         _set(kcp, 0, jobs, later)
