@@ -960,18 +960,20 @@ async def test_no_compaction_below_the_snapshot_size_or_when_disabled() -> None:
 
 
 async def test_compact_ratio_compacts_at_a_fraction_of_the_snapshot() -> None:
-    """[storage] compact_ratio: with a snapshot of 10,000 bytes and a ratio of 0.25, the
-    log is compacted once 2,500 bytes follow the snapshot (not 10,000), and not before."""
-    async with running_actor(compact_after_bytes=500, compact_ratio=0.25) as h:
-        h.log.snapshot_bytes = 10_000
-        h.log.record_bytes = 100
-        for i in range(24):
-            await h.call(SetJob(f"j{i}", at(i)))
-        await trio.testing.wait_all_tasks_blocked()
-        assert h.log.rotations == 0  # 2,400 bytes
-        await h.call(SetJob("j24", at(24)))
-        await trio.testing.wait_all_tasks_blocked()
-        assert h.log.rotations == 1  # 2,500 bytes
+    """[storage] compact_ratio: with a snapshot of 10,000 bytes, the log is compacted once
+    ratio x 10,000 bytes follow the snapshot, and not before (0.25 is the default)."""
+    for ratio, threshold in ((0.5, 5_000), (None, 2_500)):
+        options: dict[str, object] = {} if ratio is None else {"compact_ratio": ratio}
+        async with running_actor(None, compact_after_bytes=500, **options) as h:
+            h.log.snapshot_bytes = 10_000
+            h.log.record_bytes = 100
+            for i in range(threshold // 100 - 1):
+                await h.call(SetJob(f"j{i}", at(i)))
+            await trio.testing.wait_all_tasks_blocked()
+            assert h.log.rotations == 0, ratio
+            await h.call(SetJob("last", at(1)))
+            await trio.testing.wait_all_tasks_blocked()
+            assert h.log.rotations == 1, ratio
 
 
 async def test_on_commit_sees_every_batch() -> None:

@@ -202,7 +202,7 @@ def test_compact_ratio_takes_any_positive_number(tmp_path: Path, text: str, rati
     assert (
         load_text(tmp_path, f"[storage]\ncompact_ratio = {text}\n").storage.compact_ratio == ratio
     )
-    assert load_text(tmp_path, "").storage.compact_ratio == 1.0
+    assert load_text(tmp_path, "").storage.compact_ratio == 0.25
 
 
 def test_zero_is_fine_where_it_means_never(tmp_path: Path) -> None:

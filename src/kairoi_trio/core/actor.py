@@ -233,7 +233,7 @@ class CommandActor:
         storage_errors: tuple[type[BaseException], ...] = (OSError,),
         on_commit: Callable[[State], None] | None = None,
         compact_after_bytes: int = 0,
-        compact_ratio: float = 1.0,
+        compact_ratio: float = 0.25,  # [storage] compact_ratio's default
         observer: Observer | None = None,
         clock: Callable[[], int] = now_us,
         planner: Planner | None = None,
@@ -498,8 +498,8 @@ class CommandActor:
             self._compact_after > 0
             and not self._compacting
             and trio.current_time() >= self._compaction_retry_at
-            # the log since the snapshot at least compact_ratio times the snapshot (1: the
-            # live data twice over), and at least the configured size
+            # the log since the snapshot at least compact_ratio times the snapshot, and
+            # at least the configured size
             and self._log.bytes_since_snapshot
             >= max(self._compact_after, self._compact_ratio * self._log.snapshot_bytes)
         )
