@@ -306,7 +306,7 @@ class _Connection:
         if self._wait_scope is not None:
             self._wait_scope.cancel()
         if self._late_auth_wait is not None:  # the held answer goes now, before the reason:
-            self._late_auth_wait.cancel()  # its delay (up to 128 s) would outlast the flush
+            self._late_auth_wait.cancel()  # its delay (up to 16 s) would outlast the flush
         self.answered.set()
 
     def _queue(self, slot: _Slot) -> None:
