@@ -106,6 +106,29 @@ def load_state(store: DurableLog) -> State:
     return state
 
 
+async def _load_unless_stopped(durable: DurableLog, stop: trio.Event) -> State | None:
+    """load_state in a worker thread; None as soon as `stop` is set (or the task is
+    cancelled: a second signal) before it is done.
+
+    A stop during the replay, which takes tens of seconds for ten million jobs, does not
+    wait for it: the thread is abandoned and ends with the process, as if the process had
+    been killed there, which the log is built to survive (docs/reliability.md). Its lock
+    on the directory goes with the process."""
+    loaded: list[State] = []
+    async with trio.open_nursery() as nursery:
+
+        async def load() -> None:
+            loaded.append(
+                await trio.to_thread.run_sync(load_state, durable, abandon_on_cancel=True)
+            )
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(load)
+        await stop.wait()
+        nursery.cancel_scope.cancel()
+    return loaded[0] if loaded else None
+
+
 def _load_state(store: DurableLog) -> State:
     loaded = store.load()
     # The dict is adopted, not copied; recover_replayed runs inside, when needed.
@@ -300,7 +323,11 @@ async def serve(
     if faults.ENABLED:
         log.warning("storage fault injection is on: for tests only", plan=faults.describe())
     durable = DurableLog(config.data_directory, fsync=config.database.fsync_on_persist)
-    state = await trio.to_thread.run_sync(load_state, durable)
+    loaded = await _load_unless_stopped(durable, stop)
+    if loaded is None:
+        log.info("stopped during start-up", data_directory=str(config.data_directory))
+        return
+    state = loaded
     store = Store(
         durable,
         state,

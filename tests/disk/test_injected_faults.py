@@ -227,3 +227,35 @@ def test_a_compaction_that_fails_stops_nothing_and_loses_nothing(
         for job_id in [*(f"job.{i}" for i in range(40)), "job.after"]:
             assert status_of(kcp, job_id) == "planned"
     assert server.stop() == 0
+
+
+def test_a_stop_during_start_up_does_not_wait_for_the_replay(
+    tmp_path: Path, fault_plan: FaultPlan
+) -> None:
+    """SIGTERM while the log is being replayed (tens of seconds for ten million jobs;
+    here the lock file's open is held for 60 s) ends the server at once, with nothing
+    lost: it used to finish the replay first, then start and stop."""
+    server = ServerProcess(tmp_path / "server")
+    server.start()
+    with KcpClient(server.kcp_port) as kcp:
+        assert kcp.request("SET", "kept", LATER, "payload") == ["OK"]
+    assert server.stop() == 0
+    fault_plan.set({"op": "open", "path": "LOCK", "delay_s": 60.0})
+    server.start(wait_ready=False)
+    try:
+        assert server.wait_events("storage fault injection is on: for tests only"), (
+            server.log_text()
+        )
+        time.sleep(0.5)  # the replay is under way: the lock's open sleeps in its thread
+        started = time.monotonic()
+        assert server.stop(timeout=30) == 0, server.log_text()
+        assert time.monotonic() - started < 20  # not the 60 s the replay is held for
+        assert server.events("stopped during start-up"), server.log_text()
+        assert not server.events("ready")
+    finally:
+        server.kill()
+    fault_plan.clear()
+    server.start()
+    with KcpClient(server.kcp_port) as kcp:
+        assert kcp.request("GET", "kept")[:2] == ["OK", "planned"]
+    assert server.stop() == 0

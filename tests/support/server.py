@@ -73,7 +73,8 @@ class ServerProcess:
             for table, entries in tables.items()
         )
 
-    def start(self) -> ServerProcess:
+    def start(self, *, wait_ready: bool = True) -> ServerProcess:
+        """Start the server and, unless `wait_ready` is false, wait for its "ready" line."""
         # Server starts are most of the suite's CPU: the run's report counts them.
         summary.count("servers", "{} server processes started")
         self.config_path.write_text(self.config_text())
@@ -90,7 +91,7 @@ class ServerProcess:
         )
         threading.Thread(target=self._read_logs, args=(self.process,), daemon=True).start()
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while not self._ready.wait(0.05):
+        while wait_ready and not self._ready.wait(0.05):
             if self.process.poll() is not None:
                 raise RuntimeError(
                     f"server exited with {self.process.returncode}:\n{self.log_text()}"
