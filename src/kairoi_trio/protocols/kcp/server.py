@@ -319,9 +319,6 @@ class _Connection:
         slots: list[_Slot] = []
         keep_reading = True
         for event in events:
-            if self.closing:  # (_end, from the AUTH deadline): nothing is answered after it
-                keep_reading = False
-                break
             if isinstance(event, codec.Message):
                 slot = _Slot(event.id, size=sum(map(len, event.args)))
                 self._queue(slot)
@@ -336,7 +333,9 @@ class _Connection:
                     if commands:
                         await self.server._actor.submit(Request(commands, self._replier(slots)))
                         commands, slots = [], []
-                    if not await self._answer_late_auth():
+                    # The only wait in this loop: the AUTH deadline may end the connection
+                    # meanwhile (_end), and nothing is answered after its reason.
+                    if not await self._answer_late_auth() or self.closing:
                         keep_reading = False
                         break
             elif isinstance(event, codec.BadMessage):
@@ -395,7 +394,7 @@ class _Connection:
         assert self._late_auth is not None
         slot, delay, last = self._late_auth
         self._late_auth = None
-        if delay:
+        if delay and not self.closing:  # (closing: it goes now, before the reason)
             self.answered.set()  # the answers before it go out meanwhile
             with trio.CancelScope() as self._late_auth_wait:
                 await trio.sleep(delay)
