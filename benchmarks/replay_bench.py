@@ -109,14 +109,9 @@ def build_store(work: Path, jobs: int) -> Path:
         kcp = Kcp(server.kcp_port)
         due = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() - 60))
         started = time.monotonic()
-        for start in range(0, jobs, CHUNK):
-            ids = [f"app.invoice.{i:08d}" for i in range(start, min(start + CHUNK, jobs))]
-            answers = kcp.pipeline([["SET", job_id, due] for job_id in ids])
-            if any(answer != ["OK"] for answer in answers):
-                raise RuntimeError(f"SET failed: {answers[:3]}")
+        _set(kcp, 0, jobs, due)
         kcp.close()
-        while jobs_by_status(http_port).get("failed", 0) < jobs:
-            time.sleep(0.2)
+        _wait_failed(http_port, jobs)
         log(f"store: {jobs:,} set and failed (no rule) in {time.monotonic() - started:.1f}s")
     size = sum(p.stat().st_size for p in data.iterdir()) / 2**20
     log(f"store: {size:.0f} MiB, files {sorted(p.name for p in data.iterdir())}")
