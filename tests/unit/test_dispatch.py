@@ -23,7 +23,9 @@ from support.dispatch_harness import MemoryLog, at, tie_wall_clock, timed_actor
 from kairoi_trio import dispatch
 from kairoi_trio.alarm import TrioAlarm
 from kairoi_trio.commands import CommandError, Dispatch, GetJob, SetJob, SetRule
-from kairoi_trio.core.actor import ActorClient, Observer
+from kairoi_trio.core import state as state_module
+from kairoi_trio.core.actor import ActorClient, CommandActor, Observer
+from kairoi_trio.core.due import BUCKET_SHIFT, DueIndex
 from kairoi_trio.dispatch import (
     TRIGGER_RETRY_INITIAL_S,
     TRIGGER_RETRY_MAX_S,
@@ -192,6 +194,7 @@ class Scheduler:
     log: MemoryLog
     pools: Pools
     dispatcher: Dispatcher
+    actor: CommandActor
 
 
 class Lateness(Observer):
@@ -236,7 +239,7 @@ async def scheduler(
     async with trio.open_nursery() as nursery:
         await nursery.start(actor.run)
         await nursery.start(dispatcher.run)
-        yield Scheduler(client, log, pools, dispatcher)
+        yield Scheduler(client, log, pools, dispatcher, actor)
         nursery.cancel_scope.cancel()
 
 
@@ -395,3 +398,46 @@ async def test_the_alarm_firing_is_the_due_time_even_if_the_wall_clock_lags(
         await s.client.call(SetJob("app.1", at(1.0)))
         await trio.sleep(2)
         assert s.pools.handed_at == pytest.approx([1.0], abs=1e-5)
+
+
+async def test_a_large_bucket_is_opened_between_client_requests(
+    wall: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs of a later bucket, more than OPEN_SLICE of them, are opened a slice an
+    actor step once the earlier jobs have gone: a client's request is answered while
+    the bucket is open in part, and each job is still handed out at its due time."""
+    monkeypatch.setattr(state_module, "OPEN_SLICE", 8)
+    later_s = (1 << BUCKET_SHIFT) / MICROS  # a bucket later: ~4.8 hours
+    due = [later_s + 60 + n / 100 for n in range(80)]
+    async with scheduler(wall) as s:
+        await s.client.call(SetRule(RULE))
+        await s.client.call(SetJob("app.first", at(1)))  # its bucket is open (the heap)
+        for n, seconds in enumerate(reversed(due)):  # a bucket's list, latest first
+            await s.client.call(SetJob(f"app.{79 - n:02d}", at(seconds)))
+        opening = trio.Event()  # the first slice is done
+        prepare = DueIndex.prepare
+
+        def prepare_and_tell(index: DueIndex, budget: int) -> int | None:
+            left = prepare(index, budget)
+            if left is None:
+                opening.set()
+            return left
+
+        monkeypatch.setattr(DueIndex, "prepare", prepare_and_tell)
+        answered_while_open: list[bool] = []
+
+        async def ask() -> None:
+            with trio.move_on_after(later_s + 100):
+                await opening.wait()
+            openings = s.actor.state._due._openings  # type: ignore[union-attr]
+            job = await s.client.call(GetJob("app.first"))
+            answered_while_open.append(bool(openings) and job.status is Status.TRIGGERED)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            await trio.sleep(later_s + 120)
+        assert answered_while_open == [True]
+        assert [d.job.id for d in s.pools.dispatched] == ["app.first"] + [
+            f"app.{n:02d}" for n in range(80)
+        ]
+        assert s.pools.handed_at == pytest.approx([1.0, *due], abs=1e-6)

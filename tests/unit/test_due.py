@@ -161,3 +161,108 @@ def test_fill_of_an_index_in_use_pushes() -> None:
     index.fill([1], ["b"])
     assert index._cold is None
     assert drain(index) == [(1, "b"), (3 * BUCKET, "a")]
+
+
+# -- prepare(): a large bucket opened in slices ------------------------------------------
+
+
+def prepare_until_known(index: DueIndex, budget: int) -> int:
+    """Calls of prepare(budget) until the earliest entry is known."""
+    calls = 1
+    while index.prepare(budget) is None:
+        calls += 1
+        assert calls < 10_000
+    return calls
+
+
+def test_a_large_bucket_is_opened_a_slice_at_a_time() -> None:
+    """Each call takes at most `budget` ids; pushes into the bucket meanwhile and an
+    earlier bucket pushed meanwhile are served in order, and no work is done twice."""
+    times: dict[str, int | None] = {f"j{i:04}": 9 * BUCKET + 1000 - i for i in range(1000)}
+    index = DueIndex(times.get)
+    looked_up: list[str] = []
+
+    def when(job_id: str) -> int | None:
+        looked_up.append(job_id)
+        return times.get(job_id)
+
+    index._when = when
+    for job_id, at in times.items():
+        assert at is not None
+        index.push(at, job_id)
+    assert index.prepare(300) is None  # 300 of the 1000 ids
+    assert len(looked_up) == 300 and index._heap == []
+    times["late"] = 9 * BUCKET + 5000  # into the bucket being opened
+    index.push(9 * BUCKET + 5000, "late")
+    times["j0999"] = None  # not looked at yet: left out when it is
+    times["earlier"] = 4 * BUCKET  # an earlier bucket: opened first, at once
+    index.push(4 * BUCKET, "earlier")
+    assert index.prepare(300) == 299
+    assert index.pop() == (4 * BUCKET, "earlier")
+    assert index.prepare(300) is None and index.prepare(300) is None
+    assert index.prepare(300) == 199  # 1001 ids in all, each looked up once
+    assert sorted(looked_up) == sorted(times)
+    assert drain(index) == sorted(
+        (at, job_id) for job_id, at in times.items() if at is not None and job_id != "earlier"
+    )
+
+
+def test_a_cold_window_is_taken_a_slice_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A window holding most of a fill (cold on average, dense in one window) is taken
+    in slices too, with pushes into its buckets meanwhile."""
+    monkeypatch.setattr(due, "COLD_MAX_PER_WINDOW", 1000)
+    times: dict[str, int | None] = {f"s{i}": (i + 1) * WINDOW for i in range(40)}
+    times |= {f"d{i}": (i % 5) * BUCKET + i for i in range(2000)}  # the first window
+    index = DueIndex(times.get)
+    index.fill(list(times.values()), list(times))  # type: ignore[arg-type]
+    assert index._cold is not None
+    assert index.prepare(500) is None and index._cold.start == 0  # still in the window
+    times["pushed"] = 2 * BUCKET + 1
+    index.push(2 * BUCKET + 1, "pushed")
+    calls = prepare_until_known(index, 500)
+    assert 4 <= calls <= 6  # 2000 ids to take, then the first bucket's 400 to open
+    assert index.first() == (0, "d0")
+    assert drain(index) == sorted((at, job_id) for job_id, at in times.items() if at is not None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(times_strategy, max_size=60),
+    st.lists(st.tuples(st.sampled_from(["push", "pop", "prepare", "stale"]), times_strategy)),
+    st.integers(min_value=0, max_value=7),
+    st.booleans(),
+)
+def test_opening_in_slices_gives_what_opening_at_once_gives(
+    filled: list[int], steps: list[tuple[str, int]], budget: int, bulk: bool
+) -> None:
+    """prepare() with any budget, between pushes and pops and entries gone stale, never
+    changes what the index pops: the live entries, earliest first."""
+    times: dict[str, int | None] = {f"f{i}": at for i, at in enumerate(filled)}
+    index = DueIndex(times.get)
+    if bulk:
+        index.fill(list(times.values()), list(times))  # type: ignore[arg-type]
+    else:
+        for job_id, at in list(times.items()):
+            assert at is not None
+            index.push(at, job_id)
+
+    def live() -> list[tuple[int, str]]:
+        return sorted((at, job_id) for job_id, at in times.items() if at is not None)
+
+    for n, (step, at) in enumerate(steps):
+        if step == "push":
+            times[f"p{n}"] = at
+            index.push(at, f"p{n}")
+        elif step == "stale" and times:
+            times[sorted(times)[at % len(times)]] = None
+        elif step == "prepare":
+            index.prepare(budget)
+        else:  # pop the earliest live entry, as the state does (stale ones are skipped)
+            while index.prepare(budget) is not None and index.first() is not None:
+                entry = index.pop()
+                if times.get(entry[1]) == entry[0]:
+                    assert entry == live()[0]
+                    times[entry[1]] = None  # it ran: no longer waiting
+                    break
+    rest = [entry for entry in drain(index) if times.get(entry[1]) == entry[0]]
+    assert rest == live()

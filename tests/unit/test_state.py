@@ -242,6 +242,30 @@ def test_a_rebuild_leaves_paused_jobs_out_and_keeps_the_others() -> None:
     assert drain(state, 10**9) == expected  # not "p" (paused), not "done" (triggered)
 
 
+def test_a_large_bucket_is_opened_over_several_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bucket of more than OPEN_SLICE jobs costs no call more than OPEN_SLICE ids:
+    until it is open, next_due says OPENING (ask again at once) and pop_due stops
+    short; then every job comes due once, in order, as at once."""
+    monkeypatch.setattr(state_module, "OPEN_SLICE", 100)
+    bucket = 7 << BUCKET_SHIFT
+    jobs = [job(f"j{i:03d}", bucket + 5000 - (i % 50)) for i in range(450)]
+    state = State(jobs)
+    answers = [state.next_due()]
+    while answers[-1] == state_module.OPENING:
+        answers.append(state.next_due())
+    # 900 ids' work, 100 a call: 450 to take from the start-up's cold fill, 450 to open
+    assert answers == [state_module.OPENING] * 8 + [bucket + 5000 - 49]
+    state = State(jobs)
+    ids: list[str] = []
+    calls = 0
+    while len(ids) < len(jobs):
+        calls += 1
+        ids += drain(state, bucket + 5000)
+    assert calls == 9  # eight slices, then all the jobs
+    assert ids == [j.id for j in sorted(jobs, key=lambda j: (j.execute_at, j.id))]
+    assert state.next_due() is None
+
+
 # -- rules ------------------------------------------------------------------------
 
 

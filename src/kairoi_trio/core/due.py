@@ -15,8 +15,13 @@ asking `when(id)` for the job's current due time.
 
 Costs: push O(1) for a later bucket, O(log h) into the heap (h: entries before
 the horizon); first/pop O(log h), plus, once per bucket, O(bucket) to turn it
-into heap entries (a bucket of a million jobs due within the same 4.8 hours:
-~0.5 s once, when the jobs before it are all gone).
+into heap entries: a Python step an id (its `when`), ~1-1.5 µs at a million.
+A bucket can hold millions (invoices all due at 09:00), so that work is done in
+slices: `prepare(budget)` opens at most `budget` ids' worth and says whether the
+earliest entry is known yet. Its progress (the entries made so far, where it
+stopped in the bucket's list) is kept per bucket: pushes into that bucket
+meanwhile append to the same list, and are reached in turn. `first()` finishes
+whatever is left at once, for callers that need the answer now.
 
 The start-up's bulk load (`fill`) does not sort its ids into buckets: an append
 to one of 18,000 buckets (10 years) in the order the jobs come (by id, times at
@@ -27,10 +32,11 @@ passes (~0.07 µs a job). Cold ids are sorted into buckets a *window* of 64
 buckets (~12.7 days) at a time, when the index reaches it: one bytes.find scan
 for the 3 bytes the window's numbers share (~0.1 s for 10 million), then a
 Python step per id of the window. Between windows without any job (a gap), one
-C-level pass finds the next. Dense loads (more than COLD_MAX_PER_WINDOW jobs a
-window on average: few buckets, so appends stay in the cache) are pushed instead:
-taking a window of millions would pause the actor for seconds. Cold entries cost
-12 bytes a job (list slot and number) instead of ~9, until the last window is taken.
+C-level pass finds the next. A window is taken in slices too, as buckets are
+opened (`prepare`). Dense loads (more than COLD_MAX_PER_WINDOW jobs a window on
+average: few buckets, so appends stay in the cache) are pushed instead: a window
+costs ~2.5 µs an id to take, a push ~0.8. Cold entries cost 12 bytes a job (list
+slot and number) instead of ~9, until the last window is taken.
 """
 
 from __future__ import annotations
@@ -61,11 +67,12 @@ _consume: Callable[[Iterable[object]], None] = deque[object](maxlen=0).extend
 class _Cold:
     """Bulk-loaded entries (see the module docstring): `ids[i]` is due at a time
     whose upper 32 bits (time >> 32, int32, big-endian) are `numbers[i]`. They are
-    taken a *window* of 2**_WINDOW_BITS buckets (~12.7 days) at a time, by one scan
-    for the three bytes the numbers of a window share. `start` is the first bucket
-    of the first window not taken yet that holds one, None when none is left."""
+    taken a *window* of 2**_WINDOW_BITS buckets (~12.7 days) at a time, by a scan
+    for the three bytes the numbers of a window share, in slices (`take`). `start`
+    is the first bucket of the first window not taken yet that holds one, None
+    when none is left."""
 
-    __slots__ = ("ids", "numbers", "start")
+    __slots__ = ("ids", "numbers", "start", "_at", "_taken")
 
     def __init__(self, times: list[int], ids: list[str], low: int) -> None:
         if len(times) != len(ids):
@@ -79,39 +86,38 @@ class _Cold:
             values.byteswap()  # each int64 big-endian: its upper int32 first
         self.numbers = memoryview(values).cast("B").cast("i")[::2].tobytes()
         self.start: int | None = low >> _WINDOW_BITS << _WINDOW_BITS
+        self._at = 0  # where the scan of the window at `start` goes on (a byte offset)
+        self._taken: dict[int, list[str]] = {}  # what it found so far, by bucket number
 
-    def _positions(self, window: int, first_only: bool = False) -> list[int]:
-        """Where the numbers of `window` are (byte offsets; all, or the first)."""
-        prefix = (window << 8).to_bytes(_NUMBER_SIZE, "big", signed=True)[:3]
-        numbers = self.numbers
-        found: list[int] = []
-        at = numbers.find(prefix)
+    def take(self, budget: int) -> tuple[dict[int, list[str]] | None, int]:
+        """Take up to `budget` ids of the window at `start`: (its ids by bucket number,
+        once the whole window is taken, else None; the ids taken by this call). Once
+        a window is taken, `start` moves to the next one that holds any."""
+        assert self.start is not None
+        window = self.start >> _WINDOW_BITS
+        prefix = _prefix(window)
+        base = window << 8  # the window's first number (4 a bucket)
+        numbers, ids, taken = self.numbers, self.ids, self._taken
+        used = 0
+        at = numbers.find(prefix, self._at)
         while at >= 0:
             if at % _NUMBER_SIZE:  # straddles two numbers
                 at = numbers.find(prefix, at + 1)
                 continue
-            found.append(at)
-            if first_only:
-                break
-            at = numbers.find(prefix, at + _NUMBER_SIZE)
-        return found
-
-    def take(self) -> dict[int, list[str]]:
-        """The ids of the window at `start`, by bucket number; then finds the next."""
-        assert self.start is not None
-        window = self.start >> _WINDOW_BITS
-        base = window << 8  # the window's first number (4 a bucket)
-        numbers, ids = self.numbers, self.ids
-        buckets: dict[int, list[str]] = {}
-        for at in self._positions(window):
+            if used == budget:
+                self._at = at
+                return None, used
             key = (base | numbers[at + 3]) >> _SUB
-            ids_of = buckets.get(key)
+            ids_of = taken.get(key)
             if ids_of is None:
-                buckets[key] = [ids[at // _NUMBER_SIZE]]
+                taken[key] = [ids[at // _NUMBER_SIZE]]
             else:
                 ids_of.append(ids[at // _NUMBER_SIZE])
+            used += 1
+            at = numbers.find(prefix, at + _NUMBER_SIZE)
+        self._at, self._taken = 0, {}
         following = window + 1
-        if self._positions(following, True):  # the usual case: jobs every 12.7 days
+        if self._holds(following):  # the usual case: jobs every 12.7 days
             self.start = following << _WINDOW_BITS
         else:  # a gap: one C-level pass for the smallest number beyond this window
             values = array(_NUMBER, numbers)
@@ -119,7 +125,20 @@ class _Cold:
                 values.byteswap()
             number = min(filter(partial(lt, (following << 8) - 1), values), default=None)
             self.start = None if number is None else number >> 8 << _WINDOW_BITS
-        return buckets
+        return taken, used
+
+    def _holds(self, window: int) -> bool:
+        """Whether any number lies in `window`."""
+        prefix = _prefix(window)
+        at = self.numbers.find(prefix)
+        while at >= 0 and at % _NUMBER_SIZE:  # straddles two numbers
+            at = self.numbers.find(prefix, at + 1)
+        return at >= 0
+
+
+def _prefix(window: int) -> bytes:
+    """The three bytes the (big-endian int32) numbers of `window` begin with."""
+    return (window << 8).to_bytes(_NUMBER_SIZE, "big", signed=True)[:3]
 
 
 class DueIndex:
@@ -129,7 +148,16 @@ class DueIndex:
     none (deleted, not planned, paused): used when a bucket becomes heap entries.
     """
 
-    __slots__ = ("_when", "_heap", "_buckets", "_keys", "_horizon", "_bucketed", "_cold")
+    __slots__ = (
+        "_when",
+        "_heap",
+        "_buckets",
+        "_keys",
+        "_horizon",
+        "_bucketed",
+        "_cold",
+        "_openings",
+    )
 
     def __init__(self, when: Callable[[str], int | None]) -> None:
         self._when = when
@@ -139,6 +167,7 @@ class DueIndex:
         self._horizon = _NO_HORIZON  # times before it go to the heap
         self._bucketed = 0  # ids in buckets, stale ones included (cold ones too)
         self._cold: _Cold | None = None  # fill()'s entries not yet in a bucket's list
+        self._openings: dict[int, _Opening] = {}  # buckets opened in part, by number
 
     def __len__(self) -> int:
         """Entries held, stale ones included (the caller rebuilds when they dominate)."""
@@ -188,13 +217,23 @@ class DueIndex:
         self._keys = [cold.start]
         self._bucketed = len(job_ids)
 
-    def first(self) -> tuple[int, str] | None:
-        """The earliest entry (possibly stale), or None when there is none."""
-        while not self._heap:
-            if not self._keys:
+    def prepare(self, budget: int) -> int | None:
+        """Work toward knowing the earliest entry, taking and opening at most `budget`
+        bucketed ids (a Python step each): the budget left once first() is O(log h)
+        (the heap holds the earliest entry, or the index is empty), None when it ran
+        out before (the earliest bucket is opened in part; call again)."""
+        while not self._heap and self._keys:
+            left = self._open(budget)
+            if left is None:
                 return None
-            self._open_bucket()
-        return self._heap[0]
+            budget = left
+        return budget
+
+    def first(self) -> tuple[int, str] | None:
+        """The earliest entry (possibly stale), or None when there is none. Opens
+        what is left of the earliest bucket at once (see `prepare`)."""
+        self.prepare(sys.maxsize)
+        return self._heap[0] if self._heap else None
 
     def pop(self) -> tuple[int, str]:
         """Remove and return the entry first() gave. Raises IndexError when empty."""
@@ -202,34 +241,63 @@ class DueIndex:
             raise IndexError("pop from an empty DueIndex")
         return heapq.heappop(self._heap)
 
-    def _open_bucket(self) -> None:
-        """Turn the earliest bucket into heap entries (its live ones) and move the horizon."""
-        key = heapq.heappop(self._keys)
+    def _open(self, budget: int) -> int | None:
+        """Go on opening the earliest bucket (the heap is empty), or taking the cold
+        window that starts there: the budget left once it is done, else None."""
+        key = self._keys[0]
         cold = self._cold
         if cold is not None and key == cold.start:  # the first bucket of a cold window
+            taken, used = cold.take(budget)
+            if taken is None:
+                return None
+            heapq.heappop(self._keys)
             buckets = self._buckets
-            for number, ids in cold.take().items():
+            if key in buckets:  # pushed after fill(), so not in _keys (the window was)
+                heapq.heappush(self._keys, key)
+            for number, ids in taken.items():
                 warm = buckets.get(number)
                 if warm is None:
                     buckets[number] = ids
-                    if number != key:
-                        heapq.heappush(self._keys, number)
-                else:  # pushed after fill(): its number is in _keys already (or is `key`)
+                    heapq.heappush(self._keys, number)
+                else:  # pushed after fill(): its number is in _keys already. (It is not
+                    # opened in part: the window's own number came first in _keys.)
                     warm[:0] = ids
             following = cold.start
             if following is None:
                 self._cold = None
             elif following not in buckets:  # else in _keys already
                 heapq.heappush(self._keys, following)
-        ids = self._buckets.pop(key, [])
-        self._bucketed -= len(ids)
-        self._horizon = (key + 1) << BUCKET_SHIFT
-        when = self._when
-        entries = []
-        for job_id in ids:
+            return budget - used
+        ids = self._buckets.get(key, [])
+        opening = self._openings.get(key)
+        if opening is None:
+            opening = self._openings[key] = _Opening()
+        done = opening.done
+        end = min(len(ids), done + budget)
+        when, entries, push = self._when, opening.entries, heapq.heappush
+        for job_id in ids[done:end]:
             at = when(job_id)
             # a job re-set to another bucket has an entry there (or in the heap)
             if at is not None and at >> BUCKET_SHIFT == key:
-                entries.append((at, job_id))
-        heapq.heapify(entries)
+                push(entries, (at, job_id))
+        if end < len(ids):
+            opening.done = end
+            return None
+        heapq.heappop(self._keys)
+        self._buckets.pop(key, None)
+        del self._openings[key]
+        self._bucketed -= len(ids)
+        self._horizon = (key + 1) << BUCKET_SHIFT
         self._heap = entries
+        return budget - (end - done)
+
+
+class _Opening:
+    """A bucket opened in part: its first `done` ids are in `entries` (a heap of
+    (time, id), the stale ones left out); the rest of its list is not looked at yet."""
+
+    __slots__ = ("done", "entries")
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.entries: list[tuple[int, str]] = []
