@@ -1,0 +1,191 @@
+"""A bucket of many jobs opened by the due index: the actor's longest step, and what a
+client sees meanwhile.
+
+    .venv/bin/python -m benchmarks.due_bench                    # 1M jobs, ~3 minutes
+    .venv/bin/python -m benchmarks.due_bench --jobs 200000 --no-server
+
+The due index (core/due.py) keeps the jobs due after its horizon as bare ids in
+buckets of ~4.8 hours, and turns the earliest bucket into heap entries when the jobs
+before it are gone: a Python step an id. A million invoices due at 09:00 sit in one
+bucket; they are opened OPEN_SLICE ids an actor step (core/state.py), where they
+used to be opened in one step.
+
+1. In-process: a State with one job in a bucket and `--jobs` jobs in the next one,
+   all at one instant ("instant") or spread over the bucket ("scattered"), set one by
+   one as SETs would. The first job is triggered, which empties the heap; then the
+   bucket is opened (a) as the server does, by next_due() calls until it no longer
+   says OPENING, each call timed, and (b) at once (`first()`, the old way), on a
+   second State built the same way. GC off, as the server runs its steps.
+2. The real server (`--no-server` leaves it out): one job set over KCP due in
+   `--lead` seconds with no rule (so it fails when due, emptying the heap), then
+   `--jobs` jobs at one instant in the next bucket; a second connection sends one GET
+   at a time from a second before that due time until `--watch` seconds after it:
+   round trips p50 / p99 / max, against the same GETs in the second before. Then a
+   restart on the same directory: seconds to ready, and the GETs' round trips over
+   the first `--watch` seconds after ready (the bucket is opened then).
+
+Progress goes to stderr, the results as JSON to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from benchmarks.__main__ import log, machine
+from benchmarks.amqp_bench import Kcp
+from benchmarks.server import Server
+from kairoi_trio.core import state as state_module
+from kairoi_trio.core.due import BUCKET_SHIFT
+from kairoi_trio.core.state import State
+from kairoi_trio.model import MICROS, Job, Status
+
+BUCKET = 1 << BUCKET_SHIFT  # µs
+CHUNK = 2000  # SETs per KCP pipeline
+
+
+def _state(jobs: int, layout: str, first: int) -> State:
+    """A State with a job at `first` and `jobs` jobs in the next bucket; the first one
+    triggered (its bucket's heap is then empty)."""
+    state = State()
+    state.put_job(Job("first", first, Status.PLANNED))
+    assert state.next_due() == first  # its bucket is open: the horizon is its end
+    start = ((first >> BUCKET_SHIFT) + 1) << BUCKET_SHIFT
+    step = BUCKET // jobs if layout == "scattered" else 0
+    for i in range(jobs):
+        # ids in a shuffled order, as clients set them: (i * a prime) mod jobs
+        n = i * 7_919 % jobs
+        state.put_job(Job(f"app.invoice.{n:08d}", start + 3_600 * MICROS + n * step))
+    [due] = state.pop_due(first)
+    state.put_job(Job(due.id, due.execute_at, Status.TRIGGERED))
+    return state
+
+
+def in_process(jobs: int) -> dict:
+    first = 1_800_000_000 * MICROS
+    out: dict = {"open_slice": state_module.OPEN_SLICE}
+    for layout in ("instant", "scattered"):
+        gc.collect()
+        gc.disable()
+        try:
+            state = _state(jobs, layout, first)
+            steps = []
+            started = time.perf_counter()
+            while True:
+                t = time.perf_counter()
+                answer = state.next_due()
+                steps.append(time.perf_counter() - t)
+                if answer != state_module.OPENING:
+                    break
+            sliced = time.perf_counter() - started
+            del state
+            gc.collect()
+            state = _state(jobs, layout, first)
+            t = time.perf_counter()
+            state._due.first()  # the old way: the whole bucket in one step
+            at_once = time.perf_counter() - t
+            del state
+        finally:
+            gc.enable()
+        out[layout] = {
+            "sliced_calls": len(steps),
+            "sliced_longest_ms": round(max(steps) * 1e3, 2),
+            "sliced_p50_ms": round(statistics.median(steps) * 1e3, 2),
+            "sliced_total_s": round(sliced, 3),
+            "at_once_s": round(at_once, 3),
+        }
+        log(f"in-process, {jobs:,} jobs, {layout}: {out[layout]}")
+    return out
+
+
+def _kcp_time(at_s: float) -> str:
+    return datetime.fromtimestamp(at_s, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _round_trips(kcp: Kcp, until: float) -> list[tuple[float, float]]:
+    """(monotonic send time, round trip s) of one GET at a time until `until`."""
+    out = []
+    while (t := time.monotonic()) < until:
+        [answer] = kcp.pipeline([["GET", "first"]])
+        if answer[0] != "OK":
+            raise RuntimeError(f"GET failed: {answer}")
+        out.append((t, time.monotonic() - t))
+    return out
+
+
+def _summary(trips: list[tuple[float, float]]) -> dict:
+    rtts = sorted(rtt for _, rtt in trips)
+    return {
+        "gets": len(rtts),
+        "p50_ms": round(rtts[len(rtts) // 2] * 1e3, 2),
+        "p99_ms": round(rtts[min(len(rtts) - 1, len(rtts) * 99 // 100)] * 1e3, 2),
+        "max_ms": round(rtts[-1] * 1e3, 2),
+    }
+
+
+def server(work: Path, jobs: int, lead_s: float, watch_s: float) -> dict:
+    data = work / "data"
+    out: dict = {}
+    with Server(work, data, fsync=False, ready_timeout=600) as srv:
+        kcp, reader = Kcp(srv.kcp_port), Kcp(srv.kcp_port)
+        due_s = time.time() + lead_s
+        [answer] = kcp.pipeline([["SET", "first", _kcp_time(due_s)]])
+        assert answer == ["OK"], answer
+        bucket_s = ((round(due_s * MICROS) >> BUCKET_SHIFT) + 1 << BUCKET_SHIFT) / MICROS
+        later = _kcp_time(bucket_s + 3_600)
+        started = time.monotonic()
+        for start in range(0, jobs, CHUNK):
+            if start and start % (jobs // 10 // CHUNK * CHUNK or CHUNK) == 0:
+                log(f"set {start:,} of {jobs:,}")
+            answers = kcp.pipeline(
+                [["SET", f"app.invoice.{i:08d}", later] for i in range(start, start + CHUNK)]
+            )
+            if any(a != ["OK"] for a in answers):
+                raise RuntimeError(f"SET failed: {answers[:3]}")
+        log(f"server: {jobs:,} jobs set in {time.monotonic() - started:.1f}s")
+        if time.time() > due_s - 1.5:
+            raise RuntimeError(f"--lead {lead_s} is too short for {jobs:,} SETs")
+        time.sleep(due_s - 1 - time.time())
+        due_mono = time.monotonic() + (due_s - time.time())
+        before = _round_trips(reader, due_mono)
+        after = _round_trips(reader, due_mono + watch_s)
+        out["before_due"] = _summary(before)
+        out["after_due"] = _summary(after)
+        log(f"server: GETs the second before {out['before_due']}, after {out['after_due']}")
+        kcp.close()
+        reader.close()
+    with Server(work, data, fsync=False, ready_timeout=600) as srv:
+        reader = Kcp(srv.kcp_port)
+        out["restart_ready_s"] = round(srv.ready_seconds, 2)
+        out["after_restart"] = _summary(_round_trips(reader, time.monotonic() + watch_s))
+        log(f"server: restart ready in {out['restart_ready_s']}s, GETs {out['after_restart']}")
+        reader.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=1_000_000)
+    parser.add_argument("--lead", type=float, default=90.0, help="s until the first job")
+    parser.add_argument("--watch", type=float, default=5.0, help="s of GETs after it")
+    parser.add_argument("--no-server", action="store_true", help="the in-process part only")
+    args = parser.parse_args(argv)
+    results: dict = {"machine": machine(), "jobs": args.jobs}
+    results["in_process"] = in_process(args.jobs)
+    if not args.no_server:
+        with tempfile.TemporaryDirectory(prefix="kairoi-due-") as tmp:
+            results["server"] = server(Path(tmp), args.jobs, args.lead, args.watch)
+    json.dump(results, sys.stdout, indent=1)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
