@@ -21,7 +21,8 @@ just before one replays that many records after the snapshot.
    followed for each ratio by segments of that many times the snapshot's size (new
    jobs set over KCP due a minute ago, with no rule: a JobPut and a JobStatus each),
    the most a restart replays with that ratio; `--restarts` starts of each, and of the
-   snapshot alone.
+   snapshot alone. `--instant`: every job due at one instant (a day from now), the
+   store whose one bucket holds them all; `--ratios ""`: the snapshot alone.
 
 Progress goes to stderr, the results as JSON to stdout.
 """
@@ -164,16 +165,19 @@ def _wait_failed(http_port: int, count: int) -> None:
         time.sleep(0.1)
 
 
-def ratio_stores(work: Path, jobs: int, ratios: list[float], times: int) -> dict:
+def ratio_stores(
+    work: Path, jobs: int, ratios: list[float], times: int, instant: bool = False
+) -> dict:
     """Restarts of a snapshot of `jobs` planned jobs, alone and followed by `ratio` times
-    its size of segments (module docstring, part 3)."""
+    its size of segments (module docstring, part 3). `instant`: every job due at the
+    same instant, a day from now, instead of scattered."""
     base = work / "base" / "data"
     # 100,003 whole seconds scattered over the next ten years, as loadgen's are: jobs due
     # together are few (a store of jobs all due at one instant loads another way).
     now, span = int(time.time()) + 86400, 10 * 365 * 86400
     later = [
         time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now + (k * 7919) % span))
-        for k in range(100_003)
+        for k in range(1 if instant else 100_003)
     ]
     with _Builder(base.parent, base, fsync=False) as server:
         kcp = Kcp(server.kcp_port)
@@ -223,13 +227,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="in-process replays")
     parser.add_argument("--restarts", type=int, default=2)
     parser.add_argument("--no-server", action="store_true", help="the in-process part only")
-    parser.add_argument("--ratios", help="part 3 only: compact_ratio values, e.g. 0.25,0.5,1")
+    parser.add_argument(
+        "--ratios",
+        help='part 3 only: compact_ratio values, e.g. 0.25,0.5,1 ("": the snapshot alone)',
+    )
+    parser.add_argument(
+        "--instant", action="store_true", help="part 3: every job due at one instant"
+    )
     args = parser.parse_args(argv)
     results: dict = {"machine": machine(), "jobs": args.jobs}
-    if args.ratios:
-        ratios = [float(r) for r in args.ratios.split(",")]
+    if args.ratios is not None:
+        ratios = [float(r) for r in args.ratios.split(",") if r]
         with tempfile.TemporaryDirectory(prefix="kairoi-replay-") as tmp:
-            results["ratios"] = ratio_stores(Path(tmp), args.jobs, ratios, args.restarts)
+            results["ratios"] = ratio_stores(
+                Path(tmp), args.jobs, ratios, args.restarts, args.instant
+            )
         json.dump(results, sys.stdout, indent=1)
         print()
         return 0
