@@ -23,6 +23,10 @@ used to be opened in one step.
    round trips p50 / p99 / max, against the same GETs in the second before. Then a
    restart on the same directory: seconds to ready, and the GETs' round trips over
    the first `--watch` seconds after ready (the bucket is opened then).
+3. On that restarted server, a gRPC WatchJobs with include_snapshot over every job
+   (a second process's client would see the same; here a thread): seconds until the
+   snapshot's end and its events, and the GETs' round trips meanwhile. The actor
+   reads a snapshot SNAPSHOT_PAGE jobs a step; it read it in one step before.
 
 Progress goes to stderr, the results as JSON to stdout.
 """
@@ -35,6 +39,7 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -166,8 +171,39 @@ def server(work: Path, jobs: int, lead_s: float, watch_s: float) -> dict:
         out["restart_ready_s"] = round(srv.ready_seconds, 2)
         out["after_restart"] = _summary(_round_trips(reader, time.monotonic() + watch_s))
         log(f"server: restart ready in {out['restart_ready_s']}s, GETs {out['after_restart']}")
+        assert srv.grpc_port is not None
+        watched: dict = {}
+        watcher = threading.Thread(target=_watch_snapshot, args=(srv.grpc_port, watched))
+        watcher.start()
+        trips = []
+        while watcher.is_alive():
+            trips += _round_trips(reader, time.monotonic() + 0.1)
+        watcher.join()
+        out["watch_snapshot"] = watched | {"gets_meanwhile": _summary(trips)}
+        log(f"server: a watch's snapshot {out['watch_snapshot']}")
         reader.close()
     return out
+
+
+def _watch_snapshot(port: int, result: dict) -> None:
+    """WatchJobs with include_snapshot over every job: its events and seconds."""
+    import grpc
+
+    from kairoi.v1 import scheduler_pb2 as pb
+    from kairoi.v1 import scheduler_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.SchedulerStub(channel)
+        started = time.monotonic()
+        call = stub.WatchJobs(pb.WatchJobsRequest(prefix="", include_snapshot=True))
+        events = 0
+        for message in call:
+            if not message.snapshot:  # the empty change message that ends it
+                break
+            events += len(message.events)
+        result["events"] = events
+        result["seconds"] = round(time.monotonic() - started, 2)
+        call.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,12 +69,16 @@ class DeleteJob:
 
 @dataclass(slots=True)
 class ListJobs:
-    """Jobs whose id starts with `prefix`, in id order, after id `after`."""
+    """Jobs whose id starts with `prefix`, in id order, after id `after`.
+
+    `watch`: the next page of that subscription's snapshot (see Subscribe); then
+    `prefix` and `after` are the subscription's and the page it was last given."""
 
     prefix: str = ""
     status: Status | None = None
     after: str = ""
     limit: int = 100
+    watch: EventSink | None = None
 
 
 @dataclass(slots=True)
@@ -200,6 +204,7 @@ class ServerInfo:
 # -- watching -------------------------------------------------------------------
 
 EventSink = Callable[[list[JobEvent]], bool]
+SNAPSHOT_PAGE = 4096  # jobs of a Subscribe snapshot an actor step (~5 ms)
 
 
 @dataclass(slots=True)
@@ -209,9 +214,14 @@ class Subscribe:
     From the commit of this command on, the actor calls `sink` (in its own task,
     so it must not block) with each committed batch of matching events. The sink
     returns False to end the subscription (its consumer went away or fell
-    behind). The result is the list of matching jobs at that instant when
-    `snapshot` is true, else an empty list; no event is lost or doubled between
-    the snapshot and the first batch.
+    behind). The result is a JobPage: when `snapshot` is true, the first
+    SNAPSHOT_PAGE matching jobs in id order, else none. While `next_after` is
+    not "", the caller asks for the next page with ListJobs(prefix, None,
+    next_after, SNAPSHOT_PAGE, watch=sink), and so on: one actor step a page,
+    however many jobs match. Meanwhile the sink gets the changes of the jobs
+    already given, and not those of the jobs still to come (their page shows
+    them as they are then): no change is lost or doubled between the snapshot
+    and the events, though the pages are read at different instants.
     """
 
     prefix: str

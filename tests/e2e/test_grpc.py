@@ -362,6 +362,43 @@ def test_watch_snapshot_then_changes(shared_client: Client, prefix: str) -> None
         assert next(watch.batches()) == []  # an empty snapshot still says "snapshot done"
 
 
+def test_a_snapshot_of_many_pages_gives_each_job_once(shared_client: Client, prefix: str) -> None:
+    """10,000 jobs: three pages of the actor's (SNAPSHOT_PAGE), read one actor step
+    each. Changes made while they are read are in their page or come as events after
+    the snapshot, never lost nor both: the watcher's mirror is the store."""
+    client, p = shared_client, f"{prefix}m."
+    ids = [f"{p}{i:05d}" for i in range(10_000)]
+    client.set_jobs_batched((job_id, LATER) for job_id in ids)
+    with client.watch_jobs(p, include_snapshot=True) as watch:
+        client.set_job(ids[2], LATER, b"early page")
+        client.set_job(ids[9_000], LATER, b"late page")
+        client.delete_job(ids[9_999])
+        client.set_job(f"{p}zzz", LATER)
+        batches = watch.batches()
+        mirror: dict[str, bytes] = {}
+        snapshot_ids: list[str] = []
+        for batch in batches:
+            if not batch:  # the empty change message that ends the snapshot
+                break
+            assert all(event.snapshot for event in batch)
+            snapshot_ids += [event.job.id for event in batch]
+            mirror.update((event.job.id, event.job.payload) for event in batch)
+        assert snapshot_ids == sorted(set(snapshot_ids)) and len(snapshot_ids) >= 9_999
+        client.set_job(f"{p}~end", LATER)
+        for event in watch:
+            assert not event.snapshot
+            if event.type is EventType.DELETED:
+                mirror.pop(event.job.id, None)
+            else:
+                mirror[event.job.id] = event.job.payload
+            if event.job.id == f"{p}~end":
+                break
+    expected = {job.id: job.payload for job in client.list_jobs(p)}
+    assert mirror == expected
+    assert expected[ids[2]] == b"early page" and expected[ids[9_000]] == b"late page"
+    assert ids[9_999] not in expected and len(expected) == 10_001
+
+
 def test_watch_keeps_up_with_a_burst(client: Client) -> None:
     events: list[JobEvent] = []
     lags: list[float] = []  # seconds from commit to receipt

@@ -420,6 +420,26 @@ def test_a_job_set_over_kcp_arrives_as_a_server_sent_event(
         ]
 
 
+def test_a_snapshot_of_many_pages_streams_each_job_once(
+    api: httpx.Client, server: ServerProcess
+) -> None:
+    """10,000 jobs: three of the actor's snapshot pages (one actor step each), in id
+    order, each job once, then "ready"."""
+    ids = [f"sse2.{i:05d}" for i in range(10_000)]
+    with kcp(server) as client:
+        answers = client.pipeline([("SET", job_id, "2030-01-01 00:00:00") for job_id in ids])
+    assert all(answer == ["OK"] for answer in answers)
+    params = {"prefix": "sse2.", "snapshot": "true"}
+    with api.stream("GET", "/events", params=params) as stream:
+        streamed = []
+        for kind, event in read_events(stream.iter_lines()):
+            if kind == "ready":
+                break
+            assert (kind, event["snapshot"]) == ("planned", True)
+            streamed.append(event["job"]["id"])
+    assert streamed == ids
+
+
 def test_a_watcher_that_stops_reading_is_dropped_not_buffered(
     api: httpx.Client, server: ServerProcess, base: str
 ) -> None:

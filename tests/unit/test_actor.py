@@ -762,7 +762,7 @@ async def test_subscribe_gives_a_snapshot_then_matching_events() -> None:
         await h.call(SetJob("b.1", at(1)))
         sink = Sink()
         snapshot = await h.call(Subscribe("a.", snapshot=True, sink=sink))
-        assert [j.id for j in snapshot] == ["a.1"]
+        assert [j.id for j in snapshot.jobs] == ["a.1"] and snapshot.next_after == ""
         assert sink.batches == []
         await h.call(SetJob("a.2", at(2)))
         await h.call(SetJob("b.2", at(2)))
@@ -775,7 +775,7 @@ async def test_subscribe_without_snapshot_returns_nothing() -> None:
     async with running_actor() as h:
         await h.call(SetJob("a.1", at(1)))
         sink = Sink()
-        assert await h.call(Subscribe("", snapshot=False, sink=sink)) == []
+        assert await h.call(Subscribe("", snapshot=False, sink=sink)) == JobPage([], "")
         await h.call(SetJob("z", at(1)))
         assert sink.events == [("z", Status.PLANNED, False)]
 
@@ -823,7 +823,7 @@ async def test_subscribe_in_a_batch_sees_exactly_the_later_changes() -> None:
             Subscribe("", snapshot=True, sink=sink),
             SetJob("b", at(1)),
         )
-        assert [j.id for j in results[1]] == ["a"]  # in the snapshot, so no event
+        assert [j.id for j in results[1].jobs] == ["a"]  # in the snapshot, so no event
         assert sink.events == [("b", Status.PLANNED, False)]
 
 
@@ -897,7 +897,7 @@ async def test_subscriptions_in_a_failed_batch_stand_if_and_only_if_answered() -
             SetJob("x", at(1)),
             Subscribe("", snapshot=True, sink=after),  # answered with the batch's failure
         )
-        assert [j.id for j in snapshot] == ["kept"]
+        assert [j.id for j in snapshot.jobs] == ["kept"]
         assert error_code(failed) is ErrorCode.UNAVAILABLE
         assert error_code(refused) is ErrorCode.UNAVAILABLE
         h.log.fail = False
@@ -1410,10 +1410,10 @@ async def test_a_watch_during_an_append_sees_every_change_once() -> None:
         await send(h, replies, "clear", Subscribe("b.", snapshot=True, sink=clear))
         await send(h, replies, "touched", Subscribe("a.", snapshot=True, sink=touched))
         assert replies.order == ["clear"]  # no change to a b. job is in flight
-        assert [j.id for j in replies.one("clear")] == ["b.1"]
+        assert [j.id for j in replies.one("clear").jobs] == ["b.1"]
         await end_flight(h)
         assert replies.order == ["clear", "write", "touched"]
-        assert [j.id for j in replies.one("touched")] == ["a.1", "a.2"]  # in the snapshot...
+        assert [j.id for j in replies.one("touched").jobs] == ["a.1", "a.2"]  # in the snapshot...
         await h.call(SetJob("a.3", at(3)))
         await h.call(SetJob("b.2", at(3)))
         assert touched.events == [("a.3", Status.PLANNED, False)]  # ...so no event for a.2
@@ -1427,7 +1427,7 @@ async def test_a_watch_answered_during_a_failed_append_stands() -> None:
         await in_flight(h, replies, SetJob("a.1", at(1)))
         sink = Sink()
         await send(h, replies, "watch", Subscribe("b.", snapshot=True, sink=sink))
-        assert replies.one("watch") == []
+        assert replies.one("watch") == JobPage([], "")
         await end_flight(h)
         h.log.fail = False
         await h.call(SetJob("b.1", at(1)))

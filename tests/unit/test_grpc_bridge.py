@@ -122,7 +122,7 @@ class FakeActor:
             case c.Subscribe():
                 self.sinks.append(command.sink)
                 jobs = [j for i, j in sorted(self.jobs.items()) if i.startswith(command.prefix)]
-                return jobs if command.snapshot else []
+                return c.JobPage(jobs if command.snapshot else [], "")
             case c.Unsubscribe():
                 self.sinks = [s for s in self.sinks if s is not command.sink]
                 self.unsubscribed.set()

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kairoi_trio.commands import (
+    SNAPSHOT_PAGE,
     DeleteJob,
     ExpireFinished,
     GetInfo,
@@ -74,8 +75,8 @@ def test_the_plan_locks_what_a_batch_may_change_and_only_reads_the_rest() -> Non
     assert plan.ids == {"a", "s", "d", "r"}
     assert plan.creating == {"a", "s"}
     assert plan.peeks == {"g", "x"}
-    assert plan.lists == {("p.", Status.PLANNED, "p.1", 10)}
-    assert plan.snapshots == {"w."}
+    # a snapshot's first page (the others are ListJobs with `watch`)
+    assert plan.lists == {("p.", Status.PLANNED, "p.1", 10), ("w.", None, "", SNAPSHOT_PAGE)}
     assert plan.counts
     assert (plan.claim_now, plan.claim_limit) == (50, 5 + CLAIM_SLACK)
     assert (plan.expire_before, plan.expire_limit) == (7, 100)

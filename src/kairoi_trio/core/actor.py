@@ -33,7 +33,7 @@ import math
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
@@ -41,6 +41,7 @@ import trio
 
 from kairoi_trio import __version__
 from kairoi_trio.commands import (
+    SNAPSHOT_PAGE,
     Command,
     CommandError,
     DeleteJob,
@@ -218,6 +219,12 @@ class _Subscriber:
     prefix: str
     sink: EventSink
     start: int  # index in the batch's event list from which it sees events
+    # While its snapshot is given a page at a time: the last id given so far. The
+    # changes of later ids are left out (their page will show them); None: none are.
+    cursor: str | None = None
+    # The cursor's moves in this batch: (index in the batch's events when it moved,
+    # the cursor before, whether the batch had written anything by then)
+    moved: list[tuple[int, str | None, bool]] = field(default_factory=list)
 
 
 class CommandActor:
@@ -762,9 +769,15 @@ class CommandActor:
         self._lateness.clear()
         self._sets = 0
         # Subscriptions answered with an error (after the first change) are dropped;
-        # the ones answered before it stand.
+        # the ones answered before it stand. So do the snapshot pages.
         failed = self._new_subscribers[self._subscribers_before_write :]
         self._subscribers = [s for s in self._subscribers if s not in failed]
+        for sub in self._subscribers:
+            for _, cursor, wrote in sub.moved:
+                if wrote:  # the first page answered with an error
+                    sub.cursor = cursor
+                    break
+            sub.moved = []
 
     def _publish(self) -> None:
         if not self._subscribers:
@@ -772,7 +785,11 @@ class CommandActor:
         events = self._events
         kept = []
         for sub in self._subscribers:
-            batch = [e for e in events[sub.start :] if e.job.id.startswith(sub.prefix)]
+            if sub.cursor is None and not sub.moved:
+                batch = [e for e in events[sub.start :] if e.job.id.startswith(sub.prefix)]
+            else:
+                batch = _given(sub, events)
+                sub.moved = []
             sub.start = 0
             try:
                 keep = sub.sink(batch) if batch else True
@@ -851,10 +868,27 @@ class CommandActor:
     def _list_jobs(self, command: ListJobs) -> JobPage:
         if command.limit <= 0:
             raise CommandError(ErrorCode.INVALID_ARGUMENT, "page size must be positive")
+        sub = None
+        if command.watch is not None:  # the next page of a subscription's snapshot
+            sub = self._subscriber(command.watch)
+            if sub is None:
+                raise CommandError(ErrorCode.UNAVAILABLE, "the watch has ended")
+            if sub.cursor is None or (command.prefix, command.after) != (sub.prefix, sub.cursor):
+                raise CommandError(
+                    ErrorCode.INVALID_ARGUMENT, "not the next page of the watch's snapshot"
+                )
         jobs, next_after = self.state.list_jobs(
             command.prefix, command.status, command.after, command.limit
         )
+        if sub is not None:
+            if not self._immediate:  # (read now: none of the batch's events is its prefix's)
+                sub.moved.append((len(self._events), sub.cursor, bool(self._records)))
+            sub.cursor = next_after or None
         return JobPage(jobs, next_after)
+
+    def _subscriber(self, sink: EventSink) -> _Subscriber | None:
+        # == and not `is`: a sink is often a bound method, a new object at each access
+        return next((sub for sub in self._subscribers if sub.sink == sink), None)
 
     def _set_rule(self, command: SetRule) -> Rule:
         rule = self._validate_rule.with_default_policy(command.rule)
@@ -889,7 +923,7 @@ class CommandActor:
             __version__, self.started_at, dict(self.state.counts), len(self.state.rules)
         )
 
-    def _subscribe(self, command: Subscribe) -> list[Job]:
+    def _subscribe(self, command: Subscribe) -> JobPage:
         # From the batch's events after this point on: while the log is busy, none
         # of the batch in flight (none of them matches the prefix, or the request
         # would have been held).
@@ -898,8 +932,10 @@ class CommandActor:
         if not self._immediate:  # answered with the batch: dropped if the batch fails
             self._new_subscribers.append(sub)
         if not command.snapshot:
-            return []
-        return list(self.state.iter_prefix(command.prefix))
+            return JobPage([], "")
+        jobs, next_after = self.state.list_jobs(command.prefix, None, "", SNAPSHOT_PAGE)
+        sub.cursor = next_after or None
+        return JobPage(jobs, next_after)
 
     def _unsubscribe(self, command: Unsubscribe) -> None:
         # == and not `is`: a sink is often a bound method, a new object at each access
@@ -1185,6 +1221,24 @@ class CommandActor:
         ExpireFinished: _expire_finished,
         JobsChanged: _jobs_changed,
     }
+
+
+def _given(sub: _Subscriber, events: list[JobEvent]) -> list[JobEvent]:
+    """The batch's events for `sub` while its snapshot is given a page at a time: those
+    of the ids its pages had given when the event happened. The others are left out,
+    since the page that gives their job is read after the event and shows it."""
+    moved, cursor, prefix = sub.moved, sub.cursor, sub.prefix
+    given = []
+    m = 0
+    for i in range(sub.start, len(events)):
+        while m < len(moved) and moved[m][0] <= i:  # moves before this event
+            m += 1
+        upto = moved[m][1] if m < len(moved) else cursor  # the cursor when it happened
+        event = events[i]
+        job_id = event.job.id
+        if job_id.startswith(prefix) and (upto is None or job_id <= upto):
+            given.append(event)
+    return given
 
 
 def _any_prefixed(ids: set[str] | tuple[()], prefix: str) -> bool:

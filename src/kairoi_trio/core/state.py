@@ -274,12 +274,6 @@ class State:
             return page, page[-1].id
         return page, ""
 
-    def iter_prefix(self, prefix: str) -> Iterator[Job]:
-        """Every job whose id starts with `prefix`, in id order."""
-        jobs = self.jobs
-        for job_id in self._ids_from(prefix, "", None):
-            yield jobs[job_id]
-
     def _ids_from(self, prefix: str, after: str, status: Status | None) -> Iterator[str]:
         """Ids starting with `prefix`, greater than `after`, of `status` (any when
         None), in order."""

@@ -607,16 +607,27 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         watch = _Watch(loop, self._watch_limit, self._encode_event)
         self._watches.add(watch)
         try:
-            snapshot = await self._one(
-                c.Subscribe(request.prefix, request.include_snapshot, watch.sink)
-            )
+            prefix = request.prefix
+            page = await self._one(c.Subscribe(prefix, request.include_snapshot, watch.sink))
             await context.send_initial_metadata(())  # tells the client the watch is registered
             if request.include_snapshot:
                 budget = min(self._budget, WATCH_MESSAGE_BYTES)
-                # Converted a message at a time, as the client takes them.
-                for chunk in _fitting(snapshot, convert.snapshot_event_to_pb, budget, True):
-                    await watch.send(context, pb.WatchJobsResponse(events=chunk, snapshot=True))
-                del snapshot
+                sent = False
+                while True:  # a page an actor step (c.SNAPSHOT_PAGE jobs)
+                    last = not page.next_after
+                    # Converted a message at a time, as the client takes them; at least
+                    # one message in all, even when no job matches.
+                    for chunk in _fitting(
+                        page.jobs, convert.snapshot_event_to_pb, budget, last and not sent
+                    ):
+                        await watch.send(context, pb.WatchJobsResponse(events=chunk, snapshot=True))
+                        sent = True
+                    if last:
+                        break
+                    page = await self._one(
+                        c.ListJobs(prefix, None, page.next_after, c.SNAPSHOT_PAGE, watch.sink)
+                    )
+                del page
                 # An empty change message ends the snapshot, however many messages it
                 # took, so a client knows it has caught up before the first change.
                 await watch.send(context, b"")

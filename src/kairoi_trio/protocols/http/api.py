@@ -299,22 +299,33 @@ class Api:
         snapshot = convert.flag(request.query_params.get("snapshot"), "snapshot")
         connection = request.scope.get("state", {}).get("connection")
         watch = _Watch(self._watch_limit, connection, self._frames)
-        jobs = await self.call(c.Subscribe(prefix, snapshot, watch.sink))
+        page = await self.call(c.Subscribe(prefix, snapshot, watch.sink))
         self._watches.add(watch)
         return StreamingResponse(
-            self._stream(watch, jobs, snapshot),
+            self._stream(watch, prefix, page),
             media_type="text/event-stream",
             headers={"cache-control": "no-store", "x-accel-buffering": "no"},
         )
 
-    async def _stream(self, watch: _Watch, jobs: list[Any], snapshot: bool) -> AsyncIterator[bytes]:
+    async def _stream(self, watch: _Watch, prefix: str, page: c.JobPage) -> AsyncIterator[bytes]:
+        """The snapshot's pages (none unless asked for), "ready", then the changes."""
         try:
-            if snapshot:
-                for job in jobs:
+            while True:  # a page an actor step (c.SNAPSHOT_PAGE jobs)
+                for job in page.jobs:
                     yield _sse(
                         job.status.value, convert.event_to_json(JobEvent(job), snapshot=True)
                     )
-            del jobs
+                if not page.next_after:
+                    break
+                try:
+                    page = await self.call(
+                        c.ListJobs(prefix, None, page.next_after, c.SNAPSHOT_PAGE, watch.sink)
+                    )
+                except c.CommandError as error:  # the stream has begun: say it in the stream
+                    problem = {"code": error.code.value, "message": error.message}
+                    yield _sse("error", {"error": problem})
+                    return
+            del page
             yield _sse("ready", {"prefix_watched": True})
             while True:
                 with trio.move_on_after(SSE_KEEPALIVE_S):

@@ -477,9 +477,6 @@ class PostgresStore:
                 else None
             )
             pages = {key: self._page(conn, *key) for key in plan.lists}
-            snapshots = {
-                prefix: self._page(conn, prefix, None, "", None) for prefix in plan.snapshots
-            }
             counts = (
                 conn.execute("SELECT status, sum(n)::bigint FROM job_counts GROUP BY status")
                 if plan.counts
@@ -503,8 +500,6 @@ class PostgresStore:
                 loaded.claimed.append(loaded.jobs[job.id])
         for key, cursor in pages.items():
             loaded.pages[key] = [job_from_row(row) for row in cursor.fetchall()]
-        for prefix, cursor in snapshots.items():
-            loaded.snapshots[prefix] = [job_from_row(row) for row in cursor.fetchall()]
         if counts is not None:
             found = dict.fromkeys(Status, 0)
             for status, n in counts.fetchall():
@@ -557,7 +552,7 @@ class PostgresStore:
         return bool(self._others_watching(conn).fetchone()[0])
 
     @staticmethod
-    def _page(conn: Any, prefix: str, status: Status | None, after: str, limit: int | None) -> Any:
+    def _page(conn: Any, prefix: str, status: Status | None, after: str, limit: int) -> Any:
         """Jobs with `prefix` after `after` in id order: an index range scan."""
         where = ["id >= %s"]
         params: list[Any] = [prefix]
@@ -571,10 +566,8 @@ class PostgresStore:
         if status is not None:
             where.append("status = %s")
             params.append(status.value)
-        query = f"SELECT {JOB_SELECT} FROM jobs WHERE {' AND '.join(where)} ORDER BY id"
-        if limit is not None:
-            query += " LIMIT %s"
-            params.append(limit + 1)  # one more: are there more?
+        query = f"SELECT {JOB_SELECT} FROM jobs WHERE {' AND '.join(where)} ORDER BY id LIMIT %s"
+        params.append(limit + 1)  # one more: are there more?
         return conn.execute(query, params)
 
     @staticmethod

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from kairoi_trio.commands import (
     MAX_TRIGGER,
+    SNAPSHOT_PAGE,
     Command,
     DeleteJob,
     ExpireFinished,
@@ -82,7 +83,6 @@ class LoadPlan:
     expire_before: int | None = None  # retention (ExpireFinished)...
     expire_limit: int = 0
     lists: set[ListKey] = field(default_factory=set)
-    snapshots: set[str] = field(default_factory=set)  # prefixes of Subscribe snapshots
     subscribing: bool = False  # a Subscribe: this instance is about to have a watcher
     counts: bool = False  # GetInfo: jobs by status
     read_only: bool = False  # reads only: the transaction ends with the load
@@ -115,8 +115,8 @@ class LoadPlan:
                     plan.lists.add((command.prefix, command.status, command.after, command.limit))
             elif isinstance(command, Subscribe):
                 plan.subscribing = True
-                if command.snapshot:
-                    plan.snapshots.add(command.prefix)
+                if command.snapshot:  # its first page (ListJobs with `watch` give the others)
+                    plan.lists.add((command.prefix, None, "", SNAPSHOT_PAGE))
             elif isinstance(command, GetInfo):
                 plan.counts = True
         plan.peeks -= plan.ids
@@ -134,7 +134,6 @@ class LoadPlan:
             for prefix, status, after, limit in self.lists
             if "\x00" not in prefix  # nothing can match
         }
-        self.snapshots = {prefix for prefix in self.snapshots if "\x00" not in prefix}
 
 
 @dataclass
@@ -145,7 +144,6 @@ class Loaded:
     claimed: list[Job] = field(default_factory=list)  # due jobs, oldest first
     expired: list[str] = field(default_factory=list)  # finished jobs past retention
     pages: dict[ListKey, list[Job]] = field(default_factory=dict)  # up to limit + 1 each
-    snapshots: dict[str, list[Job]] = field(default_factory=dict)
     others_watch: bool = True  # another instance has watchers: NOTIFY the changed ids
 
 
@@ -228,9 +226,6 @@ class BatchView:
         if more:  # continue after what was read, even if the batch deleted some of it
             return jobs, jobs[-1].id if jobs else last_loaded
         return jobs, ""
-
-    def iter_prefix(self, prefix: str) -> Iterator[Job]:
-        yield from self._overlay(self.loaded.snapshots.get(prefix, []), prefix, None, "")
 
     def _overlay(
         self, rows: list[Job], prefix: str, status: Status | None, after: str
