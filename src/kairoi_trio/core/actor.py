@@ -535,7 +535,10 @@ class CommandActor:
         assert self._background is not None
         # The ids in the order the snapshot keeps (by status, then id): the state's
         # sorted id indexes give it for a copy, where the writer would sort 10M ids.
-        jobs = OrderedJobs(dict(self.state.jobs), self.state.id_order())
+        # copy(), not dict(): it clones the table while at most a third of it is
+        # deleted entries, where dict() inserts every job again once any was deleted
+        # (2M jobs after 1M deletions: 0.16 s against 0.66 s of the actor's time).
+        jobs = OrderedJobs(self.state.jobs.copy(), self.state.id_order())
         self._background.start_soon(self._write_snapshot, sealed[0], jobs, dict(self.state.rules))
 
     async def _write_snapshot(
