@@ -16,6 +16,10 @@ used to be opened in one step.
    bucket is opened (a) as the server does, by next_due() calls until it no longer
    says OPENING, each call timed, and (b) at once (`first()`, the old way), on a
    second State built the same way. GC off, as the server runs its steps.
+   Then "rebuild": a State of `--jobs` planned jobs and one job re-set until stale
+   entries outnumber them, which begins a new due index; next_due() calls (one
+   after each commit in the server) until it has taken the old one's place, each
+   call timed.
 2. The real server (`--no-server` leaves it out): one job set over KCP due in
    `--lead` seconds with no rule (so it fails when due, emptying the heap), then
    `--jobs` jobs at one instant in the next bucket; a second connection sends one GET
@@ -107,7 +111,33 @@ def in_process(jobs: int) -> dict:
             "at_once_s": round(at_once, 3),
         }
         log(f"in-process, {jobs:,} jobs, {layout}: {out[layout]}")
+    out["rebuild"] = _rebuild(jobs, first)
+    log(f"in-process, {jobs:,} jobs, rebuild: {out['rebuild']}")
     return out
+
+
+def _rebuild(jobs: int, first: int) -> dict:
+    gc.collect()
+    gc.disable()
+    try:
+        state = State([Job(f"app.invoice.{i * 7_919 % jobs:08d}", first + i) for i in range(jobs)])
+        n = 0
+        while state._rebuild is None:  # re-SETs to new times: a stale entry each
+            state.put_job(Job("app.invoice.00000000", first + 10**9 + n))
+            n += 1
+        steps = []
+        while state._rebuild is not None:
+            t = time.perf_counter()
+            state.next_due()
+            steps.append(time.perf_counter() - t)
+        return {
+            "re_sets": n,
+            "calls": len(steps),
+            "longest_ms": round(max(steps) * 1e3, 2),
+            "total_s": round(sum(steps), 3),
+        }
+    finally:
+        gc.enable()
 
 
 def _kcp_time(at_s: float) -> str:

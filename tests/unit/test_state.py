@@ -218,15 +218,53 @@ def test_heap_rebuild_keeps_due_order_and_bounds_memory() -> None:
     state = State()
     for i in range(50):
         state.put_job(job(f"keep{i:02d}", 1000 + i))
-    # Thousands of re-SETs of one job leave stale entries until a rebuild drops them.
+    # Thousands of re-SETs of one job leave stale entries until a rebuild drops them;
+    # next_due after each, as the actor calls it after each commit.
+    rebuilds = 0
     for n in range(5000):
         state.put_job(job("moving", 10_000 + n))
-    planned = state.counts[PLANNED]
-    assert planned == 51
-    assert len(state._due) <= 2 * planned + 1024 + 1
-    assert state.next_due() == 1000
+        rebuilds += state._rebuild is not None
+        assert state.next_due() == 1000
+        assert len(state._due) <= 2 * 51 + 1024 + 1
+    assert state.counts[PLANNED] == 51
+    assert rebuilds >= 3 and state._rebuild is None
     assert drain(state, 10**9) == [f"keep{i:02d}" for i in range(50)] + ["moving"]
     assert state.next_due() is None
+
+
+def test_a_rebuild_in_slices_misses_no_change_made_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A slice a next_due call: jobs set, re-set, deleted and triggered between the
+    slices, before and after where the rebuild has got to, come due as they are."""
+    monkeypatch.setattr(state_module, "OPEN_SLICE", 3)
+    monkeypatch.setattr(state_module, "REBUILD_PER_PUSH", 0)
+    state = State()
+    for i in range(20):
+        state.put_job(job(f"j{i:02d}", 1000 + i))
+    for n in range(1100):  # stale entries: a rebuild begins
+        state.put_job(job("j19", 5000 + n))
+    assert state._rebuild is not None
+    state.next_due()
+    state.next_due()  # j00..j05 are in the new index
+    assert state._rebuild is not None and state._rebuild.after == "j05"
+    state.put_job(job("j02", 3000))  # passed already: pushed into both
+    state.put_job(job("j10", 2900))  # still to come: its slice reads it as it is
+    state.put_job(job("j00", 10))  # earlier than any
+    state.delete_job("j03")
+    state.put_job(job("j04", 1004, TRIGGERED))
+    state.put_job(job("a.new", 7))  # a new id before the cursor
+    state.put_job(job("z.new", 8))  # a new one after it
+    calls = 0
+    while state._rebuild is not None:
+        state.next_due()
+        calls += 1
+    assert calls == 6  # 17 ids left, 3 a call
+    assert len(state._due) < 100  # the 1,100 stale entries are gone
+    monkeypatch.setattr(state_module, "OPEN_SLICE", 4096)  # (its bucket opened at once)
+    expected = sorted((j.execute_at, j.id) for j in state.jobs.values() if j.status is PLANNED)
+    assert state.next_due() == expected[0][0]
+    assert drain(state, 10**9) == [job_id for _, job_id in expected]
 
 
 def test_a_rebuild_leaves_paused_jobs_out_and_keeps_the_others() -> None:
@@ -237,8 +275,8 @@ def test_a_rebuild_leaves_paused_jobs_out_and_keeps_the_others() -> None:
         state.put_job(job(f"keep{i:02d}", 1000 - i))
     for n in range(3000):  # stale entries enough for a rebuild
         state.put_job(job("moving", 10_000 + n))
-    assert len(state._due) <= 2 * state.counts[PLANNED] + 1024 + 1
     assert state.next_due() == 981
+    assert len(state._due) <= 2 * state.counts[PLANNED] + 1024 + 1
     expected = [f"keep{i:02d}" for i in reversed(range(20))] + ["moving"]
     assert drain(state, 10**9) == expected  # not "p" (paused), not "done" (triggered)
 
