@@ -136,6 +136,19 @@ def test_a_page_sees_the_batchs_own_writes() -> None:
     assert [j.id for j in page] == ["p.3"] and after == "p.3"
 
 
+def test_a_page_never_goes_past_the_rows_read() -> None:
+    """The database holds p.0 .. p.9; a page of 3 read 4 rows. The batch deleted two
+    of them and set p.8: the page ends at the last row read, so that p.4 .. p.7 (not
+    read) come in the next page; the page went on after p.8 and skipped them."""
+    rows = [job(f"p.{n}") for n in range(4)]
+    v = view([*rows[:2], job("p.8")], pages={("p.", None, "", 3): rows})
+    v.delete_job("p.0")
+    v.delete_job("p.1")
+    v.put_job(job("p.8", 200))
+    page, after = v.list_jobs("p.", None, "", 3)
+    assert [j.id for j in page] == ["p.2", "p.3"] and after == "p.3"
+
+
 def test_a_status_filtered_page_drops_jobs_the_batch_moved_out() -> None:
     loaded = [job("p.1"), job("p.2")]
     v = view(loaded, pages={("p.", PLANNED, "", 10): loaded})

@@ -232,6 +232,28 @@ def test_heap_rebuild_keeps_due_order_and_bounds_memory() -> None:
     assert state.next_due() is None
 
 
+def test_sets_into_a_bucket_being_opened_never_keep_it_from_opening(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """More SETs into the bucket a commit than the slices open (a SetJobs of
+    thousands due soon): they become entries at once, so the bucket opens and its
+    overdue jobs come due (they waited for ever when the SETs joined its list)."""
+    monkeypatch.setattr(state_module, "OPEN_SLICE", 10)
+    bucket = 7 << BUCKET_SHIFT
+    now = bucket + 1_000_000
+    state = State()
+    for n in range(200):  # overdue, in the bucket's list
+        state.put_job(job(f"old{n:03d}", bucket + n))
+    triggered: list[str] = []
+    for commit in range(40):
+        for n in range(50):  # 50 SETs a commit, due a minute later, in the same bucket
+            state.put_job(job(f"new{commit:02d}.{n:02d}", now + 60_000_000))
+        triggered += drain(state, now)  # TriggerDue in the batch, next_due after it
+        state.next_due()
+    assert triggered == [f"old{n:03d}" for n in range(200)]
+    assert state.next_due() == now + 60_000_000
+
+
 def test_a_rebuild_in_slices_misses_no_change_made_meanwhile(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.actor_harness import T0, running_actor
@@ -22,7 +23,10 @@ from kairoi_trio.commands import (
     Unsubscribe,
 )
 from kairoi_trio.core import actor as actor_module
-from kairoi_trio.model import MICROS, Job, JobEvent, Status
+from kairoi_trio.core.state import State
+from kairoi_trio.model import MICROS, Job, JobEvent, Status, new_job
+from kairoi_trio.storage.postgres import view as view_module
+from kairoi_trio.storage.postgres.view import BatchView, Loaded, LoadPlan
 
 PAGE = 3
 
@@ -142,9 +146,11 @@ async def test_a_page_of_a_watch_that_ended_or_out_of_turn_is_refused() -> None:
         wrong = await h.results(
             ListJobs("a.", None, "a.0", PAGE, watch=sink),  # not where it stopped
             ListJobs("b.", None, first.next_after, PAGE, watch=sink),  # not its prefix
+            ListJobs("a.", Status.PLANNED, first.next_after, PAGE, watch=sink),  # filtered
             next_page("a.", first, stranger),  # no such watch
         )
         assert [e.code for e in wrong] == [
+            ErrorCode.INVALID_ARGUMENT,
             ErrorCode.INVALID_ARGUMENT,
             ErrorCode.INVALID_ARGUMENT,
             ErrorCode.UNAVAILABLE,
@@ -152,6 +158,63 @@ async def test_a_page_of_a_watch_that_ended_or_out_of_turn_is_refused() -> None:
         await h.call(Unsubscribe(sink))
         [ended] = await h.results(next_page("a.", first, sink))
         assert ended.code is ErrorCode.UNAVAILABLE
+
+
+async def test_a_watch_answered_during_a_log_rotation_sees_the_next_batch_whole() -> None:
+    """A Subscribe answered while the log rotates (between two batches) saw the next
+    batch's events from the count of the last batch's: the first ones were lost."""
+    async with running_actor(compact_after_bytes=1) as h:
+        await h.call(Subscribe("z.", snapshot=False, sink=Sink()))  # events are kept
+        h.log.rotate_gate = trio.Event()
+        await h.results(*(SetJob(f"z.{n}", at(1)) for n in range(3)))  # then a rotation
+        await trio.testing.wait_all_tasks_blocked()
+        sink = Sink()
+        page = await h.call(Subscribe("a.", snapshot=True, sink=sink))  # answered at once
+        assert page == JobPage([], "")
+        h.log.rotate_gate.set()
+        await h.call(SetJob("a.1", at(1)))
+        await h.call(SetJob("a.2", at(1)))
+        assert [e.job.id for e in sink.events] == ["a.1", "a.2"]
+
+
+async def test_pages_over_the_postgresql_view_skip_no_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PostgreSQL store's per-batch view (a dict stands in for the database): a
+    page in a batch that deleted two of the rows it reads and set a job past them."""
+    monkeypatch.setattr(view_module, "SNAPSHOT_PAGE", PAGE)
+    db = {f"a.{n}": new_job(f"a.{n}", at(1), Status.PLANNED, b"", 0, "", 1) for n in range(10)}
+    views: list[BatchView] = []
+
+    async def begin(commands: list[Any]) -> BatchView:
+        if views:  # the previous batch committed (this log never fails)
+            inserted, updated, deleted = views[-1].changes()
+            db.update((job.id, job) for job in inserted + updated)
+            for job_id in deleted:
+                db.pop(job_id, None)
+        plan = LoadPlan.of(commands)
+        jobs = {i: db[i] for i in plan.ids | plan.peeks if i in db}
+        pages = {}
+        for prefix, status, after, limit in plan.lists:
+            ids = sorted(i for i in db if i.startswith(prefix) and i > after)
+            pages[(prefix, status, after, limit)] = [db[i] for i in ids[: limit + 1]]
+        loaded = Loaded(jobs=jobs, pages=pages)
+        views.append(BatchView(loaded, State(), dict.fromkeys(Status, 0), lambda: None))
+        return views[-1]
+
+    async with running_actor(begin=begin) as h:
+        sink = Sink()
+        pages = [await h.call(Subscribe("a.", snapshot=True, sink=sink))]
+        *_, page = await h.results(
+            DeleteJob("a.3"),
+            DeleteJob("a.4"),
+            SetJob("a.9", at(2)),
+            next_page("a.", pages[0], sink),
+        )
+        pages.append(page)
+        while pages[-1].next_after:
+            pages.append(await h.call(next_page("a.", pages[-1], sink)))
+        given = [job.id for page in pages for job in page.jobs]
+        assert given == ["a.0", "a.1", "a.2", "a.5", "a.6", "a.7", "a.8", "a.9"]
+        assert sink.events == []  # the page gave a.9 as set, so no event
 
 
 # -- any changes between any pages ---------------------------------------------------------

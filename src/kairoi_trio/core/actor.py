@@ -636,6 +636,9 @@ class CommandActor:
             except Exception:
                 log.exception("reply callback failed")
         self._publish()
+        # Published: a Subscribe answered before the next batch (during a rotation)
+        # sees that batch's events from the first, not from this one's count.
+        self._events = []
         if self._on_commit is not None:
             self._on_commit(self.state)
 
@@ -876,7 +879,8 @@ class CommandActor:
             sub = self._subscriber(command.watch)
             if sub is None:
                 raise CommandError(ErrorCode.UNAVAILABLE, "the watch has ended")
-            if sub.cursor is None or (command.prefix, command.after) != (sub.prefix, sub.cursor):
+            where = (command.prefix, command.status, command.after)
+            if sub.cursor is None or where != (sub.prefix, None, sub.cursor):
                 raise CommandError(
                     ErrorCode.INVALID_ARGUMENT, "not the next page of the watch's snapshot"
                 )

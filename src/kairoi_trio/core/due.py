@@ -19,9 +19,10 @@ into heap entries: a Python step an id (its `when`), ~1-1.5 µs at a million.
 A bucket can hold millions (invoices all due at 09:00), so that work is done in
 slices: `prepare(budget)` opens at most `budget` ids' worth and says whether the
 earliest entry is known yet. Its progress (the entries made so far, where it
-stopped in the bucket's list) is kept per bucket: pushes into that bucket
-meanwhile append to the same list, and are reached in turn. `first()` finishes
-whatever is left at once, for callers that need the answer now.
+stopped in the bucket's list) is kept per bucket; pushes into that bucket
+meanwhile become its entries at once (appended to its list, they could outrun
+the slices for ever). `first()` finishes whatever is left at once, for callers
+that need the answer now.
 
 The start-up's bulk load (`fill`) does not sort its ids into buckets: an append
 to one of 18,000 buckets (10 years) in the order the jobs come (by id, times at
@@ -179,6 +180,12 @@ class DueIndex:
             heapq.heappush(self._heap, (at, job_id))
             return
         key = at >> BUCKET_SHIFT
+        opening = self._openings.get(key)
+        if opening is not None:  # opened in part: an entry now, not more work for the slices
+            heapq.heappush(opening.entries, (at, job_id))  # (SETs faster than the slices
+            opening.pushed += 1  # go would keep it from ever being open)
+            self._bucketed += 1
+            return
         ids = self._buckets.get(key)
         if ids is None:
             self._buckets[key] = [job_id]
@@ -286,7 +293,7 @@ class DueIndex:
         heapq.heappop(self._keys)
         self._buckets.pop(key, None)
         del self._openings[key]
-        self._bucketed -= len(ids)
+        self._bucketed -= len(ids) + opening.pushed
         self._horizon = (key + 1) << BUCKET_SHIFT
         self._heap = entries
         return budget - (end - done)
@@ -294,10 +301,12 @@ class DueIndex:
 
 class _Opening:
     """A bucket opened in part: its first `done` ids are in `entries` (a heap of
-    (time, id), the stale ones left out); the rest of its list is not looked at yet."""
+    (time, id), the stale ones left out); the rest of its list is not looked at yet.
+    Entries pushed into the bucket since go straight into `entries` (`pushed` of them)."""
 
-    __slots__ = ("done", "entries")
+    __slots__ = ("done", "entries", "pushed")
 
     def __init__(self) -> None:
         self.done = 0
         self.entries: list[tuple[int, str]] = []
+        self.pushed = 0

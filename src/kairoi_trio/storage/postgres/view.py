@@ -220,6 +220,10 @@ class BatchView:
         more = len(rows) > limit  # the database has rows past this page
         last_loaded = rows[-1].id if rows else ""
         jobs = self._overlay(rows, prefix, status, after)
+        if more:  # the batch's changes past the last row read are the next page's: rows
+            # between them were not read (two rows deleted and an id set past them: the
+            # page would have skipped to that id)
+            jobs = [job for job in jobs if job.id <= last_loaded]
         if len(jobs) > limit:
             page = jobs[:limit]
             return page, page[-1].id
