@@ -347,6 +347,35 @@ def test_client_input_gets_a_json_error_and_never_harms_the_server(
     assert server.process is not None and server.process.poll() is None
 
 
+def test_an_answer_before_the_body_says_the_connection_closes(server: ServerProcess) -> None:
+    """405, 404 and 401 go before the request's body is read: the answer says
+    `connection: close`, since the server closes the connection after it. A client
+    told nothing sent its next request on it and got no answer (seen in CI)."""
+    port = server.metrics_port
+    assert port is not None
+    for head, status in [
+        (f"PATCH /api/v1/jobs/x HTTP/1.1\r\nAuthorization: Bearer {ADMIN}\r\n", b"405"),
+        (f"PUT /api/v1/nothing HTTP/1.1\r\nAuthorization: Bearer {ADMIN}\r\n", b"404"),
+        ("PUT /api/v1/jobs/x HTTP/1.1\r\n", b"401"),
+    ]:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(f"{head}Host: x\r\nContent-Length: 2\r\n\r\n".encode())  # no body yet
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(4096)
+            lines = answer.split(b"\r\n\r\n")[0].lower().split(b"\r\n")
+            assert lines[0].split()[1] == status
+            assert b"connection: close" in lines
+            sock.sendall(b"{}")
+            while sock.recv(4096):  # the server closes the connection
+                pass
+    # a request whose body is read keeps its connection
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v1") as client:
+        headers = {"authorization": f"Bearer {ADMIN}"}
+        response = client.put(job_path("body.read"), json={"execute_at": "x"}, headers=headers)
+        assert response.status_code == 400 and "connection" not in response.headers
+
+
 def test_tokens_and_roles_are_those_of_kcp_and_grpc(base: str) -> None:
     job = {"execute_at": FUTURE}
     with as_role(base, None) as anonymous:

@@ -74,7 +74,7 @@ def build_app(
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
     app.state.api = api  # for routes added later (a dashboard calls the same actor)
-    return _RawApiPaths(app)
+    return _CloseUnreadBodies(_RawApiPaths(app))
 
 
 async def _openapi(request: Request) -> Response:
@@ -98,6 +98,46 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.error("http request failed", path=request.url.path, exc_info=exc)
     return error_response(500, "internal", "internal error (logged by the server)")
+
+
+class _CloseUnreadBodies:
+    """A response that goes before its request's body was read whole says
+    `connection: close` (RFC 9112, 9.6): 404 and 405 of the routing, 401 and 403,
+    413. Hypercorn closes such a connection after the response, since h11 cannot
+    find the next request past an unread body, but says nothing: a client would
+    send its next request on it and get no answer (httpx: "Server disconnected
+    without sending a response", when the body came after the response)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _has_body(scope):
+            await self.app(scope, receive, send)
+            return
+        read = False
+
+        async def reading() -> Any:
+            nonlocal read
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                read = True
+            return message
+
+        async def sending(message: Any) -> None:
+            if message["type"] == "http.response.start" and not read:
+                headers = [*message.get("headers", []), (b"connection", b"close")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, reading, sending)
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+            return True
+    return False
 
 
 class _RawApiPaths:
