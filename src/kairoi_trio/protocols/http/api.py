@@ -113,7 +113,7 @@ class Api:
     ) -> None:
         self._requests = requests
         self._auth = auth
-        self._max_body = max_body_bytes
+        self.max_body_bytes = max_body_bytes  # (app.py also reads the bodies no handler read)
         self._max_payload = max_payload_bytes
         self._watch_limit = watch_buffer_bytes
         self._watches: set[_Watch] = set()
@@ -177,7 +177,8 @@ class Api:
                     413,
                     PAYLOAD_TOO_LARGE,
                     str(error)
-                    or f"request body larger than {self._max_body} bytes ([http] max_body_bytes)",
+                    or f"request body larger than {self.max_body_bytes} bytes"
+                    " ([http] max_body_bytes)",
                 )
 
         return endpoint
@@ -185,14 +186,14 @@ class Api:
     async def _body(self, request: Request) -> object:
         """The request's JSON body, read up to max_body_bytes (_TooLarge beyond)."""
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self._max_body:
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise _TooLarge
         chunks: list[bytes] = []
         size = 0
         try:
             async for chunk in request.stream():
                 size += len(chunk)
-                if size > self._max_body:
+                if size > self.max_body_bytes:
                     raise _TooLarge
                 chunks.append(chunk)
         except ClientDisconnect:

@@ -74,7 +74,7 @@ def build_app(
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
     app.state.api = api  # for routes added later (a dashboard calls the same actor)
-    return _CloseUnreadBodies(_RawApiPaths(app))
+    return _UnreadBodies(_RawApiPaths(app), api.max_body_bytes)
 
 
 async def _openapi(request: Request) -> Response:
@@ -100,44 +100,61 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return error_response(500, "internal", "internal error (logged by the server)")
 
 
-class _CloseUnreadBodies:
-    """A response that goes before its request's body was read whole says
-    `connection: close` (RFC 9112, 9.6): 404 and 405 of the routing, 401 and 403,
-    413. Hypercorn closes such a connection after the response, since h11 cannot
-    find the next request past an unread body, but says nothing: a client would
-    send its next request on it and get no answer (httpx: "Server disconnected
-    without sending a response", when the body came after the response)."""
+class _UnreadBodies:
+    """A response that would start before its request's body was read whole (404
+    and 405 of the routing, 401, 403, a handler that needs no body: pause, DELETE)
+    first reads the rest and drops it. Hypercorn keeps a connection only once h11
+    has the whole request; else it closes it after the response without a word,
+    and a client that sent its body after the answer's head, then its next request
+    on the same connection, got no answer (httpx: "Server disconnected without
+    sending a response"). A body beyond `max_body` bytes in all (declared, or read
+    by the handler and this) is not read: the response says `connection: close`
+    instead (RFC 9112, 9.6)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, max_body: int) -> None:
         self.app = app
+        self.max_body = max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _has_body(scope):
+        declared = _body_length(scope)
+        if scope["type"] != "http" or declared == 0:
             await self.app(scope, receive, send)
             return
-        read = False
+        done = False  # the whole body was received (or the client went away)
+        size = 0  # body bytes received so far
 
         async def reading() -> Any:
-            nonlocal read
+            nonlocal done, size
             message = await receive()
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
             if message["type"] != "http.request" or not message.get("more_body", False):
-                read = True
+                done = True
             return message
 
         async def sending(message: Any) -> None:
-            if message["type"] == "http.response.start" and not read:
-                headers = [*message.get("headers", []), (b"connection", b"close")]
-                message = {**message, "headers": headers}
+            if message["type"] == "http.response.start" and not done:
+                too_large = declared is not None and declared > self.max_body
+                while not done and not too_large:
+                    await reading()
+                    too_large = size > self.max_body
+                if not done:
+                    headers = [*message.get("headers", []), (b"connection", b"close")]
+                    message = {**message, "headers": headers}
             await send(message)
 
         await self.app(scope, reading, sending)
 
 
-def _has_body(scope: Scope) -> bool:
-    for name, value in scope["headers"]:
-        if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
-            return True
-    return False
+def _body_length(scope: Scope) -> int | None:
+    """The request's Content-Length (0 when it has no body), None when chunked."""
+    length = 0
+    for name, value in scope.get("headers", ()):
+        if name == b"transfer-encoding":
+            return None
+        if name == b"content-length" and value.isdigit():
+            length = int(value)
+    return length
 
 
 class _RawApiPaths:
