@@ -181,9 +181,10 @@ class DueIndex:
             return
         key = at >> BUCKET_SHIFT
         opening = self._openings.get(key)
-        if opening is not None:  # opened in part: an entry now, not more work for the slices
-            heapq.heappush(opening.entries, (at, job_id))  # (SETs faster than the slices
-            opening.pushed += 1  # go would keep it from ever being open)
+        if opening is not None:  # opened in part: an entry at once. Appended to its
+            # list, SETs faster than the slices would keep it from ever being open.
+            heapq.heappush(opening.entries, (at, job_id))
+            opening.pushed += 1
             self._bucketed += 1
             return
         ids = self._buckets.get(key)
