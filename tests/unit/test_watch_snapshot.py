@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from support.actor_harness import T0, running_actor
 
 from kairoi_trio.commands import (
+    SNAPSHOT_PAGE,
+    CommandError,
     DeleteJob,
     ErrorCode,
     JobPage,
@@ -25,6 +27,8 @@ from kairoi_trio.commands import (
 from kairoi_trio.core import actor as actor_module
 from kairoi_trio.core.state import State
 from kairoi_trio.model import MICROS, Job, JobEvent, Status, new_job
+from kairoi_trio.protocols.snapshot import PAGE_RETRY_S
+from kairoi_trio.protocols.snapshot import next_page as next_snapshot_page
 from kairoi_trio.storage.postgres import view as view_module
 from kairoi_trio.storage.postgres.view import BatchView, Loaded, LoadPlan
 
@@ -269,3 +273,34 @@ def test_any_changes_between_pages_lose_and_double_nothing(
             assert mirror(pages, sink.events) == expected
 
     trio.run(run)
+
+
+async def test_a_next_page_waits_out_a_full_queue_and_raises_the_rest() -> None:
+    """protocols/snapshot.py: RESOURCE_EXHAUSTED (the actor's queue is full) is asked
+    again after a pause; any other error ends the watch."""
+    answers: list[Any] = [
+        CommandError(ErrorCode.RESOURCE_EXHAUSTED, "server busy"),
+        CommandError(ErrorCode.RESOURCE_EXHAUSTED, "server busy"),
+        JobPage([], ""),
+        CommandError(ErrorCode.UNAVAILABLE, "server is shutting down"),
+    ]
+    asked: list[ListJobs] = []
+    pauses: list[float] = []
+
+    async def call(command: Any) -> Any:
+        asked.append(command)
+        answer = answers.pop(0)
+        if isinstance(answer, CommandError):
+            raise answer
+        return answer
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+
+    sink = Sink()
+    assert await next_snapshot_page(call, sleep, "a.", "a.2", sink) == JobPage([], "")
+    assert len(asked) == 3 and pauses == [PAGE_RETRY_S] * 2
+    assert asked[0] == ListJobs("a.", None, "a.2", SNAPSHOT_PAGE, sink)
+    with pytest.raises(CommandError) as refused:
+        await next_snapshot_page(call, sleep, "a.", "a.2", sink)
+    assert refused.value.code is ErrorCode.UNAVAILABLE

@@ -46,12 +46,12 @@ from kairoi_trio.commands import CommandError, ErrorCode, Request, Result
 from kairoi_trio.core.auth import Role, TokenTable, denial, permitted
 from kairoi_trio.model import JobEvent
 from kairoi_trio.protocols.grpc import convert
+from kairoi_trio.protocols.snapshot import next_page as next_snapshot_page
 
 log = structlog.get_logger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name  # "kairoi.v1.Scheduler"
 STREAM_WINDOW = 4  # StreamSetJobs batches in flight at once
-PAGE_RETRY_S = 0.01  # a watch's next snapshot page, asked again while the actor is full
 WATCH_TICK_S = 0.05  # WatchJobs sends what a tick brought, then waits for the next tick
 # A WatchJobs message carries events up to this many bytes (one event at least):
 # what a watcher that stops reading holds in flight, besides its buffer.
@@ -625,7 +625,9 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                         sent = True
                     if last:
                         break
-                    page = await self._next_page(prefix, page.next_after, watch.sink)
+                    page = await next_snapshot_page(
+                        self._one, asyncio.sleep, prefix, page.next_after, watch.sink
+                    )
                 del page
                 # An empty change message ends the snapshot, however many messages it
                 # took, so a client knows it has caught up before the first change.
@@ -642,20 +644,6 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             self._watches.discard(watch)
             watch.end()
             self._bridge.call([c.Unsubscribe(watch.sink)]).add_done_callback(_ignore_result)
-
-    async def _next_page(self, prefix: str, after: str, sink: c.EventSink) -> c.JobPage:
-        """The watch's next snapshot page. A full actor queue is waited out: the
-        stream has begun, and a snapshot cut short would end the watch."""
-        while True:
-            try:
-                page: c.JobPage = await self._one(
-                    c.ListJobs(prefix, None, after, c.SNAPSHOT_PAGE, sink)
-                )
-                return page
-            except CommandError as error:
-                if error.code is not ErrorCode.RESOURCE_EXHAUSTED:
-                    raise
-            await asyncio.sleep(PAGE_RETRY_S)
 
     def close_watches(self) -> None:
         """End every open watch (with UNAVAILABLE) and refuse new ones: part of shutdown."""

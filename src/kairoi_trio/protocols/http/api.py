@@ -35,6 +35,7 @@ from kairoi_trio.commands import CommandError, ErrorCode
 from kairoi_trio.core.auth import Role, TokenTable, denial, permitted
 from kairoi_trio.model import JobEvent
 from kairoi_trio.protocols.http import convert
+from kairoi_trio.protocols.snapshot import next_page as next_snapshot_page
 
 log = structlog.get_logger(__name__)
 
@@ -54,7 +55,6 @@ METHOD_NOT_ALLOWED = "method_not_allowed"  # 405
 
 MAX_MESSAGE_CHARS = 1000  # an error message quoting a client's 65,535-byte id is cut
 SSE_KEEPALIVE_S = 15.0  # a comment line this often: proxies keep the stream, dead peers show
-PAGE_RETRY_S = 0.01  # a watch's next snapshot page, asked again while the actor is full
 SSE_CHUNK_BYTES = 64 << 10  # events written at once (one event at least)
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _JSON = "application/json"
@@ -309,20 +309,6 @@ class Api:
             headers={"cache-control": "no-store", "x-accel-buffering": "no"},
         )
 
-    async def _next_page(self, prefix: str, after: str, sink: c.EventSink) -> c.JobPage:
-        """The watch's next snapshot page. A full actor queue is waited out: the
-        stream has begun, and a snapshot cut short would end the watch."""
-        while True:
-            try:
-                page: c.JobPage = await self.call(
-                    c.ListJobs(prefix, None, after, c.SNAPSHOT_PAGE, sink)
-                )
-                return page
-            except c.CommandError as error:
-                if error.code is not c.ErrorCode.RESOURCE_EXHAUSTED:
-                    raise
-            await trio.sleep(PAGE_RETRY_S)
-
     async def _stream(self, watch: _Watch, prefix: str, page: c.JobPage) -> AsyncIterator[bytes]:
         """The snapshot's pages (none unless asked for), "ready", then the changes."""
         try:
@@ -334,7 +320,9 @@ class Api:
                 if not page.next_after:
                     break
                 try:
-                    page = await self._next_page(prefix, page.next_after, watch.sink)
+                    page = await next_snapshot_page(
+                        self.call, trio.sleep, prefix, page.next_after, watch.sink
+                    )
                 except c.CommandError as error:  # the stream has begun: say it in the stream
                     problem = {"code": error.code.value, "message": error.message}
                     yield _sse("error", {"error": problem})
