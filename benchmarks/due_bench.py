@@ -45,11 +45,11 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks.__main__ import log, machine
-from benchmarks.amqp_bench import Kcp
+from benchmarks.amqp_bench import Kcp, kcp_time
+from benchmarks.lateness import summary
 from benchmarks.server import Server
 from kairoi_trio.core import state as state_module
 from kairoi_trio.core.due import BUCKET_SHIFT
@@ -140,29 +140,15 @@ def _rebuild(jobs: int, first: int) -> dict:
         gc.enable()
 
 
-def _kcp_time(at_s: float) -> str:
-    return datetime.fromtimestamp(at_s, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-
-
-def _round_trips(kcp: Kcp, until: float) -> list[tuple[float, float]]:
-    """(monotonic send time, round trip s) of one GET at a time until `until`."""
+def _round_trips(kcp: Kcp, until: float) -> list[float]:
+    """The round trips (µs) of one GET at a time until `until` (monotonic s)."""
     out = []
     while (t := time.monotonic()) < until:
         [answer] = kcp.pipeline([["GET", "first"]])
         if answer[0] != "OK":
             raise RuntimeError(f"GET failed: {answer}")
-        out.append((t, time.monotonic() - t))
+        out.append((time.monotonic() - t) * 1e6)
     return out
-
-
-def _summary(trips: list[tuple[float, float]]) -> dict:
-    rtts = sorted(rtt for _, rtt in trips)
-    return {
-        "gets": len(rtts),
-        "p50_ms": round(rtts[len(rtts) // 2] * 1e3, 2),
-        "p99_ms": round(rtts[min(len(rtts) - 1, len(rtts) * 99 // 100)] * 1e3, 2),
-        "max_ms": round(rtts[-1] * 1e3, 2),
-    }
 
 
 def server(work: Path, jobs: int, lead_s: float, watch_s: float) -> dict:
@@ -171,10 +157,10 @@ def server(work: Path, jobs: int, lead_s: float, watch_s: float) -> dict:
     with Server(work, data, fsync=False, ready_timeout=600) as srv:
         kcp, reader = Kcp(srv.kcp_port), Kcp(srv.kcp_port)
         due_s = time.time() + lead_s
-        [answer] = kcp.pipeline([["SET", "first", _kcp_time(due_s)]])
+        [answer] = kcp.pipeline([["SET", "first", kcp_time(due_s)]])
         assert answer == ["OK"], answer
         bucket_s = ((round(due_s * MICROS) >> BUCKET_SHIFT) + 1 << BUCKET_SHIFT) / MICROS
-        later = _kcp_time(bucket_s + 3_600)
+        later = kcp_time(bucket_s + 3_600)
         started = time.monotonic()
         for start in range(0, jobs, CHUNK):
             if start and start % (jobs // 10 // CHUNK * CHUNK or CHUNK) == 0:
@@ -191,15 +177,15 @@ def server(work: Path, jobs: int, lead_s: float, watch_s: float) -> dict:
         due_mono = time.monotonic() + (due_s - time.time())
         before = _round_trips(reader, due_mono)
         after = _round_trips(reader, due_mono + watch_s)
-        out["before_due"] = _summary(before)
-        out["after_due"] = _summary(after)
+        out["before_due"] = summary(before)
+        out["after_due"] = summary(after)
         log(f"server: GETs the second before {out['before_due']}, after {out['after_due']}")
         kcp.close()
         reader.close()
     with Server(work, data, fsync=False, ready_timeout=600) as srv:
         reader = Kcp(srv.kcp_port)
         out["restart_ready_s"] = round(srv.ready_seconds, 2)
-        out["after_restart"] = _summary(_round_trips(reader, time.monotonic() + watch_s))
+        out["after_restart"] = summary(_round_trips(reader, time.monotonic() + watch_s))
         log(f"server: restart ready in {out['restart_ready_s']}s, GETs {out['after_restart']}")
         assert srv.grpc_port is not None
         watched: dict = {}
@@ -209,7 +195,7 @@ def server(work: Path, jobs: int, lead_s: float, watch_s: float) -> dict:
         while watcher.is_alive():
             trips += _round_trips(reader, time.monotonic() + 0.1)
         watcher.join()
-        out["watch_snapshot"] = watched | {"gets_meanwhile": _summary(trips)}
+        out["watch_snapshot"] = watched | {"gets_meanwhile": summary(trips)}
         log(f"server: a watch's snapshot {out['watch_snapshot']}")
         reader.close()
     return out

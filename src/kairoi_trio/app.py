@@ -323,11 +323,10 @@ async def serve(
     if faults.ENABLED:
         log.warning("storage fault injection is on: for tests only", plan=faults.describe())
     durable = DurableLog(config.data_directory, fsync=config.database.fsync_on_persist)
-    loaded = await _load_unless_stopped(durable, stop)
-    if loaded is None:
+    state = await _load_unless_stopped(durable, stop)
+    if state is None:
         log.info("stopped during start-up", data_directory=str(config.data_directory))
         return
-    state = loaded
     store = Store(
         durable,
         state,

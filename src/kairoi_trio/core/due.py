@@ -213,8 +213,8 @@ class DueIndex:
             or self._horizon != _NO_HORIZON
             or self._keys  # not new
             or not -(1 << 63) <= first <= last < 1 << 63  # beyond any supported time
-            # Dense: few buckets, so pushing stays in the cache, and a cold window of
-            # millions would cost the actor seconds when taken (a Python step an id).
+            # Dense: few buckets, so pushing stays in the cache (~0.8 µs an id), where
+            # taking a cold window costs ~2.5 µs an id (in slices, but 3x the work).
             or len(times) > COLD_MAX_PER_WINDOW * windows
         ):
             for at, job_id in zip(times, job_ids, strict=True):

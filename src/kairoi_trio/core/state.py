@@ -49,7 +49,6 @@ _FINISHED = frozenset((Status.EXECUTED, Status.FAILED))
 _status_of = attrgetter("status")
 _execute_at_of = attrgetter("execute_at")
 _recurrence_of = attrgetter("recurrence")
-_id_of = attrgetter("id")
 
 
 class _Rebuild:
