@@ -140,11 +140,11 @@ def _rebuild(jobs: int, first: int) -> dict:
         gc.enable()
 
 
-def _round_trips(kcp: Kcp, until: float) -> list[float]:
-    """The round trips (µs) of one GET at a time until `until` (monotonic s)."""
+def round_trips(kcp: Kcp, until: float, job_id: str = "first") -> list[float]:
+    """The round trips (µs) of one GET of `job_id` at a time until `until` (monotonic s)."""
     out = []
     while (t := time.monotonic()) < until:
-        [answer] = kcp.pipeline([["GET", "first"]])
+        [answer] = kcp.pipeline([["GET", job_id]])
         if answer[0] != "OK":
             raise RuntimeError(f"GET failed: {answer}")
         out.append((time.monotonic() - t) * 1e6)
@@ -175,8 +175,8 @@ def server(work: Path, jobs: int, lead_s: float, watch_s: float) -> dict:
             raise RuntimeError(f"--lead {lead_s} is too short for {jobs:,} SETs")
         time.sleep(due_s - 1 - time.time())
         due_mono = time.monotonic() + (due_s - time.time())
-        before = _round_trips(reader, due_mono)
-        after = _round_trips(reader, due_mono + watch_s)
+        before = round_trips(reader, due_mono)
+        after = round_trips(reader, due_mono + watch_s)
         out["before_due"] = summary(before)
         out["after_due"] = summary(after)
         log(f"server: GETs the second before {out['before_due']}, after {out['after_due']}")
@@ -185,7 +185,7 @@ def server(work: Path, jobs: int, lead_s: float, watch_s: float) -> dict:
     with Server(work, data, fsync=False, ready_timeout=600) as srv:
         reader = Kcp(srv.kcp_port)
         out["restart_ready_s"] = round(srv.ready_seconds, 2)
-        out["after_restart"] = summary(_round_trips(reader, time.monotonic() + watch_s))
+        out["after_restart"] = summary(round_trips(reader, time.monotonic() + watch_s))
         log(f"server: restart ready in {out['restart_ready_s']}s, GETs {out['after_restart']}")
         assert srv.grpc_port is not None
         watched: dict = {}
@@ -193,7 +193,7 @@ def server(work: Path, jobs: int, lead_s: float, watch_s: float) -> dict:
         watcher.start()
         trips = []
         while watcher.is_alive():
-            trips += _round_trips(reader, time.monotonic() + 0.1)
+            trips += round_trips(reader, time.monotonic() + 0.1)
         watcher.join()
         out["watch_snapshot"] = watched | {"gets_meanwhile": summary(trips)}
         log(f"server: a watch's snapshot {out['watch_snapshot']}")

@@ -94,11 +94,7 @@ class _Builder(Server):
 
     def __init__(self, *args: Any, storage: str = NEVER, **kwargs: Any) -> None:
         kwargs.setdefault("ready_timeout", 600)  # a start that replays 10M records takes ~40 s
-        super().__init__(*args, **kwargs)
-        self.storage = storage
-
-    def config_text(self) -> str:
-        return super().config_text().replace("[storage]\n", "[storage]\n" + self.storage)
+        super().__init__(*args, storage=storage, **kwargs)
 
 
 def build_store(work: Path, jobs: int) -> Path:

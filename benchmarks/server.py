@@ -123,6 +123,7 @@ class Server:
         *,
         fsync: bool,
         extra: str = "",
+        storage: str = "",
         ready_timeout: float = READY_TIMEOUT_S,
     ) -> None:
         self.workdir = workdir
@@ -130,6 +131,7 @@ class Server:
         self.data_dir = data_dir
         self.fsync = fsync
         self.extra = extra
+        self.storage = storage  # lines of the [storage] table beside its directory
         self.config_path = workdir / "configuration.toml"
         self.process: subprocess.Popen[bytes] | None = None
         self.lines: list[tuple[float, str]] = []  # (monotonic receipt time, line)
@@ -147,7 +149,7 @@ class Server:
             '[grpc]\nlisten = "127.0.0.1:0"\n\n'
             '[metrics]\nlisten = "127.0.0.1:0"\n\n'
             f"[database]\nfsync_on_persist = {'true' if self.fsync else 'false'}\n\n"
-            f'[storage]\ndirectory = "{self.data_dir}"\n\n'
+            f'[storage]\ndirectory = "{self.data_dir}"\n{self.storage}\n'
             "[shutdown]\ngrace_period_s = 5.0\n\n" + self.extra
         )
 

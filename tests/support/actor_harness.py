@@ -18,6 +18,7 @@ from kairoi_trio.commands import Request
 from kairoi_trio.core.actor import ActorClient, CommandActor
 from kairoi_trio.core.state import State
 from kairoi_trio.model import MICROS, Job, Rule
+from kairoi_trio.storage.compaction import OrderedJobs, snapshot_order
 
 T0 = 1_700_000_000 * MICROS  # the fake clock's start
 
@@ -36,6 +37,7 @@ class FakeLog:
         self.record_bytes = 100
         self.rotations = 0
         self.snapshots: list[tuple[int, dict, dict]] = []
+        self.snapshot_orders: list[list[str]] = []  # each snapshot's job ids, in its order
         self.snapshot_gate: trio.Event | None = None
         self.snapshot_fail = False
         self.rotate_gate: trio.Event | None = None
@@ -65,13 +67,15 @@ class FakeLog:
         return self.rotations
 
     async def write_snapshot(
-        self, seq: int, jobs: Mapping[str, Job], rules: Mapping[str, Rule]
+        self, seq: int, jobs: Mapping[str, Job] | OrderedJobs, rules: Mapping[str, Rule]
     ) -> None:
         if self.snapshot_gate is not None:
             await self.snapshot_gate.wait()
         if self.snapshot_fail:
             raise OSError(errno.ENOSPC, "No space left on device")
-        self.snapshots.append((seq, dict(jobs), dict(rules)))
+        in_order = list(snapshot_order(jobs))
+        self.snapshot_orders.append([job.id for job in in_order])
+        self.snapshots.append((seq, {job.id: job for job in in_order}, dict(rules)))
 
 
 @dataclass

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -1652,7 +1651,7 @@ async def test_a_snapshot_failing_with_any_exception_is_retried_later() -> None:
     health = _Health()
     async with running_actor(compact_after_bytes=100, observer=health) as h:
 
-        async def broken(seq: int, jobs: Mapping, rules: Mapping) -> None:
+        async def broken(seq: int, jobs: object, rules: object) -> None:
             raise RuntimeError("a compaction is already running")
 
         h.log.write_snapshot = broken  # type: ignore[method-assign]

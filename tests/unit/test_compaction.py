@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from kairoi_trio.commands import DeleteJob, Request, SetJob
+from kairoi_trio.core import actor as actor_module
+from kairoi_trio.core.actor import ActorClient, CommandActor
+from kairoi_trio.core.checkpoint import Checkpoint
+from kairoi_trio.core.state import State
 from kairoi_trio.model import Job, Rule, ShellRunner, Status
 from kairoi_trio.storage import compaction
 from kairoi_trio.storage.compaction import segment_path, snapshot_path
@@ -289,3 +294,52 @@ async def test_only_the_names_the_log_writes_are_read(tmp_path: Path) -> None:
     state = load(tmp_path)
     assert set(state.jobs) == {"a"} and state.warnings == []
     assert stray.read_bytes() == b"not a segment"
+
+
+async def test_the_actor_copies_its_jobs_in_slices_while_clients_change_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compaction by the command actor on the real log: the copy of the jobs takes
+    many steps (one job each here), clients set and delete jobs between them,
+    and the snapshot is the state at the rotation, in snapshot order; with the
+    segments after it, the directory reads back as the final state."""
+    monkeypatch.setattr(actor_module, "COPY_SLICE", 1)
+    saved_meanwhile = []
+    save = Checkpoint.save
+
+    def spy(checkpoint: Checkpoint, job_id: str, job: Job | None) -> None:
+        saved_meanwhile.append(not checkpoint.done)
+        save(checkpoint, job_id, job)
+
+    monkeypatch.setattr(Checkpoint, "save", spy)
+    log, _ = await open_log(tmp_path)
+    statuses = list(Status)
+    jobs = [Job(f"j{i:04d}", i, statuses[i % 4]) for i in range(3_000)]
+    await log.append([JobPut(job) for job in jobs])
+    send, receive = trio.open_memory_channel[Request](100)
+    # the first batch compacts (no snapshot yet), and no later one
+    actor = CommandActor(State(jobs), log, receive, compact_after_bytes=1, compact_ratio=1000)
+    client = ActorClient(send)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        await client.call(SetJob("new0", 1))  # the actor compacts after it
+        at_cut = dict(actor.state.jobs)
+        await client.call(SetJob("j0003", 5))  # a failed job set again: planned
+        await client.call(DeleteJob("j2998"))  # a job the walk has not reached
+        await client.call(DeleteJob("j0000"))
+        for i in range(10):
+            await client.call(SetJob(f"new{i + 1}", 7))
+            await client.call(SetJob(f"j{i * 8:04d}", 8))
+            await client.call(SetJob(f"j{2_998 - i * 12:04d}", 9))  # executed: planned again
+        await client.aclose()  # the actor stops once its snapshot is written
+    await log.aclose()
+    assert any(saved_meanwhile)  # changes came while the copy was under way
+    assert at_cut != actor.state.jobs
+    snapshot = tmp_path / "snapshot-0000000001.snap"
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / snapshot.name).write_bytes(snapshot.read_bytes())
+    assert load(alone).jobs == at_cut
+    rank = {status: r for r, status in enumerate(Status)}
+    assert list(load(alone).jobs) == sorted(at_cut, key=lambda i: (rank[at_cut[i].status], i))
+    assert load(tmp_path).jobs == actor.state.jobs

@@ -42,6 +42,15 @@ def counts(state: State) -> dict[Status, int]:
     return {status: n for status, n in state.counts.items() if n}
 
 
+def snapshot_ids(state: State) -> list[str]:
+    """The ids in the order a compaction's snapshot stores them (by status, then id)."""
+    checkpoint = state.begin_checkpoint()
+    while not checkpoint.done:
+        checkpoint.copy_some(7)
+    state.end_checkpoint()
+    return [job.id for job in checkpoint.jobs_in_order]
+
+
 def drain(state: State, now: int) -> list[str]:
     """Pop every due job and mark it triggered, as the actor does; the ids in order."""
     ids = []
@@ -731,6 +740,6 @@ def test_a_replayed_state_is_recovered_as_recover_replayed_then_state_would(
     assert state.recovered == expected_counts
     assert state.jobs == expected_jobs
     assert state.counts == expected.counts
-    assert state.id_order() == expected.id_order()
+    assert snapshot_ids(state) == snapshot_ids(expected)
     assert state.expired_finished(MAX_TIME_US, 100) == expected.expired_finished(MAX_TIME_US, 100)
     assert list(state.pop_due(MAX_TIME_US)) == list(expected.pop_due(MAX_TIME_US))

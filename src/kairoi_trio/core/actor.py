@@ -74,6 +74,7 @@ from kairoi_trio.commands import (
     TriggerResult,
     Unsubscribe,
 )
+from kairoi_trio.core.checkpoint import COPY_SLICE, Checkpoint
 from kairoi_trio.core.failures import WINDOW_S, FailReason, FailureLog
 from kairoi_trio.core.state import State, waits
 from kairoi_trio.core.validation import RuleValidator, validate_job
@@ -184,7 +185,7 @@ class Log(Protocol):
     async def rotate(self) -> int: ...
 
     async def write_snapshot(
-        self, seq: int, jobs: Mapping[str, Job], rules: Mapping[str, Rule]
+        self, seq: int, jobs: Mapping[str, Job] | OrderedJobs, rules: Mapping[str, Rule]
     ) -> None: ...
 
 
@@ -533,20 +534,37 @@ class CommandActor:
             return
         self._compacting = True
         assert self._background is not None
-        # The ids in the order the snapshot keeps (by status, then id): the state's
-        # sorted id indexes give it for a copy, where the writer would sort 10M ids.
-        # copy(), not dict(): it clones the table while at most a third of it is
-        # deleted entries, where dict() inserts every job again once any was deleted
-        # (2M jobs after 1M deletions: 0.16 s against 0.66 s of the actor's time).
-        jobs = OrderedJobs(self.state.jobs.copy(), self.state.id_order())
-        self._background.start_soon(self._write_snapshot, sealed[0], jobs, dict(self.state.rules))
+        # The jobs as of the rotation, taken COPY_SLICE at a time by a task of their
+        # own while this one goes on serving (core/checkpoint.py): in one step, the
+        # copy held every client ~0.1 s a million jobs. The rules are few: copied now.
+        checkpoint = self.state.begin_checkpoint()
+        self._background.start_soon(
+            self._write_snapshot, sealed[0], checkpoint, dict(self.state.rules)
+        )
 
     async def _write_snapshot(
-        self, seq: int, jobs: Mapping[str, Job], rules: dict[str, Rule]
+        self, seq: int, checkpoint: Checkpoint, rules: dict[str, Rule]
     ) -> None:
         try:
+            started, slices = time.perf_counter(), 0
+            try:
+                while not checkpoint.done:
+                    checkpoint.copy_some(COPY_SLICE)
+                    slices += 1
+                    await trio.lowlevel.checkpoint()  # the actor serves clients meanwhile
+            finally:
+                self.state.end_checkpoint()
+            jobs = OrderedJobs(checkpoint.jobs_in_order)
+            copied_s = round(time.perf_counter() - started, 3)
             await self._log.write_snapshot(seq, jobs, rules)
-            log.info("log compacted", segment=seq, jobs=len(jobs), rules=len(rules))
+            log.info(
+                "log compacted",
+                segment=seq,
+                jobs=len(jobs),
+                rules=len(rules),
+                copy_slices=slices,
+                copy_seconds=copied_s,
+            )
         except Exception as error:
             self._compaction_failed("compaction failed", error)
         finally:

@@ -26,11 +26,12 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Iterable, Iterator
-from itertools import chain, compress, islice, repeat
+from itertools import compress, islice, repeat
 from operator import attrgetter, is_
 
 from sortedcontainers import SortedList
 
+from kairoi_trio.core.checkpoint import Checkpoint
 from kairoi_trio.core.due import DueIndex
 from kairoi_trio.model import MAX_TIME_US, MIN_TIME_US, Job, Rule, Status, new_job
 
@@ -92,6 +93,7 @@ class State:
         )
         self.recovered = (0, 0)
         self.rules: dict[str, Rule] = {}
+        self.checkpoint: Checkpoint | None = None  # a compaction's copy being taken
         # A few C-level passes over the jobs (n is 10 million at start-up), no
         # Python code a job: the status and time of each, then each status's ids.
         statuses = list(map(_status_of, self.jobs.values()))
@@ -162,6 +164,8 @@ class State:
         """Insert or replace a job; returns the job it replaced."""
         job_id, status = job.id, job.status
         old = self.jobs.get(job_id)
+        if self.checkpoint is not None:
+            self.checkpoint.save(job_id, old)
         self.jobs[job_id] = job
         counts = self.counts
         if old is None:
@@ -188,13 +192,19 @@ class State:
             heapq.heappush(self._finished, (job.updated_at, job_id))
         return old
 
-    def id_order(self) -> list[str]:
-        """Every job id, grouped by status (in Status order), each group in id order:
-        the order a snapshot stores its jobs in (storage/compaction.py), so that the
-        start-up finds each status's ids sorted. A C-level copy of the id indexes."""
-        return list(chain.from_iterable(self._ids[status] for status in Status))
+    def begin_checkpoint(self) -> Checkpoint:
+        """A copy of the jobs as they are now, in the order a snapshot stores them
+        (core/checkpoint.py): taken by its copy_some calls, while put_job and
+        delete_job save what they change into it, until end_checkpoint."""
+        self.checkpoint = Checkpoint(self.jobs, self._ids)
+        return self.checkpoint
+
+    def end_checkpoint(self) -> None:
+        self.checkpoint = None
 
     def delete_job(self, job_id: str) -> Job | None:
+        if self.checkpoint is not None:
+            self.checkpoint.save(job_id, self.jobs.get(job_id))
         old = self.jobs.pop(job_id, None)
         if old is not None:
             self._ids[old.status].remove(job_id)

@@ -22,7 +22,7 @@ are separate so the crash-safety tests can stop between any two of them.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from itertools import compress, repeat
 from operator import attrgetter, is_
@@ -107,39 +107,31 @@ def close_quietly(fd: int, what: str) -> None:
 # -- the order of the jobs in a snapshot -------------------------------------------
 
 
-class OrderedJobs(Mapping[str, Job]):
-    """Jobs by id (a dict) with the order to write them in: the command actor's copy
-    of its state, with its ids grouped by status and sorted (State.snapshot_order,
-    free: the state keeps them so), which the snapshot keeps."""
+class OrderedJobs:
+    """Jobs in the order a snapshot stores them: the command actor's copy
+    (core/checkpoint.py), which walks its sorted id indexes in that order."""
 
-    __slots__ = ("jobs", "order")
+    __slots__ = ("jobs",)
 
-    def __init__(self, jobs: dict[str, Job], order: list[str]) -> None:
+    def __init__(self, jobs: list[Job]) -> None:
         self.jobs = jobs
-        self.order = order
-
-    def __getitem__(self, job_id: str) -> Job:
-        return self.jobs[job_id]
 
     def __len__(self) -> int:
         return len(self.jobs)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.order)
 
 
 _status_of = attrgetter("status")
 
 
-def snapshot_order(jobs: Mapping[str, Job]) -> Iterable[Job]:
+def snapshot_order(jobs: Mapping[str, Job] | OrderedJobs) -> Iterable[Job]:
     """The jobs as a snapshot stores them: grouped by status (in Status order), each
     group in id order. Start-up puts the ids of each status in a sorted index: a
     sorted run costs it one comparison an id, random order ~23 at 10 million.
 
-    An OrderedJobs gives its own order (the actor's, sorted already); any other
-    mapping is sorted here (the offline tools: repair, copy, import)."""
+    OrderedJobs are in that order already (the actor's); a mapping is sorted
+    here (the offline tools: repair, copy, import)."""
     if isinstance(jobs, OrderedJobs):
-        return map(jobs.jobs.__getitem__, jobs.order)
+        return jobs.jobs
     ids = list(jobs)
     statuses = list(map(_status_of, jobs.values()))
     order: list[str] = []
@@ -156,7 +148,7 @@ _WRITE_BUFFER = 1 << 20
 def write_snapshot_tmp(
     directory: Path,
     seq: int,
-    jobs: Mapping[str, Job],
+    jobs: Mapping[str, Job] | OrderedJobs,
     rules: Mapping[str, Rule],
     *,
     fsync: bool = True,
@@ -228,7 +220,7 @@ class SnapshotInfo:
 def write_snapshot(
     directory: Path,
     seq: int,
-    jobs: Mapping[str, Job],
+    jobs: Mapping[str, Job] | OrderedJobs,
     rules: Mapping[str, Rule],
     *,
     fsync: bool = True,
