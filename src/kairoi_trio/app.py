@@ -13,6 +13,7 @@ is still in flight before the log is closed.
 from __future__ import annotations
 
 import gc
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ from kairoi_trio.storage.log import DurableLog, StorageError
 log = structlog.get_logger(__name__)
 
 GC_THRESHOLDS = (50_000, 20, 100)  # gc.set_threshold: young, middle, old generations
+SWITCH_INTERVAL_S = 0.001  # sys.setswitchinterval (Python's default: 0.005)
 REQUEST_QUEUE = 1024  # requests waiting for the actor (each may carry many commands)
 HOUSEKEEPING_INTERVAL_S = 60.0
 
@@ -317,6 +319,12 @@ async def serve(
     # is ~213-234 us with it, ~170-176 with these (docs/benchmarks.md). Young
     # collections then walk up to 50,000 objects (~1-3 ms), 70x less often.
     gc.set_threshold(*GC_THRESHOLDS)
+    # Threads that run Python beside the event loop (the snapshot writer while the log
+    # is compacted, the gRPC server's asyncio loop) hand the GIL over once the holder
+    # has run this long. At Python's 5 ms, a request waited ~5 ms at each hand-over
+    # while a snapshot was written; at 1 ms the writer's pace is the same
+    # (docs/benchmarks.md, "A compaction of a million jobs").
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     if config.storage.backend == "postgres":
         await _serve_postgres(config, stop, task_status)
         return
