@@ -18,8 +18,9 @@ and `State.id_order()`), every client waiting.
    seconds. Then a restart with `compact_after_bytes = 1`, which compacts after the
    first request: one connection sends one GET at a time and another SETs in
    pipelines of 100 (re-SETs of stored jobs) until the "log compacted" line. GET
-   round trips p50 / p99 / max before and during, SET/s during, and the seconds
-   from "ready" to "log compacted" (the server's own request at start-up begins it).
+   round trips p50 / p99 / max before and during, SET/s during, the seconds
+   from "ready" to "log compacted" (the server's own request at start-up begins it),
+   and the server's RSS before and its peak during (from /proc, peak reset at ready).
 
 Progress goes to stderr, the results as JSON to stdout.
 """
@@ -132,6 +133,8 @@ def server(work: Path, jobs: int) -> dict:
         work, data, fsync=True, ready_timeout=600, storage="compact_after_bytes = 1\n"
     ) as srv:
         log(f"server: restarted in {srv.ready_seconds:.1f}s, compacting")
+        rss_before = srv.rss_mib()
+        Path(f"/proc/{srv.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux 4.0)
         reader, writer = Kcp(srv.kcp_port), Kcp(srv.kcp_port)
         compacted = threading.Event()
         sets = [0]
@@ -164,6 +167,8 @@ def server(work: Path, jobs: int) -> dict:
         ready_at = srv._started + srv.ready_seconds
         done_at = next(t for t, line in srv.lines if '"log compacted"' in line)
         out["during"] = summary(trips)
+        out["rss_mib_before"] = round(rss_before)
+        out["peak_rss_mib_during"] = round(srv.peak_rss_mib())
         out["compacted_after_ready_s"] = round(done_at - ready_at, 2)
         out["sets_per_s_during"] = round(sets[0] / seconds)
         out["events"] = srv.events("log compacted")
