@@ -157,8 +157,10 @@ def server(work: Path, jobs: int) -> dict:
         setter = threading.Thread(target=re_set)
         setter.start()
         trips: list[float] = []
+        ends: list[float] = []  # when each GET came back (monotonic s)
         while not srv.events("log compacted"):
             trips += round_trips(reader, time.monotonic() + 0.1, ids[0])
+            ends += [time.monotonic()] * (len(trips) - len(ends))
             if time.monotonic() - started > 600:
                 raise RuntimeError("no compaction within 600 s")
         seconds = time.monotonic() - started
@@ -167,6 +169,10 @@ def server(work: Path, jobs: int) -> dict:
         ready_at = srv._started + srv.ready_seconds
         done_at = next(t for t, line in srv.lines if '"log compacted"' in line)
         out["during"] = summary(trips)
+        slowest = max(range(len(trips)), key=trips.__getitem__)
+        # within 0.1 s (a round of GETs): after ready, and before "log compacted"
+        out["slowest_get_after_ready_s"] = round(ends[slowest] - ready_at, 1)
+        out["slowest_get_before_compacted_s"] = round(done_at - ends[slowest], 1)
         out["rss_mib_before"] = round(rss_before)
         out["peak_rss_mib_during"] = round(srv.peak_rss_mib())
         out["compacted_after_ready_s"] = round(done_at - ready_at, 2)

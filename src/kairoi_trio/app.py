@@ -342,7 +342,7 @@ async def serve(
         (StorageError,),
         lambda: state.counts,
         config.storage.compact_after_bytes,
-        describe=partial(describe_log, durable),
+        describe=partial(describe_log, durable, lambda: state.checkpoint is not None),
     )
     try:
         await _serve_state(config, stop, store, task_status)

@@ -98,3 +98,17 @@ def test_a_copy_taken_among_any_changes_is_the_state_at_the_cut(n: int, steps: l
         checkpoint.copy_some(3)
     state.end_checkpoint()
     assert checkpoint.jobs_in_order == cut
+
+
+def test_the_copy_is_released_a_slice_at_a_time() -> None:
+    state = state_of(25)
+    checkpoint = state.begin_checkpoint()
+    while not checkpoint.done:
+        checkpoint.copy_some(10)
+    state.end_checkpoint()
+    copied = list(checkpoint.jobs_in_order)
+    calls = 1
+    while checkpoint.release_some(10):
+        assert checkpoint.jobs_in_order == copied[: 25 - 10 * calls]  # from the end
+        calls += 1
+    assert calls == 3 and checkpoint.jobs_in_order == []

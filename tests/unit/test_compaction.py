@@ -17,6 +17,7 @@ from kairoi_trio.core.state import State
 from kairoi_trio.model import Job, Rule, ShellRunner, Status
 from kairoi_trio.storage import compaction
 from kairoi_trio.storage.compaction import segment_path, snapshot_path
+from kairoi_trio.storage.info import describe_log
 from kairoi_trio.storage.log import CorruptLogError, DurableLog, LoadedState, StorageError
 from kairoi_trio.storage.records import JobDelete, JobPut, JobStatus, RulePut, apply_record
 
@@ -305,10 +306,12 @@ async def test_the_actor_copies_its_jobs_in_slices_while_clients_change_them(
     segments after it, the directory reads back as the final state."""
     monkeypatch.setattr(actor_module, "COPY_SLICE", 1)
     saved_meanwhile = []
+    checkpoints = set()
     save = Checkpoint.save
 
     def spy(checkpoint: Checkpoint, job_id: str, job: Job | None) -> None:
         saved_meanwhile.append(not checkpoint.done)
+        checkpoints.add(checkpoint)
         save(checkpoint, job_id, job)
 
     monkeypatch.setattr(Checkpoint, "save", spy)
@@ -334,6 +337,8 @@ async def test_the_actor_copies_its_jobs_in_slices_while_clients_change_them(
         await client.aclose()  # the actor stops once its snapshot is written
     await log.aclose()
     assert any(saved_meanwhile)  # changes came while the copy was under way
+    [checkpoint] = checkpoints
+    assert checkpoint.jobs_in_order == []  # the copy was let go once written
     assert at_cut != actor.state.jobs
     snapshot = tmp_path / "snapshot-0000000001.snap"
     alone = tmp_path / "alone"
@@ -342,4 +347,30 @@ async def test_the_actor_copies_its_jobs_in_slices_while_clients_change_them(
     assert load(alone).jobs == at_cut
     rank = {status: r for r, status in enumerate(Status)}
     assert list(load(alone).jobs) == sorted(at_cut, key=lambda i: (rank[at_cut[i].status], i))
+    assert load(tmp_path).jobs == actor.state.jobs
+
+
+async def test_a_stop_during_the_copy_ends_the_compaction_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's stop cancels the actor's nursery; a compaction whose copy is
+    under way ends there (the segments hold everything: the next start replays
+    them), its checkpoint with it; the dashboard said it was running meanwhile."""
+    monkeypatch.setattr(actor_module, "COPY_SLICE", 10)
+    log, _ = await open_log(tmp_path)
+    jobs = [Job(f"j{i:05d}", i) for i in range(5_000)]
+    await log.append([JobPut(job) for job in jobs])
+    send, receive = trio.open_memory_channel[Request](10)
+    actor = CommandActor(State(jobs), log, receive, compact_after_bytes=1, compact_ratio=1000)
+    async with trio.open_nursery() as core:
+        await core.start(actor.run)
+        await ActorClient(send).call(SetJob("x", 1))  # the actor compacts after it
+        while actor.state.checkpoint is None:  # the rotation, in a worker thread
+            await trio.lowlevel.checkpoint()
+        view = describe_log(log, lambda: actor.state.checkpoint is not None)  # as app.py
+        assert view["compacting"] and not log.compacting  # copying: not writing yet
+        core.cancel_scope.cancel()  # what serve() does on stop
+    await log.aclose()
+    assert actor.state.checkpoint is None
+    assert names(tmp_path) == ["segment-0000000001.log", "segment-0000000002.log"]
     assert load(tmp_path).jobs == actor.state.jobs

@@ -74,7 +74,7 @@ from kairoi_trio.commands import (
     TriggerResult,
     Unsubscribe,
 )
-from kairoi_trio.core.checkpoint import COPY_SLICE, Checkpoint
+from kairoi_trio.core.checkpoint import COPY_SLICE, RELEASE_SLICE, Checkpoint
 from kairoi_trio.core.failures import WINDOW_S, FailReason, FailureLog
 from kairoi_trio.core.state import State, waits
 from kairoi_trio.core.validation import RuleValidator, validate_job
@@ -513,9 +513,10 @@ class CommandActor:
         )
 
     async def _start_compaction(self) -> None:
-        """Rotate the log between two appends, then write the snapshot in the
-        background from shallow copies (Jobs and Rules are immutable, so the
-        copies are a consistent view of the state at the rotation).
+        """Rotate the log between two appends, then, in the background, copy the
+        jobs as they were at the rotation a slice at a time (core/checkpoint.py;
+        Jobs and Rules are immutable: a copy holds references) and write the
+        snapshot from the copy.
 
         Reads are answered while the rotation runs; writes wait for it. Any
         failure is logged, counted and tried again after COMPACTION_RETRY_S:
@@ -547,6 +548,9 @@ class CommandActor:
     ) -> None:
         try:
             started, slices = time.perf_counter(), 0
+            # A stop during the copy ends the compaction (seconds of copying at ten
+            # million jobs; the segments keep everything), one while the snapshot is
+            # written waits for it (DurableLog.aclose).
             try:
                 while not checkpoint.done:
                     checkpoint.copy_some(COPY_SLICE)
@@ -569,6 +573,9 @@ class CommandActor:
             self._compaction_failed("compaction failed", error)
         finally:
             self._compacting = False
+        # The copy's references, dropped a slice at a time (the writer's are gone)
+        while checkpoint.release_some(RELEASE_SLICE):
+            await trio.lowlevel.checkpoint()
 
     def _compaction_failed(self, event: str, error: Exception) -> None:
         if isinstance(error, self._storage_errors):

@@ -3,7 +3,7 @@
 A snapshot `snapshot-N.snap` holds the state (every job and rule) as of the END
 of segment N, followed by a SnapshotEnd record with the counts, which proves it
 is complete. Plain jobs (no payload, outcome or recurrence) are stored in job
-chunks of up to 65,536 (records.encode_jobs), the others one JobPut each, rules
+chunks of up to CHUNK_JOBS (records.encode_jobs), the others one JobPut each, rules
 one RulePut each. Jobs are written grouped by status, each group in id order:
 start-up then finds every per-status id index already sorted. Writing one takes four steps, each of
 which leaves a directory that start-up reads correctly:

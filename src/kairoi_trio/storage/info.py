@@ -16,14 +16,19 @@ directory; PostgreSQL's catalog and statistics views.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from kairoi_trio.storage.compaction import list_directory
 from kairoi_trio.storage.log import DurableLog
 
 
-def describe_log(durable: DurableLog) -> dict[str, object]:
+def describe_log(
+    durable: DurableLog, copying: Callable[[], bool] = lambda: False
+) -> dict[str, object]:
     """The embedded log: bytes on disk (the newest snapshot and the segments after
     it), the last compaction's time (the newest snapshot file's mtime) and whether
-    one is running. Lists the data directory (blocking)."""
+    one is running: the actor copying its jobs for it (`copying`), or the snapshot
+    being written. Lists the data directory (blocking)."""
     listing = list_directory(durable.directory)
     newest = max(listing.snapshots, default=None)
     last = listing.snapshots[newest].stat().st_mtime_ns // 1000 if newest is not None else None
@@ -31,5 +36,5 @@ def describe_log(durable: DurableLog) -> dict[str, object]:
         "backend": "log",
         "bytes": durable.snapshot_bytes + durable.bytes_since_snapshot,
         "last_compaction_us": last,
-        "compacting": durable.compacting,
+        "compacting": copying() or durable.compacting,
     }
