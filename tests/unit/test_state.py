@@ -241,6 +241,27 @@ def test_heap_rebuild_keeps_due_order_and_bounds_memory() -> None:
     assert state.next_due() is None
 
 
+def test_the_index_a_rebuild_replaced_is_let_go_a_slice_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(state_module, "RELEASE_SLICE", 100)
+    state = State(job(f"keep{i:04d}", 1000 + i) for i in range(2000))
+    n = 0
+    while state._rebuild is None:  # stale entries of many jobs, heap and buckets
+        state.put_job(job(f"keep{n % 2000:04d}", (n + 1) * (1 << 30) + n % 2000))
+        n += 1
+    while state._rebuild is not None:
+        state.next_due()
+    retired = sum(map(len, state._retired))
+    assert retired > 2 * 2000  # the old index's entries, held until let go
+    calls = 0
+    while state._retired and calls < 10_000:
+        state.next_due()
+        calls += 1
+    assert not state._retired and calls >= retired // 100
+    assert drain(state, 10**18) == sorted(state.jobs, key=lambda i: state.jobs[i].execute_at)
+
+
 def test_sets_into_a_bucket_being_opened_never_keep_it_from_opening(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

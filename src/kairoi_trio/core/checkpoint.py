@@ -38,14 +38,15 @@ from operator import attrgetter
 
 from sortedcontainers import SortedList
 
+from kairoi_trio.core.release import drop_some
 from kairoi_trio.model import Job, Status
 
 # Ids a call of copy_some (an actor step): ~0.8 µs an id at a million jobs (a
 # look-up in the jobs dict an id, in id order, not the dict's: cache misses), so
 # ~1.5 ms a slice. A request waits for a few slices (one a scheduler round).
 COPY_SLICE = 2048
-# References a call of release_some drops: ~20-60 ns each (ten million at once
-# took ~0.2 s in-process, more in a server).
+# References a call of release_some drops (core/release.py): ~20-60 ns each, so
+# ~1-2 ms a call (ten million at once took ~0.2 s in-process, more in a server).
 RELEASE_SLICE = 32_768
 _id_of = attrgetter("id")
 
@@ -139,5 +140,4 @@ class Checkpoint:
         kept; whether some remain. Once the snapshot is written: freeing the whole
         copy at once is one step that grows with the store."""
         self._kept.clear()
-        del self.jobs_in_order[-budget:]
-        return bool(self.jobs_in_order)
+        return drop_some([self.jobs_in_order], budget)

@@ -49,6 +49,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from functools import partial
 from operator import lt
+from typing import Any
 
 BUCKET_SHIFT = 34  # 2**34 µs: ~4.8 hours a bucket
 # fill() keeps entries cold only when a window (~12.7 days) holds at most this many on
@@ -173,6 +174,15 @@ class DueIndex:
     def __len__(self) -> int:
         """Entries held, stale ones included (the caller rebuilds when they dominate)."""
         return len(self._heap) + self._bucketed
+
+    def lists(self) -> list[list[Any]]:
+        """The lists that hold the entries: for a caller that lets go of the index
+        a slice at a time (core/release.py)."""
+        held: list[list[Any]] = [self._heap, *self._buckets.values()]
+        held += [opening.entries for opening in self._openings.values()]
+        if self._cold is not None:
+            held += [self._cold.ids, *self._cold._taken.values()]
+        return held
 
     def push(self, at: int, job_id: str) -> None:
         """Add an entry: `job_id` is due at `at` (µs since the epoch)."""

@@ -28,11 +28,13 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from itertools import compress, islice, repeat
 from operator import attrgetter, is_
+from typing import Any
 
 from sortedcontainers import SortedList
 
-from kairoi_trio.core.checkpoint import Checkpoint
+from kairoi_trio.core.checkpoint import RELEASE_SLICE, Checkpoint
 from kairoi_trio.core.due import DueIndex
+from kairoi_trio.core.release import drop_some
 from kairoi_trio.model import MAX_TIME_US, MIN_TIME_US, Job, Rule, Status, new_job
 
 # The due index opens a bucket at most this many ids an actor step (a Python step
@@ -133,6 +135,7 @@ class State:
         due.fill(times, planned_ids, bounds)
         del times, planned_ids
         self._rebuild: _Rebuild | None = None  # a new due index being built (_rebuild_some)
+        self._retired: list[list[Any]] = []  # what the rebuilt index replaced, let go of
         finished: list[tuple[int, str]] = []
         if counts[Status.EXECUTED] or counts[Status.FAILED]:
             finished = [
@@ -221,6 +224,8 @@ class State:
         the clients are served between them."""
         if self._rebuild is not None:
             self._rebuild_some(OPEN_SLICE + self._rebuild.owed)
+        elif self._retired:
+            drop_some(self._retired, RELEASE_SLICE)
         due = self._due
         budget = due.prepare(OPEN_SLICE)
         while budget is not None:
@@ -290,6 +295,7 @@ class State:
             if job.recurrence is None or waits(job):  # (planned: the paused ones wait not)
                 push(job.execute_at, job_id)
         if len(ids) < budget:
+            self._retired = self._due.lists()  # let go of a slice at a time (next_due)
             self._due, self._rebuild = rebuild.index, None
         else:
             rebuild.after = ids[-1]
