@@ -6,7 +6,7 @@ from kairoi_trio.core.release import drop_some
 
 
 def test_lists_are_emptied_last_first_from_their_ends_within_the_budget() -> None:
-    first, second, empty = [1, 2, 3], [4, 5, 6, 7, 8], []
+    first, second, empty = [1, 2, 3], [4, 5, 6, 7, 8], list[int]()
     lists = [first, empty, second]
     assert drop_some(lists, 3)
     assert second == [4, 5] and first == [1, 2, 3]

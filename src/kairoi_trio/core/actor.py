@@ -74,8 +74,9 @@ from kairoi_trio.commands import (
     TriggerResult,
     Unsubscribe,
 )
-from kairoi_trio.core.checkpoint import COPY_SLICE, RELEASE_SLICE, Checkpoint
+from kairoi_trio.core.checkpoint import COPY_SLICE, Checkpoint
 from kairoi_trio.core.failures import WINDOW_S, FailReason, FailureLog
+from kairoi_trio.core.release import RELEASE_SLICE
 from kairoi_trio.core.state import State, waits
 from kairoi_trio.core.validation import RuleValidator, validate_job
 from kairoi_trio.model import (

@@ -45,9 +45,6 @@ from kairoi_trio.model import Job, Status
 # look-up in the jobs dict an id, in id order, not the dict's: cache misses), so
 # ~1.5 ms a slice. A request waits for a few slices (one a scheduler round).
 COPY_SLICE = 2048
-# References a call of release_some drops (core/release.py): ~20-60 ns each, so
-# ~1-2 ms a call (ten million at once took ~0.2 s in-process, more in a server).
-RELEASE_SLICE = 32_768
 _id_of = attrgetter("id")
 
 

@@ -32,9 +32,9 @@ from typing import Any
 
 from sortedcontainers import SortedList
 
-from kairoi_trio.core.checkpoint import RELEASE_SLICE, Checkpoint
+from kairoi_trio.core.checkpoint import Checkpoint
 from kairoi_trio.core.due import DueIndex
-from kairoi_trio.core.release import drop_some
+from kairoi_trio.core.release import RELEASE_SLICE, drop_some
 from kairoi_trio.model import MAX_TIME_US, MIN_TIME_US, Job, Rule, Status, new_job
 
 # The due index opens a bucket at most this many ids an actor step (a Python step
