@@ -76,7 +76,6 @@ from kairoi_trio.commands import (
 )
 from kairoi_trio.core.checkpoint import COPY_SLICE, Checkpoint
 from kairoi_trio.core.failures import WINDOW_S, FailReason, FailureLog
-from kairoi_trio.core.release import RELEASE_SLICE
 from kairoi_trio.core.state import State, waits
 from kairoi_trio.core.validation import RuleValidator, validate_job
 from kairoi_trio.model import (
@@ -91,7 +90,7 @@ from kairoi_trio.model import (
 )
 from kairoi_trio.scheduling.occurrences import ScheduleError
 from kairoi_trio.scheduling.planner import DEFAULT_MAX_CATCHUP_RUNS, MAX_PREVIEW, Planner
-from kairoi_trio.storage.compaction import OrderedJobs
+from kairoi_trio.storage.compaction import JobFeed
 from kairoi_trio.storage.records import JobDelete, JobPut, JobStatus, Record, RuleDelete, RulePut
 
 log = structlog.get_logger(__name__)
@@ -101,6 +100,10 @@ PLANNED, TRIGGERED = Status.PLANNED, Status.TRIGGERED
 # After a failed compaction (disk full...), wait this long before the next try
 # instead of trying again after every batch.
 COMPACTION_RETRY_S = 60.0
+# A compaction's copy waits while this many slices of COPY_SLICE jobs wait for the
+# snapshot writer (~32k jobs: what the collector may walk of them), polling this often.
+FEED_BACKLOG = 16
+FEED_WAIT_S = 0.002
 
 
 # At most this many commands are applied per group commit, so one huge burst
@@ -186,7 +189,7 @@ class Log(Protocol):
     async def rotate(self) -> int: ...
 
     async def write_snapshot(
-        self, seq: int, jobs: Mapping[str, Job] | OrderedJobs, rules: Mapping[str, Rule]
+        self, seq: int, jobs: Mapping[str, Job] | JobFeed, rules: Mapping[str, Rule]
     ) -> None: ...
 
 
@@ -547,36 +550,53 @@ class CommandActor:
     async def _write_snapshot(
         self, seq: int, checkpoint: Checkpoint, rules: dict[str, Rule]
     ) -> None:
-        try:
-            started, slices = time.perf_counter(), 0
-            # A stop during the copy ends the compaction (seconds of copying at ten
-            # million jobs; the segments keep everything), one while the snapshot is
-            # written waits for it (DurableLog.aclose).
+        """Copy the jobs a slice at a time into a feed, which the log's writer
+        thread turns into the snapshot meanwhile (storage/compaction.py, JobFeed):
+        at most FEED_BACKLOG slices wait for it, so neither side keeps the whole copy."""
+        feed = JobFeed(checkpoint.count)
+        failed: list[Exception] = []
+
+        async def write() -> None:
             try:
-                while not checkpoint.done:
-                    checkpoint.copy_some(COPY_SLICE)
-                    slices += 1
-                    await trio.lowlevel.checkpoint()  # the actor serves clients meanwhile
-            finally:
-                self.state.end_checkpoint()
-            jobs = OrderedJobs(checkpoint.jobs_in_order)
-            copied_s = round(time.perf_counter() - started, 3)
-            await self._log.write_snapshot(seq, jobs, rules)
+                await self._log.write_snapshot(seq, feed, rules)
+            except Exception as error:
+                failed.append(error)
+
+        started, slices = time.perf_counter(), 0
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write)
+                # A stop during the copy abandons the feed: the writer then fails,
+                # and the segments keep everything.
+                try:
+                    while not checkpoint.done and not failed:
+                        if feed.backlog >= FEED_BACKLOG:
+                            await trio.sleep(FEED_WAIT_S)  # the writer is behind
+                            continue
+                        if jobs := checkpoint.copy_some(COPY_SLICE):
+                            feed.put(jobs)
+                        slices += 1
+                        await trio.lowlevel.checkpoint()  # the actor serves clients meanwhile
+                except BaseException:
+                    feed.abandon()
+                    raise
+                finally:
+                    self.state.end_checkpoint()
+                feed.close()
+            if failed:
+                raise failed[0]
             log.info(
                 "log compacted",
                 segment=seq,
-                jobs=len(jobs),
+                jobs=len(feed),
                 rules=len(rules),
                 copy_slices=slices,
-                copy_seconds=copied_s,
+                seconds=round(time.perf_counter() - started, 3),
             )
         except Exception as error:
             self._compaction_failed("compaction failed", error)
         finally:
             self._compacting = False
-        # The copy's references, dropped a slice at a time (the writer's are gone)
-        while checkpoint.release_some(RELEASE_SLICE):
-            await trio.lowlevel.checkpoint()
 
     def _compaction_failed(self, event: str, error: Exception) -> None:
         if isinstance(error, self._storage_errors):
