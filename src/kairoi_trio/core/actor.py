@@ -102,8 +102,8 @@ PLANNED, TRIGGERED = Status.PLANNED, Status.TRIGGERED
 COMPACTION_RETRY_S = 60.0
 # A compaction's copy waits while this many slices of COPY_SLICE jobs wait for the
 # snapshot writer (~32k jobs: what the collector may walk of them), polling this often.
-FEED_BACKLOG = 16
-FEED_WAIT_S = 0.002
+FEED_BACKLOG = 64
+FEED_WAIT_S = 0.005
 
 
 # At most this many commands are applied per group commit, so one huge burst

@@ -44,7 +44,7 @@ from kairoi_trio.model import Job, Status
 # Ids a call of copy_some (an actor step): ~0.8 µs an id at a million jobs (a
 # look-up in the jobs dict an id, in id order, not the dict's: cache misses), so
 # ~1.5 ms a slice. A request waits for a few slices (one a scheduler round).
-COPY_SLICE = 2048
+COPY_SLICE = 512
 _id_of = attrgetter("id")
 
 
