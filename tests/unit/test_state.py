@@ -263,6 +263,28 @@ def test_the_index_a_rebuild_replaced_is_let_go_a_slice_at_a_time(
     assert drain(state, 10**18) == sorted(state.jobs, key=lambda i: state.jobs[i].execute_at)
 
 
+def test_a_second_rebuild_keeps_letting_go_of_the_first_ones_index(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(state_module, "RELEASE_SLICE", 100)
+    state = State(job(f"keep{i:04d}", 1000 + i) for i in range(2000))
+    n = 0
+
+    def rebuild() -> None:
+        nonlocal n
+        while state._rebuild is None:  # put_job alone: nothing let go meanwhile
+            state.put_job(job(f"keep{n % 2000:04d}", (n + 1) * (1 << 30) + n % 2000))
+            n += 1
+        while state._rebuild is not None:
+            state.next_due()
+
+    rebuild()
+    first = list(state._retired)
+    rebuild()
+    held = {id(items) for items in state._retired}
+    assert all(not items or id(items) in held for items in first)  # none dropped whole
+
+
 def test_sets_into_a_bucket_being_opened_never_keep_it_from_opening(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -224,7 +224,7 @@ class State:
         the clients are served between them."""
         if self._rebuild is not None:
             self._rebuild_some(OPEN_SLICE + self._rebuild.owed)
-        elif self._retired:
+        if self._retired:  # (a call after each commit: memory is let go as it comes)
             drop_some(self._retired, RELEASE_SLICE)
         due = self._due
         budget = due.prepare(OPEN_SLICE)
@@ -295,7 +295,7 @@ class State:
             if job.recurrence is None or waits(job):  # (planned: the paused ones wait not)
                 push(job.execute_at, job_id)
         if len(ids) < budget:
-            self._retired = self._due.lists()  # let go of a slice at a time (next_due)
+            self._retired += self._due.lists()  # let go of a slice at a time (next_due)
             self._due, self._rebuild = rebuild.index, None
         else:
             rebuild.after = ids[-1]
