@@ -18,7 +18,7 @@ from kairoi_trio.commands import Request
 from kairoi_trio.core.actor import ActorClient, CommandActor
 from kairoi_trio.core.state import State
 from kairoi_trio.model import MICROS, Job, Rule
-from kairoi_trio.storage.compaction import JobFeed, snapshot_order
+from kairoi_trio.storage.compaction import OrderedJobs, snapshot_order
 
 T0 = 1_700_000_000 * MICROS  # the fake clock's start
 
@@ -67,19 +67,13 @@ class FakeLog:
         return self.rotations
 
     async def write_snapshot(
-        self, seq: int, jobs: Mapping[str, Job] | JobFeed, rules: Mapping[str, Rule]
+        self, seq: int, jobs: Mapping[str, Job] | OrderedJobs, rules: Mapping[str, Rule]
     ) -> None:
         if self.snapshot_gate is not None:
             await self.snapshot_gate.wait()
         if self.snapshot_fail:
             raise OSError(errno.ENOSPC, "No space left on device")
-        in_order: list[Job] = []
-        if isinstance(jobs, JobFeed):  # taken as the actor's copy puts it in
-            while (part := jobs.take_nowait()) is not None:
-                in_order += part
-                await trio.lowlevel.checkpoint()
-        else:
-            in_order = list(snapshot_order(jobs))
+        in_order = list(snapshot_order(jobs))
         self.snapshot_orders.append([job.id for job in in_order])
         self.snapshots.append((seq, {job.id: job for job in in_order}, dict(rules)))
 

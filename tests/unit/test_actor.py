@@ -44,7 +44,6 @@ from kairoi_trio.commands import (
     TriggerResult,
     Unsubscribe,
 )
-from kairoi_trio.core import actor as actor_module
 from kairoi_trio.core.actor import (
     COMPACTION_RETRY_S,
     MAX_BATCH_COMMANDS,
@@ -73,7 +72,6 @@ from kairoi_trio.model import (
     ShellRunner,
     Status,
 )
-from kairoi_trio.storage.compaction import JobFeed
 from kairoi_trio.storage.records import JobDelete, JobPut, JobStatus, apply_record
 
 YEAR_S = 365 * 86_400
@@ -1663,33 +1661,3 @@ async def test_a_snapshot_failing_with_any_exception_is_retried_later() -> None:
         assert [e["event"] for e in logs] == ["compaction failed"]
         assert health.failed_writes == ["compaction"]
         assert (await h.call(SetJob("b", at(1)))).id == "b"
-
-
-async def test_the_copy_for_a_snapshot_waits_for_a_writer_that_falls_behind(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The actor hands its copy to the writer a slice at a time and keeps at most
-    FEED_BACKLOG slices waiting: a stalled writer holds the copy back, not the
-    whole of it in memory; once it writes, the snapshot is the state at rotation."""
-    monkeypatch.setattr(actor_module, "COPY_SLICE", 1)
-    backlogs: list[int] = []
-    put = JobFeed.put
-
-    def spy(feed: JobFeed, jobs: list) -> None:
-        backlogs.append(feed.backlog)
-        put(feed, jobs)
-
-    monkeypatch.setattr(JobFeed, "put", spy)
-    state = State(Job(f"j{i:03d}", at(i)) for i in range(100))
-    async with running_actor(state, compact_after_bytes=100) as h:
-        h.log.snapshot_gate = trio.Event()
-        await h.call(SetJob("x", at(1)))  # compacts after it: the writer waits at the gate
-        await trio.sleep(0.2)
-        assert h.state.checkpoint is not None and not h.state.checkpoint.done
-        assert len(backlogs) == actor_module.FEED_BACKLOG
-        await h.call(DeleteJob("j050"))  # a change while the copy waits
-        h.log.snapshot_gate.set()
-        await trio.testing.wait_all_tasks_blocked()
-        [(_, jobs, _)] = h.log.snapshots
-        assert sorted(jobs) == sorted([f"j{i:03d}" for i in range(100)] + ["x"])
-        assert max(backlogs) == actor_module.FEED_BACKLOG - 1

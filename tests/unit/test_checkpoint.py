@@ -25,20 +25,19 @@ def test_an_unchanged_state_is_copied_in_snapshot_order_over_several_calls() -> 
     state = state_of(100)
     cut = in_snapshot_order(state.jobs)
     checkpoint = state.begin_checkpoint()
-    assert checkpoint.count == 100
-    slices = []
+    calls = 0
     while not checkpoint.done:
-        slices.append(checkpoint.copy_some(8))
-    assert [job for jobs in slices for job in jobs] == cut
-    assert max(map(len, slices)) == 8  # a slice at a time, not the whole in one call
-    assert checkpoint.copy_some(8) == []
+        checkpoint.copy_some(8)
+        calls += 1
+    assert checkpoint.jobs_in_order == cut
+    assert calls >= 100 // 8  # a slice at a time, not the whole in one call
 
 
 def test_changes_made_between_slices_leave_the_copy_as_of_the_cut() -> None:
     state = state_of(60)
     cut = in_snapshot_order(state.jobs)
     checkpoint = state.begin_checkpoint()
-    copied = checkpoint.copy_some(10)  # the walk is inside the first status group
+    checkpoint.copy_some(10)  # the walk is inside the first status group
     first_group = [job.id for job in cut if job.status is Status.PLANNED]
     ahead, behind = first_group[-1], first_group[0]
     state.put_job(Job(ahead, 5, Status.FAILED))  # not reached yet: moves to a later group
@@ -48,9 +47,9 @@ def test_changes_made_between_slices_leave_the_copy_as_of_the_cut() -> None:
     state.put_job(Job("zzz", 8, Status.FAILED))  # a new id in the last group
     state.put_job(Job(ahead, 9, Status.TRIGGERED))  # changed twice: the cut's job still
     while not checkpoint.done:
-        copied += checkpoint.copy_some(10)
+        checkpoint.copy_some(10)
     state.end_checkpoint()
-    assert copied == cut
+    assert checkpoint.jobs_in_order == cut
     state.put_job(Job("after", 1))  # no checkpoint: nothing kept
     assert state.checkpoint is None
 
@@ -59,12 +58,13 @@ def test_a_change_to_the_last_id_a_slice_took_keeps_it_copied_once() -> None:
     state = state_of(30)
     cut = in_snapshot_order(state.jobs)
     checkpoint = state.begin_checkpoint()
-    copied = checkpoint.copy_some(4)
-    state.put_job(Job(copied[-1].id, 99, Status.FAILED))  # taken already: its cut job stays
-    state.delete_job(copied[-2].id)
+    checkpoint.copy_some(4)
+    last = checkpoint.jobs_in_order[-1]
+    state.put_job(Job(last.id, 99, Status.FAILED))  # taken already: its cut job stays
+    state.delete_job(checkpoint.jobs_in_order[-2].id)
     while not checkpoint.done:
-        copied += checkpoint.copy_some(4)
-    assert copied == cut
+        checkpoint.copy_some(4)
+    assert checkpoint.jobs_in_order == cut
 
 
 @settings(max_examples=300, deadline=None)
@@ -87,15 +87,28 @@ def test_a_copy_taken_among_any_changes_is_the_state_at_the_cut(n: int, steps: l
     state = state_of(n)
     cut = in_snapshot_order(state.jobs)
     checkpoint = state.begin_checkpoint()
-    copied = []
     for step in steps:
         if step[0] == "copy":
-            copied += checkpoint.copy_some(step[1])
+            checkpoint.copy_some(step[1])
         elif step[0] == "set":
             state.put_job(Job(f"j{step[1]:03d}", 7, step[2]))
         else:
             state.delete_job(f"j{step[1]:03d}")
     while not checkpoint.done:
-        copied += checkpoint.copy_some(3)
+        checkpoint.copy_some(3)
     state.end_checkpoint()
-    assert copied == cut and len(copied) == checkpoint.count
+    assert checkpoint.jobs_in_order == cut
+
+
+def test_the_copy_is_released_a_slice_at_a_time() -> None:
+    state = state_of(25)
+    checkpoint = state.begin_checkpoint()
+    while not checkpoint.done:
+        checkpoint.copy_some(10)
+    state.end_checkpoint()
+    copied = list(checkpoint.jobs_in_order)
+    calls = 1
+    while checkpoint.release_some(10):
+        assert checkpoint.jobs_in_order == copied[: 25 - 10 * calls]  # from the end
+        calls += 1
+    assert calls == 3 and checkpoint.jobs_in_order == []

@@ -24,9 +24,8 @@ Applications", SIGMOD 2011, section 3.2):
   either copied already or not part of the cut.
 
 Each job of the cut is copied exactly once, as it was at the cut: a job not
-changed since is read live, a changed one from what was kept. The copy is not
-kept: the actor hands each slice to the snapshot writer's thread as it goes
-(storage/compaction.py, JobFeed). Memory: the slices not written yet, plus an
+changed since is read live, a changed one from what was kept. Memory: one
+reference a job for the copy (the one-step copy also held a dict), plus one
 entry an id changed during the copy.
 """
 
@@ -39,13 +38,13 @@ from operator import attrgetter
 
 from sortedcontainers import SortedList
 
+from kairoi_trio.core.release import drop_some
 from kairoi_trio.model import Job, Status
 
 # Ids a call of copy_some (an actor step): ~0.8 µs an id at a million jobs (a
 # look-up in the jobs dict an id, in id order, not the dict's: cache misses), so
-# ~0.4 ms a slice. A request waits for a few slices (one a scheduler round), while
-# the snapshot writer's thread takes the GIL in turns: small slices keep that short.
-COPY_SLICE = 512
+# ~1.5 ms a slice. A request waits for a few slices (one a scheduler round).
+COPY_SLICE = 2048
 _id_of = attrgetter("id")
 
 
@@ -53,13 +52,9 @@ class Checkpoint:
     """The jobs as of the cut (when it was made), copied by `copy_some` calls.
 
     `ids` is the state's sorted id index of each status and `jobs` its jobs by
-    id, both live: the state changes them after calling `save`. The slices that
-    copy_some returns, one after the other until `done`, are every job of the
-    cut (`count` of them), grouped by status (in Status order), each group in id
-    order: what a snapshot stores. The caller hands them on (to the snapshot
-    writer) rather than keep them: the collector walks a young container's items
-    at each young collection, and one list of ten million jobs took it ~0.45 s
-    (a server's GET waited as long)."""
+    id, both live: the state changes them after calling `save`. Once `done`,
+    `jobs_in_order` holds every job of the cut, grouped by status (in Status
+    order), each group in id order: what a snapshot stores."""
 
     __slots__ = (
         "_jobs",
@@ -70,7 +65,7 @@ class Checkpoint:
         "_kept",
         "_pending",
         "done",
-        "count",
+        "jobs_in_order",
     )
 
     def __init__(self, jobs: Mapping[str, Job], ids: Mapping[Status, SortedList]) -> None:
@@ -85,7 +80,7 @@ class Checkpoint:
         # Per status group: the ids of the kept jobs not yet copied (a heap)
         self._pending: list[list[str]] = [[] for _ in Status]
         self.done = False
-        self.count = len(jobs)  # jobs at the cut: what the slices add up to
+        self.jobs_in_order: list[Job] = []
 
     def save(self, job_id: str, job: Job | None) -> None:
         """Called before the state changes `job_id`, with its job (None: no job)."""
@@ -104,12 +99,11 @@ class Checkpoint:
             return rank < self._group
         return self._after is not None and job_id <= self._after
 
-    def copy_some(self, budget: int) -> list[Job]:
-        """The next slice of the copy: the jobs of the walk's next `budget` ids
-        (fewer at the end of a status group), with the kept jobs that belong
-        among them; [] once `done`."""
+    def copy_some(self, budget: int) -> None:
+        """Copy the next `budget` ids of the walk (fewer at the end of a status
+        group), with the kept jobs that belong among them."""
         if self.done:
-            return []
+            return
         group = self._groups[self._group]
         after = self._after
         walked: Iterable[str] = (
@@ -130,10 +124,17 @@ class Checkpoint:
                 taken.append(job)
             if taken:  # two sorted runs: one linear merge
                 jobs = sorted(jobs + taken, key=_id_of)
+        self.jobs_in_order += jobs
         if ended:
             self._group += 1
             self._after = None
             self.done = self._group == len(self._groups)
         else:
             self._after = ids[-1]
-        return jobs
+
+    def release_some(self, budget: int) -> bool:
+        """Drop up to `budget` references of the copy, from its end, and what was
+        kept; whether some remain. Once the snapshot is written: freeing the whole
+        copy at once is one step that grows with the store."""
+        self._kept.clear()
+        return drop_some([self.jobs_in_order], budget)

@@ -4,10 +4,9 @@ Freeing a list drops a reference to each of its items, and each drop touches the
 item's memory: ~20-60 ns an item, a cache miss each, in one C-level step that
 holds the GIL. Ten million of them took ~0.2 s in-process, more in a busy
 server: one step of the actor whose work grows with the store, every client
-waiting. The actor's structures that are let go whole (a due index replaced by
-its rebuild) are emptied from the end instead, `budget` items a call, between
-which the actor serves requests. (A compaction's copy of the jobs is never held
-whole: core/checkpoint.py.)
+waiting. The actor's structures that are let go whole (a compaction's copy of
+the jobs, a due index replaced by its rebuild) are emptied from the end instead,
+`budget` items a call, between which the actor serves requests.
 """
 
 from __future__ import annotations

@@ -22,9 +22,7 @@ are separate so the crash-safety tests can stop between any two of them.
 from __future__ import annotations
 
 import re
-import threading
-from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from itertools import compress, repeat
 from operator import attrgetter, is_
@@ -109,92 +107,31 @@ def close_quietly(fd: int, what: str) -> None:
 # -- the order of the jobs in a snapshot -------------------------------------------
 
 
-class FeedAbandoned(Exception):
-    """The producer of a JobFeed gave up (the server stopped during a compaction)."""
+class OrderedJobs:
+    """Jobs in the order a snapshot stores them: the command actor's copy
+    (core/checkpoint.py), which walks its sorted id indexes in that order."""
 
+    __slots__ = ("jobs",)
 
-class JobFeed:
-    """`count` jobs in the order a snapshot stores them, handed over a slice at a
-    time from the command actor (the producer, core/checkpoint.py) to the
-    snapshot writer's thread (the consumer, which iterates over it), so that
-    neither keeps the whole copy: a container of ten million jobs costs the
-    collector ~0.3 s each time it walks it.
-
-    Producer (the event loop's thread; never blocks but on the lock, held by
-    the consumer only to take a slice): `put`, `close` after the last slice,
-    `abandon` to make the consumer raise FeedAbandoned; `backlog`, the slices not
-    taken yet, is for the producer to bound. Consumer: iteration waits for the
-    next slice; each slice is let go (in the consumer's thread) once iterated."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-        self._slices: deque[list[Job]] = deque()
-        self._ready = threading.Condition()
-        self._closed = False
-        self._abandoned = False
-        self._taken = 0  # jobs the consumer has taken
+    def __init__(self, jobs: list[Job]) -> None:
+        self.jobs = jobs
 
     def __len__(self) -> int:
-        return self.count
-
-    @property
-    def backlog(self) -> int:
-        return len(self._slices)
-
-    def put(self, jobs: list[Job]) -> None:
-        with self._ready:
-            self._slices.append(jobs)
-            self._ready.notify()
-
-    def close(self) -> None:
-        with self._ready:
-            self._closed = True
-            self._ready.notify()
-
-    def abandon(self) -> None:
-        with self._ready:
-            self._abandoned = True
-            self._ready.notify()
-
-    def take_nowait(self) -> list[Job] | None:
-        """The next slice for a consumer in the producer's own thread (a test's
-        log): [] when none is ready yet, None once closed and drained. Raises
-        FeedAbandoned once abandoned."""
-        with self._ready:
-            if self._abandoned:
-                raise FeedAbandoned("the snapshot's jobs were abandoned")
-            if self._slices:
-                return self._slices.popleft()
-            return None if self._closed else []
-
-    def __iter__(self) -> Iterator[Job]:
-        while True:
-            with self._ready:
-                while not (self._slices or self._closed or self._abandoned):
-                    self._ready.wait()
-                if self._abandoned:
-                    raise FeedAbandoned("the snapshot's jobs were abandoned")
-                if not self._slices:
-                    break
-                jobs = self._slices.popleft()
-            self._taken += len(jobs)
-            yield from jobs
-        if self._taken != self.count:  # (a snapshot whose end record lied: refused)
-            raise RuntimeError(f"the feed gave {self._taken:,} jobs, not {self.count:,}")
+        return len(self.jobs)
 
 
 _status_of = attrgetter("status")
 
 
-def snapshot_order(jobs: Mapping[str, Job] | JobFeed) -> Iterable[Job]:
+def snapshot_order(jobs: Mapping[str, Job] | OrderedJobs) -> Iterable[Job]:
     """The jobs as a snapshot stores them: grouped by status (in Status order), each
     group in id order. Start-up puts the ids of each status in a sorted index: a
     sorted run costs it one comparison an id, random order ~23 at 10 million.
 
-    A JobFeed is in that order already (the actor's); a mapping is sorted
+    OrderedJobs are in that order already (the actor's); a mapping is sorted
     here (the offline tools: repair, copy, import)."""
-    if isinstance(jobs, JobFeed):
-        return jobs
+    if isinstance(jobs, OrderedJobs):
+        return jobs.jobs
     ids = list(jobs)
     statuses = list(map(_status_of, jobs.values()))
     order: list[str] = []
@@ -211,7 +148,7 @@ _WRITE_BUFFER = 1 << 20
 def write_snapshot_tmp(
     directory: Path,
     seq: int,
-    jobs: Mapping[str, Job] | JobFeed,
+    jobs: Mapping[str, Job] | OrderedJobs,
     rules: Mapping[str, Rule],
     *,
     fsync: bool = True,
@@ -283,7 +220,7 @@ class SnapshotInfo:
 def write_snapshot(
     directory: Path,
     seq: int,
-    jobs: Mapping[str, Job] | JobFeed,
+    jobs: Mapping[str, Job] | OrderedJobs,
     rules: Mapping[str, Rule],
     *,
     fsync: bool = True,

@@ -50,7 +50,7 @@ from kairoi_trio.storage import compaction
 from kairoi_trio.storage.compaction import (
     LOCK_NAME,
     TMP_SUFFIX,
-    JobFeed,
+    OrderedJobs,
     close_quietly,
     fsync_directory,
     list_directory,
@@ -582,7 +582,7 @@ class DurableLog:
         return old_seq, old_size
 
     async def write_snapshot(
-        self, seq: int, jobs: Mapping[str, Job] | JobFeed, rules: Mapping[str, Rule]
+        self, seq: int, jobs: Mapping[str, Job] | OrderedJobs, rules: Mapping[str, Rule]
     ) -> None:
         """Write snapshot `seq` (the state as of the end of segment `seq`) and drop what it covers.
 
