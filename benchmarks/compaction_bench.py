@@ -5,10 +5,9 @@
 
 A compaction rotates the log and hands the writer thread the jobs as of the
 rotation, in snapshot order (grouped by status, then by id). The actor takes that
-copy in slices, COPY_SLICE jobs a step, keeps the jobs it changes meanwhile as
-they were (core/checkpoint.py) and hands each slice to the writer's thread as it
-goes (storage/compaction.py, JobFeed); it took it in one step before
-(`jobs.copy()` and `State.id_order()`), every client waiting.
+copy in slices, COPY_SLICE jobs a step, and keeps the jobs it changes meanwhile
+as they were (core/checkpoint.py); it took it in one step before (`jobs.copy()`
+and `State.id_order()`), every client waiting.
 
 1. In-process: a State of `--jobs` jobs (nine in ten planned, the rest triggered,
    executed and failed), GC off as the server runs its steps: (a) the one-step copy,
