@@ -241,17 +241,25 @@ def test_heap_rebuild_keeps_due_order_and_bounds_memory() -> None:
     assert state.next_due() is None
 
 
+def rebuild(state: State, start: int = 0) -> int:
+    """Re-SETs of many of `state`'s 2,000 jobs (stale entries in the heap and the
+    buckets) until a rebuild of the due index begins, with no next_due call meanwhile,
+    then next_due calls until the rebuilt index takes over; the re-SETs' next start."""
+    n = start
+    while state._rebuild is None:
+        state.put_job(job(f"keep{n % 2000:04d}", (n + 1) * (1 << 30) + n % 2000))
+        n += 1
+    while state._rebuild is not None:
+        state.next_due()
+    return n
+
+
 def test_the_index_a_rebuild_replaced_is_let_go_a_slice_at_a_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(state_module, "RELEASE_SLICE", 100)
     state = State(job(f"keep{i:04d}", 1000 + i) for i in range(2000))
-    n = 0
-    while state._rebuild is None:  # stale entries of many jobs, heap and buckets
-        state.put_job(job(f"keep{n % 2000:04d}", (n + 1) * (1 << 30) + n % 2000))
-        n += 1
-    while state._rebuild is not None:
-        state.next_due()
+    rebuild(state)
     retired = sum(map(len, state._retired))
     assert retired > 2 * 2000  # the old index's entries, held until let go
     calls = 0
@@ -267,19 +275,9 @@ def test_a_second_rebuild_keeps_letting_go_of_the_first_ones_index(
 ) -> None:
     monkeypatch.setattr(state_module, "RELEASE_SLICE", 100)
     state = State(job(f"keep{i:04d}", 1000 + i) for i in range(2000))
-    n = 0
-
-    def rebuild() -> None:
-        nonlocal n
-        while state._rebuild is None:  # put_job alone: nothing let go meanwhile
-            state.put_job(job(f"keep{n % 2000:04d}", (n + 1) * (1 << 30) + n % 2000))
-            n += 1
-        while state._rebuild is not None:
-            state.next_due()
-
-    rebuild()
+    n = rebuild(state)
     first = list(state._retired)
-    rebuild()
+    rebuild(state, n)
     held = {id(items) for items in state._retired}
     assert all(not items or id(items) in held for items in first)  # none dropped whole
 

@@ -2,8 +2,9 @@
 
 Compaction writes a snapshot of the jobs as they were at a log rotation
 (storage/compaction.py). The command actor used to copy them in one step, the
-jobs dict and the ids in snapshot order: ~0.1 s a million jobs, ~1 s at ten
-million, every client waiting. A Checkpoint takes the same copy a slice at a
+jobs dict and the ids in snapshot order: 0.10-0.15 s a million jobs, 1.7-2.5 s at
+ten million, every client waiting (docs/benchmarks.md, "A compaction of a
+million jobs"). A Checkpoint takes the same copy a slice at a
 time, with the actor serving requests between slices.
 
 The algorithm is copy-on-update (Cao, Vaz Salles, Sowell, Yue, Gehrke, Demers and
@@ -26,7 +27,8 @@ Applications", SIGMOD 2011, section 3.2):
 Each job of the cut is copied exactly once, as it was at the cut: a job not
 changed since is read live, a changed one from what was kept. Memory: one
 reference a job for the copy (the one-step copy also held a dict), plus one
-entry an id changed during the copy.
+entry an id changed during the copy. The actor makes both containers old while
+they are empty (gc.collect(1)), so that young collections do not walk them.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from kairoi_trio.model import Job, Status
 
 # Ids a call of copy_some (an actor step): ~0.8 µs an id at a million jobs (a
 # look-up in the jobs dict an id, in id order, not the dict's: cache misses), so
-# ~1.5 ms a slice. A request waits for a few slices (one a scheduler round).
+# ~2 ms a slice. A request waits for a few slices (one a scheduler round).
 COPY_SLICE = 2048
 _id_of = attrgetter("id")
 
