@@ -50,6 +50,16 @@ COPY_SLICE = 2048
 _id_of = attrgetter("id")
 
 
+def ids_after(index: SortedList, after: str | None, budget: int) -> list[str]:
+    """Up to `budget` ids of a sorted id index that come after `after` (from its
+    start when None), in order: a walk of the index resumed from a cursor, which
+    stays right while ids are added and removed between calls."""
+    walked: Iterable[str] = (
+        iter(index) if after is None else index.irange(after, inclusive=(False, True))
+    )
+    return list(islice(walked, budget))
+
+
 class Checkpoint:
     """The jobs as of the cut (when it was made), copied by `copy_some` calls.
 
@@ -106,12 +116,7 @@ class Checkpoint:
         group), with the kept jobs that belong among them."""
         if self.done:
             return
-        group = self._groups[self._group]
-        after = self._after
-        walked: Iterable[str] = (
-            iter(group) if after is None else group.irange(after, inclusive=(False, True))
-        )
-        ids = list(islice(walked, budget))
+        ids = ids_after(self._groups[self._group], self._after, budget)
         ended = len(ids) < budget
         kept = self._kept
         live = list(filterfalse(kept.__contains__, ids)) if kept else ids
@@ -131,12 +136,13 @@ class Checkpoint:
             self._group += 1
             self._after = None
             self.done = self._group == len(self._groups)
+            if self.done:
+                self._kept = {}  # (save() keeps nothing more once done)
         else:
             self._after = ids[-1]
 
     def release_some(self, budget: int) -> bool:
-        """Drop up to `budget` references of the copy, from its end, and what was
-        kept; whether some remain. Once the snapshot is written: freeing the whole
-        copy at once is one step that grows with the store."""
-        self._kept.clear()
+        """Drop up to `budget` references of the copy, from its end; whether some
+        remain. Once the snapshot is written: freeing the whole copy at once is one
+        step that grows with the store."""
         return drop_some([self.jobs_in_order], budget)

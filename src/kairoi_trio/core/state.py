@@ -32,7 +32,7 @@ from typing import Any
 
 from sortedcontainers import SortedList
 
-from kairoi_trio.core.checkpoint import Checkpoint
+from kairoi_trio.core.checkpoint import Checkpoint, ids_after
 from kairoi_trio.core.due import DueIndex
 from kairoi_trio.core.release import RELEASE_SLICE, drop_some
 from kairoi_trio.model import MAX_TIME_US, MIN_TIME_US, Job, Rule, Status, new_job
@@ -284,11 +284,7 @@ class State:
         rebuild = self._rebuild
         assert rebuild is not None
         rebuild.owed = 0
-        planned = self._ids[_PLANNED]
-        if rebuild.after is None:
-            ids = list(islice(planned, budget))
-        else:
-            ids = list(islice(planned.irange(rebuild.after, inclusive=(False, True)), budget))
+        ids = ids_after(self._ids[_PLANNED], rebuild.after, budget)
         jobs, push = self.jobs, rebuild.index.push
         for job_id in ids:
             job = jobs[job_id]
