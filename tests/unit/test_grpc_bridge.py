@@ -540,7 +540,7 @@ async def test_a_watcher_that_never_reads_again_is_dropped_at_once() -> None:
 
 
 async def test_each_event_is_encoded_once_for_every_watcher() -> None:
-    encode = grpc_server._EventEncoder(trio.lowlevel.current_trio_token())
+    encode = grpc_server._EventEncoder()
     event = JobEvent(Job("w.a", 5, payload=b"x" * 10_000), at=7)
     first = encode(event)
     assert encode(event) is first  # the next watcher of the same publish shares the bytes

@@ -4,12 +4,12 @@ commands (with a stand-in bridge: no server, no actor)."""
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 import pytest
+import trio
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -304,18 +304,16 @@ def test_watch_events_carry_the_schedule() -> None:
 
 
 class _Bridge:
-    """Answers each batch with `answer(command)` and records the commands."""
+    """A stand-in actor: answers each batch with `answer(command)` and records the commands."""
 
     def __init__(self, answer: Any) -> None:
         self.answer = answer
         self.sent: list[c.Command] = []
-        self._token = None
 
-    def call(self, commands: list[c.Command], **_: Any) -> asyncio.Future[list[Any]]:
-        self.sent.extend(commands)
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        future.set_result([self.answer(command) for command in commands])
-        return future
+    async def run(self, receive: trio.MemoryReceiveChannel[c.Request]) -> None:
+        async for request in receive:
+            self.sent.extend(request.commands)
+            request.reply([self.answer(command) for command in request.commands])
 
 
 class _Aborted(Exception):
@@ -326,23 +324,28 @@ class _Context:
     def __init__(self) -> None:
         self.status: tuple[grpc.StatusCode, str] | None = None
 
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
-        self.status = (code, details)
+    async def abort(self, code: int, details: str) -> None:
+        self.status = (next(s for s in grpc.StatusCode if s.value[0] == code), details)
         raise _Aborted
 
 
 def _call(answer: Any, method: str, request: Any) -> tuple[Any, _Bridge, _Context]:
     bridge = _Bridge(answer)
-    servicer = SchedulerServicer(bridge, _Settings("", 0.0, TokenTable(), 4 << 20, None))  # type: ignore[arg-type]
     context = _Context()
 
     async def run() -> Any:
-        try:
-            return await getattr(servicer, method)(request, context)
-        except _Aborted:
-            return None
+        send, receive = trio.open_memory_channel[c.Request](16)
+        servicer = SchedulerServicer(send, _Settings("", 0.0, TokenTable(), 4 << 20, None))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bridge.run, receive)
+            try:
+                return await getattr(servicer, method)(request, context)
+            except _Aborted:
+                return None
+            finally:
+                nursery.cancel_scope.cancel()
 
-    return asyncio.run(run()), bridge, context
+    return trio.run(run), bridge, context
 
 
 def test_schedule_job_rpc_sends_the_command_and_returns_the_job() -> None:

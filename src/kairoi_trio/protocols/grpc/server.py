@@ -1,51 +1,41 @@
-"""The gRPC front end: a grpc.aio server in its own thread, bridged to the Trio command actor.
+"""The gRPC front end: kairoi.v1.Scheduler, health and reflection, served on Trio.
 
-grpcio's server runs on asyncio, the rest of kairoi-trio on Trio. Rather than
-mixing the two event loops in one thread, the gRPC server gets a plain thread
-with its own asyncio loop, and the two sides meet in exactly two places:
+The calls run in the Trio thread, next to the command actor: a handler puts
+its commands on the actor's channel and awaits the reply there, with no other
+event loop or thread between them. HTTP/2 and gRPC's framing are
+`wire.py` (sans-io, on h2), connections and calls `transport.py`; this module
+holds the services.
 
-- asyncio -> Trio: a handler builds a `Request(commands, reply)` and hands it to
-  the actor's memory channel with `TrioToken.run_sync_soon` + `send_nowait`.
-  A full channel answers RESOURCE_EXHAUSTED, a closed one (or a finished Trio
-  run) UNAVAILABLE; nothing ever blocks the Trio thread.
-- Trio -> asyncio: the actor calls `reply` (and watch sinks) in the Trio
-  thread; they only schedule work on the asyncio loop with
-  `loop.call_soon_threadsafe`, which completes the handler's future.
-
-The thread is a plain `threading.Thread` (not `trio.to_thread`), because it
-lives as long as the server and must not hold a worker-thread token; Trio waits
-for it through a `trio.Event` that the thread sets on its way out.
+grpcio served this front end until 2026-12 (a grpc.aio server in its own
+thread with its own asyncio loop, bridged to Trio): every call then crossed
+two event loops on two threads and back, which cost about twice a bare
+grpc.aio server's CPU a call (docs/benchmarks.md, "gRPC"). grpcio stays the
+client (kairoi-trio's CLI, clients/, the tests) and the code generator.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import inspect
-import threading
+import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
-import grpc
 import structlog
 import trio
-from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.message import Message
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from kairoi.v1 import scheduler_pb2 as pb
-from kairoi.v1 import scheduler_pb2_grpc as pb_grpc
 from kairoi_trio import commands as c
 from kairoi_trio.commands import CommandError, ErrorCode, Request, Result
 from kairoi_trio.core.auth import Role, TokenTable, denial, permitted
 from kairoi_trio.model import JobEvent
-from kairoi_trio.protocols.grpc import convert
+from kairoi_trio.protocols.grpc import convert, reflection, wire
+from kairoi_trio.protocols.grpc.health import NOT_SERVING, SERVING, Health
+from kairoi_trio.protocols.grpc.health import SERVICE_NAME as HEALTH_SERVICE
+from kairoi_trio.protocols.grpc.transport import Call, GrpcServer, Method
 from kairoi_trio.protocols.snapshot import next_page as next_snapshot_page
 
 log = structlog.get_logger(__name__)
@@ -57,13 +47,21 @@ WATCH_TICK_S = 0.05  # WatchJobs sends what a tick brought, then waits for the n
 # what a watcher that stops reading holds in flight, besides its buffer.
 WATCH_MESSAGE_BYTES = 64 << 10
 DEFAULT_WATCH_BUFFER_BYTES = 16 << 20  # [grpc] max_watch_buffer_bytes
-_STOP_MARGIN_S = 5.0  # how long past grace_s Trio waits for the thread before giving up
 _HEALTH_SETTLE_S = 0.05  # time for health watchers to send NOT_SERVING before they end
 _SIZE_MARGIN = 1024  # room for a message's own fields next to its repeated ones
 
 T = TypeVar("T")
 _OK = pb.Status(code=0)
 _OK_RESULT = pb.SetJobResult(status=_OK)
+
+
+class Serving(Protocol):
+    """Readiness as health reports it (observability.metrics.Readiness)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    def listen(self, callback: Callable[[bool], None]) -> None: ...
 
 
 async def serve_grpc(
@@ -84,288 +82,136 @@ async def serve_grpc(
     Health says SERVING while `serving` is ready ("can accept writes": not while
     storage writes fail), NOT_SERVING otherwise, for both "" and kairoi.v1.Scheduler.
 
+    `listen`: "host:port" ("[::]:port" or "0.0.0.0:port": every interface).
     `task_status.started(port)` reports the bound port (useful with port 0) once
-    the server listens and health says SERVING. On cancellation: health goes
-    NOT_SERVING, open WatchJobs streams end with UNAVAILABLE, the server stops
-    accepting and in-flight calls get `grace_s` to finish (the actor must still
-    be running meanwhile: close its channel only after this returns).
+    the server listens and health says SERVING; OSError if it cannot listen. On
+    cancellation: health goes NOT_SERVING, open WatchJobs streams end with
+    UNAVAILABLE, the server stops accepting (GOAWAY) and in-flight calls get
+    `grace_s` to finish (the actor must still be running meanwhile: close its
+    channel only after this returns).
     `max_watch_buffer_bytes`: the encoded changes a WatchJobs stream may have
     waiting or in flight; beyond it the stream ends with RESOURCE_EXHAUSTED.
     `auth`: the tokens kairoi.v1 calls must carry, by role (none: no authentication).
     """
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("gRPC TLS needs both a certificate and a key")
-    credentials = None
+    ssl_context = None
     if tls_cert is not None and tls_key is not None:
-        key, cert = await trio.Path(tls_key).read_bytes(), await trio.Path(tls_cert).read_bytes()
-        credentials = grpc.ssl_server_credentials([(key, cert)])
-
-    thread = _ServerThread(
-        _Settings(
-            listen,
-            grace_s,
-            auth or TokenTable(),
-            max_message_bytes,
-            credentials,
-            max_watch_buffer_bytes,
-        ),
-        trio.lowlevel.current_trio_token(),
-        requests,
-    )
-    thread.start()
+        ssl_context = await trio.to_thread.run_sync(_tls_context, tls_cert, tls_key)
+    host, port = _listen_address(listen)
     try:
-        await thread.started.wait()
-        if thread.port is None:
-            raise OSError(f"gRPC server could not start on {listen}: {thread.error}")
-        log.info("grpc listening", listen=listen, port=thread.port, tls=credentials is not None)
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as error:
+        raise OSError(f"gRPC server could not start on {listen}: {error}") from error
+    bound = listeners[0].socket.getsockname()[1]
+
+    scheduler = SchedulerServicer(
+        requests,
+        _Settings(
+            listen, grace_s, auth or TokenTable(), max_message_bytes, None, max_watch_buffer_bytes
+        ),
+    )
+    health = Health()
+    malformed = _Aggregated("grpc malformed request")
+    methods = {
+        **scheduler.methods(),
+        **health.methods(),
+        **reflection.methods([SERVICE_NAME, HEALTH_SERVICE]),
+    }
+    server = GrpcServer(
+        methods,
+        max_message_bytes=max_message_bytes,
+        authorize=_Authorizer(auth) if auth is not None and auth.required else None,
+        ssl_context=ssl_context,
+        on_malformed=lambda method, peer, error: malformed.note(
+            method=method, peer=peer, error=str(error)
+        ),
+    )
+
+    def follow(ok: bool) -> None:
+        for service in ("", SERVICE_NAME):
+            health.set(service, SERVING if ok else NOT_SERVING)
+
+    follow(True)
+    async with trio.open_nursery() as nursery:
+        # The server runs shielded: on cancellation it still drains for grace_s.
+        done = trio.Event()
+        stop = trio.Event()
+        nursery.start_soon(_run_shielded, server, listeners, stop, done)
+        log.info("grpc listening", listen=listen, port=bound, tls=ssl_context is not None)
         if serving is not None:
-            serving.listen(thread.set_serving)
-            thread.set_serving(serving.ready)
-        task_status.started(thread.port)
-        await thread.done.wait()
-        raise RuntimeError(f"gRPC server thread stopped unexpectedly: {thread.error!r}")
-    finally:
-        thread.request_stop()
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(grace_s + _STOP_MARGIN_S):
-                await thread.done.wait()
-            if not thread.done.is_set():
-                log.error("grpc stop timed out", grace_s=grace_s)
-            else:
+            serving.listen(follow)
+            follow(serving.ready)
+        task_status.started(bound)
+        try:
+            await done.wait()
+            raise RuntimeError("gRPC server stopped unexpectedly")
+        finally:
+            with trio.CancelScope(shield=True):
+                log.info("grpc stopping", grace_s=grace_s)
+                health.shut_down()
+                await trio.sleep(_HEALTH_SETTLE_S)  # let watchers send NOT_SERVING
+                health.close()
+                scheduler.close_watches()
+                server.stop_accepting()
+                with trio.move_on_after(grace_s):
+                    await server.wait_idle()
+                stop.set()
+                await done.wait()
                 log.info("grpc stopped")
 
 
-@dataclass(frozen=True)
+async def _run_shielded(
+    server: GrpcServer, listeners: list[trio.SocketListener], stop: trio.Event, done: trio.Event
+) -> None:
+    try:
+        with trio.CancelScope(shield=True) as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.serve, listeners)
+
+                async def stopper() -> None:
+                    await stop.wait()
+                    server.cancel_all()
+                    scope.cancel()
+
+                nursery.start_soon(stopper)
+    finally:
+        done.set()
+
+
+def _listen_address(listen: str) -> tuple[str | None, int]:
+    """("host", port) of "host:port"; host None (every interface) for [::] and 0.0.0.0."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"gRPC listen address must be host:port, not {listen!r}")
+    host = host.strip("[]")
+    return (None if host in ("", "::", "0.0.0.0") else host), int(port)
+
+
+def _tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["h2"])  # gRPC clients insist on it
+    return context
+
+
 class _Settings:
-    listen: str
-    grace_s: float
-    auth: TokenTable
-    max_message_bytes: int
-    credentials: grpc.ServerCredentials | None
-    watch_buffer_bytes: int = DEFAULT_WATCH_BUFFER_BYTES
-
-
-class _ServerThread(threading.Thread):
-    """Owns the asyncio loop and the grpc.aio server; reports to Trio through events."""
+    """What SchedulerServicer needs to know of the server's configuration."""
 
     def __init__(
         self,
-        settings: _Settings,
-        token: trio.lowlevel.TrioToken,
-        requests: trio.MemorySendChannel[Request],
+        listen: str,
+        grace_s: float,
+        auth: TokenTable,
+        max_message_bytes: int,
+        credentials: object,
+        watch_buffer_bytes: int = DEFAULT_WATCH_BUFFER_BYTES,
     ) -> None:
-        super().__init__(name="grpc-server", daemon=True)
-        self.settings = settings
-        self.token = token
-        self.requests = requests
-        self.started = trio.Event()  # set (in Trio) once port or error is known
-        self.done = trio.Event()  # set (in Trio) when the thread ends
-        self.port: int | None = None
-        self.error: BaseException | None = None
-        self._lock = threading.Lock()
-        self._stop_requested = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._health: _Health | None = None
-
-    # -- called from Trio ------------------------------------------------------
-
-    def set_serving(self, ok: bool) -> None:
-        """Health: SERVING (ok) or NOT_SERVING, from now on (ignored once shutting down)."""
-        with self._lock:
-            loop, health = self._loop, self._health
-        if loop is None or health is None:
-            return
-        try:
-            asyncio.run_coroutine_threadsafe(health.follow(ok), loop)
-        except RuntimeError:  # the loop is already closed
-            pass
-
-    def request_stop(self) -> None:
-        with self._lock:
-            self._stop_requested = True
-            if self._loop is not None and self._stop is not None:
-                try:
-                    self._loop.call_soon_threadsafe(self._stop.set)
-                except RuntimeError:  # the loop is already closed
-                    pass
-
-    # -- the thread ------------------------------------------------------------
-
-    def run(self) -> None:
-        try:
-            asyncio.run(self._main())
-        except BaseException as exc:  # reported to Trio, which raises or logs it
-            self.error = exc
-            if self.port is not None:
-                log.exception("grpc thread crashed")
-        finally:
-            self._to_trio(self.started.set)
-            self._to_trio(self.done.set)
-
-    def _to_trio(self, fn: Callable[[], object]) -> None:
-        try:
-            self.token.run_sync_soon(fn)
-        except trio.RunFinishedError:
-            pass
-
-    async def _main(self) -> None:
-        settings = self.settings
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            self._loop = loop
-            self._stop = asyncio.Event()
-            if self._stop_requested:
-                self._stop.set()
-        stop = self._stop
-
-        server = grpc.aio.server(
-            interceptors=[
-                *([_AuthInterceptor(settings.auth)] if settings.auth.required else []),
-                _RequestCheck(),  # after auth: a client without a token learns nothing more
-            ],
-            options=[
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
-                ("grpc.max_send_message_length", settings.max_message_bytes),
-                ("grpc.so_reuseport", 0),  # a port in use is an error, not a shared port
-            ],
-        )
-        scheduler = SchedulerServicer(_Bridge(self.token, self.requests, loop), settings)
-        _add_scheduler(scheduler, server)
-        health = _Health()
-        with self._lock:
-            self._health = health
-        health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        _enable_reflection(
-            server,
-            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name],
-        )
-        if settings.credentials is not None:
-            port = server.add_secure_port(settings.listen, settings.credentials)
-        else:
-            port = server.add_insecure_port(settings.listen)
-        await server.start()
-        for service in ("", SERVICE_NAME):
-            await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        self.port = port
-        self._to_trio(self.started.set)
-
-        await stop.wait()
-        log.info("grpc stopping", grace_s=settings.grace_s)
-        await health.shut_down()
-        scheduler.close_watches()
-        await server.stop(settings.grace_s)
-
-
-class Serving(Protocol):
-    """Readiness as health reports it (observability.metrics.Readiness)."""
-
-    @property
-    def ready(self) -> bool: ...
-
-    def listen(self, callback: Callable[[bool], None]) -> None: ...
-
-
-class _Health(health_aio.HealthServicer):
-    """grpcio-health-checking's servicer, whose Watch streams also end at shutdown.
-
-    Left alone, a probe's Watch stream never ends, so it would hold the drain
-    for the whole grace period and then be cancelled (grpcio prints a traceback
-    for that). Here watchers get NOT_SERVING, then their stream ends normally.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._closed = asyncio.Event()
-
-    async def Watch(self, request: Any, context: Any) -> None:
-        inner = asyncio.ensure_future(super().Watch(request, context))
-        closed = asyncio.ensure_future(self._closed.wait())
-        try:
-            await asyncio.wait({inner, closed}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closed.cancel()
-            inner.cancel()  # parked on its condition by now, not in the middle of a write
-            await asyncio.gather(inner, return_exceptions=True)
-
-    async def follow(self, ok: bool) -> None:
-        """Every service SERVING or NOT_SERVING (a no-op once shutting down)."""
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if ok
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for service in ("", SERVICE_NAME):
-            await self.set(service, status)
-
-    async def shut_down(self) -> None:
-        await self.enter_graceful_shutdown()  # every service NOT_SERVING, watchers notified
-        await asyncio.sleep(_HEALTH_SETTLE_S)  # let watchers send it
-        self._closed.set()
-
-
-class _Bridge:
-    """Hands command batches to the Trio actor and awaits their results on the asyncio side."""
-
-    def __init__(
-        self,
-        token: trio.lowlevel.TrioToken,
-        requests: trio.MemorySendChannel[Request],
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        self._token = token
-        self._requests = requests
-        self._loop = loop
-
-    def call(
-        self, commands: Sequence[c.Command], *, queued: asyncio.Future[None] | None = None
-    ) -> asyncio.Future[list[Result]]:
-        """A future of the batch's results; a CommandError if the actor can't take the batch.
-
-        `queued`, if given, is resolved once the batch is in the actor's channel.
-        """
-        loop = self._loop
-        future: asyncio.Future[list[Result]] = loop.create_future()
-
-        def reply(results: list[Result]) -> None:  # Trio thread, called once by the actor
-            self._call_soon(_resolve, future, results)
-
-        def fail(code: ErrorCode, message: str) -> None:  # Trio thread
-            self._call_soon(_reject, future, CommandError(code, message))
-
-        request = Request(commands, reply)
-
-        def send() -> None:  # Trio thread; must not raise
-            try:
-                self._requests.send_nowait(request)
-                if queued is not None:
-                    self._call_soon(_resolve, queued, None)
-            except trio.WouldBlock:
-                fail(ErrorCode.RESOURCE_EXHAUSTED, "server busy: too many requests, retry later")
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                fail(ErrorCode.UNAVAILABLE, "server is shutting down")
-
-        try:
-            self._token.run_sync_soon(send)
-        except trio.RunFinishedError:
-            future.set_exception(CommandError(ErrorCode.UNAVAILABLE, "server is shutting down"))
-        return future
-
-    def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
-        try:
-            self._loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the asyncio loop is closed: the call was abandoned at shutdown
-            pass
-
-
-def _resolve(future: asyncio.Future[T], value: T) -> None:
-    if not future.done():  # the caller may have gone away (cancelled)
-        future.set_result(value)
-
-
-def _reject(future: asyncio.Future[list[Result]], error: CommandError) -> None:
-    if not future.done():
-        future.set_exception(error)
+        self.listen = listen
+        self.grace_s = grace_s
+        self.auth = auth
+        self.max_message_bytes = max_message_bytes
+        self.watch_buffer_bytes = watch_buffer_bytes
 
 
 # -- the service ------------------------------------------------------------------
@@ -388,28 +234,74 @@ def _rpc(handler: Handler) -> Handler:
             # The message may quote client input (an id of 65,535 bytes): cut it to fit
             # the status trailer, which would otherwise turn into RESOURCE_EXHAUSTED.
             details = convert.status_details(error.message, *convert.client_strings(request))
-            await context.abort(convert.status_code(error), details)
+            await context.abort(convert.status_code(error).value[0], details)
 
     return wrapper
 
 
-class SchedulerServicer(pb_grpc.SchedulerServicer):
+class _Reply:
+    """A batch's results, set by the actor (in its task) and awaited by the handler."""
+
+    __slots__ = ("_done", "results")
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self.results: list[Result] = []
+
+    def __call__(self, results: list[Result]) -> None:  # the actor's task; must not block
+        self.results = results
+        self._done.set()
+
+    async def wait(self) -> list[Result]:
+        await self._done.wait()
+        return self.results
+
+
+class SchedulerServicer:
     """kairoi.v1.Scheduler: converts each call into commands and the results back."""
 
-    def __init__(self, bridge: _Bridge, settings: _Settings) -> None:
-        self._bridge = bridge
+    def __init__(self, requests: trio.MemorySendChannel[Request], settings: _Settings) -> None:
+        self._requests = requests
         self._budget = settings.max_message_bytes - _SIZE_MARGIN
         self._watch_limit = settings.watch_buffer_bytes
-        self._encode_event = _EventEncoder(bridge._token)
+        self._encode_event = _EventEncoder()
         self._watches: set[_Watch] = set()
         self._closing = False
 
+    def methods(self) -> dict[str, Method]:
+        """Every kairoi.v1.Scheduler method, by path."""
+        service = pb.DESCRIPTOR.services_by_name["Scheduler"]
+        found: dict[str, Method] = {}
+        for method in service.methods:
+            request_class = getattr(pb, method.input_type.name)
+            found[f"/{SERVICE_NAME}/{method.name}"] = Method(
+                method.client_streaming,
+                method.server_streaming,
+                request_class.FromString,
+                getattr(self, method.name),
+            )
+        return found
+
+    def call(self, commands: Sequence[c.Command]) -> _Reply:
+        """Hand a batch to the actor now; its reply. RESOURCE_EXHAUSTED when the
+        actor's queue is full, UNAVAILABLE once it is closed (shutdown)."""
+        reply = _Reply()
+        try:
+            self._requests.send_nowait(Request(commands, reply))
+        except trio.WouldBlock:
+            raise CommandError(
+                ErrorCode.RESOURCE_EXHAUSTED, "server busy: too many requests, retry later"
+            ) from None
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise CommandError(ErrorCode.UNAVAILABLE, "server is shutting down") from None
+        return reply
+
     async def _call(self, commands: Sequence[c.Command]) -> list[Result]:
-        return await self._bridge.call(commands)
+        return await self.call(commands).wait()
 
     async def _one(self, command: c.Command) -> Any:
         """The result of one command; a CommandError result is raised."""
-        [result] = await self._call([command])
+        [result] = await self.call([command]).wait()
         if isinstance(result, CommandError):
             raise result
         return result
@@ -439,17 +331,14 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         return response
 
     @_rpc
-    async def StreamSetJobs(
-        self, request_iterator: AsyncIterator[pb.SetJobsRequest], context: Any
-    ) -> pb.StreamSetJobsResponse:
+    async def StreamSetJobs(self, call: Call, context: Call) -> pb.StreamSetJobsResponse:
         """Up to STREAM_WINDOW batches in flight, handed to the actor strictly in stream order.
 
         While the actor applies and fsyncs one batch, the next ones are read and
-        converted. A batch is only handed over once the previous one is in the
-        actor's queue, so a full queue (waited out, not failed) cannot reorder them.
+        converted. A full actor queue is waited out (`send`, in order), not failed.
         """
         response = pb.StreamSetJobsResponse()
-        in_flight: deque[tuple[_JobBatch, asyncio.Future[list[Result]] | None]] = deque()
+        in_flight: deque[tuple[_JobBatch, _Reply | None]] = deque()
         # The failures are listed in the one answer, so they must fit in it: past
         # the message size limit the stream stops (memory stays bounded too).
         failed = failures_size = 0
@@ -457,9 +346,9 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
         async def settle_oldest() -> None:
             nonlocal failed, failures_size, too_many
-            batch, results = in_flight.popleft()
-            if results is not None:
-                batch.settle(await results)
+            batch, reply = in_flight.popleft()
+            if reply is not None:
+                batch.settle(await reply.wait())
             for status, request in zip(batch.statuses, batch.requests, strict=True):
                 if status.code == 0:
                     response.accepted += 1
@@ -474,10 +363,10 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                 if not too_many:
                     response.failures.append(failure)
 
-        async for message in request_iterator:
+        async for message in call.messages():
             batch = _JobBatch(message.jobs)
-            results = await self._hand_over(batch.commands) if batch.commands else None
-            in_flight.append((batch, results))
+            reply = await self._hand_over(batch.commands) if batch.commands else None
+            in_flight.append((batch, reply))
             if len(in_flight) >= STREAM_WINDOW:
                 await settle_oldest()
             if too_many:
@@ -493,22 +382,14 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             )
         return response
 
-    async def _hand_over(self, commands: Sequence[c.Command]) -> asyncio.Future[list[Result]]:
-        """Put a batch in the actor's queue, waiting out a full queue; returns its results."""
-        loop = asyncio.get_running_loop()
-        delay = 0.005
-        while True:
-            queued: asyncio.Future[None] = loop.create_future()
-            results = self._bridge.call(commands, queued=queued)
-            either: set[asyncio.Future[Any]] = {queued, results}
-            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-            if queued.done():
-                return results
-            error = results.exception()
-            if not (isinstance(error, CommandError) and error.code is ErrorCode.RESOURCE_EXHAUSTED):
-                return results  # UNAVAILABLE and the like: raised when awaited
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.2)
+    async def _hand_over(self, commands: Sequence[c.Command]) -> _Reply:
+        """Put a batch in the actor's queue, waiting out a full queue; its reply."""
+        reply = _Reply()
+        try:
+            await self._requests.send(Request(commands, reply))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise CommandError(ErrorCode.UNAVAILABLE, "server is shutting down") from None
+        return reply
 
     @_rpc
     async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.GetJobResponse:
@@ -601,16 +482,17 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     # -- watching --------------------------------------------------------------
 
     @_rpc
-    async def WatchJobs(self, request: pb.WatchJobsRequest, context: Any) -> None:
+    async def WatchJobs(self, request: pb.WatchJobsRequest, context: Call) -> None:
         if self._closing:
             raise CommandError(ErrorCode.UNAVAILABLE, "server is shutting down")
-        loop = asyncio.get_running_loop()
-        watch = _Watch(loop, self._watch_limit, self._encode_event)
+        watch = _Watch(self._watch_limit, self._encode_event)
         self._watches.add(watch)
+        subscribed = False
         try:
             prefix = request.prefix
             page = await self._one(c.Subscribe(prefix, request.include_snapshot, watch.sink))
-            await context.send_initial_metadata(())  # tells the client the watch is registered
+            subscribed = True
+            await context.send_initial_metadata()  # tells the client the watch is registered
             if request.include_snapshot:
                 budget = min(self._budget, WATCH_MESSAGE_BYTES)
                 sent = False
@@ -626,7 +508,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                     if last:
                         break
                     page = await next_snapshot_page(
-                        self._one, asyncio.sleep, prefix, page.next_after, watch.sink
+                        self._one, trio.sleep, prefix, page.next_after, watch.sink
                     )
                 del page
                 # An empty change message ends the snapshot, however many messages it
@@ -634,22 +516,30 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                 await watch.send(context, b"")
             while True:
                 await watch.wait()
-                next_tick = loop.time() + WATCH_TICK_S
+                next_tick = trio.current_time() + WATCH_TICK_S
                 for message, size in watch.messages(min(self._budget, WATCH_MESSAGE_BYTES)):
                     await watch.send(context, message)
                     watch.written(size)
                 # The rest of the tick (the writes took part of it).
-                await asyncio.sleep(max(0.0, next_tick - loop.time()))
+                await trio.sleep(max(0.0, next_tick - trio.current_time()))
         finally:
             self._watches.discard(watch)
             watch.end()
-            self._bridge.call([c.Unsubscribe(watch.sink)]).add_done_callback(_ignore_result)
+            if subscribed:
+                try:
+                    self._requests.send_nowait(Request([c.Unsubscribe(watch.sink)], _ignore))
+                except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                    pass  # the sink answers False from now on, which ends the subscription too
 
     def close_watches(self) -> None:
         """End every open watch (with UNAVAILABLE) and refuse new ones: part of shutdown."""
         self._closing = True
         for watch in list(self._watches):
             watch.close()
+
+
+def _ignore(_results: list[Result]) -> None:
+    pass
 
 
 class _JobBatch:
@@ -672,11 +562,6 @@ class _JobBatch:
         for slot, value in zip(self._slots, results, strict=True):
             if isinstance(value, CommandError):
                 self.statuses[slot] = convert.error_status(value, self.requests[slot].id)
-
-
-def _ignore_result(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()  # retrieve it, so asyncio does not log "never retrieved"
 
 
 def _fitting(
@@ -706,46 +591,6 @@ def _fitting(
         yield chunk
 
 
-def _serialize(message: Message | bytes) -> bytes:
-    """WatchJobs' serializer: messages it encoded itself (shared events) go as they are."""
-    return message if isinstance(message, bytes) else message.SerializeToString()
-
-
-class _Registrations:
-    """Stands in for the server to catch the method handlers the generated code registers."""
-
-    def __init__(self) -> None:
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
-
-    def add_generic_rpc_handlers(self, handlers: object) -> None:
-        pass
-
-    def add_registered_method_handlers(
-        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
-    ) -> None:
-        self.handlers = dict(handlers)
-
-
-def _add_scheduler(servicer: SchedulerServicer, server: grpc.aio.Server) -> None:
-    """pb_grpc.add_SchedulerServicer_to_server, but WatchJobs may write bytes.
-
-    WatchJobs sends events encoded once for all watchers (_EventEncoder), so its
-    serializer lets bytes through; every other method is registered as generated.
-    """
-    registrations = _Registrations()
-    pb_grpc.add_SchedulerServicer_to_server(servicer, registrations)
-    handlers = registrations.handlers
-    watch = handlers["WatchJobs"]
-    handlers["WatchJobs"] = grpc.unary_stream_rpc_method_handler(
-        watch.unary_stream,
-        request_deserializer=watch.request_deserializer,
-        response_serializer=_serialize,
-    )
-    generic = grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
-    server.add_generic_rpc_handlers((generic,))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
-
-
 _EVENTS_FIELD = b"\x0a"  # WatchJobsResponse.events: field 1, length-delimited
 
 
@@ -762,26 +607,22 @@ class _EventEncoder:
     """Each committed JobEvent encoded once, however many watchers it goes to.
 
     The actor calls every watcher's sink with the same JobEvent objects, one
-    sink after another within one publish, in the Trio thread. The first sink
+    sink after another within one publish, in its own task. The first sink
     that meets an event encodes it as a WatchJobsResponse `events` entry (tag,
     length, JobEvent); the others reuse those bytes, so 500 watchers of a change
     share one copy of it. The cache lives for one publish: a callback that Trio
     runs once the actor yields clears it.
     """
 
-    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
-        self._token = token
+    def __init__(self) -> None:
         self._cache: dict[int, tuple[JobEvent, bytes]] = {}  # id(event) -> (event, entry)
 
-    def __call__(self, event: JobEvent) -> bytes:  # Trio thread
+    def __call__(self, event: JobEvent) -> bytes:  # the actor's task
         hit = self._cache.get(id(event))
         if hit is not None and hit[0] is event:
             return hit[1]
         if not self._cache:
-            try:
-                self._token.run_sync_soon(self._cache.clear)
-            except trio.RunFinishedError:
-                pass
+            trio.lowlevel.current_trio_token().run_sync_soon(self._cache.clear)
         body = convert.job_event_to_pb(event).SerializeToString()
         entry = _EVENTS_FIELD + _varint(len(body)) + body
         self._cache[id(event)] = (event, entry)  # holding the event keeps its id unique
@@ -789,72 +630,53 @@ class _EventEncoder:
 
 
 class _Watch:
-    """One WatchJobs stream's buffer between the actor (Trio thread) and its handler (asyncio).
+    """One WatchJobs stream's buffer between the actor and its handler.
 
     The actor calls `sink` with each committed batch; it must not block, so it
-    encodes the events (once for all watchers: _EventEncoder), counts their
-    bytes against the bound under a lock, and schedules them onto the asyncio
-    loop. Bytes stay counted until the message carrying them is written, so the
-    bound covers what waits and what is in flight. Past the bound the sink
-    answers False, which ends the subscription; the buffer is dropped at once,
-    a write held up by a client that does not read is given up, and the stream
-    ends with RESOURCE_EXHAUSTED.
+    encodes the events (once for all watchers: _EventEncoder) and counts their
+    bytes against the bound. Bytes stay counted until the message carrying them
+    is written, so the bound covers what waits and what is in flight. Past the
+    bound the sink answers False, which ends the subscription; the buffer is
+    dropped at once, a write held up by a client that does not read is given up,
+    and the stream ends with RESOURCE_EXHAUSTED.
     """
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        limit: int,
-        encode: Callable[[JobEvent], bytes],
-    ) -> None:
-        self._loop = loop
+    def __init__(self, limit: int, encode: Callable[[JobEvent], bytes]) -> None:
         self._limit = limit
         self._encode = encode
-        self._lock = threading.Lock()
         self._pending = 0  # bytes handed over by the sink and not yet written
         self._ended = False
-        self._events: deque[bytes] = deque()  # encoded entries; asyncio thread only
-        self._wake = asyncio.Event()
-        self._stop = asyncio.Event()  # fell behind or shutting down: stop writing at once
+        self._events: deque[bytes] = deque()  # encoded entries
+        self._wake = trio.Event()
+        self._writing: trio.CancelScope | None = None  # the write in progress
+        self._halted = False
         self.overflowed = False
         self.closing = False
 
-    def sink(self, events: list[JobEvent]) -> bool:  # Trio thread
+    def sink(self, events: list[JobEvent]) -> bool:  # the actor's task
         if self._ended:
             return False
-        room = self._limit - self._pending  # only the handler lowers _pending meanwhile
+        room = self._limit - self._pending
         encoded: list[bytes] = []
         size = 0
         for event in events:  # encoded only as far as the bound allows
             entry = self._encode(event)
             size += len(entry)
             if size > room:
-                break
-            encoded.append(entry)
-        with self._lock:
-            if self._ended:
-                return False
-            if len(encoded) < len(events) or self._pending + size > self._limit:
                 self._ended = self.overflowed = True
-                self._schedule(self._halt)
+                self._halt()
                 return False
-            self._pending += size
-        return self._schedule(self._push, encoded)
-
-    def _schedule(self, fn: Callable[..., None], *args: Any) -> bool:
-        try:
-            self._loop.call_soon_threadsafe(fn, *args)
-            return True
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            return False
-
-    def _push(self, encoded: list[bytes]) -> None:
+            encoded.append(entry)
+        self._pending += size
         self._events.extend(encoded)
         self._wake.set()
+        return True
 
     def _halt(self) -> None:
         self._events.clear()  # what it could not take is dropped now, not when it reads
-        self._stop.set()
+        self._halted = True
+        if self._writing is not None:
+            self._writing.cancel()
         self._wake.set()
 
     async def wait(self) -> None:
@@ -871,7 +693,7 @@ class _Watch:
     def messages(self, limit: int) -> Iterator[tuple[bytes, int]]:
         """The waiting events as encoded WatchJobsResponses of at most `limit` bytes
         (one event at least), in commit order, with their size; taken one by one."""
-        self._wake.clear()
+        self._wake = trio.Event()
         events = self._events
         while events:
             first = events.popleft()
@@ -883,95 +705,27 @@ class _Watch:
             yield b"".join(parts), size
 
     def written(self, size: int) -> None:
-        with self._lock:
-            self._pending -= size
+        self._pending -= size
 
-    async def send(self, context: Any, message: Message | bytes) -> None:
+    async def send(self, context: Call, message: Message | bytes) -> None:
         """context.write(message), given up as soon as the watch must stop: a client
         that does not read would otherwise hold the write, and the stream, for ever."""
         self._check()
-        write = asyncio.ensure_future(context.write(message))
-        stop = asyncio.ensure_future(self._stop.wait())
-        try:
-            await asyncio.wait({write, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            if not write.done():
-                write.cancel()
-                await asyncio.gather(write, return_exceptions=True)
+        with trio.CancelScope() as self._writing:
+            if self._halted:
+                self._writing.cancel()
+            await context.write(message)
+        self._writing = None
         self._check()
-        write.result()
 
-    def close(self) -> None:  # asyncio thread
+    def close(self) -> None:
         self.closing = True
-        self.end()
+        self._ended = True
         self._halt()
 
     def end(self) -> None:
-        with self._lock:
-            self._ended = True
+        self._ended = True
 
-
-# -- reflection -------------------------------------------------------------------------
-
-REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
-
-
-def _enable_reflection(server: grpc.aio.Server, services: Sequence[str]) -> None:
-    """Serve server reflection as grpc.reflection.v1 and v1alpha, both listing every service.
-
-    grpcio-reflection only implements v1alpha, but current tools (grpcurl,
-    Postman, grpc-java's and grpc-go's clients) ask for v1 first. The two
-    protocols are the same messages with the same field numbers under another
-    package, so one servicer answers both: v1 requests are decoded with the
-    v1alpha classes (identical on the wire) under v1's method name.
-    """
-    _add_reflection_v1_descriptor()
-    names = [*services, reflection.SERVICE_NAME, REFLECTION_V1]
-    servicer = reflection.aio.ReflectionServicer(names)
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
-    handlers = {
-        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
-            servicer.ServerReflectionInfo,
-            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
-        )
-    }
-    v1 = grpc.method_handlers_generic_handler(REFLECTION_V1, handlers)
-    server.add_generic_rpc_handlers((v1,))
-
-
-def _add_reflection_v1_descriptor() -> None:
-    """Put grpc/reflection/v1/reflection.proto in the default pool, derived from v1alpha's.
-
-    With it, a client can describe the v1 service by reflection as it can any
-    other. Adding the same file again (a second server in the process) is a no-op.
-    """
-    old, new = reflection_pb2.DESCRIPTOR.package, REFLECTION_V1.rsplit(".", 1)[0]
-    proto = descriptor_pb2.FileDescriptorProto()
-    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
-    proto.name = "grpc/reflection/v1/reflection.proto"
-    proto.package = new
-    proto.ClearField("options")  # v1alpha's: deprecated, and its Java/Go package names
-
-    def rename(type_name: str) -> str:
-        return type_name.replace(f".{old}.", f".{new}.", 1)
-
-    messages = list(proto.message_type)
-    while messages:
-        message = messages.pop()
-        messages.extend(message.nested_type)
-        for field in message.field:
-            if field.HasField("type_name"):  # message and enum fields only
-                field.type_name = rename(field.type_name)
-    for service in proto.service:
-        for method in service.method:
-            method.input_type = rename(method.input_type)
-            method.output_type = rename(method.output_type)
-    descriptor_pool.Default().AddSerializedFile(proto.SerializeToString())
-
-
-# -- authentication ---------------------------------------------------------------------
 
 # The command each kairoi.v1 method sends, which decides the role it needs
 # (core/auth.py). A method missing here needs an admin token.
@@ -994,10 +748,9 @@ METHOD_COMMANDS: dict[str, type] = {
     "WatchJobs": c.Subscribe,
     "GetServerInfo": c.GetInfo,
 }
-_FAILURE_WINDOW_S = 10.0
 
 
-class _AuthInterceptor(grpc.aio.ServerInterceptor):
+class _Authorizer:
     """kairoi.v1 calls need `authorization: Bearer <token>` of a role that may make them.
 
     No token or an unknown one: UNAUTHENTICATED; a known token whose role may not
@@ -1011,30 +764,28 @@ class _AuthInterceptor(grpc.aio.ServerInterceptor):
         self._auth = auth
         self._failures = _Aggregated("grpc auth failed")
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method or ""
-        if handler is None or not method.startswith(f"/{SERVICE_NAME}/"):
-            return handler
+    def __call__(
+        self, method: str, metadata: tuple[tuple[str, str | bytes], ...], peer: str
+    ) -> tuple[int, str] | None:
+        if not method.startswith(f"/{SERVICE_NAME}/"):
+            return None
         value = None
-        for key, given in handler_call_details.invocation_metadata or ():
-            if key == "authorization":
+        for key, given in metadata:
+            if key == "authorization" and isinstance(given, str):
                 value = given
                 break
         role = self._auth.role_of_bearer(value)
         if role is None:
-            return _deny(
-                handler, grpc.StatusCode.UNAUTHENTICATED, "missing or invalid token", self._failures
-            )
+            self._failures.note(peer=peer)
+            return wire.UNAUTHENTICATED, "missing or invalid token"
         command = METHOD_COMMANDS.get(method.rsplit("/", 1)[1])
         if permitted(role, command) if command is not None else role is Role.ADMIN:
-            return handler
+            return None
         reason = denial(role, command) if command is not None else "permission denied"
-        return _deny(handler, grpc.StatusCode.PERMISSION_DENIED, reason)
+        return wire.PERMISSION_DENIED, reason
+
+
+_FAILURE_WINDOW_S = 10.0
 
 
 class _Aggregated:
@@ -1057,129 +808,3 @@ class _Aggregated:
             log.warning(self._event, count=self._count, window_s=_FAILURE_WINDOW_S)
         log.warning(self._event, count=1, **fields)
         self._window_end, self._count = now + _FAILURE_WINDOW_S, 0
-
-
-def _deny(
-    handler: grpc.RpcMethodHandler,
-    code: grpc.StatusCode,
-    message: str,
-    failures: _Aggregated | None = None,
-) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that answers `code` with `message`."""
-
-    async def abort(_request: Any, context: Any) -> NoReturn:
-        if failures is not None:
-            failures.note(peer=context.peer())
-        await context.abort(code, message)
-        raise AssertionError("unreachable")
-
-    async def abort_stream(_request: Any, context: Any) -> AsyncIterator[Any]:
-        await abort(_request, context)
-        yield  # pragma: no cover - makes this an async generator
-
-    codecs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort_stream, **codecs)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort, **codecs)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort_stream, **codecs)
-    return grpc.unary_unary_rpc_method_handler(abort, **codecs)
-
-
-# -- malformed requests -----------------------------------------------------------------
-
-
-class _Malformed:
-    """What a request that is not valid protobuf deserializes to, instead of raising:
-    grpc.aio deserializes before the handler runs, and turns an exception there into
-    UNKNOWN with a plain-text traceback on its own logger."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-
-class _RequestCheck(grpc.aio.ServerInterceptor):
-    """Every service (kairoi.v1, health, reflection): a malformed request message is
-    answered INVALID_ARGUMENT ("malformed request: ...") and logged as one
-    structured, aggregated warning (`grpc malformed request`)."""
-
-    def __init__(self) -> None:
-        self._log = _Aggregated("grpc malformed request")
-        self._checked: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None:
-            return handler
-        cached = self._checked.get(id(handler))  # handlers are registered once, reused per call
-        if cached is None or cached[0] is not handler:
-            cached = (handler, self._wrap(handler, handler_call_details.method or ""))
-            self._checked[id(handler)] = cached
-        return cached[1]
-
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        """`handler` with a deserializer that never raises and a behavior that refuses
-        what it could not parse. grpc.aio calls a behavior by its kind (coroutine
-        function, async generator function), so the wrapper is of the same kind; a
-        synchronous behavior (none here) is left as it is."""
-        parse = handler.request_deserializer
-        assert parse is not None
-
-        def deserialize(data: bytes) -> Any:
-            try:
-                return parse(data)
-            except Exception as error:  # DecodeError, or anything a parser may raise
-                return _Malformed(error)
-
-        async def refuse(malformed: _Malformed, context: Any) -> NoReturn:
-            self._log.note(method=method, peer=context.peer(), error=str(malformed.error))
-            reason = f"malformed request: {malformed.error}"
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, reason)
-            raise AssertionError("unreachable")
-
-        async def checked_stream(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
-            async for request in requests:
-                if isinstance(request, _Malformed):
-                    await refuse(request, context)
-                yield request
-
-        async def checked(request: Any, context: Any) -> Any:
-            if handler.request_streaming:
-                return checked_stream(request, context)
-            if isinstance(request, _Malformed):
-                await refuse(request, context)
-            return request
-
-        kind = next(
-            name
-            for name in ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
-            if getattr(handler, name) is not None
-        )
-        behavior = getattr(handler, kind)
-        wrapped: Callable[..., Any]
-        if inspect.isasyncgenfunction(behavior):
-
-            async def wrapped_generator(request: Any, context: Any) -> AsyncIterator[Any]:
-                async for response in behavior(await checked(request, context), context):
-                    yield response
-
-            wrapped = wrapped_generator
-        elif inspect.iscoroutinefunction(behavior):
-
-            async def wrapped_coroutine(request: Any, context: Any) -> Any:
-                return await behavior(await checked(request, context), context)
-
-            wrapped = wrapped_coroutine
-        else:
-            return handler
-        return handler._replace(request_deserializer=deserialize, **{kind: wrapped})  # type: ignore[attr-defined, no-any-return]

@@ -1,0 +1,445 @@
+"""gRPC calls on Trio: listeners, one task per connection, one task per call.
+
+`wire.GrpcConnection` does the protocol; this module moves its bytes and runs
+each call's handler in its own task, under the call's deadline. A connection
+has a reader (bytes in, events out, calls started) and a writer that sends
+whatever the handlers queued, so the answers of calls that end together (the
+replies of one group commit) leave in one write.
+
+Shutdown (`GrpcServer.shut_down`): listeners close, every connection gets a
+GOAWAY (no new calls), calls in flight get `grace_s` to end, then are
+cancelled and the connections closed.
+"""
+
+from __future__ import annotations
+
+import math
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import structlog
+import trio
+
+from kairoi_trio.protocols.grpc import wire
+
+log = structlog.get_logger(__name__)
+
+RECEIVE_BYTES = 64 << 10
+
+
+class Abort(Exception):
+    """Raised by a handler (`Call.abort`) to end its call with `code` and `details`."""
+
+    def __init__(self, code: int, details: str) -> None:
+        super().__init__(code, details)
+        self.code = code
+        self.details = details
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method a server answers.
+
+    `decode` turns a request message's bytes into what `handler` takes (raising
+    on malformed bytes: the call ends INVALID_ARGUMENT). A unary handler returns
+    the answer (a protobuf message or its bytes); a streaming one writes with
+    `Call.write` and returns None. A streaming request reaches the handler as
+    the `Call` itself, to iterate (`Call.messages`).
+    """
+
+    request_streaming: bool
+    response_streaming: bool
+    decode: Callable[[bytes], Any]
+    handler: Callable[[Any, Call], Awaitable[Any]]
+
+
+# What the server asks before it runs a call: None lets it run, else (code, details).
+Authorize = Callable[[str, tuple[tuple[str, str | bytes], ...], str], "tuple[int, str] | None"]
+
+
+_Inbox = tuple[
+    trio.MemorySendChannel[tuple[bytes, int]], trio.MemoryReceiveChannel[tuple[bytes, int]]
+]
+
+
+class Call:
+    """What a handler sees of its call: metadata, peer, and the ways to answer."""
+
+    def __init__(
+        self,
+        connection: _Connection,
+        stream_id: int,
+        method: str,
+        metadata: tuple[tuple[str, str | bytes], ...],
+        deadline: float,
+    ) -> None:
+        self._connection = connection
+        self.stream_id = stream_id
+        self.method = method
+        self.metadata = metadata
+        self.deadline = deadline
+        self.scope = trio.CancelScope(deadline=deadline)
+        self.reset = False  # the client or the protocol ended it: nobody to answer
+        self._inbox: (
+            tuple[
+                trio.MemorySendChannel[tuple[bytes, int]],
+                trio.MemoryReceiveChannel[tuple[bytes, int]],
+            ]
+            | None
+        ) = None
+        self._drained: trio.Event | None = None
+
+    def peer(self) -> str:
+        """ "ipv4:127.0.0.1:54321" or "ipv6:[::1]:54321", as grpc-core names peers."""
+        return self._connection.peer
+
+    async def abort(self, code: int, details: str) -> NoReturn:
+        """End the call with `code` (a grpc status code number) and `details`."""
+        raise Abort(code, details)
+
+    async def send_initial_metadata(self) -> None:
+        """Send the answer's headers now (a client sees the call has begun)."""
+        self._connection.grpc.send_headers(self.stream_id)
+        self._connection.wake_writer()
+
+    async def write(self, message: Any) -> None:
+        """Send one answer message (a protobuf message or its bytes); returns once it is
+        handed to the connection's writer, which waits for the client's window: a
+        client that does not read holds the write. Raises trio.BrokenResourceError
+        if the call is over."""
+        data = message if isinstance(message, bytes) else message.SerializeToString()
+        connection = self._connection
+        if not connection.grpc.send_message(self.stream_id, data):
+            raise trio.BrokenResourceError("the call is over")
+        connection.wake_writer()
+        while connection.grpc.buffered(self.stream_id):
+            await connection.written()
+
+    async def messages(self) -> Any:
+        """The request messages of a streaming call, decoded, as the client sends them."""
+        assert self._inbox is not None
+        decode = self._connection.server.methods[self.method].decode
+        async for data, size in self._inbox[1]:
+            self._connection.grpc.consumed(self.stream_id, size)
+            self._connection.wake_writer()  # the credit goes out as a WINDOW_UPDATE
+            yield self._connection.server.decode(decode, data, self)
+
+
+class GrpcServer:
+    """Serves `methods` (by path, `/package.Service/Method`) on the listeners given to
+    `serve`, until `shut_down`."""
+
+    def __init__(
+        self,
+        methods: Mapping[str, Method],
+        *,
+        max_message_bytes: int,
+        authorize: Authorize | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        on_malformed: Callable[[str, str, Exception], None] | None = None,
+    ) -> None:
+        self.methods = dict(methods)
+        self.max_message_bytes = max_message_bytes
+        self._authorize = authorize
+        self._ssl_context = ssl_context
+        self._on_malformed = on_malformed
+        self._streaming_requests = frozenset(
+            path for path, method in self.methods.items() if method.request_streaming
+        )
+        self._connections: set[_Connection] = set()
+        self._accepting = True
+        self._idle = trio.Event()
+        self._idle.set()
+        self._calls = 0
+
+    async def serve(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept connections until cancelled (connections run in the same nursery)."""
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept, listener, nursery)
+            task_status.started()
+
+    async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        async with listener:
+            while self._accepting:
+                try:
+                    stream = await listener.accept()
+                except OSError as error:  # EMFILE and the like: back off, keep serving
+                    log.warning("grpc accept failed", error=str(error))
+                    await trio.sleep(0.1)
+                    continue
+                if not self._accepting:
+                    await stream.aclose()
+                    return
+                nursery.start_soon(self._serve_connection, stream)
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        peer = _peer_name(stream)
+        transport: trio.abc.Stream = stream
+        if self._ssl_context is not None:
+            transport = trio.SSLStream(stream, self._ssl_context, server_side=True)
+        connection = _Connection(self, transport, peer)
+        self._connections.add(connection)
+        try:
+            await connection.run()
+        except Exception:  # a fault of this module: the connection ends, the server goes on
+            log.exception("grpc connection failed", peer=peer)
+        finally:
+            self._connections.discard(connection)
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(transport)
+
+    def stop_accepting(self) -> None:
+        """No new connections, and every connection is told to open no new call."""
+        self._accepting = False
+        for connection in list(self._connections):
+            connection.go_away()
+
+    async def wait_idle(self) -> None:
+        """Until no call is in flight."""
+        await self._idle.wait()
+
+    def cancel_all(self) -> None:
+        """Close every connection now (the calls still in flight are cancelled)."""
+        for connection in list(self._connections):
+            connection.close()
+
+    # -- calls -----------------------------------------------------------------
+
+    def call_began(self) -> None:
+        if self._calls == 0:
+            self._idle = trio.Event()
+        self._calls += 1
+
+    def call_ended(self) -> None:
+        self._calls -= 1
+        if self._calls == 0:
+            self._idle.set()
+
+    def check(self, call: Call) -> tuple[int, str] | None:
+        """Why the call may not run (code, details), or None."""
+        if self._authorize is None:
+            return None
+        return self._authorize(call.method, call.metadata, call.peer())
+
+    def decode(self, decode: Callable[[bytes], Any], data: bytes, call: Call) -> Any:
+        """A request message, decoded; Abort(INVALID_ARGUMENT) if it is malformed."""
+        try:
+            return decode(data)
+        except Exception as error:  # DecodeError, or anything a parser may raise
+            if self._on_malformed is not None:
+                self._on_malformed(call.method, call.peer(), error)
+            raise Abort(wire.INVALID_ARGUMENT, f"malformed request: {error}") from None
+
+    @property
+    def streaming_requests(self) -> frozenset[str]:
+        return self._streaming_requests
+
+
+class _Connection:
+    """One client connection: reads events, starts calls, writes what they queue."""
+
+    def __init__(self, server: GrpcServer, stream: trio.abc.Stream, peer: str) -> None:
+        self.server = server
+        self.stream = stream
+        self.peer = peer
+        self.grpc = wire.GrpcConnection(server.max_message_bytes, server.streaming_requests)
+        self._calls: dict[int, Call] = {}
+        self._unary: dict[int, bytes | None] = {}  # unary calls waiting for their request
+        self._has_output = trio.Event()
+        self._written = trio.Event()  # set after each round of the writer
+        self._closed = False
+        self._scope = trio.CancelScope()
+
+    def wake_writer(self) -> None:
+        self._has_output.set()
+
+    async def written(self) -> None:
+        """Until the writer's next round (answers handed over, or a call ended)."""
+        await self._written.wait()
+
+    def go_away(self) -> None:
+        self.grpc.go_away()
+        self.wake_writer()
+
+    def close(self) -> None:
+        self._scope.cancel()
+
+    async def run(self) -> None:
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write)
+                self.wake_writer()  # the server's SETTINGS
+                try:
+                    await self._read(nursery)
+                finally:
+                    self._closed = True
+                    self.wake_writer()
+                    for call in self._calls.values():
+                        call.reset = True
+                        call.scope.cancel()
+
+    async def _write(self) -> None:
+        grpc, stream = self.grpc, self.stream
+        while True:
+            await self._has_output.wait()
+            self._has_output = trio.Event()
+            while data := grpc.data_to_send():  # a budget of answers at a time
+                try:
+                    await stream.send_all(data)
+                except _GONE:  # the client went away: so does the connection
+                    self._scope.cancel()
+                    return
+                self._round_done()
+            self._round_done()
+            if self._closed:
+                return
+
+    def _round_done(self) -> None:
+        written, self._written = self._written, trio.Event()
+        written.set()
+
+    async def _read(self, nursery: trio.Nursery) -> None:
+        grpc = self.grpc
+        while True:
+            try:
+                data = await self.stream.receive_some(RECEIVE_BYTES)
+            except _GONE:  # the client went away, or failed its TLS handshake
+                return
+            if not data:
+                return
+            events = grpc.receive_data(data)
+            for event in events:
+                if isinstance(event, wire.CallStarted):
+                    self._start(event, nursery)
+                elif isinstance(event, wire.MessageReceived):
+                    self._message(event, nursery)
+                elif isinstance(event, wire.RequestEnded):
+                    self._request_ended(event.stream_id, nursery)
+                elif isinstance(event, wire.CallEnded):
+                    self._unary.pop(event.stream_id, None)
+                    call = self._calls.get(event.stream_id)
+                    if call is not None:
+                        call.reset = True
+                        call.scope.cancel()
+                elif isinstance(event, wire.ConnectionEnded):
+                    self.wake_writer()
+                    if event.error:
+                        log.info("grpc connection closed", peer=self.peer, error=event.error)
+                    return
+            self.wake_writer()
+
+    def _start(self, event: wire.CallStarted, nursery: trio.Nursery) -> None:
+        stream_id = event.stream_id
+        method = self.server.methods.get(event.method)
+        if method is None:
+            self.grpc.end_call(stream_id, wire.UNIMPLEMENTED, f"Method not found: {event.method}")
+            return
+        deadline = math.inf if event.timeout_s is None else trio.current_time() + event.timeout_s
+        call = Call(self, stream_id, event.method, event.metadata, deadline)
+        refusal = self.server.check(call)
+        if refusal is not None:
+            self.grpc.end_call(stream_id, *refusal)
+            return
+        self._calls[stream_id] = call
+        if method.request_streaming:
+            call._inbox = trio.open_memory_channel(math.inf)  # bounded by the window
+            self._run(call, method, call, nursery)
+        else:
+            self._unary[stream_id] = None
+
+    def _message(self, event: wire.MessageReceived, nursery: trio.Nursery) -> None:
+        stream_id = event.stream_id
+        call = self._calls.get(stream_id)
+        if call is None:
+            return
+        if call._inbox is not None:
+            try:
+                call._inbox[0].send_nowait((event.message, event.size))
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass  # the handler stopped reading
+            return
+        if self._unary.get(stream_id, b"") is not None:  # a second message, or no call
+            self._end(stream_id, wire.UNIMPLEMENTED, "unary call with more than one request")
+            return
+        self._unary[stream_id] = event.message
+
+    def _request_ended(self, stream_id: int, nursery: trio.Nursery) -> None:
+        call = self._calls.get(stream_id)
+        if call is None:
+            return
+        if call._inbox is not None:
+            call._inbox[0].close()
+            return
+        data = self._unary.pop(stream_id, None)
+        if data is None:
+            self._end(stream_id, wire.UNIMPLEMENTED, "unary call without a request message")
+            return
+        method = self.server.methods[call.method]
+        self._run(call, method, data, nursery)
+
+    def _end(self, stream_id: int, code: int, details: str) -> None:
+        self._unary.pop(stream_id, None)
+        self._calls.pop(stream_id, None)
+        self.grpc.end_call(stream_id, code, details)
+
+    def _run(self, call: Call, method: Method, request: Any, nursery: trio.Nursery) -> None:
+        self.server.call_began()
+        nursery.start_soon(self._call, call, method, request)
+
+    async def _call(self, call: Call, method: Method, request: Any) -> None:
+        grpc = self.grpc
+        stream_id = call.stream_id
+        code, details = wire.OK, ""
+        try:
+            with call.scope:
+                try:
+                    if not method.request_streaming:
+                        request = self.server.decode(method.decode, request, call)
+                    answer = await method.handler(request, call)
+                    if not method.response_streaming:
+                        grpc.send_message(
+                            stream_id,
+                            answer if isinstance(answer, bytes) else answer.SerializeToString(),
+                        )
+                except Abort as abort:
+                    code, details = abort.code, abort.details
+                except trio.BrokenResourceError:
+                    call.reset = True  # a write to a call that is over
+                except Exception as error:
+                    log.exception("grpc handler failed", method=call.method)
+                    code, details = wire.UNKNOWN, f"Unexpected {type(error).__name__}: {error}"
+            if call.scope.cancelled_caught and not call.reset:
+                if trio.current_time() >= call.deadline:
+                    code, details = wire.DEADLINE_EXCEEDED, "Deadline Exceeded"
+                else:
+                    code, details = wire.CANCELLED, "Cancelled"
+            if not call.reset and grpc.is_open(stream_id):
+                grpc.end_call(stream_id, code, details)
+                self.wake_writer()
+        finally:
+            self._calls.pop(stream_id, None)
+            if call._inbox is not None:
+                call._inbox[1].close()
+            self.server.call_ended()
+
+
+# What a socket or TLS stream raises when the client goes away.
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError)
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        address = stream.socket.getpeername()
+    except OSError:
+        return "unknown"
+    if stream.socket.family == trio.socket.AF_INET6:
+        return f"ipv6:[{address[0]}]:{address[1]}"
+    return f"ipv4:{address[0]}:{address[1]}"

@@ -1,0 +1,514 @@
+"""gRPC over HTTP/2, sans-io: h2's connection state machine plus gRPC's framing.
+
+Bytes in (`receive_data`), events out; calls in (`send_message`, `end_call`),
+bytes out (`data_to_send`). No sockets, no clocks, no tasks: `transport.py`
+wraps it in Trio, as h11 and wsproto are wrapped.
+
+What it implements, after "gRPC over HTTP2" (grpc/grpc, doc/PROTOCOL-HTTP2.md):
+
+- A call is an HTTP/2 stream: a POST whose `:path` names the method, with
+  `content-type: application/grpc`, and `grpc-timeout` for a deadline.
+- A message is a 5-byte prefix (compressed flag, 4-byte big-endian length) and
+  its bytes; DATA frames do not have to align with messages.
+- The answer is HEADERS (`:status 200`), its messages, then trailers with
+  `grpc-status` and a percent-encoded `grpc-message`; a call refused before any
+  answer gets the trailers alone ("Trailers-Only").
+- Compressed requests (`grpc-encoding: gzip` or `deflate`) are inflated;
+  answers are never compressed.
+
+Flow control: bytes of a request message are credited back to the client once
+the message is whole, except for streaming requests, whose messages are
+credited as the handler takes them (`consumed`), so a client cannot queue more
+than one window ahead of a slow handler. Answers are queued per stream and
+handed to h2 as the client's windows allow; `buffered` tells how much waits.
+"""
+
+from __future__ import annotations
+
+import base64
+import zlib
+from collections import deque
+from collections.abc import Container
+from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import hyperframe.frame
+
+# Status codes (grpc/grpc, doc/statuscodes.md); names as grpc.StatusCode has them.
+OK = 0
+CANCELLED = 1
+UNKNOWN = 2
+INVALID_ARGUMENT = 3
+DEADLINE_EXCEEDED = 4
+NOT_FOUND = 5
+PERMISSION_DENIED = 7
+RESOURCE_EXHAUSTED = 8
+UNIMPLEMENTED = 12
+INTERNAL = 13
+UNAVAILABLE = 14
+UNAUTHENTICATED = 16
+
+PREFIX_BYTES = 5  # compressed flag + 4-byte length
+CONNECTION_WINDOW = 16 << 20  # what all of a connection's requests may send ahead
+STREAM_WINDOW = 1 << 20  # what one call may send ahead of its handler
+MAX_HEADER_LIST_BYTES = 16 << 10
+MAX_CONCURRENT_STREAMS = 1024
+WRITE_BUDGET = 256 << 10  # answer bytes handed to h2 for one write to the socket
+
+_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+_ANSWER_HEADERS = [
+    (b":status", b"200"),
+    (b"content-type", b"application/grpc"),
+    (b"grpc-accept-encoding", b"identity,deflate,gzip"),
+]
+# Bytes grpc-message may carry as they are (the spec's unreserved set, less '%').
+_PLAIN = frozenset(range(0x20, 0x7F)) - {ord("%")}
+
+
+@dataclass(frozen=True)
+class CallStarted:
+    """A client opened a call: `method` is the path (`/package.Service/Method`),
+    `metadata` its custom headers (`-bin` values decoded), `timeout_s` its deadline
+    relative to now (None: none), `peer` unset here (the transport knows it)."""
+
+    stream_id: int
+    method: str
+    metadata: tuple[tuple[str, str | bytes], ...]
+    timeout_s: float | None
+
+
+@dataclass(frozen=True)
+class MessageReceived:
+    """One whole request message of a call, inflated. `size` is what it took on
+    the wire, for `consumed`."""
+
+    stream_id: int
+    message: bytes
+    size: int
+
+
+@dataclass(frozen=True)
+class RequestEnded:
+    """The client sent its last message (half-closed its side of the call)."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True)
+class CallEnded:
+    """The call is over before its handler finished: the client reset it, or this
+    side ended it with a status (a message too large, say). Stop its handler."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True)
+class ConnectionEnded:
+    """The client went away (GOAWAY) or broke the protocol: close the connection
+    once `data_to_send` is written."""
+
+    error: str | None
+
+
+Event = CallStarted | MessageReceived | RequestEnded | CallEnded | ConnectionEnded
+
+
+@dataclass
+class _Stream:
+    streaming_request: bool = False
+    encoding: bytes = b"identity"
+    inbound: bytearray = field(default_factory=bytearray)  # a message not yet whole
+    held: int = 0  # flow-controlled bytes received and not yet credited back
+    unconsumed: int = 0  # of which whole messages a streaming handler has not taken yet
+    outbound: deque[bytes] = field(default_factory=deque)  # answer bytes h2 has not taken
+    buffered: int = 0  # their sum
+    headers_sent: bool = False
+    trailers: list[tuple[bytes, bytes]] | None = None  # to send once outbound is empty
+    ended: bool = False  # trailers queued or the stream reset: nothing more to send
+    request_ended: bool = False
+
+
+class GrpcConnection:
+    """The server side of one HTTP/2 connection carrying gRPC calls.
+
+    `max_message_bytes` bounds request messages (a larger one ends its call with
+    RESOURCE_EXHAUSTED, as grpc-core does) and is not checked on answers, which
+    the handlers size themselves. `streaming_requests`: the paths of the methods
+    whose requests stream, whose messages are credited back as they are consumed.
+    """
+
+    def __init__(self, max_message_bytes: int, streaming_requests: Container[str] = ()) -> None:
+        self.max_message_bytes = max_message_bytes
+        self._streaming_requests = streaming_requests  # methods credited as consumed
+        config = h2.config.H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+        self._h2 = h2.connection.H2Connection(config)
+        self._h2.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_BYTES,
+            },
+        )
+        self._h2.initiate_connection()
+        self._h2.increment_flow_control_window(CONNECTION_WINDOW - 65_535)
+        self._streams: dict[int, _Stream] = {}
+        self.closed = False
+        self._going_away = False
+        self._ready: dict[int, None] = {}  # calls with answer bytes or trailers to hand h2
+
+    # -- bytes in ---------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray) -> list[Event]:
+        """Feed bytes from the socket; the gRPC events they complete, in order."""
+        if self.closed:
+            return []
+        try:
+            h2_events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as error:
+            self.closed = True
+            self._h2.close_connection(error_code=h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            return [ConnectionEnded(f"HTTP/2 protocol error: {error}")]
+        events: list[Event] = []
+        for event in h2_events:
+            if isinstance(event, h2.events.RequestReceived):
+                self._start(event, events)
+            elif isinstance(event, h2.events.DataReceived):
+                self._data(event, events)
+            elif isinstance(event, h2.events.StreamEnded):
+                stream = self._streams.get(event.stream_id)
+                if stream is not None and not stream.ended:
+                    stream.request_ended = True
+                    events.append(RequestEnded(event.stream_id))
+            elif isinstance(event, h2.events.TrailersReceived):  # request trailers: the end
+                stream = self._streams.get(event.stream_id)
+                if stream is not None and not stream.ended and not stream.request_ended:
+                    stream.request_ended = True
+                    events.append(RequestEnded(event.stream_id))
+            elif isinstance(event, h2.events.StreamReset):
+                if self._streams.pop(event.stream_id, None) is not None:
+                    events.append(CallEnded(event.stream_id))
+            elif isinstance(event, h2.events.WindowUpdated):
+                if event.stream_id:
+                    if event.stream_id in self._streams:
+                        self._ready[event.stream_id] = None
+                else:
+                    self._all_ready()
+            elif isinstance(event, h2.events.RemoteSettingsChanged):
+                self._all_ready()  # a larger initial window opens every stream
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.closed = True
+                events.append(ConnectionEnded(None))
+        return events
+
+    def _start(self, event: h2.events.RequestReceived, events: list[Event]) -> None:
+        stream_id = event.stream_id
+        headers = event.headers or []
+        method = path = content_type = b""
+        encoding = b"identity"
+        timeout_s: float | None = None
+        metadata: list[tuple[str, str | bytes]] = []
+        for name, value in headers:
+            if name.startswith(b":"):
+                if name == b":path":
+                    path = value
+                elif name == b":method":
+                    method = value
+                continue
+            if name == b"content-type":
+                content_type = value
+            elif name == b"grpc-timeout":
+                timeout_s = _timeout(value)
+            elif name == b"grpc-encoding":
+                encoding = value
+            elif name in (b"te", b"user-agent", b"grpc-accept-encoding"):
+                continue
+            else:
+                key = name.decode("ascii", "replace")
+                if key.endswith("-bin"):
+                    metadata.append((key, _b64decode(value)))
+                else:
+                    metadata.append((key, value.decode("latin-1")))
+        path_text = path.decode("utf-8", "replace")
+        stream = _Stream(streaming_request=path_text in self._streaming_requests, encoding=encoding)
+        self._streams[stream_id] = stream
+        if method != b"POST":
+            self._refuse(stream_id, stream, b"405")
+            return
+        if not content_type.startswith(b"application/grpc"):
+            self._refuse(stream_id, stream, b"415")
+            return
+        if encoding not in (b"identity", b"gzip", b"deflate"):
+            self.end_call(
+                stream_id,
+                UNIMPLEMENTED,
+                f"unsupported grpc-encoding {encoding.decode('latin-1')!r}",
+            )
+            return
+        events.append(CallStarted(stream_id, path_text, tuple(metadata), timeout_s))
+
+    def _refuse(self, stream_id: int, stream: _Stream, status: bytes) -> None:
+        """A request that is not gRPC at all: a plain HTTP error, the call never starts."""
+        stream.ended = True
+        self._h2.send_headers(stream_id, [(b":status", status)], end_stream=True)
+        self._forget(stream_id, stream)
+
+    def _data(self, event: h2.events.DataReceived, events: list[Event]) -> None:
+        stream_id = event.stream_id
+        stream = self._streams.get(stream_id)
+        length = event.flow_controlled_length
+        if stream is None or stream.ended:  # answered already: only credit it back
+            self._h2.acknowledge_received_data(length, stream_id)
+            return
+        stream.held += length
+        buffer = stream.inbound
+        buffer += event.data
+        while len(buffer) >= PREFIX_BYTES:
+            size = int.from_bytes(buffer[1:5], "big")
+            if size > self.max_message_bytes:
+                self.end_call(
+                    stream_id,
+                    RESOURCE_EXHAUSTED,
+                    f"Received message larger than max ({size} vs. {self.max_message_bytes})",
+                )
+                events.append(CallEnded(stream_id))
+                return
+            if len(buffer) < PREFIX_BYTES + size:
+                break
+            flag = buffer[0]
+            message = bytes(buffer[PREFIX_BYTES : PREFIX_BYTES + size])
+            del buffer[: PREFIX_BYTES + size]
+            if flag & 1:
+                try:
+                    message = _inflate(message, stream.encoding, self.max_message_bytes)
+                except ValueError as error:
+                    self.end_call(stream_id, INTERNAL, str(error))
+                    events.append(CallEnded(stream_id))
+                    return
+            if stream.streaming_request:
+                stream.unconsumed += PREFIX_BYTES + size
+            events.append(MessageReceived(stream_id, message, PREFIX_BYTES + size))
+        # Bytes of a message not yet whole are credited back at once (the message is
+        # bounded by max_message_bytes, and a window smaller than it would stall the
+        # call); whole messages of a streaming request wait for `consumed`.
+        self._credit(stream_id, stream)
+
+    def consumed(self, stream_id: int, size: int) -> None:
+        """A handler took a request message of `size` wire bytes (MessageReceived.size)."""
+        stream = self._streams.get(stream_id)
+        if stream is not None and not stream.ended and stream.streaming_request:
+            stream.unconsumed = max(0, stream.unconsumed - size)
+            self._credit(stream_id, stream)
+
+    def _credit(self, stream_id: int, stream: _Stream) -> None:
+        give = stream.held - stream.unconsumed
+        if give > 0:
+            stream.held -= give
+            try:
+                self._h2.acknowledge_received_data(give, stream_id)
+            except h2.exceptions.StreamClosedError:
+                pass
+
+    # -- calls out --------------------------------------------------------------
+
+    def send_headers(self, stream_id: int, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        """The answer's headers (initial metadata), if not sent yet."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.ended or stream.headers_sent:
+            return
+        stream.headers_sent = True
+        headers = list(_ANSWER_HEADERS)
+        headers += [(k.encode("ascii"), v.encode("latin-1")) for k, v in metadata]
+        self._h2.send_headers(stream_id, headers)
+
+    def send_message(self, stream_id: int, message: bytes) -> bool:
+        """Queue one answer message (uncompressed); False if the call is over."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.ended:
+            return False
+        if not stream.headers_sent:
+            self.send_headers(stream_id)
+        # The prefix apart: the message may be shared (a watch's events), so not copied.
+        stream.outbound.append(b"\x00" + len(message).to_bytes(4, "big"))
+        stream.outbound.append(message)
+        stream.buffered += PREFIX_BYTES + len(message)
+        self._ready[stream_id] = None
+        return True
+
+    def end_call(
+        self,
+        stream_id: int,
+        code: int,
+        message: str = "",
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        """Queue the trailers with `code` and `message`, after the answer's messages.
+        A call that sent nothing yet gets one HEADERS frame (Trailers-Only)."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.ended:
+            return
+        stream.ended = True
+        trailers = [(b"grpc-status", str(code).encode("ascii"))]
+        if message:
+            trailers.append((b"grpc-message", percent_encode(message)))
+        trailers += [(k.encode("ascii"), v.encode("latin-1")) for k, v in metadata]
+        if not stream.headers_sent:
+            stream.headers_sent = True
+            self._h2.send_headers(stream_id, [*_ANSWER_HEADERS[:2], *trailers], end_stream=True)
+            self._finish(stream_id, stream)
+            return
+        stream.trailers = trailers
+        self._ready[stream_id] = None
+
+    def reset(self, stream_id: int) -> None:
+        """Abandon a call (RST_STREAM CANCEL): its handler was stopped mid-answer."""
+        stream = self._streams.pop(stream_id, None)
+        if stream is None:
+            return
+        try:
+            self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+        except h2.exceptions.StreamClosedError:
+            pass
+
+    def buffered(self, stream_id: int) -> int:
+        """Answer bytes of the call still waiting for the client's window (0: none,
+        or the call is over)."""
+        stream = self._streams.get(stream_id)
+        return 0 if stream is None else stream.buffered
+
+    def is_open(self, stream_id: int) -> bool:
+        """Whether the call can still send: not ended by either side."""
+        stream = self._streams.get(stream_id)
+        return stream is not None and not stream.ended
+
+    def go_away(self) -> None:
+        """Tell the client to open no more calls here (GOAWAY); open ones go on.
+
+        h2's own close_connection would also stop the calls in flight from
+        answering, so the frame is written here and h2's state left open.
+        """
+        if self.closed or self._going_away:
+            return
+        self._going_away = True
+        frame = hyperframe.frame.GoAwayFrame(0)
+        frame.last_stream_id = self._h2.highest_inbound_stream_id
+        frame.error_code = h2.errors.ErrorCodes.NO_ERROR
+        self._h2._data_to_send += frame.serialize()  # noqa: SLF001 - see above
+
+    def data_to_send(self, budget: int = WRITE_BUDGET) -> bytes:
+        """What to write to the socket now (b"" if nothing): what h2 has ready, and
+        the calls' queued answers as far as the client's windows and about `budget`
+        bytes allow, a call after another. Answers wait in their queues rather than
+        in h2's buffer, so what waits is bounded by the calls' own bounds."""
+        ready = self._ready
+        while ready and budget > 0:
+            stream_id = next(iter(ready))
+            del ready[stream_id]
+            stream = self._streams.get(stream_id)
+            if stream is not None:
+                budget -= self._flush(stream_id, stream, budget)
+                if stream.outbound and self._h2.local_flow_control_window(stream_id) > 0:
+                    ready[stream_id] = None  # its turn again after the others
+        return self._h2.data_to_send()
+
+    # -- flow control ------------------------------------------------------------
+
+    def _all_ready(self) -> None:
+        for stream_id, stream in self._streams.items():
+            if stream.outbound or stream.trailers is not None:
+                self._ready[stream_id] = None
+
+    def _flush(self, stream_id: int, stream: _Stream, budget: int) -> int:
+        """Hand h2 up to `budget` bytes of the stream's answer, as the windows allow;
+        then its trailers once all is handed over. Returns the bytes handed."""
+        h2conn = self._h2
+        outbound = stream.outbound
+        handed = 0
+        while outbound and handed < budget:
+            window = h2conn.local_flow_control_window(stream_id)
+            if window <= 0:
+                return handed
+            chunk = outbound[0]
+            size = min(window, h2conn.max_outbound_frame_size, len(chunk))
+            if size < len(chunk):
+                h2conn.send_data(stream_id, chunk[:size])
+                outbound[0] = chunk[size:]
+            else:
+                h2conn.send_data(stream_id, chunk)
+                outbound.popleft()
+            stream.buffered -= size
+            handed += size
+        if not outbound and stream.trailers is not None:
+            h2conn.send_headers(stream_id, stream.trailers, end_stream=True)
+            stream.trailers = None
+            self._finish(stream_id, stream)
+        return handed
+
+    def _finish(self, stream_id: int, stream: _Stream) -> None:
+        """The answer is complete. A client still sending is told to stop (RST_STREAM
+        NO_ERROR, as the spec asks), and what it sent is credited back."""
+        if not stream.request_ended:
+            try:
+                self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+            except h2.exceptions.StreamClosedError:
+                pass
+        self._forget(stream_id, stream)
+
+    def _forget(self, stream_id: int, stream: _Stream) -> None:
+        if stream.held:
+            try:
+                self._h2.acknowledge_received_data(stream.held, stream_id)
+            except h2.exceptions.StreamClosedError:
+                pass
+            stream.held = 0
+        self._streams.pop(stream_id, None)
+
+
+def percent_encode(message: str) -> bytes:
+    """grpc-message's encoding: UTF-8, with bytes outside 0x20-0x7E and '%' as %XX."""
+    raw = message.encode("utf-8")
+    if all(b in _PLAIN for b in raw):
+        return raw
+    return b"".join(bytes((b,)) if b in _PLAIN else b"%%%02X" % b for b in raw)
+
+
+def _timeout(value: bytes) -> float | None:
+    """grpc-timeout (`TimeoutValue TimeoutUnit`: at most 8 digits and H/M/S/m/u/n) in
+    seconds; None if malformed (the call then has no deadline, as grpc-core does)."""
+    digits, unit = value[:-1], value[-1:]
+    if not digits.isdigit() or len(digits) > 8 or unit not in _TIMEOUT_UNITS:
+        return None
+    return int(digits) * _TIMEOUT_UNITS[unit]
+
+
+def _b64decode(value: bytes) -> bytes:
+    try:
+        return base64.b64decode(value + b"=" * (-len(value) % 4))
+    except ValueError:
+        return b""
+
+
+def _inflate(data: bytes, encoding: bytes, limit: int) -> bytes:
+    """A compressed message, inflated to at most `limit` bytes; ValueError if it is
+    not what `encoding` says or inflates past the limit."""
+    wbits = 16 + zlib.MAX_WBITS if encoding == b"gzip" else zlib.MAX_WBITS
+    if encoding not in (b"gzip", b"deflate"):
+        raise ValueError(f"compressed message without a known grpc-encoding ({encoding!r})")
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as error:
+        raise ValueError(f"could not decompress the message: {error}") from None
+    if len(out) > limit:
+        raise ValueError(f"decompressed message larger than max ({limit} bytes)")
+    return out
