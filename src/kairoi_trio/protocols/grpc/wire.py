@@ -58,6 +58,7 @@ CONNECTION_WINDOW = 16 << 20  # what all of a connection's requests may send ahe
 STREAM_WINDOW = 1 << 20  # what one call may send ahead of its handler
 MAX_HEADER_LIST_BYTES = 16 << 10
 MAX_CONCURRENT_STREAMS = 1024
+_JOIN_BYTES = 16 << 10  # answers up to this size go with their prefix in one DATA frame
 WRITE_BUDGET = 256 << 10  # answer bytes handed to h2 for one write to the socket
 
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
@@ -338,9 +339,12 @@ class GrpcConnection:
             return False
         if not stream.headers_sent:
             self.send_headers(stream_id)
-        # The prefix apart: the message may be shared (a watch's events), so not copied.
-        stream.outbound.append(b"\x00" + len(message).to_bytes(4, "big"))
-        stream.outbound.append(message)
+        prefix = b"\x00" + len(message).to_bytes(4, "big")
+        if len(message) <= _JOIN_BYTES:  # one DATA frame rather than two
+            stream.outbound.append(prefix + message)
+        else:  # not copied: what one DATA frame cannot carry is cut into frames anyway
+            stream.outbound.append(prefix)
+            stream.outbound.append(message)
         stream.buffered += PREFIX_BYTES + len(message)
         self._ready[stream_id] = None
         return True
