@@ -149,7 +149,7 @@ class GrpcServer:
             path for path, method in self.methods.items() if method.request_streaming
         )
         self._connections: set[_Connection] = set()
-        self._accepting = True
+        self._accepting_scope = trio.CancelScope()
         self._idle = trio.Event()
         self._idle.set()
         self._calls = 0
@@ -160,25 +160,24 @@ class GrpcServer:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept connections until cancelled (connections run in the same nursery)."""
-        async with trio.open_nursery() as nursery:
-            for listener in listeners:
-                nursery.start_soon(self._accept, listener, nursery)
-            task_status.started()
+        """Accept connections until cancelled; `stop_accepting` closes the listeners."""
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as accepting:
+                self._accepting_scope = accepting.cancel_scope
+                for listener in listeners:
+                    accepting.start_soon(self._accept, listener, connections)
+                task_status.started()
 
-    async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+    async def _accept(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
         async with listener:
-            while self._accepting:
+            while True:
                 try:
                     stream = await listener.accept()
                 except OSError as error:  # EMFILE and the like: back off, keep serving
                     log.warning("grpc accept failed", error=str(error))
                     await trio.sleep(0.1)
                     continue
-                if not self._accepting:
-                    await stream.aclose()
-                    return
-                nursery.start_soon(self._serve_connection, stream)
+                connections.start_soon(self._serve_connection, stream)
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         peer = _peer_name(stream)
@@ -198,7 +197,7 @@ class GrpcServer:
 
     def stop_accepting(self) -> None:
         """No new connections, and every connection is told to open no new call."""
-        self._accepting = False
+        self._accepting_scope.cancel()
         for connection in list(self._connections):
             connection.go_away()
 

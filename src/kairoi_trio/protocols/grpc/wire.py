@@ -59,6 +59,10 @@ STREAM_WINDOW = 1 << 20  # what one call may send ahead of its handler
 MAX_HEADER_LIST_BYTES = 16 << 10
 MAX_CONCURRENT_STREAMS = 1024
 _JOIN_BYTES = 16 << 10  # answers up to this size go with their prefix in one DATA frame
+# Past this many bytes of request messages not yet whole on one connection, their
+# bytes are no longer credited back: a client cannot make the server hold more than
+# this plus the windows (many calls, each sending most of a 4 MiB message, would).
+PARTIAL_BYTES = 32 << 20
 WRITE_BUDGET = 256 << 10  # answer bytes handed to h2 for one write to the socket
 
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
@@ -167,6 +171,7 @@ class GrpcConnection:
         self.closed = False
         self._going_away = False
         self._ready: dict[int, None] = {}  # calls with answer bytes or trailers to hand h2
+        self._partial = 0  # bytes of request messages not yet whole, on every stream
 
     # -- bytes in ---------------------------------------------------------------
 
@@ -197,7 +202,9 @@ class GrpcConnection:
                     stream.request_ended = True
                     events.append(RequestEnded(event.stream_id))
             elif isinstance(event, h2.events.StreamReset):
-                if self._streams.pop(event.stream_id, None) is not None:
+                stream = self._streams.get(event.stream_id)
+                if stream is not None:
+                    self._forget(event.stream_id, stream)
                     events.append(CallEnded(event.stream_id))
             elif isinstance(event, h2.events.WindowUpdated):
                 if event.stream_id:
@@ -240,6 +247,9 @@ class GrpcConnection:
                     metadata.append((key, _b64decode(value)))
                 else:
                     metadata.append((key, value.decode("latin-1")))
+        if self._going_away:  # opened after our GOAWAY: the client may retry elsewhere
+            self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
         path_text = path.decode("utf-8", "replace")
         stream = _Stream(streaming_request=path_text in self._streaming_requests, encoding=encoding)
         self._streams[stream_id] = stream
@@ -273,10 +283,13 @@ class GrpcConnection:
             return
         stream.held += length
         buffer = stream.inbound
+        partial_before = self._partial
+        self._partial -= len(buffer)
         buffer += event.data
         while len(buffer) >= PREFIX_BYTES:
             size = int.from_bytes(buffer[1:5], "big")
             if size > self.max_message_bytes:
+                self._partial += len(buffer)  # _forget takes it off again
                 self.end_call(
                     stream_id,
                     RESOURCE_EXHAUSTED,
@@ -293,16 +306,17 @@ class GrpcConnection:
                 try:
                     message = _inflate(message, stream.encoding, self.max_message_bytes)
                 except ValueError as error:
+                    self._partial += len(buffer)
                     self.end_call(stream_id, INTERNAL, str(error))
                     events.append(CallEnded(stream_id))
                     return
             if stream.streaming_request:
                 stream.unconsumed += PREFIX_BYTES + size
             events.append(MessageReceived(stream_id, message, PREFIX_BYTES + size))
-        # Bytes of a message not yet whole are credited back at once (the message is
-        # bounded by max_message_bytes, and a window smaller than it would stall the
-        # call); whole messages of a streaming request wait for `consumed`.
+        self._partial += len(buffer)
         self._credit(stream_id, stream)
+        if partial_before > PARTIAL_BYTES >= self._partial:
+            self._credit_all()
 
     def consumed(self, stream_id: int, size: int) -> None:
         """A handler took a request message of `size` wire bytes (MessageReceived.size)."""
@@ -311,8 +325,19 @@ class GrpcConnection:
             stream.unconsumed = max(0, stream.unconsumed - size)
             self._credit(stream_id, stream)
 
+    def _credit_all(self) -> None:
+        """Back under PARTIAL_BYTES: credit what every stream was refused meanwhile."""
+        for stream_id, stream in list(self._streams.items()):
+            self._credit(stream_id, stream)
+
     def _credit(self, stream_id: int, stream: _Stream) -> None:
+        """Credit back what the client sent on the stream, but for the whole messages
+        a handler has not taken yet and, past PARTIAL_BYTES of messages not yet whole
+        on the connection, those too. Bytes of a message not yet whole are credited
+        at once otherwise, since a window smaller than the message would stall it."""
         give = stream.held - stream.unconsumed
+        if self._partial > PARTIAL_BYTES:
+            give -= len(stream.inbound)
         if give > 0:
             stream.held -= give
             try:
@@ -376,9 +401,10 @@ class GrpcConnection:
 
     def reset(self, stream_id: int) -> None:
         """Abandon a call (RST_STREAM CANCEL): its handler was stopped mid-answer."""
-        stream = self._streams.pop(stream_id, None)
+        stream = self._streams.get(stream_id)
         if stream is None:
             return
+        self._forget(stream_id, stream)
         try:
             self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
         except h2.exceptions.StreamClosedError:
@@ -469,6 +495,11 @@ class GrpcConnection:
         self._forget(stream_id, stream)
 
     def _forget(self, stream_id: int, stream: _Stream) -> None:
+        partial_before = self._partial
+        self._partial -= len(stream.inbound)
+        stream.inbound.clear()
+        if partial_before > PARTIAL_BYTES >= self._partial:
+            self._credit_all()
         if stream.held:
             try:
                 self._h2.acknowledge_received_data(stream.held, stream_id)
