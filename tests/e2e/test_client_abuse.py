@@ -9,8 +9,11 @@ process out of file descriptors refuses with an answer and recovers.
 
 from __future__ import annotations
 
+import os
 import resource
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -248,6 +251,7 @@ def test_connections_are_limited_per_address(make_server) -> None:
         wait_for(lambda: kcp_connections(server) == 2)
         with KcpClient(server.kcp_port) as again:
             assert again.request("PING") == ["OK", "PONG"]
+        assert grpc_info(server) == "OK"
     finally:
         for client in held:
             client.close()
@@ -356,6 +360,30 @@ def test_start_up_warns_when_the_limits_do_not_fit(tmp_path: Path) -> None:
         server.kill()
 
 
+GRPC_INFO = """
+import sys, grpc
+from kairoi.v1 import scheduler_pb2 as pb, scheduler_pb2_grpc as pb_grpc
+with grpc.insecure_channel("127.0.0.1:" + sys.argv[1]) as channel:
+    try:
+        pb_grpc.SchedulerStub(channel).GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
+        print("OK")
+    except grpc.RpcError as error:
+        print(error.code().name, error.details())
+"""
+
+
+def grpc_info(server: ServerProcess) -> str:
+    """GetServerInfo from a gRPC client in another process: "OK", or "CODE details"."""
+    done = subprocess.run(
+        [sys.executable, "-c", GRPC_INFO, str(server.grpc_port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+    )
+    return done.stdout.strip()
+
+
 def test_out_of_file_descriptors_refuses_with_an_answer_and_recovers(tmp_path: Path) -> None:
     # The issue: with `ulimit -n 1024`, new clients hung at ~1,002 connections,
     # /metrics went dark and the log got ~10 EMFILE tracebacks a second.
@@ -384,6 +412,9 @@ def test_out_of_file_descriptors_refuses_with_an_answer_and_recovers(tmp_path: P
         # happened to be free (the server opens and closes files of its own).
         status, body = fetch(server, "/metrics")
         assert status == 200 or (status, body) == (503, "server has too many open files\n")
+        # gRPC too: UNAVAILABLE at once (the server's GOAWAY), or served.
+        during = grpc_info(server)
+        assert during == "OK" or during.startswith("UNAVAILABLE"), during
         time.sleep(1.0)  # let a flood of log lines show, if any
         for client in clients:
             client.close()
@@ -391,6 +422,7 @@ def test_out_of_file_descriptors_refuses_with_an_answer_and_recovers(tmp_path: P
         wait_for(lambda: fetch(server, "/metrics")[0] == 200)
         with KcpClient(server.kcp_port) as again:
             assert again.request("PING") == ["OK", "PONG"]
+        assert grpc_info(server) == "OK"
 
         # One warning per listener when it began, one line when it is over (at the
         # first connection accepted some seconds after the last refusal).
@@ -404,7 +436,8 @@ def test_out_of_file_descriptors_refuses_with_an_answer_and_recovers(tmp_path: P
         [end] = wait_for(episode_over, timeout=30, interval=0.5)
         assert end["refused"] >= 20
         starts = server.events("out of file descriptors: refusing connections")
-        assert sorted(start["listener"] for start in starts) in (["kcp"], ["http", "kcp"])
+        listeners = sorted(start["listener"] for start in starts)
+        assert listeners in (["kcp"], ["http", "kcp"], ["grpc", "kcp"], ["grpc", "http", "kcp"])
         assert "Traceback" not in server.log_text()
         assert len(server.lines) < 40, server.log_text()
     finally:

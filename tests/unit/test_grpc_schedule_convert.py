@@ -316,36 +316,40 @@ class _Bridge:
             request.reply([self.answer(command) for command in request.commands])
 
 
-class _Aborted(Exception):
-    pass
+class _Call:
+    """Stands in for transport.Call: records how the servicer ended the call."""
 
-
-class _Context:
-    def __init__(self) -> None:
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.answered: Any = None
         self.status: tuple[grpc.StatusCode, str] | None = None
+        self.ended = trio.Event()
 
-    async def abort(self, code: int, details: str) -> None:
+    def answer(self, message: Any) -> None:
+        self.answered = message
+        self.ended.set()
+
+    def fail(self, code: int, details: str) -> None:
         self.status = (next(s for s in grpc.StatusCode if s.value[0] == code), details)
-        raise _Aborted
+        self.ended.set()
 
 
-def _call(answer: Any, method: str, request: Any) -> tuple[Any, _Bridge, _Context]:
+def _call(answer: Any, method: str, request: Any) -> tuple[Any, _Bridge, _Call]:
+    """Call unary `method` of a SchedulerServicer whose actor answers with `answer`."""
     bridge = _Bridge(answer)
-    context = _Context()
+    call = _Call(method)
 
     async def run() -> Any:
         send, receive = trio.open_memory_channel[c.Request](16)
         servicer = SchedulerServicer(send, _Settings("", 0.0, TokenTable(), 4 << 20, None))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(bridge.run, receive)
-            try:
-                return await getattr(servicer, method)(request, context)
-            except _Aborted:
-                return None
-            finally:
-                nursery.cancel_scope.cancel()
+            servicer.begin(method, request, call)  # type: ignore[arg-type]
+            await call.ended.wait()
+            nursery.cancel_scope.cancel()
+        return call.answered
 
-    return trio.run(run), bridge, context
+    return trio.run(run), bridge, call
 
 
 def test_schedule_job_rpc_sends_the_command_and_returns_the_job() -> None:

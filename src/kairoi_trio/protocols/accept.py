@@ -48,19 +48,24 @@ async def serve_listeners(
     *,
     name: str,
     refusal: bytes,
+    handler_nursery: trio.Nursery | None = None,
 ) -> NoReturn:
     """Accept on every listener until cancelled; `handler(stream)` runs in its own task.
 
     `name` names the listener in log lines ("kcp", "metrics"); `refusal` is
     sent to a connection accepted while the process is out of descriptors,
     before it is closed. The stream is closed after the handler returns. Other
-    accept errors are raised, as trio.serve_listeners does.
+    accept errors are raised, as trio.serve_listeners does. The handlers run in
+    `handler_nursery` if given (so that they outlive the accept loops: a
+    graceful shutdown stops accepting and lets connections finish), else in the
+    loops' own nursery.
     """
     reserve = _Reserve()
     try:
         async with trio.open_nursery() as nursery:
             for listener in listeners:
-                loop = _AcceptLoop(listener, handler, nursery, reserve, name, refusal)
+                handlers = handler_nursery or nursery
+                loop = _AcceptLoop(listener, handler, handlers, reserve, name, refusal)
                 nursery.start_soon(loop.run)
     finally:
         reserve.close()

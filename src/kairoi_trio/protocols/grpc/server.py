@@ -20,6 +20,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -35,7 +36,7 @@ from kairoi_trio.model import JobEvent
 from kairoi_trio.protocols.grpc import convert, reflection, wire
 from kairoi_trio.protocols.grpc.health import NOT_SERVING, SERVING, Health
 from kairoi_trio.protocols.grpc.health import SERVICE_NAME as HEALTH_SERVICE
-from kairoi_trio.protocols.grpc.transport import Call, GrpcServer, Method
+from kairoi_trio.protocols.grpc.transport import Abort, Call, GrpcServer, Method, UnaryMethod
 from kairoi_trio.protocols.snapshot import next_page as next_snapshot_page
 
 log = structlog.get_logger(__name__)
@@ -220,6 +221,15 @@ class _Settings:
 Handler = Callable[..., Awaitable[Any]]
 
 
+def _status(error: CommandError, request: Any, method: str) -> tuple[int, str]:
+    """The gRPC status code and details of a command error about `request`."""
+    log.debug("grpc error", method=method, code=error.code.name, msg=error.message)
+    # The message may quote client input (an id of 65,535 bytes): cut it to fit
+    # the status trailer, which would otherwise turn into RESOURCE_EXHAUSTED.
+    details = convert.status_details(error.message, *convert.client_strings(request))
+    return convert.status_code(error).value[0], details
+
+
 def _rpc(handler: Handler) -> Handler:
     """Turn a CommandError raised anywhere in a handler into the matching gRPC status."""
 
@@ -228,15 +238,19 @@ def _rpc(handler: Handler) -> Handler:
         try:
             return await handler(self, request, context)
         except CommandError as error:
-            log.debug(
-                "grpc error", method=handler.__name__, code=error.code.name, msg=error.message
-            )
-            # The message may quote client input (an id of 65,535 bytes): cut it to fit
-            # the status trailer, which would otherwise turn into RESOURCE_EXHAUSTED.
-            details = convert.status_details(error.message, *convert.client_strings(request))
-            await context.abort(convert.status_code(error).value[0], details)
+            raise Abort(*_status(error, request, handler.__name__)) from None
 
     return wrapper
+
+
+@dataclass(frozen=True)
+class _Unary:
+    """A unary method that is one command: `command(request)` builds it (CommandError
+    if the request is invalid), `answer(request, result)` turns its result into the
+    answer message."""
+
+    command: Callable[[Any], c.Command]
+    answer: Callable[[Any, Any], Message]
 
 
 class _Reply:
@@ -257,8 +271,18 @@ class _Reply:
         return self.results
 
 
+def _job_answer(response: Callable[..., Message]) -> Callable[[Any, Any], Message]:
+    return lambda _request, job: response(job=convert.job_to_pb(job))
+
+
 class SchedulerServicer:
-    """kairoi.v1.Scheduler: converts each call into commands and the results back."""
+    """kairoi.v1.Scheduler: converts each call into commands and the results back.
+
+    The unary methods are a command each (`_unary`) or a batch (SetJobs): the
+    call hands it to the actor and the actor's reply answers the call, with no
+    task in between. The streaming ones (StreamSetJobs, WatchJobs) run in a
+    task of their own.
+    """
 
     def __init__(self, requests: trio.MemorySendChannel[Request], settings: _Settings) -> None:
         self._requests = requests
@@ -267,25 +291,61 @@ class SchedulerServicer:
         self._encode_event = _EventEncoder()
         self._watches: set[_Watch] = set()
         self._closing = False
+        self.unary: dict[str, _Unary] = {
+            "SetJob": _Unary(convert.set_job_from_pb, _job_answer(pb.SetJobResponse)),
+            "GetJob": _Unary(lambda r: c.GetJob(r.id), _job_answer(pb.GetJobResponse)),
+            "DeleteJob": _Unary(lambda r: c.DeleteJob(r.id), lambda r, _: pb.DeleteJobResponse()),
+            "ListJobs": _Unary(convert.list_jobs_from_pb, self._jobs_page),
+            "ScheduleJob": _Unary(
+                convert.schedule_job_from_pb, _job_answer(pb.ScheduleJobResponse)
+            ),
+            "PauseJob": _Unary(lambda r: c.PauseJob(r.id), _job_answer(pb.PauseJobResponse)),
+            "ResumeJob": _Unary(lambda r: c.ResumeJob(r.id), _job_answer(pb.ResumeJobResponse)),
+            "RunJobNow": _Unary(lambda r: c.RunJobNow(r.id), _job_answer(pb.RunJobNowResponse)),
+            "PreviewJob": _Unary(
+                convert.preview_job_from_pb, lambda r, times: convert.preview_to_pb(times)
+            ),
+            "SetRule": _Unary(
+                lambda r: c.SetRule(convert.rule_from_pb(r.rule)),
+                lambda r, rule: pb.SetRuleResponse(rule=convert.rule_to_pb(rule)),
+            ),
+            "GetRule": _Unary(
+                lambda r: c.GetRule(r.id),
+                lambda r, rule: pb.GetRuleResponse(rule=convert.rule_to_pb(rule)),
+            ),
+            "DeleteRule": _Unary(
+                lambda r: c.DeleteRule(r.id), lambda r, _: pb.DeleteRuleResponse()
+            ),
+            "ListRules": _Unary(self._rules_command, self._rules_page),
+            "GetServerInfo": _Unary(
+                lambda r: c.GetInfo(), lambda r, info: convert.server_info_to_pb(info)
+            ),
+        }
 
-    def methods(self) -> dict[str, Method]:
+    def methods(self) -> dict[str, Method | UnaryMethod]:
         """Every kairoi.v1.Scheduler method, by path."""
         service = pb.DESCRIPTOR.services_by_name["Scheduler"]
-        found: dict[str, Method] = {}
+        found: dict[str, Method | UnaryMethod] = {}
         for method in service.methods:
-            request_class = getattr(pb, method.input_type.name)
-            found[f"/{SERVICE_NAME}/{method.name}"] = Method(
-                method.client_streaming,
-                method.server_streaming,
-                request_class.FromString,
-                getattr(self, method.name),
-            )
+            decode = getattr(pb, method.input_type.name).FromString
+            path = f"/{SERVICE_NAME}/{method.name}"
+            if method.name in self.unary:
+                found[path] = UnaryMethod(decode, functools.partial(self.begin, method.name))
+            elif method.name == "SetJobs":
+                found[path] = UnaryMethod(decode, self._set_jobs)
+            else:
+                found[path] = Method(
+                    method.client_streaming,
+                    method.server_streaming,
+                    decode,
+                    getattr(self, method.name),
+                )
         return found
 
-    def call(self, commands: Sequence[c.Command]) -> _Reply:
-        """Hand a batch to the actor now; its reply. RESOURCE_EXHAUSTED when the
-        actor's queue is full, UNAVAILABLE once it is closed (shutdown)."""
-        reply = _Reply()
+    def send(self, commands: Sequence[c.Command], reply: Callable[[list[Result]], None]) -> None:
+        """Hand a batch to the actor now; `reply` gets its results (in the actor's task).
+        RESOURCE_EXHAUSTED when the actor's queue is full, UNAVAILABLE once it is
+        closed (shutdown)."""
         try:
             self._requests.send_nowait(Request(commands, reply))
         except trio.WouldBlock:
@@ -294,41 +354,63 @@ class SchedulerServicer:
             ) from None
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise CommandError(ErrorCode.UNAVAILABLE, "server is shutting down") from None
-        return reply
 
-    async def _call(self, commands: Sequence[c.Command]) -> list[Result]:
-        return await self.call(commands).wait()
+    def begin(self, name: str, request: Any, call: Call) -> None:
+        """Start unary method `name`'s call: its command to the actor, whose reply ends it."""
+        unary = self.unary[name]
+        try:
+            command = unary.command(request)
+            self.send([command], lambda results: self._end(unary, request, call, results))
+        except CommandError as error:
+            call.fail(*_status(error, request, name))
+
+    def _end(self, unary: _Unary, request: Any, call: Call, results: list[Result]) -> None:
+        """Answer a unary call from its command's result (in the actor's task: never raises)."""
+        [result] = results
+        try:
+            if isinstance(result, CommandError):
+                raise result
+            call.answer(unary.answer(request, result))
+        except CommandError as error:
+            call.fail(*_status(error, request, call.method))
+        except Exception as error:  # a fault of the conversion: the call fails, not the actor
+            log.exception("grpc answer failed", method=call.method)
+            call.fail(wire.UNKNOWN, f"Unexpected {type(error).__name__}: {error}")
 
     async def _one(self, command: c.Command) -> Any:
         """The result of one command; a CommandError result is raised."""
-        [result] = await self.call([command]).wait()
+        reply = _Reply()
+        self.send([command], reply)
+        [result] = await reply.wait()
         if isinstance(result, CommandError):
             raise result
         return result
 
     # -- jobs ------------------------------------------------------------------
 
-    @_rpc
-    async def SetJob(self, request: pb.SetJobRequest, context: Any) -> pb.SetJobResponse:
-        job = await self._one(convert.set_job_from_pb(request))
-        return pb.SetJobResponse(job=convert.job_to_pb(job))
+    def _set_jobs(self, request: pb.SetJobsRequest, call: Call) -> None:
+        """SetJobs: one status per job; conversion errors stay local, the rest go to
+        the actor together."""
+        batch = _JobBatch(request.jobs)
 
-    async def _set_batch(self, requests: Iterable[pb.SetJobRequest]) -> list[pb.Status]:
-        """One status per job: conversion errors stay local, the rest go to the actor together."""
-        batch = _JobBatch(requests)
-        if batch.commands:
-            batch.settle(await self._call(batch.commands))
-        return batch.statuses
+        def answer(results: list[Result] | None) -> None:  # the actor's task, or here
+            if results is not None:
+                batch.settle(results)
+            response = pb.SetJobsResponse()
+            # Copying one prebuilt OK result is several times cheaper than building each.
+            response.results.extend(
+                _OK_RESULT if status is _OK else pb.SetJobResult(status=status)
+                for status in batch.statuses
+            )
+            call.answer(response)
 
-    @_rpc
-    async def SetJobs(self, request: pb.SetJobsRequest, context: Any) -> pb.SetJobsResponse:
-        statuses = await self._set_batch(request.jobs)
-        response = pb.SetJobsResponse()
-        # Copying one prebuilt OK result is several times cheaper than building each one.
-        response.results.extend(
-            _OK_RESULT if status is _OK else pb.SetJobResult(status=status) for status in statuses
-        )
-        return response
+        if not batch.commands:
+            answer(None)
+            return
+        try:
+            self.send(batch.commands, answer)
+        except CommandError as error:
+            call.fail(*_status(error, request, "SetJobs"))
 
     @_rpc
     async def StreamSetJobs(self, call: Call, context: Call) -> pb.StreamSetJobsResponse:
@@ -391,19 +473,7 @@ class SchedulerServicer:
             raise CommandError(ErrorCode.UNAVAILABLE, "server is shutting down") from None
         return reply
 
-    @_rpc
-    async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.GetJobResponse:
-        job = await self._one(c.GetJob(request.id))
-        return pb.GetJobResponse(job=convert.job_to_pb(job))
-
-    @_rpc
-    async def DeleteJob(self, request: pb.DeleteJobRequest, context: Any) -> pb.DeleteJobResponse:
-        await self._one(c.DeleteJob(request.id))
-        return pb.DeleteJobResponse()
-
-    @_rpc
-    async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
-        page: c.JobPage = await self._one(convert.list_jobs_from_pb(request))
+    def _jobs_page(self, request: pb.ListJobsRequest, page: c.JobPage) -> pb.ListJobsResponse:
         # Converted only as far as the message size limit allows: 1,000 jobs of
         # 1 MiB would otherwise be copied in full to send 4 of them.
         jobs = next(_fitting(page.jobs, convert.job_to_pb, self._budget), [])
@@ -411,73 +481,19 @@ class SchedulerServicer:
             return pb.ListJobsResponse(jobs=jobs, next_page_token=jobs[-1].id)
         return pb.ListJobsResponse(jobs=jobs, next_page_token=page.next_after)
 
-    # -- recurring jobs -----------------------------------------------------------
-
-    @_rpc
-    async def ScheduleJob(
-        self, request: pb.ScheduleJobRequest, context: Any
-    ) -> pb.ScheduleJobResponse:
-        job = await self._one(convert.schedule_job_from_pb(request))
-        return pb.ScheduleJobResponse(job=convert.job_to_pb(job))
-
-    @_rpc
-    async def PauseJob(self, request: pb.PauseJobRequest, context: Any) -> pb.PauseJobResponse:
-        job = await self._one(c.PauseJob(request.id))
-        return pb.PauseJobResponse(job=convert.job_to_pb(job))
-
-    @_rpc
-    async def ResumeJob(self, request: pb.ResumeJobRequest, context: Any) -> pb.ResumeJobResponse:
-        job = await self._one(c.ResumeJob(request.id))
-        return pb.ResumeJobResponse(job=convert.job_to_pb(job))
-
-    @_rpc
-    async def RunJobNow(self, request: pb.RunJobNowRequest, context: Any) -> pb.RunJobNowResponse:
-        job = await self._one(c.RunJobNow(request.id))
-        return pb.RunJobNowResponse(job=convert.job_to_pb(job))
-
-    @_rpc
-    async def PreviewJob(
-        self, request: pb.PreviewJobRequest, context: Any
-    ) -> pb.PreviewJobResponse:
-        occurrences = await self._one(convert.preview_job_from_pb(request))
-        return convert.preview_to_pb(occurrences)
-
     # -- rules -----------------------------------------------------------------
 
-    @_rpc
-    async def SetRule(self, request: pb.SetRuleRequest, context: Any) -> pb.SetRuleResponse:
-        stored = await self._one(c.SetRule(convert.rule_from_pb(request.rule)))
-        return pb.SetRuleResponse(rule=convert.rule_to_pb(stored))
-
-    @_rpc
-    async def GetRule(self, request: pb.GetRuleRequest, context: Any) -> pb.GetRuleResponse:
-        rule = await self._one(c.GetRule(request.id))
-        return pb.GetRuleResponse(rule=convert.rule_to_pb(rule))
-
-    @_rpc
-    async def DeleteRule(
-        self, request: pb.DeleteRuleRequest, context: Any
-    ) -> pb.DeleteRuleResponse:
-        await self._one(c.DeleteRule(request.id))
-        return pb.DeleteRuleResponse()
-
-    @_rpc
-    async def ListRules(self, request: pb.ListRulesRequest, context: Any) -> pb.ListRulesResponse:
+    def _rules_command(self, request: pb.ListRulesRequest) -> c.Command:
         asked = convert.list_rules_from_pb(request)
-        command = c.rule_page(asked.prefix, asked.after, asked.limit)
-        rules, next_after = c.next_rules_after(await self._one(command), asked.limit)
+        return c.rule_page(asked.prefix, asked.after, asked.limit)
+
+    def _rules_page(self, request: pb.ListRulesRequest, found: Any) -> pb.ListRulesResponse:
+        asked = convert.list_rules_from_pb(request)
+        rules, next_after = c.next_rules_after(found, asked.limit)
         fitting = next(_fitting(rules, convert.rule_to_pb, self._budget), [])
         if len(fitting) < len(rules):  # cut short to fit the message size limit
             return pb.ListRulesResponse(rules=fitting, next_page_token=fitting[-1].id)
         return pb.ListRulesResponse(rules=fitting, next_page_token=next_after)
-
-    # -- server ----------------------------------------------------------------
-
-    @_rpc
-    async def GetServerInfo(
-        self, request: pb.GetServerInfoRequest, context: Any
-    ) -> pb.GetServerInfoResponse:
-        return convert.server_info_to_pb(await self._one(c.GetInfo()))
 
     # -- watching --------------------------------------------------------------
 
