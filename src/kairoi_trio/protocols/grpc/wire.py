@@ -64,6 +64,7 @@ _JOIN_BYTES = 16 << 10  # answers up to this size go with their prefix in one DA
 # this plus the windows (many calls, each sending most of a 4 MiB message, would).
 PARTIAL_BYTES = 32 << 20
 WRITE_BUDGET = 256 << 10  # answer bytes handed to h2 for one write to the socket
+TURN_BYTES = 64 << 10  # what one call hands h2 before the next call's turn
 
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 _ANSWER_HEADERS = [
@@ -438,7 +439,7 @@ class GrpcConnection:
     def data_to_send(self, budget: int = WRITE_BUDGET) -> bytes:
         """What to write to the socket now (b"" if nothing): what h2 has ready, and
         the calls' queued answers as far as the client's windows and about `budget`
-        bytes allow, a call after another. Answers wait in their queues rather than
+        bytes allow, TURN_BYTES a call in turn. Answers wait in their queues rather than
         in h2's buffer, so what waits is bounded by the calls' own bounds."""
         ready = self._ready
         while ready and budget > 0:
@@ -446,7 +447,7 @@ class GrpcConnection:
             del ready[stream_id]
             stream = self._streams.get(stream_id)
             if stream is not None:
-                budget -= self._flush(stream_id, stream, budget)
+                budget -= self._flush(stream_id, stream, min(budget, TURN_BYTES))
                 if stream.outbound and self._h2.local_flow_control_window(stream_id) > 0:
                     ready[stream_id] = None  # its turn again after the others
         return self._h2.data_to_send()

@@ -1,0 +1,371 @@
+"""wire.GrpcConnection, sans-io: driven by h2's own client state machine, no sockets."""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.settings
+import hyperframe.frame
+import pytest
+
+from kairoi_trio.protocols.grpc import wire
+
+PATH = "/kairoi.v1.Scheduler/SetJob"
+STREAM_PATH = "/kairoi.v1.Scheduler/StreamSetJobs"
+
+
+def frame(message: bytes, compressed: bool = False) -> bytes:
+    return bytes([1 if compressed else 0]) + len(message).to_bytes(4, "big") + message
+
+
+class Peer:
+    """A gRPC client made of h2's client connection, talking to a GrpcConnection."""
+
+    def __init__(self, max_message_bytes: int = 4 << 20, window: int | None = None) -> None:
+        self.server = wire.GrpcConnection(max_message_bytes, streaming_requests={STREAM_PATH})
+        self.client = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        self.client.initiate_connection()
+        if window is not None:  # what the client lets the server send ahead, per stream
+            self.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+            self.client.increment_flow_control_window(16 << 20)
+        self.events: list[wire.Event] = []
+        self.answers: dict[int, list[Any]] = {}  # h2 events the client got, by stream
+        self.exchange()
+
+    def exchange(self) -> None:
+        """Move bytes both ways until neither side has anything to say."""
+        while True:
+            out = self.client.data_to_send()
+            if out:
+                self.events += self.server.receive_data(out)
+            back = self.server.data_to_send()
+            if back:
+                for event in self.client.receive_data(back):
+                    stream_id = getattr(event, "stream_id", 0)
+                    self.answers.setdefault(stream_id, []).append(event)
+            if not out and not back:
+                return
+
+    def send(self, stream_id: int, data: bytes) -> None:
+        """DATA frames of `data` on the stream, as the frame size allows."""
+        size = self.client.max_outbound_frame_size
+        for i in range(0, len(data), size):
+            self.client.send_data(stream_id, data[i : i + size])
+
+    def call(
+        self,
+        body: bytes,
+        path: str = PATH,
+        end: bool = True,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> int:
+        stream_id = self.client.get_next_available_stream_id()
+        self.client.send_headers(
+            stream_id,
+            [
+                (b":method", b"POST"),
+                (b":scheme", b"http"),
+                (b":path", path.encode()),
+                (b":authority", b"test"),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+                *(headers or []),
+            ],
+        )
+        self.send(stream_id, body)
+        if end:
+            self.client.end_stream(stream_id)
+        self.exchange()
+        return stream_id
+
+    def of(self, stream_id: int, kind: type) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind) and e.stream_id == stream_id]
+
+    def status(self, stream_id: int) -> tuple[int, str]:
+        """The call's grpc-status and grpc-message, from its trailers (or Trailers-Only)."""
+        for event in self.answers.get(stream_id, []):
+            if isinstance(event, h2.events.TrailersReceived | h2.events.ResponseReceived):
+                headers = dict(event.headers)
+                if b"grpc-status" in headers:
+                    return int(headers[b"grpc-status"]), headers.get(b"grpc-message", b"").decode()
+        raise AssertionError(f"no status on stream {stream_id}: {self.answers.get(stream_id)}")
+
+    def body(self, stream_id: int) -> bytes:
+        data = b""
+        for event in self.answers.get(stream_id, []):
+            if isinstance(event, h2.events.DataReceived):
+                data += event.data
+                self.client.acknowledge_received_data(event.flow_controlled_length, stream_id)
+        return data
+
+
+def test_a_unary_call_its_message_across_frames_and_its_answer() -> None:
+    peer = Peer()
+    stream_id = peer.client.get_next_available_stream_id()
+    peer.client.send_headers(
+        stream_id,
+        [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", PATH.encode()),
+            (b":authority", b"t"),
+            (b"content-type", b"application/grpc+proto"),
+            (b"grpc-timeout", b"250m"),
+            (b"authorization", b"Bearer x"),
+            (b"trace-bin", b"AAEC"),
+        ],
+    )
+    message = frame(b"hello world")
+    for i in range(0, len(message), 3):  # a prefix and a message cut anywhere
+        peer.client.send_data(stream_id, message[i : i + 3])
+    peer.client.end_stream(stream_id)
+    peer.exchange()
+    [started] = peer.of(stream_id, wire.CallStarted)
+    assert started.method == PATH and started.timeout_s == pytest.approx(0.25)
+    assert ("authorization", "Bearer x") in started.metadata
+    assert ("trace-bin", b"\x00\x01\x02") in started.metadata
+    [received] = peer.of(stream_id, wire.MessageReceived)
+    assert received.message == b"hello world"
+    assert peer.of(stream_id, wire.RequestEnded)
+
+    assert peer.server.send_message(stream_id, b"answer")
+    peer.server.end_call(stream_id, wire.OK)
+    peer.exchange()
+    assert peer.body(stream_id) == frame(b"answer")
+    assert peer.status(stream_id) == (0, "")
+    assert not peer.server.is_open(stream_id)
+    assert not peer.server.send_message(stream_id, b"late")  # the call is over
+
+
+def test_a_refusal_before_any_answer_is_trailers_only_and_percent_encoded() -> None:
+    peer = Peer()
+    stream_id = peer.call(frame(b"x"))
+    peer.server.end_call(stream_id, wire.NOT_FOUND, "job «a\nb» 100% gone")
+    peer.exchange()
+    [response] = [e for e in peer.answers[stream_id] if isinstance(e, h2.events.ResponseReceived)]
+    headers = dict(response.headers)
+    assert headers[b":status"] == b"200" and headers[b"grpc-status"] == b"5"
+    assert headers[b"grpc-message"] == b"job %C2%ABa%0Ab%C2%BB 100%25 gone"
+    assert wire.percent_encode("plain text") == b"plain text"
+
+
+def test_what_is_not_a_grpc_request_gets_plain_http_errors() -> None:
+    peer = Peer()
+    stream_id = peer.client.get_next_available_stream_id()
+    peer.client.send_headers(
+        stream_id,
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"t")],
+        end_stream=True,
+    )
+    peer.exchange()
+    [response] = peer.answers[stream_id][:1]
+    assert dict(response.headers)[b":status"] == b"405"
+    stream_id = peer.call(frame(b"x"), headers=[])
+    json_call = peer.client.get_next_available_stream_id()
+    peer.client.send_headers(
+        json_call,
+        [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", PATH.encode()),
+            (b":authority", b"t"),
+            (b"content-type", b"application/json"),
+        ],
+        end_stream=True,
+    )
+    peer.exchange()
+    assert dict(peer.answers[json_call][0].headers)[b":status"] == b"415"
+    assert not peer.of(json_call, wire.CallStarted)
+
+
+def test_a_message_over_the_limit_ends_its_call_and_is_credited_back() -> None:
+    peer = Peer(max_message_bytes=1000)
+    small = peer.call(frame(b"x" * 1000))
+    assert peer.of(small, wire.MessageReceived)
+    big = peer.call(frame(b"y" * 1001))
+    assert peer.of(big, wire.CallEnded) and not peer.of(big, wire.MessageReceived)
+    assert peer.status(big) == (8, "Received message larger than max (1001 vs. 1000)")
+    # The prefix alone is enough to refuse: a 4 GiB announcement holds nothing.
+    huge = peer.call(b"\x00\xff\xff\xff\xff", end=False)
+    assert peer.status(huge)[0] == wire.RESOURCE_EXHAUSTED
+    assert peer.server._partial == 0
+    # What refused calls sent is credited back: more of it than the connection's
+    # window does not stop the next call.
+    for _ in range(wire.CONNECTION_WINDOW // 16_000 + 20):
+        peer.call(frame(b"z" * 15_995))
+    last = peer.call(frame(b"still served"))
+    assert [e.message for e in peer.of(last, wire.MessageReceived)] == [b"still served"]
+
+
+def test_compressed_requests_are_inflated_within_the_limit() -> None:
+    peer = Peer(max_message_bytes=10_000)
+    gzip_call = peer.call(
+        frame(gzip.compress(b"a" * 5000), compressed=True),
+        headers=[(b"grpc-encoding", b"gzip")],
+    )
+    assert [e.message for e in peer.of(gzip_call, wire.MessageReceived)] == [b"a" * 5000]
+    deflate_call = peer.call(
+        frame(zlib.compress(b"b" * 10), compressed=True),
+        headers=[(b"grpc-encoding", b"deflate")],
+    )
+    assert [e.message for e in peer.of(deflate_call, wire.MessageReceived)] == [b"b" * 10]
+    bomb = peer.call(
+        frame(gzip.compress(b"\0" * 10_001), compressed=True),
+        headers=[(b"grpc-encoding", b"gzip")],
+    )
+    assert peer.status(bomb) == (13, "decompressed message larger than max (10000 bytes)")
+    unannounced = peer.call(frame(b"not gzip", compressed=True))
+    assert peer.status(unannounced)[0] == wire.INTERNAL
+    unknown = peer.call(frame(b"x"), headers=[(b"grpc-encoding", b"snappy")])
+    assert peer.status(unknown)[0] == wire.UNIMPLEMENTED
+
+
+def test_a_streaming_request_is_credited_as_its_handler_takes_it() -> None:
+    peer = Peer()
+    stream_id = peer.call(b"", path=STREAM_PATH, end=False)
+    window = peer.client.local_flow_control_window(stream_id)  # what the client may send
+    message = frame(b"m" * 200_000)  # 3 of them: past half the window, which h2 waits for
+    for _ in range(3):
+        peer.send(stream_id, message)
+    peer.exchange()
+    received = peer.of(stream_id, wire.MessageReceived)
+    assert len(received) == 3
+    held = window - peer.client.local_flow_control_window(stream_id)
+    assert held == 3 * len(message)  # nothing credited: the handler took none of them
+    for event in received:
+        peer.server.consumed(stream_id, event.size)
+    peer.exchange()
+    assert peer.client.local_flow_control_window(stream_id) == window
+
+
+def test_answers_wait_for_the_window_and_trailers_follow_the_last_byte() -> None:
+    peer = Peer(window=10_000)
+    stream_id = peer.call(frame(b"x"))
+    peer.server.send_message(stream_id, b"z" * 30_000)
+    peer.server.end_call(stream_id, wire.OK)
+    peer.exchange()
+    assert peer.server.buffered(stream_id) == 30_005 - 10_000
+    assert peer.server.is_open(stream_id) is False  # ended: no more messages ...
+    assert not any(isinstance(e, h2.events.TrailersReceived) for e in peer.answers[stream_id])
+    data = b""
+    while not any(isinstance(e, h2.events.TrailersReceived) for e in peer.answers[stream_id]):
+        data += peer.body(stream_id)  # acknowledges, which opens the window
+        peer.answers[stream_id] = [
+            e for e in peer.answers[stream_id] if not isinstance(e, h2.events.DataReceived)
+        ]
+        peer.exchange()
+    data += peer.body(stream_id)
+    assert data == frame(b"z" * 30_000)  # ... but all of it arrives, then the trailers
+    assert peer.status(stream_id) == (0, "")
+
+
+def test_the_writer_budget_serves_calls_in_turn() -> None:
+    peer = Peer(window=1 << 20)
+    calls = [peer.call(frame(b"x")) for _ in range(3)]
+    for stream_id in calls:
+        peer.server.send_message(stream_id, b"w" * 200_000)
+
+    def handed() -> list[int]:
+        return [200_005 - peer.server.buffered(stream_id) for stream_id in calls]
+
+    first = peer.server.data_to_send(budget=100_000)
+    assert 100_000 <= len(first) < 130_000  # about the budget, not the 600 KB waiting
+    assert handed()[0] == wire.TURN_BYTES + 5  # a turn (and the prefix), then the next
+    assert 0 < handed()[1] <= wire.TURN_BYTES and handed()[2] == 0
+    peer.server.data_to_send(budget=2 * wire.TURN_BYTES)
+    assert handed()[2] > 0  # whoever waited goes first
+    while peer.server.data_to_send():
+        pass
+    assert handed() == [0, 0, 0] or all(peer.server.buffered(s) == 0 for s in calls)
+
+
+def frames(data: bytes) -> list[Any]:
+    """The HTTP/2 frames in `data` (hyperframe's classes)."""
+    found = []
+    view = memoryview(data)
+    while view:
+        frame_, length = hyperframe.frame.Frame.parse_frame_header(view[:9])
+        frame_.parse_body(view[9 : 9 + length])
+        found.append(frame_)
+        view = view[9 + length :]
+    return found
+
+
+def test_after_goaway_calls_in_flight_answer_and_new_ones_are_refused() -> None:
+    peer = Peer()
+    before = peer.call(frame(b"x"))
+    peer.server.go_away()
+    [goaway] = frames(peer.server.data_to_send())
+    assert isinstance(goaway, hyperframe.frame.GoAwayFrame)
+    assert goaway.last_stream_id == before and goaway.error_code == 0
+    # A call the client opened before it saw the GOAWAY is refused, to retry elsewhere.
+    after = peer.client.get_next_available_stream_id()
+    peer.client.send_headers(
+        after,
+        [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", PATH.encode()),
+            (b":authority", b"t"),
+            (b"content-type", b"application/grpc"),
+        ],
+        end_stream=True,
+    )
+    assert peer.server.receive_data(peer.client.data_to_send()) == []
+    [reset] = frames(peer.server.data_to_send())
+    assert isinstance(reset, hyperframe.frame.RstStreamFrame) and reset.stream_id == after
+    assert reset.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+    # The call in flight still answers.
+    assert peer.server.send_message(before, b"still answered")
+    peer.server.end_call(before, wire.OK)
+    kinds = [type(f).__name__ for f in frames(peer.server.data_to_send())]
+    assert kinds == ["HeadersFrame", "DataFrame", "HeadersFrame"]
+
+
+def test_a_client_reset_ends_the_call() -> None:
+    peer = Peer()
+    stream_id = peer.call(frame(b"x"), end=False)
+    peer.client.reset_stream(stream_id)
+    peer.exchange()
+    assert peer.of(stream_id, wire.CallEnded)
+    assert not peer.server.is_open(stream_id)
+    peer.server.end_call(stream_id, wire.OK)  # a handler that ends late changes nothing
+    assert peer.server.data_to_send() == b""
+
+
+def test_messages_not_yet_whole_are_held_to_a_bound_per_connection(monkeypatch) -> None:
+    monkeypatch.setattr(wire, "PARTIAL_BYTES", 600_000)
+    peer = Peer()
+    calls = []
+    for _ in range(3):  # each call sends 550 KB of a 2 MB message
+        stream_id = peer.call(b"", end=False)
+        peer.send(stream_id, b"\x00" + (2 << 20).to_bytes(4, "big") + b"p" * 549_995)
+        peer.exchange()
+        calls.append(stream_id)
+    assert peer.server._partial == 3 * 550_000
+    windows = [peer.client.local_flow_control_window(s) for s in calls]
+    # The first call was credited back (under the bound; h2 sends a WINDOW_UPDATE
+    # once half the window is used), the others were not: the client can send
+    # them no more than what is left of their window.
+    refused = wire.STREAM_WINDOW - 550_000
+    assert windows[0] >= refused + wire.STREAM_WINDOW // 2 and windows[1:] == [refused, refused]
+    peer.client.reset_stream(calls[0])
+    peer.client.reset_stream(calls[1])
+    peer.exchange()
+    assert peer.server._partial == 550_000  # back under the bound: the rest is credited
+    assert peer.client.local_flow_control_window(calls[2]) >= refused + wire.STREAM_WINDOW // 2
+
+
+def test_a_protocol_error_ends_the_connection() -> None:
+    server = wire.GrpcConnection(1000)
+    [event] = server.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert isinstance(event, wire.ConnectionEnded) and event.error
+    assert server.receive_data(b"more") == []
