@@ -402,6 +402,17 @@ async def test_closed_channel_answers_unavailable() -> None:
     assert result == {"error": "UNAVAILABLE", "message": "server is shutting down"}
 
 
+async def test_every_interface_is_one_port_for_ipv4_and_ipv6() -> None:
+    # "[::]" was grpc-core's dual-stack socket: IPv4 clients reach it too, on one port.
+    send, receive = trio.open_memory_channel[Request](10)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(FakeActor().run, receive)
+        port = await nursery.start(functools.partial(serve_grpc, send, listen="[::]:0"))
+        [result] = await run_client(port, 'out(call("GetJob", pb.GetJobRequest(id="x")))')
+        nursery.cancel_scope.cancel()
+    assert result["error"] == "NOT_FOUND"
+
+
 async def test_tokens_guard_the_scheduler_but_not_health() -> None:
     async with running_server(auth=TokenTable(["s3cret", "other"])) as server:
         results = await run_client(

@@ -31,6 +31,7 @@ from google.protobuf.message import Message
 from kairoi.v1 import scheduler_pb2 as pb
 from kairoi_trio import commands as c
 from kairoi_trio.commands import CommandError, ErrorCode, Request, Result
+from kairoi_trio.config import parse_address
 from kairoi_trio.core.auth import Role, TokenTable, denial, permitted
 from kairoi_trio.model import JobEvent
 from kairoi_trio.protocols.grpc import convert, reflection, wire
@@ -99,9 +100,8 @@ async def serve_grpc(
     ssl_context = None
     if tls_cert is not None and tls_key is not None:
         ssl_context = await trio.to_thread.run_sync(_tls_context, tls_cert, tls_key)
-    host, port = _listen_address(listen)
     try:
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        listeners = await _open_listeners(listen)
     except OSError as error:
         raise OSError(f"gRPC server could not start on {listen}: {error}") from error
     bound = listeners[0].socket.getsockname()[1]
@@ -180,13 +180,25 @@ async def _run_shielded(
         done.set()
 
 
-def _listen_address(listen: str) -> tuple[str | None, int]:
-    """("host", port) of "host:port"; host None (every interface) for [::] and 0.0.0.0."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"gRPC listen address must be host:port, not {listen!r}")
-    host = host.strip("[]")
-    return (None if host in ("", "::", "0.0.0.0") else host), int(port)
+async def _open_listeners(listen: str) -> list[trio.SocketListener]:
+    """Listeners on "host:port". "[::]" is one dual-stack socket (IPv6 and IPv4, one
+    port even for port 0), as grpc-core bound it; IPv4 alone where IPv6 is off."""
+    host, port = parse_address(listen, "grpc.listen")
+    if host != "::":
+        return await trio.open_tcp_listeners(port, host=host)
+    try:
+        sock = trio.socket.socket(trio.socket.AF_INET6, trio.socket.SOCK_STREAM)
+    except OSError:  # no IPv6 in this kernel
+        return await trio.open_tcp_listeners(port, host="0.0.0.0")
+    try:
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 0)
+        await sock.bind(("::", port))
+        sock.listen(4096)
+    except BaseException:
+        sock.close()
+        raise
+    return [trio.SocketListener(sock)]
 
 
 def _tls_context(cert: Path, key: Path) -> ssl.SSLContext:
