@@ -196,7 +196,7 @@ def test_a_message_over_the_limit_ends_its_call_and_is_credited_back() -> None:
     # The prefix alone is enough to refuse: a 4 GiB announcement holds nothing.
     huge = peer.call(b"\x00\xff\xff\xff\xff", end=False)
     assert peer.status(huge)[0] == wire.RESOURCE_EXHAUSTED
-    assert peer.server._partial == 0
+    assert peer.server._admitted == 0
     # What refused calls sent is credited back: more of it than the connection's
     # window does not stop the next call.
     for _ in range(wire.CONNECTION_WINDOW // 16_000 + 20):
@@ -221,7 +221,12 @@ def test_compressed_requests_are_inflated_within_the_limit() -> None:
         frame(gzip.compress(b"\0" * 10_001), compressed=True),
         headers=[(b"grpc-encoding", b"gzip")],
     )
-    assert peer.status(bomb) == (13, "decompressed message larger than max (10000 bytes)")
+    assert peer.status(bomb) == (8, "decompressed message larger than max (10000 bytes)")
+    cut = peer.call(
+        frame(gzip.compress(b"c" * 100)[:-4], compressed=True),
+        headers=[(b"grpc-encoding", b"gzip")],
+    )
+    assert peer.status(cut)[0] == wire.INTERNAL
     unannounced = peer.call(frame(b"not gzip", compressed=True))
     assert peer.status(unannounced)[0] == wire.INTERNAL
     unknown = peer.call(frame(b"x"), headers=[(b"grpc-encoding", b"snappy")])
@@ -231,19 +236,20 @@ def test_compressed_requests_are_inflated_within_the_limit() -> None:
 def test_a_streaming_request_is_credited_as_its_handler_takes_it() -> None:
     peer = Peer()
     stream_id = peer.call(b"", path=STREAM_PATH, end=False)
-    window = peer.client.local_flow_control_window(stream_id)  # what the client may send
-    message = frame(b"m" * 200_000)  # 3 of them: past half the window, which h2 waits for
-    for _ in range(3):
+    message = frame(b"m" * 10_000)
+    sent = 0
+    while peer.client.local_flow_control_window(stream_id) >= len(message):
         peer.send(stream_id, message)
-    peer.exchange()
+        sent += len(message)
+        peer.exchange()
+    # Nothing was credited: the handler took none of them, so the client stopped.
+    assert wire.STREAM_WINDOW - len(message) < sent <= wire.STREAM_WINDOW
     received = peer.of(stream_id, wire.MessageReceived)
-    assert len(received) == 3
-    held = window - peer.client.local_flow_control_window(stream_id)
-    assert held == 3 * len(message)  # nothing credited: the handler took none of them
+    assert len(received) == sent // len(message)
     for event in received:
         peer.server.consumed(stream_id, event.size)
     peer.exchange()
-    assert peer.client.local_flow_control_window(stream_id) == window
+    assert peer.client.local_flow_control_window(stream_id) == wire.STREAM_WINDOW
 
 
 def test_answers_wait_for_the_window_and_trailers_follow_the_last_byte() -> None:
@@ -341,27 +347,33 @@ def test_a_client_reset_ends_the_call() -> None:
     assert peer.server.data_to_send() == b""
 
 
-def test_messages_not_yet_whole_are_held_to_a_bound_per_connection(monkeypatch) -> None:
-    monkeypatch.setattr(wire, "PARTIAL_BYTES", 600_000)
+def test_messages_are_admitted_to_a_bound_per_connection(monkeypatch) -> None:
+    monkeypatch.setattr(wire, "PARTIAL_BYTES", 3 << 20)
     peer = Peer()
     calls = []
-    for _ in range(3):  # each call sends 550 KB of a 2 MB message
+    for _ in range(3):  # each call announces a 2 MiB message and sends what it may
         stream_id = peer.call(b"", end=False)
-        peer.send(stream_id, b"\x00" + (2 << 20).to_bytes(4, "big") + b"p" * 549_995)
+        peer.send(stream_id, frame(b"p" * (2 << 20))[: wire.STREAM_WINDOW])
         peer.exchange()
         calls.append(stream_id)
-    assert peer.server._partial == 3 * 550_000
+    # The first was admitted (alone, it may exceed the bound) and credited back; the
+    # others wait: they may send no more than their window.
     windows = [peer.client.local_flow_control_window(s) for s in calls]
-    # The first call was credited back (under the bound; h2 sends a WINDOW_UPDATE
-    # once half the window is used), the others were not: the client can send
-    # them no more than what is left of their window.
-    refused = wire.STREAM_WINDOW - 550_000
-    assert windows[0] >= refused + wire.STREAM_WINDOW // 2 and windows[1:] == [refused, refused]
+    assert windows == [wire.STREAM_WINDOW, 0, 0]
+    assert list(peer.server._waiting) == calls[1:]
+    # The connection's window is credited whatever waits: the first call can go on.
+    assert peer.client.outbound_flow_control_window > wire.CONNECTION_WINDOW // 2
     peer.client.reset_stream(calls[0])
+    peer.exchange()
+    # Its admission freed, the next one is admitted and credited, the last still waits.
+    windows = [peer.client.local_flow_control_window(s) for s in calls[1:]]
+    assert windows == [wire.STREAM_WINDOW, 0]
     peer.client.reset_stream(calls[1])
     peer.exchange()
-    assert peer.server._partial == 550_000  # back under the bound: the rest is credited
-    assert peer.client.local_flow_control_window(calls[2]) >= refused + wire.STREAM_WINDOW // 2
+    assert peer.client.local_flow_control_window(calls[2]) == wire.STREAM_WINDOW
+    peer.client.reset_stream(calls[2])
+    peer.exchange()
+    assert peer.server._admitted == 0 and not peer.server._waiting
 
 
 def test_a_protocol_error_ends_the_connection() -> None:

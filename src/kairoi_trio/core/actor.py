@@ -710,7 +710,9 @@ class CommandActor:
         try:
             return self._apply(command)
         except CommandError as error:
-            return error
+            # Without its traceback: the frames it holds would hold it (a cycle only a
+            # full collection frees), and the error goes to the client, not a log.
+            return error.with_traceback(None)
         except Exception as error:  # a bug must not take the scheduler down
             log.exception("command failed", command=type(command).__name__)
             return CommandError(ErrorCode.UNAVAILABLE, f"internal error: {error}")

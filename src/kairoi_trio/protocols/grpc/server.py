@@ -379,9 +379,10 @@ class SchedulerServicer:
     def _end(self, unary: _Unary, request: Any, call: Call, results: list[Result]) -> None:
         """Answer a unary call from its command's result (in the actor's task: never raises)."""
         [result] = results
+        if isinstance(result, CommandError):  # not raised: a raised one would keep this frame
+            call.fail(*_status(result, request, call.method))
+            return
         try:
-            if isinstance(result, CommandError):
-                raise result
             call.answer(unary.answer(request, result))
         except CommandError as error:
             call.fail(*_status(error, request, call.method))
@@ -395,7 +396,10 @@ class SchedulerServicer:
         self.send([command], reply)
         [result] = await reply.wait()
         if isinstance(result, CommandError):
-            raise result
+            try:
+                raise result
+            finally:
+                del result  # else its traceback and this frame would hold each other
         return result
 
     # -- jobs ------------------------------------------------------------------

@@ -30,6 +30,10 @@ from kairoi_trio.protocols.grpc import wire
 log = structlog.get_logger(__name__)
 
 RECEIVE_BYTES = 64 << 10
+HELD_BYTES = 32 << 20  # whole requests (inflated) a connection holds for its calls
+MAX_PENDING_OUTPUT = 1 << 20  # past this much unsent, a connection is not read
+PREFACE_TIMEOUT_S = 20.0  # to finish a TLS handshake and send the HTTP/2 preface
+FLUSH_AT_CLOSE_S = 1.0  # what is queued gets this long to go once a connection ends
 
 
 class Abort(Exception):
@@ -102,16 +106,11 @@ class Call:
         self.deadline = deadline
         self.scope = trio.CancelScope(deadline=deadline)
         self.reset = False  # the client or the protocol ended it: nobody to answer
-        self.done = False  # answered or failed (a UnaryMethod's call)
-        self.unary = False  # a UnaryMethod's call: no task of its own
-        self._inbox: (
-            tuple[
-                trio.MemorySendChannel[tuple[bytes, int]],
-                trio.MemoryReceiveChannel[tuple[bytes, int]],
-            ]
-            | None
-        ) = None
-        self._drained: trio.Event | None = None
+        self.done = False  # over, and no longer counted (GrpcServer.wait_idle)
+        self.task = False  # runs in a task of its own (else a UnaryMethod's, or waiting)
+        self.request: bytes | None = None  # a unary call's request, until it is whole
+        self.held = 0  # bytes of its requests the connection holds for it (HELD_BYTES)
+        self._inbox: _Inbox | None = None  # a streaming request's messages
 
     def peer(self) -> str:
         """ "ipv4:127.0.0.1:54321" or "ipv6:[::1]:54321", as grpc-core names peers."""
@@ -123,23 +122,18 @@ class Call:
 
     def answer(self, message: Any) -> None:
         """End a UnaryMethod's call with its answer (a protobuf message or its bytes)."""
-        if self._end():
+        if not self.done:
             data = message if isinstance(message, bytes) else message.SerializeToString()
-            self._connection.grpc.send_message(self.stream_id, data)
-            self._connection.grpc.end_call(self.stream_id, wire.OK)
+            if not self.reset:
+                self._connection.grpc.send_message(self.stream_id, data)
+            self.fail(wire.OK, "")
 
     def fail(self, code: int, details: str) -> None:
         """End a UnaryMethod's call with status `code` and `details`."""
-        if self._end():
-            self._connection.grpc.end_call(self.stream_id, code, details)
-
-    def _end(self) -> bool:
-        """Whether the call still waits for its end (then it is over from now on)."""
-        if self.done:
-            return False
-        self.done = True
-        self._connection.call_ended(self)
-        return not self.reset
+        if not self.done:
+            if not self.reset:
+                self._connection.grpc.end_call(self.stream_id, code, details)
+            self._connection.finish(self)
 
     async def send_initial_metadata(self) -> None:
         """Send the answer's headers now (a client sees the call has begun)."""
@@ -164,6 +158,7 @@ class Call:
         assert self._inbox is not None
         decode = self._connection.server.methods[self.method].decode
         async for data, size in self._inbox[1]:
+            self._connection.release(self, len(data))
             self._connection.grpc.consumed(self.stream_id, size)
             self._connection.wake_writer()  # the credit goes out as a WINDOW_UPDATE
             yield self._connection.server.decode(decode, data, self)
@@ -284,7 +279,11 @@ class GrpcServer:
 
 
 class _Connection:
-    """One client connection: reads events, starts calls, writes what they queue."""
+    """One client connection: reads events, starts calls, writes what they queue.
+
+    A call is counted (GrpcServer.wait_idle) from its start to `finish`, whatever
+    ends it: its task, its UnaryMethod's answer, the client, or the connection.
+    """
 
     def __init__(self, server: GrpcServer, stream: trio.abc.Stream, peer: str) -> None:
         self.server = server
@@ -292,7 +291,7 @@ class _Connection:
         self.peer = peer
         self.grpc = wire.GrpcConnection(server.max_message_bytes, server.streaming_requests)
         self._calls: dict[int, Call] = {}
-        self._unary: dict[int, bytes | None] = {}  # unary calls waiting for their request
+        self._held = 0  # bytes of whole requests held for calls (unary, or not yet read)
         self._has_output = trio.Event()
         self._written = trio.Event()  # set after each round of the writer
         self._closed = False
@@ -325,8 +324,11 @@ class _Connection:
                     for call in list(self._calls.values()):
                         call.reset = True
                         call.scope.cancel()
-                        if call.unary:
-                            call._end()  # its answer, if it ever comes, goes nowhere
+                        if not call.task:
+                            self.finish(call)  # its answer, if it ever comes, goes nowhere
+                    # The writer gets a moment to send what is queued (a GOAWAY),
+                    # not for ever: a TLS handshake that failed would hold it.
+                    nursery.cancel_scope.deadline = trio.current_time() + FLUSH_AT_CLOSE_S
 
     async def _write(self) -> None:
         grpc, stream = self.grpc, self.stream
@@ -350,41 +352,47 @@ class _Connection:
 
     async def _read(self, nursery: trio.Nursery) -> None:
         grpc = self.grpc
-        while True:
+        # A client has PREFACE_TIMEOUT_S to finish its TLS handshake and say something.
+        data: bytes | bytearray = b""
+        with trio.move_on_after(PREFACE_TIMEOUT_S):
             try:
                 data = await self.stream.receive_some(RECEIVE_BYTES)
             except _GONE:  # the client went away, or failed its TLS handshake
                 return
+        while True:
             if not data:
                 return
-            events = grpc.receive_data(data)
-            for event in events:
+            for event in grpc.receive_data(data):
                 if isinstance(event, wire.CallStarted):
                     self._start(event, nursery)
                 elif isinstance(event, wire.MessageReceived):
-                    self._message(event, nursery)
+                    self._message(event)
                 elif isinstance(event, wire.RequestEnded):
                     self._request_ended(event.stream_id, nursery)
                 elif isinstance(event, wire.CallEnded):
-                    self._unary.pop(event.stream_id, None)
-                    call = self._calls.get(event.stream_id)
-                    if call is not None:
-                        call.reset = True
-                        call.scope.cancel()
-                        if call.unary:
-                            call._end()
+                    self._ended(event.stream_id)
                 elif isinstance(event, wire.ConnectionEnded):
                     self.wake_writer()
                     if event.error:
                         log.info("grpc connection closed", peer=self.peer, error=event.error)
                     return
             self.wake_writer()
+            # A client that does not read its answers is not read either: what h2
+            # has to send (answers, PING and SETTINGS acknowledgements) stays bounded.
+            while grpc.pending_output() > MAX_PENDING_OUTPUT:
+                await self.written()
+            try:
+                data = await self.stream.receive_some(RECEIVE_BYTES)
+            except _GONE:
+                return
 
     def _start(self, event: wire.CallStarted, nursery: trio.Nursery) -> None:
         stream_id = event.stream_id
         method = self.server.methods.get(event.method)
         if method is None:
-            self.grpc.end_call(stream_id, wire.UNIMPLEMENTED, f"Method not found: {event.method}")
+            self.grpc.end_call(
+                stream_id, wire.UNIMPLEMENTED, f"Method not found: {event.method[:200]}"
+            )
             return
         deadline = math.inf if event.timeout_s is None else trio.current_time() + event.timeout_s
         call = Call(self, stream_id, event.method, event.metadata, deadline)
@@ -393,43 +401,62 @@ class _Connection:
             self.grpc.end_call(stream_id, *refusal)
             return
         self._calls[stream_id] = call
+        self.server.call_began()
         if isinstance(method, Method) and method.request_streaming:
-            call._inbox = trio.open_memory_channel(math.inf)  # bounded by the window
+            call._inbox = trio.open_memory_channel(math.inf)  # bounded: HELD_BYTES, windows
             self._run(call, method, call, nursery)
-        else:
-            self._unary[stream_id] = None
 
-    def _message(self, event: wire.MessageReceived, nursery: trio.Nursery) -> None:
-        stream_id = event.stream_id
-        call = self._calls.get(stream_id)
-        if call is None:
+    def _hold(self, call: Call, size: int) -> bool:
+        """Count `size` bytes of request held for `call`; False (and the call ended
+        RESOURCE_EXHAUSTED) past HELD_BYTES on this connection."""
+        if self._held + size > HELD_BYTES:
+            self._refuse(
+                call,
+                wire.RESOURCE_EXHAUSTED,
+                f"too many request bytes held on this connection (over {HELD_BYTES})",
+            )
+            return False
+        self._held += size
+        call.held += size
+        return True
+
+    def release(self, call: Call, size: int) -> None:
+        """`size` bytes held for `call` were handed to it."""
+        self._held -= size
+        call.held -= size
+
+    def _message(self, event: wire.MessageReceived) -> None:
+        call = self._calls.get(event.stream_id)
+        if call is None or call.done:
+            return
+        if not self._hold(call, len(event.message)):
             return
         if call._inbox is not None:
             try:
                 call._inbox[0].send_nowait((event.message, event.size))
             except (trio.ClosedResourceError, trio.BrokenResourceError):
-                pass  # the handler stopped reading
+                self.release(call, len(event.message))  # the handler stopped reading
             return
-        if self._unary.get(stream_id, b"") is not None:  # a second message, or no call
-            self._end(stream_id, wire.UNIMPLEMENTED, "unary call with more than one request")
+        if call.request is not None:
+            self._refuse(call, wire.UNIMPLEMENTED, "unary call with more than one request")
             return
-        self._unary[stream_id] = event.message
+        call.request = event.message
 
     def _request_ended(self, stream_id: int, nursery: trio.Nursery) -> None:
         call = self._calls.get(stream_id)
-        if call is None:
+        if call is None or call.done:
             return
         if call._inbox is not None:
             call._inbox[0].close()
             return
-        data = self._unary.pop(stream_id, None)
+        data = call.request
         if data is None:
-            self._end(stream_id, wire.UNIMPLEMENTED, "unary call without a request message")
+            self._refuse(call, wire.UNIMPLEMENTED, "unary call without a request message")
             return
+        call.request = None
+        self.release(call, len(data))
         method = self.server.methods[call.method]
         if isinstance(method, UnaryMethod):
-            self.server.call_began()
-            call.unary = True
             try:
                 request = self.server.decode(method.decode, data, call)
             except Abort as abort:
@@ -439,19 +466,38 @@ class _Connection:
             return
         self._run(call, method, data, nursery)
 
-    def call_ended(self, call: Call) -> None:
-        """A UnaryMethod's call is over: forget it (its answer is queued, if any)."""
+    def _ended(self, stream_id: int) -> None:
+        """The client reset the call, or the protocol ended it: stop it."""
+        call = self._calls.get(stream_id)
+        if call is None:
+            return
+        call.reset = True
+        call.scope.cancel()
+        if not call.task:
+            self.finish(call)
+
+    def _refuse(self, call: Call, code: int, details: str) -> None:
+        """End a call with a status before (or while) its handler runs."""
+        self.grpc.end_call(call.stream_id, code, details)
+        call.reset = True  # answered: its handler, if any, must not answer again
+        call.scope.cancel()
+        if not call.task:
+            self.finish(call)
+
+    def finish(self, call: Call) -> None:
+        """The call is over: forget it, let go of what it held, count it off."""
+        if call.done:
+            return
+        call.done = True
         self._calls.pop(call.stream_id, None)
+        self._held -= call.held
+        call.held = 0
+        call.request = None
         self.server.call_ended()
         self.wake_writer()
 
-    def _end(self, stream_id: int, code: int, details: str) -> None:
-        self._unary.pop(stream_id, None)
-        self._calls.pop(stream_id, None)
-        self.grpc.end_call(stream_id, code, details)
-
     def _run(self, call: Call, method: Method, request: Any, nursery: trio.Nursery) -> None:
-        self.server.call_began()
+        call.task = True
         nursery.start_soon(self._call, call, method, request)
 
     async def _call(self, call: Call, method: Method, request: Any) -> None:
@@ -483,12 +529,10 @@ class _Connection:
                     code, details = wire.CANCELLED, "Cancelled"
             if not call.reset and grpc.is_open(stream_id):
                 grpc.end_call(stream_id, code, details)
-                self.wake_writer()
         finally:
-            self._calls.pop(stream_id, None)
             if call._inbox is not None:
                 call._inbox[1].close()
-            self.server.call_ended()
+            self.finish(call)
 
 
 def _refusal() -> bytes:

@@ -54,14 +54,21 @@ UNAVAILABLE = 14
 UNAUTHENTICATED = 16
 
 PREFIX_BYTES = 5  # compressed flag + 4-byte length
-CONNECTION_WINDOW = 16 << 20  # what all of a connection's requests may send ahead
-STREAM_WINDOW = 1 << 20  # what one call may send ahead of its handler
+# Flow control: the stream windows are the control, the connection's window is
+# credited as bytes arrive (so that calls held back cannot starve the others).
+CONNECTION_WINDOW = 16 << 20
+STREAM_WINDOW = 64 << 10  # what a call may send ahead of being credited (HTTP/2's default)
+CREDIT_BYTES = 16 << 10  # credit a stream back once this much is due (fewer WINDOW_UPDATEs)
 MAX_HEADER_LIST_BYTES = 16 << 10
 MAX_CONCURRENT_STREAMS = 1024
+# A grpc-message longer than this, percent-encoded, is cut: hpack's Huffman encoder
+# takes time quadratic in a value's length (2 KiB: ~2 ms, 16 KiB: ~50 ms). It holds
+# convert.status_details' 200 quoted characters of any script (9 bytes each at most).
+MAX_STATUS_BYTES = 2048
 _JOIN_BYTES = 16 << 10  # answers up to this size go with their prefix in one DATA frame
-# Past this many bytes of request messages not yet whole on one connection, their
-# bytes are no longer credited back: a client cannot make the server hold more than
-# this plus the windows (many calls, each sending most of a 4 MiB message, would).
+# Request messages are admitted, by their announced size, up to this many bytes
+# at once on a connection (one always: a message may be up to max_message_bytes);
+# the bytes of a message not admitted are not credited back past its window.
 PARTIAL_BYTES = 32 << 20
 WRITE_BUDGET = 256 << 10  # answer bytes handed to h2 for one write to the socket
 TURN_BYTES = 64 << 10  # what one call hands h2 before the next call's turn
@@ -129,8 +136,9 @@ class _Stream:
     streaming_request: bool = False
     encoding: bytes = b"identity"
     inbound: bytearray = field(default_factory=bytearray)  # a message not yet whole
-    held: int = 0  # flow-controlled bytes received and not yet credited back
+    held: int = 0  # flow-controlled bytes received and not credited back to the stream
     unconsumed: int = 0  # of which whole messages a streaming handler has not taken yet
+    admitted: int = 0  # the announced size of the message being received, once admitted
     outbound: deque[bytes] = field(default_factory=deque)  # answer bytes h2 has not taken
     buffered: int = 0  # their sum
     headers_sent: bool = False
@@ -167,12 +175,24 @@ class GrpcConnection:
             },
         )
         self._h2.initiate_connection()
+        # Streams past MAX_CONCURRENT_STREAMS are refused here, one by one (h2 would
+        # end the connection, every call on it): h2's own limit goes out of the way.
+        self._h2.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: (1 << 31) - 1,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_BYTES,
+            },
+        )
         self._h2.increment_flow_control_window(CONNECTION_WINDOW - 65_535)
         self._streams: dict[int, _Stream] = {}
         self.closed = False
         self._going_away = False
         self._ready: dict[int, None] = {}  # calls with answer bytes or trailers to hand h2
-        self._partial = 0  # bytes of request messages not yet whole, on every stream
+        self._admitted = 0  # announced bytes of the messages admitted (PARTIAL_BYTES)
+        self._waiting: dict[int, None] = {}  # streams whose message waits for admission
+        self._connection_credit = 0  # bytes received, not yet credited to the connection
 
     # -- bytes in ---------------------------------------------------------------
 
@@ -248,7 +268,9 @@ class GrpcConnection:
                     metadata.append((key, _b64decode(value)))
                 else:
                     metadata.append((key, value.decode("latin-1")))
-        if self._going_away:  # opened after our GOAWAY: the client may retry elsewhere
+        if self._going_away or len(self._streams) >= MAX_CONCURRENT_STREAMS:
+            # Opened after our GOAWAY, or past the limit before our SETTINGS reached
+            # the client: refused, which grpc clients retry on their own.
             self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         path_text = path.decode("utf-8", "replace")
@@ -264,7 +286,7 @@ class GrpcConnection:
             self.end_call(
                 stream_id,
                 UNIMPLEMENTED,
-                f"unsupported grpc-encoding {encoding.decode('latin-1')!r}",
+                f"unsupported grpc-encoding {encoding[:100].decode('latin-1')!r}",
             )
             return
         events.append(CallStarted(stream_id, path_text, tuple(metadata), timeout_s))
@@ -277,47 +299,81 @@ class GrpcConnection:
 
     def _data(self, event: h2.events.DataReceived, events: list[Event]) -> None:
         stream_id = event.stream_id
-        stream = self._streams.get(stream_id)
         length = event.flow_controlled_length
-        if stream is None or stream.ended:  # answered already: only credit it back
-            self._h2.acknowledge_received_data(length, stream_id)
+        self._connection_credit += length  # the connection's window: credited as it comes
+        if self._connection_credit >= CONNECTION_WINDOW // 4:
+            self._h2.increment_flow_control_window(self._connection_credit)
+            self._connection_credit = 0
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.ended:  # answered already: nothing to credit
             return
         stream.held += length
         buffer = stream.inbound
-        partial_before = self._partial
-        self._partial -= len(buffer)
         buffer += event.data
         while len(buffer) >= PREFIX_BYTES:
             size = int.from_bytes(buffer[1:5], "big")
             if size > self.max_message_bytes:
-                self._partial += len(buffer)  # _forget takes it off again
-                self.end_call(
+                self._refuse_message(
                     stream_id,
                     RESOURCE_EXHAUSTED,
                     f"Received message larger than max ({size} vs. {self.max_message_bytes})",
+                    events,
                 )
-                events.append(CallEnded(stream_id))
                 return
             if len(buffer) < PREFIX_BYTES + size:
+                if not stream.admitted and stream_id not in self._waiting:
+                    self._admit(stream_id, stream, size)
                 break
             flag = buffer[0]
             message = bytes(buffer[PREFIX_BYTES : PREFIX_BYTES + size])
             del buffer[: PREFIX_BYTES + size]
+            self._release(stream_id, stream)
             if flag & 1:
                 try:
                     message = _inflate(message, stream.encoding, self.max_message_bytes)
+                except _TooLarge as error:
+                    self._refuse_message(stream_id, RESOURCE_EXHAUSTED, str(error), events)
+                    return
                 except ValueError as error:
-                    self._partial += len(buffer)
-                    self.end_call(stream_id, INTERNAL, str(error))
-                    events.append(CallEnded(stream_id))
+                    self._refuse_message(stream_id, INTERNAL, str(error), events)
                     return
             if stream.streaming_request:
                 stream.unconsumed += PREFIX_BYTES + size
             events.append(MessageReceived(stream_id, message, PREFIX_BYTES + size))
-        self._partial += len(buffer)
         self._credit(stream_id, stream)
-        if partial_before > PARTIAL_BYTES >= self._partial:
-            self._credit_all()
+
+    def _refuse_message(self, stream_id: int, code: int, message: str, events: list[Event]) -> None:
+        self.end_call(stream_id, code, message)
+        events.append(CallEnded(stream_id))
+
+    def _admit(self, stream_id: int, stream: _Stream, size: int) -> None:
+        """Admit the stream's message of `size` bytes if it fits PARTIAL_BYTES (or is
+        the only one), else queue it: its bytes past its window wait meanwhile."""
+        if self._admitted and self._admitted + size > PARTIAL_BYTES:
+            self._waiting[stream_id] = None
+            return
+        stream.admitted = size
+        self._admitted += size
+
+    def _release(self, stream_id: int, stream: _Stream) -> None:
+        """The stream's message is whole (or the call over): admit the next ones."""
+        self._waiting.pop(stream_id, None)
+        if not stream.admitted:
+            return
+        self._admitted -= stream.admitted
+        stream.admitted = 0
+        for waiting_id in list(self._waiting):
+            waiting = self._streams.get(waiting_id)
+            if waiting is None or len(waiting.inbound) < PREFIX_BYTES:
+                del self._waiting[waiting_id]
+                continue
+            size = int.from_bytes(waiting.inbound[1:5], "big")
+            if self._admitted and self._admitted + size > PARTIAL_BYTES:
+                break
+            del self._waiting[waiting_id]
+            waiting.admitted = size
+            self._admitted += size
+            self._credit(waiting_id, waiting)
 
     def consumed(self, stream_id: int, size: int) -> None:
         """A handler took a request message of `size` wire bytes (MessageReceived.size)."""
@@ -326,32 +382,25 @@ class GrpcConnection:
             stream.unconsumed = max(0, stream.unconsumed - size)
             self._credit(stream_id, stream)
 
-    def _credit_all(self) -> None:
-        """Back under PARTIAL_BYTES: credit what every stream was refused meanwhile."""
-        for stream_id, stream in list(self._streams.items()):
-            self._credit(stream_id, stream)
-
     def _credit(self, stream_id: int, stream: _Stream) -> None:
-        """Credit back what the client sent on the stream, but for the whole messages
-        a handler has not taken yet and, past PARTIAL_BYTES of messages not yet whole
-        on the connection, those too. Bytes of a message not yet whole are credited
-        at once otherwise, since a window smaller than the message would stall it."""
+        """Credit the stream back for what it sent, but for whole messages a streaming
+        handler has not taken yet and the part of a message not admitted yet; in
+        steps of CREDIT_BYTES, and not once the client has sent its last byte."""
+        if stream.request_ended:
+            return
         give = stream.held - stream.unconsumed
-        if self._partial > PARTIAL_BYTES:
+        if stream_id in self._waiting:
             give -= len(stream.inbound)
-        if give > 0:
+        if give >= CREDIT_BYTES:
             stream.held -= give
-            try:
-                self._h2.acknowledge_received_data(give, stream_id)
-            except h2.exceptions.StreamClosedError:
-                pass
+            self._h2.increment_flow_control_window(give, stream_id=stream_id)
 
     # -- calls out --------------------------------------------------------------
 
     def send_headers(self, stream_id: int, metadata: tuple[tuple[str, str], ...] = ()) -> None:
         """The answer's headers (initial metadata), if not sent yet."""
         stream = self._streams.get(stream_id)
-        if stream is None or stream.ended or stream.headers_sent:
+        if self.closed or stream is None or stream.ended or stream.headers_sent:
             return
         stream.headers_sent = True
         headers = list(_ANSWER_HEADERS)
@@ -361,7 +410,7 @@ class GrpcConnection:
     def send_message(self, stream_id: int, message: bytes) -> bool:
         """Queue one answer message (uncompressed); False if the call is over."""
         stream = self._streams.get(stream_id)
-        if stream is None or stream.ended:
+        if self.closed or stream is None or stream.ended:
             return False
         if not stream.headers_sent:
             self.send_headers(stream_id)
@@ -385,12 +434,12 @@ class GrpcConnection:
         """Queue the trailers with `code` and `message`, after the answer's messages.
         A call that sent nothing yet gets one HEADERS frame (Trailers-Only)."""
         stream = self._streams.get(stream_id)
-        if stream is None or stream.ended:
+        if self.closed or stream is None or stream.ended:
             return
         stream.ended = True
         trailers = [(b"grpc-status", str(code).encode("ascii"))]
         if message:
-            trailers.append((b"grpc-message", percent_encode(message)))
+            trailers.append((b"grpc-message", percent_encode(message, MAX_STATUS_BYTES)))
         trailers += [(k.encode("ascii"), v.encode("latin-1")) for k, v in metadata]
         if not stream.headers_sent:
             stream.headers_sent = True
@@ -406,6 +455,8 @@ class GrpcConnection:
         if stream is None:
             return
         self._forget(stream_id, stream)
+        if self.closed:
+            return
         try:
             self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
         except h2.exceptions.StreamClosedError:
@@ -436,12 +487,18 @@ class GrpcConnection:
         frame.error_code = h2.errors.ErrorCodes.NO_ERROR
         self._h2._data_to_send += frame.serialize()  # noqa: SLF001 - see above
 
+    def pending_output(self) -> int:
+        """Bytes h2 has ready that `data_to_send` has not taken yet."""
+        return len(self._h2._data_to_send)  # h2 has no public count of it
+
     def data_to_send(self, budget: int = WRITE_BUDGET) -> bytes:
         """What to write to the socket now (b"" if nothing): what h2 has ready, and
         the calls' queued answers as far as the client's windows and about `budget`
         bytes allow, TURN_BYTES a call in turn. Answers wait in their queues rather than
         in h2's buffer, so what waits is bounded by the calls' own bounds."""
         ready = self._ready
+        if self.closed:  # h2 would refuse: the client has gone (GOAWAY) or broke the rules
+            ready.clear()
         while ready and budget > 0:
             stream_id = next(iter(ready))
             del ready[stream_id]
@@ -496,26 +553,27 @@ class GrpcConnection:
         self._forget(stream_id, stream)
 
     def _forget(self, stream_id: int, stream: _Stream) -> None:
-        partial_before = self._partial
-        self._partial -= len(stream.inbound)
         stream.inbound.clear()
-        if partial_before > PARTIAL_BYTES >= self._partial:
-            self._credit_all()
-        if stream.held:
-            try:
-                self._h2.acknowledge_received_data(stream.held, stream_id)
-            except h2.exceptions.StreamClosedError:
-                pass
-            stream.held = 0
+        self._release(stream_id, stream)
         self._streams.pop(stream_id, None)
+        self._ready.pop(stream_id, None)
 
 
-def percent_encode(message: str) -> bytes:
-    """grpc-message's encoding: UTF-8, with bytes outside 0x20-0x7E and '%' as %XX."""
+def percent_encode(message: str, limit: int | None = None) -> bytes:
+    """grpc-message's encoding: UTF-8, with bytes outside 0x20-0x7E and '%' as %XX;
+    cut to at most `limit` bytes (never inside an escape), with "..." at the cut."""
     raw = message.encode("utf-8")
     if all(b in _PLAIN for b in raw):
-        return raw
-    return b"".join(bytes((b,)) if b in _PLAIN else b"%%%02X" % b for b in raw)
+        encoded = raw
+    else:
+        encoded = b"".join(bytes((b,)) if b in _PLAIN else b"%%%02X" % b for b in raw)
+    if limit is None or len(encoded) <= limit:
+        return encoded
+    cut = encoded[: limit - 3]
+    escape = cut.rfind(b"%", len(cut) - 2)
+    if escape != -1:
+        cut = cut[:escape]
+    return cut + b"..."
 
 
 def _timeout(value: bytes) -> float | None:
@@ -534,9 +592,14 @@ def _b64decode(value: bytes) -> bytes:
         return b""
 
 
+class _TooLarge(ValueError):
+    """A compressed message larger than the limit once inflated."""
+
+
 def _inflate(data: bytes, encoding: bytes, limit: int) -> bytes:
-    """A compressed message, inflated to at most `limit` bytes; ValueError if it is
-    not what `encoding` says or inflates past the limit."""
+    """A compressed message, inflated to at most `limit` bytes. _TooLarge past the
+    limit; ValueError if it is not what `encoding` says, is cut short or has bytes
+    after its end (grpc-core answers those "Decompression failed")."""
     wbits = 16 + zlib.MAX_WBITS if encoding == b"gzip" else zlib.MAX_WBITS
     if encoding not in (b"gzip", b"deflate"):
         raise ValueError(f"compressed message without a known grpc-encoding ({encoding!r})")
@@ -546,5 +609,7 @@ def _inflate(data: bytes, encoding: bytes, limit: int) -> bytes:
     except zlib.error as error:
         raise ValueError(f"could not decompress the message: {error}") from None
     if len(out) > limit:
-        raise ValueError(f"decompressed message larger than max ({limit} bytes)")
+        raise _TooLarge(f"decompressed message larger than max ({limit} bytes)")
+    if not inflater.eof or inflater.unused_data:
+        raise ValueError("could not decompress the message: cut short or followed by other bytes")
     return out

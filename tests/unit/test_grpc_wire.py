@@ -1,0 +1,267 @@
+"""wire.GrpcConnection (sans-io gRPC over h2) driven by an in-memory h2 client.
+
+No sockets and no clocks: the client's bytes go to `receive_data`, the
+server's `data_to_send` back to the client, so flow control and framing are
+exact and the tests deterministic. Faults found in 011c705 are marked so.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.settings
+import hyperframe.frame as frames
+
+from kairoi_trio.protocols.grpc import wire
+
+MiB = 1 << 20
+LIMIT = 4 * MiB
+
+
+def prefixed(data: bytes, compressed: bool = False) -> bytes:
+    return bytes([compressed]) + len(data).to_bytes(4, "big") + data
+
+
+class Pair:
+    """A server connection and an h2 client wired back to back."""
+
+    def __init__(self, settings: dict[int, int] | None = None, *, pump: bool = True) -> None:
+        self.server = wire.GrpcConnection(LIMIT, streaming_requests={"/s/Stream"})
+        self.client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.client.initiate_connection()
+        if settings:
+            self.client.update_settings(settings)
+        self.events: list[wire.Event] = []  # what the server saw
+        self.answers: list[h2.events.Event] = []  # what the client saw
+        if pump:
+            self.pump()
+
+    def pump(self, budget: int = wire.WRITE_BUDGET) -> None:
+        """Move bytes both ways until neither side has any."""
+        while True:
+            moved = False
+            if out := self.server.data_to_send(budget):
+                for event in self.client.receive_data(out):
+                    if isinstance(event, h2.events.DataReceived):
+                        self.client.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                    self.answers.append(event)
+                moved = True
+            if out := self.client.data_to_send():
+                self.events += self.server.receive_data(out)
+                moved = True
+            if not moved:
+                return
+
+    def send(self, stream_id: int, data: bytes, end: bool = False) -> None:
+        """Send `data` in frames as large as h2 allows (the window must have room)."""
+        size = self.client.max_outbound_frame_size
+        for offset in range(0, len(data), size):
+            last = offset + size >= len(data)
+            self.client.send_data(stream_id, data[offset : offset + size], end_stream=end and last)
+            self.pump()
+
+    def raw(self, *sent: frames.Frame) -> None:
+        """Frames the client's h2 would not send (its state is left as it was)."""
+        self.events += self.server.receive_data(b"".join(f.serialize() for f in sent))
+
+    def start(self, stream_id: int, path: str = "/s/Unary", extra: tuple = ()) -> None:
+        self.client.send_headers(
+            stream_id,
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", path),
+                (":authority", "x"),
+                ("content-type", "application/grpc"),
+                *extra,
+            ],
+        )
+
+    def of(self, kind: type, stream_id: int | None = None) -> list:
+        return [
+            e
+            for e in self.events
+            if isinstance(e, kind)
+            and (stream_id is None or getattr(e, "stream_id", 0) == stream_id)
+        ]
+
+    def status(self, stream_id: int) -> str | None:
+        for event in self.answers:
+            if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                if event.stream_id == stream_id:
+                    headers = dict(event.headers)
+                    if b"grpc-status" in headers:
+                        return headers[b"grpc-status"].decode()
+        return None
+
+
+# -- what held ------------------------------------------------------------------------
+
+
+def test_credit_comes_back_when_calls_with_partial_messages_end() -> None:
+    """Calls reset by the client, ended or reset by the server half-way through a
+    message give their admission back, whichever way they end."""
+    pair = Pair()
+    part = prefixed(b"x" * (3 * MiB))[: wire.STREAM_WINDOW - 100]
+    for k in range(60):
+        stream_id = 2 * k + 1
+        pair.start(stream_id)
+        assert pair.client.local_flow_control_window(stream_id) >= len(part), k
+        pair.send(stream_id, part)
+        if k % 3 == 0:
+            pair.client.reset_stream(stream_id)
+        elif k % 3 == 1:
+            pair.server.end_call(stream_id, wire.UNAVAILABLE, "going away")
+        else:
+            pair.server.reset(stream_id)
+        pair.pump()
+    assert pair.server._admitted == 0  # noqa: SLF001 - the accounting the bound rests on
+    assert not pair.server._waiting  # noqa: SLF001
+
+
+def test_a_streaming_handler_that_does_not_read_holds_the_client_to_its_window() -> None:
+    pair = Pair()
+    pair.start(1, "/s/Stream")
+    sent = 0
+    message = prefixed(b"m" * 10_000)
+    while pair.client.local_flow_control_window(1) >= len(message):
+        pair.client.send_data(1, message)
+        sent += len(message)
+        pair.pump()
+    assert sent <= wire.STREAM_WINDOW + len(message)
+    received = pair.of(wire.MessageReceived, 1)
+    for event in received:  # the handler takes them: the window opens again
+        pair.server.consumed(1, event.size)
+    pair.pump()  # (h2 sends WINDOW_UPDATE once half a window is consumed)
+    assert pair.client.local_flow_control_window(1) >= wire.STREAM_WINDOW // 2
+
+
+def test_answers_share_the_connection_and_trailers_come_last() -> None:
+    pair = Pair({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 100_000})
+    for stream_id in (1, 3):
+        pair.start(stream_id)
+        pair.client.send_data(stream_id, prefixed(b""), end_stream=True)
+    pair.pump()
+    for stream_id in (1, 3):
+        pair.server.send_message(stream_id, b"a" * 300_000)
+        pair.server.end_call(stream_id, wire.OK)
+    pair.pump(budget=64_000)
+    order = [
+        (type(e).__name__, e.stream_id)
+        for e in pair.answers
+        if isinstance(e, (h2.events.DataReceived, h2.events.TrailersReceived))
+    ]
+    for stream_id in (1, 3):
+        mine = [kind for kind, sid in order if sid == stream_id]
+        assert mine[-1] == "TrailersReceived" and mine.count("TrailersReceived") == 1
+        assert (
+            sum(
+                e.flow_controlled_length
+                for e in pair.answers
+                if isinstance(e, h2.events.DataReceived) and e.stream_id == stream_id
+            )
+            == 300_005
+        )
+    # round robin: stream 3 did not wait for all of stream 1
+    data = [sid for kind, sid in order if kind == "DataReceived"]
+    assert data.index(3) < len(data) - 1 - data[::-1].index(1)
+
+
+# -- faults found in 011c705 ---------------------------------------------------------
+
+
+def test_many_large_requests_interleaved_do_not_deadlock() -> None:
+    """16 calls each send a message just under 4 MiB, a frame of each in turn, as
+    their windows allow. Past PARTIAL_BYTES (32 MiB) of messages not yet whole,
+    011c705 credits nothing back (wire._credit: `give -= len(stream.inbound)`),
+    and no call has window enough to complete its message: all stall for ever."""
+    pair = Pair()
+    size = LIMIT - 200
+    left = {2 * k + 1: prefixed(b"x" * size) for k in range(16)}
+    for stream_id in left:
+        pair.start(stream_id)
+    pair.pump()
+    while any(left.values()):
+        progress = False
+        for stream_id, data in left.items():
+            window = min(pair.client.local_flow_control_window(stream_id), 16_384, len(data))
+            if window > 0:
+                pair.client.send_data(stream_id, data[:window], end_stream=window == len(data))
+                left[stream_id] = data[window:]
+                progress = True
+            pair.pump()
+        assert progress, f"deadlock: {sum(map(len, left.values()))} bytes can never be sent"
+    assert len(pair.of(wire.MessageReceived)) == 16
+
+
+def test_the_stream_past_the_limit_is_refused_not_the_connection() -> None:
+    """RFC 9113 5.1.2: a stream past SETTINGS_MAX_CONCURRENT_STREAMS is a stream
+    error. 011c705 turns h2's TooManyStreamsError into a connection error
+    (ConnectionEnded, GOAWAY PROTOCOL_ERROR), losing the calls within the limit,
+    even when the client opened them before our SETTINGS could reach it."""
+    pair = Pair(pump=False)  # the client has not read our SETTINGS yet: it may open them
+    for k in range(wire.MAX_CONCURRENT_STREAMS + 1):
+        pair.start(2 * k + 1)
+    pair.events += pair.server.receive_data(pair.client.data_to_send())
+    assert not pair.of(wire.ConnectionEnded)
+    assert len(pair.of(wire.CallStarted)) == wire.MAX_CONCURRENT_STREAMS
+    pair.pump()
+    refused = [e for e in pair.answers if isinstance(e, h2.events.StreamReset)]
+    assert [e.stream_id for e in refused] == [2 * wire.MAX_CONCURRENT_STREAMS + 1]
+    assert refused[0].error_code in (
+        h2.errors.ErrorCodes.REFUSED_STREAM,
+        h2.errors.ErrorCodes.PROTOCOL_ERROR,
+    )
+
+
+def test_a_client_goaway_while_an_answer_waits_for_window() -> None:
+    """h2 closes its state machine at the client's GOAWAY; 011c705's data_to_send then
+    hands it the waiting answer (wire._flush: send_data) and raises h2's
+    ProtocolError, which kills the connection's writer task ("grpc connection
+    failed", a traceback at ERROR)."""
+    pair = Pair({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    pair.start(1)
+    pair.client.send_data(1, prefixed(b""), end_stream=True)
+    pair.pump()
+    pair.server.send_message(1, b"answer")
+    pair.server.end_call(1, wire.OK)
+    pair.pump()
+    pair.raw(
+        frames.WindowUpdateFrame(1, window_increment=100),
+        frames.GoAwayFrame(0, last_stream_id=0, error_code=0),
+    )
+    assert pair.of(wire.ConnectionEnded)
+    pair.server.data_to_send()  # must not raise
+    pair.server.send_message(1, b"more")  # nor these, from handlers still running
+    pair.server.end_call(1, wire.OK)
+    pair.server.data_to_send()
+
+
+def test_a_gzip_message_cut_short_is_refused() -> None:
+    """011c705's _inflate does not check that the gzip stream ended (zlib's eof), so a
+    message missing its end (or its CRC) is handed on as what did arrive."""
+    whole = bytes(range(256)) * 40
+    packed = gzip.compress(whole)
+    for body in (packed[:-8], packed[: len(packed) // 2], packed + b"?"):
+        pair = Pair()
+        pair.start(1, extra=(("grpc-encoding", "gzip"),))
+        pair.send(1, prefixed(body, True), end=True)
+        assert not pair.of(wire.MessageReceived), len(body)
+        assert pair.status(1) == str(wire.INTERNAL)
+
+
+def test_a_message_too_large_once_inflated_is_resource_exhausted() -> None:
+    """grpc-core: RESOURCE_EXHAUSTED, as for a message too large on the wire;
+    011c705: INTERNAL."""
+    pair = Pair()
+    pair.start(1, extra=(("grpc-encoding", "deflate"),))
+    pair.send(1, prefixed(zlib.compress(b"\0" * (LIMIT + 1)), True), end=True)
+    assert pair.of(wire.CallEnded, 1)
+    assert pair.status(1) == str(wire.RESOURCE_EXHAUSTED)
