@@ -8,6 +8,7 @@ the rollback). Everything else is the real actor and the real State.
 from __future__ import annotations
 
 import errno
+import gc
 import math
 from typing import Any
 
@@ -159,6 +160,28 @@ async def test_a_batch_of_reads_appends_nothing() -> None:
 
 
 # -- errors ------------------------------------------------------------------------------
+
+
+async def test_a_refused_command_leaves_no_reference_cycle() -> None:
+    # A CommandError the actor returned with its traceback, or one raised while a
+    # frame still held it, made a cycle per failed call that only a full collection
+    # frees; with the server's GC thresholds that is rare, and a failed GetJob of a
+    # 2 MiB id kept ~6 MiB (tests/e2e/test_grpc_abuse.py).
+    async with running_actor() as h:
+        for _ in range(3):  # warm up: first calls create lasting objects
+            with pytest.raises(CommandError):
+                await h.client.call(GetJob("missing"))
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(50):
+                with pytest.raises(CommandError) as info:
+                    await h.client.call(GetJob("missing"))
+                assert info.value.__traceback__ is not None
+                del info
+            assert gc.collect() < 50  # not one cycle per failed call
+        finally:
+            gc.enable()
 
 
 async def test_set_on_a_triggered_job_is_refused() -> None:

@@ -1324,7 +1324,10 @@ class ActorClient:
         """Run one command; its CommandError is raised."""
         (result,) = await self.call_many([command])
         if isinstance(result, CommandError):
-            raise result
+            try:
+                raise result
+            finally:
+                del result  # else its traceback and this frame would hold each other
         return result
 
     async def aclose(self) -> None:

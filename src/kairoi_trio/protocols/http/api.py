@@ -143,7 +143,10 @@ class Api:
         await done.wait()
         (result,) = box[0]
         if isinstance(result, CommandError):
-            raise result
+            try:
+                raise result
+            finally:
+                del result, box  # else its traceback and this frame would hold each other
         return result
 
     def _role(self, request: Request) -> Role | None:
