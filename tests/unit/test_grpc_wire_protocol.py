@@ -20,6 +20,18 @@ PATH = "/kairoi.v1.Scheduler/SetJob"
 STREAM_PATH = "/kairoi.v1.Scheduler/StreamSetJobs"
 
 
+def request_headers(
+    path: str = PATH, content_type: bytes = b"application/grpc"
+) -> list[tuple[bytes, bytes]]:
+    return [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", path.encode()),
+        (b":authority", b"test"),
+        (b"content-type", content_type),
+    ]
+
+
 def frame(message: bytes, compressed: bool = False) -> bytes:
     return bytes([1 if compressed else 0]) + len(message).to_bytes(4, "big") + message
 
@@ -69,16 +81,7 @@ class Peer:
     ) -> int:
         stream_id = self.client.get_next_available_stream_id()
         self.client.send_headers(
-            stream_id,
-            [
-                (b":method", b"POST"),
-                (b":scheme", b"http"),
-                (b":path", path.encode()),
-                (b":authority", b"test"),
-                (b"content-type", b"application/grpc"),
-                (b"te", b"trailers"),
-                *(headers or []),
-            ],
+            stream_id, [*request_headers(path), (b"te", b"trailers"), *(headers or [])]
         )
         self.send(stream_id, body)
         if end:
@@ -171,15 +174,7 @@ def test_what_is_not_a_grpc_request_gets_plain_http_errors() -> None:
     stream_id = peer.call(frame(b"x"), headers=[])
     json_call = peer.client.get_next_available_stream_id()
     peer.client.send_headers(
-        json_call,
-        [
-            (b":method", b"POST"),
-            (b":scheme", b"http"),
-            (b":path", PATH.encode()),
-            (b":authority", b"t"),
-            (b"content-type", b"application/json"),
-        ],
-        end_stream=True,
+        json_call, request_headers(content_type=b"application/json"), end_stream=True
     )
     peer.exchange()
     assert dict(peer.answers[json_call][0].headers)[b":status"] == b"415"
@@ -314,17 +309,7 @@ def test_after_goaway_calls_in_flight_answer_and_new_ones_are_refused() -> None:
     assert goaway.last_stream_id == before and goaway.error_code == 0
     # A call the client opened before it saw the GOAWAY is refused, to retry elsewhere.
     after = peer.client.get_next_available_stream_id()
-    peer.client.send_headers(
-        after,
-        [
-            (b":method", b"POST"),
-            (b":scheme", b"http"),
-            (b":path", PATH.encode()),
-            (b":authority", b"t"),
-            (b"content-type", b"application/grpc"),
-        ],
-        end_stream=True,
-    )
+    peer.client.send_headers(after, request_headers(), end_stream=True)
     assert peer.server.receive_data(peer.client.data_to_send()) == []
     [reset] = frames(peer.server.data_to_send())
     assert isinstance(reset, hyperframe.frame.RstStreamFrame) and reset.stream_id == after

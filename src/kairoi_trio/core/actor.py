@@ -1332,3 +1332,17 @@ class ActorClient:
 
     async def aclose(self) -> None:
         await self._send.aclose()
+
+
+def submit_nowait(channel: trio.MemorySendChannel[Request], request: Request) -> None:
+    """Put `request` on the actor's channel now, for a front end that answers at
+    once rather than wait (gRPC, the HTTP API): CommandError RESOURCE_EXHAUSTED
+    when the channel is full, UNAVAILABLE once it is closed (shutdown)."""
+    try:
+        channel.send_nowait(request)
+    except trio.WouldBlock:
+        raise CommandError(
+            ErrorCode.RESOURCE_EXHAUSTED, "server busy: too many requests, retry later"
+        ) from None
+    except (trio.ClosedResourceError, trio.BrokenResourceError):
+        raise CommandError(ErrorCode.UNAVAILABLE, "server is shutting down") from None

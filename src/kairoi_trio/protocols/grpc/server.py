@@ -32,6 +32,7 @@ from kairoi.v1 import scheduler_pb2 as pb
 from kairoi_trio import commands as c
 from kairoi_trio.commands import CommandError, ErrorCode, Request, Result
 from kairoi_trio.config import parse_address
+from kairoi_trio.core.actor import submit_nowait
 from kairoi_trio.core.auth import Role, TokenTable, denial, permitted
 from kairoi_trio.model import JobEvent
 from kairoi_trio.protocols.grpc import convert, reflection, wire
@@ -358,14 +359,7 @@ class SchedulerServicer:
         """Hand a batch to the actor now; `reply` gets its results (in the actor's task).
         RESOURCE_EXHAUSTED when the actor's queue is full, UNAVAILABLE once it is
         closed (shutdown)."""
-        try:
-            self._requests.send_nowait(Request(commands, reply))
-        except trio.WouldBlock:
-            raise CommandError(
-                ErrorCode.RESOURCE_EXHAUSTED, "server busy: too many requests, retry later"
-            ) from None
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise CommandError(ErrorCode.UNAVAILABLE, "server is shutting down") from None
+        submit_nowait(self._requests, Request(commands, reply))
 
     def begin(self, name: str, request: Any, call: Call) -> None:
         """Start unary method `name`'s call: its command to the actor, whose reply ends it."""

@@ -32,6 +32,7 @@ from starlette.routing import BaseRoute, Route
 
 from kairoi_trio import commands as c
 from kairoi_trio.commands import CommandError, ErrorCode
+from kairoi_trio.core.actor import submit_nowait
 from kairoi_trio.core.auth import Role, TokenTable, denial, permitted
 from kairoi_trio.model import JobEvent
 from kairoi_trio.protocols.http import convert
@@ -132,14 +133,7 @@ class Api:
             box.append(results)
             done.set()
 
-        try:
-            self._requests.send_nowait(c.Request([command], reply))
-        except trio.WouldBlock:
-            raise CommandError(
-                ErrorCode.RESOURCE_EXHAUSTED, "server busy: too many requests, retry later"
-            ) from None
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise CommandError(ErrorCode.UNAVAILABLE, "server is shutting down") from None
+        submit_nowait(self._requests, c.Request([command], reply))
         await done.wait()
         (result,) = box[0]
         if isinstance(result, CommandError):
