@@ -140,6 +140,7 @@ class _Stream:
     unconsumed: int = 0  # of which whole messages a streaming handler has not taken yet
     admitted: int = 0  # the announced size of the message being received, once admitted
     outbound: deque[bytes] = field(default_factory=deque)  # answer bytes h2 has not taken
+    sent: int = 0  # of which, bytes of the first already handed to h2
     buffered: int = 0  # their sum
     headers_sent: bool = False
     trailers: list[tuple[bytes, bytes]] | None = None  # to send once outbound is empty
@@ -185,6 +186,7 @@ class GrpcConnection:
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_BYTES,
             },
         )
+        self._h2.decoder.max_header_list_size = MAX_HEADER_LIST_BYTES  # as advertised
         self._h2.increment_flow_control_window(CONNECTION_WINDOW - 65_535)
         self._streams: dict[int, _Stream] = {}
         self.closed = False
@@ -526,14 +528,17 @@ class GrpcConnection:
             window = h2conn.local_flow_control_window(stream_id)
             if window <= 0:
                 return handed
-            chunk = outbound[0]
-            size = min(window, h2conn.max_outbound_frame_size, len(chunk))
-            if size < len(chunk):
-                h2conn.send_data(stream_id, chunk[:size])
-                outbound[0] = chunk[size:]
+            chunk, start = outbound[0], stream.sent
+            size = min(window, h2conn.max_outbound_frame_size, len(chunk) - start)
+            if start or size < len(chunk):  # a frame's worth copied, never the rest
+                h2conn.send_data(stream_id, chunk[start : start + size])
             else:
                 h2conn.send_data(stream_id, chunk)
+            if start + size < len(chunk):
+                stream.sent = start + size
+            else:
                 outbound.popleft()
+                stream.sent = 0
             stream.buffered -= size
             handed += size
         if not outbound and stream.trailers is not None:
