@@ -16,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from kairoi.v1 import scheduler_pb2 as pb
 from kairoi_trio import commands as c
 from kairoi_trio.commands import CommandError, ErrorCode
-from kairoi_trio.core.auth import Role, TokenTable, permitted
+from kairoi_trio.core.auth import Role, permitted
 from kairoi_trio.model import (
     MICROS,
     Job,
@@ -31,7 +31,6 @@ from kairoi_trio.protocols.grpc import convert
 from kairoi_trio.protocols.grpc.server import (
     METHOD_COMMANDS,
     SchedulerServicer,
-    _Settings,
 )
 
 START = from_datetime(datetime(2030, 1, 1, 8, 0, 0, 123456, tzinfo=UTC))
@@ -341,7 +340,7 @@ def _call(answer: Any, method: str, request: Any) -> tuple[Any, _Bridge, _Call]:
 
     async def run() -> Any:
         send, receive = trio.open_memory_channel[c.Request](16)
-        servicer = SchedulerServicer(send, _Settings("", 0.0, TokenTable(), 4 << 20, None))
+        servicer = SchedulerServicer(send, 4 << 20)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(bridge.run, receive)
             servicer.begin(method, request, call)  # type: ignore[arg-type]

@@ -120,7 +120,7 @@ def test_credit_comes_back_when_calls_with_partial_messages_end() -> None:
         elif k % 3 == 1:
             pair.server.end_call(stream_id, wire.UNAVAILABLE, "going away")
         else:
-            pair.server.reset(stream_id)
+            pair.server.end_call(stream_id, wire.CANCELLED, "cancelled")
         pair.pump()
     assert pair.server._admitted == 0  # noqa: SLF001 - the accounting the bound rests on
     assert not pair.server._waiting  # noqa: SLF001

@@ -107,12 +107,7 @@ async def serve_grpc(
         raise OSError(f"gRPC server could not start on {listen}: {error}") from error
     bound = listeners[0].socket.getsockname()[1]
 
-    scheduler = SchedulerServicer(
-        requests,
-        _Settings(
-            listen, grace_s, auth or TokenTable(), max_message_bytes, None, max_watch_buffer_bytes
-        ),
-    )
+    scheduler = SchedulerServicer(requests, max_message_bytes, max_watch_buffer_bytes)
     health = Health()
     malformed = _Aggregated("grpc malformed request")
     methods = {
@@ -209,25 +204,6 @@ def _tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
-class _Settings:
-    """What SchedulerServicer needs to know of the server's configuration."""
-
-    def __init__(
-        self,
-        listen: str,
-        grace_s: float,
-        auth: TokenTable,
-        max_message_bytes: int,
-        credentials: object,
-        watch_buffer_bytes: int = DEFAULT_WATCH_BUFFER_BYTES,
-    ) -> None:
-        self.listen = listen
-        self.grace_s = grace_s
-        self.auth = auth
-        self.max_message_bytes = max_message_bytes
-        self.watch_buffer_bytes = watch_buffer_bytes
-
-
 # -- the service ------------------------------------------------------------------
 
 
@@ -297,10 +273,15 @@ class SchedulerServicer:
     task of their own.
     """
 
-    def __init__(self, requests: trio.MemorySendChannel[Request], settings: _Settings) -> None:
+    def __init__(
+        self,
+        requests: trio.MemorySendChannel[Request],
+        max_message_bytes: int,
+        watch_buffer_bytes: int = DEFAULT_WATCH_BUFFER_BYTES,
+    ) -> None:
         self._requests = requests
-        self._budget = settings.max_message_bytes - _SIZE_MARGIN
-        self._watch_limit = settings.watch_buffer_bytes
+        self._budget = max_message_bytes - _SIZE_MARGIN
+        self._watch_limit = watch_buffer_bytes
         self._encode_event = _EventEncoder()
         self._watches: set[_Watch] = set()
         self._closing = False

@@ -1,14 +1,15 @@
-"""gRPC calls on Trio: listeners, one task per connection, one task per call.
+"""gRPC calls on Trio: the listener, a reader and a writer per connection, calls.
 
-`wire.GrpcConnection` does the protocol; this module moves its bytes and runs
-each call's handler in its own task, under the call's deadline. A connection
-has a reader (bytes in, events out, calls started) and a writer that sends
-whatever the handlers queued, so the answers of calls that end together (the
-replies of one group commit) leave in one write.
+`wire.GrpcConnection` does the protocol; this module moves its bytes. A
+streaming call (a `Method`) runs in its own task under its deadline; a unary
+`UnaryMethod` call has none, its answer comes from whoever it was handed to
+(the actor's reply). The writer sends whatever the calls queued, so the
+answers of calls that end together (the replies of one group commit) leave in
+one write.
 
-Shutdown (`GrpcServer.shut_down`): listeners close, every connection gets a
-GOAWAY (no new calls), calls in flight get `grace_s` to end, then are
-cancelled and the connections closed.
+Shutdown (server.serve_grpc): `stop_accepting` closes the listeners and sends
+every connection a GOAWAY, `wait_idle` waits for the calls in flight, then
+`cancel_all` closes the connections.
 """
 
 from __future__ import annotations

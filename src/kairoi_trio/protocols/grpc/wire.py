@@ -451,19 +451,6 @@ class GrpcConnection:
         stream.trailers = trailers
         self._ready[stream_id] = None
 
-    def reset(self, stream_id: int) -> None:
-        """Abandon a call (RST_STREAM CANCEL): its handler was stopped mid-answer."""
-        stream = self._streams.get(stream_id)
-        if stream is None:
-            return
-        self._forget(stream_id, stream)
-        if self.closed:
-            return
-        try:
-            self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
-        except h2.exceptions.StreamClosedError:
-            pass
-
     def buffered(self, stream_id: int) -> int:
         """Answer bytes of the call still waiting for the client's window (0: none,
         or the call is over)."""
