@@ -10,6 +10,9 @@ Tests that need a fresh process (memory, shutdown, logs) start their own; the
 others share the module's (`shared`), and each checks that the server is still
 healthy when it is done. The first part holds on 011c705; each test of the
 second ("faults found in 011c705") failed on it, and its docstring says why.
+The last part is a second review, of e3612a2: its "faults found" failed on it.
+A few of its tests run an in-process transport.GrpcServer, where a bound must
+be shortened to be tested or the call count read.
 The sans-io side of some of them is in tests/unit/test_grpc_wire.py.
 """
 
@@ -25,6 +28,7 @@ import socket
 import ssl
 import sys
 import termios
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -34,17 +38,22 @@ from typing import Any
 import grpc
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
 import hpack
 import hyperframe.frame as frames
 import pytest
+import trio
+import trio.testing
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.certificates import self_signed
 from support.server import ServerProcess
 
 from kairoi.v1 import scheduler_pb2 as pb
 from kairoi.v1 import scheduler_pb2_grpc as pb_grpc
+from kairoi_trio.protocols.grpc import transport, wire
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEDULER = "/kairoi.v1.Scheduler"
@@ -1024,3 +1033,352 @@ def _server_backlog(server_port: int, client_port: int) -> int:
         if fields[1] == local and fields[2] == remote:
             return int(fields[4].split(":")[1], 16)
     return 0
+
+
+# -- the second review (of e3612a2) ----------------------------------------------------
+
+
+def _watch(client: RawClient, stream_id: int) -> None:
+    client.start(stream_id, "WatchJobs")
+    client.send(
+        stream_id, message(pb.WatchJobsRequest(prefix="abuse2.").SerializeToString()), end=True
+    )
+    assert client.read(lambda: client.got(h2.events.ResponseReceived, stream_id))
+
+
+# -- faults found in e3612a2 ------------------------------------------------------------
+
+
+def _data_then_reset(client: RawClient) -> None:
+    client.start(3, "SetJobs")
+    body = message(b"\0" * 200_000)
+    client.h2.send_data(3, body[:16_384])
+    client.h2.send_data(3, body[16_384:32_768])
+
+
+def _get_then_reset(client: RawClient) -> None:
+    client.h2.send_headers(
+        3, [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "x")]
+    )
+
+
+def _too_large_then_reset(client: RawClient) -> None:
+    client.start(3, "SetJobs")
+    client.h2.send_data(3, b"\0" + (64 * MiB).to_bytes(4, "big"))
+
+
+RESET_IN_THE_SAME_READ: dict[str, Callable[[RawClient], None]] = {
+    "DATA past CREDIT_BYTES": _data_then_reset,
+    "a GET (405)": _get_then_reset,
+    "a message past the limit": _too_large_then_reset,
+}
+
+
+@pytest.mark.parametrize("name", list(RESET_IN_THE_SAME_READ))
+def test_a_call_reset_in_the_read_that_brought_it_ends_only_that_call(shared, name) -> None:
+    """The client's RST_STREAM arrives in the same read as what wire.py answers
+    with an h2 call on that stream: a WINDOW_UPDATE credit (wire._credit), a
+    refusal's HEADERS (wire._refuse, end_call) . h2 has closed the stream by then
+    (it parses the whole read before wire.py walks its events) and raises
+    StreamClosedError out of GrpcConnection.receive_data: at e3612a2 the
+    connection fails ("grpc connection failed", a traceback at ERROR) and the
+    other calls on it (a WatchJobs here) are lost."""
+    server = shared
+    before = len(server.lines)
+    client = RawClient(port(server))
+    try:
+        _watch(client, 1)
+        RESET_IN_THE_SAME_READ[name](client)
+        client.h2.reset_stream(3, h2.errors.ErrorCodes.CANCEL)
+        client.flush()  # one write: one read on the server's side
+        assert client.call(5, GET_INFO)[0] == "0", "the connection was lost"
+        assert client.status(1) is None, "the watch on the same connection ended"
+    finally:
+        client.close()
+    assert_no_failure(server, since=before)
+
+
+def test_grpcio_cancelling_large_uploads_keeps_the_channel(shared) -> None:
+    """A grpcio client cancels SetJobs calls of 3 MB while they upload (a user's
+    cancel, or a deadline): grpc-core writes its last DATA frames and the
+    RST_STREAM together, so the server meets the fault above. At e3612a2 about one
+    cancel in four kills the connection: the channel's other calls (a WatchJobs
+    here) fail UNAVAILABLE and the server logs "grpc connection failed"."""
+    server = shared
+    before = len(server.lines)
+    job = pb.SetJobRequest(
+        id="abuse2.big", execute_at={"seconds": 4_000_000_000}, payload=b"p" * 1_000_000
+    )
+    request = pb.SetJobsRequest(jobs=[job, job, job])
+    watch_end: list[str] = []
+    with grpc.insecure_channel(f"127.0.0.1:{port(server)}") as channel:
+        stub = pb_grpc.SchedulerStub(channel)
+        watch = stub.WatchJobs(pb.WatchJobsRequest(prefix="abuse2.none."), timeout=60)
+
+        def follow() -> None:
+            try:
+                for _ in watch:
+                    pass
+                watch_end.append("OK")
+            except grpc.RpcError as error:
+                watch_end.append(error.code().name)
+
+        follower = threading.Thread(target=follow)
+        follower.start()
+        try:
+            outcomes: dict[str, int] = {}
+            for k in range(60):
+                future = stub.SetJobs.future(request, timeout=30)
+                time.sleep(0.002 * (k % 10))
+                future.cancel()
+                try:
+                    future.result()
+                    outcome = "OK"
+                except grpc.FutureCancelledError:
+                    outcome = "CANCELLED"
+                except grpc.RpcError as error:
+                    outcome = error.code().name
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            time.sleep(0.3)
+            assert not watch_end, f"the watch on the channel ended: {watch_end}"
+            assert set(outcomes) <= {"OK", "CANCELLED"}, outcomes
+        finally:
+            watch.cancel()
+            follower.join(10)
+    assert_no_failure(server, since=before)
+
+
+async def _serve(nursery: trio.Nursery, methods: dict) -> tuple[transport.GrpcServer, int]:
+    server = transport.GrpcServer(methods, max_message_bytes=4 * MiB)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    await nursery.start(server.serve, listeners)
+    return server, listeners[0].socket.getsockname()[1]
+
+
+async def test_a_client_that_never_finishes_the_preface_is_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PREFACE_TIMEOUT_S is "to finish a TLS handshake and send the HTTP/2 preface";
+    _Connection._read times only the first receive_some, so a client that sends
+    one byte of the 24-byte preface (16 here) and then nothing holds its
+    connection, its two tasks and its descriptor for ever (grpc-core's server
+    closes a connection without the client's SETTINGS after its handshake
+    timeout). The timeout is shortened to 0.5 s here; the server has 5 s."""
+    monkeypatch.setattr(transport, "PREFACE_TIMEOUT_S", 0.5)
+    async with trio.open_nursery() as nursery:
+        _, grpc_port = await _serve(nursery, {})
+        stream = await trio.open_tcp_stream("127.0.0.1", grpc_port)
+        await stream.send_all(b"PRI * HTTP/2.0\r\n")
+        closed = False
+        with trio.move_on_after(5):
+            while await stream.receive_some(65536):  # the server's SETTINGS, then EOF
+                pass
+            closed = True
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+    assert closed, "a connection that never sent its preface is still open"
+
+
+# -- what held in e3612a2 ---------------------------------------------------------------------
+
+
+class _Client:
+    """An h2 client on a Trio stream, for the in-process tests."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.h2.initiate_connection()
+        self.events: list[h2.events.Event] = []
+
+    async def flush(self) -> None:
+        if data := self.h2.data_to_send():
+            await self.stream.send_all(data)
+
+    async def read_until(self, done: Callable[[], object], wait_s: float = 10) -> bool:
+        with trio.move_on_after(wait_s):
+            while not done():
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    break
+                for event in self.h2.receive_data(data):
+                    if isinstance(event, h2.events.DataReceived):
+                        self.h2.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                    self.events.append(event)
+                await self.flush()
+        return bool(done())
+
+    def start(self, stream_id: int, path: str) -> None:
+        self.h2.send_headers(
+            stream_id,
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", path),
+                (":authority", "x"),
+                ("content-type", "application/grpc"),
+            ],
+        )
+
+    def statuses(self, stream_id: int) -> list[bytes]:
+        found = []
+        for event in self.events:
+            if getattr(event, "stream_id", None) != stream_id:
+                continue
+            if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                headers = dict(event.headers)
+                if b"grpc-status" in headers:
+                    found.append(headers[b"grpc-status"])
+        return found
+
+
+async def test_unary_answers_after_a_reset_or_the_connection_end_go_nowhere() -> None:
+    """A UnaryMethod answered (Call.answer, Call.fail) after its client reset it or
+    after its connection closed: nothing sent, nothing raised, each call counted
+    off once (wait_idle returns)."""
+    calls: list[transport.Call] = []
+    both_begun = trio.Event()
+
+    def begin(_request: bytes, call: transport.Call) -> None:
+        calls.append(call)
+        if len(calls) == 2:
+            both_begun.set()
+
+    async with trio.open_nursery() as nursery:
+        server, grpc_port = await _serve(
+            nursery,
+            {"/t/Unary": transport.UnaryMethod(lambda data: data, begin)},
+        )
+        client = _Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
+        for stream_id in (1, 3):
+            client.start(stream_id, "/t/Unary")
+            client.h2.send_data(stream_id, wire.PREFIX_BYTES * b"\0", end_stream=True)
+        await client.flush()
+        with trio.fail_after(10):
+            await both_begun.wait()
+        client.h2.reset_stream(1)
+        await client.flush()
+        await trio.testing.wait_all_tasks_blocked(0.1)  # the server has read the reset
+        assert calls[0].done and server._calls == 1  # noqa: SLF001
+        calls[0].answer(b"late")
+        await client.stream.aclose()
+        with trio.fail_after(10):
+            await server.wait_idle()
+        calls[1].answer(b"late")
+        calls[1].fail(wire.CANCELLED, "again")
+        assert server._calls == 0  # noqa: SLF001
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_streaming_call_refused_for_held_bytes_while_its_handler_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its handler (not reading) is stopped, the client gets one status
+    (RESOURCE_EXHAUSTED) and the call is counted off."""
+    monkeypatch.setattr(transport, "HELD_BYTES", 30_000)
+    started, stopped = trio.Event(), trio.Event()
+
+    async def handler(call: transport.Call, _: transport.Call) -> None:
+        started.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            stopped.set()
+
+    async with trio.open_nursery() as nursery:
+        server, grpc_port = await _serve(
+            nursery, {"/t/Stream": transport.Method(True, False, lambda data: data, handler)}
+        )
+        client = _Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
+        client.start(1, "/t/Stream")
+        await client.flush()
+        with trio.fail_after(10):
+            await started.wait()
+        for _ in range(5):
+            client.h2.send_data(1, b"\0" + (10_000).to_bytes(4, "big") + b"x" * 10_000)
+        await client.flush()
+        assert await client.read_until(lambda: client.statuses(1))
+        with trio.fail_after(10):
+            await stopped.wait()
+            await server.wait_idle()
+        assert client.statuses(1) == [b"8"]
+        nursery.cancel_scope.cancel()
+
+
+def test_sigterm_with_calls_in_flight_answers_each_and_exits_in_the_grace(fresh) -> None:
+    """SIGTERM ([shutdown] grace_period_s = 2) with, on one channel, a WatchJobs with
+    its snapshot, a health Watch, a StreamSetJobs still sending and a loop of
+    SetJob: the watch ends UNAVAILABLE, the health watch says NOT_SERVING and ends
+    OK, the stream and the SetJobs get OK or UNAVAILABLE, nothing hangs, and the
+    process exits within the grace period (and a margin)."""
+    server = fresh()
+    outcomes: dict[str, object] = {}
+    with grpc.insecure_channel(f"127.0.0.1:{port(server)}") as channel:
+        stub = pb_grpc.SchedulerStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def watch() -> None:
+            try:
+                for _ in stub.WatchJobs(pb.WatchJobsRequest(include_snapshot=True), timeout=30):
+                    pass
+                outcomes["watch"] = "OK"
+            except grpc.RpcError as error:
+                outcomes["watch"] = error.code().name
+
+        def health_watch() -> None:
+            seen: list[int] = []
+            try:
+                for answer in health.Watch(health_pb2.HealthCheckRequest(), timeout=30):
+                    seen.append(answer.status)
+                outcomes["health"] = ("OK", seen[-1])
+            except grpc.RpcError as error:
+                outcomes["health"] = (error.code().name, seen)
+
+        def stream() -> None:
+            def batches() -> Iterator[pb.SetJobsRequest]:
+                for k in range(100):
+                    job = pb.SetJobRequest(
+                        id=f"abuse2.s.{k}", execute_at={"seconds": 4_000_000_000}
+                    )
+                    yield pb.SetJobsRequest(jobs=[job])
+                    time.sleep(0.1)
+
+            try:
+                stub.StreamSetJobs(batches(), timeout=30)
+                outcomes["stream"] = "OK"
+            except grpc.RpcError as error:
+                outcomes["stream"] = error.code().name
+
+        def unary() -> None:
+            seen: set[str] = set()
+            end = time.monotonic() + 6
+            while time.monotonic() < end:
+                try:
+                    stub.SetJob(
+                        pb.SetJobRequest(id="abuse2.u", execute_at={"seconds": 4_000_000_000}),
+                        timeout=10,
+                    )
+                    seen.add("OK")
+                except grpc.RpcError as error:
+                    seen.add(error.code().name)
+                    time.sleep(0.01)
+            outcomes["unary"] = seen
+
+        threads = [threading.Thread(target=f) for f in (watch, health_watch, stream, unary)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        start = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(20) == 0
+        took = time.monotonic() - start
+        for thread in threads:
+            thread.join(20)
+            assert not thread.is_alive(), "a call hangs"
+    assert took < 2.0 + 3.0, took
+    assert outcomes["watch"] == "UNAVAILABLE", outcomes
+    assert outcomes["health"] == ("OK", health_pb2.HealthCheckResponse.NOT_SERVING), outcomes
+    assert outcomes["stream"] in ("OK", "UNAVAILABLE"), outcomes
+    assert outcomes["unary"] <= {"OK", "UNAVAILABLE"}, outcomes

@@ -16,6 +16,7 @@ import h2.errors
 import h2.events
 import h2.settings
 import hyperframe.frame as frames
+import pytest
 
 from kairoi_trio.protocols.grpc import wire
 
@@ -265,3 +266,140 @@ def test_a_message_too_large_once_inflated_is_resource_exhausted() -> None:
     pair.send(1, prefixed(zlib.compress(b"\0" * (LIMIT + 1)), True), end=True)
     assert pair.of(wire.CallEnded, 1)
     assert pair.status(1) == str(wire.RESOURCE_EXHAUSTED)
+
+
+# -- faults found in e3612a2 (second review): a call reset in the read that brought it --
+#
+# h2 parses every frame of a read before `receive_data` walks its events, so by the
+# time an event is handled h2 may already have closed the stream it names. A grpc
+# client cancelling an upload does exactly this (its last DATA frames and the
+# RST_STREAM leave in one write).
+
+CANCEL = h2.errors.ErrorCodes.CANCEL
+
+
+def _one_read(pair: Pair) -> list[wire.Event]:
+    """What the client queued, handed to the server as one read; must not raise."""
+    return pair.server.receive_data(pair.client.data_to_send())
+
+
+@pytest.mark.parametrize("new_call", [False, True], ids=["reset", "reset and a new call"])
+def test_data_credited_then_reset_in_the_same_read(new_call: bool) -> None:
+    """Two DATA frames (32 KiB, past CREDIT_BYTES) then RST_STREAM in one read:
+    wire._data -> _credit -> h2.increment_flow_control_window(stream 1), which h2
+    has closed already: StreamClosedError at e3612a2, or KeyError if the read also
+    opens a new call (h2 then drops the closed stream from h2.streams)."""
+    pair = Pair()
+    pair.start(1)
+    pair.pump()
+    body = prefixed(b"x" * 100_000)
+    pair.client.send_data(1, body[:16_384])
+    pair.client.send_data(1, body[16_384:32_768])
+    pair.client.reset_stream(1, CANCEL)
+    if new_call:
+        pair.start(5)
+    events = _one_read(pair)
+    assert [type(e) for e in events] == [wire.CallEnded] + [wire.CallStarted] * new_call
+    assert pair.server._admitted == 0 and not pair.server._waiting  # noqa: SLF001
+    pair.pump()  # the connection goes on
+    pair.start(7)
+    pair.send(7, prefixed(b""), end=True)
+    assert pair.of(wire.RequestEnded, 7)
+
+
+def _get(pair: Pair) -> None:
+    pair.client.send_headers(
+        1, [(":method", "GET"), (":scheme", "http"), (":path", "/x"), (":authority", "x")]
+    )
+
+
+def _plain_text(pair: Pair) -> None:
+    pair.start(1, extra=(("content-type", "text/plain"),))
+
+
+def _unknown_encoding(pair: Pair) -> None:
+    pair.start(1, extra=(("grpc-encoding", "snappy"),))
+
+
+def _too_large(pair: Pair) -> None:
+    pair.start(1)
+    pair.client.send_data(1, b"\x00" + (LIMIT + 1).to_bytes(4, "big"))
+
+
+def _corrupt_gzip(pair: Pair) -> None:
+    pair.start(1, extra=(("grpc-encoding", "gzip"),))
+    pair.client.send_data(1, prefixed(gzip.compress(b"x" * 100)[:-8], compressed=True))
+
+
+def _after_goaway(pair: Pair) -> None:
+    pair.server.go_away()
+    pair.start(1)
+
+
+REFUSED = {
+    "GET (405)": _get,
+    "not gRPC (415)": _plain_text,
+    "unknown grpc-encoding": _unknown_encoding,
+    "message too large": _too_large,
+    "corrupt gzip": _corrupt_gzip,
+    "opened after our GOAWAY": _after_goaway,
+}
+
+
+@pytest.mark.parametrize("new_call", [False, True], ids=["reset", "reset and a new call"])
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_a_call_refused_and_reset_in_the_same_read(name: str, new_call: bool) -> None:
+    """A call the server refuses at once (wire._refuse, end_call's Trailers-Only,
+    _refuse_message, _start's REFUSED_STREAM), the client's RST_STREAM for it in
+    the same read: h2.send_headers / reset_stream on a stream h2 has closed
+    (StreamClosedError at e3612a2; StreamIDTooLowError if the read also opens a
+    new call, which makes h2 forget the closed stream)."""
+    pair = Pair()
+    REFUSED[name](pair)
+    pair.client.reset_stream(1, CANCEL)
+    if new_call:
+        pair.start(3)
+    _one_read(pair)
+    assert not pair.server.closed
+    open_calls = set(pair.server._streams)  # noqa: SLF001
+    assert open_calls == ({3} if new_call and name != "opened after our GOAWAY" else set())
+
+
+def test_a_waiting_message_admitted_then_reset_in_the_same_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stream 3's message waits for admission (PARTIAL_BYTES, made small here). In one
+    read, stream 1's message completes (wire._release admits stream 3 and credits
+    it: h2.increment_flow_control_window) and stream 3 is reset: StreamClosedError
+    at e3612a2."""
+    monkeypatch.setattr(wire, "PARTIAL_BYTES", 100_000)
+    pair = Pair()
+    pair.start(1)
+    pair.start(3)
+    pair.pump()
+    first, second = prefixed(b"a" * 90_000), prefixed(b"b" * 90_000)
+    pair.send(1, first[:60_000])  # admitted: credited as it comes
+    pair.send(3, second[:40_000])  # waits: 90,000 + 90,000 > 100,000
+    assert 3 in pair.server._waiting  # noqa: SLF001
+    for offset in range(60_000, len(first), 16_384):
+        pair.client.send_data(1, first[offset : offset + 16_384])
+    pair.client.reset_stream(3, CANCEL)
+    events = _one_read(pair)
+    assert [type(e) for e in events] == [wire.MessageReceived, wire.CallEnded]
+    assert pair.server._admitted == 0 and not pair.server._waiting  # noqa: SLF001
+
+
+def test_a_stream_reset_with_its_window_update_and_a_goaway() -> None:
+    """Held at e3612a2 (a guard for the fix): RST_STREAM, WINDOW_UPDATE and GOAWAY
+    for a call whose answer waits, in one read."""
+    pair = Pair()
+    pair.start(1)
+    pair.send(1, prefixed(b""), end=True)
+    pair.server.send_message(1, b"x" * 200_000)
+    pair.pump()
+    pair.raw(
+        frames.RstStreamFrame(1, error_code=int(CANCEL)),
+        frames.WindowUpdateFrame(1, window_increment=1000),
+        frames.GoAwayFrame(0, last_stream_id=1, error_code=0),
+    )
+    pair.server.data_to_send()

@@ -33,7 +33,7 @@ log = structlog.get_logger(__name__)
 RECEIVE_BYTES = 64 << 10
 HELD_BYTES = 32 << 20  # whole requests (inflated) a connection holds for its calls
 MAX_PENDING_OUTPUT = 1 << 20  # past this much unsent, a connection is not read
-PREFACE_TIMEOUT_S = 20.0  # to finish a TLS handshake and send the HTTP/2 preface
+PREFACE_TIMEOUT_S = 20.0  # to finish a TLS handshake and send the HTTP/2 preface and SETTINGS
 FLUSH_AT_CLOSE_S = 1.0  # what is queued gets this long to go once a connection ends
 
 
@@ -353,39 +353,44 @@ class _Connection:
 
     async def _read(self, nursery: trio.Nursery) -> None:
         grpc = self.grpc
-        # A client has PREFACE_TIMEOUT_S to finish its TLS handshake and say something.
-        data: bytes | bytearray = b""
+        # A client has PREFACE_TIMEOUT_S to finish its TLS handshake and send its
+        # preface and SETTINGS, however it splits them.
         with trio.move_on_after(PREFACE_TIMEOUT_S):
-            try:
-                data = await self.stream.receive_some(RECEIVE_BYTES)
-            except _GONE:  # the client went away, or failed its TLS handshake
-                return
-        while True:
-            if not data:
-                return
-            for event in grpc.receive_data(data):
-                if isinstance(event, wire.CallStarted):
-                    self._start(event, nursery)
-                elif isinstance(event, wire.MessageReceived):
-                    self._message(event)
-                elif isinstance(event, wire.RequestEnded):
-                    self._request_ended(event.stream_id, nursery)
-                elif isinstance(event, wire.CallEnded):
-                    self._ended(event.stream_id)
-                elif isinstance(event, wire.ConnectionEnded):
-                    self.wake_writer()
-                    if event.error:
-                        log.info("grpc connection closed", peer=self.peer, error=event.error)
+            while not grpc.preface_received:
+                if not await self._receive(nursery):
                     return
-            self.wake_writer()
+        if not grpc.preface_received:
+            return
+        while await self._receive(nursery):
             # A client that does not read its answers is not read either: what h2
             # has to send (answers, PING and SETTINGS acknowledgements) stays bounded.
             while grpc.pending_output() > MAX_PENDING_OUTPUT:
                 await self.written()
-            try:
-                data = await self.stream.receive_some(RECEIVE_BYTES)
-            except _GONE:
-                return
+
+    async def _receive(self, nursery: trio.Nursery) -> bool:
+        """Read once and act on what came; False once the connection is over."""
+        try:
+            data = await self.stream.receive_some(RECEIVE_BYTES)
+        except _GONE:  # the client went away, or failed its TLS handshake
+            return False
+        if not data:
+            return False
+        for event in self.grpc.receive_data(data):
+            if isinstance(event, wire.CallStarted):
+                self._start(event, nursery)
+            elif isinstance(event, wire.MessageReceived):
+                self._message(event)
+            elif isinstance(event, wire.RequestEnded):
+                self._request_ended(event.stream_id, nursery)
+            elif isinstance(event, wire.CallEnded):
+                self._ended(event.stream_id)
+            elif isinstance(event, wire.ConnectionEnded):
+                self.wake_writer()
+                if event.error:
+                    log.info("grpc connection closed", peer=self.peer, error=event.error)
+                return False
+        self.wake_writer()
+        return True
 
     def _start(self, event: wire.CallStarted, nursery: trio.Nursery) -> None:
         stream_id = event.stream_id

@@ -190,6 +190,7 @@ class GrpcConnection:
         self._h2.increment_flow_control_window(CONNECTION_WINDOW - 65_535)
         self._streams: dict[int, _Stream] = {}
         self.closed = False
+        self.preface_received = False  # the client's preface and first SETTINGS came
         self._going_away = False
         self._ready: dict[int, None] = {}  # calls with answer bytes or trailers to hand h2
         self._admitted = 0  # announced bytes of the messages admitted (PARTIAL_BYTES)
@@ -236,6 +237,7 @@ class GrpcConnection:
                 else:
                     self._all_ready()
             elif isinstance(event, h2.events.RemoteSettingsChanged):
+                self.preface_received = True
                 self._all_ready()  # a larger initial window opens every stream
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self.closed = True
@@ -273,7 +275,8 @@ class GrpcConnection:
         if self._going_away or len(self._streams) >= MAX_CONCURRENT_STREAMS:
             # Opened after our GOAWAY, or past the limit before our SETTINGS reached
             # the client: refused, which grpc clients retry on their own.
-            self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            if self._h2_open(stream_id):
+                self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         path_text = path.decode("utf-8", "replace")
         stream = _Stream(streaming_request=path_text in self._streaming_requests, encoding=encoding)
@@ -296,7 +299,8 @@ class GrpcConnection:
     def _refuse(self, stream_id: int, stream: _Stream, status: bytes) -> None:
         """A request that is not gRPC at all: a plain HTTP error, the call never starts."""
         stream.ended = True
-        self._h2.send_headers(stream_id, [(b":status", status)], end_stream=True)
+        if self._h2_open(stream_id):
+            self._h2.send_headers(stream_id, [(b":status", status)], end_stream=True)
         self._forget(stream_id, stream)
 
     def _data(self, event: h2.events.DataReceived, events: list[Event]) -> None:
@@ -393,7 +397,7 @@ class GrpcConnection:
         give = stream.held - stream.unconsumed
         if stream_id in self._waiting:
             give -= len(stream.inbound)
-        if give >= CREDIT_BYTES:
+        if give >= CREDIT_BYTES and self._h2_open(stream_id):
             stream.held -= give
             self._h2.increment_flow_control_window(give, stream_id=stream_id)
 
@@ -445,7 +449,8 @@ class GrpcConnection:
         trailers += [(k.encode("ascii"), v.encode("latin-1")) for k, v in metadata]
         if not stream.headers_sent:
             stream.headers_sent = True
-            self._h2.send_headers(stream_id, [*_ANSWER_HEADERS[:2], *trailers], end_stream=True)
+            if self._h2_open(stream_id):
+                self._h2.send_headers(stream_id, [*_ANSWER_HEADERS[:2], *trailers], end_stream=True)
             self._finish(stream_id, stream)
             return
         stream.trailers = trailers
@@ -537,12 +542,17 @@ class GrpcConnection:
     def _finish(self, stream_id: int, stream: _Stream) -> None:
         """The answer is complete. A client still sending is told to stop (RST_STREAM
         NO_ERROR, as the spec asks), and what it sent is credited back."""
-        if not stream.request_ended:
-            try:
-                self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
-            except h2.exceptions.StreamClosedError:
-                pass
+        if not stream.request_ended and self._h2_open(stream_id):
+            self._h2.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
         self._forget(stream_id, stream)
+
+    def _h2_open(self, stream_id: int) -> bool:
+        """Whether h2 can still send on the stream. h2 parses a whole read before its
+        events are handled here, so the stream an event names may be closed already
+        (the client reset it later in the same read), and h2 raises on any frame for
+        it (StreamClosedError, or StreamIDTooLowError once it forgot the stream)."""
+        stream = self._h2.streams.get(stream_id)
+        return stream is not None and not stream.closed
 
     def _forget(self, stream_id: int, stream: _Stream) -> None:
         stream.inbound.clear()
