@@ -1197,18 +1197,19 @@ class _Client:
 
     async def read_until(self, done: Callable[[], object], wait_s: float = 10) -> bool:
         with trio.move_on_after(wait_s):
-            while not done():
-                data = await self.stream.receive_some(65536)
-                if not data:
-                    break
-                for event in self.h2.receive_data(data):
-                    if isinstance(event, h2.events.DataReceived):
-                        self.h2.acknowledge_received_data(
-                            event.flow_controlled_length, event.stream_id
-                        )
-                    self.events.append(event)
-                await self.flush()
+            while not done() and await self.read_some():
+                pass
         return bool(done())
+
+    async def read_some(self) -> bool:
+        """One read, its events taken in; False at the end of the stream."""
+        data = await self.stream.receive_some(65536)
+        for event in self.h2.receive_data(data):
+            if isinstance(event, h2.events.DataReceived):
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            self.events.append(event)
+        await self.flush()
+        return bool(data)
 
     def start(self, stream_id: int, path: str) -> None:
         self.h2.send_headers(
@@ -1269,6 +1270,70 @@ async def test_unary_answers_after_a_reset_or_the_connection_end_go_nowhere() ->
         calls[1].answer(b"late")
         calls[1].fail(wire.CANCELLED, "again")
         assert server._calls == 0  # noqa: SLF001
+        nursery.cancel_scope.cancel()
+
+
+async def test_unread_streaming_messages_slow_their_calls_rather_than_fail_them() -> None:
+    """Ten streaming calls each send two 3.9 MiB messages to a handler that reads one
+    and waits: 39 MiB unread on one connection. e3612a2 refused the calls past its
+    32 MiB of held requests (RESOURCE_EXHAUSTED); now the messages past the bound
+    wait, their clients held to their windows, and every call ends OK once the
+    handlers read on."""
+    go_on = trio.Event()
+
+    async def handler(call: transport.Call, _: transport.Call) -> bytes:
+        count = 0
+        async for _message in call.messages():
+            count += 1
+            await go_on.wait()
+        return str(count).encode()
+
+    streams = [1 + 2 * k for k in range(10)]
+    body = message(b"m" * (MAX_MESSAGE - 100_000)) * 2
+    async with trio.open_nursery() as nursery:
+        _, grpc_port = await _serve(
+            nursery, {"/t/Stream": transport.Method(True, False, lambda data: data, handler)}
+        )
+        client = _Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
+        for stream_id in streams:
+            client.start(stream_id, "/t/Stream")
+        pending = dict.fromkeys(streams, body)
+
+        async def send_what_fits() -> int:
+            sent = 0
+            for stream_id, data in pending.items():
+                while data:
+                    size = min(
+                        client.h2.local_flow_control_window(stream_id),
+                        client.h2.max_outbound_frame_size,
+                        len(data),
+                    )
+                    if size <= 0:
+                        break
+                    client.h2.send_data(stream_id, data[:size])
+                    data = data[size:]
+                    sent += size
+                pending[stream_id] = data
+            await client.flush()
+            with trio.move_on_after(0.2):
+                await client.read_some()  # window updates
+            return sent
+
+        with trio.fail_after(60):
+            while await send_what_fits() or await send_what_fits():
+                pass
+        left = sum(map(len, pending.values()))
+        assert left > 0, "the server took 39 MiB of unread messages"
+        assert not any(client.statuses(s) for s in streams), "a call was refused"
+        go_on.set()
+        with trio.fail_after(60):
+            while any(pending.values()):
+                await send_what_fits()
+        for stream_id in streams:
+            client.h2.end_stream(stream_id)
+        await client.flush()
+        assert await client.read_until(lambda: all(client.statuses(s) for s in streams), 30)
+        assert {status for s in streams for status in client.statuses(s)} == {b"0"}
         nursery.cancel_scope.cancel()
 
 

@@ -369,9 +369,9 @@ def test_a_waiting_message_admitted_then_reset_in_the_same_read(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Stream 3's message waits for admission (PARTIAL_BYTES, made small here). In one
-    read, stream 1's message completes (wire._release admits stream 3 and credits
-    it: h2.increment_flow_control_window) and stream 3 is reset: StreamClosedError
-    at e3612a2."""
+    read, stream 1's request completes and ends (wire._taken admits stream 3 and
+    credits it: h2.increment_flow_control_window) and stream 3 is reset:
+    StreamClosedError at e3612a2."""
     monkeypatch.setattr(wire, "PARTIAL_BYTES", 100_000)
     pair = Pair()
     pair.start(1)
@@ -382,10 +382,12 @@ def test_a_waiting_message_admitted_then_reset_in_the_same_read(
     pair.send(3, second[:40_000])  # waits: 90,000 + 90,000 > 100,000
     assert 3 in pair.server._waiting  # noqa: SLF001
     for offset in range(60_000, len(first), 16_384):
-        pair.client.send_data(1, first[offset : offset + 16_384])
+        end = offset + 16_384 >= len(first)
+        pair.client.send_data(1, first[offset : offset + 16_384], end_stream=end)
     pair.client.reset_stream(3, CANCEL)
     events = _one_read(pair)
-    assert [type(e) for e in events] == [wire.MessageReceived, wire.CallEnded]
+    kinds = [wire.MessageReceived, wire.RequestEnded, wire.CallEnded]
+    assert [type(e) for e in events] == kinds
     assert pair.server._admitted == 0 and not pair.server._waiting  # noqa: SLF001
 
 

@@ -366,3 +366,70 @@ def test_a_protocol_error_ends_the_connection() -> None:
     [event] = server.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert isinstance(event, wire.ConnectionEnded) and event.error
     assert server.receive_data(b"more") == []
+
+
+def upload(peer: Peer, stream_id: int, data: bytes) -> None:
+    """Send all of `data`, as fast as the server credits the stream back."""
+    while data:
+        room = peer.client.local_flow_control_window(stream_id)
+        assert room > 0, "the server stopped crediting the stream"
+        peer.send(stream_id, data[:room])
+        data = data[room:]
+        peer.exchange()
+
+
+def test_unread_streaming_messages_hold_the_next_ones_to_their_window(monkeypatch) -> None:
+    """Whole messages a streaming handler has not read stay admitted: past
+    PARTIAL_BYTES, the next large message waits (its client held to its window)
+    until a handler reads, rather than being held in memory or refused."""
+    big = frame(b"b" * (1 << 20))
+    monkeypatch.setattr(wire, "PARTIAL_BYTES", 3 * len(big))
+    peer = Peer()
+    calls = []
+    for _ in range(3):  # three streams, a whole 1 MiB message each, none read
+        stream_id = peer.call(b"", path=STREAM_PATH, end=False)
+        upload(peer, stream_id, big)
+        calls.append(stream_id)
+    assert all(len(peer.of(s, wire.MessageReceived)) == 1 for s in calls)
+    assert peer.server._admitted == 3 * len(big)
+    late = peer.call(b"", path=STREAM_PATH, end=False)
+    peer.send(late, big[: wire.STREAM_WINDOW])
+    peer.exchange()
+    assert list(peer.server._waiting) == [late]
+    assert peer.client.local_flow_control_window(late) == 0
+    peer.server.consumed(calls[0], peer.of(calls[0], wire.MessageReceived)[0].size)
+    peer.exchange()
+    # One read: the waiting message is admitted and its client may go on.
+    assert not peer.server._waiting
+    assert peer.client.local_flow_control_window(late) == wire.STREAM_WINDOW
+    for stream_id in [*calls, late]:
+        peer.client.reset_stream(stream_id)
+    peer.exchange()
+    assert peer.server._admitted == 0
+
+
+def test_a_unary_request_stays_admitted_until_it_ends(monkeypatch) -> None:
+    """A unary call's whole message is held for it until the request ends: counted,
+    so that calls that never end their request hold the others to their windows."""
+    monkeypatch.setattr(wire, "PARTIAL_BYTES", 1 << 20)
+    peer = Peer()
+    first = peer.call(b"", end=False)
+    upload(peer, first, frame(b"a" * (1 << 20)))  # whole, not ended
+    second = peer.call(b"", end=False)
+    peer.send(second, frame(b"b" * (1 << 20))[: wire.STREAM_WINDOW])
+    peer.exchange()
+    assert list(peer.server._waiting) == [second]
+    peer.client.end_stream(first)
+    peer.exchange()
+    assert peer.of(first, wire.RequestEnded) and not peer.server._waiting
+    assert peer.server._admitted == 1 << 20  # the second's announced size
+
+
+def test_request_trailers_end_the_request_once() -> None:
+    """A client may end its request with trailers (HEADERS with END_STREAM): one
+    RequestEnded, not one for the trailers and one for the end of the stream."""
+    peer = Peer()
+    stream_id = peer.call(frame(b"x"), end=False)
+    peer.client.send_headers(stream_id, [(b"x-trailer", b"1")], end_stream=True)
+    peer.exchange()
+    assert len(peer.of(stream_id, wire.RequestEnded)) == 1

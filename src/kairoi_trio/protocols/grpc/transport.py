@@ -31,7 +31,11 @@ from kairoi_trio.protocols.grpc import wire
 log = structlog.get_logger(__name__)
 
 RECEIVE_BYTES = 64 << 10
-HELD_BYTES = 32 << 20  # whole requests (inflated) a connection holds for its calls
+# Whole requests (inflated) a connection holds for its calls, past which a call is
+# refused. Flow control (wire.PARTIAL_BYTES, 32 MiB) keeps them below it but for
+# compressed messages, admitted at their size on the wire, and small ones that
+# arrive whole within their windows: this is the backstop.
+HELD_BYTES = 48 << 20
 MAX_PENDING_OUTPUT = 1 << 20  # past this much unsent, a connection is not read
 PREFACE_TIMEOUT_S = 20.0  # to finish a TLS handshake and send the HTTP/2 preface and SETTINGS
 FLUSH_AT_CLOSE_S = 1.0  # what is queued gets this long to go once a connection ends

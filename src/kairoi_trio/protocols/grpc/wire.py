@@ -16,11 +16,14 @@ What it implements, after "gRPC over HTTP2" (grpc/grpc, doc/PROTOCOL-HTTP2.md):
 - Compressed requests (`grpc-encoding: gzip` or `deflate`) are inflated;
   answers are never compressed.
 
-Flow control: bytes of a request message are credited back to the client once
-the message is whole, except for streaming requests, whose messages are
-credited as the handler takes them (`consumed`), so a client cannot queue more
-than one window ahead of a slow handler. Answers are queued per stream and
-handed to h2 as the client's windows allow; `buffered` tells how much waits.
+Flow control: each call's stream window (64 KiB) is the control; the
+connection's window is credited as bytes arrive. A request message is
+admitted by the size its prefix announces, and stays admitted until its call
+takes it (a streaming handler reads it, `consumed`; a unary request ends), up
+to PARTIAL_BYTES a connection; a message not admitted waits, its client held
+to its window, so a slow handler slows its clients rather than failing them.
+Answers are queued per stream and handed to h2 as the client's windows allow;
+`buffered` tells how much waits.
 """
 
 from __future__ import annotations
@@ -67,8 +70,9 @@ MAX_CONCURRENT_STREAMS = 1024
 MAX_STATUS_BYTES = 2048
 _JOIN_BYTES = 16 << 10  # answers up to this size go with their prefix in one DATA frame
 # Request messages are admitted, by their announced size, up to this many bytes
-# at once on a connection (one always: a message may be up to max_message_bytes);
-# the bytes of a message not admitted are not credited back past its window.
+# at once on a connection (one always: a message may be up to max_message_bytes),
+# from their first byte until their call takes them; the bytes of a message not
+# admitted are not credited back past its window.
 PARTIAL_BYTES = 32 << 20
 WRITE_BUDGET = 256 << 10  # answer bytes handed to h2 for one write to the socket
 TURN_BYTES = 64 << 10  # what one call hands h2 before the next call's turn
@@ -137,7 +141,7 @@ class _Stream:
     encoding: bytes = b"identity"
     inbound: bytearray = field(default_factory=bytearray)  # a message not yet whole
     held: int = 0  # flow-controlled bytes received and not credited back to the stream
-    unconsumed: int = 0  # of which whole messages a streaming handler has not taken yet
+    unconsumed: int = 0  # of which whole messages the call has not taken yet
     admitted: int = 0  # the announced size of the message being received, once admitted
     outbound: deque[bytes] = field(default_factory=deque)  # answer bytes h2 has not taken
     sent: int = 0  # of which, bytes of the first already handed to h2
@@ -193,7 +197,7 @@ class GrpcConnection:
         self.preface_received = False  # the client's preface and first SETTINGS came
         self._going_away = False
         self._ready: dict[int, None] = {}  # calls with answer bytes or trailers to hand h2
-        self._admitted = 0  # announced bytes of the messages admitted (PARTIAL_BYTES)
+        self._admitted = 0  # bytes of the messages admitted and not taken (PARTIAL_BYTES)
         self._waiting: dict[int, None] = {}  # streams whose message waits for admission
         self._connection_credit = 0  # bytes received, not yet credited to the connection
 
@@ -216,15 +220,9 @@ class GrpcConnection:
             elif isinstance(event, h2.events.DataReceived):
                 self._data(event, events)
             elif isinstance(event, h2.events.StreamEnded):
-                stream = self._streams.get(event.stream_id)
-                if stream is not None and not stream.ended:
-                    stream.request_ended = True
-                    events.append(RequestEnded(event.stream_id))
+                self._request_end(event.stream_id, events)
             elif isinstance(event, h2.events.TrailersReceived):  # request trailers: the end
-                stream = self._streams.get(event.stream_id)
-                if stream is not None and not stream.ended and not stream.request_ended:
-                    stream.request_ended = True
-                    events.append(RequestEnded(event.stream_id))
+                self._request_end(event.stream_id, events)
             elif isinstance(event, h2.events.StreamReset):
                 stream = self._streams.get(event.stream_id)
                 if stream is not None:
@@ -296,6 +294,15 @@ class GrpcConnection:
             return
         events.append(CallStarted(stream_id, path_text, tuple(metadata), timeout_s))
 
+    def _request_end(self, stream_id: int, events: list[Event]) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.ended or stream.request_ended:
+            return
+        stream.request_ended = True
+        if not stream.streaming_request:  # a unary call takes its request now
+            self._taken(stream_id, stream, stream.unconsumed)
+        events.append(RequestEnded(stream_id))
+
     def _refuse(self, stream_id: int, stream: _Stream, status: bytes) -> None:
         """A request that is not gRPC at all: a plain HTTP error, the call never starts."""
         stream.ended = True
@@ -333,7 +340,7 @@ class GrpcConnection:
             flag = buffer[0]
             message = bytes(buffer[PREFIX_BYTES : PREFIX_BYTES + size])
             del buffer[: PREFIX_BYTES + size]
-            self._release(stream_id, stream)
+            self._whole(stream_id, stream, PREFIX_BYTES + size)
             if flag & 1:
                 try:
                     message = _inflate(message, stream.encoding, self.max_message_bytes)
@@ -343,8 +350,6 @@ class GrpcConnection:
                 except ValueError as error:
                     self._refuse_message(stream_id, INTERNAL, str(error), events)
                     return
-            if stream.streaming_request:
-                stream.unconsumed += PREFIX_BYTES + size
             events.append(MessageReceived(stream_id, message, PREFIX_BYTES + size))
         self._credit(stream_id, stream)
 
@@ -361,13 +366,26 @@ class GrpcConnection:
         stream.admitted = size
         self._admitted += size
 
-    def _release(self, stream_id: int, stream: _Stream) -> None:
-        """The stream's message is whole (or the call over): admit the next ones."""
+    def _whole(self, stream_id: int, stream: _Stream, size: int) -> None:
+        """The stream's message of `size` wire bytes is whole. It stays admitted, and
+        its bytes are not credited back, until its call takes it: a streaming
+        handler reads it (`consumed`), a unary call's request ends."""
         self._waiting.pop(stream_id, None)
-        if not stream.admitted:
-            return
-        self._admitted -= stream.admitted
+        self._admitted += size - stream.admitted
         stream.admitted = 0
+        stream.unconsumed += size
+
+    def _taken(self, stream_id: int, stream: _Stream, size: int) -> None:
+        """`size` bytes of whole messages were taken: admit the messages waiting."""
+        size = min(size, stream.unconsumed)
+        stream.unconsumed -= size
+        self._admitted -= size
+        self._admit_waiting()
+        self._credit(stream_id, stream)
+
+    def _admit_waiting(self) -> None:
+        if not self._waiting:
+            return
         for waiting_id in list(self._waiting):
             waiting = self._streams.get(waiting_id)
             if waiting is None or len(waiting.inbound) < PREFIX_BYTES:
@@ -385,12 +403,11 @@ class GrpcConnection:
         """A handler took a request message of `size` wire bytes (MessageReceived.size)."""
         stream = self._streams.get(stream_id)
         if stream is not None and not stream.ended and stream.streaming_request:
-            stream.unconsumed = max(0, stream.unconsumed - size)
-            self._credit(stream_id, stream)
+            self._taken(stream_id, stream, size)
 
     def _credit(self, stream_id: int, stream: _Stream) -> None:
-        """Credit the stream back for what it sent, but for whole messages a streaming
-        handler has not taken yet and the part of a message not admitted yet; in
+        """Credit the stream back for what it sent, but for whole messages its call has
+        not taken yet and the part of a message not admitted yet; in
         steps of CREDIT_BYTES, and not once the client has sent its last byte."""
         if stream.request_ended:
             return
@@ -556,9 +573,12 @@ class GrpcConnection:
 
     def _forget(self, stream_id: int, stream: _Stream) -> None:
         stream.inbound.clear()
-        self._release(stream_id, stream)
         self._streams.pop(stream_id, None)
         self._ready.pop(stream_id, None)
+        self._waiting.pop(stream_id, None)
+        self._admitted -= stream.admitted + stream.unconsumed
+        stream.admitted = stream.unconsumed = 0
+        self._admit_waiting()
 
 
 def percent_encode(message: str, limit: int | None = None) -> bytes:
