@@ -59,6 +59,7 @@ from kairoi_trio.protocols.http.api import Api
 from kairoi_trio.protocols.http.app import HttpServer, build_app
 from kairoi_trio.protocols.http.dashboard import Dashboard
 from kairoi_trio.protocols.kcp.server import KcpServer
+from kairoi_trio.protocols.limits import ConnectionLimits
 from kairoi_trio.runners.base import Runner
 from kairoi_trio.runners.pool import RunnerPool, RunnerPools
 from kairoi_trio.runners.shell import ShellRunnerBackend
@@ -472,8 +473,11 @@ async def _serve_state(
                     ),
                 )
                 kcp_port = await front.start(kcp.serve)
-                grpc_port = await _start_grpc(front, config, client, readiness)
-                live = partial(_live_values, actor, store, pools, kcp)
+                grpc_limits = ConnectionLimits(
+                    config.grpc.max_connections, config.grpc.max_connections_per_address
+                )
+                grpc_port = await _start_grpc(front, config, client, readiness, grpc_limits)
+                live = partial(_live_values, actor, store, pools, kcp, grpc_limits)
                 register_state(live)
                 http = _http_server(config, client, readiness, live, store.describe)
                 http_port = await front.start(http.serve) if http is not None else None
@@ -498,7 +502,11 @@ async def _serve_state(
 
 
 def _live_values(
-    actor: CommandActor, store: Store, pools: RunnerPools, kcp: KcpServer
+    actor: CommandActor,
+    store: Store,
+    pools: RunnerPools,
+    kcp: KcpServer,
+    grpc: ConnectionLimits,
 ) -> dict[str, object]:
     return {
         "jobs_by_status": {status.value: n for status, n in store.counts().items()},
@@ -508,6 +516,7 @@ def _live_values(
         "pools": {kind: (p.queued, p.running) for kind, p in pools.pools.items()},
         "outcomes_unrecorded": {kind: p.unrecorded for kind, p in pools.pools.items()},
         "kcp_connections": kcp.connections,
+        "grpc_connections": grpc.open,
     }
 
 
@@ -540,7 +549,11 @@ def _http_server(
 
 
 async def _start_grpc(
-    nursery: trio.Nursery, config: Config, client: ActorClient, readiness: Readiness
+    nursery: trio.Nursery,
+    config: Config,
+    client: ActorClient,
+    readiness: Readiness,
+    limits: ConnectionLimits,
 ) -> int | None:
     if not config.grpc.enabled:
         return None
@@ -554,6 +567,7 @@ async def _start_grpc(
             auth=TokenTable.from_config(config.auth),
             max_message_bytes=grpc.max_message_bytes,
             max_watch_buffer_bytes=grpc.max_watch_buffer_bytes,
+            limits=limits,
             tls_cert=Path(grpc.tls_cert) if grpc.tls_cert else None,
             tls_key=Path(grpc.tls_key) if grpc.tls_key else None,
             serving=readiness,

@@ -136,6 +136,10 @@ class GrpcConfig:
     enabled: bool = True
     listen: str = "127.0.0.1:5679"
     max_message_bytes: int = 4 << 20
+    # Connections at once, and from one client address (IP; 0: no limit), as
+    # [controller] has them; further ones are refused with a GOAWAY.
+    max_connections: int = 1024
+    max_connections_per_address: int = 64
     # Changes a WatchJobs stream may have waiting for its client, in bytes;
     # beyond it the stream ends with RESOURCE_EXHAUSTED "watch fell behind".
     max_watch_buffer_bytes: int = 16 << 20
@@ -416,6 +420,7 @@ def _check(config: Config) -> None:
         "controller.max_pipelined": config.controller.max_pipelined,
         "controller.max_pending_bytes": config.controller.max_pending_bytes,
         "grpc.max_watch_buffer_bytes": config.grpc.max_watch_buffer_bytes,
+        "grpc.max_connections": config.grpc.max_connections,
         "http.max_connections": config.http.max_connections,
         "http.max_body_bytes": config.http.max_body_bytes,
         "jobs.max_payload_bytes": config.jobs.max_payload_bytes,
@@ -449,6 +454,7 @@ def _check(config: Config) -> None:
         "controller.message_timeout_s": config.controller.message_timeout_s,
         "controller.auth_timeout_s": config.controller.auth_timeout_s,
         "controller.max_connections_per_address": config.controller.max_connections_per_address,
+        "grpc.max_connections_per_address": config.grpc.max_connections_per_address,
         "shutdown.grace_period_s": config.shutdown.grace_period_s,
         "jobs.fire_ahead_s": config.jobs.fire_ahead_s,
     }

@@ -1,7 +1,7 @@
 """The open-files limit (RLIMIT_NOFILE) at start-up: raised as far as allowed, checked.
 
-Every KCP connection, metrics request, shell run, broker and HTTP connection
-holds a descriptor. Many systems start services with a soft limit of 1024
+Every KCP, gRPC and HTTP connection, shell run and broker connection holds a
+descriptor. Many systems start services with a soft limit of 1024
 (and a hard limit far above), which the default `max_connections = 1024`
 alone exceeds: at about 1,000 connections accept failed with EMFILE, new
 clients hung and /metrics went dark. The soft limit may be raised up to the
@@ -20,8 +20,7 @@ from kairoi_trio.config import Config
 log = structlog.get_logger(__name__)
 
 # Descriptors the process uses whatever the load: stdio, the listeners, the event
-# loop's own, the data directory's lock and segments, the gRPC server's, metrics
-# requests, gRPC connections. A margin, not a count.
+# loop's own, the data directory's lock and segments. A margin, not a count.
 BASE_OPEN_FILES = 128
 SHELL_RUN_FILES = 3  # a run's output pipe, payload file and process handle
 # Where the hard limit is "unlimited", the soft one cannot be: the kernel's
@@ -30,12 +29,14 @@ UNLIMITED_CAP = 1 << 20
 
 
 def needed_open_files(config: Config) -> int:
-    """Descriptors the configuration may hold at once: one per KCP connection, per
-    running shell script (SHELL_RUN_FILES), per broker and HTTP connection, plus
-    BASE_OPEN_FILES."""
+    """Descriptors the configuration may hold at once: one per KCP, gRPC (if
+    enabled) and HTTP connection, per running shell script (SHELL_RUN_FILES), per
+    broker connection and HTTP runner request, plus BASE_OPEN_FILES."""
     runners = config.runners
     return (
         config.controller.max_connections
+        + (config.grpc.max_connections if config.grpc.enabled else 0)
+        + (config.http.max_connections if config.http.enabled else 0)
         + runners.shell.concurrency * SHELL_RUN_FILES
         + runners.amqp.max_connections
         + runners.http.concurrency
@@ -78,6 +79,7 @@ def check_open_files(config: Config) -> None:
             needed=needed,
             max_connections=config.controller.max_connections,
             hint="raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) or lower "
-            "controller.max_connections or the runners' concurrency; past the limit "
+            "controller.max_connections, grpc.max_connections or the runners' "
+            "concurrency; past the limit "
             'new clients are refused with "server has too many open files"',
         )

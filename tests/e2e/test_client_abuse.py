@@ -257,6 +257,46 @@ def test_connections_are_limited_per_address(make_server) -> None:
             client.close()
 
 
+def grpc_connections(server: ServerProcess) -> float:
+    for line in fetch(server, "/metrics")[1].splitlines():
+        if line.startswith("kairoi_grpc_connections "):
+            return float(line.split()[1])
+    raise AssertionError("no kairoi_grpc_connections")
+
+
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        ("max_connections_per_address = 3", "too many connections from your address"),
+        ("max_connections = 3\nmax_connections_per_address = 0", "too many connections"),
+    ],
+)
+def test_grpc_connections_are_limited(make_server, config: str, reason: str) -> None:
+    """Past [grpc] max_connections or max_connections_per_address, a connection gets a
+    GOAWAY saying why and is closed: a grpcio client fails at once (UNAVAILABLE,
+    not a wait until its deadline; grpc-core does not show the GOAWAY's reason, so
+    the server logs it), the held ones and KCP go on, and a connection closed
+    makes room again."""
+    server = make_server(f"[grpc]\n{config}")
+    held = [socket.create_connection(("127.0.0.1", server.grpc_port)) for _ in range(3)]
+    try:
+        wait_for(lambda: grpc_connections(server) == 3)
+        started = time.monotonic()
+        assert grpc_info(server).startswith("UNAVAILABLE")
+        assert time.monotonic() - started < 8  # grpc_info's deadline is 10 s
+        wait_for(lambda: server.events("grpc connection refused"))
+        [logged] = server.events("grpc connection refused")
+        assert (logged["reason"], logged["level"]) == (reason, "warning")
+        with KcpClient(server.kcp_port) as kcp:
+            assert kcp.request("PING") == ["OK", "PONG"]
+        held.pop().close()
+        wait_for(lambda: grpc_connections(server) == 2)
+        assert grpc_info(server) == "OK"
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def test_slow_clients_from_one_address_do_not_lock_out_the_others(make_server) -> None:
     # The issue: 50 one-byte-a-second connections took max_connections = 50 and a
     # legitimate client got "too many connections". Here 12 from one address

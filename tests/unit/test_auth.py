@@ -176,7 +176,7 @@ async def test_failed_auth_is_slowed_down_then_the_connection_closed(
     client, accepted = trio.testing.memory_stream_pair()
     guesses = kcp_server.AUTH_MAX_FAILURES + 5
     async with trio.open_nursery() as nursery:
-        # A memory stream stands in for the accepted socket (_peer_host gives "?").
+        # A memory stream stands in for the accepted socket (peer_host gives "?").
         nursery.start_soon(server._handle, accepted)  # type: ignore[arg-type]
         # All guesses pipelined at once: a client cannot get around the delay by not waiting.
         await client.send_all(
@@ -199,7 +199,7 @@ async def test_the_first_failures_are_answered_at_once_and_a_good_token_still_wo
     server = KcpServer(_NoActor(), ControllerConfig(), auth=TokenTable(["s3cret"], read=["rd"]))  # type: ignore[arg-type]
     client, accepted = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
-        # A memory stream stands in for the accepted socket (_peer_host gives "?").
+        # A memory stream stands in for the accepted socket (peer_host gives "?").
         nursery.start_soon(server._handle, accepted)  # type: ignore[arg-type]
         free = kcp_server.AUTH_FREE_FAILURES
         await client.send_all(b"".join(b"%d AUTH nope\n" % i for i in range(free)))

@@ -224,6 +224,11 @@ class _StateCollector(Collector):
             "Open KCP connections",
             value=values["kcp_connections"],  # type: ignore[arg-type]
         )
+        yield GaugeMetricFamily(
+            "kairoi_grpc_connections",
+            "Open gRPC connections",
+            value=values["grpc_connections"],  # type: ignore[arg-type]
+        )
 
 
 def register_state(read: Callable[[], dict[str, object]]) -> None:

@@ -39,6 +39,7 @@ from kairoi_trio.protocols.grpc import convert, reflection, wire
 from kairoi_trio.protocols.grpc.health import NOT_SERVING, SERVING, Health
 from kairoi_trio.protocols.grpc.health import SERVICE_NAME as HEALTH_SERVICE
 from kairoi_trio.protocols.grpc.transport import Abort, Call, GrpcServer, Method, UnaryMethod
+from kairoi_trio.protocols.limits import ConnectionLimits
 from kairoi_trio.protocols.snapshot import next_page as next_snapshot_page
 
 log = structlog.get_logger(__name__)
@@ -75,6 +76,7 @@ async def serve_grpc(
     auth: TokenTable | None = None,
     max_message_bytes: int = 4 << 20,
     max_watch_buffer_bytes: int = DEFAULT_WATCH_BUFFER_BYTES,
+    limits: ConnectionLimits | None = None,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     serving: Serving | None = None,
@@ -95,6 +97,8 @@ async def serve_grpc(
     `max_watch_buffer_bytes`: the encoded changes a WatchJobs stream may have
     waiting or in flight; beyond it the stream ends with RESOURCE_EXHAUSTED.
     `auth`: the tokens kairoi.v1 calls must carry, by role (none: no authentication).
+    `limits`: connections at once, in all and from one client IP (none: no
+    limit); further ones are refused with a GOAWAY.
     """
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("gRPC TLS needs both a certificate and a key")
@@ -110,6 +114,7 @@ async def serve_grpc(
     scheduler = SchedulerServicer(requests, max_message_bytes, max_watch_buffer_bytes)
     health = Health()
     malformed = _Aggregated("grpc malformed request")
+    refused = _Aggregated("grpc connection refused")
     methods = {
         **scheduler.methods(),
         **health.methods(),
@@ -118,11 +123,13 @@ async def serve_grpc(
     server = GrpcServer(
         methods,
         max_message_bytes=max_message_bytes,
+        limits=limits,
         authorize=_Authorizer(auth) if auth is not None and auth.required else None,
         ssl_context=ssl_context,
         on_malformed=lambda method, peer, error: malformed.note(
             method=method, peer=peer, error=str(error)
         ),
+        on_refused=lambda peer, reason: refused.note(peer=peer, reason=reason),
     )
 
     def follow(ok: bool) -> None:

@@ -27,6 +27,7 @@ import trio
 
 from kairoi_trio.protocols import accept
 from kairoi_trio.protocols.grpc import wire
+from kairoi_trio.protocols.limits import ConnectionLimits, peer_host
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +40,7 @@ HELD_BYTES = 48 << 20
 MAX_PENDING_OUTPUT = 1 << 20  # past this much unsent, a connection is not read
 PREFACE_TIMEOUT_S = 20.0  # to finish a TLS handshake and send the HTTP/2 preface and SETTINGS
 FLUSH_AT_CLOSE_S = 1.0  # what is queued gets this long to go once a connection ends
+REFUSAL_SEND_S = 1.0  # a connection past the limits gets this long to take its GOAWAY
 
 
 class Abort(Exception):
@@ -178,15 +180,19 @@ class GrpcServer:
         methods: Mapping[str, Method | UnaryMethod],
         *,
         max_message_bytes: int,
+        limits: ConnectionLimits | None = None,
         authorize: Authorize | None = None,
         ssl_context: ssl.SSLContext | None = None,
         on_malformed: Callable[[str, str, Exception], None] | None = None,
+        on_refused: Callable[[str, str], None] | None = None,
     ) -> None:
         self.methods = dict(methods)
         self.max_message_bytes = max_message_bytes
+        self.limits = limits or ConnectionLimits(1 << 31, 0)
         self._authorize = authorize
         self._ssl_context = ssl_context
         self._on_malformed = on_malformed
+        self._on_refused = on_refused  # (peer, reason): grpc clients do not show the reason
         self._streaming_requests = frozenset(
             path
             for path, method in self.methods.items()
@@ -221,6 +227,24 @@ class GrpcServer:
                         await trio.aclose_forcefully(listener)
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        address = peer_host(stream)
+        refusal = self.limits.enter(address)
+        try:
+            if refusal is None:
+                await self._serve_admitted(stream)
+                return
+            if self._on_refused is not None:
+                self._on_refused(_peer_name(stream), refusal)
+            if self._ssl_context is None:  # (under TLS it would be garbage: closed)
+                with trio.move_on_after(REFUSAL_SEND_S):
+                    try:
+                        await stream.send_all(_goaway(_CALM, refusal))
+                    except _GONE:
+                        pass
+        finally:
+            self.limits.leave(address)
+
+    async def _serve_admitted(self, stream: trio.SocketStream) -> None:
         peer = _peer_name(stream)
         transport: trio.abc.Stream = stream
         if self._ssl_context is not None:
@@ -545,18 +569,20 @@ class _Connection:
             self.finish(call)
 
 
-def _refusal() -> bytes:
-    """What a connection accepted while the process is out of file descriptors gets
-    (accept.py): a GOAWAY saying why, in place of the server's SETTINGS. A gRPC
-    client then fails its calls at once with UNAVAILABLE; had SETTINGS come
-    first, grpc-core would reconnect in a loop until each call's deadline."""
+def _goaway(code: h2.errors.ErrorCodes, reason: str) -> bytes:
+    """What a refused connection gets: a GOAWAY saying why, in place of the server's
+    SETTINGS. A gRPC client then fails its calls at once with UNAVAILABLE; had
+    SETTINGS come first, grpc-core would reconnect in a loop until each call's
+    deadline."""
     frame = hyperframe.frame.GoAwayFrame(0)
-    frame.error_code = h2.errors.ErrorCodes.INTERNAL_ERROR
-    frame.additional_data = b"server has too many open files"
+    frame.error_code = code
+    frame.additional_data = reason.encode("ascii")
     return frame.serialize()
 
 
-_REFUSAL = _refusal()
+_CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM  # past the connection limits
+# Accepted while the process is out of file descriptors (accept.py).
+_REFUSAL = _goaway(h2.errors.ErrorCodes.INTERNAL_ERROR, "server has too many open files")
 
 # What a socket or TLS stream raises when the client goes away.
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError)

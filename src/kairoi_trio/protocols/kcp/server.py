@@ -48,6 +48,7 @@ from kairoi_trio.protocols.kcp.instructions import (
     renders_data,
     translate,
 )
+from kairoi_trio.protocols.limits import ConnectionLimits, peer_host
 
 log = structlog.get_logger(__name__)
 
@@ -117,8 +118,7 @@ class KcpServer:
         self._actor = actor
         self._config = config
         self.auth = auth or TokenTable()
-        self.connections = 0
-        self._by_address: dict[str, int] = {}  # open connections per client address
+        self.limits = ConnectionLimits(config.max_connections, config.max_connections_per_address)
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; started() gives the bound port (useful with port 0)."""
@@ -139,12 +139,10 @@ class KcpServer:
         )
 
     async def _handle(self, stream: trio.SocketStream) -> None:
-        address = _peer_host(stream)
-        self.connections += 1
-        self._by_address[address] = self._by_address.get(address, 0) + 1
+        address = peer_host(stream)
+        refusal = self.limits.enter(address)
         try:
             async with stream:
-                refusal = self._refusal(address)
                 if refusal is not None:
                     with trio.move_on_after(REFUSAL_SEND_S):
                         await stream.send_all(codec.error(None, refusal))
@@ -158,21 +156,12 @@ class KcpServer:
         except* Exception:  # one connection's bug must not stop the listener
             log.exception("kcp connection failed")
         finally:
-            self.connections -= 1
-            left = self._by_address[address] - 1
-            if left:
-                self._by_address[address] = left
-            else:
-                del self._by_address[address]
+            self.limits.leave(address)
 
-    def _refusal(self, address: str) -> str | None:
-        """Why a new connection from `address` is refused, or None (it is counted already)."""
-        if self.connections > self._config.max_connections:
-            return "too many connections"
-        per_address = self._config.max_connections_per_address
-        if per_address and self._by_address[address] > per_address:
-            return "too many connections from your address"
-        return None
+    @property
+    def connections(self) -> int:
+        """Connections open now (refused ones included, until they are closed)."""
+        return self.limits.open
 
     async def _serve_tls(self, stream: trio.SocketStream) -> None:
         """KCP inside TLS: the handshake within TLS_HANDSHAKE_S, then the connection as
@@ -485,19 +474,6 @@ def _answer_size(result: object) -> int:
     if isinstance(result, CommandError):
         return len(result.message) + 16
     return 16
-
-
-def _peer_host(stream: trio.abc.Stream) -> str:
-    """The client's address (IP), for the per-address limit ("?" if unknown)."""
-    while not isinstance(stream, trio.SocketStream):  # under TLS: the TCP stream
-        inner = getattr(stream, "transport_stream", None)
-        if inner is None:
-            return "?"
-        stream = inner
-    try:
-        return str(stream.socket.getpeername()[0])
-    except OSError:
-        return "?"
 
 
 def _peer_text(stream: trio.abc.Stream) -> str:
