@@ -433,3 +433,36 @@ def test_request_trailers_end_the_request_once() -> None:
     peer.client.send_headers(stream_id, [(b"x-trailer", b"1")], end_stream=True)
     peer.exchange()
     assert len(peer.of(stream_id, wire.RequestEnded)) == 1
+
+
+def test_answers_held_by_the_windows_go_on_when_they_open() -> None:
+    """Answers stopped by the stream windows go on when a SETTINGS frame raises the
+    initial window; answers stopped by the connection's window go on with the
+    client's WINDOW_UPDATEs (the calls waiting for window are kept apart)."""
+    peer = Peer(window=1000)
+    calls = [peer.call(frame(b"")) for _ in range(3)]
+    for stream_id in calls:
+        peer.server.send_message(stream_id, b"s" * 5000)
+        peer.server.end_call(stream_id, wire.OK)
+    peer.exchange()
+    assert all(len(peer.body(s)) == 1000 for s in calls)  # held by the stream windows
+    peer.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+    peer.exchange()
+    assert all(peer.status(s) == (0, "") for s in calls)
+
+    peer = Peer()  # the connection's window: 65,535 bytes for all the answers
+    calls = [peer.call(frame(b"")) for _ in range(3)]
+    for stream_id in calls:
+        peer.server.send_message(stream_id, b"c" * 50_000)
+        peer.server.end_call(stream_id, wire.OK)
+    peer.exchange()
+    received = {s: b"" for s in calls}
+    for _ in range(10):  # the client takes what came: its WINDOW_UPDATEs
+        for stream_id in calls:
+            received[stream_id] += peer.body(stream_id)
+            peer.answers[stream_id] = [
+                e for e in peer.answers[stream_id] if not isinstance(e, h2.events.DataReceived)
+            ]
+        peer.exchange()
+    assert all(len(data) == 5 + 50_000 for data in received.values())
+    assert all(peer.status(s) == (0, "") for s in calls)

@@ -1,8 +1,9 @@
 """gRPC over HTTP/2, sans-io: h2's connection state machine plus gRPC's framing.
 
 Bytes in (`receive_data`), events out; calls in (`send_message`, `end_call`),
-bytes out (`data_to_send`). No sockets, no clocks, no tasks: `transport.py`
-wraps it in Trio, as h11 and wsproto are wrapped.
+bytes out (`data_to_send`). No sockets and no tasks (one clock, injectable: the
+rate of the client's SETTINGS frames): `transport.py` wraps it in Trio, as h11
+and wsproto are wrapped.
 
 What it implements, after "gRPC over HTTP2" (grpc/grpc, doc/PROTOCOL-HTTP2.md):
 
@@ -29,10 +30,12 @@ Answers are queued per stream and handed to h2 as the client's windows allow;
 from __future__ import annotations
 
 import base64
+import time
 import zlib
 from collections import deque
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -74,6 +77,8 @@ _JOIN_BYTES = 16 << 10  # answers up to this size go with their prefix in one DA
 # from their first byte until their call takes them; the bytes of a message not
 # admitted are not credited back past its window.
 PARTIAL_BYTES = 32 << 20
+SETTINGS_BURST = 100  # SETTINGS frames a client may send at once (see _H2Connection)
+SETTINGS_PER_S = 10.0  # and on average
 WRITE_BUDGET = 256 << 10  # answer bytes handed to h2 for one write to the socket
 TURN_BYTES = 64 << 10  # what one call hands h2 before the next call's turn
 
@@ -152,6 +157,37 @@ class _Stream:
     request_ended: bool = False
 
 
+class _SettingsFlood(h2.exceptions.ProtocolError):
+    error_code = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+class _H2Connection(h2.connection.H2Connection):
+    """h2's connection, with the client's SETTINGS frames rate-limited.
+
+    h2 walks every open stream for each SETTINGS frame that carries
+    INITIAL_WINDOW_SIZE, changed or not, so a flood of them with a thousand calls
+    open would hold the one thread for seconds. Past SETTINGS_BURST frames at
+    once, or SETTINGS_PER_S on average, the connection ends with
+    ENHANCE_YOUR_CALM, as nghttp2 bounds such floods. (A client sends one, and
+    grpc-core a few more as it sizes its windows.)
+    """
+
+    def __init__(self, config: h2.config.H2Configuration, clock: Callable[[], float]) -> None:
+        super().__init__(config)
+        self._clock = clock
+        self._allowance = float(SETTINGS_BURST)
+        self._allowance_at = clock()
+
+    def _receive_settings_frame(self, frame: Any) -> Any:  # h2's handler of one frame
+        if "ACK" not in frame.flags:
+            now = self._clock()
+            allowance = self._allowance + (now - self._allowance_at) * SETTINGS_PER_S
+            self._allowance, self._allowance_at = min(allowance, SETTINGS_BURST) - 1, now
+            if self._allowance < 0:
+                raise _SettingsFlood("too many SETTINGS frames")
+        return super()._receive_settings_frame(frame)
+
+
 class GrpcConnection:
     """The server side of one HTTP/2 connection carrying gRPC calls.
 
@@ -161,7 +197,12 @@ class GrpcConnection:
     whose requests stream, whose messages are credited back as they are consumed.
     """
 
-    def __init__(self, max_message_bytes: int, streaming_requests: Container[str] = ()) -> None:
+    def __init__(
+        self,
+        max_message_bytes: int,
+        streaming_requests: Container[str] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_message_bytes = max_message_bytes
         self._streaming_requests = streaming_requests  # methods credited as consumed
         config = h2.config.H2Configuration(
@@ -170,7 +211,7 @@ class GrpcConnection:
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
         )
-        self._h2 = h2.connection.H2Connection(config)
+        self._h2 = _H2Connection(config, clock)
         self._h2.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
@@ -197,6 +238,7 @@ class GrpcConnection:
         self.preface_received = False  # the client's preface and first SETTINGS came
         self._going_away = False
         self._ready: dict[int, None] = {}  # calls with answer bytes or trailers to hand h2
+        self._blocked: dict[int, None] = {}  # calls with answer bytes waiting for window
         self._admitted = 0  # bytes of the messages admitted and not taken (PARTIAL_BYTES)
         self._waiting: dict[int, None] = {}  # streams whose message waits for admission
         self._connection_credit = 0  # bytes received, not yet credited to the connection
@@ -209,11 +251,11 @@ class GrpcConnection:
             return []
         try:
             h2_events = self._h2.receive_data(data)
-        except h2.exceptions.ProtocolError as error:
+        except h2.exceptions.ProtocolError as error:  # h2 has queued its GOAWAY
             self.closed = True
-            self._h2.close_connection(error_code=h2.errors.ErrorCodes.PROTOCOL_ERROR)
             return [ConnectionEnded(f"HTTP/2 protocol error: {error}")]
         events: list[Event] = []
+        unblock = False  # the connection's window, or every stream's, has grown
         for event in h2_events:
             if isinstance(event, h2.events.RequestReceived):
                 self._start(event, events)
@@ -232,14 +274,18 @@ class GrpcConnection:
                 if event.stream_id:
                     if event.stream_id in self._streams:
                         self._ready[event.stream_id] = None
+                        self._blocked.pop(event.stream_id, None)
                 else:
-                    self._all_ready()
+                    unblock = True
             elif isinstance(event, h2.events.RemoteSettingsChanged):
                 self.preface_received = True
-                self._all_ready()  # a larger initial window opens every stream
+                unblock = True  # a larger initial window opens every stream
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self.closed = True
                 events.append(ConnectionEnded(None))
+        if unblock:  # once a read, however many frames opened the windows
+            self._ready.update(self._blocked)
+            self._blocked.clear()
         return events
 
     def _start(self, event: h2.events.RequestReceived, events: list[Event]) -> None:
@@ -314,7 +360,7 @@ class GrpcConnection:
         stream_id = event.stream_id
         length = event.flow_controlled_length
         self._connection_credit += length  # the connection's window: credited as it comes
-        if self._connection_credit >= CONNECTION_WINDOW // 4:
+        if self._connection_credit >= CONNECTION_WINDOW // 4 and self._h2_running():
             self._h2.increment_flow_control_window(self._connection_credit)
             self._connection_credit = 0
         stream = self._streams.get(stream_id)
@@ -516,16 +562,15 @@ class GrpcConnection:
             stream = self._streams.get(stream_id)
             if stream is not None:
                 budget -= self._flush(stream_id, stream, min(budget, TURN_BYTES))
-                if stream.outbound and self._h2.local_flow_control_window(stream_id) > 0:
+                if not stream.outbound:
+                    continue
+                if self._h2.local_flow_control_window(stream_id) > 0:
                     ready[stream_id] = None  # its turn again after the others
+                else:
+                    self._blocked[stream_id] = None  # until the client's WINDOW_UPDATE
         return self._h2.data_to_send()
 
     # -- flow control ------------------------------------------------------------
-
-    def _all_ready(self) -> None:
-        for stream_id, stream in self._streams.items():
-            if stream.outbound or stream.trailers is not None:
-                self._ready[stream_id] = None
 
     def _flush(self, stream_id: int, stream: _Stream, budget: int) -> int:
         """Hand h2 up to `budget` bytes of the stream's answer, as the windows allow;
@@ -567,14 +612,20 @@ class GrpcConnection:
         """Whether h2 can still send on the stream. h2 parses a whole read before its
         events are handled here, so the stream an event names may be closed already
         (the client reset it later in the same read), and h2 raises on any frame for
-        it (StreamClosedError, or StreamIDTooLowError once it forgot the stream)."""
+        it (StreamClosedError, or StreamIDTooLowError once it forgot the stream); or
+        the client's GOAWAY later in the read closed the whole connection."""
         stream = self._h2.streams.get(stream_id)
-        return stream is not None and not stream.closed
+        return stream is not None and not stream.closed and self._h2_running()
+
+    def _h2_running(self) -> bool:
+        """Whether h2's connection is not closed (by a GOAWAY, maybe later in this read)."""
+        return self._h2.state_machine.state is not h2.connection.ConnectionState.CLOSED
 
     def _forget(self, stream_id: int, stream: _Stream) -> None:
         stream.inbound.clear()
         self._streams.pop(stream_id, None)
         self._ready.pop(stream_id, None)
+        self._blocked.pop(stream_id, None)
         self._waiting.pop(stream_id, None)
         self._admitted -= stream.admitted + stream.unconsumed
         stream.admitted = stream.unconsumed = 0
