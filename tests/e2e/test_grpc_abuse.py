@@ -666,10 +666,11 @@ def test_unary_requests_waiting_for_their_end_are_bounded(fresh) -> None:
         client.close()
 
 
-def test_compressed_requests_count_at_their_inflated_size(fresh) -> None:
+def test_compressed_requests_waiting_for_their_end_are_bounded(fresh) -> None:
     """40 calls each send a deflated message of 4 KB that inflates to 4 MiB, and do
     not end their request. 011c705 inflates each on arrival (wire._data) and counts
-    it at its wire size: 160 KB sent, 160 MiB held (4 GiB with 1024 calls)."""
+    it at its wire size: 160 KB sent, 160 MiB held (4 GiB with 1024 calls). They
+    now wait compressed, inflated only when their call takes them."""
     server = fresh()
     before = rss_mib(server)
     bomb = message(zlib.compress(b"\0" * (MAX_MESSAGE - 100), 9), True)

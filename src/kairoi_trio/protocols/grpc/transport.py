@@ -32,11 +32,12 @@ from kairoi_trio.protocols.limits import ConnectionLimits, peer_host
 log = structlog.get_logger(__name__)
 
 RECEIVE_BYTES = 64 << 10
-# Whole requests (inflated) a connection holds for its calls, past which a call is
-# refused. Flow control (wire.PARTIAL_BYTES, 32 MiB) keeps them below it but for
-# compressed messages, admitted at their size on the wire, and small ones that
+# Whole request messages a connection holds for its calls (as they came, compressed
+# or not, and MESSAGE_OVERHEAD each), past which a call is refused. Flow control
+# (wire.PARTIAL_BYTES, 32 MiB) keeps them below it but for small messages that
 # arrive whole within their windows: this is the backstop.
 HELD_BYTES = 48 << 20
+MESSAGE_OVERHEAD = 128  # what holding a message costs beyond its bytes (its objects)
 MAX_PENDING_OUTPUT = 1 << 20  # past this much unsent, a connection is not read
 PREFACE_TIMEOUT_S = 20.0  # to finish a TLS handshake and send the HTTP/2 preface and SETTINGS
 FLUSH_AT_CLOSE_S = 1.0  # what is queued gets this long to go once a connection ends
@@ -90,9 +91,9 @@ class UnaryMethod:
 Authorize = Callable[[str, tuple[tuple[str, str | bytes], ...], str], "tuple[int, str] | None"]
 
 
-_Inbox = tuple[
-    trio.MemorySendChannel[tuple[bytes, int]], trio.MemoryReceiveChannel[tuple[bytes, int]]
-]
+# A streaming request's messages as they came: (bytes, wire size, encoding or None).
+_Message = tuple[bytes, int, bytes | None]
+_Inbox = tuple[trio.MemorySendChannel[_Message], trio.MemoryReceiveChannel[_Message]]
 
 
 class Call:
@@ -116,6 +117,7 @@ class Call:
         self.done = False  # over, and no longer counted (GrpcServer.wait_idle)
         self.task = False  # runs in a task of its own (else a UnaryMethod's, or waiting)
         self.request: bytes | None = None  # a unary call's request, until it is whole
+        self.request_encoding: bytes | None = None  # compressed with it (None: not)
         self.held = 0  # bytes of its requests the connection holds for it (HELD_BYTES)
         self._inbox: _Inbox | None = None  # a streaming request's messages
 
@@ -163,12 +165,13 @@ class Call:
     async def messages(self) -> Any:
         """The request messages of a streaming call, decoded, as the client sends them."""
         assert self._inbox is not None
-        decode = self._connection.server.methods[self.method].decode
-        async for data, size in self._inbox[1]:
-            self._connection.release(self, len(data))
-            self._connection.grpc.consumed(self.stream_id, size)
-            self._connection.wake_writer()  # the credit goes out as a WINDOW_UPDATE
-            yield self._connection.server.decode(decode, data, self)
+        connection, server = self._connection, self._connection.server
+        decode = server.methods[self.method].decode
+        async for data, size, encoding in self._inbox[1]:
+            connection.release(self, data)
+            connection.grpc.consumed(self.stream_id, size)
+            connection.wake_writer()  # the credit goes out as a WINDOW_UPDATE
+            yield server.decode(decode, server.inflate(data, encoding), self)
 
 
 class GrpcServer:
@@ -292,6 +295,18 @@ class GrpcServer:
         if self._authorize is None:
             return None
         return self._authorize(call.method, call.metadata, call.peer())
+
+    def inflate(self, data: bytes, encoding: bytes | None) -> bytes:
+        """A request message as its call takes it, inflated if compressed; Abort
+        (RESOURCE_EXHAUSTED past max_message_bytes, INTERNAL if corrupt) if not."""
+        if encoding is None:
+            return data
+        try:
+            return wire.inflate(data, encoding, self.max_message_bytes)
+        except wire.TooLarge as error:
+            raise Abort(wire.RESOURCE_EXHAUSTED, str(error)) from None
+        except ValueError as error:
+            raise Abort(wire.INTERNAL, str(error)) from None
 
     def decode(self, decode: Callable[[bytes], Any], data: bytes, call: Call) -> Any:
         """A request message, decoded; Abort(INVALID_ARGUMENT) if it is malformed."""
@@ -440,9 +455,10 @@ class _Connection:
             call._inbox = trio.open_memory_channel(math.inf)  # bounded: HELD_BYTES, windows
             self._run(call, method, call, nursery)
 
-    def _hold(self, call: Call, size: int) -> bool:
-        """Count `size` bytes of request held for `call`; False (and the call ended
+    def _hold(self, call: Call, message: bytes) -> bool:
+        """Count a request message held for `call`; False (and the call ended
         RESOURCE_EXHAUSTED) past HELD_BYTES on this connection."""
+        size = len(message) + MESSAGE_OVERHEAD
         if self._held + size > HELD_BYTES:
             self._refuse(
                 call,
@@ -454,8 +470,9 @@ class _Connection:
         call.held += size
         return True
 
-    def release(self, call: Call, size: int) -> None:
-        """`size` bytes held for `call` were handed to it."""
+    def release(self, call: Call, message: bytes) -> None:
+        """A message held for `call` was handed to it."""
+        size = len(message) + MESSAGE_OVERHEAD
         self._held -= size
         call.held -= size
 
@@ -463,18 +480,18 @@ class _Connection:
         call = self._calls.get(event.stream_id)
         if call is None or call.done:
             return
-        if not self._hold(call, len(event.message)):
+        if not self._hold(call, event.message):
             return
         if call._inbox is not None:
             try:
-                call._inbox[0].send_nowait((event.message, event.size))
+                call._inbox[0].send_nowait((event.message, event.size, event.encoding))
             except (trio.ClosedResourceError, trio.BrokenResourceError):
-                self.release(call, len(event.message))  # the handler stopped reading
+                self.release(call, event.message)  # the handler stopped reading
             return
         if call.request is not None:
             self._refuse(call, wire.UNIMPLEMENTED, "unary call with more than one request")
             return
-        call.request = event.message
+        call.request, call.request_encoding = event.message, event.encoding
 
     def _request_ended(self, stream_id: int, nursery: trio.Nursery) -> None:
         call = self._calls.get(stream_id)
@@ -488,7 +505,12 @@ class _Connection:
             self._refuse(call, wire.UNIMPLEMENTED, "unary call without a request message")
             return
         call.request = None
-        self.release(call, len(data))
+        self.release(call, data)
+        try:
+            data = self.server.inflate(data, call.request_encoding)
+        except Abort as abort:
+            self._refuse(call, abort.code, abort.details)
+            return
         method = self.server.methods[call.method]
         if isinstance(method, UnaryMethod):
             try:

@@ -14,8 +14,8 @@ What it implements, after "gRPC over HTTP2" (grpc/grpc, doc/PROTOCOL-HTTP2.md):
 - The answer is HEADERS (`:status 200`), its messages, then trailers with
   `grpc-status` and a percent-encoded `grpc-message`; a call refused before any
   answer gets the trailers alone ("Trailers-Only").
-- Compressed requests (`grpc-encoding: gzip` or `deflate`) are inflated;
-  answers are never compressed.
+- Compressed requests (`grpc-encoding: gzip` or `deflate`) are inflated
+  (`inflate`) when their call takes them; answers are never compressed.
 
 Flow control: each call's stream window (64 KiB) is the control; the
 connection's window is credited as bytes arrive. A request message is
@@ -106,12 +106,14 @@ class CallStarted:
 
 @dataclass(frozen=True)
 class MessageReceived:
-    """One whole request message of a call, inflated. `size` is what it took on
-    the wire, for `consumed`."""
+    """One whole request message of a call, as it came: compressed with `encoding`
+    (None: not compressed; `inflate` it when the call takes it). `size` is what it
+    took on the wire, for `consumed`."""
 
     stream_id: int
     message: bytes
     size: int
+    encoding: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -387,16 +389,14 @@ class GrpcConnection:
             message = bytes(buffer[PREFIX_BYTES : PREFIX_BYTES + size])
             del buffer[: PREFIX_BYTES + size]
             self._whole(stream_id, stream, PREFIX_BYTES + size)
-            if flag & 1:
-                try:
-                    message = _inflate(message, stream.encoding, self.max_message_bytes)
-                except _TooLarge as error:
-                    self._refuse_message(stream_id, RESOURCE_EXHAUSTED, str(error), events)
+            encoding = None
+            if flag & 1:  # inflated when its call takes it (`inflate`): held compressed
+                if stream.encoding == b"identity":
+                    text = "compressed message without a grpc-encoding"
+                    self._refuse_message(stream_id, INTERNAL, text, events)
                     return
-                except ValueError as error:
-                    self._refuse_message(stream_id, INTERNAL, str(error), events)
-                    return
-            events.append(MessageReceived(stream_id, message, PREFIX_BYTES + size))
+                encoding = stream.encoding
+            events.append(MessageReceived(stream_id, message, PREFIX_BYTES + size, encoding))
         self._credit(stream_id, stream)
 
     def _refuse_message(self, stream_id: int, code: int, message: str, events: list[Event]) -> None:
@@ -665,14 +665,18 @@ def _b64decode(value: bytes) -> bytes:
         return b""
 
 
-class _TooLarge(ValueError):
-    """A compressed message larger than the limit once inflated."""
+class TooLarge(ValueError):
+    """A compressed message larger than the limit once inflated (RESOURCE_EXHAUSTED)."""
 
 
-def _inflate(data: bytes, encoding: bytes, limit: int) -> bytes:
-    """A compressed message, inflated to at most `limit` bytes. _TooLarge past the
-    limit; ValueError if it is not what `encoding` says, is cut short or has bytes
-    after its end (grpc-core answers those "Decompression failed")."""
+def inflate(data: bytes, encoding: bytes, limit: int) -> bytes:
+    """A compressed message (`gzip` or `deflate`), inflated to at most `limit` bytes.
+
+    Messages are held compressed until their call takes them, so that what a
+    call holds is what flow control bounds (a 4 KB message may inflate to 4 MiB).
+    Raises TooLarge past the limit; ValueError if it is not what `encoding` says,
+    is cut short or has bytes after its end (grpc-core answers those INTERNAL,
+    "Decompression failed")."""
     wbits = 16 + zlib.MAX_WBITS if encoding == b"gzip" else zlib.MAX_WBITS
     if encoding not in (b"gzip", b"deflate"):
         raise ValueError(f"compressed message without a known grpc-encoding ({encoding!r})")
@@ -682,7 +686,7 @@ def _inflate(data: bytes, encoding: bytes, limit: int) -> bytes:
     except zlib.error as error:
         raise ValueError(f"could not decompress the message: {error}") from None
     if len(out) > limit:
-        raise _TooLarge(f"decompressed message larger than max ({limit} bytes)")
+        raise TooLarge(f"decompressed message larger than max ({limit} bytes)")
     if not inflater.eof or inflater.unused_data:
         raise ValueError("could not decompress the message: cut short or followed by other bytes")
     return out
