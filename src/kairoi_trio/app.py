@@ -568,6 +568,8 @@ async def _start_grpc(
             max_message_bytes=grpc.max_message_bytes,
             max_watch_buffer_bytes=grpc.max_watch_buffer_bytes,
             limits=limits,
+            idle_timeout_s=grpc.idle_timeout_s,
+            keepalive_s=grpc.keepalive_s,
             tls_cert=Path(grpc.tls_cert) if grpc.tls_cert else None,
             tls_key=Path(grpc.tls_key) if grpc.tls_key else None,
             serving=readiness,

@@ -140,6 +140,12 @@ class GrpcConfig:
     # [controller] has them; further ones are refused with a GOAWAY.
     max_connections: int = 1024
     max_connections_per_address: int = 64
+    # A connection without a call for this long gets a GOAWAY and is closed (a
+    # client opens a new one at its next call); 0: never.
+    idle_timeout_s: float = 300.0
+    # A connection nothing came from for this long gets a PING, and is closed when
+    # nothing answers within 20 s (its client vanished without closing it); 0: never.
+    keepalive_s: float = 120.0
     # Changes a WatchJobs stream may have waiting for its client, in bytes;
     # beyond it the stream ends with RESOURCE_EXHAUSTED "watch fell behind".
     max_watch_buffer_bytes: int = 16 << 20
@@ -455,6 +461,8 @@ def _check(config: Config) -> None:
         "controller.auth_timeout_s": config.controller.auth_timeout_s,
         "controller.max_connections_per_address": config.controller.max_connections_per_address,
         "grpc.max_connections_per_address": config.grpc.max_connections_per_address,
+        "grpc.idle_timeout_s": config.grpc.idle_timeout_s,
+        "grpc.keepalive_s": config.grpc.keepalive_s,
         "shutdown.grace_period_s": config.shutdown.grace_period_s,
         "jobs.fire_ahead_s": config.jobs.fire_ahead_s,
     }

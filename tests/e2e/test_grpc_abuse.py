@@ -1149,8 +1149,10 @@ def test_grpcio_cancelling_large_uploads_keeps_the_channel(shared) -> None:
     assert_no_failure(server, since=before)
 
 
-async def _serve(nursery: trio.Nursery, methods: dict) -> tuple[transport.GrpcServer, int]:
-    server = transport.GrpcServer(methods, max_message_bytes=4 * MiB)
+async def _serve(
+    nursery: trio.Nursery, methods: dict, **options: Any
+) -> tuple[transport.GrpcServer, int]:
+    server = transport.GrpcServer(methods, max_message_bytes=4 * MiB, **options)
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     await nursery.start(server.serve, listeners)
     return server, listeners[0].socket.getsockname()[1]
@@ -1448,3 +1450,109 @@ def test_sigterm_with_calls_in_flight_answers_each_and_exits_in_the_grace(fresh)
     assert outcomes["health"] == ("OK", health_pb2.HealthCheckResponse.NOT_SERVING), outcomes
     assert outcomes["stream"] in ("OK", "UNAVAILABLE"), outcomes
     assert outcomes["unary"] <= {"OK", "UNAVAILABLE"}, outcomes
+
+
+# -- idle connections and vanished clients ------------------------------------------------
+
+
+class _Forever:
+    """A streaming method whose handlers run until they are cancelled, counted."""
+
+    def __init__(self) -> None:
+        self.started = self.stopped = 0
+        self._changed = trio.Event()
+
+    def method(self) -> transport.Method:
+        async def handler(call: transport.Call, _: transport.Call) -> None:
+            self.started += 1
+            self._note()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.stopped += 1
+                self._note()
+
+        return transport.Method(True, False, lambda data: data, handler)
+
+    def _note(self) -> None:
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+
+    async def until(self, started: int, stopped: int) -> None:
+        with trio.fail_after(5):
+            while (self.started, self.stopped) != (started, stopped):
+                await self._changed.wait()
+
+
+async def _closed_by_server(client: _Client, wait_s: float) -> bool:
+    """Whether the server closes the connection within `wait_s` (the client reads
+    and answers PINGs meanwhile)."""
+    with trio.move_on_after(wait_s):
+        try:
+            while await client.read_some():
+                pass
+        except trio.BrokenResourceError:
+            pass
+        return True
+    return False
+
+
+async def test_a_vanished_client_is_found_by_keepalive_and_its_calls_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that stops answering (a host gone without a FIN: here, one that no
+    longer reads) is PINGed after keepalive_s of silence and closed when nothing
+    answers within KEEPALIVE_TIMEOUT_S; its call's handler is stopped. A client
+    that answers PINGs (h2 does it as it reads) keeps its connection and call,
+    silent as they are."""
+    monkeypatch.setattr(transport, "KEEPALIVE_TIMEOUT_S", 0.3)
+    calls = _Forever()
+    async with trio.open_nursery() as nursery:
+        _, grpc_port = await _serve(nursery, {"/t/Stream": calls.method()}, keepalive_s=0.3)
+        alive = _Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
+        alive.start(1, "/t/Stream")
+        await alive.flush()
+        await calls.until(started=1, stopped=0)
+        assert not await _closed_by_server(alive, 2.0)  # ~6 keepalive periods, answered
+        assert any(isinstance(e, h2.events.PingReceived) for e in alive.events)
+        assert calls.stopped == 0
+        gone = _Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
+        gone.start(1, "/t/Stream")
+        await gone.flush()
+        await gone.read_some()  # the server's SETTINGS, then never a read again
+        await calls.until(started=2, stopped=1)  # closed: its call's handler stopped
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_connection_is_closed_with_a_goaway() -> None:
+    """A connection without a call for idle_timeout_s gets a GOAWAY and is closed;
+    one with a call in flight is not, however long the call."""
+    calls = _Forever()
+    async with trio.open_nursery() as nursery:
+        _, grpc_port = await _serve(nursery, {"/t/Stream": calls.method()}, idle_timeout_s=0.3)
+        busy = _Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
+        busy.start(1, "/t/Stream")
+        await busy.flush()
+        idle = _Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
+        await idle.flush()
+        assert await _closed_by_server(idle, 5.0)
+        assert any(isinstance(e, h2.events.ConnectionTerminated) for e in idle.events)
+        assert not await _closed_by_server(busy, 1.0)
+        assert (calls.started, calls.stopped) == (1, 0)
+        nursery.cancel_scope.cancel()
+
+
+def test_a_grpc_channel_outlives_the_idle_close_of_its_connection(fresh) -> None:
+    """[grpc] idle_timeout_s: the server closes a connection left without a call
+    (GOAWAY); the client's channel opens a new one at its next call, which the
+    user does not see fail."""
+    server = fresh("[grpc]\nidle_timeout_s = 0.5")
+    before = len(server.lines)
+    with grpc.insecure_channel(f"127.0.0.1:{port(server)}") as channel:
+        stub = pb_grpc.SchedulerStub(channel)
+        for _ in range(3):
+            assert stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10).version
+            time.sleep(1.5)  # closed meanwhile
+            state = channel._channel.check_connectivity_state(False)  # noqa: SLF001
+            assert state != grpc.ChannelConnectivity.READY.value[0], state
+    assert_no_failure(server, since=before)

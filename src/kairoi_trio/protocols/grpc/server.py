@@ -77,6 +77,8 @@ async def serve_grpc(
     max_message_bytes: int = 4 << 20,
     max_watch_buffer_bytes: int = DEFAULT_WATCH_BUFFER_BYTES,
     limits: ConnectionLimits | None = None,
+    idle_timeout_s: float = 0.0,
+    keepalive_s: float = 0.0,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     serving: Serving | None = None,
@@ -98,7 +100,9 @@ async def serve_grpc(
     waiting or in flight; beyond it the stream ends with RESOURCE_EXHAUSTED.
     `auth`: the tokens kairoi.v1 calls must carry, by role (none: no authentication).
     `limits`: connections at once, in all and from one client IP (none: no
-    limit); further ones are refused with a GOAWAY.
+    limit); further ones are refused with a GOAWAY. `idle_timeout_s`: a
+    connection without a call that long is closed (GOAWAY); `keepalive_s`: one
+    nothing came from that long is PINGed, and closed without an answer (0: never).
     """
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("gRPC TLS needs both a certificate and a key")
@@ -130,6 +134,8 @@ async def serve_grpc(
             method=method, peer=peer, error=str(error)
         ),
         on_refused=lambda peer, reason: refused.note(peer=peer, reason=reason),
+        idle_timeout_s=idle_timeout_s,
+        keepalive_s=keepalive_s,
     )
 
     def follow(ok: bool) -> None:

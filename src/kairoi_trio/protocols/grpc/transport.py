@@ -42,6 +42,7 @@ MAX_PENDING_OUTPUT = 1 << 20  # past this much unsent, a connection is not read
 PREFACE_TIMEOUT_S = 20.0  # to finish a TLS handshake and send the HTTP/2 preface and SETTINGS
 FLUSH_AT_CLOSE_S = 1.0  # what is queued gets this long to go once a connection ends
 REFUSAL_SEND_S = 1.0  # a connection past the limits gets this long to take its GOAWAY
+KEEPALIVE_TIMEOUT_S = 20.0  # a keepalive PING's answer (any bytes) must come within it
 
 
 class Abort(Exception):
@@ -188,6 +189,8 @@ class GrpcServer:
         ssl_context: ssl.SSLContext | None = None,
         on_malformed: Callable[[str, str, Exception], None] | None = None,
         on_refused: Callable[[str, str], None] | None = None,
+        idle_timeout_s: float = 0.0,
+        keepalive_s: float = 0.0,
     ) -> None:
         self.methods = dict(methods)
         self.max_message_bytes = max_message_bytes
@@ -196,6 +199,8 @@ class GrpcServer:
         self._ssl_context = ssl_context
         self._on_malformed = on_malformed
         self._on_refused = on_refused  # (peer, reason): grpc clients do not show the reason
+        self.idle_timeout_s = idle_timeout_s  # 0: never
+        self.keepalive_s = keepalive_s  # 0: never
         self._streaming_requests = frozenset(
             path
             for path, method in self.methods.items()
@@ -340,6 +345,7 @@ class _Connection:
         self._written = trio.Event()  # set after each round of the writer
         self._closed = False
         self._scope = trio.CancelScope()
+        self.last_received = self.idle_since = trio.current_time()
 
     def wake_writer(self) -> None:
         self._has_output.set()
@@ -359,6 +365,8 @@ class _Connection:
         with self._scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write)
+                if self.server.keepalive_s or self.server.idle_timeout_s:
+                    nursery.start_soon(self._watch)
                 self.wake_writer()  # the server's SETTINGS
                 try:
                     await self._read(nursery)
@@ -390,6 +398,36 @@ class _Connection:
             if self._closed:
                 return
 
+    async def _watch(self) -> None:
+        """Keepalive and idle timeout. A connection nothing came from for keepalive_s
+        gets a PING, and is closed if nothing comes within KEEPALIVE_TIMEOUT_S: its
+        client vanished without a FIN (a host gone, a network cut), and would hold
+        its connection, its calls (a WatchJobs) and a connection slot for ever. A
+        connection without a call for idle_timeout_s gets a GOAWAY and is closed
+        (a grpc client opens a new one at its next call), as grpc-core's
+        max_connection_idle does."""
+        keepalive, idle = self.server.keepalive_s, self.server.idle_timeout_s
+        while True:
+            quiet_until = self.last_received + keepalive if keepalive else math.inf
+            idle_until = self.idle_since + idle if idle and not self._calls else math.inf
+            wake = min(quiet_until, idle_until, trio.current_time() + max(keepalive, idle))
+            await trio.sleep_until(wake)
+            now = trio.current_time()
+            if idle and not self._calls and now >= self.idle_since + idle:
+                log.debug("grpc connection idle: closed", peer=self.peer)
+                self.go_away()
+                await self.written()
+                self.close()
+                return
+            if keepalive and now >= self.last_received + keepalive:
+                self.grpc.ping()
+                self.wake_writer()
+                await trio.sleep(KEEPALIVE_TIMEOUT_S)
+                if self.last_received < now:
+                    log.info("grpc client gone: no answer to a keepalive PING", peer=self.peer)
+                    self.close()
+                    return
+
     def _round_done(self) -> None:
         written, self._written = self._written, trio.Event()
         written.set()
@@ -418,6 +456,7 @@ class _Connection:
             return False
         if not data:
             return False
+        self.last_received = trio.current_time()
         for event in self.grpc.receive_data(data):
             if isinstance(event, wire.CallStarted):
                 self._start(event, nursery)
@@ -546,6 +585,8 @@ class _Connection:
             return
         call.done = True
         self._calls.pop(call.stream_id, None)
+        if not self._calls:
+            self.idle_since = trio.current_time()
         self._held -= call.held
         call.held = 0
         call.request = None

@@ -544,6 +544,11 @@ class GrpcConnection:
         frame.error_code = h2.errors.ErrorCodes.NO_ERROR
         self._h2._data_to_send += frame.serialize()  # noqa: SLF001 - see above
 
+    def ping(self) -> None:
+        """Send a PING (a keepalive: any answer shows the client is there)."""
+        if not self.closed and self._h2_running():
+            self._h2.ping(b"keepaliv")
+
     def pending_output(self) -> int:
         """Bytes h2 has ready that `data_to_send` has not taken yet."""
         return len(self._h2._data_to_send)  # h2 has no public count of it
