@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - pytest fixtures imported from test_grpc_abuse are used by name
 """The gRPC server against hostile or heavy clients: a third review, of 67421c5.
 
 A real `kairoi-trio serve` process (support.server), real grpcio clients and a
@@ -15,22 +16,23 @@ import gzip
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import h2.events
 import h2.settings
 import pytest
-from e2e.test_grpc_abuse import (
+from e2e.test_grpc_abuse import (  # noqa: F401 - the fixtures are used by name
     RawClient,
+    _this_checkout,
     assert_no_failure,
+    fresh,
     healthy,
     message,
     port,
     rss_mib,
 )
-from support.server import ServerProcess
 
 from kairoi.v1 import scheduler_pb2 as pb
 from kairoi.v1 import scheduler_pb2_grpc as pb_grpc
@@ -43,29 +45,6 @@ pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc"),
     pytest.mark.xdist_group("grpc-abuse"),  # memory and time are measured: one worker
 ]
-
-
-@pytest.fixture(autouse=True)
-def _this_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The server process imports this checkout's code (see test_grpc_abuse.py)."""
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
-    )
-
-
-@pytest.fixture
-def fresh(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """A server of the test's own (memory and log checks)."""
-    started: list[ServerProcess] = []
-
-    def start(extra_config: str = "") -> ServerProcess:
-        server = ServerProcess(tmp_path / f"server{len(started)}", extra_config)
-        started.append(server)
-        return server.start()
-
-    yield start
-    for server in started:
-        server.kill()
 
 
 def _job(job_id: str, payload: bytes) -> pb.SetJobRequest:
