@@ -90,7 +90,11 @@ class Peer:
         return stream_id
 
     def of(self, stream_id: int, kind: type) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind) and e.stream_id == stream_id]
+        return [
+            e
+            for e in self.events
+            if isinstance(e, kind) and getattr(e, "stream_id", None) == stream_id
+        ]
 
     def status(self, stream_id: int) -> tuple[int, str]:
         """The call's grpc-status and grpc-message, from its trailers (or Trailers-Only)."""

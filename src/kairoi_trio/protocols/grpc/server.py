@@ -449,7 +449,7 @@ class SchedulerServicer:
                 if not too_many:
                     response.failures.append(failure)
 
-        async for message in call.messages():
+        async for message in call.messages(kept=STREAM_WINDOW):
             batch = _JobBatch(message.jobs)
             reply = await self._hand_over(batch.commands) if batch.commands else None
             in_flight.append((batch, reply))

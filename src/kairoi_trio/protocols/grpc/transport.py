@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import ssl
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -32,11 +33,17 @@ from kairoi_trio.protocols.limits import ConnectionLimits, peer_host
 log = structlog.get_logger(__name__)
 
 RECEIVE_BYTES = 64 << 10
-# Whole request messages a connection holds for its calls (as they came, compressed
-# or not, and MESSAGE_OVERHEAD each), past which a call is refused. Flow control
-# (wire.PARTIAL_BYTES, 32 MiB) keeps them below it but for small messages that
-# arrive whole within their windows: this is the backstop.
+# Request messages a connection holds for its calls, past which a call is refused
+# RESOURCE_EXHAUSTED: whole messages waiting for their calls (as they came,
+# compressed or not), and those the calls took (inflated) while they keep them (a
+# unary request until its call ends, `Call.messages`' last `kept`). Each counts
+# MESSAGE_OVERHEAD more than its bytes. Flow control (wire.PARTIAL_BYTES, 32 MiB)
+# keeps waiting messages below it but for small ones that arrive whole within
+# their windows; nothing else bounds what compressed requests inflate to, nor what
+# running calls keep. HELD_BYTES at least, and HELD_MESSAGES of the largest
+# (GrpcServer.held_bytes), so that a raised max_message_bytes is always taken.
 HELD_BYTES = 48 << 20
+HELD_MESSAGES = 12  # 48 MiB at the default [grpc] max_message_bytes (4 MiB)
 MESSAGE_OVERHEAD = 128  # what holding a message costs beyond its bytes (its objects)
 MAX_PENDING_OUTPUT = 1 << 20  # past this much unsent, a connection is not read
 PREFACE_TIMEOUT_S = 20.0  # to finish a TLS handshake and send the HTTP/2 preface and SETTINGS
@@ -119,7 +126,7 @@ class Call:
         self.task = False  # runs in a task of its own (else a UnaryMethod's, or waiting)
         self.request: bytes | None = None  # a unary call's request, until it is whole
         self.request_encoding: bytes | None = None  # compressed with it (None: not)
-        self.held = 0  # bytes of its requests the connection holds for it (HELD_BYTES)
+        self.held = 0  # bytes of its requests the connection holds for it (held_bytes)
         self._inbox: _Inbox | None = None  # a streaming request's messages
 
     def peer(self) -> str:
@@ -163,16 +170,29 @@ class Call:
         while connection.grpc.buffered(self.stream_id):
             await connection.written()
 
-    async def messages(self) -> Any:
-        """The request messages of a streaming call, decoded, as the client sends them."""
+    async def messages(self, kept: int = 1) -> Any:
+        """The request messages of a streaming call, decoded, as the client sends them.
+
+        The handler may keep the last `kept` messages it took (StreamSetJobs: the
+        batches in flight): they stay counted against the connection's held
+        bytes, inflated, until it takes more. Raises Abort: RESOURCE_EXHAUSTED past
+        max_message_bytes inflated or past the held bytes, INTERNAL for a corrupt
+        compressed message, INVALID_ARGUMENT for a malformed one.
+        """
         assert self._inbox is not None
         connection, server = self._connection, self._connection.server
         decode = server.methods[self.method].decode
+        taken: deque[int] = deque()  # the sizes of the messages still kept
         async for data, size, encoding in self._inbox[1]:
-            connection.release(self, data)
+            connection.release(self, len(data))
             connection.grpc.consumed(self.stream_id, size)
             connection.wake_writer()  # the credit goes out as a WINDOW_UPDATE
-            yield server.decode(decode, server.inflate(data, encoding), self)
+            data = server.inflate(data, encoding)
+            if len(taken) >= kept:
+                connection.release(self, taken.popleft())
+            connection.hold(self, len(data))
+            taken.append(len(data))
+            yield server.decode(decode, data, self)
 
 
 class GrpcServer:
@@ -194,6 +214,7 @@ class GrpcServer:
     ) -> None:
         self.methods = dict(methods)
         self.max_message_bytes = max_message_bytes
+        self.held_bytes = max(HELD_BYTES, HELD_MESSAGES * (max_message_bytes + MESSAGE_OVERHEAD))
         self.limits = limits or ConnectionLimits(1 << 31, 0)
         self._authorize = authorize
         self._ssl_context = ssl_context
@@ -440,13 +461,17 @@ class _Connection:
             while not grpc.preface_received:
                 if not await self._receive(nursery):
                     return
+                await self._drained()  # PINGs are answered before SETTINGS come
         if not grpc.preface_received:
             return
         while await self._receive(nursery):
-            # A client that does not read its answers is not read either: what h2
-            # has to send (answers, PING and SETTINGS acknowledgements) stays bounded.
-            while grpc.pending_output() > MAX_PENDING_OUTPUT:
-                await self.written()
+            await self._drained()
+
+    async def _drained(self) -> None:
+        """A client that does not read its answers is not read either: what h2 has
+        to send (answers, PING and SETTINGS acknowledgements) stays bounded."""
+        while self.grpc.pending_output() > MAX_PENDING_OUTPUT:
+            await self.written()
 
     async def _receive(self, nursery: trio.Nursery) -> bool:
         """Read once and act on what came; False once the connection is over."""
@@ -491,27 +516,25 @@ class _Connection:
         self._calls[stream_id] = call
         self.server.call_began()
         if isinstance(method, Method) and method.request_streaming:
-            call._inbox = trio.open_memory_channel(math.inf)  # bounded: HELD_BYTES, windows
+            call._inbox = trio.open_memory_channel(math.inf)  # bounded: held_bytes, windows
             self._run(call, method, call, nursery)
 
-    def _hold(self, call: Call, message: bytes) -> bool:
-        """Count a request message held for `call`; False (and the call ended
-        RESOURCE_EXHAUSTED) past HELD_BYTES on this connection."""
-        size = len(message) + MESSAGE_OVERHEAD
-        if self._held + size > HELD_BYTES:
-            self._refuse(
-                call,
+    def hold(self, call: Call, size: int) -> None:
+        """Count a request message of `size` bytes held for `call` (until `release`
+        or the call's end); Abort(RESOURCE_EXHAUSTED) past the server's held_bytes
+        on this connection."""
+        size += MESSAGE_OVERHEAD
+        if self._held + size > self.server.held_bytes:
+            raise Abort(
                 wire.RESOURCE_EXHAUSTED,
-                f"too many request bytes held on this connection (over {HELD_BYTES})",
+                f"too many request bytes held on this connection (over {self.server.held_bytes})",
             )
-            return False
         self._held += size
         call.held += size
-        return True
 
-    def release(self, call: Call, message: bytes) -> None:
-        """A message held for `call` was handed to it."""
-        size = len(message) + MESSAGE_OVERHEAD
+    def release(self, call: Call, size: int) -> None:
+        """A message of `size` bytes held for `call` is held no longer."""
+        size += MESSAGE_OVERHEAD
         self._held -= size
         call.held -= size
 
@@ -519,13 +542,16 @@ class _Connection:
         call = self._calls.get(event.stream_id)
         if call is None or call.done:
             return
-        if not self._hold(call, event.message):
+        try:
+            self.hold(call, len(event.message))
+        except Abort as abort:
+            self._refuse(call, abort.code, abort.details)
             return
         if call._inbox is not None:
             try:
                 call._inbox[0].send_nowait((event.message, event.size, event.encoding))
             except (trio.ClosedResourceError, trio.BrokenResourceError):
-                self.release(call, event.message)  # the handler stopped reading
+                self.release(call, len(event.message))  # the handler stopped reading
             return
         if call.request is not None:
             self._refuse(call, wire.UNIMPLEMENTED, "unary call with more than one request")
@@ -544,12 +570,17 @@ class _Connection:
             self._refuse(call, wire.UNIMPLEMENTED, "unary call without a request message")
             return
         call.request = None
-        self.release(call, data)
-        try:
-            data = self.server.inflate(data, call.request_encoding)
-        except Abort as abort:
-            self._refuse(call, abort.code, abort.details)
-            return
+        # The request stays held until its call ends: a handler may keep it (a
+        # WatchJobs for the watch's whole life), and a compressed one counts as
+        # what it inflates to (4 KB of gzip can be a 4 MiB request).
+        if call.request_encoding is not None:
+            self.release(call, len(data))
+            try:
+                data = self.server.inflate(data, call.request_encoding)
+                self.hold(call, len(data))
+            except Abort as abort:
+                self._refuse(call, abort.code, abort.details)
+                return
         method = self.server.methods[call.method]
         if isinstance(method, UnaryMethod):
             try:
