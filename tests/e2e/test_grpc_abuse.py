@@ -1378,8 +1378,8 @@ async def test_a_streaming_call_refused_for_held_bytes_while_its_handler_runs(
 async def test_what_a_streaming_handler_keeps_stays_counted(
     monkeypatch: pytest.MonkeyPatch, kept: int
 ) -> None:
-    """`Call.messages(kept=k)`: the last k messages a handler took stay counted,
-    inflated, against the connection's held bytes (3.5 MB here). Ten gzip
+    """`Call.messages(kept=k)`: the last k compressed messages a handler took stay
+    counted, inflated, against the connection's held bytes (3.5 MB here). Ten gzip
     messages of 1 KB that inflate to 1 MiB each: a handler that keeps 4 (as
     StreamSetJobs keeps its batches in flight) is refused RESOURCE_EXHAUSTED at
     its fourth; one that keeps 1 takes all ten and ends OK. Before, what a

@@ -265,15 +265,18 @@ def test_connection_limits_under_tls_refuse_at_once_and_count_back_to_zero(
 # -- faults found in 03c2cb1 --------------------------------------------------------------
 
 
-def test_compressed_requests_cannot_make_the_server_hold_gigabytes(fresh) -> None:
-    """A client opens 40 WatchJobs on one connection, each request gzip-compressed:
-    a 4 KB message that inflates to a 4 MiB WatchJobsRequest (a short prefix and
-    4 MiB in an unknown field, which protobuf keeps). At 03c2cb1 the server grew
-    by ~160 MiB for 170 KB sent (a connection may open 1,024 calls, an address 64
+@pytest.mark.parametrize("compressed", [True, False], ids=["gzip", "plain"])
+def test_watch_requests_cannot_make_the_server_hold_gigabytes(fresh, compressed) -> None:
+    """A client opens 40 WatchJobs on one connection, each request a 4 MiB
+    WatchJobsRequest (a short prefix and 4 MiB in an unknown field, which protobuf
+    keeps), gzip-compressed to 4 KB or not. At 03c2cb1 the server grew by ~160
+    MiB for 170 KB sent (a connection may open 1,024 calls, an address 64
     connections): a unary request was inflated once it ended and handed to its
     handler, where nothing counted it, and WatchJobs keeps its request for the
-    watch's whole life. A request now stays counted against the connection's
-    held bytes (48 MiB), inflated, until its call ends: the calls past them are
+    watch's whole life (plain, the client paid for each byte, but 1,024 calls a
+    connection made 4 GiB). A compressed request now stays counted against the
+    connection's held bytes (48 MiB), inflated, until its call ends, and so does
+    the request of a call that answers with a stream: the calls past them are
     refused RESOURCE_EXHAUSTED, and those before them run."""
     server = fresh()
     payload = b"z" * (4 * MiB - 200)
@@ -288,13 +291,14 @@ def test_compressed_requests_cannot_make_the_server_hold_gigabytes(fresh) -> Non
     body = pb.WatchJobsRequest(prefix="a4.amp.").SerializeToString() + field_1000
     body += bytes(varint) + payload
     assert len(body) <= 4 * MiB
-    compressed = message(gzip.compress(body), compressed=True)
+    sent = message(gzip.compress(body), compressed=True) if compressed else message(body)
+    extra = [("grpc-encoding", "gzip")] if compressed else []
     before = rss_mib(server)
     client = RawClient(port(server))
     try:
         for k in range(40):
-            client.start(2 * k + 1, "WatchJobs", extra=[("grpc-encoding", "gzip")])
-            client.send(2 * k + 1, compressed, end=True)
+            client.start(2 * k + 1, "WatchJobs", extra=extra)
+            client.send(2 * k + 1, sent, end=True)
         client.read(lambda: False, timeout=2)
         statuses = [client.status(2 * k + 1) for k in range(40)]
         grown = rss_mib(server) - before
@@ -305,7 +309,7 @@ def test_compressed_requests_cannot_make_the_server_hold_gigabytes(fresh) -> Non
     refused = {status[0] for status in statuses if status is not None}
     assert refused == {"8"}, statuses
     assert statuses[:running] == [None] * running  # the first ones run
-    assert grown < 80, f"the server grew by {grown:.0f} MiB for {40 * len(compressed)} bytes sent"
+    assert grown < 80, f"the server grew by {grown:.0f} MiB for {40 * len(sent)} bytes sent"
 
 
 def test_a_client_that_never_sends_settings_nor_reads_is_not_read_either(fresh) -> None:

@@ -35,13 +35,15 @@ log = structlog.get_logger(__name__)
 RECEIVE_BYTES = 64 << 10
 # Request messages a connection holds for its calls, past which a call is refused
 # RESOURCE_EXHAUSTED: whole messages waiting for their calls (as they came,
-# compressed or not), and those the calls took (inflated) while they keep them (a
-# unary request until its call ends, `Call.messages`' last `kept`). Each counts
-# MESSAGE_OVERHEAD more than its bytes. Flow control (wire.PARTIAL_BYTES, 32 MiB)
-# keeps waiting messages below it but for small ones that arrive whole within
-# their windows; nothing else bounds what compressed requests inflate to, nor what
-# running calls keep. HELD_BYTES at least, and HELD_MESSAGES of the largest
-# (GrpcServer.held_bytes), so that a raised max_message_bytes is always taken.
+# compressed or not); the compressed ones the calls took, inflated, while they
+# keep them (a unary request until its call ends, `Call.messages`' last `kept`);
+# the request of a call that answers with a stream until it ends (a WatchJobs
+# keeps it for the watch's whole life). Each counts MESSAGE_OVERHEAD more than its
+# bytes. Flow control bounds the bytes on the wire, which the client pays for one
+# by one (wire.PARTIAL_BYTES, 32 MiB, of messages not yet taken), not what they
+# inflate to (4 KB of gzip can be 4 MiB) nor how long calls keep them.
+# HELD_BYTES at least, and HELD_MESSAGES of the largest (GrpcServer.held_bytes),
+# so that a raised max_message_bytes is always taken.
 HELD_BYTES = 48 << 20
 HELD_MESSAGES = 12  # 48 MiB at the default [grpc] max_message_bytes (4 MiB)
 MESSAGE_OVERHEAD = 128  # what holding a message costs beyond its bytes (its objects)
@@ -174,24 +176,26 @@ class Call:
         """The request messages of a streaming call, decoded, as the client sends them.
 
         The handler may keep the last `kept` messages it took (StreamSetJobs: the
-        batches in flight): they stay counted against the connection's held
-        bytes, inflated, until it takes more. Raises Abort: RESOURCE_EXHAUSTED past
-        max_message_bytes inflated or past the held bytes, INTERNAL for a corrupt
-        compressed message, INVALID_ARGUMENT for a malformed one.
+        batches in flight): the compressed ones stay counted against the
+        connection's held bytes, inflated, until it takes more. Raises Abort:
+        RESOURCE_EXHAUSTED past max_message_bytes inflated or past the held
+        bytes, INTERNAL for a corrupt compressed message, INVALID_ARGUMENT for a
+        malformed one.
         """
         assert self._inbox is not None
         connection, server = self._connection, self._connection.server
         decode = server.methods[self.method].decode
-        taken: deque[int] = deque()  # the sizes of the messages still kept
+        inflated: deque[int] = deque()  # the sizes of the compressed ones still kept
         async for data, size, encoding in self._inbox[1]:
             connection.release(self, len(data))
             connection.grpc.consumed(self.stream_id, size)
             connection.wake_writer()  # the credit goes out as a WINDOW_UPDATE
-            data = server.inflate(data, encoding)
-            if len(taken) >= kept:
-                connection.release(self, taken.popleft())
-            connection.hold(self, len(data))
-            taken.append(len(data))
+            if encoding is not None:
+                data = server.inflate(data, encoding)
+                if len(inflated) >= kept:
+                    connection.release(self, inflated.popleft())
+                connection.hold(self, len(data))
+                inflated.append(len(data))
             yield server.decode(decode, data, self)
 
 
@@ -570,18 +574,20 @@ class _Connection:
             self._refuse(call, wire.UNIMPLEMENTED, "unary call without a request message")
             return
         call.request = None
-        # The request stays held until its call ends: a handler may keep it (a
-        # WatchJobs for the watch's whole life), and a compressed one counts as
-        # what it inflates to (4 KB of gzip can be a 4 MiB request).
-        if call.request_encoding is not None:
+        method = self.server.methods[call.method]
+        # A compressed request stays counted, inflated, until its call ends, and so
+        # does one a call may keep for ever (a WatchJobs, for the watch's whole
+        # life); the others are let go of now.
+        lasting = isinstance(method, Method) and method.response_streaming
+        if call.request_encoding is not None or not lasting:
             self.release(call, len(data))
+        if call.request_encoding is not None:
             try:
                 data = self.server.inflate(data, call.request_encoding)
                 self.hold(call, len(data))
             except Abort as abort:
                 self._refuse(call, abort.code, abort.details)
                 return
-        method = self.server.methods[call.method]
         if isinstance(method, UnaryMethod):
             try:
                 request = self.server.decode(method.decode, data, call)
@@ -637,7 +643,9 @@ class _Connection:
                 try:
                     if not method.request_streaming:
                         request = self.server.decode(method.decode, request, call)
-                    answer = await method.handler(request, call)
+                    running = method.handler(request, call)
+                    del request  # the handler keeps what it needs of it, no more
+                    answer = await running
                     if not method.response_streaming:
                         grpc.send_message(
                             stream_id,
