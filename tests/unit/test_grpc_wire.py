@@ -1,8 +1,8 @@
 """wire.GrpcConnection (sans-io gRPC over h2) driven by an in-memory h2 client.
 
-No sockets and no clocks: the client's bytes go to `receive_data`, the
-server's `data_to_send` back to the client, so flow control and framing are
-exact and the tests deterministic. Faults found in 011c705 are marked so.
+No sockets and no clocks (support.h2pair): the client's bytes go to
+`receive_data`, the server's `data_to_send` back to the client, so flow control
+and framing are exact and the tests deterministic. Faults found in 011c705 are marked so.
 """
 
 from __future__ import annotations
@@ -10,97 +10,16 @@ from __future__ import annotations
 import gzip
 import zlib
 
-import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
 import hyperframe.frame as frames
 import pytest
+from support.h2pair import LIMIT, H2Pair, prefixed
 
 from kairoi_trio.protocols.grpc import wire
 
 MiB = 1 << 20
-LIMIT = 4 * MiB
-
-
-def prefixed(data: bytes, compressed: bool = False) -> bytes:
-    return bytes([compressed]) + len(data).to_bytes(4, "big") + data
-
-
-class Pair:
-    """A server connection and an h2 client wired back to back."""
-
-    def __init__(self, settings: dict[int, int] | None = None, *, pump: bool = True) -> None:
-        self.server = wire.GrpcConnection(LIMIT, streaming_requests={"/s/Stream"})
-        self.client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        self.client.initiate_connection()
-        if settings:
-            self.client.update_settings(settings)
-        self.events: list[wire.Event] = []  # what the server saw
-        self.answers: list[h2.events.Event] = []  # what the client saw
-        if pump:
-            self.pump()
-
-    def pump(self, budget: int = wire.WRITE_BUDGET) -> None:
-        """Move bytes both ways until neither side has any."""
-        while True:
-            moved = False
-            if out := self.server.data_to_send(budget):
-                for event in self.client.receive_data(out):
-                    if isinstance(event, h2.events.DataReceived):
-                        self.client.acknowledge_received_data(
-                            event.flow_controlled_length, event.stream_id
-                        )
-                    self.answers.append(event)
-                moved = True
-            if out := self.client.data_to_send():
-                self.events += self.server.receive_data(out)
-                moved = True
-            if not moved:
-                return
-
-    def send(self, stream_id: int, data: bytes, end: bool = False) -> None:
-        """Send `data` in frames as large as h2 allows (the window must have room)."""
-        size = self.client.max_outbound_frame_size
-        for offset in range(0, len(data), size):
-            last = offset + size >= len(data)
-            self.client.send_data(stream_id, data[offset : offset + size], end_stream=end and last)
-            self.pump()
-
-    def raw(self, *sent: frames.Frame) -> None:
-        """Frames the client's h2 would not send (its state is left as it was)."""
-        self.events += self.server.receive_data(b"".join(f.serialize() for f in sent))
-
-    def start(self, stream_id: int, path: str = "/s/Unary", extra: tuple = ()) -> None:
-        self.client.send_headers(
-            stream_id,
-            [
-                (":method", "POST"),
-                (":scheme", "http"),
-                (":path", path),
-                (":authority", "x"),
-                ("content-type", "application/grpc"),
-                *extra,
-            ],
-        )
-
-    def of(self, kind: type, stream_id: int | None = None) -> list:
-        return [
-            e
-            for e in self.events
-            if isinstance(e, kind)
-            and (stream_id is None or getattr(e, "stream_id", 0) == stream_id)
-        ]
-
-    def status(self, stream_id: int) -> str | None:
-        for event in self.answers:
-            if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
-                if event.stream_id == stream_id:
-                    headers = dict(event.headers)
-                    if b"grpc-status" in headers:
-                        return headers[b"grpc-status"].decode()
-        return None
 
 
 # -- what held ------------------------------------------------------------------------
@@ -109,7 +28,7 @@ class Pair:
 def test_credit_comes_back_when_calls_with_partial_messages_end() -> None:
     """Calls reset by the client, ended or reset by the server half-way through a
     message give their admission back, whichever way they end."""
-    pair = Pair()
+    pair = H2Pair()
     part = prefixed(b"x" * (3 * MiB))[: wire.STREAM_WINDOW - 100]
     for k in range(60):
         stream_id = 2 * k + 1
@@ -128,7 +47,7 @@ def test_credit_comes_back_when_calls_with_partial_messages_end() -> None:
 
 
 def test_a_streaming_handler_that_does_not_read_holds_the_client_to_its_window() -> None:
-    pair = Pair()
+    pair = H2Pair()
     pair.start(1, "/s/Stream")
     sent = 0
     message = prefixed(b"m" * 10_000)
@@ -145,7 +64,7 @@ def test_a_streaming_handler_that_does_not_read_holds_the_client_to_its_window()
 
 
 def test_answers_share_the_connection_and_trailers_come_last() -> None:
-    pair = Pair({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 100_000})
+    pair = H2Pair(settings={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 100_000})
     for stream_id in (1, 3):
         pair.start(stream_id)
         pair.client.send_data(stream_id, prefixed(b""), end_stream=True)
@@ -183,7 +102,7 @@ def test_many_large_requests_interleaved_do_not_deadlock() -> None:
     their windows allow. Past PARTIAL_BYTES (32 MiB) of messages not yet whole,
     011c705 credits nothing back (wire._credit: `give -= len(stream.inbound)`),
     and no call has window enough to complete its message: all stall for ever."""
-    pair = Pair()
+    pair = H2Pair()
     size = LIMIT - 200
     left = {2 * k + 1: prefixed(b"x" * size) for k in range(16)}
     for stream_id in left:
@@ -207,10 +126,10 @@ def test_the_stream_past_the_limit_is_refused_not_the_connection() -> None:
     error. 011c705 turns h2's TooManyStreamsError into a connection error
     (ConnectionEnded, GOAWAY PROTOCOL_ERROR), losing the calls within the limit,
     even when the client opened them before our SETTINGS could reach it."""
-    pair = Pair(pump=False)  # the client has not read our SETTINGS yet: it may open them
+    pair = H2Pair(pump=False)  # the client has not read our SETTINGS yet: it may open them
     for k in range(wire.MAX_CONCURRENT_STREAMS + 1):
         pair.start(2 * k + 1)
-    pair.events += pair.server.receive_data(pair.client.data_to_send())
+    pair.one_read()
     assert not pair.of(wire.ConnectionEnded)
     assert len(pair.of(wire.CallStarted)) == wire.MAX_CONCURRENT_STREAMS
     pair.pump()
@@ -227,7 +146,7 @@ def test_a_client_goaway_while_an_answer_waits_for_window() -> None:
     hands it the waiting answer (wire._flush: send_data) and raises h2's
     ProtocolError, which kills the connection's writer task ("grpc connection
     failed", a traceback at ERROR)."""
-    pair = Pair({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    pair = H2Pair(settings={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
     pair.start(1)
     pair.client.send_data(1, prefixed(b""), end_stream=True)
     pair.pump()
@@ -276,18 +195,13 @@ def test_a_message_too_large_once_inflated_is_resource_exhausted() -> None:
 CANCEL = h2.errors.ErrorCodes.CANCEL
 
 
-def _one_read(pair: Pair) -> list[wire.Event]:
-    """What the client queued, handed to the server as one read; must not raise."""
-    return pair.server.receive_data(pair.client.data_to_send())
-
-
 @pytest.mark.parametrize("new_call", [False, True], ids=["reset", "reset and a new call"])
 def test_data_credited_then_reset_in_the_same_read(new_call: bool) -> None:
     """Two DATA frames (32 KiB, past CREDIT_BYTES) then RST_STREAM in one read:
     wire._data -> _credit -> h2.increment_flow_control_window(stream 1), which h2
     has closed already: StreamClosedError at e3612a2, or KeyError if the read also
     opens a new call (h2 then drops the closed stream from h2.streams)."""
-    pair = Pair()
+    pair = H2Pair()
     pair.start(1)
     pair.pump()
     body = prefixed(b"x" * 100_000)
@@ -296,7 +210,7 @@ def test_data_credited_then_reset_in_the_same_read(new_call: bool) -> None:
     pair.client.reset_stream(1, CANCEL)
     if new_call:
         pair.start(5)
-    events = _one_read(pair)
+    events = pair.one_read()
     assert [type(e) for e in events] == [wire.CallEnded] + [wire.CallStarted] * new_call
     assert pair.server._admitted == 0 and not pair.server._waiting  # noqa: SLF001
     pair.pump()  # the connection goes on
@@ -305,31 +219,31 @@ def test_data_credited_then_reset_in_the_same_read(new_call: bool) -> None:
     assert pair.of(wire.RequestEnded, 7)
 
 
-def _get(pair: Pair) -> None:
+def _get(pair: H2Pair) -> None:
     pair.client.send_headers(
         1, [(":method", "GET"), (":scheme", "http"), (":path", "/x"), (":authority", "x")]
     )
 
 
-def _plain_text(pair: Pair) -> None:
-    pair.start(1, extra=(("content-type", "text/plain"),))
+def _plain_text(pair: H2Pair) -> None:
+    pair.start(1, extra=((b"content-type", b"text/plain"),))
 
 
-def _unknown_encoding(pair: Pair) -> None:
-    pair.start(1, extra=(("grpc-encoding", "snappy"),))
+def _unknown_encoding(pair: H2Pair) -> None:
+    pair.start(1, extra=((b"grpc-encoding", b"snappy"),))
 
 
-def _too_large(pair: Pair) -> None:
+def _too_large(pair: H2Pair) -> None:
     pair.start(1)
     pair.client.send_data(1, b"\x00" + (LIMIT + 1).to_bytes(4, "big"))
 
 
-def _corrupt_gzip(pair: Pair) -> None:
-    pair.start(1, extra=(("grpc-encoding", "gzip"),))
+def _corrupt_gzip(pair: H2Pair) -> None:
+    pair.start(1, extra=((b"grpc-encoding", b"gzip"),))
     pair.client.send_data(1, prefixed(gzip.compress(b"x" * 100)[:-8], compressed=True))
 
 
-def _after_goaway(pair: Pair) -> None:
+def _after_goaway(pair: H2Pair) -> None:
     pair.server.go_away()
     pair.start(1)
 
@@ -352,12 +266,12 @@ def test_a_call_refused_and_reset_in_the_same_read(name: str, new_call: bool) ->
     the same read: h2.send_headers / reset_stream on a stream h2 has closed
     (StreamClosedError at e3612a2; StreamIDTooLowError if the read also opens a
     new call, which makes h2 forget the closed stream)."""
-    pair = Pair()
+    pair = H2Pair()
     REFUSED[name](pair)
     pair.client.reset_stream(1, CANCEL)
     if new_call:
         pair.start(3)
-    _one_read(pair)
+    pair.one_read()
     assert not pair.server.closed
     open_calls = set(pair.server._streams)  # noqa: SLF001
     assert open_calls == ({3} if new_call and name != "opened after our GOAWAY" else set())
@@ -371,7 +285,7 @@ def test_a_waiting_message_admitted_then_reset_in_the_same_read(
     credits it: h2.increment_flow_control_window) and stream 3 is reset:
     StreamClosedError at e3612a2."""
     monkeypatch.setattr(wire, "PARTIAL_BYTES", 100_000)
-    pair = Pair()
+    pair = H2Pair()
     pair.start(1)
     pair.start(3)
     pair.pump()
@@ -383,7 +297,7 @@ def test_a_waiting_message_admitted_then_reset_in_the_same_read(
         end = offset + 16_384 >= len(first)
         pair.client.send_data(1, first[offset : offset + 16_384], end_stream=end)
     pair.client.reset_stream(3, CANCEL)
-    events = _one_read(pair)
+    events = pair.one_read()
     kinds = [wire.MessageReceived, wire.RequestEnded, wire.CallEnded]
     assert [type(e) for e in events] == kinds
     assert pair.server._admitted == 0 and not pair.server._waiting  # noqa: SLF001
@@ -392,7 +306,7 @@ def test_a_waiting_message_admitted_then_reset_in_the_same_read(
 def test_a_stream_reset_with_its_window_update_and_a_goaway() -> None:
     """Held at e3612a2 (a guard for the fix): RST_STREAM, WINDOW_UPDATE and GOAWAY
     for a call whose answer waits, in one read."""
-    pair = Pair()
+    pair = H2Pair()
     pair.start(1)
     pair.send(1, prefixed(b""), end=True)
     pair.server.send_message(1, b"x" * 200_000)

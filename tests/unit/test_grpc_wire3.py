@@ -1,9 +1,9 @@
 """wire.GrpcConnection, sans-io: a third review, of 67421c5.
 
-An in-memory h2 client (`Pair`, as in tests/unit/test_grpc_wire.py) drives the
-server connection, so frame sequences and reads are exact. The first part
-holds at 67421c5 and guards likely regressions; each test of "faults found in
-67421c5" failed on it, and its docstring says why. The end-to-end side is
+An in-memory h2 client (support.h2pair, as in tests/unit/test_grpc_wire.py)
+drives the server connection, so frame sequences and reads are exact. The first
+part holds at 67421c5 and guards likely regressions; each test of "faults found
+in 67421c5" failed on it, and its docstring says why. The end-to-end side is
 tests/e2e/test_grpc_abuse3.py.
 """
 
@@ -12,72 +12,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
 import hyperframe.frame as frames
 import pytest
+from support.h2pair import LIMIT, H2Pair, prefixed
 
 from kairoi_trio.protocols.grpc import wire
 
 MiB = 1 << 20
-LIMIT = 4 * MiB
 
 
-def prefixed(data: bytes, compressed: bool = False) -> bytes:
-    return bytes([compressed]) + len(data).to_bytes(4, "big") + data
-
-
-class Pair:
-    """A server connection and an h2 client wired back to back."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.server = wire.GrpcConnection(LIMIT, streaming_requests={"/s/Stream"}, clock=clock)
-        self.client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        self.client.initiate_connection()
-        self.client.increment_flow_control_window(64 * MiB)
-        self.events: list[wire.Event] = []
-        self.pump()
-
-    def pump(self) -> None:
-        """Move bytes both ways until neither side has any."""
-        while True:
-            moved = False
-            if out := self.server.data_to_send():
-                for event in self.client.receive_data(out):
-                    if isinstance(event, h2.events.DataReceived):
-                        self.client.acknowledge_received_data(
-                            event.flow_controlled_length, event.stream_id
-                        )
-                moved = True
-            if out := self.client.data_to_send():
-                self.events += self.server.receive_data(out)
-                moved = True
-            if not moved:
-                return
-
-    def start(self, stream_id: int, path: str = "/s/Unary", extra: tuple = ()) -> None:
-        self.client.send_headers(
-            stream_id,
-            [
-                (":method", "POST"),
-                (":scheme", "http"),
-                (":path", path),
-                (":authority", "x"),
-                ("content-type", "application/grpc"),
-                *extra,
-            ],
-        )
-
-    def upload(self, stream_id: int, data: bytes) -> None:
-        """Send `data`, a frame at a time, each read handled before the next."""
-        size = self.client.max_outbound_frame_size
-        for offset in range(0, len(data), size):
-            assert self.client.local_flow_control_window(stream_id) > 0, "no window"
-            self.client.send_data(stream_id, data[offset : offset + size])
-            self.pump()
+def _pair(clock: Callable[[], float] = time.monotonic) -> H2Pair:
+    """A pair whose client lets the server send 64 MiB more on the connection."""
+    return H2Pair(clock=clock, connection_window=64 * MiB)
 
 
 # -- what held at 67421c5 ---------------------------------------------------------------
@@ -89,7 +38,7 @@ def test_admission_returns_to_zero_whatever_ends_the_calls() -> None:
     through a message, the server's status with an answer still queued): once all
     are over, nothing stays admitted or waiting. (A random walk of such
     sequences, 1,500 of them, found no leak either.)"""
-    pair = Pair()
+    pair = _pair()
     server = pair.server
     big = prefixed(b"b" * (3 * MiB))
     for k in range(12):  # 36 MiB announced: the last ones wait
@@ -121,7 +70,7 @@ def test_admission_returns_to_zero_whatever_ends_the_calls() -> None:
 def test_a_message_padded_frames_and_request_trailers() -> None:
     """Padding counts against the windows and is credited back; a request ended by
     trailers rather than END_STREAM ends once and releases its message."""
-    pair = Pair()
+    pair = _pair()
     pair.start(1)
     pair.pump()
     body = prefixed(b"p" * 200_000)
@@ -138,7 +87,7 @@ def test_a_message_padded_frames_and_request_trailers() -> None:
 # -- faults found in 67421c5 -------------------------------------------------------------
 
 
-def _stream_credit(pair: Pair) -> None:
+def _stream_credit(pair: H2Pair) -> None:
     """A streaming call's 32 KiB, past CREDIT_BYTES: wire._credit answers with a
     stream WINDOW_UPDATE."""
     pair.start(1, "/s/Stream")
@@ -148,12 +97,12 @@ def _stream_credit(pair: Pair) -> None:
     pair.client.send_data(1, body[16_384:32_768])
 
 
-def _connection_credit(pair: Pair) -> None:
+def _connection_credit(pair: H2Pair) -> None:
     """The DATA frame that brings the connection's uncredited bytes to
     CONNECTION_WINDOW // 4: wire._data answers with a connection WINDOW_UPDATE."""
     pair.start(1)  # a first request of 1 MiB, whole and ended
     pair.pump()
-    pair.upload(1, prefixed(b"z" * MiB))
+    pair.send(1, prefixed(b"z" * MiB))
     pair.client.end_stream(1)
     body = prefixed(b"y" * (LIMIT - 100))
     pair.start(3)
@@ -167,7 +116,7 @@ def _connection_credit(pair: Pair) -> None:
     pair.client.send_data(3, body[sent : sent + step])
 
 
-def _unary_end(pair: Pair) -> None:
+def _unary_end(pair: H2Pair) -> None:
     """A unary request of 40 KB that ends: wire._request_end takes it (_taken, _credit)."""
     pair.start(1)
     pair.pump()
@@ -178,25 +127,25 @@ def _unary_end(pair: Pair) -> None:
     pair.client.send_data(1, body[32_000:], end_stream=True)
 
 
-def _unknown_encoding(pair: Pair) -> None:
+def _unknown_encoding(pair: H2Pair) -> None:
     """A call wire.py refuses at once (UNIMPLEMENTED, Trailers-Only: send_headers)."""
-    pair.start(1, extra=(("grpc-encoding", "snappy"),))
+    pair.start(1, extra=((b"grpc-encoding", b"snappy"),))
 
 
-def _too_large(pair: Pair) -> None:
+def _too_large(pair: H2Pair) -> None:
     """A message past the limit (RESOURCE_EXHAUSTED, then RST_STREAM NO_ERROR)."""
     pair.start(1)
     pair.client.send_data(1, b"\0" + (LIMIT + 1).to_bytes(4, "big"))
 
 
-def _not_grpc(pair: Pair) -> None:
+def _not_grpc(pair: H2Pair) -> None:
     """A GET: the plain HTTP 405 (wire._refuse)."""
     pair.client.send_headers(
         1, [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "x")]
     )
 
 
-BEFORE_GOAWAY: dict[str, Callable[[Pair], None]] = {
+BEFORE_GOAWAY: dict[str, Callable[[H2Pair], None]] = {
     "stream credit": _stream_credit,
     "connection credit": _connection_credit,
     "unary request end": _unary_end,
@@ -223,17 +172,17 @@ def test_a_client_goaway_in_the_read_that_wire_answers(name: str) -> None:
     calls once h2's connection is closed should be skipped (check
     `self._h2.state_machine.state` in _h2_open and before the connection
     credit)."""
-    pair = Pair()
+    pair = _pair()
     BEFORE_GOAWAY[name](pair)
     pair.client.close_connection()  # GOAWAY, in the same write as the frames above
-    events = pair.server.receive_data(pair.client.data_to_send())
+    events = pair.one_read()
     assert isinstance(events[-1], wire.ConnectionEnded)
     assert pair.server.closed
     pair.server.data_to_send()  # the writer's next round: nothing raises either
 
 
-def _with_calls_open(count: int) -> Pair:
-    pair = Pair()
+def _with_calls_open(count: int) -> H2Pair:
+    pair = _pair()
     for k in range(count):  # unary calls whose request has not come yet: open streams
         pair.start(2 * k + 1)
     pair.pump()
@@ -281,7 +230,7 @@ def test_a_settings_flood_ends_the_connection_with_enhance_your_calm() -> None:
     Past SETTINGS_BURST frames at once the connection ends, ENHANCE_YOUR_CALM;
     a few frames now and then (as grpc-core sizes its windows) are fine."""
     now = [0.0]
-    pair = Pair(clock=lambda: now[0])
+    pair = _pair(clock=lambda: now[0])
     one = frames.SettingsFrame(
         0, settings={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 65_535}
     ).serialize()

@@ -1,93 +1,32 @@
 """wire.GrpcConnection, sans-io: a fourth review, of 03c2cb1.
 
-An in-memory h2 client drives the server connection, so frame sequences and
-window sizes are exact. These guard what 03c2cb1 and b308847 changed and held:
-calls waiting for window kept in `_blocked` and made ready once a read, with
-the client's SETTINGS lowering the windows to zero or below and raising them
-again, stream and connection WINDOW_UPDATEs in either order, trailers queued
-while blocked, and tiny writer budgets. The faults this review found are
-end-to-end (tests/e2e/test_grpc_abuse4.py).
+An in-memory h2 client (support.h2pair: it keeps the connection window h2 starts
+with, 65,535, and acknowledges what it gets while `ack` is set) drives the
+server connection, so frame sequences and window sizes are exact. These guard
+what 03c2cb1 and b308847 changed and held: calls waiting for window kept in
+`_blocked` and made ready once a read, with the client's SETTINGS lowering the
+windows to zero or below and raising them again, stream and connection
+WINDOW_UPDATEs in either order, trailers queued while blocked, and tiny writer
+budgets. The faults this review found are end-to-end
+(tests/e2e/test_grpc_abuse4.py).
 """
 
 from __future__ import annotations
 
 import random
 
-import h2.config
-import h2.connection
-import h2.events
 import h2.exceptions
 import h2.settings
 import pytest
+from support.h2pair import H2Pair
 
 from kairoi_trio.protocols.grpc import wire
 
-MiB = 1 << 20
 WINDOW = h2.settings.SettingCodes.INITIAL_WINDOW_SIZE
 
 
-def prefixed(data: bytes) -> bytes:
-    return b"\0" + len(data).to_bytes(4, "big") + data
-
-
-class Pair:
-    """A server connection and an h2 client that acknowledges what it gets only
-    when told (`ack`), and keeps the connection window h2 starts with (65,535)."""
-
-    def __init__(self) -> None:
-        self.server = wire.GrpcConnection(4 * MiB, streaming_requests={"/s/Stream"})
-        self.client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        self.client.initiate_connection()
-        self.ack = True
-        self.got: list[h2.events.Event] = []
-        self.pump()
-
-    def pump(self, budget: int = wire.WRITE_BUDGET) -> None:
-        for _ in range(10_000):
-            moved = False
-            if out := self.server.data_to_send(budget):
-                for event in self.client.receive_data(out):
-                    if isinstance(event, h2.events.DataReceived) and self.ack:
-                        self.client.acknowledge_received_data(
-                            event.flow_controlled_length, event.stream_id
-                        )
-                    self.got.append(event)
-                moved = True
-            if out := self.client.data_to_send():
-                self.server.receive_data(out)
-                moved = True
-            if not moved:
-                return
-        raise AssertionError("the pair never settles")
-
-    def unary(self, stream_id: int) -> None:
-        self.client.send_headers(
-            stream_id,
-            [
-                (":method", "POST"),
-                (":scheme", "http"),
-                (":path", "/s/Unary"),
-                (":authority", "x"),
-                ("content-type", "application/grpc"),
-            ],
-        )
-        self.client.send_data(stream_id, prefixed(b""), end_stream=True)
-
-    def received(self, stream_id: int) -> tuple[int, bool]:
-        """(answer bytes the client has, whether its trailers came)."""
-        data = sum(
-            e.flow_controlled_length
-            for e in self.got
-            if isinstance(e, h2.events.DataReceived) and e.stream_id == stream_id
-        )
-        ended = any(
-            isinstance(e, h2.events.StreamEnded) and e.stream_id == stream_id for e in self.got
-        )
-        return data, ended
-
-
 def test_trailers_queued_while_the_window_is_zero_go_once_settings_open_it() -> None:
-    pair = Pair()
+    pair = H2Pair()
     pair.client.update_settings({WINDOW: 0})
     pair.pump()
     pair.unary(1)
@@ -107,7 +46,7 @@ def test_a_window_below_zero_then_stream_credit_then_settings() -> None:
     """The client lowers its initial window under what was sent (the stream's
     window goes to -64,535), credits the stream less than that (still below
     zero), the call ends, then SETTINGS raise the window: all goes."""
-    pair = Pair()
+    pair = H2Pair()
     pair.ack = False
     pair.client.increment_flow_control_window(1 << 20)
     pair.unary(1)
@@ -133,7 +72,7 @@ def test_the_connection_window_and_the_streams_opened_in_either_order(stream_fir
     """Stream windows large, the connection's spent (the client does not
     acknowledge): two calls wait. Stream credit alone moves nothing; once the
     connection's window opens, both answers and their trailers go."""
-    pair = Pair()
+    pair = H2Pair()
     pair.ack = False
     pair.client.update_settings({WINDOW: 1 << 30})
     pair.pump()
@@ -162,7 +101,7 @@ def test_answers_always_get_out_whatever_the_windows_do() -> None:
     trailers, and the server forgets it (nothing left in _ready or _blocked)."""
     for seed in range(150):
         rnd = random.Random(seed)
-        pair = Pair()
+        pair = H2Pair()
         calls: list[int] = []
         ended: set[int] = set()
         for _ in range(40):

@@ -6,13 +6,12 @@ import gzip
 import zlib
 from typing import Any
 
-import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
 import hyperframe.frame
 import pytest
+from support.h2pair import H2Pair, prefixed, request_headers
 
 from kairoi_trio.protocols.grpc import wire
 
@@ -20,57 +19,22 @@ PATH = "/kairoi.v1.Scheduler/SetJob"
 STREAM_PATH = "/kairoi.v1.Scheduler/StreamSetJobs"
 
 
-def request_headers(
-    path: str = PATH, content_type: bytes = b"application/grpc"
-) -> list[tuple[bytes, bytes]]:
-    return [
-        (b":method", b"POST"),
-        (b":scheme", b"http"),
-        (b":path", path.encode()),
-        (b":authority", b"test"),
-        (b"content-type", content_type),
-    ]
-
-
-def frame(message: bytes, compressed: bool = False) -> bytes:
-    return bytes([1 if compressed else 0]) + len(message).to_bytes(4, "big") + message
-
-
-class Peer:
-    """A gRPC client made of h2's client connection, talking to a GrpcConnection."""
+class Peer(H2Pair):
+    """The pair as a gRPC client uses it: each call on the next stream id, the
+    answers acknowledged only as the test takes them (`body`), and with `window`
+    the client's initial stream window (what the server may send ahead a call)."""
 
     def __init__(self, max_message_bytes: int = 4 << 20, window: int | None = None) -> None:
-        self.server = wire.GrpcConnection(max_message_bytes, streaming_requests={STREAM_PATH})
-        self.client = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        settings: dict[h2.settings.SettingCodes | int, int] | None = None
+        if window is not None:
+            settings = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window}
+        super().__init__(
+            max_message_bytes=max_message_bytes,
+            streaming_requests={STREAM_PATH},
+            settings=settings,
+            connection_window=0 if window is None else 16 << 20,
+            ack=False,
         )
-        self.client.initiate_connection()
-        if window is not None:  # what the client lets the server send ahead, per stream
-            self.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
-            self.client.increment_flow_control_window(16 << 20)
-        self.events: list[wire.Event] = []
-        self.answers: dict[int, list[Any]] = {}  # h2 events the client got, by stream
-        self.exchange()
-
-    def exchange(self) -> None:
-        """Move bytes both ways until neither side has anything to say."""
-        while True:
-            out = self.client.data_to_send()
-            if out:
-                self.events += self.server.receive_data(out)
-            back = self.server.data_to_send()
-            if back:
-                for event in self.client.receive_data(back):
-                    stream_id = getattr(event, "stream_id", 0)
-                    self.answers.setdefault(stream_id, []).append(event)
-            if not out and not back:
-                return
-
-    def send(self, stream_id: int, data: bytes) -> None:
-        """DATA frames of `data` on the stream, as the frame size allows."""
-        size = self.client.max_outbound_frame_size
-        for i in range(0, len(data), size):
-            self.client.send_data(stream_id, data[i : i + size])
 
     def call(
         self,
@@ -79,38 +43,28 @@ class Peer:
         end: bool = True,
         headers: list[tuple[bytes, bytes]] | None = None,
     ) -> int:
+        """Open a call, send `body` (and END_STREAM if `end`) in one read, pump;
+        its stream id."""
         stream_id = self.client.get_next_available_stream_id()
-        self.client.send_headers(
-            stream_id, [*request_headers(path), (b"te", b"trailers"), *(headers or [])]
-        )
-        self.send(stream_id, body)
+        self.start(stream_id, path, [(b"te", b"trailers"), *(headers or [])])
+        self.send(stream_id, body, pump=False)
         if end:
             self.client.end_stream(stream_id)
-        self.exchange()
+        self.pump()
         return stream_id
 
-    def of(self, stream_id: int, kind: type) -> list[Any]:
-        return [
-            e
-            for e in self.events
-            if isinstance(e, kind) and getattr(e, "stream_id", None) == stream_id
-        ]
-
-    def status(self, stream_id: int) -> tuple[int, str]:
-        """The call's grpc-status and grpc-message, from its trailers (or Trailers-Only)."""
-        for event in self.answers.get(stream_id, []):
-            if isinstance(event, h2.events.TrailersReceived | h2.events.ResponseReceived):
-                headers = dict(event.headers)
-                if b"grpc-status" in headers:
-                    return int(headers[b"grpc-status"]), headers.get(b"grpc-message", b"").decode()
-        raise AssertionError(f"no status on stream {stream_id}: {self.answers.get(stream_id)}")
-
     def body(self, stream_id: int) -> bytes:
+        """The answer bytes the call got since the last `body`, acknowledged (which
+        opens the windows) and taken out of `answers`."""
         data = b""
-        for event in self.answers.get(stream_id, []):
-            if isinstance(event, h2.events.DataReceived):
+        kept = []
+        for event in self.answers:
+            if isinstance(event, h2.events.DataReceived) and event.stream_id == stream_id:
                 data += event.data
                 self.client.acknowledge_received_data(event.flow_controlled_length, stream_id)
+            else:
+                kept.append(event)
+        self.answers[:] = kept
         return data
 
 
@@ -130,23 +84,23 @@ def test_a_unary_call_its_message_across_frames_and_its_answer() -> None:
             (b"trace-bin", b"AAEC"),
         ],
     )
-    message = frame(b"hello world")
+    message = prefixed(b"hello world")
     for i in range(0, len(message), 3):  # a prefix and a message cut anywhere
         peer.client.send_data(stream_id, message[i : i + 3])
     peer.client.end_stream(stream_id)
-    peer.exchange()
-    [started] = peer.of(stream_id, wire.CallStarted)
+    peer.pump()
+    [started] = peer.of(wire.CallStarted, stream_id)
     assert started.method == PATH and started.timeout_s == pytest.approx(0.25)
     assert ("authorization", "Bearer x") in started.metadata
     assert ("trace-bin", b"\x00\x01\x02") in started.metadata
-    [received] = peer.of(stream_id, wire.MessageReceived)
+    [received] = peer.of(wire.MessageReceived, stream_id)
     assert received.message == b"hello world"
-    assert peer.of(stream_id, wire.RequestEnded)
+    assert peer.of(wire.RequestEnded, stream_id)
 
     assert peer.server.send_message(stream_id, b"answer")
     peer.server.end_call(stream_id, wire.OK)
-    peer.exchange()
-    assert peer.body(stream_id) == frame(b"answer")
+    peer.pump()
+    assert peer.body(stream_id) == prefixed(b"answer")
     assert peer.status(stream_id) == (0, "")
     assert not peer.server.is_open(stream_id)
     assert not peer.server.send_message(stream_id, b"late")  # the call is over
@@ -154,10 +108,12 @@ def test_a_unary_call_its_message_across_frames_and_its_answer() -> None:
 
 def test_a_refusal_before_any_answer_is_trailers_only_and_percent_encoded() -> None:
     peer = Peer()
-    stream_id = peer.call(frame(b"x"))
+    stream_id = peer.call(prefixed(b"x"))
     peer.server.end_call(stream_id, wire.NOT_FOUND, "job «a\nb» 100% gone")
-    peer.exchange()
-    [response] = [e for e in peer.answers[stream_id] if isinstance(e, h2.events.ResponseReceived)]
+    peer.pump()
+    [response] = [
+        e for e in peer.answers_on(stream_id) if isinstance(e, h2.events.ResponseReceived)
+    ]
     headers = dict(response.headers)
     assert headers[b":status"] == b"200" and headers[b"grpc-status"] == b"5"
     assert headers[b"grpc-message"] == b"job %C2%ABa%0Ab%C2%BB 100%25 gone"
@@ -172,25 +128,25 @@ def test_what_is_not_a_grpc_request_gets_plain_http_errors() -> None:
         [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"t")],
         end_stream=True,
     )
-    peer.exchange()
-    [response] = peer.answers[stream_id][:1]
+    peer.pump()
+    [response] = peer.answers_on(stream_id)[:1]
     assert dict(response.headers)[b":status"] == b"405"
-    stream_id = peer.call(frame(b"x"), headers=[])
+    stream_id = peer.call(prefixed(b"x"), headers=[])
     json_call = peer.client.get_next_available_stream_id()
     peer.client.send_headers(
-        json_call, request_headers(content_type=b"application/json"), end_stream=True
+        json_call, request_headers(PATH, content_type=b"application/json"), end_stream=True
     )
-    peer.exchange()
-    assert dict(peer.answers[json_call][0].headers)[b":status"] == b"415"
-    assert not peer.of(json_call, wire.CallStarted)
+    peer.pump()
+    assert dict(peer.answers_on(json_call)[0].headers)[b":status"] == b"415"
+    assert not peer.of(wire.CallStarted, json_call)
 
 
 def test_a_message_over_the_limit_ends_its_call_and_is_credited_back() -> None:
     peer = Peer(max_message_bytes=1000)
-    small = peer.call(frame(b"x" * 1000))
-    assert peer.of(small, wire.MessageReceived)
-    big = peer.call(frame(b"y" * 1001))
-    assert peer.of(big, wire.CallEnded) and not peer.of(big, wire.MessageReceived)
+    small = peer.call(prefixed(b"x" * 1000))
+    assert peer.of(wire.MessageReceived, small)
+    big = peer.call(prefixed(b"y" * 1001))
+    assert peer.of(wire.CallEnded, big) and not peer.of(wire.MessageReceived, big)
     assert peer.status(big) == (8, "Received message larger than max (1001 vs. 1000)")
     # The prefix alone is enough to refuse: a 4 GiB announcement holds nothing.
     huge = peer.call(b"\x00\xff\xff\xff\xff", end=False)
@@ -199,9 +155,9 @@ def test_a_message_over_the_limit_ends_its_call_and_is_credited_back() -> None:
     # What refused calls sent is credited back: more of it than the connection's
     # window does not stop the next call.
     for _ in range(wire.CONNECTION_WINDOW // 16_000 + 20):
-        peer.call(frame(b"z" * 15_995))
-    last = peer.call(frame(b"still served"))
-    assert [e.message for e in peer.of(last, wire.MessageReceived)] == [b"still served"]
+        peer.call(prefixed(b"z" * 15_995))
+    last = peer.call(prefixed(b"still served"))
+    assert [e.message for e in peer.of(wire.MessageReceived, last)] == [b"still served"]
 
 
 def test_compressed_requests_are_passed_on_compressed() -> None:
@@ -210,67 +166,64 @@ def test_compressed_requests_are_passed_on_compressed() -> None:
     control bounds (a 4 KB message may inflate to 4 MiB)."""
     peer = Peer(max_message_bytes=10_000)
     packed = gzip.compress(b"a" * 5000)
-    gzip_call = peer.call(frame(packed, compressed=True), headers=[(b"grpc-encoding", b"gzip")])
-    [received] = peer.of(gzip_call, wire.MessageReceived)
+    gzip_call = peer.call(prefixed(packed, compressed=True), headers=[(b"grpc-encoding", b"gzip")])
+    [received] = peer.of(wire.MessageReceived, gzip_call)
     assert (received.message, received.encoding) == (packed, b"gzip")
     assert wire.inflate(received.message, b"gzip", 10_000) == b"a" * 5000
     deflate_call = peer.call(
-        frame(zlib.compress(b"b" * 10), compressed=True),
+        prefixed(zlib.compress(b"b" * 10), compressed=True),
         headers=[(b"grpc-encoding", b"deflate")],
     )
-    [received] = peer.of(deflate_call, wire.MessageReceived)
+    [received] = peer.of(wire.MessageReceived, deflate_call)
     assert wire.inflate(received.message, b"deflate", 10_000) == b"b" * 10
-    plain = peer.call(frame(b"c"), headers=[(b"grpc-encoding", b"gzip")])  # flag not set
-    assert [(e.message, e.encoding) for e in peer.of(plain, wire.MessageReceived)] == [(b"c", None)]
-    unannounced = peer.call(frame(b"not gzip", compressed=True))
+    plain = peer.call(prefixed(b"c"), headers=[(b"grpc-encoding", b"gzip")])  # flag not set
+    assert [(e.message, e.encoding) for e in peer.of(wire.MessageReceived, plain)] == [(b"c", None)]
+    unannounced = peer.call(prefixed(b"not gzip", compressed=True))
     assert peer.status(unannounced)[0] == wire.INTERNAL
-    unknown = peer.call(frame(b"x"), headers=[(b"grpc-encoding", b"snappy")])
+    unknown = peer.call(prefixed(b"x"), headers=[(b"grpc-encoding", b"snappy")])
     assert peer.status(unknown)[0] == wire.UNIMPLEMENTED
 
 
 def test_a_streaming_request_is_credited_as_its_handler_takes_it() -> None:
     peer = Peer()
     stream_id = peer.call(b"", path=STREAM_PATH, end=False)
-    message = frame(b"m" * 10_000)
+    message = prefixed(b"m" * 10_000)
     sent = 0
     while peer.client.local_flow_control_window(stream_id) >= len(message):
-        peer.send(stream_id, message)
+        peer.send(stream_id, message, pump=False)
         sent += len(message)
-        peer.exchange()
+        peer.pump()
     # Nothing was credited: the handler took none of them, so the client stopped.
     assert wire.STREAM_WINDOW - len(message) < sent <= wire.STREAM_WINDOW
-    received = peer.of(stream_id, wire.MessageReceived)
+    received = peer.of(wire.MessageReceived, stream_id)
     assert len(received) == sent // len(message)
     for event in received:
         peer.server.consumed(stream_id, event.size)
-    peer.exchange()
+    peer.pump()
     assert peer.client.local_flow_control_window(stream_id) == wire.STREAM_WINDOW
 
 
 def test_answers_wait_for_the_window_and_trailers_follow_the_last_byte() -> None:
     peer = Peer(window=10_000)
-    stream_id = peer.call(frame(b"x"))
+    stream_id = peer.call(prefixed(b"x"))
     peer.server.send_message(stream_id, b"z" * 30_000)
     peer.server.end_call(stream_id, wire.OK)
-    peer.exchange()
+    peer.pump()
     assert peer.server.buffered(stream_id) == 30_005 - 10_000
     assert peer.server.is_open(stream_id) is False  # ended: no more messages ...
-    assert not any(isinstance(e, h2.events.TrailersReceived) for e in peer.answers[stream_id])
+    assert not any(isinstance(e, h2.events.TrailersReceived) for e in peer.answers_on(stream_id))
     data = b""
-    while not any(isinstance(e, h2.events.TrailersReceived) for e in peer.answers[stream_id]):
+    while not any(isinstance(e, h2.events.TrailersReceived) for e in peer.answers_on(stream_id)):
         data += peer.body(stream_id)  # acknowledges, which opens the window
-        peer.answers[stream_id] = [
-            e for e in peer.answers[stream_id] if not isinstance(e, h2.events.DataReceived)
-        ]
-        peer.exchange()
+        peer.pump()
     data += peer.body(stream_id)
-    assert data == frame(b"z" * 30_000)  # ... but all of it arrives, then the trailers
+    assert data == prefixed(b"z" * 30_000)  # ... but all of it arrives, then the trailers
     assert peer.status(stream_id) == (0, "")
 
 
 def test_the_writer_budget_serves_calls_in_turn() -> None:
     peer = Peer(window=1 << 20)
-    calls = [peer.call(frame(b"x")) for _ in range(3)]
+    calls = [peer.call(prefixed(b"x")) for _ in range(3)]
     for stream_id in calls:
         peer.server.send_message(stream_id, b"w" * 200_000)
 
@@ -302,15 +255,15 @@ def frames(data: bytes) -> list[Any]:
 
 def test_after_goaway_calls_in_flight_answer_and_new_ones_are_refused() -> None:
     peer = Peer()
-    before = peer.call(frame(b"x"))
+    before = peer.call(prefixed(b"x"))
     peer.server.go_away()
     [goaway] = frames(peer.server.data_to_send())
     assert isinstance(goaway, hyperframe.frame.GoAwayFrame)
     assert goaway.last_stream_id == before and goaway.error_code == 0
     # A call the client opened before it saw the GOAWAY is refused, to retry elsewhere.
     after = peer.client.get_next_available_stream_id()
-    peer.client.send_headers(after, request_headers(), end_stream=True)
-    assert peer.server.receive_data(peer.client.data_to_send()) == []
+    peer.client.send_headers(after, request_headers(PATH), end_stream=True)
+    assert peer.one_read() == []
     [reset] = frames(peer.server.data_to_send())
     assert isinstance(reset, hyperframe.frame.RstStreamFrame) and reset.stream_id == after
     assert reset.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
@@ -323,10 +276,10 @@ def test_after_goaway_calls_in_flight_answer_and_new_ones_are_refused() -> None:
 
 def test_a_client_reset_ends_the_call() -> None:
     peer = Peer()
-    stream_id = peer.call(frame(b"x"), end=False)
+    stream_id = peer.call(prefixed(b"x"), end=False)
     peer.client.reset_stream(stream_id)
-    peer.exchange()
-    assert peer.of(stream_id, wire.CallEnded)
+    peer.pump()
+    assert peer.of(wire.CallEnded, stream_id)
     assert not peer.server.is_open(stream_id)
     peer.server.end_call(stream_id, wire.OK)  # a handler that ends late changes nothing
     assert peer.server.data_to_send() == b""
@@ -338,8 +291,8 @@ def test_messages_are_admitted_to_a_bound_per_connection(monkeypatch) -> None:
     calls = []
     for _ in range(3):  # each call announces a 2 MiB message and sends what it may
         stream_id = peer.call(b"", end=False)
-        peer.send(stream_id, frame(b"p" * (2 << 20))[: wire.STREAM_WINDOW])
-        peer.exchange()
+        peer.send(stream_id, prefixed(b"p" * (2 << 20))[: wire.STREAM_WINDOW], pump=False)
+        peer.pump()
         calls.append(stream_id)
     # The first was admitted (alone, it may exceed the bound) and credited back; the
     # others wait: they may send no more than their window.
@@ -349,15 +302,15 @@ def test_messages_are_admitted_to_a_bound_per_connection(monkeypatch) -> None:
     # The connection's window is credited whatever waits: the first call can go on.
     assert peer.client.outbound_flow_control_window > wire.CONNECTION_WINDOW // 2
     peer.client.reset_stream(calls[0])
-    peer.exchange()
+    peer.pump()
     # Its admission freed, the next one is admitted and credited, the last still waits.
     windows = [peer.client.local_flow_control_window(s) for s in calls[1:]]
     assert windows == [wire.STREAM_WINDOW, 0]
     peer.client.reset_stream(calls[1])
-    peer.exchange()
+    peer.pump()
     assert peer.client.local_flow_control_window(calls[2]) == wire.STREAM_WINDOW
     peer.client.reset_stream(calls[2])
-    peer.exchange()
+    peer.pump()
     assert peer.server._admitted == 0 and not peer.server._waiting
 
 
@@ -373,16 +326,16 @@ def upload(peer: Peer, stream_id: int, data: bytes) -> None:
     while data:
         room = peer.client.local_flow_control_window(stream_id)
         assert room > 0, "the server stopped crediting the stream"
-        peer.send(stream_id, data[:room])
+        peer.send(stream_id, data[:room], pump=False)
         data = data[room:]
-        peer.exchange()
+        peer.pump()
 
 
 def test_unread_streaming_messages_hold_the_next_ones_to_their_window(monkeypatch) -> None:
     """Whole messages a streaming handler has not read stay admitted: past
     PARTIAL_BYTES, the next large message waits (its client held to its window)
     until a handler reads, rather than being held in memory or refused."""
-    big = frame(b"b" * (1 << 20))
+    big = prefixed(b"b" * (1 << 20))
     monkeypatch.setattr(wire, "PARTIAL_BYTES", 3 * len(big))
     peer = Peer()
     calls = []
@@ -390,21 +343,21 @@ def test_unread_streaming_messages_hold_the_next_ones_to_their_window(monkeypatc
         stream_id = peer.call(b"", path=STREAM_PATH, end=False)
         upload(peer, stream_id, big)
         calls.append(stream_id)
-    assert all(len(peer.of(s, wire.MessageReceived)) == 1 for s in calls)
+    assert all(len(peer.of(wire.MessageReceived, s)) == 1 for s in calls)
     assert peer.server._admitted == 3 * len(big)
     late = peer.call(b"", path=STREAM_PATH, end=False)
-    peer.send(late, big[: wire.STREAM_WINDOW])
-    peer.exchange()
+    peer.send(late, big[: wire.STREAM_WINDOW], pump=False)
+    peer.pump()
     assert list(peer.server._waiting) == [late]
     assert peer.client.local_flow_control_window(late) == 0
-    peer.server.consumed(calls[0], peer.of(calls[0], wire.MessageReceived)[0].size)
-    peer.exchange()
+    peer.server.consumed(calls[0], peer.of(wire.MessageReceived, calls[0])[0].size)
+    peer.pump()
     # One read: the waiting message is admitted and its client may go on.
     assert not peer.server._waiting
     assert peer.client.local_flow_control_window(late) == wire.STREAM_WINDOW
     for stream_id in [*calls, late]:
         peer.client.reset_stream(stream_id)
-    peer.exchange()
+    peer.pump()
     assert peer.server._admitted == 0
 
 
@@ -414,14 +367,14 @@ def test_a_unary_request_stays_admitted_until_it_ends(monkeypatch) -> None:
     monkeypatch.setattr(wire, "PARTIAL_BYTES", 1 << 20)
     peer = Peer()
     first = peer.call(b"", end=False)
-    upload(peer, first, frame(b"a" * (1 << 20)))  # whole, not ended
+    upload(peer, first, prefixed(b"a" * (1 << 20)))  # whole, not ended
     second = peer.call(b"", end=False)
-    peer.send(second, frame(b"b" * (1 << 20))[: wire.STREAM_WINDOW])
-    peer.exchange()
+    peer.send(second, prefixed(b"b" * (1 << 20))[: wire.STREAM_WINDOW], pump=False)
+    peer.pump()
     assert list(peer.server._waiting) == [second]
     peer.client.end_stream(first)
-    peer.exchange()
-    assert peer.of(first, wire.RequestEnded) and not peer.server._waiting
+    peer.pump()
+    assert peer.of(wire.RequestEnded, first) and not peer.server._waiting
     assert peer.server._admitted == 1 << 20  # the second's announced size
 
 
@@ -429,10 +382,10 @@ def test_request_trailers_end_the_request_once() -> None:
     """A client may end its request with trailers (HEADERS with END_STREAM): one
     RequestEnded, not one for the trailers and one for the end of the stream."""
     peer = Peer()
-    stream_id = peer.call(frame(b"x"), end=False)
+    stream_id = peer.call(prefixed(b"x"), end=False)
     peer.client.send_headers(stream_id, [(b"x-trailer", b"1")], end_stream=True)
-    peer.exchange()
-    assert len(peer.of(stream_id, wire.RequestEnded)) == 1
+    peer.pump()
+    assert len(peer.of(wire.RequestEnded, stream_id)) == 1
 
 
 def test_answers_held_by_the_windows_go_on_when_they_open() -> None:
@@ -440,29 +393,26 @@ def test_answers_held_by_the_windows_go_on_when_they_open() -> None:
     initial window; answers stopped by the connection's window go on with the
     client's WINDOW_UPDATEs (the calls waiting for window are kept apart)."""
     peer = Peer(window=1000)
-    calls = [peer.call(frame(b"")) for _ in range(3)]
+    calls = [peer.call(prefixed(b"")) for _ in range(3)]
     for stream_id in calls:
         peer.server.send_message(stream_id, b"s" * 5000)
         peer.server.end_call(stream_id, wire.OK)
-    peer.exchange()
+    peer.pump()
     assert all(len(peer.body(s)) == 1000 for s in calls)  # held by the stream windows
     peer.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
-    peer.exchange()
+    peer.pump()
     assert all(peer.status(s) == (0, "") for s in calls)
 
     peer = Peer()  # the connection's window: 65,535 bytes for all the answers
-    calls = [peer.call(frame(b"")) for _ in range(3)]
+    calls = [peer.call(prefixed(b"")) for _ in range(3)]
     for stream_id in calls:
         peer.server.send_message(stream_id, b"c" * 50_000)
         peer.server.end_call(stream_id, wire.OK)
-    peer.exchange()
+    peer.pump()
     received = {s: b"" for s in calls}
     for _ in range(10):  # the client takes what came: its WINDOW_UPDATEs
         for stream_id in calls:
             received[stream_id] += peer.body(stream_id)
-            peer.answers[stream_id] = [
-                e for e in peer.answers[stream_id] if not isinstance(e, h2.events.DataReceived)
-            ]
-        peer.exchange()
+        peer.pump()
     assert all(len(data) == 5 + 50_000 for data in received.values())
     assert all(peer.status(s) == (0, "") for s in calls)
