@@ -1,0 +1,343 @@
+"""gRPC held bytes, in process: a fifth review, of 5e0f3e1.
+
+An in-process transport.GrpcServer and an h2 client on a Trio socket, so that
+the connection's counters (transport._Connection._held, wire's _admitted) can be
+read once calls end every way, and what a handler's task keeps can be
+measured (tracemalloc). The first part holds at 5e0f3e1 and guards the
+accounting; each test of "faults found in 5e0f3e1" fails on it, and its
+docstring says why. The end-to-end side is tests/e2e/test_grpc_abuse5.py.
+"""
+
+from __future__ import annotations
+
+import gc
+import gzip
+import tracemalloc
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+import pytest
+import trio
+import trio.testing
+
+from kairoi_trio.protocols.grpc import transport, wire
+
+MiB = 1 << 20
+
+
+def prefixed(data: bytes, compressed: bool = False) -> bytes:
+    return bytes([compressed]) + len(data).to_bytes(4, "big") + data
+
+
+class Client:
+    """An h2 client on a Trio stream that acknowledges what it reads."""
+
+    def __init__(self, stream: trio.SocketStream, settings: dict[int, int] | None = None) -> None:
+        self.stream = stream
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.h2.initiate_connection()
+        if settings:
+            self.h2.update_settings(settings)
+        self.h2.increment_flow_control_window(64 * MiB)
+        self.events: list[h2.events.Event] = []
+
+    async def flush(self) -> None:
+        if data := self.h2.data_to_send():
+            await self.stream.send_all(data)
+
+    async def read_until(self, done: Callable[[], object], wait_s: float = 10) -> bool:
+        with trio.move_on_after(wait_s):
+            while not done():
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    break
+                for event in self.h2.receive_data(data):
+                    if isinstance(event, h2.events.DataReceived):
+                        self.h2.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                    self.events.append(event)
+                await self.flush()
+        return bool(done())
+
+    def start(self, stream_id: int, path: str, encoding: str = "") -> None:
+        headers = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", path),
+            (":authority", "x"),
+            ("content-type", "application/grpc"),
+        ]
+        if encoding:
+            headers.append(("grpc-encoding", encoding))
+        self.h2.send_headers(stream_id, headers)
+
+    async def send(self, stream_id: int, data: bytes, end: bool = False) -> None:
+        """`data` as the windows allow (reading the server's WINDOW_UPDATEs meanwhile),
+        then the end of the request if `end`."""
+        while data:
+            size = min(
+                self.h2.local_flow_control_window(stream_id),
+                self.h2.max_outbound_frame_size,
+                len(data),
+            )
+            if size <= 0:
+                await self.flush()
+                assert await self.read_until(
+                    lambda: (
+                        self.h2.local_flow_control_window(stream_id) > 0 or self.status(stream_id)
+                    )
+                ), "no window"
+                if self.status(stream_id):
+                    return
+                continue
+            self.h2.send_data(stream_id, data[:size])
+            data = data[size:]
+        if end and self.status(stream_id) is None:
+            self.h2.end_stream(stream_id)
+        await self.flush()
+
+    def status(self, stream_id: int) -> bytes | None:
+        for event in self.events:
+            if getattr(event, "stream_id", None) != stream_id:
+                continue
+            if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                headers = dict(event.headers)
+                if b"grpc-status" in headers:
+                    return headers[b"grpc-status"]
+            if isinstance(event, h2.events.StreamReset):
+                return b"RST"
+        return None
+
+
+async def _serve(
+    nursery: trio.Nursery, methods: dict[str, Any]
+) -> tuple[transport.GrpcServer, int]:
+    server = transport.GrpcServer(methods, max_message_bytes=4 * MiB)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    await nursery.start(server.serve, listeners)
+    return server, listeners[0].socket.getsockname()[1]
+
+
+def _connection(server: transport.GrpcServer) -> transport._Connection:
+    [connection] = server._connections  # noqa: SLF001
+    return connection
+
+
+# -- what held at 5e0f3e1 ----------------------------------------------------------------
+
+
+async def test_held_bytes_come_back_to_zero_whatever_ends_the_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On one connection, calls of every kind (a unary Method, a UnaryMethod answered
+    at once or later, a response-streaming call that keeps its request, streaming
+    requests kept two at a time) end every way: OK; a corrupt, a too-large-once-
+    inflated or a second request message; no request message; the client's
+    reset before, while and after the handler took its messages; the handler
+    returning early or raising; a message past max_message_bytes mid-stream; a
+    call refused for held bytes (the bound lowered to 3 MiB); request trailers.
+    Held bytes never go below zero, on the connection or a call, and once every
+    call is over the connection holds nothing, wire admits nothing, and a new
+    call that takes 2.5 MiB inflated is served."""
+    monkeypatch.setattr(transport, "HELD_BYTES", 3 * MiB)
+    monkeypatch.setattr(transport, "HELD_MESSAGES", 0)
+    lowest: list[int] = [0]
+    hold, release = transport._Connection.hold, transport._Connection.release  # noqa: SLF001
+
+    def checked_hold(self: Any, call: Any, size: int) -> None:
+        hold(self, call, size)
+        lowest[0] = min(lowest[0], self._held, call.held)  # noqa: SLF001
+
+    def checked_release(self: Any, call: Any, size: int) -> None:
+        release(self, call, size)
+        lowest[0] = min(lowest[0], self._held, call.held)  # noqa: SLF001
+
+    monkeypatch.setattr(transport._Connection, "hold", checked_hold)  # noqa: SLF001
+    monkeypatch.setattr(transport._Connection, "release", checked_release)  # noqa: SLF001
+
+    later: dict[int, transport.Call] = {}  # answered by the test
+
+    async def unary(request: bytes, _call: transport.Call) -> bytes:
+        return b"ok:" + str(len(request)).encode()
+
+    async def watch(_request: bytes, call: transport.Call) -> None:
+        await call.send_initial_metadata()
+        await trio.sleep_forever()
+
+    async def stream(call: transport.Call, _: transport.Call) -> bytes:
+        count = 0
+        async for request in call.messages(kept=2):
+            if request == b"stop":
+                return b"stopped"
+            if request == b"boom":
+                raise ValueError("boom")
+            count += 1
+        return str(count).encode()
+
+    methods = {
+        "/t/Unary": transport.Method(False, False, bytes, unary),
+        "/t/Fast": transport.UnaryMethod(bytes, lambda r, call: call.answer(b"fast")),
+        "/t/Later": transport.UnaryMethod(
+            bytes, lambda r, call: later.update({call.stream_id: call})
+        ),
+        "/t/Watch": transport.Method(False, True, bytes, watch),
+        "/t/Stream": transport.Method(True, False, bytes, stream),
+    }
+    mib = gzip.compress(b"\0" * MiB)
+    huge = zlib.compress(b"\0" * (4 * MiB + 1))
+    plans: list[tuple[str, str, list[bytes], str]] = [
+        # (path, encoding, messages, how it ends: "end", "open" (reset later), "reset")
+        ("/t/Unary", "", [prefixed(b"x" * 100_000)], "end"),
+        ("/t/Unary", "gzip", [prefixed(mib, True)], "end"),
+        ("/t/Unary", "gzip", [prefixed(b"not gzip", True)], "end"),
+        ("/t/Unary", "deflate", [prefixed(huge, True)], "end"),
+        ("/t/Unary", "", [prefixed(b"a"), prefixed(b"b")], "end"),
+        ("/t/Unary", "", [], "end"),
+        ("/t/Unary", "", [prefixed(b"x" * 200_000)[:100_000]], "reset"),
+        ("/t/Fast", "gzip", [prefixed(mib, True)], "end"),
+        ("/t/Later", "gzip", [prefixed(mib, True)], "end"),
+        ("/t/Later", "", [prefixed(b"y" * 50_000)], "end"),
+        ("/t/Later", "gzip", [prefixed(mib, True)], "end"),  # reset once begun
+        ("/t/Watch", "", [prefixed(b"w" * 70_000)], "open"),
+        ("/t/Watch", "gzip", [prefixed(mib, True)], "open"),
+        ("/t/Stream", "gzip", [prefixed(gzip.compress(b"m" * 300_000), True)] * 5, "end"),
+        ("/t/Stream", "", [prefixed(b"s" * 30_000)] * 2 + [prefixed(b"stop")] * 3, "open"),
+        ("/t/Stream", "gzip", [prefixed(gzip.compress(b"boom"), True)] * 2, "open"),
+        ("/t/Stream", "", [prefixed(b"p" * 40_000)] * 3, "reset"),
+        ("/t/Stream", "", [prefixed(b"q"), b"\0" + (5 * MiB).to_bytes(4, "big")], "open"),
+        ("/t/Stream", "gzip", [prefixed(mib, True)] * 4, "open"),  # past 3 MiB held
+    ]
+    async with trio.open_nursery() as nursery:
+        server, grpc_port = await _serve(nursery, methods)
+        client = Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
+        streams = []
+        for k, (path, encoding, messages, how) in enumerate(plans):
+            stream_id = 2 * k + 1
+            streams.append(stream_id)
+            client.start(stream_id, path, encoding)
+            for data in messages:
+                await client.send(stream_id, data)
+            if how == "end":
+                await client.send(stream_id, b"", end=True)
+            elif how == "reset":
+                client.h2.reset_stream(stream_id)
+            await client.flush()
+            await trio.testing.wait_all_tasks_blocked(0.05)
+        # request trailers end a streaming request
+        client.start(101, "/t/Stream")
+        await client.send(101, prefixed(b"t" * 10))
+        client.h2.send_headers(101, [("grpc-status", "0")], end_stream=True)
+        await client.flush()
+        ending = [
+            s for s, p in zip(streams, plans, strict=True) if p[3] == "end" and p[0] != "/t/Later"
+        ]
+        assert await client.read_until(lambda: all(client.status(s) for s in ending))
+        assert [client.status(s) for s in ending] == [
+            b"0",
+            b"0",
+            b"13",
+            b"8",
+            b"12",
+            b"12",
+            b"0",
+            b"0",
+        ]
+        assert sorted(later) == [17, 19, 21]
+        later[17].answer(b"late")
+        later[19].fail(wire.NOT_FOUND, "late")
+        assert await client.read_until(lambda: client.status(17) and client.status(19))
+        assert [client.status(s) for s in (27, 29, 31, 35, 37)] == [b"0", b"0", b"2", b"8", b"8"]
+        for stream_id, plan in zip(streams, plans, strict=True):
+            if (plan[3] == "open" or stream_id == 21) and not client.status(stream_id):
+                client.h2.reset_stream(stream_id)
+        await client.flush()
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        later[21].answer(b"late, reset")
+        with trio.fail_after(10):
+            await server.wait_idle()
+        connection = _connection(server)
+        assert (connection._held, connection.grpc._admitted, lowest[0]) == (0, 0, 0)  # noqa: SLF001
+        client.start(201, "/t/Unary", "gzip")
+        await client.send(201, prefixed(gzip.compress(b"\1" * (5 * MiB // 2)), True), end=True)
+        assert await client.read_until(lambda: client.status(201))
+        assert client.status(201) == b"0"
+        assert connection._held == 0  # noqa: SLF001
+        nursery.cancel_scope.cancel()
+
+
+# -- faults found in 5e0f3e1 ---------------------------------------------------------------
+
+
+async def test_a_streaming_handler_waiting_for_its_next_message_holds_none_of_the_last() -> None:
+    """A streaming handler takes one plain message of 4 MiB, decodes it to its length
+    (keeping nothing of it) and waits for the next. The message is counted no
+    more (Call.messages released it when the handler took it), yet 4 MiB stay
+    allocated for as long as the stream stays open: Call.messages' `data`, bound
+    to the last message while it awaits the next (`async for data, size,
+    encoding in self._inbox[1]`). A client's 1,024 idle streams a connection
+    hold 4 GiB that nothing counts (tests/e2e/test_grpc_abuse5.py shows it with
+    reflection and StreamSetJobs, which keep more). Call.messages should let go
+    of it before it waits (`del data` after the yield)."""
+    took = trio.Event()
+
+    async def handler(call: transport.Call, _: transport.Call) -> bytes:
+        async for _length in call.messages():
+            took.set()
+        return b""
+
+    async with trio.open_nursery() as nursery:
+        _, grpc_port = await _serve(
+            nursery, {"/t/Stream": transport.Method(True, False, len, handler)}
+        )
+        client = Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            client.start(1, "/t/Stream")
+            await client.send(1, prefixed(b"d" * (4 * MiB - 100)))
+            with trio.fail_after(10):
+                await took.wait()
+            await trio.testing.wait_all_tasks_blocked(0.1)
+            gc.collect()
+            kept = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        nursery.cancel_scope.cancel()
+    assert kept < MiB, f"{kept / MiB:.1f} MiB kept by a handler that waits for its next message"
+
+
+async def test_answers_queued_for_a_client_that_does_not_read_are_bounded() -> None:
+    """A UnaryMethod answers each call with 4 MiB at once; the client, its
+    INITIAL_WINDOW_SIZE at 0, opens 60 calls and never opens a window. Each call
+    is over as soon as it is answered (Call.answer, _Connection.finish), and its
+    answer waits in wire's outbound queue for ever: 240 MiB queued for 60 small
+    requests, 4 GiB with the 1,024 calls a connection may open, counted by
+    nothing (MAX_PENDING_OUTPUT counts h2's buffer only). The answer bytes waiting
+    on a connection should be bounded: past a bound, the connection not read or
+    its new calls refused."""
+
+    def begin(_request: bytes, call: transport.Call) -> None:
+        call.answer(b"a" * (4 * MiB - 100))
+
+    window = h2.settings.SettingCodes.INITIAL_WINDOW_SIZE
+    async with trio.open_nursery() as nursery:
+        server, grpc_port = await _serve(nursery, {"/t/Big": transport.UnaryMethod(bytes, begin)})
+        client = Client(await trio.open_tcp_stream("127.0.0.1", grpc_port), {window: 0})
+        for k in range(60):
+            client.start(2 * k + 1, "/t/Big")
+            await client.send(2 * k + 1, prefixed(b""), end=True)
+            with trio.move_on_after(0.02):
+                await client.read_until(lambda: False)
+        await client.read_until(lambda: False, 0.5)
+        grpc = _connection(server).grpc
+        queued = sum(grpc.buffered(2 * k + 1) for k in range(60))
+        nursery.cancel_scope.cancel()
+    assert queued <= 64 * MiB, f"{queued / MiB:.0f} MiB of answers queued on one connection"
