@@ -33,6 +33,8 @@ def methods(services: Sequence[str]) -> dict[str, Method]:
         async for request in call.messages():
             for response in servicer.ServerReflectionInfo(iter([request]), None):
                 await call.write(response)
+                del response
+            del request  # an idle stream holds none of its last request (max_message_bytes)
 
     method = Method(True, True, reflection_pb2.ServerReflectionRequest.FromString, info)
     return {

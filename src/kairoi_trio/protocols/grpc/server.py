@@ -422,19 +422,20 @@ class SchedulerServicer:
 
         While the actor applies and fsyncs one batch, the next ones are read and
         converted. A full actor queue is waited out (`send`, in order), not failed.
+        A batch is let go of (`Call.let_go`) as soon as the actor has applied it,
+        by a task of its own: a stream that sends nothing more holds none.
         """
         response = pb.StreamSetJobsResponse()
-        in_flight: deque[tuple[_JobBatch, _Reply | None]] = deque()
         # The failures are listed in the one answer, so they must fit in it: past
         # the message size limit the stream stops (memory stays bounded too).
         failed = failures_size = 0
         too_many = False
+        handed, in_flight = trio.open_memory_channel[tuple[_JobBatch, _Reply | None]](
+            STREAM_WINDOW - 1  # and one the settler waits on
+        )
 
-        async def settle_oldest() -> None:
+        def count(batch: _JobBatch) -> None:
             nonlocal failed, failures_size, too_many
-            batch, reply = in_flight.popleft()
-            if reply is not None:
-                batch.settle(await reply.wait())
             for status, request in zip(batch.statuses, batch.requests, strict=True):
                 if status.code == 0:
                     response.accepted += 1
@@ -449,16 +450,32 @@ class SchedulerServicer:
                 if not too_many:
                     response.failures.append(failure)
 
-        async for message in call.messages(kept=STREAM_WINDOW):
-            batch = _JobBatch(message.jobs)
-            reply = await self._hand_over(batch.commands) if batch.commands else None
-            in_flight.append((batch, reply))
-            if len(in_flight) >= STREAM_WINDOW:
-                await settle_oldest()
-            if too_many:
-                break
-        while in_flight:  # handed over: they are applied whatever happens, so count them
-            await settle_oldest()
+        async def settle() -> None:
+            async for batch, reply in in_flight:
+                if reply is not None:
+                    batch.settle(await reply.wait())
+                count(batch)
+                del batch, reply  # nothing of it stays while the next is awaited
+                call.let_go()
+
+        error: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(settle)
+            try:
+                async with handed:  # its end ends the settler, once every batch is counted
+                    async for message in call.messages(keep=True):
+                        batch = _JobBatch(message.jobs)
+                        del message
+                        reply = await self._hand_over(batch.commands) if batch.commands else None
+                        await handed.send((batch, reply))
+                        del batch
+                        if too_many:
+                            break
+            except Exception as raised:  # raised after the settler stopped, not grouped
+                error = raised
+                nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
         if too_many:
             raise CommandError(
                 ErrorCode.RESOURCE_EXHAUSTED,

@@ -129,6 +129,7 @@ class Call:
         self.request: bytes | None = None  # a unary call's request, until it is whole
         self.request_encoding: bytes | None = None  # compressed with it (None: not)
         self.held = 0  # bytes of its requests the connection holds for it (held_bytes)
+        self.kept: deque[int] = deque()  # what each message its handler keeps counts (keep)
         self._inbox: _Inbox | None = None  # a streaming request's messages
 
     def peer(self) -> str:
@@ -140,10 +141,16 @@ class Call:
         raise Abort(code, details)
 
     def answer(self, message: Any) -> None:
-        """End a UnaryMethod's call with its answer (a protobuf message or its bytes)."""
+        """End a UnaryMethod's call with its answer (a protobuf message or its bytes);
+        RESOURCE_EXHAUSTED instead if the client has not read the connection's
+        earlier answers (`_Connection.unread_answers`)."""
         if not self.done:
             data = message if isinstance(message, bytes) else message.SerializeToString()
             if not self.reset:
+                refusal = self._connection.unread_answers(len(data))
+                if refusal:
+                    self.fail(wire.RESOURCE_EXHAUSTED, refusal)
+                    return
                 self._connection.grpc.send_message(self.stream_id, data)
             self.fail(wire.OK, "")
 
@@ -166,37 +173,48 @@ class Call:
         if the call is over."""
         data = message if isinstance(message, bytes) else message.SerializeToString()
         connection = self._connection
+        while connection.unread_answers(len(data)):  # the others' answers go first
+            if not connection.grpc.is_open(self.stream_id):
+                break  # send_message says so
+            await connection.written()
         if not connection.grpc.send_message(self.stream_id, data):
             raise trio.BrokenResourceError("the call is over")
         connection.wake_writer()
         while connection.grpc.buffered(self.stream_id):
             await connection.written()
 
-    async def messages(self, kept: int = 1) -> Any:
+    async def messages(self, keep: bool = False) -> Any:
         """The request messages of a streaming call, decoded, as the client sends them.
 
-        The handler may keep the last `kept` messages it took (StreamSetJobs: the
-        batches in flight): the compressed ones stay counted against the
-        connection's held bytes, inflated, until it takes more. Raises Abort:
-        RESOURCE_EXHAUSTED past max_message_bytes inflated or past the held
-        bytes, INTERNAL for a corrupt compressed message, INVALID_ARGUMENT for a
+        The handler lets go of each message before it asks for the next, unless
+        `keep`: then it may keep messages after it takes more (StreamSetJobs: the
+        batches in flight) and calls `let_go` as it lets go of each, oldest first.
+        A kept message counts against the connection's held bytes (its bytes,
+        inflated if compressed) until then, and taking a message waits while the
+        connection keeps more than those and this call keeps any: the stream is
+        slowed, not refused, and a call that keeps nothing always goes on.
+        Raises Abort: RESOURCE_EXHAUSTED past max_message_bytes inflated,
+        INTERNAL for a corrupt compressed message, INVALID_ARGUMENT for a
         malformed one.
         """
         assert self._inbox is not None
         connection, server = self._connection, self._connection.server
         decode = server.methods[self.method].decode
-        inflated: deque[int] = deque()  # the sizes of the compressed ones still kept
         async for data, size, encoding in self._inbox[1]:
             connection.release(self, len(data))
             connection.grpc.consumed(self.stream_id, size)
             connection.wake_writer()  # the credit goes out as a WINDOW_UPDATE
-            if encoding is not None:
-                data = server.inflate(data, encoding)
-                if len(inflated) >= kept:
-                    connection.release(self, inflated.popleft())
-                connection.hold(self, len(data))
-                inflated.append(len(data))
-            yield server.decode(decode, data, self)
+            data = server.inflate(data, encoding)
+            if keep:
+                await connection.keep(self, len(data))
+            message = server.decode(decode, data, self)
+            del data  # while the handler waits for the next, nothing here holds this one
+            yield message
+            del message
+
+    def let_go(self) -> None:
+        """The handler let go of the oldest message it kept (`messages(keep=True)`)."""
+        self._connection.let_go(self)
 
 
 class GrpcServer:
@@ -366,6 +384,8 @@ class _Connection:
         self.grpc = wire.GrpcConnection(server.max_message_bytes, server.streaming_requests)
         self._calls: dict[int, Call] = {}
         self._held = 0  # bytes of whole requests held for calls (unary, or not yet read)
+        self._kept = 0  # bytes of the messages streaming handlers keep (Call.messages)
+        self._let_go = trio.Event()  # set (and replaced) when a kept message is let go of
         self._has_output = trio.Event()
         self._written = trio.Event()  # set after each round of the writer
         self._closed = False
@@ -542,6 +562,39 @@ class _Connection:
         self._held -= size
         call.held -= size
 
+    async def keep(self, call: Call, size: int) -> None:
+        """Count a message of `size` bytes `call`'s handler keeps (until `let_go`),
+        once the connection keeps at most its held bytes with it, or at once if
+        the call keeps nothing else."""
+        size += MESSAGE_OVERHEAD
+        while call.kept and self._kept + size > self.server.held_bytes:
+            await self._let_go.wait()
+        self._kept += size
+        call.kept.append(size)
+
+    def let_go(self, call: Call, every: bool = False) -> None:
+        """`call`'s handler let go of its oldest kept message (or of all of them)."""
+        if not call.kept:
+            return
+        self._kept -= sum(call.kept) if every else call.kept[0]
+        if every:
+            call.kept.clear()
+        else:
+            call.kept.popleft()
+        let_go, self._let_go = self._let_go, trio.Event()
+        let_go.set()
+
+    def unread_answers(self, size: int) -> str:
+        """Why an answer of `size` bytes may not be queued now ("" if it may): the
+        client has not read the answers queued on the connection, and with it
+        they would be more than the server's held bytes. One answer always may."""
+        queued, limit = self.grpc.queued_answers, self.server.held_bytes
+        if not queued or queued + size <= limit:
+            return ""
+        return (
+            f"the client has not read {queued} bytes of answers on this connection (over {limit})"
+        )
+
     def _message(self, event: wire.MessageReceived) -> None:
         call = self._calls.get(event.stream_id)
         if call is None or call.done:
@@ -626,6 +679,7 @@ class _Connection:
             self.idle_since = trio.current_time()
         self._held -= call.held
         call.held = 0
+        self.let_go(call, every=True)
         call.request = None
         self.server.call_ended()
         self.wake_writer()
@@ -647,10 +701,11 @@ class _Connection:
                     del request  # the handler keeps what it needs of it, no more
                     answer = await running
                     if not method.response_streaming:
-                        grpc.send_message(
-                            stream_id,
-                            answer if isinstance(answer, bytes) else answer.SerializeToString(),
-                        )
+                        data = answer if isinstance(answer, bytes) else answer.SerializeToString()
+                        refusal = self.unread_answers(len(data))
+                        if refusal:
+                            raise Abort(wire.RESOURCE_EXHAUSTED, refusal)
+                        grpc.send_message(stream_id, data)
                 except Abort as abort:
                     code, details = abort.code, abort.details
                 except trio.BrokenResourceError:

@@ -79,6 +79,8 @@ _JOIN_BYTES = 16 << 10  # answers up to this size go with their prefix in one DA
 PARTIAL_BYTES = 32 << 20
 SETTINGS_BURST = 100  # SETTINGS frames a client may send at once (see _H2Connection)
 SETTINGS_PER_S = 10.0  # and on average
+RESETS_BURST = MAX_CONCURRENT_STREAMS  # calls a client may reset at once (all it may have)
+RESETS_PER_S = 1000.0  # and on average (a call started and reset costs ~90 us)
 WRITE_BUDGET = 256 << 10  # answer bytes handed to h2 for one write to the socket
 TURN_BYTES = 64 << 10  # what one call hands h2 before the next call's turn
 
@@ -159,35 +161,56 @@ class _Stream:
     request_ended: bool = False
 
 
-class _SettingsFlood(h2.exceptions.ProtocolError):
+class _Flood(h2.exceptions.ProtocolError):
     error_code = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 
 
+class _Allowance:
+    """A token bucket: `take` is True while at most `burst` were taken at once and
+    `per_s` on average since (clock: seconds)."""
+
+    def __init__(self, burst: int, per_s: float, clock: Callable[[], float]) -> None:
+        self._burst, self._per_s, self._clock = float(burst), per_s, clock
+        self._left = float(burst)
+        self._at = clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        left = min(self._left + (now - self._at) * self._per_s, self._burst) - 1
+        self._left, self._at = left, now
+        return left >= 0
+
+
 class _H2Connection(h2.connection.H2Connection):
-    """h2's connection, with the client's SETTINGS frames rate-limited.
+    """h2's connection, with the client's SETTINGS and RST_STREAM frames rate-limited.
 
     h2 walks every open stream for each SETTINGS frame that carries
     INITIAL_WINDOW_SIZE, changed or not, so a flood of them with a thousand calls
-    open would hold the one thread for seconds. Past SETTINGS_BURST frames at
-    once, or SETTINGS_PER_S on average, the connection ends with
-    ENHANCE_YOUR_CALM, as nghttp2 bounds such floods. (A client sends one, and
-    grpc-core a few more as it sizes its windows.)
+    open would hold the one thread for seconds. A call the client opens and
+    resets at once ("rapid reset", CVE-2023-44487) frees its slot at once, so
+    MAX_CONCURRENT_STREAMS does not bound how many a client starts: ~2,300 in one
+    64 KiB read, each a call started and cancelled, while other clients wait.
+    Past SETTINGS_BURST SETTINGS frames at once or SETTINGS_PER_S on average,
+    and past RESETS_BURST resets at once or RESETS_PER_S on average, the
+    connection ends with ENHANCE_YOUR_CALM, as nghttp2 and grpc-core bound such
+    floods. (A client sends one SETTINGS, and grpc-core a few more as it sizes
+    its windows; a client resets a call it cancels, or whose deadline passed.)
     """
 
     def __init__(self, config: h2.config.H2Configuration, clock: Callable[[], float]) -> None:
         super().__init__(config)
-        self._clock = clock
-        self._allowance = float(SETTINGS_BURST)
-        self._allowance_at = clock()
+        self._settings = _Allowance(SETTINGS_BURST, SETTINGS_PER_S, clock)
+        self._resets = _Allowance(RESETS_BURST, RESETS_PER_S, clock)
 
     def _receive_settings_frame(self, frame: Any) -> Any:  # h2's handler of one frame
-        if "ACK" not in frame.flags:
-            now = self._clock()
-            allowance = self._allowance + (now - self._allowance_at) * SETTINGS_PER_S
-            self._allowance, self._allowance_at = min(allowance, SETTINGS_BURST) - 1, now
-            if self._allowance < 0:
-                raise _SettingsFlood("too many SETTINGS frames")
+        if "ACK" not in frame.flags and not self._settings.take():
+            raise _Flood("too many SETTINGS frames")
         return super()._receive_settings_frame(frame)
+
+    def _receive_rst_stream_frame(self, frame: Any) -> Any:  # h2's handler of one frame
+        if not self._resets.take():
+            raise _Flood("too many calls reset")
+        return super()._receive_rst_stream_frame(frame)
 
 
 class GrpcConnection:
@@ -244,6 +267,9 @@ class GrpcConnection:
         self._admitted = 0  # bytes of the messages admitted and not taken (PARTIAL_BYTES)
         self._waiting: dict[int, None] = {}  # streams whose message waits for admission
         self._connection_credit = 0  # bytes received, not yet credited to the connection
+        # Answer bytes queued on every call and not handed to h2 yet: what waits for
+        # the client's windows (the transport bounds it: a client that does not read).
+        self.queued_answers = 0
 
     # -- bytes in ---------------------------------------------------------------
 
@@ -490,6 +516,7 @@ class GrpcConnection:
             stream.outbound.append(prefix)
             stream.outbound.append(message)
         stream.buffered += PREFIX_BYTES + len(message)
+        self.queued_answers += PREFIX_BYTES + len(message)
         self._ready[stream_id] = None
         return True
 
@@ -599,6 +626,7 @@ class GrpcConnection:
                 outbound.popleft()
                 stream.sent = 0
             stream.buffered -= size
+            self.queued_answers -= size
             handed += size
         if not outbound and stream.trailers is not None:
             h2conn.send_headers(stream_id, stream.trailers, end_stream=True)
@@ -628,6 +656,9 @@ class GrpcConnection:
 
     def _forget(self, stream_id: int, stream: _Stream) -> None:
         stream.inbound.clear()
+        stream.outbound.clear()  # a reset call's answer goes nowhere
+        self.queued_answers -= stream.buffered
+        stream.buffered = 0
         self._streams.pop(stream_id, None)
         self._ready.pop(stream_id, None)
         self._blocked.pop(stream_id, None)
