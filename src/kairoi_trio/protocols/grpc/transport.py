@@ -36,14 +36,17 @@ RECEIVE_BYTES = 64 << 10
 # Request messages a connection holds for its calls, past which a call is refused
 # RESOURCE_EXHAUSTED: whole messages waiting for their calls (as they came,
 # compressed or not); the compressed ones the calls took, inflated, while they
-# keep them (a unary request until its call ends, `Call.messages`' last `kept`);
+# keep them (a unary request until its call ends);
 # the request of a call that answers with a stream until it ends (a WatchJobs
 # keeps it for the watch's whole life). Each counts MESSAGE_OVERHEAD more than its
 # bytes. Flow control bounds the bytes on the wire, which the client pays for one
 # by one (wire.PARTIAL_BYTES, 32 MiB, of messages not yet taken), not what they
 # inflate to (4 KB of gzip can be 4 MiB) nor how long calls keep them.
 # HELD_BYTES at least, and HELD_MESSAGES of the largest (GrpcServer.held_bytes),
-# so that a raised max_message_bytes is always taken.
+# so that a raised max_message_bytes is always taken. The same bound applies,
+# each on its own, to the messages streaming handlers keep (`Call.messages(keep=
+# True)`: a handler past it waits) and to the answers queued on the connection
+# that its client's windows have not taken (`_Connection.unread_answers`).
 HELD_BYTES = 48 << 20
 HELD_MESSAGES = 12  # 48 MiB at the default [grpc] max_message_bytes (4 MiB)
 MESSAGE_OVERHEAD = 128  # what holding a message costs beyond its bytes (its objects)

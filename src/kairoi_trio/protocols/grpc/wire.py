@@ -24,7 +24,7 @@ takes it (a streaming handler reads it, `consumed`; a unary request ends), up
 to PARTIAL_BYTES a connection; a message not admitted waits, its client held
 to its window, so a slow handler slows its clients rather than failing them.
 Answers are queued per stream and handed to h2 as the client's windows allow;
-`buffered` tells how much waits.
+`buffered` tells how much waits on a call, `queued_answers` on the connection.
 """
 
 from __future__ import annotations
