@@ -49,6 +49,7 @@ import trio
 import trio.testing
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.certificates import self_signed
+from support.h2client import H2Client, serve_in_process
 from support.server import ServerProcess
 
 from kairoi.v1 import scheduler_pb2 as pb
@@ -1149,15 +1150,6 @@ def test_grpcio_cancelling_large_uploads_keeps_the_channel(shared) -> None:
     assert_no_failure(server, since=before)
 
 
-async def _serve(
-    nursery: trio.Nursery, methods: dict, **options: Any
-) -> tuple[transport.GrpcServer, int]:
-    server = transport.GrpcServer(methods, max_message_bytes=4 * MiB, **options)
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    await nursery.start(server.serve, listeners)
-    return server, listeners[0].socket.getsockname()[1]
-
-
 async def test_a_client_that_never_finishes_the_preface_is_closed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -1169,7 +1161,7 @@ async def test_a_client_that_never_finishes_the_preface_is_closed(
     timeout). The timeout is shortened to 0.5 s here; the server has 5 s."""
     monkeypatch.setattr(transport, "PREFACE_TIMEOUT_S", 0.5)
     async with trio.open_nursery() as nursery:
-        _, grpc_port = await _serve(nursery, {})
+        _, grpc_port = await serve_in_process(nursery, {})
         stream = await trio.open_tcp_stream("127.0.0.1", grpc_port)
         await stream.send_all(b"PRI * HTTP/2.0\r\n")
         closed = False
@@ -1185,57 +1177,6 @@ async def test_a_client_that_never_finishes_the_preface_is_closed(
 # -- what held in e3612a2 ---------------------------------------------------------------------
 
 
-class _Client:
-    """An h2 client on a Trio stream, for the in-process tests."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        self.h2.initiate_connection()
-        self.events: list[h2.events.Event] = []
-
-    async def flush(self) -> None:
-        if data := self.h2.data_to_send():
-            await self.stream.send_all(data)
-
-    async def read_until(self, done: Callable[[], object], wait_s: float = 10) -> bool:
-        with trio.move_on_after(wait_s):
-            while not done() and await self.read_some():
-                pass
-        return bool(done())
-
-    async def read_some(self) -> bool:
-        """One read, its events taken in; False at the end of the stream."""
-        data = await self.stream.receive_some(65536)
-        for event in self.h2.receive_data(data):
-            if isinstance(event, h2.events.DataReceived):
-                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            self.events.append(event)
-        await self.flush()
-        return bool(data)
-
-    def start(self, stream_id: int, path: str, encoding: str = "") -> None:
-        headers = [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", path),
-            (":authority", "x"),
-            ("content-type", "application/grpc"),
-        ]
-        self.h2.send_headers(stream_id, headers + ([("grpc-encoding", encoding)] * bool(encoding)))
-
-    def statuses(self, stream_id: int) -> list[bytes]:
-        found = []
-        for event in self.events:
-            if getattr(event, "stream_id", None) != stream_id:
-                continue
-            if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
-                headers = dict(event.headers)
-                if b"grpc-status" in headers:
-                    found.append(headers[b"grpc-status"])
-        return found
-
-
 async def test_unary_answers_after_a_reset_or_the_connection_end_go_nowhere() -> None:
     """A UnaryMethod answered (Call.answer, Call.fail) after its client reset it or
     after its connection closed: nothing sent, nothing raised, each call counted
@@ -1249,11 +1190,11 @@ async def test_unary_answers_after_a_reset_or_the_connection_end_go_nowhere() ->
             both_begun.set()
 
     async with trio.open_nursery() as nursery:
-        server, grpc_port = await _serve(
+        server, grpc_port = await serve_in_process(
             nursery,
             {"/t/Unary": transport.UnaryMethod(lambda data: data, begin)},
         )
-        client = _Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
+        client = H2Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
         for stream_id in (1, 3):
             client.start(stream_id, "/t/Unary")
             client.h2.send_data(stream_id, wire.PREFIX_BYTES * b"\0", end_stream=True)
@@ -1292,10 +1233,10 @@ async def test_unread_streaming_messages_slow_their_calls_rather_than_fail_them(
     streams = [1 + 2 * k for k in range(10)]
     body = message(b"m" * (MAX_MESSAGE - 100_000)) * 2
     async with trio.open_nursery() as nursery:
-        _, grpc_port = await _serve(
+        _, grpc_port = await serve_in_process(
             nursery, {"/t/Stream": transport.Method(True, False, lambda data: data, handler)}
         )
-        client = _Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
+        client = H2Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
         for stream_id in streams:
             client.start(stream_id, "/t/Stream")
         pending = dict.fromkeys(streams, body)
@@ -1355,10 +1296,10 @@ async def test_a_streaming_call_refused_for_held_bytes_while_its_handler_runs(
             stopped.set()
 
     async with trio.open_nursery() as nursery:
-        server, grpc_port = await _serve(
+        server, grpc_port = await serve_in_process(
             nursery, {"/t/Stream": transport.Method(True, False, lambda data: data, handler)}
         )
-        client = _Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
+        client = H2Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
         client.start(1, "/t/Stream")
         await client.flush()
         with trio.fail_after(10):
@@ -1399,10 +1340,10 @@ async def test_what_a_streaming_handler_keeps_stays_counted(
 
     body = gzip.compress(bytes(MiB))
     async with trio.open_nursery() as nursery:
-        server, grpc_port = await _serve(
+        server, grpc_port = await serve_in_process(
             nursery, {"/t/Stream": transport.Method(True, False, lambda data: data, handler)}
         )
-        client = _Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
+        client = H2Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
         client.start(1, "/t/Stream", encoding="gzip")
         for _ in range(10):
             client.h2.send_data(1, b"\1" + len(body).to_bytes(4, "big") + body)
@@ -1532,7 +1473,7 @@ class _Forever:
                 await self._changed.wait()
 
 
-async def _closed_by_server(client: _Client, wait_s: float) -> bool:
+async def _closed_by_server(client: H2Client, wait_s: float) -> bool:
     """Whether the server closes the connection within `wait_s` (the client reads
     and answers PINGs meanwhile)."""
     with trio.move_on_after(wait_s):
@@ -1556,15 +1497,17 @@ async def test_a_vanished_client_is_found_by_keepalive_and_its_calls_end(
     monkeypatch.setattr(transport, "KEEPALIVE_TIMEOUT_S", 0.3)
     calls = _Forever()
     async with trio.open_nursery() as nursery:
-        _, grpc_port = await _serve(nursery, {"/t/Stream": calls.method()}, keepalive_s=0.3)
-        alive = _Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
+        _, grpc_port = await serve_in_process(
+            nursery, {"/t/Stream": calls.method()}, keepalive_s=0.3
+        )
+        alive = H2Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
         alive.start(1, "/t/Stream")
         await alive.flush()
         await calls.until(started=1, stopped=0)
         assert not await _closed_by_server(alive, 2.0)  # ~6 keepalive periods, answered
         assert any(isinstance(e, h2.events.PingReceived) for e in alive.events)
         assert calls.stopped == 0
-        gone = _Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
+        gone = H2Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
         gone.start(1, "/t/Stream")
         await gone.flush()
         await gone.read_some()  # the server's SETTINGS, then never a read again
@@ -1577,11 +1520,13 @@ async def test_an_idle_connection_is_closed_with_a_goaway() -> None:
     one with a call in flight is not, however long the call."""
     calls = _Forever()
     async with trio.open_nursery() as nursery:
-        _, grpc_port = await _serve(nursery, {"/t/Stream": calls.method()}, idle_timeout_s=0.3)
-        busy = _Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
+        _, grpc_port = await serve_in_process(
+            nursery, {"/t/Stream": calls.method()}, idle_timeout_s=0.3
+        )
+        busy = H2Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
         busy.start(1, "/t/Stream")
         await busy.flush()
-        idle = _Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
+        idle = H2Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
         await idle.flush()
         assert await _closed_by_server(idle, 5.0)
         assert any(isinstance(e, h2.events.ConnectionTerminated) for e in idle.events)

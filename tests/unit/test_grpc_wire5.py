@@ -14,7 +14,6 @@ import gc
 import gzip
 import tracemalloc
 import zlib
-from collections.abc import Callable
 from typing import Any
 
 import h2.config
@@ -24,6 +23,7 @@ import h2.settings
 import pytest
 import trio
 import trio.testing
+from support.h2client import H2Client, serve_in_process
 
 from kairoi_trio.protocols.grpc import transport, wire
 
@@ -32,96 +32,6 @@ MiB = 1 << 20
 
 def prefixed(data: bytes, compressed: bool = False) -> bytes:
     return bytes([compressed]) + len(data).to_bytes(4, "big") + data
-
-
-class Client:
-    """An h2 client on a Trio stream that acknowledges what it reads."""
-
-    def __init__(self, stream: trio.SocketStream, settings: dict[int, int] | None = None) -> None:
-        self.stream = stream
-        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        self.h2.initiate_connection()
-        if settings:
-            self.h2.update_settings(settings)
-        self.h2.increment_flow_control_window(64 * MiB)
-        self.events: list[h2.events.Event] = []
-
-    async def flush(self) -> None:
-        if data := self.h2.data_to_send():
-            await self.stream.send_all(data)
-
-    async def read_until(self, done: Callable[[], object], wait_s: float = 10) -> bool:
-        with trio.move_on_after(wait_s):
-            while not done():
-                data = await self.stream.receive_some(65536)
-                if not data:
-                    break
-                for event in self.h2.receive_data(data):
-                    if isinstance(event, h2.events.DataReceived):
-                        self.h2.acknowledge_received_data(
-                            event.flow_controlled_length, event.stream_id
-                        )
-                    self.events.append(event)
-                await self.flush()
-        return bool(done())
-
-    def start(self, stream_id: int, path: str, encoding: str = "") -> None:
-        headers = [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", path),
-            (":authority", "x"),
-            ("content-type", "application/grpc"),
-        ]
-        if encoding:
-            headers.append(("grpc-encoding", encoding))
-        self.h2.send_headers(stream_id, headers)
-
-    async def send(self, stream_id: int, data: bytes, end: bool = False) -> None:
-        """`data` as the windows allow (reading the server's WINDOW_UPDATEs meanwhile),
-        then the end of the request if `end`."""
-        while data:
-            size = min(
-                self.h2.local_flow_control_window(stream_id),
-                self.h2.max_outbound_frame_size,
-                len(data),
-            )
-            if size <= 0:
-                await self.flush()
-                assert await self.read_until(
-                    lambda: (
-                        self.h2.local_flow_control_window(stream_id) > 0 or self.status(stream_id)
-                    )
-                ), "no window"
-                if self.status(stream_id):
-                    return
-                continue
-            self.h2.send_data(stream_id, data[:size])
-            data = data[size:]
-        if end and self.status(stream_id) is None:
-            self.h2.end_stream(stream_id)
-        await self.flush()
-
-    def status(self, stream_id: int) -> bytes | None:
-        for event in self.events:
-            if getattr(event, "stream_id", None) != stream_id:
-                continue
-            if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
-                headers = dict(event.headers)
-                if b"grpc-status" in headers:
-                    return headers[b"grpc-status"]
-            if isinstance(event, h2.events.StreamReset):
-                return b"RST"
-        return None
-
-
-async def _serve(
-    nursery: trio.Nursery, methods: dict[str, Any]
-) -> tuple[transport.GrpcServer, int]:
-    server = transport.GrpcServer(methods, max_message_bytes=4 * MiB)
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    await nursery.start(server.serve, listeners)
-    return server, listeners[0].socket.getsockname()[1]
 
 
 def _connection(server: transport.GrpcServer) -> transport._Connection:
@@ -217,8 +127,10 @@ async def test_held_bytes_come_back_to_zero_whatever_ends_the_calls(
         ("/t/Stream", "gzip", [prefixed(mib, True)] * 4, "open"),
     ]
     async with trio.open_nursery() as nursery:
-        server, grpc_port = await _serve(nursery, methods)
-        client = Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
+        server, grpc_port = await serve_in_process(nursery, methods)
+        client = H2Client(
+            await trio.open_tcp_stream("127.0.0.1", grpc_port), connection_window=64 * MiB
+        )
         streams = []
         for k, (path, encoding, messages, how) in enumerate(plans):
             stream_id = 2 * k + 1
@@ -296,10 +208,12 @@ async def test_a_streaming_handler_waiting_for_its_next_message_holds_none_of_th
         return b""
 
     async with trio.open_nursery() as nursery:
-        _, grpc_port = await _serve(
+        _, grpc_port = await serve_in_process(
             nursery, {"/t/Stream": transport.Method(True, False, len, handler)}
         )
-        client = Client(await trio.open_tcp_stream("127.0.0.1", grpc_port))
+        client = H2Client(
+            await trio.open_tcp_stream("127.0.0.1", grpc_port), connection_window=64 * MiB
+        )
         await trio.testing.wait_all_tasks_blocked(0.05)
         gc.collect()
         tracemalloc.start()
@@ -333,8 +247,10 @@ async def test_answers_queued_for_a_client_that_does_not_read_are_bounded() -> N
 
     window = h2.settings.SettingCodes.INITIAL_WINDOW_SIZE
     async with trio.open_nursery() as nursery:
-        server, grpc_port = await _serve(nursery, {"/t/Big": transport.UnaryMethod(bytes, begin)})
-        client = Client(await trio.open_tcp_stream("127.0.0.1", grpc_port), {window: 0})
+        server, grpc_port = await serve_in_process(
+            nursery, {"/t/Big": transport.UnaryMethod(bytes, begin)}
+        )
+        client = H2Client(await trio.open_tcp_stream("127.0.0.1", grpc_port), {window: 0}, 64 * MiB)
         for k in range(60):
             client.start(2 * k + 1, "/t/Big")
             await client.send(2 * k + 1, prefixed(b""), end=True)
