@@ -24,14 +24,11 @@ import pytest
 import trio
 import trio.testing
 from support.h2client import H2Client, serve_in_process
+from support.h2pair import prefixed
 
 from kairoi_trio.protocols.grpc import transport, wire
 
 MiB = 1 << 20
-
-
-def prefixed(data: bytes, compressed: bool = False) -> bytes:
-    return bytes([compressed]) + len(data).to_bytes(4, "big") + data
 
 
 def _connection(server: transport.GrpcServer) -> transport._Connection:
@@ -261,3 +258,54 @@ async def test_answers_queued_for_a_client_that_does_not_read_are_bounded() -> N
         queued = sum(grpc.buffered(2 * k + 1) for k in range(60))
         nursery.cancel_scope.cancel()
     assert queued <= 64 * MiB, f"{queued / MiB:.0f} MiB of answers queued on one connection"
+
+
+async def test_the_bytes_held_on_every_connection_together_are_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each connection has its own held bytes, and one address may open 64
+    connections: all of them together hold at most the server's
+    (SERVER_HELD_BYTES; 2.5 MB here, 2 MB a connection). Two watches of 900 KB
+    on one connection are held; a third on another connection would take the
+    server past its bound and is refused RESOURCE_EXHAUSTED "too many request
+    bytes held by the server", its connection whole. Once the first client resets
+    its watches the bytes come back, and the refused client's next watch runs."""
+    monkeypatch.setattr(transport, "HELD_BYTES", 2_000_000)
+    monkeypatch.setattr(transport, "HELD_MESSAGES", 0)
+    monkeypatch.setattr(transport, "SERVER_HELD_BYTES", 2_500_000)
+
+    async def watch(_request: bytes, call: transport.Call) -> None:
+        await call.send_initial_metadata()
+        await trio.sleep_forever()
+
+    methods = {"/t/Watch": transport.Method(False, True, bytes, watch)}
+    request = prefixed(b"w" * 900_000)
+    async with trio.open_nursery() as nursery:
+        server, grpc_port = await serve_in_process(nursery, methods)
+        first, second = [
+            H2Client(await trio.open_tcp_stream("127.0.0.1", grpc_port), connection_window=64 * MiB)
+            for _ in range(2)
+        ]
+        for stream_id in (1, 3):
+            first.start(stream_id, "/t/Watch")
+            await first.send(stream_id, request, end=True)
+        assert await first.read_until(lambda: len(first.events) >= 4 and server.held > 1_800_000)
+        second.start(1, "/t/Watch")
+        await second.send(1, request, end=True)
+        assert await second.read_until(lambda: second.status(1))
+        [trailers] = [e for e in second.events if isinstance(e, h2.events.ResponseReceived)]
+        assert (second.status(1), dict(trailers.headers)[b"grpc-message"]) == (
+            b"8",
+            b"too many request bytes held by the server (over 2500000)",
+        )
+        for stream_id in (1, 3):
+            first.h2.reset_stream(stream_id)
+        await first.flush()
+        with trio.fail_after(5):
+            while server.held:
+                await server.room.wait()
+        second.start(3, "/t/Watch")
+        await second.send(3, request, end=True)
+        assert await second.read_until(lambda: server.held > 900_000)
+        assert second.status(3) is None  # running
+        nursery.cancel_scope.cancel()

@@ -50,6 +50,10 @@ RECEIVE_BYTES = 64 << 10
 HELD_BYTES = 48 << 20
 HELD_MESSAGES = 12  # 48 MiB at the default [grpc] max_message_bytes (4 MiB)
 MESSAGE_OVERHEAD = 128  # what holding a message costs beyond its bytes (its objects)
+# What every connection together holds of requests, held and kept as above: one
+# address may open 64 connections, the server 1,024, each with its own bounds. At
+# least one connection's (GrpcServer.server_held_bytes).
+SERVER_HELD_BYTES = 1 << 30
 MAX_PENDING_OUTPUT = 1 << 20  # past this much unsent, a connection is not read
 PREFACE_TIMEOUT_S = 20.0  # to finish a TLS handshake and send the HTTP/2 preface and SETTINGS
 FLUSH_AT_CLOSE_S = 1.0  # what is queued gets this long to go once a connection ends
@@ -240,6 +244,9 @@ class GrpcServer:
         self.methods = dict(methods)
         self.max_message_bytes = max_message_bytes
         self.held_bytes = max(HELD_BYTES, HELD_MESSAGES * (max_message_bytes + MESSAGE_OVERHEAD))
+        self.server_held_bytes = max(SERVER_HELD_BYTES, self.held_bytes)
+        self.held = 0  # request bytes every connection holds and keeps (server_held_bytes)
+        self.room = trio.Event()  # set (and replaced) whenever held bytes are let go of
         self.limits = limits or ConnectionLimits(1 << 31, 0)
         self._authorize = authorize
         self._ssl_context = ssl_context
@@ -341,6 +348,12 @@ class GrpcServer:
         if self._calls == 0:
             self._idle.set()
 
+    def let_go(self, size: int) -> None:
+        """`size` held bytes are let go of: the calls waiting for room may go on."""
+        self.held -= size
+        room, self.room = self.room, trio.Event()
+        room.set()
+
     def check(self, call: Call) -> tuple[int, str] | None:
         """Why the call may not run (code, details), or None."""
         if self._authorize is None:
@@ -388,7 +401,6 @@ class _Connection:
         self._calls: dict[int, Call] = {}
         self._held = 0  # bytes of whole requests held for calls (unary, or not yet read)
         self._kept = 0  # bytes of the messages streaming handlers keep (Call.messages)
-        self._let_go = trio.Event()  # set (and replaced) when a kept message is let go of
         self._has_output = trio.Event()
         self._written = trio.Event()  # set after each round of the writer
         self._closed = False
@@ -549,14 +561,21 @@ class _Connection:
     def hold(self, call: Call, size: int) -> None:
         """Count a request message of `size` bytes held for `call` (until `release`
         or the call's end); Abort(RESOURCE_EXHAUSTED) past the server's held_bytes
-        on this connection."""
+        on this connection, or past its server_held_bytes on every connection."""
         size += MESSAGE_OVERHEAD
-        if self._held + size > self.server.held_bytes:
+        server = self.server
+        if self._held + size > server.held_bytes:
             raise Abort(
                 wire.RESOURCE_EXHAUSTED,
-                f"too many request bytes held on this connection (over {self.server.held_bytes})",
+                f"too many request bytes held on this connection (over {server.held_bytes})",
+            )
+        if server.held + size > server.server_held_bytes:
+            raise Abort(
+                wire.RESOURCE_EXHAUSTED,
+                f"too many request bytes held by the server (over {server.server_held_bytes})",
             )
         self._held += size
+        server.held += size
         call.held += size
 
     def release(self, call: Call, size: int) -> None:
@@ -564,28 +583,34 @@ class _Connection:
         size += MESSAGE_OVERHEAD
         self._held -= size
         call.held -= size
+        self.server.let_go(size)
 
     async def keep(self, call: Call, size: int) -> None:
         """Count a message of `size` bytes `call`'s handler keeps (until `let_go`),
-        once the connection keeps at most its held bytes with it, or at once if
-        the call keeps nothing else."""
+        once the connection keeps at most its held bytes with it and the server
+        holds at most its server_held_bytes, or at once if the call keeps nothing
+        else (so that some call always goes on)."""
         size += MESSAGE_OVERHEAD
-        while call.kept and self._kept + size > self.server.held_bytes:
-            await self._let_go.wait()
+        server = self.server
+        while call.kept and (
+            self._kept + size > server.held_bytes or server.held + size > server.server_held_bytes
+        ):
+            await server.room.wait()
         self._kept += size
+        server.held += size
         call.kept.append(size)
 
     def let_go(self, call: Call, every: bool = False) -> None:
         """`call`'s handler let go of its oldest kept message (or of all of them)."""
         if not call.kept:
             return
-        self._kept -= sum(call.kept) if every else call.kept[0]
+        size = sum(call.kept) if every else call.kept[0]
+        self._kept -= size
         if every:
             call.kept.clear()
         else:
             call.kept.popleft()
-        let_go, self._let_go = self._let_go, trio.Event()
-        let_go.set()
+        self.server.let_go(size)
 
     def unread_answers(self, size: int) -> str:
         """Why an answer of `size` bytes may not be queued now ("" if it may): the
@@ -681,6 +706,8 @@ class _Connection:
         if not self._calls:
             self.idle_since = trio.current_time()
         self._held -= call.held
+        if call.held:
+            self.server.let_go(call.held)
         call.held = 0
         self.let_go(call, every=True)
         call.request = None
