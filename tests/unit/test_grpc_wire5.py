@@ -303,7 +303,7 @@ async def test_the_bytes_held_on_every_connection_together_are_bounded(
         await first.flush()
         with trio.fail_after(5):
             while server.held:
-                await server.room.wait()
+                await trio.testing.wait_all_tasks_blocked()
         second.start(3, "/t/Watch")
         await second.send(3, request, end=True)
         assert await second.read_until(lambda: server.held > 900_000)

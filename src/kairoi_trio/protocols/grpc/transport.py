@@ -246,7 +246,8 @@ class GrpcServer:
         self.held_bytes = max(HELD_BYTES, HELD_MESSAGES * (max_message_bytes + MESSAGE_OVERHEAD))
         self.server_held_bytes = max(SERVER_HELD_BYTES, self.held_bytes)
         self.held = 0  # request bytes every connection holds and keeps (server_held_bytes)
-        self.room = trio.Event()  # set (and replaced) whenever held bytes are let go of
+        self.room = trio.Event()  # set (and replaced) when held bytes are let go of
+        self.room_waiters = 0  # calls waiting for it (`_Connection.keep`)
         self.limits = limits or ConnectionLimits(1 << 31, 0)
         self._authorize = authorize
         self._ssl_context = ssl_context
@@ -351,8 +352,9 @@ class GrpcServer:
     def let_go(self, size: int) -> None:
         """`size` held bytes are let go of: the calls waiting for room may go on."""
         self.held -= size
-        room, self.room = self.room, trio.Event()
-        room.set()
+        if self.room_waiters:  # (a new Event a message would cost every call)
+            room, self.room = self.room, trio.Event()
+            room.set()
 
     def check(self, call: Call) -> tuple[int, str] | None:
         """Why the call may not run (code, details), or None."""
@@ -595,7 +597,11 @@ class _Connection:
         while call.kept and (
             self._kept + size > server.held_bytes or server.held + size > server.server_held_bytes
         ):
-            await server.room.wait()
+            server.room_waiters += 1
+            try:
+                await server.room.wait()
+            finally:
+                server.room_waiters -= 1
         self._kept += size
         server.held += size
         call.kept.append(size)
