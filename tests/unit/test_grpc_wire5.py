@@ -309,3 +309,56 @@ async def test_the_bytes_held_on_every_connection_together_are_bounded(
         assert await second.read_until(lambda: server.held > 900_000)
         assert second.status(3) is None  # running
         nursery.cancel_scope.cancel()
+
+
+async def test_answers_unread_on_every_connection_together_are_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Unread answers are bounded on each connection (2 MB here) and on every
+    connection together (SERVER_HELD_BYTES, 2.5 MB here), one answer a connection
+    always let through. Two clients with their windows at 0 ask for answers of
+    900 KB: the first gets two queued, the second one; the second's next is
+    refused RESOURCE_EXHAUSTED, since the server would then hold 3.6 MB its
+    clients have not read. Once the first client goes away its answers are
+    counted no more (and the server-wide count comes back to what is queued)."""
+    monkeypatch.setattr(transport, "HELD_BYTES", 2_000_000)
+    monkeypatch.setattr(transport, "HELD_MESSAGES", 0)
+    monkeypatch.setattr(transport, "SERVER_HELD_BYTES", 2_500_000)
+    answer = b"a" * 900_000
+
+    def begin(_request: bytes, call: transport.Call) -> None:
+        call.answer(answer)
+
+    window = h2.settings.SettingCodes.INITIAL_WINDOW_SIZE
+    async with trio.open_nursery() as nursery:
+        server, grpc_port = await serve_in_process(
+            nursery, {"/t/Big": transport.UnaryMethod(bytes, begin)}
+        )
+        first, second = [
+            H2Client(await trio.open_tcp_stream("127.0.0.1", grpc_port), {window: 0}, 64 * MiB)
+            for _ in range(2)
+        ]
+
+        async def call(client: H2Client, stream_id: int) -> None:
+            client.start(stream_id, "/t/Big")
+            await client.send(stream_id, prefixed(b""), end=True)
+            await client.read_until(lambda: False, 0.2)
+
+        await call(first, 1)
+        await call(first, 3)
+        await call(second, 1)
+        assert (first.status(3), second.status(1)) == (None, None)  # queued, unread
+        assert server.queued_answers == 3 * (900_000 + 5)
+        await call(second, 3)
+        assert second.status(3) == b"8"
+        await first.stream.aclose()
+        with trio.fail_after(5):
+            while server.queued_answers != 900_005:  # noqa: ASYNC110 - the reader sees the close
+                await trio.sleep(0.01)
+        await call(second, 5)
+        assert second.status(5) is None and server.queued_answers == 2 * 900_005
+        await second.stream.aclose()
+        with trio.fail_after(5):
+            while server.queued_answers:  # noqa: ASYNC110 - the reader sees the close
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()

@@ -50,7 +50,8 @@ RECEIVE_BYTES = 64 << 10
 HELD_BYTES = 48 << 20
 HELD_MESSAGES = 12  # 48 MiB at the default [grpc] max_message_bytes (4 MiB)
 MESSAGE_OVERHEAD = 128  # what holding a message costs beyond its bytes (its objects)
-# What every connection together holds of requests, held and kept as above: one
+# What every connection together holds of requests, held and kept as above, and
+# of answers its clients have not read (one a connection always goes): one
 # address may open 64 connections, the server 1,024, each with its own bounds. At
 # least one connection's (GrpcServer.server_held_bytes).
 SERVER_HELD_BYTES = 1 << 30
@@ -158,7 +159,7 @@ class Call:
                 if refusal:
                     self.fail(wire.RESOURCE_EXHAUSTED, refusal)
                     return
-                self._connection.grpc.send_message(self.stream_id, data)
+                self._connection.queue_answer(self.stream_id, data)
             self.fail(wire.OK, "")
 
     def fail(self, code: int, details: str) -> None:
@@ -180,11 +181,16 @@ class Call:
         if the call is over."""
         data = message if isinstance(message, bytes) else message.SerializeToString()
         connection = self._connection
+        server = connection.server
         while connection.unread_answers(len(data)):  # the others' answers go first
             if not connection.grpc.is_open(self.stream_id):
-                break  # send_message says so
-            await connection.written()
-        if not connection.grpc.send_message(self.stream_id, data):
+                break  # queue_answer says so
+            server.answer_waiters += 1
+            try:
+                await server.answers_sent.wait()
+            finally:
+                server.answer_waiters -= 1
+        if not connection.queue_answer(self.stream_id, data):
             raise trio.BrokenResourceError("the call is over")
         connection.wake_writer()
         while connection.grpc.buffered(self.stream_id):
@@ -248,6 +254,9 @@ class GrpcServer:
         self.held = 0  # request bytes every connection holds and keeps (server_held_bytes)
         self.room = trio.Event()  # set (and replaced) when held bytes are let go of
         self.room_waiters = 0  # calls waiting for it (`_Connection.keep`)
+        self.queued_answers = 0  # answer bytes every connection's client has not taken
+        self.answers_sent = trio.Event()  # set (and replaced) as queued answers go out
+        self.answer_waiters = 0  # streaming writes waiting for it (`Call.write`)
         self.limits = limits or ConnectionLimits(1 << 31, 0)
         self._authorize = authorize
         self._ssl_context = ssl_context
@@ -319,6 +328,7 @@ class GrpcServer:
             log.exception("grpc connection failed", peer=peer)
         finally:
             self._connections.discard(connection)
+            connection.forget_answers()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(transport)
 
@@ -355,6 +365,13 @@ class GrpcServer:
         if self.room_waiters:  # (a new Event a message would cost every call)
             room, self.room = self.room, trio.Event()
             room.set()
+
+    def answers_moved(self, change: int) -> None:
+        """The answers queued on a connection grew by `change` bytes (or went out)."""
+        self.queued_answers += change
+        if change < 0 and self.answer_waiters:
+            sent, self.answers_sent = self.answers_sent, trio.Event()
+            sent.set()
 
     def check(self, call: Call) -> tuple[int, str] | None:
         """Why the call may not run (code, details), or None."""
@@ -403,6 +420,7 @@ class _Connection:
         self._calls: dict[int, Call] = {}
         self._held = 0  # bytes of whole requests held for calls (unary, or not yet read)
         self._kept = 0  # bytes of the messages streaming handlers keep (Call.messages)
+        self._answers = 0  # grpc.queued_answers as the server last counted it
         self._has_output = trio.Event()
         self._written = trio.Event()  # set after each round of the writer
         self._closed = False
@@ -450,6 +468,7 @@ class _Connection:
             await self._has_output.wait()
             self._has_output = trio.Event()
             while data := grpc.data_to_send():  # a budget of answers at a time
+                self._answers_moved()
                 try:
                     await stream.send_all(data)
                 except _GONE:  # the client went away: so does the connection
@@ -523,7 +542,9 @@ class _Connection:
         if not data:
             return False
         self.last_received = trio.current_time()
-        for event in self.grpc.receive_data(data):
+        events = self.grpc.receive_data(data)
+        self._answers_moved()  # a call reset lets go of its answer
+        for event in events:
             if isinstance(event, wire.CallStarted):
                 self._start(event, nursery)
             elif isinstance(event, wire.MessageReceived):
@@ -618,16 +639,44 @@ class _Connection:
             call.kept.popleft()
         self.server.let_go(size)
 
+    def queue_answer(self, stream_id: int, data: bytes) -> bool:
+        """Queue one answer message on the call (False if the call is over)."""
+        queued = self.grpc.send_message(stream_id, data)
+        self._answers_moved()
+        return queued
+
+    def _answers_moved(self) -> None:
+        queued = self.grpc.queued_answers
+        if queued != self._answers:
+            self.server.answers_moved(queued - self._answers)
+            self._answers = queued
+
+    def forget_answers(self) -> None:
+        """The connection is over: what it had queued goes nowhere."""
+        self.server.answers_moved(-self._answers)
+        self._answers = 0
+
     def unread_answers(self, size: int) -> str:
         """Why an answer of `size` bytes may not be queued now ("" if it may): the
         client has not read the answers queued on the connection, and with it
-        they would be more than the server's held bytes. One answer always may."""
+        they would be more than the server's held bytes on this connection, or
+        than its server_held_bytes on every connection together. One answer a
+        connection always may."""
         queued, limit = self.grpc.queued_answers, self.server.held_bytes
-        if not queued or queued + size <= limit:
+        if not queued:
             return ""
-        return (
-            f"the client has not read {queued} bytes of answers on this connection (over {limit})"
-        )
+        if queued + size > limit:
+            return (
+                f"the client has not read {queued} bytes of answers on this connection"
+                f" (over {limit})"
+            )
+        server = self.server
+        if server.queued_answers + size > server.server_held_bytes:
+            return (
+                f"the clients have not read {server.queued_answers} bytes of answers on"
+                f" this server (over {server.server_held_bytes})"
+            )
+        return ""
 
     def _message(self, event: wire.MessageReceived) -> None:
         call = self._calls.get(event.stream_id)
@@ -741,7 +790,7 @@ class _Connection:
                         refusal = self.unread_answers(len(data))
                         if refusal:
                             raise Abort(wire.RESOURCE_EXHAUSTED, refusal)
-                        grpc.send_message(stream_id, data)
+                        self.queue_answer(stream_id, data)
                 except Abort as abort:
                     code, details = abort.code, abort.details
                 except trio.BrokenResourceError:
