@@ -11,6 +11,7 @@ The in-process side is tests/unit/test_grpc_wire6.py.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import sys
 from typing import Any
@@ -106,12 +107,11 @@ def test_gzip_watches_on_a_few_connections_do_not_lock_every_client_out(fresh) -
                 client.start(2 * k + 1, "WatchJobs", extra=gz)
                 client.send(2 * k + 1, watch, end=True)
         for client in clients:
-            client.read(
-                lambda c=client: all(
-                    c.got(h2.events.ResponseReceived, 2 * k + 1) for k in range(12)
-                ),
-                10,
-            )
+
+            def answered(c: RawClient = client) -> bool:
+                return all(c.got(h2.events.ResponseReceived, 2 * k + 1) for k in range(12))
+
+            client.read(answered, 10)
         # What the last refused watches left: filled, greedily, by smaller ones.
         fill = RawClient(port(server))
         clients.append(fill)
@@ -121,7 +121,7 @@ def test_gzip_watches_on_a_few_connections_do_not_lock_every_client_out(fresh) -
             body = _padded(base, size) if size > 64 else base
             fill.start(2 * k + 1, "WatchJobs", extra=gz)
             fill.send(2 * k + 1, message(gzip.compress(body), compressed=True), end=True)
-            fill.read(lambda k=k: fill.got(h2.events.ResponseReceived, 2 * k + 1), 10)
+            fill.read(functools.partial(fill.got, h2.events.ResponseReceived, 2 * k + 1), 10)
         with grpc.insecure_channel(f"127.0.0.1:{port(server)}") as channel:
             try:
                 pb_grpc.SchedulerStub(channel).GetServerInfo(pb.GetServerInfoRequest(), timeout=10)

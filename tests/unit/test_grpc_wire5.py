@@ -57,8 +57,8 @@ async def test_held_bytes_come_back_to_zero_whatever_ends_the_calls(
     lowest: list[int] = [0]
     hold, release = transport._Connection.hold, transport._Connection.release  # noqa: SLF001
 
-    def checked_hold(self: Any, call: Any, size: int) -> None:
-        hold(self, call, size)
+    def checked_hold(self: Any, call: Any, size: int, **options: Any) -> None:
+        hold(self, call, size, **options)
         lowest[0] = min(lowest[0], self._held, call.held)  # noqa: SLF001
 
     def checked_release(self: Any, call: Any, size: int) -> None:

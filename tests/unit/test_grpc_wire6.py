@@ -89,7 +89,7 @@ async def _fake_actor(
         await trio.sleep(delay_s)
         results: list[Any] = []
         for command in request.commands:
-            job_id = command.id  # type: ignore[attr-defined]
+            job_id = command.id  # type: ignore[union-attr]
             applied.append(job_id)
             if job_id.startswith("bad"):
                 results.append(CommandError(ErrorCode.FAILED_PRECONDITION, "bad job"))

@@ -155,7 +155,7 @@ class Call:
         if not self.done:
             data = message if isinstance(message, bytes) else message.SerializeToString()
             if not self.reset:
-                refusal = self._connection.unread_answers(len(data))
+                refusal = self._connection.unread_answers(self.stream_id, len(data))
                 if refusal:
                     self.fail(wire.RESOURCE_EXHAUSTED, refusal)
                     return
@@ -182,7 +182,7 @@ class Call:
         data = message if isinstance(message, bytes) else message.SerializeToString()
         connection = self._connection
         server = connection.server
-        while connection.unread_answers(len(data)):  # the others' answers go first
+        while connection.unread_answers(self.stream_id, len(data)):  # the others go first
             if not connection.grpc.is_open(self.stream_id):
                 break  # queue_answer says so
             server.answer_waiters += 1
@@ -581,10 +581,11 @@ class _Connection:
             call._inbox = trio.open_memory_channel(math.inf)  # bounded: held_bytes, windows
             self._run(call, method, call, nursery)
 
-    def hold(self, call: Call, size: int) -> None:
+    def hold(self, call: Call, size: int, *, unbounded: bool = False) -> None:
         """Count a request message of `size` bytes held for `call` (until `release`
         or the call's end); Abort(RESOURCE_EXHAUSTED) past the server's held_bytes
-        on this connection, or past its server_held_bytes on every connection."""
+        on this connection, or, if flow control does not bound it (`unbounded`:
+        inflated), past its server_held_bytes on every connection."""
         size += MESSAGE_OVERHEAD
         server = self.server
         if self._held + size > server.held_bytes:
@@ -592,14 +593,24 @@ class _Connection:
                 wire.RESOURCE_EXHAUSTED,
                 f"too many request bytes held on this connection (over {server.held_bytes})",
             )
+        if unbounded:
+            self._check_server(size)
+        self._held += size
+        server.held += size
+        call.held += size
+
+    def _check_server(self, size: int) -> None:
+        """Abort(RESOURCE_EXHAUSTED) if `size` more held bytes would take every
+        connection together past the server's server_held_bytes. Only what flow
+        control does not bound is refused so (a request inflated, or kept for a
+        call's whole life): a client holding the server's bytes with watches
+        would otherwise lock every other client's every call out."""
+        server = self.server
         if server.held + size > server.server_held_bytes:
             raise Abort(
                 wire.RESOURCE_EXHAUSTED,
                 f"too many request bytes held by the server (over {server.server_held_bytes})",
             )
-        self._held += size
-        server.held += size
-        call.held += size
 
     def release(self, call: Call, size: int) -> None:
         """A message of `size` bytes held for `call` is held no longer."""
@@ -656,14 +667,16 @@ class _Connection:
         self.server.answers_moved(-self._answers)
         self._answers = 0
 
-    def unread_answers(self, size: int) -> str:
-        """Why an answer of `size` bytes may not be queued now ("" if it may): the
-        client has not read the answers queued on the connection, and with it
-        they would be more than the server's held bytes on this connection, or
-        than its server_held_bytes on every connection together. One answer a
-        connection always may."""
+    def unread_answers(self, stream_id: int, size: int) -> str:
+        """Why an answer of `size` bytes may not be queued on the call now ("" if it
+        may): its client does not read the call (its stream's window is spent, or
+        was never opened), and with it the answers queued on the connection would
+        be more than the server's held bytes, or those of every connection
+        together more than its server_held_bytes. A client that reads its calls
+        is never refused (24 answers of 4 MB at once to a grpcio channel are
+        queued before the writer runs), and one answer a connection always may."""
         queued, limit = self.grpc.queued_answers, self.server.held_bytes
-        if not queued:
+        if not queued or self.grpc.stream_window(stream_id) > 0:
             return ""
         if queued + size > limit:
             return (
@@ -717,13 +730,15 @@ class _Connection:
         lasting = isinstance(method, Method) and method.response_streaming
         if call.request_encoding is not None or not lasting:
             self.release(call, len(data))
-        if call.request_encoding is not None:
-            try:
+        try:
+            if call.request_encoding is not None:
                 data = self.server.inflate(data, call.request_encoding)
-                self.hold(call, len(data))
-            except Abort as abort:
-                self._refuse(call, abort.code, abort.details)
-                return
+                self.hold(call, len(data), unbounded=True)
+            elif lasting:  # held since it came, and now for the call's whole life
+                self._check_server(0)
+        except Abort as abort:
+            self._refuse(call, abort.code, abort.details)
+            return
         if isinstance(method, UnaryMethod):
             try:
                 request = self.server.decode(method.decode, data, call)
@@ -787,7 +802,7 @@ class _Connection:
                     answer = await running
                     if not method.response_streaming:
                         data = answer if isinstance(answer, bytes) else answer.SerializeToString()
-                        refusal = self.unread_answers(len(data))
+                        refusal = self.unread_answers(stream_id, len(data))
                         if refusal:
                             raise Abort(wire.RESOURCE_EXHAUSTED, refusal)
                         self.queue_answer(stream_id, data)

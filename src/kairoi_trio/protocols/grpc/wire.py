@@ -552,6 +552,13 @@ class GrpcConnection:
         stream = self._streams.get(stream_id)
         return 0 if stream is None else stream.buffered
 
+    def stream_window(self, stream_id: int) -> int:
+        """What the client lets the call send before it reads (its stream's window,
+        not the connection's): 0 or less once the call's client stopped reading
+        it, or never opened it (an INITIAL_WINDOW_SIZE of 0)."""
+        stream = self._h2.streams.get(stream_id)
+        return 0 if stream is None else stream.outbound_flow_control_window
+
     def is_open(self, stream_id: int) -> bool:
         """Whether the call can still send: not ended by either side."""
         stream = self._streams.get(stream_id)
