@@ -136,3 +136,19 @@ async def serve_in_process(
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     await nursery.start(server.serve, listeners)
     return server, listeners[0].socket.getsockname()[1]
+
+
+def small_bounds(monkeypatch: Any, connection: int, server: int) -> None:
+    """Shrink the transport's held bytes to `connection` a connection (whatever
+    max_message_bytes) and `server` on every connection together, for the
+    servers the test starts next (`monkeypatch`: pytest's fixture)."""
+    monkeypatch.setattr(transport, "HELD_BYTES", connection)
+    monkeypatch.setattr(transport, "HELD_MESSAGES", 0)
+    monkeypatch.setattr(transport, "SERVER_HELD_BYTES", server)
+
+
+async def watch_forever(_request: bytes, call: transport.Call) -> None:
+    """A response-streaming handler that answers its headers and never ends (a
+    watch: its request is held for its whole life)."""
+    await call.send_initial_metadata()
+    await trio.sleep_forever()

@@ -23,7 +23,7 @@ import h2.settings
 import pytest
 import trio
 import trio.testing
-from support.h2client import H2Client, serve_in_process
+from support.h2client import H2Client, serve_in_process, small_bounds, watch_forever
 from support.h2pair import prefixed
 
 from kairoi_trio.protocols.grpc import transport, wire
@@ -73,10 +73,6 @@ async def test_held_bytes_come_back_to_zero_whatever_ends_the_calls(
     async def unary(request: bytes, _call: transport.Call) -> bytes:
         return b"ok:" + str(len(request)).encode()
 
-    async def watch(_request: bytes, call: transport.Call) -> None:
-        await call.send_initial_metadata()
-        await trio.sleep_forever()
-
     async def stream(call: transport.Call, _: transport.Call) -> bytes:
         count = 0
         async for request in call.messages(keep=True):
@@ -95,7 +91,7 @@ async def test_held_bytes_come_back_to_zero_whatever_ends_the_calls(
         "/t/Later": transport.UnaryMethod(
             bytes, lambda r, call: later.update({call.stream_id: call})
         ),
-        "/t/Watch": transport.Method(False, True, bytes, watch),
+        "/t/Watch": transport.Method(False, True, bytes, watch_forever),
         "/t/Stream": transport.Method(True, False, bytes, stream),
     }
     mib = gzip.compress(b"\0" * MiB)
@@ -270,15 +266,9 @@ async def test_the_bytes_held_on_every_connection_together_are_bounded(
     server past its bound and is refused RESOURCE_EXHAUSTED "too many request
     bytes held by the server", its connection whole. Once the first client resets
     its watches the bytes come back, and the refused client's next watch runs."""
-    monkeypatch.setattr(transport, "HELD_BYTES", 2_000_000)
-    monkeypatch.setattr(transport, "HELD_MESSAGES", 0)
-    monkeypatch.setattr(transport, "SERVER_HELD_BYTES", 2_500_000)
+    small_bounds(monkeypatch, 2_000_000, 2_500_000)
 
-    async def watch(_request: bytes, call: transport.Call) -> None:
-        await call.send_initial_metadata()
-        await trio.sleep_forever()
-
-    methods = {"/t/Watch": transport.Method(False, True, bytes, watch)}
+    methods = {"/t/Watch": transport.Method(False, True, bytes, watch_forever)}
     request = prefixed(b"w" * 900_000)
     async with trio.open_nursery() as nursery:
         server, grpc_port = await serve_in_process(nursery, methods)
@@ -321,9 +311,7 @@ async def test_answers_unread_on_every_connection_together_are_bounded(
     refused RESOURCE_EXHAUSTED, since the server would then hold 3.6 MB its
     clients have not read. Once the first client goes away its answers are
     counted no more (and the server-wide count comes back to what is queued)."""
-    monkeypatch.setattr(transport, "HELD_BYTES", 2_000_000)
-    monkeypatch.setattr(transport, "HELD_MESSAGES", 0)
-    monkeypatch.setattr(transport, "SERVER_HELD_BYTES", 2_500_000)
+    small_bounds(monkeypatch, 2_000_000, 2_500_000)
     answer = b"a" * 900_000
 
     def begin(_request: bytes, call: transport.Call) -> None:

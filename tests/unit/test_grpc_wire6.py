@@ -19,7 +19,7 @@ import h2.settings
 import pytest
 import trio
 import trio.testing
-from support.h2client import H2Client, serve_in_process
+from support.h2client import H2Client, serve_in_process, small_bounds, watch_forever
 from support.h2pair import prefixed
 
 from kairoi.v1 import scheduler_pb2 as pb
@@ -169,16 +169,12 @@ async def test_counters_come_back_to_zero_when_a_connection_drops_with_writes_wa
         for _ in range(5):
             await call.write(b"a" * 900_000)
 
-    async def watch(_request: bytes, call: transport.Call) -> None:
-        await call.send_initial_metadata()
-        await trio.sleep_forever()
-
     async def unary(request: bytes, _call: transport.Call) -> bytes:
         return b"ok" + request
 
     methods = {
         "/t/Write": transport.Method(False, True, bytes, writer),
-        "/t/Watch": transport.Method(False, True, bytes, watch),
+        "/t/Watch": transport.Method(False, True, bytes, watch_forever),
         "/t/Unary": transport.Method(False, False, bytes, unary),
     }
     async with trio.open_nursery() as nursery:
@@ -232,19 +228,13 @@ async def test_a_client_that_holds_nothing_is_served_while_others_hold_the_serve
     flow control bounds) should be let through, as `keep` lets a call that keeps
     nothing go on and `unread_answers` one answer a connection; or the bound
     should be per address."""
-    monkeypatch.setattr(transport, "HELD_BYTES", 2_000_000)
-    monkeypatch.setattr(transport, "HELD_MESSAGES", 0)
-    monkeypatch.setattr(transport, "SERVER_HELD_BYTES", 2_500_000)
-
-    async def watch(_request: bytes, call: transport.Call) -> None:
-        await call.send_initial_metadata()
-        await trio.sleep_forever()
+    small_bounds(monkeypatch, 2_000_000, 2_500_000)
 
     async def unary(_request: bytes, _call: transport.Call) -> bytes:
         return b"info"
 
     methods = {
-        "/t/Watch": transport.Method(False, True, bytes, watch),
+        "/t/Watch": transport.Method(False, True, bytes, watch_forever),
         "/t/Info": transport.Method(False, False, bytes, unary),
     }
     async with trio.open_nursery() as nursery:
