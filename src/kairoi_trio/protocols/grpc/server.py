@@ -431,7 +431,8 @@ class SchedulerServicer:
         failed = failures_size = 0
         too_many = False
         handed, in_flight = trio.open_memory_channel[tuple[_JobBatch, _Reply | None]](
-            STREAM_WINDOW - 1  # and one the settler waits on
+            # with the one the settler waits on and the one the reader hands over
+            max(0, STREAM_WINDOW - 2)
         )
 
         def count(batch: _JobBatch) -> None:
