@@ -51,9 +51,12 @@ HELD_BYTES = 48 << 20
 HELD_MESSAGES = 12  # 48 MiB at the default [grpc] max_message_bytes (4 MiB)
 MESSAGE_OVERHEAD = 128  # what holding a message costs beyond its bytes (its objects)
 # What every connection together holds of requests, held and kept as above, and
-# of answers its clients have not read (one a connection always goes): one
-# address may open 64 connections, the server 1,024, each with its own bounds. At
-# least one connection's (GrpcServer.server_held_bytes).
+# of answers its clients have not read: one address may open 64 connections, the
+# server 1,024, each with its own bounds. Past it only what flow control does not
+# bound is refused or waits (a request inflated or kept for a watch's life, a
+# kept batch, an answer to a call its client does not read), so that one client
+# holding it cannot lock the others' ordinary calls out. At least one
+# connection's (GrpcServer.server_held_bytes).
 SERVER_HELD_BYTES = 1 << 30
 MAX_PENDING_OUTPUT = 1 << 20  # past this much unsent, a connection is not read
 PREFACE_TIMEOUT_S = 20.0  # to finish a TLS handshake and send the HTTP/2 preface and SETTINGS
