@@ -3,7 +3,7 @@
 An in-process transport.GrpcServer (support.h2client.serve_in_process) and raw
 h2 clients on Trio sockets, so that the counters 6c68f87..db0322c added
 (GrpcServer.held, queued_answers, room_waiters, answer_waiters; a connection's
-_held, _kept, _answers) can be read once calls and connections end every way,
+_held, _kept, queued_answers) can be read once calls and connections end every way,
 and StreamSetJobs (server.SchedulerServicer, with a fake actor) be driven
 frame by frame. The tests under "what held at db0322c" pass and guard the
 accounting; each test under "faults found in db0322c" fails on it, and its
@@ -47,7 +47,7 @@ async def _settled(server: transport.GrpcServer, wait_s: float = 5) -> None:
         for k, connection in enumerate(server._connections):  # noqa: SLF001
             found[f"{k}._held"] = connection._held  # noqa: SLF001
             found[f"{k}._kept"] = connection._kept  # noqa: SLF001
-            found[f"{k}._answers"] = connection._answers  # noqa: SLF001
+            found[f"{k}.queued_answers"] = connection.grpc.queued_answers
         return found
 
     with trio.move_on_after(wait_s):

@@ -162,7 +162,7 @@ class Call:
                 if refusal:
                     self.fail(wire.RESOURCE_EXHAUSTED, refusal)
                     return
-                self._connection.queue_answer(self.stream_id, data)
+                self._connection.grpc.send_message(self.stream_id, data)
             self.fail(wire.OK, "")
 
     def fail(self, code: int, details: str) -> None:
@@ -185,15 +185,17 @@ class Call:
         data = message if isinstance(message, bytes) else message.SerializeToString()
         connection = self._connection
         server = connection.server
-        while connection.unread_answers(self.stream_id, len(data)):  # the others go first
+        # Its client does not read the call: it waits for a read of its connection
+        # (that client reading, or its other calls' answers going out).
+        while connection.unread_answers(self.stream_id, len(data)):
             if not connection.grpc.is_open(self.stream_id):
-                break  # queue_answer says so
+                break  # send_message says so
             server.answer_waiters += 1
             try:
-                await server.answers_sent.wait()
+                await connection.written()
             finally:
                 server.answer_waiters -= 1
-        if not connection.queue_answer(self.stream_id, data):
+        if not connection.grpc.send_message(self.stream_id, data):
             raise trio.BrokenResourceError("the call is over")
         connection.wake_writer()
         while connection.grpc.buffered(self.stream_id):
@@ -257,9 +259,7 @@ class GrpcServer:
         self.held = 0  # request bytes every connection holds and keeps (server_held_bytes)
         self.room = trio.Event()  # set (and replaced) when held bytes are let go of
         self.room_waiters = 0  # calls waiting for it (`_Connection.keep`)
-        self.queued_answers = 0  # answer bytes every connection's client has not taken
-        self.answers_sent = trio.Event()  # set (and replaced) as queued answers go out
-        self.answer_waiters = 0  # streaming writes waiting for it (`Call.write`)
+        self.answer_waiters = 0  # streaming writes waiting for room (`Call.write`)
         self.limits = limits or ConnectionLimits(1 << 31, 0)
         self._authorize = authorize
         self._ssl_context = ssl_context
@@ -331,7 +331,6 @@ class GrpcServer:
             log.exception("grpc connection failed", peer=peer)
         finally:
             self._connections.discard(connection)
-            connection.forget_answers()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(transport)
 
@@ -369,12 +368,11 @@ class GrpcServer:
             room, self.room = self.room, trio.Event()
             room.set()
 
-    def answers_moved(self, change: int) -> None:
-        """The answers queued on a connection grew by `change` bytes (or went out)."""
-        self.queued_answers += change
-        if change < 0 and self.answer_waiters:
-            sent, self.answers_sent = self.answers_sent, trio.Event()
-            sent.set()
+    @property
+    def queued_answers(self) -> int:
+        """The answer bytes every connection's client has not taken yet (summed when
+        asked: only a call whose client does not read it asks)."""
+        return sum(connection.grpc.queued_answers for connection in self._connections)
 
     def check(self, call: Call) -> tuple[int, str] | None:
         """Why the call may not run (code, details), or None."""
@@ -423,7 +421,6 @@ class _Connection:
         self._calls: dict[int, Call] = {}
         self._held = 0  # bytes of whole requests held for calls (unary, or not yet read)
         self._kept = 0  # bytes of the messages streaming handlers keep (Call.messages)
-        self._answers = 0  # grpc.queued_answers as the server last counted it
         self._has_output = trio.Event()
         self._written = trio.Event()  # set after each round of the writer
         self._closed = False
@@ -471,7 +468,6 @@ class _Connection:
             await self._has_output.wait()
             self._has_output = trio.Event()
             while data := grpc.data_to_send():  # a budget of answers at a time
-                self._answers_moved()
                 try:
                     await stream.send_all(data)
                 except _GONE:  # the client went away: so does the connection
@@ -545,9 +541,7 @@ class _Connection:
         if not data:
             return False
         self.last_received = trio.current_time()
-        events = self.grpc.receive_data(data)
-        self._answers_moved()  # a call reset lets go of its answer
-        for event in events:
+        for event in self.grpc.receive_data(data):
             if isinstance(event, wire.CallStarted):
                 self._start(event, nursery)
             elif isinstance(event, wire.MessageReceived):
@@ -652,23 +646,6 @@ class _Connection:
         else:
             call.kept.popleft()
         self.server.let_go(size)
-
-    def queue_answer(self, stream_id: int, data: bytes) -> bool:
-        """Queue one answer message on the call (False if the call is over)."""
-        queued = self.grpc.send_message(stream_id, data)
-        self._answers_moved()
-        return queued
-
-    def _answers_moved(self) -> None:
-        queued = self.grpc.queued_answers
-        if queued != self._answers:
-            self.server.answers_moved(queued - self._answers)
-            self._answers = queued
-
-    def forget_answers(self) -> None:
-        """The connection is over: what it had queued goes nowhere."""
-        self.server.answers_moved(-self._answers)
-        self._answers = 0
 
     def unread_answers(self, stream_id: int, size: int) -> str:
         """Why an answer of `size` bytes may not be queued on the call now ("" if it
@@ -808,7 +785,7 @@ class _Connection:
                         refusal = self.unread_answers(stream_id, len(data))
                         if refusal:
                             raise Abort(wire.RESOURCE_EXHAUSTED, refusal)
-                        self.queue_answer(stream_id, data)
+                        grpc.send_message(stream_id, data)
                 except Abort as abort:
                     code, details = abort.code, abort.details
                 except trio.BrokenResourceError:
