@@ -178,6 +178,14 @@ def test_raw_requests_the_typed_client_would_not_send(
     assert code_of(lambda: stub.ListRules(negative_rules)) is grpc.StatusCode.INVALID_ARGUMENT
     no_runner = pb.SetRuleRequest(rule=pb.Rule(id=f"{prefix}r", pattern=f"{prefix}a"))
     assert code_of(lambda: stub.SetRule(no_runner)) is grpc.StatusCode.INVALID_ARGUMENT
+    # a prefix longer than any id (65,535 bytes): it could match nothing
+    too_long = "p" * 65_536
+    for call in (
+        lambda: stub.ListJobs(pb.ListJobsRequest(prefix=too_long)),
+        lambda: stub.ListRules(pb.ListRulesRequest(prefix=too_long)),
+        lambda: next(iter(stub.WatchJobs(pb.WatchJobsRequest(prefix=too_long)))),
+    ):
+        assert code_of(call) is grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_a_rule_page_that_ends_the_list_has_no_next_token(

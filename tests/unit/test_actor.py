@@ -58,7 +58,12 @@ from kairoi_trio.core.actor import (
 )
 from kairoi_trio.core.failures import WINDOW_S, FailReason
 from kairoi_trio.core.state import State
-from kairoi_trio.core.validation import MAX_ATTEMPTS, MAX_POLICY_SECONDS, RuleValidator
+from kairoi_trio.core.validation import (
+    MAX_ATTEMPTS,
+    MAX_JOB_ID_BYTES,
+    MAX_POLICY_SECONDS,
+    RuleValidator,
+)
 from kairoi_trio.model import (
     MAX_TIME_US,
     MICROS,
@@ -248,6 +253,11 @@ async def test_missing_ids_are_not_found(command: object) -> None:
         SetRule(Rule("r", "app.", ShellRunner("/bin/ok.sh"), RulePolicy(stale_after_s=-1))),
         SetRule(Rule("r", "app.", ShellRunner("/bin/ok.sh"), RulePolicy(backoff_initial_s=-1))),
         ListJobs(limit=0),
+        # a prefix no id could start with: longer than an id may be, or holding NUL
+        ListJobs(prefix="a" * (MAX_JOB_ID_BYTES + 1)),
+        ListJobs(prefix="é" * (MAX_JOB_ID_BYTES // 2 + 1)),  # 2 bytes a character
+        ListJobs(prefix="app.\x00"),
+        ListRules(prefix="r" * (MAX_JOB_ID_BYTES + 1)),
         # NUL can never reach a process: refused in every id, pattern and command
         SetJob("app.\x00x", at(1)),
         SetRule(Rule("r\x00", "app.", ShellRunner("/bin/ok.sh"))),
@@ -791,6 +801,21 @@ async def test_subscribe_gives_a_snapshot_then_matching_events() -> None:
         await h.call(DeleteJob("a.1"))
         assert sink.events == [("a.2", Status.PLANNED, False), ("a.1", Status.PLANNED, True)]
         assert [len(b) for b in sink.batches] == [1, 1]  # nothing delivered for b.2
+
+
+async def test_subscribe_with_a_prefix_no_id_could_start_with_is_refused() -> None:
+    async with running_actor() as h:
+        sink = Sink()
+        for prefix in ("a" * (MAX_JOB_ID_BYTES + 1), "a.\x00"):
+            with pytest.raises(CommandError) as refused:
+                await h.call(Subscribe(prefix, snapshot=True, sink=sink))
+            assert refused.value.code is ErrorCode.INVALID_ARGUMENT
+            assert "prefix" in refused.value.message
+        longest = "a" * MAX_JOB_ID_BYTES  # as long as an id may be: a watch of that one id
+        assert await h.call(Subscribe(longest, snapshot=False, sink=sink)) == JobPage([], "")
+        await h.call(SetJob(longest, at(1)))
+        await h.call(SetJob("a.1", at(1)))
+        assert sink.events == [(longest, Status.PLANNED, False)]  # refused ones left no watch
 
 
 async def test_subscribe_without_snapshot_returns_nothing() -> None:

@@ -197,6 +197,7 @@ def test_ids_and_prefixes_with_nul_are_not_sent_to_the_database() -> None:
             SetJob("ok", 1),
             ListJobs("p\x00", None, "", 5),
             ListJobs("q.", None, "q.a\x00z", 5),
+            ListJobs("r" * 65_536, None, "", 5),  # longer than any id: refused by the actor
         ]
     )
     assert plan.ids == {"ok"} and plan.creating == {"ok"} and not plan.peeks

@@ -79,7 +79,7 @@ from kairoi_trio.core.checkpoint import COPY_SLICE, Checkpoint
 from kairoi_trio.core.failures import WINDOW_S, FailReason, FailureLog
 from kairoi_trio.core.release import RELEASE_SLICE
 from kairoi_trio.core.state import State, waits
-from kairoi_trio.core.validation import RuleValidator, validate_job
+from kairoi_trio.core.validation import RuleValidator, check_prefix, validate_job
 from kairoi_trio.model import (
     MICROS,
     Job,
@@ -906,6 +906,7 @@ class CommandActor:
         self._delete_job(job)
 
     def _list_jobs(self, command: ListJobs) -> JobPage:
+        check_prefix(command.prefix)
         if command.limit <= 0:
             raise CommandError(ErrorCode.INVALID_ARGUMENT, "page size must be positive")
         sub = None
@@ -950,6 +951,7 @@ class CommandActor:
         self._records.append(RuleDelete(command.id))
 
     def _list_rules(self, command: ListRules) -> list[Rule]:
+        check_prefix(command.prefix)
         return self.state.list_rules(command.prefix, command.after, command.limit)
 
     def _match_rule(self, command: MatchRule) -> Rule | None:
@@ -968,6 +970,7 @@ class CommandActor:
         # From the batch's events after this point on: while the log is busy, none
         # of the batch in flight (none of them matches the prefix, or the request
         # would have been held).
+        check_prefix(command.prefix)
         sub = _Subscriber(command.prefix, command.sink, start=len(self._events))
         self._subscribers.append(sub)
         if not self._immediate:  # answered with the batch: dropped if the batch fails

@@ -83,6 +83,15 @@ def check_id(value: str, what: str, *, allow_empty: bool = False) -> None:
         raise invalid(f"{what} must not contain the NUL character (U+0000)")
 
 
+def check_prefix(value: str, what: str = "prefix") -> None:
+    """A prefix of ids (ListJobs, ListRules, WatchJobs): "" (all) or what an id may
+    hold, at most MAX_JOB_ID_BYTES bytes of UTF-8 and no NUL. A longer one could
+    match nothing, and a watch would keep it for as long as it lasts.
+
+    Raises CommandError INVALID_ARGUMENT."""
+    check_id(value, what, allow_empty=True)
+
+
 def validate_job(
     job_id: str, payload: bytes, max_payload_bytes: int, execute_at: int | None = None
 ) -> None:

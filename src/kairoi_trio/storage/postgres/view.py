@@ -44,7 +44,7 @@ from kairoi_trio.commands import (
     Unsubscribe,
 )
 from kairoi_trio.core.state import State, waits
-from kairoi_trio.model import Job, Rule, Status
+from kairoi_trio.model import MAX_JOB_ID_BYTES, Job, Rule, Status
 
 # A TriggerDue claims what the runners have room for, and a few more for jobs
 # that fail without a run (no rule, stale); never more than its limit, nor (several
@@ -132,8 +132,13 @@ class LoadPlan:
         self.lists = {
             (prefix, status, after.split("\x00", 1)[0], limit)  # the same ids follow
             for prefix, status, after, limit in self.lists
-            if "\x00" not in prefix  # nothing can match
+            if "\x00" not in prefix and not _too_long(prefix)  # nothing can match
         }
+
+
+def _too_long(prefix: str) -> bool:
+    """Longer than any id (core/validation.py): no need to ask the database."""
+    return len(prefix) > MAX_JOB_ID_BYTES // 4 and len(prefix.encode()) > MAX_JOB_ID_BYTES
 
 
 @dataclass
